@@ -1,0 +1,252 @@
+"""The Python API the CLI, the web app and the tests share: train, evaluate, load a run, predict."""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cifarlens import metrics as M
+from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights, save_checkpoint, save_weights
+from cifarlens.config import RunConfig, to_dict
+from cifarlens.data.augment import normalize
+from cifarlens.data.base import DatasetInfo, Split
+from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data
+from cifarlens.engine import FitState, Precision, fit, predict_logits, resolve_device
+from cifarlens.errors import CifarlensError
+from cifarlens.images import ImageSource, load_image
+from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
+from cifarlens.models import create_model, model_info, unwrap_model
+from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
+from cifarlens.runs import SPLIT_FILES, RunDir, environment_record, info_to_dict
+
+EVAL_BATCH_SIZE = 512
+
+
+def build_model(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
+    return create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                        **cfg.model.kwargs)
+
+
+def train(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    on_epoch_end: Callable[[FitState, nn.Module], None] | None = None,
+    evaluate_test: bool = True,
+) -> dict:
+    """Train ``cfg`` into run folder ``out`` (or continue it with ``resume``); return the test metrics.
+
+    ``on_epoch_end(state, model)`` is called after every epoch's checkpoint is written
+    (benchmarks use it to time accuracy milestones).
+    """
+    run = RunDir(out)
+    if resume:
+        run.require_run()
+        if not run.last_checkpoint.is_file():
+            raise CifarlensError(f"{run.path} has no checkpoints/last.pt to resume from; start it again with --force")
+        device_override = cfg.train.device
+        cfg = run.config()
+        cfg = replace(cfg, train=replace(cfg.train, device=device_override))
+    else:
+        cfg = replace(cfg, train=resolve_train(cfg.train))
+    device = resolve_device(cfg.train.device)
+
+    bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
+    info = bundle.info
+    torch.manual_seed(cfg.train.seed)  # model initialisation
+    model = build_model(cfg, info).to(device)
+    precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    if not resume:
+        run.create(force=force)
+        run.write_config(cfg)
+        run.write_meta(dataset=info_to_dict(info), model={"name": cfg.model.name, **model_info(model)},
+                       split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
+                       status="running")
+        atomic_write_json(run / "environment.json", environment_record(device, cfg.train.seed))
+
+    tc = cfg.train
+    train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data)
+    val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device)
+    optimizer = build_optimizer(model.parameters(), tc)
+    scheduler = build_scheduler(optimizer, tc, len(train_loader))
+    state = FitState()
+    if resume:
+        state = _restore(run, model, optimizer, scheduler, precision, device)
+        run.log(f"resuming {run.path} after epoch {state.epoch}/{tc.epochs}")
+        run.write_meta(status="running")
+    else:
+        run.log(f"run folder {run.path}: {cfg.model.name} on {info.name} "
+                f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
+                f"recipe {tc.recipe}, {tc.epochs} epochs, device {device}")
+    train_model = torch.compile(model) if tc.compile else model
+
+    def save_best(state: FitState) -> None:
+        save_weights(unwrap_model(model).state_dict(), run.weights,
+                     {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name})
+
+    def end_epoch(state: FitState) -> None:
+        run.write_history(state.history)
+        save_checkpoint(run.last_checkpoint, {
+            "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+            "state": vars(state), "config": to_dict(cfg),
+        })
+        if on_epoch_end is not None:
+            on_epoch_end(state, model)
+
+    try:
+        state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
+                    on_improvement=save_best, on_epoch_end=end_epoch, log=run.log, train_model=train_model)
+    except BaseException as err:
+        run.write_meta(status="diverged" if isinstance(err, CifarlensError) else "interrupted")
+        raise
+    run.write_meta(status="finished", epochs_done=state.epoch, best_epoch=state.best_epoch,
+                   best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
+                   train_seconds=sum(row["seconds"] for row in state.history))
+    from cifarlens.plots import plot_training_curves
+
+    plot_training_curves(state.history, run / "curves.png")
+    if not evaluate_test:
+        return {}
+    result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
+    run.log(f"test accuracy {result['accuracy']:.2%} (best epoch {state.best_epoch}, "
+            f"val_loss {state.best_val_loss:.4f}); results in {run.path}")
+    return result
+
+
+def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, device) -> FitState:
+    ckpt = load_checkpoint(run.last_checkpoint, map_location=device)
+    try:
+        load_state_into(unwrap_model(model), ckpt["model"], run.last_checkpoint)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        precision.scaler.load_state_dict(ckpt["scaler"])
+        return FitState(**ckpt["state"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CifarlensError(f"{run.last_checkpoint} is incomplete ({err}); start the run again with --force") from None
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    data_dir: str | None = None,
+    device: str = "auto",
+    bundle: DataBundle | None = None,
+) -> dict:
+    """Evaluate a run's best weights on ``split`` and write metrics, predictions and plots."""
+    if split not in ("test", "val"):
+        raise CifarlensError(f"--split must be test or val, got {split!r}")
+    run = RunDir(run_dir)
+    run.require_run()
+    cfg = run.config()
+    if data_dir is not None:
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=data_dir))
+    loaded = load_run(run.path, device=device)
+    if bundle is None:
+        bundle = prepare_data(cfg.data, cfg.train.seed)
+    if tuple(bundle.info.classes) != tuple(loaded.info.classes):
+        raise CifarlensError(
+            f"the data in {cfg.data.data_dir} has classes {list(bundle.info.classes)[:5]}..., "
+            f"but the run was trained on {list(loaded.info.classes)[:5]}...; point --data-dir at the run's dataset"
+        )
+    data: Split = getattr(bundle, split)
+    # Normalise with the run's own statistics (for imagefolder they came from its training data).
+    loader = make_loader(data, loaded.info, EVAL_BATCH_SIZE, loaded.device)
+    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device))
+    result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
+    write_evaluation(run, split, result, logits, labels, loaded.info.classes)
+    return result
+
+
+def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labels: Tensor,
+                     classes: Sequence[str]) -> None:
+    from cifarlens.plots import plot_confusion_matrix
+
+    metrics_file, predictions_file, report_file, cm_file = (run.split_file(p, split) for p in SPLIT_FILES)
+    atomic_write_json(metrics_file, result)
+    probs = logits.softmax(dim=1)
+    confidence, prediction = probs.max(dim=1)
+
+    def write_predictions(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "label", "prediction", "confidence"])
+            for i, (y, p, c) in enumerate(zip(labels.tolist(), prediction.tolist(), confidence.tolist())):
+                writer.writerow([i, classes[y], classes[p], f"{c:.6f}"])
+
+    atomic_write(predictions_file, write_predictions)
+    atomic_write_text(report_file, M.classification_report_text(result))
+    cm = torch.tensor(result["confusion_matrix"])
+    plot_confusion_matrix(cm, classes, cm_file, title=f"{run.path.name}: {split} ({len(labels)} images)")
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image, most probable first."""
+
+    labels: list[str]
+    probs: list[float]
+    indices: list[int]
+
+    def as_dict(self) -> dict:
+        return {"top": [{"label": l, "index": i, "prob": p} for l, i, p in zip(self.labels, self.indices, self.probs)]}
+
+
+class Run:
+    """A trained run, ready to predict: the model (eval mode), its classes and preprocessing."""
+
+    def __init__(self, path: Path, config: RunConfig, info: DatasetInfo, model: nn.Module, device: torch.device):
+        self.path, self.config, self.info, self.model, self.device = path, config, info, model, device
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.info.classes
+
+    def preprocess(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
+        """Images (paths, bytes, PIL images) or a uint8 (B, C, H, W) tensor -> normalised float batch."""
+        if not isinstance(images, Tensor):
+            images = torch.stack([load_image(img, self.info.in_channels, self.info.image_size) for img in images])
+        return normalize(images.to(self.device), self.info.mean, self.info.std)
+
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
+        """Class probabilities (B, num_classes), softmax of the logits."""
+        return self.model.predict_proba(self.preprocess(images)).float().cpu()
+
+    def predict(self, images: Sequence[ImageSource] | Tensor, topk: int = 5) -> list[Prediction]:
+        probs = self.predict_proba(images)
+        values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+        return [
+            Prediction([self.classes[i] for i in idx.tolist()], vals.tolist(), idx.tolist())
+            for vals, idx in zip(values, indices)
+        ]
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
+    """Load a run folder's best weights (safetensors) into its model, in eval mode."""
+    run = RunDir(run_dir)
+    run.require_run()
+    cfg, info = run.config(), run.info()
+    dev = resolve_device(device)
+    model = build_model(cfg, info)
+    if run.weights.is_file():
+        state, source = load_weights(run.weights), run.weights
+    elif run.last_checkpoint.is_file():  # a run stopped before its first improvement was saved
+        state, source = load_checkpoint(run.last_checkpoint)["model"], run.last_checkpoint
+    else:
+        raise CifarlensError(f"{run.path} has no trained weights yet (model.safetensors); train it first")
+    load_state_into(model, state, source)
+    model.to(dev).eval()
+    return Run(run.path, cfg, info, model, dev)

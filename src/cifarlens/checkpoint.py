@@ -1,0 +1,71 @@
+"""Checkpoints (full training state) and shareable weights (safetensors).
+
+Checkpoints are written atomically and read with ``torch.load(weights_only=True)``,
+which only rebuilds tensors and plain containers: a hostile file cannot run code.
+Weights meant to be shared or served are safetensors, which hold nothing but tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cifarlens.errors import CifarlensError
+from cifarlens.io import atomic_write
+
+FORMAT = "cifarlens-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CifarlensError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # corrupt zip, truncated file, or a pickle that asks for code
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CifarlensError(
+            f"{path} is corrupt or not a cifarlens checkpoint ({reason}); "
+            "start a new run with --force, or restore the file"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CifarlensError(f"{path} is not a cifarlens checkpoint (no '{FORMAT}' marker)")
+    if payload.get("version") != VERSION:
+        raise CifarlensError(f"{path} has checkpoint version {payload.get('version')}; this cifarlens reads {VERSION}")
+    return payload
+
+
+def save_weights(state_dict: dict, path: Path, metadata: dict | None = None) -> None:
+    # safetensors wants contiguous tensors that share no storage
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    meta = {"format": "cifarlens-weights", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_weights(path: Path, device="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CifarlensError(f"weights file {path} not found")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CifarlensError(f"{path} is corrupt or not a safetensors file ({err})") from None
+
+
+def load_state_into(model: torch.nn.Module, state_dict: dict, source: Path) -> None:
+    """``model.load_state_dict`` with a one-line error when the weights belong to another model."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CifarlensError(f"{source} does not fit this model ({first}); was it written by another model or dataset?") from None

@@ -1,0 +1,181 @@
+"""``cifarlens`` command line: parses flags and calls the library (cifarlens.api)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cifarlens.errors import CifarlensError
+
+
+def _train_parser(sub) -> None:
+    from cifarlens.data import list_datasets
+    from cifarlens.models import list_models
+    from cifarlens.recipes import list_recipes
+
+    p = sub.add_parser("train", help="train a model into a run folder",
+                       description="Train a model. Precedence: recipe defaults < --config FILE < flags.")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML with sections data/model/train")
+    p.add_argument("--dataset", choices=list_datasets())
+    p.add_argument("--data-dir", help="folder holding (or receiving) the dataset (default ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not there")
+    p.add_argument("--model", choices=list_models())
+    p.add_argument("--recipe", choices=list_recipes())
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--augment", choices=_augment_levels())
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--out", help="run folder (default runs/DATASET-MODEL-TIME)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                   help="continue a stopped run from its last checkpoint (RUN_DIR or --out)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set any config value, e.g. --set train.weight_decay=1e-4 (repeatable)")
+
+
+def _augment_levels():
+    from cifarlens.data.augment import AUGMENT_LEVELS
+
+    return list(AUGMENT_LEVELS)
+
+
+# flag -> (section, key) of the config
+FLAG_KEYS = {
+    "dataset": ("data", "dataset"), "data_dir": ("data", "data_dir"), "augment": ("data", "augment"),
+    "model": ("model", "name"), "recipe": ("train", "recipe"), "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "seed": ("train", "seed"),
+    "device": ("train", "device"),
+}
+
+
+def config_from_args(args):
+    from cifarlens.config import RunConfig, load_yaml, merge, parse_assignment
+
+    cfg = RunConfig()
+    if args.config:
+        cfg = merge(cfg, load_yaml(args.config))
+    overrides: dict = {}
+    for flag, (section, key) in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    if args.no_download:
+        overrides.setdefault("data", {})["download"] = False
+    cfg = merge(cfg, overrides)
+    for assignment in args.set:
+        cfg = merge(cfg, parse_assignment(assignment))
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from cifarlens.api import train
+
+    if args.resume:
+        out = args.out if args.resume is True else args.resume
+        if out is None:
+            raise CifarlensError("--resume needs the run folder: --resume RUN_DIR (or --out RUN_DIR)")
+        given = [f"--{f.replace('_', '-')}" for f in FLAG_KEYS if f != "device" and getattr(args, f) is not None]
+        if given or args.config or args.set or args.force:
+            raise CifarlensError(
+                f"--resume continues a run with its own config; drop {' '.join(given + (['--config'] if args.config else []) + (['--set'] if args.set else []) + (['--force'] if args.force else []))}"
+            )
+        from cifarlens.config import RunConfig, merge
+
+        cfg = merge(RunConfig(), {"train": {"device": args.device or "auto"}})
+        train(cfg, out, resume=True)
+        return 0
+    cfg = config_from_args(args)
+    args.out = args.out or f"runs/{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train(cfg, args.out, force=args.force)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from cifarlens.api import evaluate_run
+
+    result = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir, device=args.device)
+    line = f"{args.split}: accuracy {result['accuracy']:.2%}  f1_macro {result['f1_macro']:.4f}"
+    if "top5_accuracy" in result:
+        line += f"  top5 {result['top5_accuracy']:.2%}"
+    print(line + f"  ({result['split_size']} images; written to {args.run_dir})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from cifarlens.api import load_run
+
+    run = load_run(args.run_dir, device=args.device)
+    results = []
+    for image in args.images:  # one at a time, so one unreadable file names itself
+        results.append((image, run.predict([image], topk=args.topk)[0]))
+    if args.json:
+        print(json.dumps([{"image": image, **pred.as_dict()} for image, pred in results], indent=2))
+        return 0
+    for image, pred in results:
+        print(image)
+        for label, prob in zip(pred.labels, pred.probs):
+            print(f"  {prob:7.2%}  {label}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from cifarlens.data import list_datasets
+    from cifarlens.models import list_models
+    from cifarlens.recipes import RECIPES, list_recipes
+
+    print("datasets:", ", ".join(list_datasets()))
+    print("models:  ", ", ".join(list_models()))
+    print("recipes: ")
+    for name in list_recipes():
+        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in RECIPES.get(name).items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifarlens", description=__doc__.split(":")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's best weights on the test (or val) split")
+    p.add_argument("run_dir")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--data-dir", help="where the dataset is now (default: the run's own data_dir)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes of image files")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("list", help="registered datasets, models and recipes")
+    p.set_defaults(func=cmd_list)
+    sub.choices["train"].set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CifarlensError as err:
+        print(f"cifarlens: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None) or getattr(args, "resume", None)
+        hint = f"; continue with: cifarlens train --resume {out}" if isinstance(out, str) else ""
+        print(f"cifarlens: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Typed configuration: frozen dataclasses, overlaid by a YAML file, then by flags.
+
+Precedence: dataclass defaults < recipe defaults (for ``train`` fields left at
+``None``) < ``--config FILE.yaml`` < command-line flags. Unknown keys and values
+of the wrong type are errors. The *resolved* config (no ``None`` left in
+``train``) is written into every run folder and checkpoint, so any run can be
+repeated from its own files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifarlens.errors import CifarlensError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"
+    data_dir: str = "data"
+    download: bool = True
+    val_fraction: float = 0.1  # carved from train (stratified, seeded) unless the dataset ships val/
+    augment: str = "standard"  # see cifarlens.data.augment.AUGMENT_LEVELS
+    image_size: int | None = None  # None = the dataset's native size (imagefolder: 32)
+    crop_padding: int = 4  # pixels of padding for the random crop
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "lensnet_medium"
+    # Extra constructor arguments, e.g. {"widths": [32, 64, 128], "depths": [2, 2, 2], "dropout": 0.2}
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyperparameters. ``None`` means "take it from the recipe"."""
+
+    recipe: str = "modern"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None  # peak learning rate
+    optimizer: str | None = None  # "adam" | "sgd"
+    momentum: float | None = None  # SGD only
+    nesterov: bool | None = None  # SGD only
+    weight_decay: float | None = None
+    label_smoothing: float | None = None
+    schedule: str | None = None  # "plateau" | "onecycle" | "cosine" | "constant"
+    warmup_epochs: float | None = None  # linear warm-up before onecycle/cosine decay
+    plateau_factor: float | None = None  # ReduceLROnPlateau: lr *= factor ...
+    plateau_patience: int | None = None  # ... after this many epochs without val-loss improvement
+    early_stopping: int | None = None  # stop after this many epochs without val-loss improvement; 0 = off
+    grad_clip: float | None = None  # max gradient norm; 0 = off
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + grad scaler)
+    channels_last: bool = True  # memory format on CUDA
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _section_classes() -> dict[str, type]:
+    return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Validate (and gently coerce int -> float) a value against a field annotation."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except CifarlensError as err:
+                errors.append(err)
+        raise errors[0]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - only our own annotations reach here
+        raise TypeError(f"unsupported annotation {hint!r} for {key}")
+    name = getattr(hint, "__name__", str(hint))
+    raise CifarlensError(f"config key {key!r} must be {name}, got {value!r}")
+
+
+def _overlay(section: Any, values: dict, section_name: str) -> Any:
+    known = typing.get_type_hints(type(section))
+    updates = {}
+    for key, value in values.items():
+        if key not in known:
+            raise CifarlensError(
+                f"unknown config key '{section_name}.{key}'; known keys: {', '.join(sorted(known))}"
+            )
+        updates[key] = _check_type(value, known[key], f"{section_name}.{key}")
+    return replace(section, **updates)
+
+
+def merge(cfg: RunConfig, values: dict) -> RunConfig:
+    """Overlay a nested ``{"data": {...}, "model": {...}, "train": {...}}`` dict."""
+    if not isinstance(values, dict):
+        raise CifarlensError("a config must be a mapping with sections data/model/train")
+    classes = _section_classes()
+    updates = {}
+    for section_name, section_values in values.items():
+        if section_name not in classes:
+            raise CifarlensError(
+                f"unknown config section {section_name!r}; known sections: data, model, train"
+            )
+        if section_values is None:
+            continue
+        if not isinstance(section_values, dict):
+            raise CifarlensError(f"config section {section_name!r} must be a mapping")
+        updates[section_name] = _overlay(getattr(cfg, section_name), section_values, section_name)
+    return replace(cfg, **updates)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CifarlensError(f"config file {path} not found")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CifarlensError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return values or {}
+
+
+def parse_assignment(text: str) -> dict:
+    """``"train.weight_decay=5e-4"`` -> ``{"train": {"weight_decay": 0.0005}}`` (value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise CifarlensError(f"--set expects SECTION.KEY=VALUE (e.g. train.weight_decay=5e-4), got {text!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise CifarlensError(f"--set {text!r}: value is not valid YAML") from None
+    return {section: {name: value}}
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> RunConfig:
+    return merge(RunConfig(), values)
+
+
+def save_yaml(cfg: RunConfig, path: Path) -> None:
+    from cifarlens.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,34 @@
+"""Datasets: a registry of readers that return whole datasets as uint8 tensors.
+
+``load_dataset(name, data_dir)`` is the one entry point; ``list_datasets()`` gives the
+names (CLI choices and test parametrisation come from it). Importing this package
+imports the reader modules, which register themselves in ``DATASETS``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cifarlens.data import cifar, fashion_mnist, imagefolder  # noqa: F401  (registers the readers)
+from cifarlens.data.base import DATASETS, DatasetInfo, LoadedDataset, Split, check_image_size
+from cifarlens.data.stats import channel_stats
+
+__all__ = ["DATASETS", "DatasetInfo", "LoadedDataset", "Split", "channel_stats", "list_datasets", "load_dataset"]
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered datasets, sorted."""
+    return DATASETS.names()
+
+
+def load_dataset(
+    name: str, data_dir: str | Path, *, download: bool = True, image_size: int | None = None
+) -> LoadedDataset:
+    """Read dataset ``name`` from ``data_dir`` (downloading into it where the reader can).
+
+    ``image_size=None`` keeps the native size (32 for CIFAR, 28 for Fashion-MNIST, 32 for
+    imagefolder). Raises CifarlensError for an unknown name or missing/corrupt data.
+    """
+    reader = DATASETS.get(name)
+    check_image_size(image_size)
+    return reader(Path(data_dir).expanduser(), download=download, image_size=image_size)

@@ -1,0 +1,107 @@
+"""Batched augmentation on the training device.
+
+Images stay uint8 (B, C, H, W) until a batch is drawn; every transform below works
+on the whole batch at once, with a ``torch.Generator`` so a seed fixes the result.
+This is much faster than per-image PIL transforms in DataLoader workers (see
+``benchmarks/``) and it is the one place the augmentation levels are defined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cifarlens.errors import CifarlensError
+
+# level -> which transforms run (crop = random crop with padding; jitter = colour jitter)
+AUGMENT_LEVELS: dict[str, dict[str, bool]] = {
+    "none": {"crop": False, "flip": False, "jitter": False},
+    "flip": {"crop": False, "flip": True, "jitter": False},
+    "standard": {"crop": True, "flip": True, "jitter": False},
+    "strong": {"crop": True, "flip": True, "jitter": True},
+}
+
+
+def normalize(images: Tensor, mean, std) -> Tensor:
+    """uint8 or [0, 1] float (B, C, H, W) -> float32 normalised with per-channel mean/std."""
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad by ``padding`` pixels and take a random HxW window per image."""
+    if padding <= 0:
+        return images
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p), black border
+    dy = torch.randint(0, 2 * padding + 1, (b,), device=images.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), device=images.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    chans = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_hflip(images: Tensor, generator: torch.Generator) -> Tensor:
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def colour_jitter(x: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    """Brightness, contrast and (for RGB) saturation, each scaled by U(1-s, 1+s). x in [0, 1]."""
+    b = x.shape[0]
+
+    def factor() -> Tensor:
+        u = torch.rand(b, 1, 1, 1, device=x.device, generator=generator)
+        return 1.0 + strength * (2 * u - 1)
+
+    x = x * factor()  # brightness
+    gray = _grayscale(x)
+    x = (x - gray.mean(dim=(2, 3), keepdim=True)) * factor() + gray.mean(dim=(2, 3), keepdim=True)
+    if x.shape[1] == 3:
+        gray = _grayscale(x)
+        x = gray + (x - gray) * factor()  # saturation
+    return x.clamp(0.0, 1.0)
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    if x.shape[1] != 3:
+        return x
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """uint8 (B, C, H, W) -> augmented, normalised float32 (B, C, H, W)."""
+
+    level: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool = True  # False for datasets where a mirror image changes the label
+    padding: int = 4
+    jitter_strength: float = 0.2
+
+    def __post_init__(self):
+        if self.level not in AUGMENT_LEVELS:
+            raise CifarlensError(
+                f"unknown augmentation level {self.level!r}; choose one of: {', '.join(AUGMENT_LEVELS)}"
+            )
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        steps = AUGMENT_LEVELS[self.level]
+        if steps["crop"]:
+            images = random_crop(images, self.padding, generator)
+        if steps["flip"] and self.hflip:
+            images = random_hflip(images, generator)
+        x = images.float() / 255.0
+        if steps["jitter"]:
+            x = colour_jitter(x, self.jitter_strength, generator)
+        return normalize(x, self.mean, self.std)

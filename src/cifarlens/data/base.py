@@ -1,0 +1,162 @@
+"""What every dataset reader returns: facts about the dataset and uint8 tensors.
+
+All datasets are materialised in memory as uint8 tensors of shape (N, C, H, W)
+so that augmentation can run in batches on the training device (see
+``cifarlens.data.augment``) instead of per image in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from cifarlens.errors import CifarlensError
+from cifarlens.registry import Registry
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about a dataset, defined once.
+
+    mean/std are per-channel statistics of the *training* images scaled to [0, 1]
+    (population std over all training pixels of that channel).
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool = True  # whether a horizontal flip keeps the label valid
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class LoadedDataset:
+    info: DatasetInfo
+    train: Split
+    test: Split
+    val: Split | None = None  # only when the source ships its own validation split
+
+
+class DatasetReader(Protocol):
+    def __call__(self, data_dir: Path, *, download: bool, image_size: int | None) -> LoadedDataset: ...
+
+
+# name -> reader; readers raise CifarlensError on missing/corrupt data, never fall back to other data
+DATASETS: Registry[Callable[..., LoadedDataset]] = Registry("dataset")
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the readers (added with the readers; the API above is unchanged).
+# ---------------------------------------------------------------------------
+
+# An offline machine must fail in seconds, not minutes: torchvision's download_url calls
+# urlopen without a timeout, and a socket timeout does not bound DNS resolution, so a
+# reachability probe with a hard deadline runs first.
+CONNECT_TIMEOUT_S = 5.0  # deadline for DNS + TCP connect before a download starts
+READ_TIMEOUT_S = 30.0  # per socket operation while downloading (not a total limit)
+
+
+def check_image_size(image_size: int | None) -> None:
+    """Raise CifarlensError unless image_size is None or a positive int."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise CifarlensError(f"image size must be a positive integer, got {image_size!r}")
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """Resize (N, C, H, W) uint8 images to (N, C, size, size) uint8 (bilinear, antialiased).
+
+    Works in float32 chunks of ``chunk`` images so 50k images never exist as one float copy.
+    Returns ``images`` itself when it already has the requested size.
+    """
+    n, c, h, w = images.shape
+    if (h, w) == (size, size):
+        return images
+    out = torch.empty((n, c, size, size), dtype=torch.uint8)
+    for start in range(0, n, chunk):
+        x = images[start : start + chunk].float()  # (B, C, H, W) in [0, 255]
+        y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _one_line(reason: object) -> str:
+    return " ".join(str(reason).split()) or type(reason).__name__
+
+
+def _check_reachable(url: str, timeout: float) -> None:
+    """Raise OSError unless a TCP connection to url's host opens within ``timeout`` seconds."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return  # behind a proxy a direct probe says nothing; rely on the socket timeout
+    result: dict[str, object] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result["ok"] = True
+        except OSError as e:
+            result["error"] = e
+
+    # A daemon thread, because getaddrinfo cannot be interrupted: if DNS hangs we stop waiting.
+    thread = threading.Thread(target=probe, name="cifarlens-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "ok" not in result:
+        raise OSError(result.get("error") or f"no connection to {host}:{port} within {timeout:g} s")
+
+
+def download_file(url: str, root: Path, filename: str, md5: str | None, *, what: str, fix: str) -> Path:
+    """Download ``url`` to ``root/filename`` with torchvision, checking ``md5``; return the path.
+
+    The file is written as ``filename + ".part"`` and renamed only once its checksum matches,
+    so an interrupted download never looks like a finished one. Any failure raises
+    ``CifarlensError("could not download {what} (<reason>); {fix}")`` within seconds when offline.
+    """
+    from torchvision.datasets.utils import download_url  # lazy: only needed when downloading
+
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / filename
+    part = root / (filename + ".part")
+    old_timeout = socket.getdefaulttimeout()
+    try:
+        _check_reachable(url, CONNECT_TIMEOUT_S)
+        socket.setdefaulttimeout(READ_TIMEOUT_S)  # process-wide, restored below
+        download_url(url, str(root), filename=part.name, md5=md5)
+        os.replace(part, target)
+    except (OSError, RuntimeError, ValueError, http.client.HTTPException) as e:
+        part.unlink(missing_ok=True)
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise CifarlensError(f"could not download {what} ({_one_line(reason)}); {fix}") from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return target

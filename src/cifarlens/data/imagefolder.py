@@ -1,0 +1,155 @@
+"""Your own images: ``DIR/train/<class>/*``, ``DIR/test/<class>/*`` and optionally ``DIR/val/<class>/*``.
+
+Classes are the sorted subfolder names of ``train/``; ``test/`` and ``val/`` may hold a
+subset of them but no others. Class folders are searched recursively; hidden files and
+folders and files without an image extension are ignored. Each image is decoded with PIL
+(first frame, EXIF orientation applied), converted to RGB and resized to
+``image_size`` x ``image_size`` (default 32; aspect ratio is not kept) with bilinear
+filtering, which PIL antialiases when shrinking. Mean/std are computed from the resized
+training images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from cifarlens.data.base import DATASETS, DatasetInfo, LoadedDataset, Split, check_image_size
+from cifarlens.data.stats import channel_stats
+from cifarlens.errors import CifarlensError
+
+DEFAULT_IMAGE_SIZE = 32
+# torchvision.datasets.folder.IMG_EXTENSIONS plus .gif
+IMG_EXTENSIONS = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
+LAYOUT_HINT = "expected DIR/train/<class>/<image> and DIR/test/<class>/<image> (optional DIR/val/<class>/<image>)"
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted((d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    files = [
+        p
+        for p in class_dir.rglob("*")
+        if p.suffix.lower() in IMG_EXTENSIONS and not _is_hidden(p, class_dir) and p.is_file()
+    ]
+    if not files:
+        raise CifarlensError(
+            f"class folder {class_dir} has no images ({', '.join(sorted(IMG_EXTENSIONS))}); add some or remove the folder"
+        )
+    return sorted(files)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, mapping high-bit-depth grayscale to 8 bits by scaling, not clipping."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (PNG, TIFF, PGM); "I" is how older Pillow opens 16-bit PNGs.
+        # 0..65535 -> 0..255 by x/257, so 65535 -> 255 and 257*k -> k.
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if im.mode == "F":
+        # 32-bit float: taken as [0, 1] when it fits there, else as [0, 255].
+        a = np.asarray(im).astype(np.float64)
+        if np.nanmax(a, initial=0.0) <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow asks palette transparency to go through RGBA
+    # Alpha is dropped, as torchvision's default loader does.
+    return im.convert("RGB")
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Decode one image file to an (size, size, 3) uint8 array; CifarlensError if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.seek(0)  # first frame of GIF/WebP/TIFF animations and multi-page files
+                im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(im)
+                if rgb.size != (size, size):
+                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(rgb, dtype=np.uint8)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise CifarlensError(
+            f"refusing to decode {path}: {e}; shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+        ) from e
+    except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
+        raise CifarlensError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from e
+
+
+def _read_split(files: list[tuple[Path, int]], size: int) -> Split:
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)  # (N, H, W, C) while decoding
+    for i, (path, _) in enumerate(files):
+        images[i] = load_image(path, size)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)  # (N, 3, S, S)
+
+
+def _list_split(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(file, label)]) of one split; ``classes`` None means this is train."""
+    dirs = _class_dirs(split_dir)
+    if not dirs:
+        raise CifarlensError(f"{split_dir} has no class subfolders; {LAYOUT_HINT}")
+    names = [d.name for d in dirs]
+    if classes is None:
+        classes = names
+    else:
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise CifarlensError(
+                f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}; "
+                f"rename or remove them, or add them to train/ (train classes: {', '.join(classes)})"
+            )
+    index = {name: i for i, name in enumerate(classes)}
+    files = [(p, index[d.name]) for d in dirs for p in _image_files(d)]
+    return classes, files
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(data_dir: Path, *, download: bool, image_size: int | None) -> LoadedDataset:
+    """An image folder tree; ``download`` is ignored (there is nothing to download)."""
+    check_image_size(image_size)
+    data_dir = Path(data_dir)
+    size = image_size or DEFAULT_IMAGE_SIZE
+    if not data_dir.is_dir():
+        raise CifarlensError(f"image folder {data_dir} does not exist or is not a folder; {LAYOUT_HINT}")
+    for required in ("train", "test"):
+        if not (data_dir / required).is_dir():
+            raise CifarlensError(f"no {required}/ folder in {data_dir}; {LAYOUT_HINT}")
+    classes, train_files = _list_split(data_dir / "train", None)
+    if len(classes) < 2:
+        raise CifarlensError(f"{data_dir / 'train'} has only the class {classes[0]!r}; a classifier needs at least 2 classes")
+    _, test_files = _list_split(data_dir / "test", classes)
+    val_files = _list_split(data_dir / "val", classes)[1] if (data_dir / "val").is_dir() else None
+
+    train = _read_split(train_files, size)
+    mean, std = channel_stats(train.images)  # of the resized training images
+    info = DatasetInfo(
+        name="imagefolder",
+        classes=tuple(classes),
+        in_channels=3,
+        image_size=size,
+        mean=mean,
+        std=std,
+        hflip=True,
+    )
+    return LoadedDataset(
+        info=info,
+        train=train,
+        test=_read_split(test_files, size),
+        val=_read_split(val_files, size) if val_files is not None else None,
+    )

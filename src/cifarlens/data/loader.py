@@ -1,0 +1,62 @@
+"""Iterate over a :class:`Split` held on the training device, in batches."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from cifarlens.data.base import Split
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, stream), so resumed runs match."""
+    return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63)
+
+
+class TensorLoader:
+    """Batches of ``(transform(images), labels)`` from uint8 tensors already on ``device``.
+
+    Shuffling and augmentation use a generator re-seeded by :meth:`set_epoch`, so
+    epoch ``e`` of a run sees the same batches whether or not the run was resumed.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        transform: Callable[[Tensor, torch.Generator], Tensor],
+        *,
+        device: torch.device,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+    ):
+        self.images = split.images.to(device)  # (N, C, H, W) uint8
+        self.labels = split.labels.to(device)  # (N,)
+        self.batch_size = batch_size
+        self.transform = transform
+        self.device = device
+        self.shuffle = shuffle
+        self.drop_last = drop_last and len(self.labels) > batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        generator = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch))
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, device=self.device, generator=generator)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.transform(self.images[index], generator), self.labels[index]

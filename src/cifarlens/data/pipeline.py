@@ -1,0 +1,56 @@
+"""From a :class:`DataConfig` to train/val/test loaders on the training device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from cifarlens.config import DataConfig
+from cifarlens.data import load_dataset
+from cifarlens.data.augment import BatchAugment, normalize
+from cifarlens.data.base import DatasetInfo, Split
+from cifarlens.data.loader import TensorLoader
+from cifarlens.data.split import stratified_split
+
+
+@dataclass
+class DataBundle:
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
+    """Read the dataset and carve the seeded, stratified validation split from train.
+
+    The test split is returned untouched; only final evaluation may look at it.
+    """
+    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
+    if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
+        return DataBundle(ds.info, ds.train, ds.val, ds.test)
+    train_index, val_index = stratified_split(ds.train.labels, cfg.val_fraction, seed)
+    return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test)
+
+
+def eval_transform(info: DatasetInfo):
+    return partial(_normalize_only, mean=info.mean, std=info.std)
+
+
+def _normalize_only(images, generator, *, mean, std):
+    return normalize(images, mean, std)
+
+
+def train_transform(info: DatasetInfo, cfg: DataConfig) -> BatchAugment:
+    return BatchAugment(cfg.augment, info.mean, info.std, hflip=info.hflip, padding=cfg.crop_padding)
+
+
+def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.device, *, seed: int = 0,
+                train_cfg: DataConfig | None = None) -> TensorLoader:
+    """A training loader (shuffled, augmented) when ``train_cfg`` is given, else an evaluation loader."""
+    if train_cfg is not None:
+        return TensorLoader(split, batch_size, train_transform(info, train_cfg), device=device,
+                            shuffle=True, drop_last=True, seed=seed)
+    return TensorLoader(split, batch_size, eval_transform(info), device=device)

@@ -1,0 +1,214 @@
+"""The training engine: ``train_one_epoch``, ``evaluate`` and ``fit``.
+
+One device and precision path: autocast and the grad scaler are always present and
+switched by ``enabled=``; nothing here calls ``.cuda()`` or ``.half()``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cifarlens.errors import CifarlensError
+
+
+class TrainingDiverged(CifarlensError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CifarlensError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CifarlensError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise CifarlensError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass
+class Precision:
+    """How forward passes run: autocast dtype (None = full fp32) and the grad scaler."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self):
+        # The scaler only does something for fp16; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    @classmethod
+    def for_device(cls, device: torch.device, amp: bool, channels_last: bool) -> "Precision":
+        if device.type != "cuda":
+            return cls(device)  # CPU autocast is slower than fp32 for convolutions
+        dtype = None
+        if amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cls(device, dtype, channels_last)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def _progress(iterable, total: int, desc: str):
+    """A tqdm bar on an interactive terminal; the plain iterable otherwise (logs get one line per epoch)."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    precision: Precision,
+    *,
+    label_smoothing: float = 0.0,
+    grad_clip: float = 0.0,
+    desc: str = "train",
+) -> dict:
+    """One pass over ``loader``. Returns mean loss and accuracy over the epoch's samples."""
+    model.train()
+    total_loss = torch.zeros((), device=precision.device)
+    total_correct = torch.zeros((), device=precision.device)
+    seen = 0
+    for step, (images, labels) in enumerate(_progress(loader, len(loader), desc)):
+        with precision.autocast():
+            logits = model(precision.prepare(images))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at step {step} of {desc}; "
+                "lower --lr (or set train.grad_clip) and start again, or --resume from the last good checkpoint"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        if grad_clip > 0:
+            precision.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        if scheduler is not None and scheduler.per_step:
+            scheduler.step()
+        # Accumulate on the device: no host sync per step.
+        total_loss += loss.detach() * labels.shape[0]
+        total_correct += (logits.argmax(1) == labels).sum()
+        seen += labels.shape[0]
+    return {"train_loss": total_loss.item() / max(seen, 1), "train_acc": total_correct.item() / max(seen, 1)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, precision: Precision) -> tuple[Tensor, Tensor]:
+    """(logits (N, K) float32 on CPU, labels (N,) on CPU) over the whole loader, in order."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    try:
+        for images, labels in loader:
+            with precision.autocast():
+                logits = model(precision.prepare(images))
+            all_logits.append(logits.float().cpu())
+            all_labels.append(labels.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(model: nn.Module, loader, precision: Precision) -> dict:
+    """Mean cross-entropy (without label smoothing) and accuracy over ``loader``."""
+    logits, labels = predict_logits(model, loader, precision)
+    loss = F.cross_entropy(logits, labels).item()
+    return {"loss": loss, "acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def set_epoch_seed(loader, seed: int, epoch: int) -> None:
+    """Make epoch ``epoch`` a pure function of (weights at its start, seed, epoch):
+    the loader's shuffle/augmentation and the global RNG (dropout) are re-seeded."""
+    from cifarlens.data.loader import epoch_seed
+
+    loader.set_epoch(epoch)
+    torch.manual_seed(epoch_seed(seed, epoch, stream=1))
+
+
+@dataclass
+class FitState:
+    """Everything that changes during training, saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    history: list[dict] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the last validation-loss improvement
+    stopped_early: bool = False
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    optimizer,
+    scheduler,
+    precision: Precision,
+    cfg,  # TrainConfig, resolved
+    state: FitState,
+    *,
+    on_improvement: Callable[[FitState], None],
+    on_epoch_end: Callable[[FitState], None],
+    log: Callable[[str], None] = print,
+    train_model: nn.Module | None = None,  # e.g. torch.compile(model); defaults to model
+) -> FitState:
+    """Train from ``state.epoch`` to ``cfg.epochs``; validation drives the plateau
+    schedule, early stopping and the choice of the best weights."""
+    train_model = train_model or model
+    for epoch in range(state.epoch, cfg.epochs):
+        start = time.perf_counter()
+        set_epoch_seed(train_loader, cfg.seed, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch + 1, "lr": lr}
+        row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
+                               label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+                               desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        val = evaluate(model, val_loader, precision)
+        row |= {"val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - start}
+        if scheduler is not None and not scheduler.per_step:
+            scheduler.step(val["loss"])
+        state.epoch = epoch + 1
+        state.history.append(row)
+        improved = val["loss"] < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_epoch, state.bad_epochs = val["loss"], epoch + 1, 0
+            on_improvement(state)
+        else:
+            state.bad_epochs += 1
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
+            f"val_loss {val['loss']:.4f}  val_acc {val['acc']:.2%}  lr {lr:.3g}  {row['seconds']:.1f}s"
+            + ("  *best*" if improved else "")
+        )
+        if cfg.early_stopping and state.bad_epochs >= cfg.early_stopping:
+            state.stopped_early = True
+        on_epoch_end(state)
+        if state.stopped_early:
+            log(f"early stopping: validation loss has not improved for {state.bad_epochs} epochs")
+            break
+    return state

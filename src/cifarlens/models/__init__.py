@@ -1,0 +1,20 @@
+"""Model registry and families. Importing this package registers every model.
+
+Adding a model: write a ``ClassifierBase`` subclass and a factory
+``def name(num_classes, in_channels=3, **options)`` decorated with ``@register_model()``,
+in a module imported below.
+"""
+
+from cifarlens.models.registry import (
+    MODELS,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+    unwrap_model,
+)
+
+# imported for their @register_model side effect
+from cifarlens.models import lensnet, preact_resnet, resnet_cifar, wide_resnet  # noqa: E402,F401  isort: skip
+
+__all__ = ["MODELS", "create_model", "list_models", "model_info", "register_model", "unwrap_model"]

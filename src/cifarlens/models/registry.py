@@ -1,0 +1,67 @@
+"""The model registry: ``@register_model``, ``create_model``, ``list_models``, plus wrapper helpers."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+
+from cifarlens.errors import CifarlensError
+from cifarlens.registry import Registry
+
+# name -> factory(num_classes, in_channels, **options) returning a ClassifierBase
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+register_model = MODELS.register
+
+_ALWAYS = ("num_classes", "in_channels")  # passed by create_model itself, not options
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return MODELS.names()
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+    """Build a registered model; ``kwargs`` are the factory's options (e.g. ``depths`` for LensNet)."""
+    factory = MODELS.get(name)
+    params = inspect.signature(factory).parameters
+    # a factory with **kwargs cannot be checked here; every registered one names its options
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = [p for p in params if p not in _ALWAYS]
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown:
+            raise CifarlensError(
+                f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"its options are: {', '.join(options) or '(none)'}"
+            )
+    return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DataParallel/DDP, ``torch.compile`` and AveragedModel (EMA/SWA) wrappers, however nested."""
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel, AveragedModel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            # torch.compile returns an OptimizedModule holding the original as _orig_mod
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """Plain facts about a (possibly wrapped) model, for logs, reports and the web app."""
+    m = unwrap_model(model)
+    return {
+        "architecture": type(m).__name__,
+        "params": sum(p.numel() for p in m.parameters()),
+        "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
+        # conv + linear layers; for the option-A CIFAR ResNets this is the paper's depth 6n+2
+        "weight_layers": sum(isinstance(x, (nn.Conv2d, nn.Linear)) for x in m.modules()),
+        "num_classes": getattr(m, "num_classes", None),
+        "in_channels": getattr(m, "in_channels", None),
+        "cam_layer": getattr(m, "cam_layer", None),
+    }

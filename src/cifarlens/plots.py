@@ -1,0 +1,178 @@
+"""Figures for a run: confusion matrix and training curves, written as PNG files.
+
+Figures are built with ``matplotlib.figure.Figure`` directly rather than through
+``pyplot``: nothing is registered in pyplot's global figure list, so there is
+nothing to close or leak, no GUI backend is ever needed, and plotting from the
+web app's worker threads is safe. Saving to PNG uses the Agg renderer. Agg is
+also made pyplot's backend at import unless one was chosen explicitly
+(``MPLBACKEND`` or ``matplotlib.use``), so headless machines never try a GUI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+# Respect a backend someone chose (env var, or pyplot already imported, e.g. in a notebook).
+if "MPLBACKEND" not in os.environ and "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from cifarlens.metrics import row_normalize  # noqa: E402
+
+__all__ = ["plot_confusion_matrix", "plot_training_curves", "row_normalize", "save_figure"]
+
+ANNOTATE_MAX_CLASSES = 20  # above this, numbers in cells are unreadable
+DPI = 150
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as PNG atomically: a temp file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    # An Agg canvas caches its renderer; a bare Figure builds a new full-size one for
+    # every text measurement (seaborn measures each tick label), which takes seconds.
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _panel_size(num_classes: int) -> float:
+    # Inches per square panel: ~0.45 in per class while cells are annotated, then
+    # capped so 100 classes give ~0.14 in (≈10 pt) rows, enough for 4 pt tick labels.
+    return float(min(max(5.0, 0.45 * num_classes), 14.0))
+
+
+def plot_confusion_matrix(
+    cm: Tensor | np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """Counts and row-normalised confusion matrix side by side, saved as PNG.
+
+    Rows are true labels, columns predictions. Cells carry numbers only up to
+    20 classes; beyond that every class name is still shown, in small type.
+    """
+    counts = np.asarray(cm.cpu() if isinstance(cm, Tensor) else cm).astype(np.int64)  # (C, C)
+    n = counts.shape[0]
+    if counts.shape != (n, n) or len(class_names) != n:
+        raise ValueError(f"{len(class_names)} class names for a confusion matrix of shape {counts.shape}")
+    normed = row_normalize(torch.from_numpy(counts)).numpy()  # (C, C) float64
+    names = [str(s) for s in class_names]
+
+    annotate = n <= ANNOTATE_MAX_CLASSES
+    side = _panel_size(n)
+    tick_fs = 8 if n <= 20 else (6 if n <= 50 else 4)
+    annot_fs = 8 if n <= 10 else 6
+
+    fig = _new_figure(2 * side + 2.5, side + 1.0)
+    axes = fig.subplots(1, 2)
+    panels = (
+        (counts, "counts", "d", None, None),
+        (normed, "normalised by row (recall on diagonal)", ".2f", 0.0, 1.0),
+    )
+    for ax, (data, subtitle, fmt, vmin, vmax) in zip(axes, panels):
+        sns.heatmap(
+            data,
+            ax=ax,
+            cmap="Blues",
+            vmin=vmin,
+            vmax=vmax,
+            square=True,
+            annot=annotate,
+            fmt=fmt,
+            annot_kws={"fontsize": annot_fs},
+            # Tick labels are added only after both heatmaps exist: seaborn renders the
+            # whole figure to check label overlap, which with 2 x 200 labels takes seconds.
+            xticklabels=False,
+            yticklabels=False,
+            cbar_kws={"shrink": 0.8},
+        )
+        ax.set_title(subtitle, fontsize=10)
+    centers = np.arange(n) + 0.5  # heatmap cell i spans [i, i + 1]
+    for ax in axes:
+        ax.set_xticks(centers, names, rotation=90, fontsize=tick_fs)  # every name, never thinned
+        ax.set_yticks(centers, names, rotation=0, fontsize=tick_fs)
+        ax.tick_params(axis="both", length=0 if n > 20 else 3)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) for rows where ``key`` holds a finite number."""
+    xs, ys = [], []
+    for i, row in enumerate(history):
+        v = row.get(key)
+        if v is None or not math.isfinite(float(v)):
+            continue
+        xs.append(float(row.get("epoch", i + 1)))
+        ys.append(float(v))
+    return xs, ys
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Loss, accuracy and learning rate per epoch in three panels, saved as PNG.
+
+    ``history`` rows carry ``epoch``, ``train_loss``, ``val_loss``, ``train_acc``,
+    ``val_acc`` and ``lr``; any of them may be missing or None.
+    """
+    fig = _new_figure(15, 4.2)
+    axes = fig.subplots(1, 3)
+    panels = (
+        ("loss", ("train_loss", "val_loss")),
+        ("accuracy", ("train_acc", "val_acc")),
+        ("learning rate", ("lr",)),
+    )
+    for ax, (ylabel, keys) in zip(axes, panels):
+        drawn = 0
+        for key in keys:
+            xs, ys = _series(history, key)
+            if not xs:
+                continue
+            # Markers keep a single-epoch history visible; they get in the way for long runs.
+            marker = "o" if len(xs) <= 30 else None
+            ax.plot(xs, ys, marker=marker, markersize=4, label=key.split("_")[0] if len(keys) > 1 else key)
+            drawn += 1
+            if key == "lr":
+                positive = [y for y in ys if y > 0]
+                if positive and max(positive) / min(positive) > 10 and len(positive) == len(ys):
+                    ax.set_yscale("log")
+        if drawn == 0:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+        elif len(keys) > 1:
+            ax.legend()
+        ax.set_title(ylabel)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)

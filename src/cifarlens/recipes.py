@@ -1,0 +1,118 @@
+"""Training recipes: named sets of defaults for :class:`TrainConfig`, plus the
+optimizer and learning-rate schedule they describe.
+
+A recipe only fills the ``TrainConfig`` fields the user left at ``None``; every
+value can still be set from YAML or flags.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields, replace
+
+import torch
+
+from cifarlens.config import TrainConfig
+from cifarlens.errors import CifarlensError
+from cifarlens.registry import Registry
+
+RECIPES: Registry[dict] = Registry("recipe")
+
+# The seed project's recipe: Adam, cross-entropy, ReduceLROnPlateau on validation loss.
+RECIPES.register("reference")(
+    dict(
+        epochs=30, batch_size=128, lr=1e-3, optimizer="adam", momentum=0.9, nesterov=False,
+        weight_decay=0.0, label_smoothing=0.0, schedule="plateau", warmup_epochs=0.0,
+        plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0,
+    )
+)
+
+# A modern recipe: Nesterov SGD, linear warm-up then one-cycle (linear) decay to zero,
+# weight decay and label smoothing (as in torchvision's and timm's CIFAR references).
+RECIPES.register("modern")(
+    dict(
+        epochs=15, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9, nesterov=True,
+        weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle", warmup_epochs=1.0,
+        plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0,
+    )
+)
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("plateau", "onecycle", "cosine", "constant")
+
+
+def list_recipes() -> list[str]:
+    return RECIPES.names()
+
+
+def resolve_train(cfg: TrainConfig) -> TrainConfig:
+    """Fill every ``None`` from the recipe and check the values."""
+    defaults = RECIPES.get(cfg.recipe)
+    filled = {f.name: defaults[f.name] for f in fields(cfg) if getattr(cfg, f.name) is None}
+    cfg = replace(cfg, **filled)
+    checks = [
+        (cfg.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.lr > 0, "train.lr must be > 0"),
+        (cfg.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (cfg.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}"),
+        (0.0 <= cfg.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
+        (cfg.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (cfg.warmup_epochs >= 0, "train.warmup_epochs must be >= 0"),
+        (cfg.early_stopping >= 0, "train.early_stopping must be >= 0 (0 = off)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CifarlensError(message)
+    return cfg
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        # AdamW: decoupled weight decay (identical to Adam when weight_decay == 0).
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based) for step-wise schedules."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps  # linear warm-up, never exactly 0
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "onecycle":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(schedule)
+
+
+class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """Warm-up + decay, stepped after every optimizer step."""
+
+    per_step = True
+
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int, schedule: str):
+        self.total_steps, self.warmup_steps, self.schedule = total_steps, warmup_steps, schedule
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.schedule)
+
+
+class PlateauSchedule(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """ReduceLROnPlateau on validation loss, stepped once per epoch."""
+
+    per_step = False
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    if cfg.schedule == "plateau":
+        return PlateauSchedule(optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
+    return StepSchedule(optimizer, total, warmup, cfg.schedule)
+

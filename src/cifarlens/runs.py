@@ -1,0 +1,190 @@
+"""Run folders: what a training run writes, and the guard that keeps it safe.
+
+A run folder holds everything needed to repeat, evaluate and serve the run::
+
+    config.yaml            resolved config (every hyperparameter, no recipe lookups left)
+    run.json               dataset facts (classes, mean/std, image size), model, status
+    environment.json       versions, device, seed, git revision, command line
+    history.csv            one row per epoch, written as training goes
+    train.log              the log lines
+    checkpoints/last.pt    full training state for --resume (torch.load weights_only=True)
+    model.safetensors      best-on-validation weights (what evaluate/predict/serve load)
+    metrics.json, predictions.csv, classification_report.txt, confusion_matrix.png, curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cifarlens.config import RunConfig, from_dict, load_yaml, save_yaml
+from cifarlens.data.base import DatasetInfo
+from cifarlens.errors import CifarlensError
+from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
+
+# Files a run writes; --force removes exactly these (never anything else in the folder).
+RUN_FILES = (
+    "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
+    "curves.png",
+)
+SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def split_suffix(split: str) -> str:
+    return "" if split == "test" else f"_{split}"
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "model.safetensors"
+
+    def split_file(self, pattern: str, split: str) -> Path:
+        return self.path / pattern.format(split_suffix(split))
+
+    def is_run(self) -> bool:
+        return (self.path / "config.yaml").is_file() and (self.path / "run.json").is_file()
+
+    # -- creating -------------------------------------------------------------------------
+    def create(self, *, force: bool) -> None:
+        """Make a fresh run folder; refuse to touch an existing one unless ``force``."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CifarlensError(f"--out {self.path} is a file, not a folder; choose another --out")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not self.is_run():
+                raise CifarlensError(
+                    f"--out {self.path} is a non-empty folder that is not a cifarlens run; choose another --out"
+                )
+            if not force:
+                raise CifarlensError(
+                    f"run folder {self.path} already exists; use --resume to continue it, "
+                    "--force to overwrite it, or another --out"
+                )
+            self._remove_run_files()
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def _remove_run_files(self) -> None:
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for split in ("test", "val"):
+            for pattern in SPLIT_FILES:
+                self.split_file(pattern, split).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+
+    # -- reading --------------------------------------------------------------------------
+    def require_run(self) -> None:
+        if not self.path.is_dir():
+            raise CifarlensError(f"run folder {self.path} not found")
+        if not self.is_run():
+            raise CifarlensError(f"{self.path} is not a cifarlens run folder (no config.yaml / run.json)")
+
+    def config(self) -> RunConfig:
+        return from_dict(load_yaml(self.path / "config.yaml"))
+
+    def meta(self) -> dict:
+        try:
+            return json.loads((self.path / "run.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CifarlensError(f"{self.path / 'run.json'} is unreadable ({err}); the run folder is damaged") from None
+
+    def info(self) -> DatasetInfo:
+        values = self.meta()["dataset"]
+        return DatasetInfo(**{**values, "classes": tuple(values["classes"]), "mean": tuple(values["mean"]),
+                              "std": tuple(values["std"])})
+
+    # -- writing --------------------------------------------------------------------------
+    def write_config(self, cfg: RunConfig) -> None:
+        save_yaml(cfg, self.path / "config.yaml")
+
+    def write_meta(self, **values) -> None:
+        meta = self.meta() if (self.path / "run.json").is_file() else {}
+        meta.update(values)
+        atomic_write_json(self.path / "run.json", meta)
+
+    def write_history(self, history: list[dict]) -> None:
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(history)
+
+        atomic_write(self.path / "history.csv", write)
+
+    def log(self, line: str) -> None:
+        print(line, flush=True)
+        with (self.path / "train.log").open("a") as f:
+            f.write(line + "\n")
+
+
+def info_to_dict(info: DatasetInfo) -> dict:
+    return asdict(info)
+
+
+def environment_record(device: torch.device, seed: int) -> dict:
+    import numpy
+    import torchvision
+
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "cifarlens": _package_version(),
+        "git_revision": _git_revision(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "cuda": torch.version.cuda,
+        "seed": seed,
+    }
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cifarlens")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _git_revision() -> str | None:
+    """The revision of the cifarlens source tree, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_text(path, text)

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from cifarlens.data.augment import AUGMENT_LEVELS, BatchAugment, colour_jitter, normalize, random_crop, random_hflip
+from cifarlens.errors import CifarlensError
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def ramp_images(b=8, c=3, h=8, w=8):
+    # every pixel distinct and > 0, so crops/flips can be located exactly
+    base = torch.arange(1, h * w + 1, dtype=torch.uint8).view(1, 1, h, w)
+    return base.repeat(b, c, 1, 1) + torch.arange(c, dtype=torch.uint8).view(1, c, 1, 1)
+
+
+def test_normalize_uses_per_channel_stats():
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = normalize(images, (0.5, 0.0, 1.0), (0.5, 1.0, 2.0))
+    assert out[0, :, 0, 0].tolist() == pytest.approx([1.0, 1.0, 0.0])
+
+
+def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
+    images = ramp_images()
+    out = random_crop(images, 2, gen())
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (2,) * 4)
+    for i in range(len(images)):
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
+        assert windows, f"image {i} is not a crop of its padded original"
+    # with 25 possible offsets, 8 images should not all get the same one
+    assert len({out[i].sum().item() for i in range(len(images))}) > 1
+
+
+def test_random_hflip_flips_about_half_exactly():
+    images = ramp_images(b=400)
+    out = random_hflip(images, gen())
+    flipped = torch.tensor([torch.equal(o, i.flip(2)) for o, i in zip(out, images)])
+    same = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
+    assert bool((flipped | same).all())
+    assert 150 < int(flipped.sum()) < 250
+
+
+def test_colour_jitter_stays_in_range_and_changes_images():
+    x = torch.rand(16, 3, 8, 8, generator=gen(1))
+    out = colour_jitter(x, 0.4, gen())
+    assert out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out, x)
+
+
+@pytest.mark.parametrize("level", list(AUGMENT_LEVELS))
+def test_levels_are_deterministic_under_a_seed(level):
+    aug = BatchAugment(level, (0.5,) * 3, (0.25,) * 3)
+    images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=gen(3))
+    a, b = aug(images, gen(7)), aug(images, gen(7))
+    assert a.dtype == torch.float32 and a.shape == images.shape
+    assert torch.equal(a, b)
+    if level == "none":
+        assert torch.allclose(a, normalize(images, (0.5,) * 3, (0.25,) * 3))
+    else:
+        assert not torch.equal(a, aug(images, gen(8)))
+
+
+def test_no_flip_for_datasets_that_forbid_it():
+    aug = BatchAugment("flip", (0.0,), (1.0,), hflip=False)
+    images = ramp_images(c=1)
+    assert torch.allclose(aug(images, gen()), images.float() / 255)
+
+
+def test_unknown_level_is_a_user_error():
+    with pytest.raises(CifarlensError, match="augmentation level"):
+        BatchAugment("wild", (0.5,), (0.5,))

@@ -1,0 +1,263 @@
+"""End-to-end: the ``cifarlens`` command on synthetic data in the official layouts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import cifarlens
+from cifarlens.api import train
+from cifarlens.cli import main
+from cifarlens.config import RunConfig, merge
+from conftest import make_fashion_mnist
+
+# A tiny LensNet keeps every training run in this file to a few seconds on 2 CPU cores.
+TINY = ["--model", "lensnet_light", "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "32"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess (to see exit codes and stderr as a user does)."""
+    return subprocess.run([sys.executable, "-m", "cifarlens.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def tiny_cfg(data_dir: Path, **train) -> RunConfig:
+    return merge(RunConfig(), {
+        "data": {"dataset": "fashion-mnist", "data_dir": str(data_dir), "download": False},
+        "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+        "train": {"batch_size": 32, "epochs": 3, **train},
+    })
+
+
+@pytest.fixture(scope="module")
+def fashion_run(tmp_path_factory):
+    """One trained run shared by the read-only tests below."""
+    root = tmp_path_factory.mktemp("fm")
+    data = make_fashion_mnist(root / "data", n_train=400, n_test=100)
+    out = root / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "4",
+                 "--out", str(out), *TINY]) == 0
+    return out, data
+
+
+def test_train_writes_a_complete_run_folder(fashion_run):
+    out, data = fashion_run
+    for name in ["config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
+                 "checkpoints/last.pt", "metrics.json", "predictions.csv", "classification_report.txt",
+                 "confusion_matrix.png", "curves.png"]:
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["split_size"] == 100
+    assert metrics["accuracy"] > 0.5  # the synthetic classes are learnable; chance is 0.1
+    for key in ["top5_accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "per_class"]:
+        assert key in metrics
+    assert np.array(metrics["confusion_matrix"]).sum() == 100
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert list(rows[0]) == ["index", "label", "prediction", "confidence"] and len(rows) == 100
+    accuracy = np.mean([r["label"] == r["prediction"] for r in rows])
+    assert accuracy == pytest.approx(metrics["accuracy"])
+    history = list(csv.DictReader((out / "history.csv").open()))
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
+    env = json.loads((out / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 0 and env["device"] == "cpu"
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["split_sizes"] == {"train": 360, "val": 40, "test": 100}
+    assert meta["dataset"]["classes"][0] == "T-shirt/top"
+
+
+def test_evaluate_reproduces_test_metrics_and_writes_val(fashion_run):
+    out, _ = fashion_run
+    before = json.loads((out / "metrics.json").read_text())
+    assert main(["evaluate", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == before["accuracy"]
+    assert main(["evaluate", str(out), "--split", "val", "--device", "cpu"]) == 0
+    val = json.loads((out / "metrics_val.json").read_text())
+    assert val["split"] == "val" and val["split_size"] == 40
+    assert (out / "confusion_matrix_val.png").is_file()
+
+
+def test_predict_cli_and_python_api(fashion_run, tmp_path, capsys):
+    out, data = fashion_run
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(data.test_images[i, 0]).save(path)
+        paths.append(str(path))
+    capsys.readouterr()
+    assert main(["predict", str(out), *paths, "--json", "--topk", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in result] == paths
+    for r in result:
+        probs = [t["prob"] for t in r["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+
+    run = cifarlens.load_run(out)
+    assert not run.model.training
+    # files and the equivalent uint8 tensor give the same probabilities
+    from_files = run.predict_proba(paths)
+    from_tensor = run.predict_proba(torch.from_numpy(data.test_images[:6]))
+    assert torch.allclose(from_files, from_tensor, atol=1e-5)
+    assert torch.allclose(from_files.sum(1), torch.ones(6), atol=1e-5)
+    assert [p.labels[0] for p in run.predict(paths)] == [r["top"][0]["label"] for r in result]
+
+
+def test_resume_after_interruption_ends_where_an_uninterrupted_run_would(tmp_path):
+    data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)
+    full = tmp_path / "full"
+    train(tiny_cfg(data.data_dir), full)
+
+    def stop_after_two(state, model):
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(data.data_dir), cut, on_epoch_end=stop_after_two)
+    assert json.loads((cut / "run.json").read_text())["status"] == "interrupted"
+    assert main(["train", "--resume", str(cut)]) == 0  # the CLI path a user takes
+
+    a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    hist = lambda p: drop_time(list(csv.DictReader((p / "history.csv").open())))  # noqa: E731
+    assert hist(full) == hist(cut)
+    assert json.loads((full / "metrics.json").read_text())["accuracy"] == \
+        json.loads((cut / "metrics.json").read_text())["accuracy"]
+
+
+def test_existing_run_folder_is_not_overwritten_without_force(fashion_run, tmp_path):
+    out, data = fashion_run
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = cli("train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--out", str(out),
+               "--epochs", "1", *TINY)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    # a folder that is not a run is never cleared, even with --force
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--out", str(other),
+                 "--force", "--epochs", "1", *TINY]) == 2
+    assert (other / "thesis.tex").read_text() == "precious"
+
+
+def test_force_overwrites_a_run(tmp_path):
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--out", str(out), *TINY]
+    assert main([*args, "--epochs", "2"]) == 0
+    assert main([*args, "--epochs", "1", "--force"]) == 0
+    assert len(list(csv.DictReader((out / "history.csv").open()))) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--dataset", "fashion-mnist", "--data-dir", "{missing}", "--no-download"], "Fashion-MNIST"),
+    (["train", "--dataset", "imagefolder", "--data-dir", "{missing}"], "{missing}"),
+    (["train", "--dataset", "fashion-mnist", "--data-dir", "{data}", "--set", "train.lr=fast"], "train.lr"),
+    (["train", "--dataset", "fashion-mnist", "--data-dir", "{data}", "--config", "{missing}.yaml"], "not found"),
+    (["train", "--dataset", "fashion-mnist", "--data-dir", "{data}", "--device", "cuda:7"], "cuda"),
+    (["evaluate", "{missing}"], "not found"),
+    (["predict", "{run}", "{data}/nope.png"], "nope.png"),
+])
+def test_user_mistakes_get_one_line_errors(args, message, tmp_path, fashion_run):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    out, data = fashion_run
+    values = {"missing": str(tmp_path / "missing"), "data": str(data.data_dir), "run": str(out)}
+    proc = cli(*[a.format(**values) for a in args])
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cifarlens: error:")
+    assert message.format(**values) in lines[0]
+
+
+@pytest.mark.parametrize("args", [["train", "--model", "resnet9000"], ["train", "--dataset", "mnist"],
+                                  ["train", "--epochs", "many"]])
+def test_bad_flag_values_are_refused_by_the_parser(args):
+    proc = cli(*args)
+    assert proc.returncode == 2 and "invalid" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupt_checkpoint_and_weights_are_refused(fashion_run, tmp_path):
+    import shutil
+
+    out, _ = fashion_run
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    proc = cli("predict", str(broken), "x.png")
+    assert proc.returncode == 2 and "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    (broken / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    proc = cli("train", "--resume", str(broken))
+    assert proc.returncode == 2 and "last.pt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_pickled_payload_in_a_checkpoint_is_never_executed(fashion_run, tmp_path):
+    import shutil
+
+    out, _ = fashion_run
+    evil = tmp_path / "evil"
+    shutil.copytree(out, evil)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"format": "cifarlens-checkpoint", "payload": Exploit()}, evil / "checkpoints" / "last.pt")
+    proc = cli("train", "--resume", str(evil))
+    assert proc.returncode == 2 and "last.pt" in proc.stderr
+    assert not marker.exists()
+
+
+def test_diverging_loss_stops_with_a_message(tmp_path):
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    proc = cli("train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--out", str(tmp_path / "r"),
+               "--recipe", "reference", "--lr", "1e30", "--epochs", "2", *TINY)
+    assert proc.returncode == 2 and "became" in proc.stderr and "--lr" in proc.stderr
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "diverged"
+
+
+def test_config_file_and_flags_take_precedence(tmp_path):
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"data: {{dataset: fashion-mnist, data_dir: '{data.data_dir}'}}\n"
+                        "train: {recipe: reference, epochs: 5, lr: 3e-3}\n"
+                        "model: {name: lensnet_light, kwargs: {widths: [8, 16], depths: [1, 1]}}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg_file), "--epochs", "1", "--out", str(out)]) == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1  # flag beats file
+    assert saved["train"]["lr"] == 0.003  # file beats recipe
+    assert saved["train"]["optimizer"] == "adam"  # recipe fills the rest
+    assert saved["train"]["schedule"] == "plateau"
+
+
+@pytest.mark.parametrize("dataset, fixture", [("cifar10", "cifar10_dir"), ("cifar100", "cifar100_dir"),
+                                              ("imagefolder", "imagefolder_dir")])
+def test_train_on_every_dataset(dataset, fixture, request, tmp_path):
+    data_dir = request.getfixturevalue(fixture)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", dataset, "--data-dir", str(data_dir), "--epochs", "1", "--out", str(out),
+                 "--no-download", *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    meta = json.loads((out / "run.json").read_text())
+    assert len(metrics["per_class"]) == len(meta["dataset"]["classes"]) == (100 if dataset == "cifar100" else 10)
+    if dataset == "imagefolder":  # statistics computed from its own training images, not CIFAR's
+        assert meta["dataset"]["mean"] != [0.4914, 0.4822, 0.4465]
+        assert all(0 < s < 1 for s in meta["dataset"]["std"])

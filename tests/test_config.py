@@ -1,0 +1,70 @@
+import pytest
+
+from cifarlens.config import RunConfig, from_dict, load_yaml, merge, parse_assignment, save_yaml, to_dict
+from cifarlens.errors import CifarlensError
+from cifarlens.recipes import RECIPES, lr_factor, resolve_train
+
+
+def test_yaml_overlay_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: fashion-mnist\ntrain:\n  lr: 1e-3\n  epochs: 3\nmodel:\n  kwargs: {widths: [8, 16]}\n")
+    cfg = merge(RunConfig(), load_yaml(path))
+    assert cfg.data.dataset == "fashion-mnist"
+    assert cfg.train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; we accept it as a float
+    assert cfg.model.kwargs == {"widths": [8, 16]}
+    save_yaml(cfg, tmp_path / "out.yaml")
+    assert from_dict(load_yaml(tmp_path / "out.yaml")) == cfg
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"train": {"lrr": 1}}, "unknown config key 'train.lrr'"),
+    ({"trian": {}}, "unknown config section"),
+    ({"train": {"epochs": "ten"}}, "train.epochs' must be int"),
+    ({"train": {"amp": "yes"}}, "must be bool"),
+    ({"data": {"val_fraction": "half"}}, "must be float"),
+])
+def test_bad_values_are_rejected(values, match):
+    with pytest.raises(CifarlensError, match=match):
+        merge(RunConfig(), values)
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(CifarlensError, match="not found"):
+        load_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(CifarlensError, match="not valid YAML"):
+        load_yaml(bad)
+
+
+def test_set_assignments():
+    cfg = merge(RunConfig(), parse_assignment("train.weight_decay=5e-4"))
+    assert cfg.train.weight_decay == 5e-4
+    with pytest.raises(CifarlensError, match="SECTION.KEY=VALUE"):
+        parse_assignment("weight_decay")
+
+
+def test_recipes_fill_only_what_is_unset():
+    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "reference", "lr": 0.01}}).train)
+    ref = RECIPES.get("reference")
+    assert cfg.lr == 0.01 and cfg.optimizer == "adam" and cfg.schedule == "plateau"
+    assert cfg.epochs == ref["epochs"]
+    assert None not in to_dict(RunConfig(train=cfg))["train"].values()
+
+
+def test_recipe_values_are_checked():
+    with pytest.raises(CifarlensError, match="train.lr must be > 0"):
+        resolve_train(merge(RunConfig(), {"train": {"lr": -1.0}}).train)
+    with pytest.raises(CifarlensError, match="unknown recipe"):
+        resolve_train(merge(RunConfig(), {"train": {"recipe": "magic"}}).train)
+
+
+def test_lr_schedules():
+    # warm-up: linear up to the peak over 10 steps, then decay to 0 at the last step
+    assert lr_factor(0, 100, 10, "onecycle") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "onecycle") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "onecycle") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "onecycle") == pytest.approx(0.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(50, 100, 0, "constant") == 1.0

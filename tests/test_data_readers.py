@@ -1,0 +1,563 @@
+"""Dataset readers on synthetic files in the official layouts, their errors, and channel_stats."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarlens.data import DATASETS, list_datasets, load_dataset
+from cifarlens.data import base, cifar, fashion_mnist
+from cifarlens.data.cifar import CIFAR10, CIFAR100, NumpyOnlyUnpickler
+from cifarlens.data.stats import channel_stats
+from cifarlens.errors import CifarlensError
+from conftest import (
+    FASHION_CLASSES,
+    IMAGE_FORMATS,
+    make_cifar10,
+    make_cifar100,
+    make_cifar_archive,
+    make_fashion_mnist,
+    make_imagefolder,
+    save_image,
+    write_cifar_pickle,
+    write_idx,
+)
+
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def assert_split(split, images: np.ndarray | None, labels: np.ndarray) -> None:
+    assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+    assert split.images.is_contiguous()
+    np.testing.assert_array_equal(split.labels.numpy(), labels)
+    if images is not None:
+        np.testing.assert_array_equal(split.images.numpy(), images)
+
+
+def test_registry_lists_all_readers():
+    assert {"cifar10", "cifar100", "fashion-mnist", "imagefolder"} <= set(list_datasets())
+    assert list_datasets() == DATASETS.names()
+
+
+def test_unknown_dataset_and_bad_image_size(tmp_path):
+    with pytest.raises(CifarlensError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist", tmp_path)
+    with pytest.raises(CifarlensError, match="image size"):
+        load_dataset("cifar10", tmp_path, image_size=0)
+
+
+# ---------------------------------------------------------------------------
+# CIFAR
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["py2", "str", "bytes"])
+def test_cifar10_reads_official_layout(tmp_path, style):
+    data = make_cifar10(tmp_path, n_train_per_batch=8, n_test=12, style=style)
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.train.images.shape == (40, 3, 32, 32) and ds.test.images.shape == (12, 3, 32, 32)
+    assert_split(ds.train, data.train_images, data.train_labels)
+    assert_split(ds.test, data.test_images, data.test_labels)
+    assert ds.info.classes == cifar.CIFAR10_INFO.classes
+    assert ds.info.num_classes == 10 and ds.info.in_channels == 3 and ds.info.image_size == 32
+    assert ds.info.mean == (0.4914, 0.4822, 0.4465) and ds.info.std == (0.2470, 0.2435, 0.2616)
+    assert ds.val is None
+
+
+def test_cifar10_fixture(cifar10_dir):
+    ds = load_dataset("cifar10", cifar10_dir, download=False)
+    assert len(ds.train) == 200 and len(ds.test) == 50
+    assert torch.bincount(ds.train.labels).tolist() == [20] * 10
+
+
+def test_cifar_pixel_lands_at_channel_row_column(tmp_path):
+    make_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    rows = np.zeros((2, 3072), dtype=np.uint8)
+    rows[1, 0 * 1024 + 0 * 32 + 31] = 100  # R, y=0, x=31
+    rows[1, 1 * 1024 + 5 * 32 + 7] = 200  # G, y=5, x=7
+    rows[1, 2 * 1024 + 31 * 32 + 0] = 50  # B, y=31, x=0
+    write_cifar_pickle(tmp_path / "cifar-10-batches-py" / "test_batch", {"data": rows, "labels": [3, 9]})
+    images = load_dataset("cifar10", tmp_path, download=False).test.images
+    assert (images[1, 0, 0, 31], images[1, 1, 5, 7], images[1, 2, 31, 0]) == (100, 200, 50)
+    assert int(images.sum()) == 350
+
+
+def test_cifar_class_names_come_from_meta(tmp_path):
+    names = tuple(f"thing{k}" for k in range(10))
+    make_cifar10(tmp_path, n_train_per_batch=2, n_test=2, classes=names)
+    assert load_dataset("cifar10", tmp_path, download=False).info.classes == names
+
+
+@pytest.mark.parametrize("style", ["py2", "bytes"])
+def test_cifar100_uses_100_fine_labels(tmp_path, style):
+    data = make_cifar100(tmp_path, n_train=300, n_test=100, style=style)
+    ds = load_dataset("cifar100", tmp_path, download=False)
+    assert ds.info.name == "cifar100" and ds.info.num_classes == 100
+    assert ds.info.classes == data.classes  # from meta["fine_label_names"]
+    assert ds.info.mean == (0.5071, 0.4865, 0.4409) and ds.info.std == (0.2673, 0.2564, 0.2762)
+    assert_split(ds.train, data.train_images, data.train_labels)  # fine, not coarse (= fine // 5)
+    assert_split(ds.test, data.test_images, data.test_labels)
+    assert int(ds.train.labels.max()) == 99
+
+
+def test_cifar100_fixture_and_official_names(cifar100_dir):
+    ds = load_dataset("cifar100", cifar100_dir, download=False)
+    assert len(ds.train) == 500 and len(ds.test) == 200
+    assert len(cifar.CIFAR100_INFO.classes) == len(set(cifar.CIFAR100_INFO.classes)) == 100
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_archive_is_extracted(tmp_path, dataset):
+    kwargs = {"n_train_per_batch": 4, "n_test": 6} if dataset == "cifar10" else {"n_train": 120, "n_test": 30}
+    data = make_cifar_archive(tmp_path, dataset, **kwargs)
+    layout = CIFAR10 if dataset == "cifar10" else CIFAR100
+    assert not (tmp_path / layout.folder).exists()
+    ds = load_dataset(dataset, tmp_path, download=False)
+    assert (tmp_path / layout.folder / layout.test_file).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp extraction dir removed
+    assert_split(ds.train, data.train_images, data.train_labels)
+    assert_split(ds.test, data.test_images, data.test_labels)
+
+
+def test_cifar_archive_names_match_torchvision():
+    import torchvision.datasets as tvd
+
+    for layout, tv in ((CIFAR10, tvd.CIFAR10), (CIFAR100, tvd.CIFAR100)):
+        assert (layout.archive, layout.folder) == (tv.filename, tv.base_folder)
+        assert getattr(tvd, layout.torchvision_class) is tv
+
+
+def test_cifar_archive_path_traversal_refused(tmp_path):
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        payload = b"owned"
+        member = tarfile.TarInfo("../escaped.txt")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(CifarlensError, match="could not extract .*cifar-10-python.tar.gz"):
+        load_dataset("cifar10", tmp_path, download=False)
+    assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+def test_cifar_corrupt_archive(tmp_path):
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(CifarlensError, match="could not extract .*cifar-100-python.tar.gz"):
+        load_dataset("cifar100", tmp_path, download=False)
+
+
+def test_cifar_resize(tmp_path):
+    make_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
+    ds = load_dataset("cifar10", tmp_path, download=False, image_size=16)
+    assert ds.train.images.shape == (10, 3, 16, 16) and ds.test.images.dtype == torch.uint8
+    assert ds.info.image_size == 16
+    flat = torch.full((1, 3, 32, 32), 77, dtype=torch.uint8)
+    assert (base.resize_uint8(flat, 16) == 77).all()
+
+
+def test_cifar_missing_everything(tmp_path):
+    with pytest.raises(CifarlensError, match=r"CIFAR-10 not found: put cifar-10-python.tar.gz .*https://www.cs.toronto.edu"):
+        load_dataset("cifar10", tmp_path, download=False)
+    with pytest.raises(CifarlensError, match="cifar-100-python"):
+        load_dataset("cifar100", tmp_path / "nope", download=False)
+
+
+def test_cifar_missing_batch_file(cifar10_dir):
+    (cifar10_dir / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(CifarlensError, match="data_batch_3 is missing"):
+        load_dataset("cifar10", cifar10_dir, download=False)
+
+
+def test_cifar_truncated_batch_file(cifar10_dir):
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CifarlensError, match=r"corrupt CIFAR-10 file .*data_batch_2"):
+        load_dataset("cifar10", cifar10_dir, download=False)
+
+
+def test_cifar_garbage_meta(cifar10_dir):
+    (cifar10_dir / "cifar-10-batches-py" / "batches.meta").write_bytes(os.urandom(300))
+    with pytest.raises(CifarlensError, match=r"batches.meta"):
+        load_dataset("cifar10", cifar10_dir, download=False)
+
+
+@pytest.mark.parametrize(
+    "batch, problem",
+    [
+        ({"data": np.zeros((4, 3000), np.uint8), "labels": [0] * 4}, r"\(N, 3072\) uint8"),
+        ({"data": np.zeros((4, 3072), np.float32), "labels": [0] * 4}, r"\(N, 3072\) uint8"),
+        ({"data": np.zeros((4, 3072), np.uint8), "labels": [0] * 3}, "4 images"),
+        ({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 10]}, r"in \[0, 9\]"),
+        ({"data": np.zeros((4, 3072), np.uint8)}, "no 'labels' entry"),
+        ([1, 2, 3], "expected a dict"),
+    ],
+)
+def test_cifar_invalid_batch_contents(cifar10_dir, batch, problem):
+    path = cifar10_dir / "cifar-10-batches-py" / "test_batch"
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with pytest.raises(CifarlensError, match=rf"corrupt CIFAR-10 file .*test_batch: .*{problem}"):
+        load_dataset("cifar10", cifar10_dir, download=False)
+
+
+class _Exploit:
+    """Unpickling this calls ``func(arg)``."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return (self.func, (self.arg,))
+
+
+@pytest.mark.parametrize("func", [os.system, eval], ids=["os.system", "builtins.eval"])
+def test_malicious_pickle_is_refused(cifar10_dir, tmp_path, func):
+    marker = tmp_path / "pwned"
+    arg = f"touch {marker}" if func is os.system else f"open({str(marker)!r}, 'w').close()"
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({"data": _Exploit(func, arg), "labels": []}, f, protocol=2)
+    with pytest.raises(CifarlensError, match=r"refusing to load .*data_batch_1.*possibly malicious"):
+        load_dataset("cifar10", cifar10_dir, download=False)
+    assert not marker.exists()
+
+
+def test_unpickler_allows_numpy_arrays_only():
+    array = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    for protocol in (2, 3, 4):  # protocol 5 uses numpy._core.numeric._frombuffer, never in CIFAR files
+        blob = pickle.dumps({b"data": array, "x": np.float64(1.5)}, protocol=protocol)
+        loaded = NumpyOnlyUnpickler(io.BytesIO(blob), encoding="latin1").load()
+        np.testing.assert_array_equal(loaded[b"data"], array)
+        assert loaded["x"] == 1.5
+    with pytest.raises(pickle.UnpicklingError, match="collections.OrderedDict"):
+        NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(__import__("collections").OrderedDict(), protocol=2))).load()
+
+
+# ---------------------------------------------------------------------------
+# Downloads (this machine is offline; the network is also faked so the tests never download)
+# ---------------------------------------------------------------------------
+
+
+def _fake_offline(monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+
+
+def test_cifar_download_offline_fails_fast(tmp_path, monkeypatch):
+    _fake_offline(monkeypatch)
+    data_dir = tmp_path / "new" / "dir"
+    start = time.monotonic()
+    with pytest.raises(CifarlensError, match=r"could not download CIFAR-10 \(.*\); put cifar-10-python.tar.gz") as e:
+        load_dataset("cifar10", data_dir, download=True)
+    assert time.monotonic() - start < 5
+    assert "\n" not in str(e.value) and "https://www.cs.toronto.edu/~kriz/cifar.html" in str(e.value)
+    assert data_dir.is_dir() and list(data_dir.iterdir()) == []  # created, no partial files left
+
+
+def test_download_stops_waiting_for_a_hanging_connection(tmp_path, monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(3)
+        raise OSError("too late")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setattr(base, "CONNECT_TIMEOUT_S", 0.3)
+    start = time.monotonic()
+    with pytest.raises(CifarlensError, match=r"could not download CIFAR-100 \(no connection to www.cs.toronto.edu:443"):
+        load_dataset("cifar100", tmp_path, download=True)
+    assert time.monotonic() - start < 2
+
+
+def test_fashion_download_offline_fails_fast(tmp_path, monkeypatch):
+    _fake_offline(monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(CifarlensError, match="could not download Fashion-MNIST") as e:
+        load_dataset("fashion-mnist", tmp_path, download=True)
+    assert time.monotonic() - start < 5
+    assert "apt-get install dataset-fashion-mnist" in str(e.value)
+    assert "--data-dir /usr/share/datasets/fashion-mnist" in str(e.value)
+    assert list((tmp_path / "FashionMNIST" / "raw").iterdir()) == []
+
+
+def _host_resolves(host: str) -> bool:
+    try:
+        base._check_reachable(f"https://{host}/", timeout=3)
+        return True
+    except OSError:
+        return False
+
+
+def test_real_offline_download_fails_within_30s(tmp_path):
+    """The real network path, without fakes; skipped where a download could actually start."""
+    if _host_resolves("www.cs.toronto.edu"):
+        pytest.skip("online: a real download of CIFAR-10 (170 MB) would start")
+    start = time.monotonic()
+    with pytest.raises(CifarlensError, match="could not download CIFAR-10"):
+        load_dataset("cifar10", tmp_path, download=True)
+    assert time.monotonic() - start < 30
+
+
+# ---------------------------------------------------------------------------
+# Fashion-MNIST
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "gz, layout", [(True, "flat"), (False, "flat"), (True, "torchvision"), (False, "torchvision"), (True, "fashion-mnist")]
+)
+def test_fashion_mnist_layouts(tmp_path, gz, layout):
+    data = make_fashion_mnist(tmp_path, n_train=30, n_test=20, gz=gz, layout=layout)
+    ds = load_dataset("fashion-mnist", tmp_path, download=False)
+    assert ds.train.images.shape == (30, 1, 28, 28) and ds.test.images.shape == (20, 1, 28, 28)
+    assert_split(ds.train, data.train_images, data.train_labels)
+    assert_split(ds.test, data.test_images, data.test_labels)
+    assert ds.info.classes == FASHION_CLASSES and ds.info.in_channels == 1 and ds.info.image_size == 28
+
+
+def test_fashion_fixture_and_pixel_position(fashion_dir):
+    ds = load_dataset("fashion-mnist", fashion_dir, download=False)
+    assert len(ds.train) == 200 and len(ds.test) == 50
+    images = np.zeros((2, 28, 28), np.uint8)
+    images[1, 3, 25] = 250  # y=3, x=25
+    write_idx(fashion_dir / "t10k-images-idx3-ubyte", images, gz=True)
+    write_idx(fashion_dir / "t10k-labels-idx1-ubyte", np.array([0, 9]), gz=True)
+    test = load_dataset("fashion-mnist", fashion_dir, download=False).test
+    assert test.images[1, 0, 3, 25] == 250 and int(test.images.sum()) == 250
+    assert test.labels.tolist() == [0, 9]
+
+
+def test_fashion_resize(fashion_dir):
+    ds = load_dataset("fashion-mnist", fashion_dir, download=False, image_size=32)
+    assert ds.train.images.shape == (200, 1, 32, 32) and ds.info.image_size == 32
+
+
+def test_fashion_missing_file(fashion_dir):
+    (fashion_dir / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(CifarlensError, match=r"t10k-labels-idx1-ubyte\[.gz\] missing .*apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", fashion_dir, download=False)
+
+
+def test_fashion_bad_magic(fashion_dir):
+    write_idx(fashion_dir / "train-labels-idx1-ubyte", np.zeros((200, 2, 2), np.uint8), gz=True)  # magic 0x803
+    with pytest.raises(CifarlensError, match=r"train-labels-idx1-ubyte.gz: magic number 0x00000803, expected 0x00000801"):
+        load_dataset("fashion-mnist", fashion_dir, download=False)
+
+
+def test_fashion_truncated_files(tmp_path):
+    make_fashion_mnist(tmp_path, n_train=20, n_test=10, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CifarlensError, match=r"corrupt IDX file .*train-images-idx3-ubyte: .*truncated"):
+        load_dataset("fashion-mnist", tmp_path, download=False)
+
+
+def test_fashion_truncated_gz(fashion_dir):
+    path = fashion_dir / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CifarlensError, match=r"corrupt IDX file .*t10k-images-idx3-ubyte.gz"):
+        load_dataset("fashion-mnist", fashion_dir, download=False)
+
+
+def test_fashion_label_count_and_range(fashion_dir):
+    write_idx(fashion_dir / "train-labels-idx1-ubyte", np.zeros(199, np.uint8), gz=True)
+    with pytest.raises(CifarlensError, match="199 labels for the 200 images"):
+        load_dataset("fashion-mnist", fashion_dir, download=False)
+    write_idx(fashion_dir / "train-labels-idx1-ubyte", np.full(200, 10, np.uint8), gz=True)
+    with pytest.raises(CifarlensError, match=r"label 10 is not in \[0, 9\]"):
+        load_dataset("fashion-mnist", fashion_dir, download=False)
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_and_its_statistics():
+    if not (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"no Fashion-MNIST in {FASHION_SYSTEM_DIR} (apt-get install dataset-fashion-mnist)")
+    ds = load_dataset("fashion-mnist", FASHION_SYSTEM_DIR, download=False)
+    assert ds.train.images.shape == (60000, 1, 28, 28) and ds.test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(ds.train.labels).tolist() == [6000] * 10
+    mean, std = channel_stats(ds.train.images)
+    assert mean == pytest.approx(fashion_mnist.INFO.mean, abs=1e-3)
+    assert std == pytest.approx(fashion_mnist.INFO.std, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------
+
+
+def test_imagefolder_fixture_mixed_formats(imagefolder_dir):
+    ds = load_dataset("imagefolder", imagefolder_dir)
+    assert ds.train.images.shape == (200, 3, 32, 32) and ds.test.images.shape == (50, 3, 32, 32)
+    assert ds.train.images.dtype == torch.uint8 and ds.val is None
+    assert ds.info.name == "imagefolder" and ds.info.hflip and ds.info.in_channels == 3 and ds.info.image_size == 32
+    assert ds.info.classes == tuple(f"class_{k}" for k in range(10))
+    assert torch.bincount(ds.train.labels).tolist() == [20] * 10
+    assert (ds.info.mean, ds.info.std) == channel_stats(ds.train.images)
+
+
+def test_imagefolder_labels_follow_sorted_classes(tmp_path):
+    data = make_imagefolder(tmp_path, classes=("zebra", "ant", "moth"), n_per_class=3, n_test_per_class=2)
+    ds = load_dataset("imagefolder", tmp_path)
+    assert ds.info.classes == ("ant", "moth", "zebra")
+    np.testing.assert_array_equal(ds.train.labels.numpy(), data.train_labels)
+    np.testing.assert_array_equal(ds.test.labels.numpy(), data.test_labels)
+
+
+def _one_image_per_class(root: Path, images: dict[str, tuple[np.ndarray, str]]) -> None:
+    """root/{train,test}/<class>/img.<fmt> for each class -> (rgb array, format)."""
+    for split in ("train", "test"):
+        for name, (rgb, fmt) in images.items():
+            save_image(root / split / name / "img", rgb, fmt)
+
+
+def test_imagefolder_exact_pixel_position(tmp_path):
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[3, 4] = (10, 20, 30)  # y=3, x=4
+    _one_image_per_class(tmp_path, {"a": (a, "png"), "b": (a, "bmp")})
+    images = load_dataset("imagefolder", tmp_path).train.images
+    for i in range(2):
+        assert images[i, :, 3, 4].tolist() == [10, 20, 30]
+        assert int(images[i].sum()) == 60
+
+
+def test_imagefolder_modes_are_converted_to_rgb(tmp_path):
+    colour = np.zeros((32, 32, 3), np.uint8)
+    colour[:, :16] = (200, 40, 90)
+    colour[:, 16:] = (10, 250, 0)
+    gray = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # values 0..248 along x
+    _one_image_per_class(
+        tmp_path,
+        {
+            "rgba": (colour, "png-rgba"),  # alpha dropped, colours kept
+            "gif": (colour, "gif"),  # palette image
+            "jpeg": (colour, "jpeg"),
+            "webp": (colour, "webp"),
+            "tiff": (colour, "tiff"),
+        },
+    )
+    for name, values in {"l": gray, "i16": gray}.items():
+        for split in ("train", "test"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            if name == "l":
+                Image.fromarray(values).save(folder / "img.png")
+            else:  # 16-bit PNG: 8-bit v stored as v * 257 (65535 for 255)
+                Image.fromarray(values.astype(np.uint16) * 257).save(folder / "img.png")
+    ds = load_dataset("imagefolder", tmp_path)
+    images = {name: ds.train.images[i].permute(1, 2, 0).numpy() for i, name in enumerate(ds.info.classes)}  # (H, W, 3)
+    for name in ("rgba", "gif", "webp", "tiff"):
+        np.testing.assert_array_equal(images[name], colour, err_msg=name)
+    away_from_edge = np.r_[0:12, 20:32]  # JPEG chroma subsampling blurs the colour edge at x = 16
+    assert np.abs(images["jpeg"].astype(int) - colour)[:, away_from_edge].max() <= 6
+    for name in ("l", "i16"):
+        np.testing.assert_array_equal(images[name], np.repeat(gray[..., None], 3, axis=2), err_msg=name)
+
+
+def test_imagefolder_16bit_extremes(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16).repeat(4, axis=0)  # -> 0, 1, 128, 255
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(values).save(tmp_path / split / name / "x.png")
+    img = load_dataset("imagefolder", tmp_path, image_size=4).train.images[0]
+    assert Image.open(tmp_path / "train" / "a" / "x.png").mode.startswith("I")
+    assert img[:, 0].tolist() == [[0, 1, 128, 255]] * 3
+
+
+def test_imagefolder_resize_and_val(tmp_path):
+    data = make_imagefolder(
+        tmp_path, classes=("a", "b"), n_per_class=4, n_test_per_class=2, n_val_per_class=3, sizes=((64, 48), (20, 30))
+    )
+    ds = load_dataset("imagefolder", tmp_path, image_size=16)
+    assert ds.train.images.shape == (8, 3, 16, 16) and ds.info.image_size == 16
+    assert ds.val is not None and ds.val.images.shape == (6, 3, 16, 16)
+    np.testing.assert_array_equal(ds.val.labels.numpy(), data.val_labels)
+    flat = np.full((48, 64, 3), (5, 100, 220), np.uint8)
+    save_image(tmp_path / "train" / "a" / "zzz", flat, "png")
+    resized = load_dataset("imagefolder", tmp_path, image_size=16).train.images[4]  # last file of class a
+    assert resized.permute(1, 2, 0).reshape(-1, 3).unique(dim=0).tolist() == [[5, 100, 220]]
+
+
+def test_imagefolder_all_formats_known():
+    from cifarlens.data.imagefolder import IMG_EXTENSIONS
+    from torchvision.datasets.folder import IMG_EXTENSIONS as TV_EXTENSIONS
+
+    assert set(TV_EXTENSIONS) | {".gif"} <= IMG_EXTENSIONS
+    assert len(IMAGE_FORMATS) >= 9
+
+
+def test_imagefolder_class_mismatch(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=2, n_test_per_class=1, junk=False)
+    save_image(tmp_path / "test" / "c" / "x", np.zeros((8, 8, 3), np.uint8), "png")
+    with pytest.raises(CifarlensError, match=r"test has classes that train/ lacks: c"):
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_imagefolder_empty_class(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=2, n_test_per_class=1)
+    (tmp_path / "train" / "empty").mkdir()
+    (tmp_path / "train" / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(CifarlensError, match=r"class folder .*empty has no images"):
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_imagefolder_missing_folders(tmp_path):
+    with pytest.raises(CifarlensError, match="does not exist"):
+        load_dataset("imagefolder", tmp_path / "nope")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(CifarlensError, match="no test/ folder"):
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_imagefolder_unreadable_image(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=2, n_test_per_class=1, formats=("png",))
+    (tmp_path / "test" / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(CifarlensError, match=r"cannot read image .*broken.jpg"):
+        load_dataset("imagefolder", tmp_path)
+    png = tmp_path / "test" / "b" / "broken.jpg"
+    png.unlink()
+    good = tmp_path / "train" / "a" / "000.png"
+    good.write_bytes(good.read_bytes()[:60])  # truncated PNG
+    with pytest.raises(CifarlensError, match=r"cannot read image .*000.png"):
+        load_dataset("imagefolder", tmp_path)
+
+
+@pytest.mark.parametrize("max_pixels", [600, 100], ids=["warning-range", "error-range"])
+def test_imagefolder_decompression_bomb(tmp_path, monkeypatch, max_pixels):
+    make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=1, n_test_per_class=1, formats=("png",), sizes=((32, 32),))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", max_pixels)  # 32*32 = 1024 pixels
+    with pytest.raises(CifarlensError, match=r"refusing to decode .*\.png"):
+        load_dataset("imagefolder", tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# channel_stats
+# ---------------------------------------------------------------------------
+
+
+def test_channel_stats_hand_computed():
+    images = torch.zeros((2, 2, 1, 2), dtype=torch.uint8)  # (N=2, C=2, H=1, W=2)
+    images[:, 0] = torch.tensor([[[0, 255]], [[255, 255]]], dtype=torch.uint8)  # channel 0: 0, 255, 255, 255
+    images[:, 1] = 51  # channel 1: constant 0.2
+    mean, std = channel_stats(images)
+    assert mean == pytest.approx((0.75, 0.2), abs=1e-12)
+    assert std == pytest.approx((np.sqrt(0.75 * 0.25), 0.0), abs=1e-12)  # population std of {0,1,1,1}
+
+
+def test_channel_stats_matches_float64_for_any_chunk():
+    images = torch.randint(0, 256, (37, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    for chunk in (1, 8, 1000):
+        mean, std = channel_stats(images, chunk=chunk)
+        assert mean == pytest.approx(tuple(x.mean(1).tolist()), abs=1e-12)
+        assert std == pytest.approx(tuple(x.std(1, correction=0).tolist()), abs=1e-12)
+    with pytest.raises(ValueError):
+        channel_stats(images.float())

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from cifarlens.data.split import stratified_split
+from cifarlens.errors import CifarlensError
+
+
+def test_split_is_stratified_disjoint_complete_and_seeded():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    train, val = stratified_split(labels, 0.1, seed=3)
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(100))
+    assert torch.bincount(labels[val]).tolist() == [5, 3, 2]
+    again_train, again_val = stratified_split(labels, 0.1, seed=3)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    _, other_val = stratified_split(labels, 0.1, seed=4)
+    assert not torch.equal(val, other_val)
+
+
+def test_every_class_keeps_a_sample_on_both_sides():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    train, val = stratified_split(labels, 0.05, seed=0)
+    assert set(labels[val].tolist()) == {0, 1, 2}
+    assert set(labels[train].tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_bad_fraction(fraction):
+    with pytest.raises(CifarlensError, match="val_fraction"):
+        stratified_split(torch.tensor([0, 1]), fraction, seed=0)
