@@ -1,77 +1,81 @@
 """Reading any common image into a uint8 tensor of the model's shape.
 
-Used by the imagefolder reader, ``predict`` and the web app, so every path treats
-16-bit, palette, transparent and grayscale images the same way.
+The one image decoder of cifarlens: the imagefolder reader, ``predict`` and the web
+app all use it, so 16-bit, palette, transparent and grayscale images are treated the
+same way in training and at inference.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from cifarlens.errors import CifarlensError
 
-# Decompression-bomb guard: refuse images with more pixels than this (PIL warns at 89 M).
+# Decompression-bomb guard, checked from the header before any pixel is decoded (thread-safe,
+# unlike PIL's warning filter). PIL itself refuses images over 2 x MAX_IMAGE_PIXELS.
 MAX_PIXELS = 40_000_000
 
 ImageSource = Union[str, Path, bytes, Image.Image]
 
 
-def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to "RGB" (channels=3) or "L" (channels=1)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit grey: scale the actual range to 8 bits instead of clipping at 255
-        array = np.asarray(image, dtype=np.float64)
-        hi = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        if image.mode == "F":
-            hi = 1.0 if array.max() <= 1.0 else float(array.max())
-        image = Image.fromarray(np.clip(array / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Composite transparent pixels on white: their stored colour is often meaningless black.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB" if channels == 3 else "L")
+def to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> "RGB" (channels=3) or "L" (channels=1).
+
+    High-bit-depth grey is scaled, not clipped: 16-bit 0..65535 -> 0..255 by x/257;
+    32-bit float is taken as [0, 1] when it fits there, else as [0, 255]. Alpha is
+    dropped, as torchvision's default loader does.
+    """
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8))
+    elif im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if np.nanmax(a, initial=0.0) <= 1.0:
+            a = a * 255.0
+        im = Image.fromarray(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8))
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow asks palette transparency to go through RGBA
+    return im.convert("RGB" if channels == 3 else "L")
 
 
-def open_image(source: ImageSource) -> Image.Image:
-    """Open a path, bytes or PIL image; the first frame of animations; EXIF rotation applied."""
-    if isinstance(source, Image.Image):
-        return source
-    name = "upload" if isinstance(source, bytes) else str(source)
+def load_image(source: ImageSource, channels: int, size: int, name: str | None = None) -> torch.Tensor:
+    """A path, bytes or PIL image -> uint8 tensor (channels, size, size).
+
+    First frame of animations, EXIF orientation applied, resized (bilinear, antialiased
+    when shrinking; aspect ratio not kept). Raises CifarlensError naming ``name`` (or the
+    path) when the image cannot be decoded or is too large.
+    """
+    name = name or ("upload" if isinstance(source, bytes) else str(source))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            if image.width * image.height > MAX_PIXELS:
-                raise CifarlensError(
-                    f"{name}: image of {image.width}x{image.height} pixels is too large (limit {MAX_PIXELS:,} pixels)"
-                )
-            image.seek(0)
-            image.load()  # decode now, so truncated files fail here
-        return ImageOps.exif_transpose(image)
+        if isinstance(source, Image.Image):
+            im = source
+        else:
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
+        if im.width * im.height > limit:
+            raise CifarlensError(
+                f"refusing to decode {name}: {im.width}x{im.height} pixels is over the limit of {limit:,}"
+            )
+        im.seek(0)  # first frame of GIF/WebP/TIFF animations and multi-page files
+        im = ImageOps.exif_transpose(im)
+        im = to_mode(im, channels)
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        array = np.asarray(im, dtype=np.uint8)
     except CifarlensError:
         raise
     except FileNotFoundError:
         raise CifarlensError(f"image {name} not found") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CifarlensError(f"{name}: image is too large (decompression bomb guard)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CifarlensError(f"cannot read image {name}: {str(err).splitlines()[0] if str(err) else 'not an image'}") from None
-
-
-def load_image(source: ImageSource, channels: int, size: int) -> torch.Tensor:
-    """Any image -> uint8 tensor (channels, size, size), resized with antialiasing."""
-    image = to_mode(open_image(source), channels)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    array = np.asarray(image, dtype=np.uint8)
+    except Image.DecompressionBombError as err:
+        raise CifarlensError(f"refusing to decode {name}: {err}") from None
+    except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
+        raise CifarlensError(f"cannot read image {name} ({type(err).__name__}: {err}); is it an image file?") from None
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (C, H, W)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)

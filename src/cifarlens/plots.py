@@ -4,8 +4,8 @@ Figures are built with ``matplotlib.figure.Figure`` directly rather than through
 ``pyplot``: nothing is registered in pyplot's global figure list, so there is
 nothing to close or leak, no GUI backend is ever needed, and plotting from the
 web app's worker threads is safe. Saving to PNG uses the Agg renderer. Agg is
-also made pyplot's backend at import unless one was chosen explicitly
-(``MPLBACKEND`` or ``matplotlib.use``), so headless machines never try a GUI.
+also made pyplot's backend at import unless one was already chosen
+(``MPLBACKEND``, ``matplotlib.use``, matplotlibrc, or an imported pyplot).
 """
 
 from __future__ import annotations
@@ -19,16 +19,23 @@ from typing import Any, Sequence
 
 import matplotlib
 
-# Respect a backend someone chose (env var, or pyplot already imported, e.g. in a notebook).
-if "MPLBACKEND" not in os.environ and "matplotlib.pyplot" not in sys.modules:
-    matplotlib.use("Agg")
+
+def _backend_chosen() -> bool:
+    # MPLBACKEND is how Jupyter selects its inline backend; rcParams holds matplotlib.use()
+    # or a matplotlibrc choice; an imported pyplot may already have resolved one.
+    get = getattr(matplotlib.rcParams, "_get_backend_or_none", lambda: None)  # private, mpl >= 3.8
+    return "MPLBACKEND" in os.environ or get() is not None or "matplotlib.pyplot" in sys.modules
+
+
+if not _backend_chosen():
+    matplotlib.use("Agg")  # headless by default: never try to open a GUI
 
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from cifarlens.metrics import row_normalize  # noqa: E402
@@ -69,7 +76,7 @@ def _panel_size(num_classes: int) -> float:
 
 
 def plot_confusion_matrix(
-    cm: Tensor | np.ndarray,
+    cm: Tensor | np.ndarray | Sequence[Sequence[int]],
     class_names: Sequence[str],
     path: str | os.PathLike,
     title: str | None = None,
@@ -79,7 +86,7 @@ def plot_confusion_matrix(
     Rows are true labels, columns predictions. Cells carry numbers only up to
     20 classes; beyond that every class name is still shown, in small type.
     """
-    counts = np.asarray(cm.cpu() if isinstance(cm, Tensor) else cm).astype(np.int64)  # (C, C)
+    counts = np.asarray(cm.detach().cpu() if isinstance(cm, Tensor) else cm).astype(np.int64)  # (C, C)
     n = counts.shape[0]
     if counts.shape != (n, n) or len(class_names) != n:
         raise ValueError(f"{len(class_names)} class names for a confusion matrix of shape {counts.shape}")
@@ -134,7 +141,8 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
         v = row.get(key)
         if v is None or not math.isfinite(float(v)):
             continue
-        xs.append(float(row.get("epoch", i + 1)))
+        epoch = row.get("epoch")
+        xs.append(float(i + 1 if epoch is None else epoch))
         ys.append(float(v))
     return xs, ys
 
@@ -152,27 +160,32 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         ("accuracy", ("train_acc", "val_acc")),
         ("learning rate", ("lr",)),
     )
+    colors = {"train": "C0", "val": "C1", "lr": "C2"}  # the same split has the same colour in every panel
     for ax, (ylabel, keys) in zip(axes, panels):
-        drawn = 0
+        epochs: set[float] = set()
         for key in keys:
             xs, ys = _series(history, key)
             if not xs:
                 continue
+            epochs.update(xs)
+            split = key.split("_")[0]
             # Markers keep a single-epoch history visible; they get in the way for long runs.
             marker = "o" if len(xs) <= 30 else None
-            ax.plot(xs, ys, marker=marker, markersize=4, label=key.split("_")[0] if len(keys) > 1 else key)
-            drawn += 1
-            if key == "lr":
-                positive = [y for y in ys if y > 0]
-                if positive and max(positive) / min(positive) > 10 and len(positive) == len(ys):
-                    ax.set_yscale("log")
-        if drawn == 0:
+            ax.plot(xs, ys, marker=marker, markersize=4, color=colors[split], label=split)
+            if key == "lr" and min(ys) > 0 and max(ys) / min(ys) > 10:
+                ax.set_yscale("log")
+        if not epochs:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
         elif len(keys) > 1:
             ax.legend()
+        if epochs and max(epochs) - min(epochs) < 2:
+            # A locator given one or two epochs invents fractional ticks; show the epochs themselves.
+            ax.set_xticks(sorted(epochs))
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(ylabel)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
     return save_figure(fig, path)

@@ -11,16 +11,14 @@ training images.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from cifarlens.data.base import DATASETS, DatasetInfo, LoadedDataset, Split, check_image_size
 from cifarlens.data.stats import channel_stats
 from cifarlens.errors import CifarlensError
+from cifarlens.images import load_image
 
 DEFAULT_IMAGE_SIZE = 32
 # torchvision.datasets.folder.IMG_EXTENSIONS plus .gif
@@ -49,54 +47,12 @@ def _image_files(class_dir: Path) -> list[Path]:
     return sorted(files)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, mapping high-bit-depth grayscale to 8 bits by scaling, not clipping."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grayscale (PNG, TIFF, PGM); "I" is how older Pillow opens 16-bit PNGs.
-        # 0..65535 -> 0..255 by x/257, so 65535 -> 255 and 257*k -> k.
-        a = np.asarray(im).astype(np.float64)
-        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
-    if im.mode == "F":
-        # 32-bit float: taken as [0, 1] when it fits there, else as [0, 255].
-        a = np.asarray(im).astype(np.float64)
-        if np.nanmax(a, initial=0.0) <= 1.0:
-            a = a * 255.0
-        a = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")  # Pillow asks palette transparency to go through RGBA
-    # Alpha is dropped, as torchvision's default loader does.
-    return im.convert("RGB")
-
-
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode one image file to an (size, size, 3) uint8 array; CifarlensError if unreadable."""
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.seek(0)  # first frame of GIF/WebP/TIFF animations and multi-page files
-                im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(im)
-                if rgb.size != (size, size):
-                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(rgb, dtype=np.uint8)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise CifarlensError(
-            f"refusing to decode {path}: {e}; shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
-        ) from e
-    except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
-        raise CifarlensError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from e
-
-
 def _read_split(files: list[tuple[Path, int]], size: int) -> Split:
-    images = np.empty((len(files), size, size, 3), dtype=np.uint8)  # (N, H, W, C) while decoding
+    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)  # (N, 3, S, S)
     for i, (path, _) in enumerate(files):
-        images[i] = load_image(path, size)
+        images[i] = load_image(path, 3, size)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)  # (N, 3, S, S)
+    return Split(images, labels)
 
 
 def _list_split(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
