@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,7 +53,8 @@ class Precision:
     @classmethod
     def for_device(cls, device: torch.device, amp: bool, channels_last: bool) -> "Precision":
         if device.type != "cuda":
-            return cls(device)  # CPU autocast is slower than fp32 for convolutions
+            # CPU: fp32 (autocast to bf16 is slower without AMX); channels_last helps oneDNN convolutions
+            return cls(device, None, channels_last)
         dtype = None
         if amp:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -91,7 +91,7 @@ def train_one_epoch(
     model.train()
     total_loss = torch.zeros((), device=precision.device)
     total_correct = torch.zeros((), device=precision.device)
-    seen = 0
+    seen, lr = 0, optimizer.param_groups[0]["lr"]
     for step, (images, labels) in enumerate(_progress(loader, len(loader), desc)):
         with precision.autocast():
             logits = model(precision.prepare(images))
@@ -106,6 +106,7 @@ def train_one_epoch(
         if grad_clip > 0:
             precision.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step used
         precision.scaler.step(optimizer)
         precision.scaler.update()
         if scheduler is not None and scheduler.per_step:
@@ -114,7 +115,8 @@ def train_one_epoch(
         total_loss += loss.detach() * labels.shape[0]
         total_correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
-    return {"train_loss": total_loss.item() / max(seen, 1), "train_acc": total_correct.item() / max(seen, 1)}
+    return {"train_loss": total_loss.item() / max(seen, 1), "train_acc": total_correct.item() / max(seen, 1),
+            "lr": lr}  # lr of the epoch's last step
 
 
 @torch.no_grad()
@@ -183,8 +185,7 @@ def fit(
     for epoch in range(state.epoch, cfg.epochs):
         start = time.perf_counter()
         set_epoch_seed(train_loader, cfg.seed, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch + 1, "lr": lr}
+        row = {"epoch": epoch + 1}
         row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
                                desc=f"epoch {epoch + 1}/{cfg.epochs}")
@@ -202,7 +203,7 @@ def fit(
             state.bad_epochs += 1
         log(
             f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
-            f"val_loss {val['loss']:.4f}  val_acc {val['acc']:.2%}  lr {lr:.3g}  {row['seconds']:.1f}s"
+            f"val_loss {val['loss']:.4f}  val_acc {val['acc']:.2%}  lr {row['lr']:.3g}  {row['seconds']:.1f}s"
             + ("  *best*" if improved else "")
         )
         if cfg.early_stopping and state.bad_epochs >= cfg.early_stopping:

@@ -109,7 +109,7 @@ def topk_accuracy(logits_or_probs: Tensor, labels: Tensor, k: int) -> float:
 
     ``logits_or_probs`` is (N, C); k larger than C counts every sample as a hit.
     """
-    scores = logits_or_probs.detach().to("cpu", torch.float32)
+    scores = logits_or_probs.detach().to("cpu", torch.float64)
     labels = labels.detach().reshape(-1).to("cpu", torch.int64)
     if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
         raise ValueError(f"expected scores (N, C) and labels (N,), got {tuple(scores.shape)} and {tuple(labels.shape)}")
