@@ -135,10 +135,19 @@ def cmd_list(args) -> int:
     return 0
 
 
+# Other subcommands live beside the feature they expose; each module has
+# ``add_commands(sub)`` that adds its parsers with ``set_defaults(func=...)``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="cifarlens", description=__doc__.split(":")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
 
     p = sub.add_parser("evaluate", help="evaluate a run's best weights on the test (or val) split")
     p.add_argument("run_dir")
