@@ -29,10 +29,16 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cifarlens.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def tiny_cfg(data_dir: Path, **train) -> RunConfig:
+TINY_MODELS = {
+    "lensnet": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+    "fastnet": {"name": "fastnet_cpu", "kwargs": {"widths": [8, 16]}},
+}
+
+
+def tiny_cfg(data_dir: Path, model: str = "lensnet", **train) -> RunConfig:
     return merge(RunConfig(), {
         "data": {"dataset": "fashion-mnist", "data_dir": str(data_dir), "download": False},
-        "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+        "model": TINY_MODELS[model],
         "train": {"batch_size": 32, "epochs": 3, **train},
     })
 
@@ -109,10 +115,12 @@ def test_predict_cli_and_python_api(fashion_run, tmp_path, capsys):
     assert [p.labels[0] for p in run.predict(paths)] == [r["top"][0]["label"] for r in result]
 
 
-def test_resume_after_interruption_ends_where_an_uninterrupted_run_would(tmp_path):
+@pytest.mark.parametrize("model, recipe", [("lensnet", "modern"), ("lensnet", "reference"), ("fastnet", "fast")])
+def test_resume_after_interruption_ends_where_an_uninterrupted_run_would(tmp_path, model, recipe):
     data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)
     full = tmp_path / "full"
-    train(tiny_cfg(data.data_dir), full)
+    cfg = tiny_cfg(data.data_dir, model, recipe=recipe)
+    train(cfg, full)
 
     def stop_after_two(state, model):
         if state.epoch == 2:
@@ -120,7 +128,7 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_would(tmp_pat
 
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(data.data_dir), cut, on_epoch_end=stop_after_two)
+        train(cfg, cut, on_epoch_end=stop_after_two)
     assert json.loads((cut / "run.json").read_text())["status"] == "interrupted"
     assert main(["train", "--resume", str(cut)]) == 0  # the CLI path a user takes
 

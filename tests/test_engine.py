@@ -91,3 +91,45 @@ def test_cuda_mixed_precision_training_step():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     out = engine.train_one_epoch(model, loader, optimizer, None, precision)
     assert math.isfinite(out["train_loss"])
+
+
+def test_flip_tta_averages_the_logits_of_both_orientations():
+    model = create_model("lensnet_light", 4, 1, widths=[4], depths=[1]).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(3))) / 2
+        assert torch.allclose(engine.forward_tta(model, x, True), expected, atol=1e-6)
+        assert torch.equal(engine.forward_tta(model, x, False), model(x))
+        # invariant to mirroring the input, which plain logits are not
+        assert torch.allclose(engine.forward_tta(model, x.flip(3), True), expected, atol=1e-5)
+
+
+def test_patch_whitening_decorrelates_training_patches():
+    torch.manual_seed(0)
+    # correlated input: smooth images, so neighbouring pixels are strongly correlated
+    images = torch.nn.functional.avg_pool2d(torch.randn(256, 3, 34, 34), 3, stride=1)
+    model = create_model("fastnet_cpu", 10, 3)
+    model.data_init(images)
+    assert not model.whiten.weight.requires_grad  # frozen after initialisation
+    out = model.whiten(images)[:, :12]  # the 12 "+" filters; the other 12 are their negatives
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(flat)
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert torch.allclose(model.whiten(images)[:, 12:], -out)
+
+
+def test_ema_tracks_the_weights_with_its_decay():
+    from cifarlens.api import make_ema
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = make_ema(model, 0.9)
+    assert make_ema(model, 0.0) is None
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update_parameters(model)  # the first update copies
+    ema.update_parameters(model)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 0.9 * 1.0 + 0.1 * 2.0))

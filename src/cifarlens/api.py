@@ -16,7 +16,7 @@ from cifarlens.config import RunConfig, to_dict
 from cifarlens.data.augment import normalize
 from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data
-from cifarlens.engine import FitState, Precision, fit, predict_logits, resolve_device
+from cifarlens.engine import FitState, Precision, fit, forward_tta, predict_logits, resolve_device
 from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource, load_image
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
@@ -77,11 +77,15 @@ def train(
     tc = cfg.train
     train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data)
     val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device)
-    optimizer = build_optimizer(model.parameters(), tc)
+    if hasattr(model, "data_init") and not resume:  # e.g. FastNet's patch whitening
+        model.data_init(train_loader.transform(train_loader.images[:5000], torch.Generator(device).manual_seed(tc.seed)))
+    ema = make_ema(model, tc.ema_decay)
+    tta = tc.tta and info.hflip
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
     scheduler = build_scheduler(optimizer, tc, len(train_loader))
     state = FitState()
     if resume:
-        state = _restore(run, model, optimizer, scheduler, precision, device)
+        state = _restore(run, model, optimizer, scheduler, precision, device, ema)
         run.log(f"resuming {run.path} after epoch {state.epoch}/{tc.epochs}")
         run.write_meta(status="running")
     else:
@@ -90,8 +94,10 @@ def train(
                 f"recipe {tc.recipe}, {tc.epochs} epochs, device {device}")
     train_model = torch.compile(model) if tc.compile else model
 
+    eval_model = ema.module if ema is not None else model
+
     def save_best(state: FitState) -> None:
-        save_weights(unwrap_model(model).state_dict(), run.weights,
+        save_weights(unwrap_model(eval_model).state_dict(), run.weights,
                      {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name})
 
     def end_epoch(state: FitState) -> None:
@@ -99,14 +105,15 @@ def train(
         save_checkpoint(run.last_checkpoint, {
             "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-            "state": vars(state), "config": to_dict(cfg),
+            "ema": ema.state_dict() if ema is not None else None, "state": vars(state), "config": to_dict(cfg),
         })
         if on_epoch_end is not None:
             on_epoch_end(state, model)
 
     try:
         state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
-                    on_improvement=save_best, on_epoch_end=end_epoch, log=run.log, train_model=train_model)
+                    on_improvement=save_best, on_epoch_end=end_epoch, log=run.log, train_model=train_model,
+                    ema=ema, tta=tta)
     except BaseException as err:
         run.write_meta(status="diverged" if isinstance(err, CifarlensError) else "interrupted")
         raise
@@ -124,10 +131,21 @@ def train(
     return result
 
 
-def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, device) -> FitState:
+def make_ema(model: nn.Module, decay: float) -> nn.Module | None:
+    """An exponential moving average of the weights and buffers, or None when ``decay`` is 0."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, device, ema) -> FitState:
     ckpt = load_checkpoint(run.last_checkpoint, map_location=device)
     try:
         load_state_into(unwrap_model(model), ckpt["model"], run.last_checkpoint)
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         precision.scaler.load_state_dict(ckpt["scaler"])
@@ -163,7 +181,7 @@ def evaluate_run(
     data: Split = getattr(bundle, split)
     # Normalise with the run's own statistics (for imagefolder they came from its training data).
     loader = make_loader(data, loaded.info, EVAL_BATCH_SIZE, loaded.device)
-    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device))
+    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta)
     result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
     write_evaluation(run, split, result, logits, labels, loaded.info.classes)
     return result
@@ -213,6 +231,11 @@ class Run:
     def classes(self) -> tuple[str, ...]:
         return self.info.classes
 
+    @property
+    def tta(self) -> bool:
+        """Whether this run's predictions average the image and its mirror image (as its metrics did)."""
+        return bool(self.config.train.tta) and self.info.hflip
+
     def preprocess(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
         """Images (paths, bytes, PIL images) or a uint8 (B, C, H, W) tensor -> normalised float batch."""
         if not isinstance(images, Tensor):
@@ -222,7 +245,7 @@ class Run:
     @torch.no_grad()
     def predict_proba(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
         """Class probabilities (B, num_classes), softmax of the logits."""
-        return self.model.predict_proba(self.preprocess(images)).float().cpu()
+        return forward_tta(self.model, self.preprocess(images), self.tta).float().softmax(dim=1).cpu()
 
     def predict(self, images: Sequence[ImageSource] | Tensor, topk: int = 5) -> list[Prediction]:
         probs = self.predict_proba(images)

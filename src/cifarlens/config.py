@@ -58,6 +58,8 @@ class TrainConfig:
     plateau_patience: int | None = None  # ... after this many epochs without val-loss improvement
     early_stopping: int | None = None  # stop after this many epochs without val-loss improvement; 0 = off
     grad_clip: float | None = None  # max gradient norm; 0 = off
+    ema_decay: float | None = None  # exponential moving average of the weights per step; 0 = off
+    tta: bool | None = None  # evaluate on the image and its mirror image, averaging logits
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + grad scaler)

@@ -85,6 +85,7 @@ def train_one_epoch(
     *,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
+    ema: nn.Module | None = None,  # torch.optim.swa_utils.AveragedModel, updated every step
     desc: str = "train",
 ) -> dict:
     """One pass over ``loader``. Returns mean loss and accuracy over the epoch's samples."""
@@ -111,6 +112,8 @@ def train_one_epoch(
         precision.scaler.update()
         if scheduler is not None and scheduler.per_step:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         # Accumulate on the device: no host sync per step.
         total_loss += loss.detach() * labels.shape[0]
         total_correct += (logits.argmax(1) == labels).sum()
@@ -119,8 +122,16 @@ def train_one_epoch(
             "lr": lr}  # lr of the epoch's last step
 
 
+def forward_tta(model: nn.Module, x: Tensor, tta: bool) -> Tensor:
+    """Logits; with ``tta``, the mean of the logits of the images and of their mirror images."""
+    logits = model(x)
+    if tta:
+        logits = 0.5 * (logits + model(x.flip(3)))
+    return logits
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, precision: Precision) -> tuple[Tensor, Tensor]:
+def predict_logits(model: nn.Module, loader, precision: Precision, tta: bool = False) -> tuple[Tensor, Tensor]:
     """(logits (N, K) float32 on CPU, labels (N,) on CPU) over the whole loader, in order."""
     was_training = model.training
     model.eval()
@@ -128,7 +139,7 @@ def predict_logits(model: nn.Module, loader, precision: Precision) -> tuple[Tens
     try:
         for images, labels in loader:
             with precision.autocast():
-                logits = model(precision.prepare(images))
+                logits = forward_tta(model, precision.prepare(images), tta)
             all_logits.append(logits.float().cpu())
             all_labels.append(labels.cpu())
     finally:
@@ -136,9 +147,9 @@ def predict_logits(model: nn.Module, loader, precision: Precision) -> tuple[Tens
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(model: nn.Module, loader, precision: Precision) -> dict:
+def evaluate(model: nn.Module, loader, precision: Precision, tta: bool = False) -> dict:
     """Mean cross-entropy (without label smoothing) and accuracy over ``loader``."""
-    logits, labels = predict_logits(model, loader, precision)
+    logits, labels = predict_logits(model, loader, precision, tta)
     loss = F.cross_entropy(logits, labels).item()
     return {"loss": loss, "acc": (logits.argmax(1) == labels).float().mean().item()}
 
@@ -178,18 +189,21 @@ def fit(
     on_epoch_end: Callable[[FitState], None],
     log: Callable[[str], None] = print,
     train_model: nn.Module | None = None,  # e.g. torch.compile(model); defaults to model
+    ema: nn.Module | None = None,  # AveragedModel of model: validated and saved instead of model
+    tta: bool = False,
 ) -> FitState:
     """Train from ``state.epoch`` to ``cfg.epochs``; validation drives the plateau
     schedule, early stopping and the choice of the best weights."""
     train_model = train_model or model
+    eval_model = ema.module if ema is not None else model
     for epoch in range(state.epoch, cfg.epochs):
         start = time.perf_counter()
         set_epoch_seed(train_loader, cfg.seed, epoch)
         row = {"epoch": epoch + 1}
         row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
-                               label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+                               label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, ema=ema,
                                desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        val = evaluate(model, val_loader, precision)
+        val = evaluate(eval_model, val_loader, precision, tta)
         row |= {"val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - start}
         if scheduler is not None and not scheduler.per_step:
             scheduler.step(val["loss"])

@@ -1,0 +1,259 @@
+"""Exporting a run's best weights: ONNX (checked against PyTorch) and self-describing safetensors.
+
+``export_onnx`` writes ``model.onnx`` into the run folder (what ``serve --backend onnx``
+loads) and refuses to keep a file whose logits differ from PyTorch's by more than
+the tolerance, on a random batch and on real images. ``export_safetensors`` writes the
+weights plus a JSON sidecar (classes, mean/std, model name and options), everything
+needed to rebuild the model without the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cifarlens.errors import CifarlensError
+from cifarlens.images import ImageSource
+from cifarlens.io import atomic_write, atomic_write_json
+from cifarlens.runs import RunDir, info_to_dict
+
+# The torch.export-based exporter (torch >= 2.9's default; needs onnxscript) emits opset 18
+# natively. Asking it for 17 runs a version converter that has no Pad adapter (ResNets) and
+# then silently leaves the model at 18, so 18 is the honest default.
+DEFAULT_OPSET = 18
+# Max |logit(onnx) - logit(torch)|, relative to the largest |logit| when that is above 1:
+# float32 kernels differ in summation order (measured ~1e-6 on our models).
+ONNX_TOLERANCE = 1e-4
+ONNX_FILE = "model.onnx"
+METADATA_KEY = "cifarlens"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+CHECK_BATCH = 8  # images per verification batch
+PREPROCESSING = ("decode with cifarlens.images.load_image (RGB or L, first frame, EXIF), resize to "
+                 "image_size x image_size (bilinear), scale to [0, 1], then (x - mean) / std per channel")
+
+
+def weights_digest(run_dir: str | Path) -> str:
+    """sha256 of the weights a run serves, so an ONNX file can tell whether it is stale."""
+    run = RunDir(run_dir)
+    source = run.weights if run.weights.is_file() else run.last_checkpoint
+    if not source.is_file():
+        raise CifarlensError(f"{run.path} has no trained weights yet (model.safetensors); train it first")
+    h = hashlib.sha256()
+    with source.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_run(run) -> dict:
+    """What a consumer of exported weights needs: model name/options, classes, preprocessing."""
+    from cifarlens import __version__
+    from cifarlens.models import model_info
+
+    cfg = run.config
+    info = model_info(run.model)
+    metrics_file = run.path / "metrics.json"
+    test_metrics = None
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        test_metrics = {k: metrics[k] for k in ("accuracy", "top5_accuracy", "f1_macro", "split_size") if k in metrics}
+    return {
+        "format": "cifarlens-export",
+        "cifarlens_version": __version__,
+        "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs),
+                  "architecture": info["architecture"], "params": info["params"]},
+        "dataset": info_to_dict(run.info),
+        "preprocessing": PREPROCESSING,
+        "test_metrics": test_metrics,
+        "weights_sha256": weights_digest(run.path),
+    }
+
+
+# ---------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------
+
+
+def export_onnx(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    batch_dynamic: bool = True,
+    images: Sequence[ImageSource] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Path, float]:
+    """Export a run's best weights to ONNX (default ``RUN_DIR/model.onnx``); return (path, max |diff|).
+
+    The file is only written after onnxruntime's logits match PyTorch's within
+    ``ONNX_TOLERANCE`` on a random batch and on real images (``images``, else the
+    first test images of the run's dataset when it is still on disk, else random
+    uint8 images through the real preprocessing). Raises CifarlensError otherwise.
+    """
+    from cifarlens.api import load_run
+    from cifarlens.models import unwrap_model
+
+    log = log or (lambda line: None)
+    run = load_run(run_dir, device="cpu")
+    out = Path(out) if out is not None else run.path / ONNX_FILE
+    model = unwrap_model(run.model).eval()
+    c, s = run.info.in_channels, run.info.image_size
+    example = torch.zeros(2 if batch_dynamic else 1, c, s, s)  # torch.export specialises a size-1 dim
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if batch_dynamic else None
+
+    gen = torch.Generator().manual_seed(0)
+    real, real_source = _real_images(run, images)
+    batches = {"random normal": torch.randn(CHECK_BATCH, c, s, s, generator=gen),
+               real_source: run.preprocess(real).cpu()}
+    description = describe_run(run) | {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                                       "batch_dynamic": batch_dynamic}
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.onnx.export(model, (example,), str(tmp), dynamo=True, external_data=False, verbose=False,
+                              opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes=dynamic_shapes)
+        except Exception as err:  # the exporter raises many types; the user needs one line and the model name
+            raise CifarlensError(f"ONNX export of {run.config.model.name} failed ({type(err).__name__}: "
+                                 f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''})") from err
+        session = onnx_session(tmp)
+        worst, tol_used = 0.0, ONNX_TOLERANCE
+        for what, x in batches.items():
+            with torch.no_grad():
+                ref = model(x).float().numpy()  # (B, K) logits
+            got = run_onnx(session, x.numpy())
+            diff = float(np.abs(got - ref).max())
+            tol = ONNX_TOLERANCE * max(1.0, float(np.abs(ref).max()))
+            same_top1 = bool((got.argmax(1) == ref.argmax(1)).all())
+            log(f"onnx check on {len(x)} {what} inputs: max |logit diff| {diff:.2e} "
+                f"(tolerance {tol:.1e}), top-1 {'identical' if same_top1 else 'DIFFERS'}")
+            if not diff <= tol:  # also catches NaN
+                raise CifarlensError(f"the ONNX model's logits differ from PyTorch's by {diff:.3g} on {what} "
+                                     f"inputs (tolerance {tol:.1e}); not writing {out}")
+            worst, tol_used = max(worst, diff), max(tol_used, tol)
+        _add_metadata(tmp, description | {"max_abs_diff": worst, "tolerance": tol_used})
+
+    atomic_write(out, write)
+    log(f"wrote {out} (opset {opset}, {'dynamic' if batch_dynamic else 'fixed'} batch)")
+    return out, float(onnx_metadata(out)["max_abs_diff"])
+
+
+def _real_images(run, images: Sequence[ImageSource] | None) -> tuple[torch.Tensor | list, str]:
+    """A batch of real images for the check: given files, the dataset's test images, or random pixels."""
+    c, s = run.info.in_channels, run.info.image_size
+    if images:
+        return list(images), "given image"
+    from cifarlens.data import load_dataset
+
+    data = run.config.data
+    try:
+        test = load_dataset(data.dataset, data.data_dir, download=False, image_size=data.image_size).test
+        if tuple(test.images.shape[1:]) == (c, s, s) and len(test):
+            return test.images[:CHECK_BATCH], f"{data.dataset} test image"
+    except CifarlensError:
+        pass  # the dataset moved or was deleted: still check the real preprocessing path
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (CHECK_BATCH, c, s, s), dtype=torch.uint8, generator=gen), "random-pixel image"
+
+
+def onnx_session(path: str | Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise CifarlensError(f"{path} is not a loadable ONNX model ({str(err).strip()[:300]})") from None
+
+
+def run_onnx(session, x: np.ndarray) -> np.ndarray:
+    """Logits (B, K) for a normalised float batch (B, C, H, W); a fixed-batch model goes one image at a time."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    batch_dim = session.get_inputs()[0].shape[0]
+    if isinstance(batch_dim, int) and batch_dim != len(x):
+        return np.concatenate([session.run(None, {INPUT_NAME: x[i:i + 1]})[0] for i in range(len(x))])
+    return session.run(None, {INPUT_NAME: x})[0]
+
+
+def _add_metadata(path: Path, description: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(description)
+    onnx.save(model, str(path))
+
+
+def onnx_metadata(path: str | Path) -> dict:
+    """The ``describe_run`` record stored in an exported ONNX file ({} when absent)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf DecodeError and friends
+        raise CifarlensError(f"{path} is not an ONNX file ({type(err).__name__})") from None
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def onnx_is_current(run_dir: str | Path, path: str | Path | None = None) -> bool:
+    """Whether ``path`` (default RUN_DIR/model.onnx) exists and was exported from the run's current weights."""
+    path = Path(path) if path is not None else Path(run_dir) / ONNX_FILE
+    if not path.is_file():
+        return False
+    try:
+        return onnx_metadata(path).get("weights_sha256") == weights_digest(run_dir)
+    except CifarlensError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------
+
+
+def export_safetensors(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the run's best weights to ``out`` (default RUN_DIR/export/model.safetensors) plus ``out.json``.
+
+    The safetensors header and the JSON sidecar carry the same description (model
+    name and options, classes, mean/std, image size, test metrics), so either file
+    alone is enough to rebuild the model with ``load_exported``.
+    """
+    from cifarlens.api import load_run
+    from cifarlens.checkpoint import save_weights
+    from cifarlens.models import unwrap_model
+
+    run = load_run(run_dir, device="cpu")
+    out = Path(out) if out is not None else run.path / "export" / "model.safetensors"
+    if out.suffix != ".safetensors":
+        raise CifarlensError(f"--out {out} should end in .safetensors")
+    description = describe_run(run) | {"weights": out.name}
+    save_weights(unwrap_model(run.model).state_dict(), out, description)
+    atomic_write_json(out.with_suffix(".json"), description)
+    return out
+
+
+def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model (eval mode) from ``export_safetensors`` output; returns (model, description)."""
+    from cifarlens.checkpoint import load_state_into, load_weights
+    from cifarlens.models import create_model
+
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise CifarlensError(f"{sidecar} not found; it is written next to the weights by `cifarlens export`")
+    description = json.loads(sidecar.read_text())
+    ds = description["dataset"]
+    model = create_model(description["model"]["name"], num_classes=len(ds["classes"]),
+                         in_channels=ds["in_channels"], **description["model"]["kwargs"])
+    load_state_into(model, load_weights(path), path)
+    return model.eval(), description
+

@@ -1,0 +1,90 @@
+"""Calibration: expected calibration error and reliability-diagram bins, as pure functions.
+
+A classifier is calibrated when, among the images it labels with confidence ~p, a
+fraction ~p is right. Following Guo et al. 2017 ("On Calibration of Modern Neural
+Networks", ICML), the confidence of a prediction is its top softmax probability; the
+interval [0, 1] is cut into ``n_bins`` equal-width bins (lo, hi] (the first bin also
+takes confidence 0), and
+
+    ECE = sum over bins b of  |b| / N * |accuracy(b) - mean confidence(b)|
+
+Empty bins contribute nothing. Everything here is computed on the CPU in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ReliabilityBins", "expected_calibration_error", "reliability_bins", "reliability_bins_from_confidence"]
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin counts, accuracy and mean confidence (plain lists, JSON-serialisable).
+
+    ``accuracy`` and ``confidence`` are 0.0 for empty bins; look at ``counts``.
+    """
+
+    edges: list[float]  # n_bins + 1 values, 0 .. 1
+    counts: list[int]
+    accuracy: list[float]
+    confidence: list[float]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def ece(self) -> float:
+        n = self.num_samples
+        if n == 0:
+            return 0.0
+        return sum(c / n * abs(a - p) for c, a, p in zip(self.counts, self.accuracy, self.confidence))
+
+    @property
+    def max_gap(self) -> float:
+        """Maximum calibration error: the largest |accuracy - confidence| over non-empty bins."""
+        gaps = [abs(a - p) for c, a, p in zip(self.counts, self.accuracy, self.confidence) if c > 0]
+        return max(gaps, default=0.0)
+
+
+def reliability_bins_from_confidence(confidence: Tensor, correct: Tensor, n_bins: int = 15) -> ReliabilityBins:
+    """Bins from per-sample top-1 confidence (N,) in [0, 1] and correctness (N,) bool/0-1."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf = torch.as_tensor(confidence).detach().to("cpu", torch.float64).reshape(-1)
+    hit = torch.as_tensor(correct).detach().to("cpu", torch.float64).reshape(-1)
+    if conf.shape != hit.shape:
+        raise ValueError(f"confidence and correct differ in length: {conf.numel()} vs {hit.numel()}")
+    if conf.numel() and (float(conf.min()) < 0.0 or float(conf.max()) > 1.0 + 1e-6):
+        raise ValueError("confidences must lie in [0, 1]")
+    # Bin b holds (b/n, (b+1)/n]; ceil(conf * n) - 1 gives that index, and 0 goes to bin 0.
+    index = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).to(torch.int64)
+    counts = torch.bincount(index, minlength=n_bins).to(torch.float64)  # (n_bins,)
+    sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, conf)
+    sum_hit = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, hit)
+    safe = counts.clamp_min(1)
+    return ReliabilityBins(
+        edges=torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64).tolist(),
+        counts=[int(c) for c in counts.tolist()],
+        accuracy=(sum_hit / safe).tolist(),
+        confidence=(sum_conf / safe).tolist(),
+    )
+
+
+def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> ReliabilityBins:
+    """Bins from class probabilities (N, K) (softmax outputs) and true labels (N,)."""
+    probs = torch.as_tensor(probs).detach().to("cpu", torch.float64)
+    labels = torch.as_tensor(labels).detach().to("cpu", torch.int64).reshape(-1)
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected probs (N, K) and labels (N,), got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    confidence, prediction = probs.max(dim=1)  # (N,), (N,)
+    return reliability_bins_from_confidence(confidence, prediction == labels, n_bins)
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """ECE of top-1 predictions over ``n_bins`` equal-width confidence bins (0 = perfectly calibrated)."""
+    return reliability_bins(probs, labels, n_bins).ece

@@ -1,0 +1,241 @@
+"""Robustness: accuracy under common corruptions, generated on the fly.
+
+Each corruption is a pure, batched function of uint8 images (B, C, H, W) -> uint8
+(B, C, H, W) with one physical parameter (a noise std, a blur sigma, ...). Severities
+1..5 pick that parameter from a table; severity 0 is the identity. Randomness (only the
+noise) comes from a ``torch.Generator`` seeded from (seed, corruption, severity), so a
+table is repeatable and does not depend on the order corruptions are evaluated in.
+
+The parameter tables follow the spirit of CIFAR-10-C (Hendrycks & Dietterich 2019,
+"Benchmarking Neural Network Robustness to Common Corruptions and Perturbations",
+ICLR) for 32x32 images, but the implementations are our own simplifications
+(brightness is an additive shift of all channels, not of HSV value), so the numbers
+are *not* comparable with published CIFAR-10-C results.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from cifarlens.registry import Registry
+
+__all__ = [
+    "CORRUPTIONS", "Corruption", "RobustnessTable", "brightness", "contrast", "corrupt", "gaussian_blur",
+    "gaussian_noise", "jpeg", "list_corruptions", "robustness",
+]
+
+MAX_SEVERITY = 5
+DEFAULT_SEVERITIES = (1, 3, 5)
+DEFAULT_MAX_IMAGES = 2000  # robustness runs on a seeded subset this large (15 passes over it by default)
+
+
+# -- the corruptions, as functions of their physical parameter ------------------------------
+
+def _to_unit(images: Tensor) -> Tensor:
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    return images.float() / 255.0
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def gaussian_noise(images: Tensor, std: float, generator: torch.Generator) -> Tensor:
+    """Add N(0, std^2) noise per pixel and channel; ``std`` in units of the [0, 1] range."""
+    x = _to_unit(images)
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=generator.device)
+    return _to_uint8(x + std * noise.to(x.device))
+
+
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur with standard deviation ``sigma`` pixels (reflect padding)."""
+    x = _to_unit(images)
+    if sigma <= 0:
+        return images.clone()
+    radius = max(1, math.ceil(3 * sigma))
+    r = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)  # reflect padding needs radius < size
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()  # (2r+1,)
+    b, c, h, w = x.shape
+    y = x.reshape(b * c, 1, h, w)
+    y = torch.nn.functional.pad(y, (r, r, r, r), mode="reflect")
+    y = torch.nn.functional.conv2d(y, kernel.view(1, 1, 1, -1))  # along width
+    y = torch.nn.functional.conv2d(y, kernel.view(1, 1, -1, 1))  # along height
+    return _to_uint8(y.reshape(b, c, h, w))
+
+
+def brightness(images: Tensor, shift: float) -> Tensor:
+    """Add ``shift`` (in units of the [0, 1] range) to every pixel, clipped."""
+    return _to_uint8(_to_unit(images) + shift)
+
+
+def contrast(images: Tensor, factor: float) -> Tensor:
+    """Scale each image's deviation from its own mean by ``factor`` (< 1 lowers contrast)."""
+    x = _to_unit(images)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return _to_uint8((x - mean) * factor + mean)
+
+
+def jpeg(images: Tensor, quality: int) -> Tensor:
+    """Encode each image as JPEG at ``quality`` with PIL and decode it again."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images (B, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+    arrays = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
+    out = np.empty_like(arrays)
+    for i, a in enumerate(arrays):
+        im = Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[-1] == 1 else a))  # "L" or "RGB"
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=int(quality))
+        buf.seek(0)
+        with Image.open(buf) as decoded:
+            out[i] = np.asarray(decoded.convert(im.mode)).reshape(a.shape)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images.device)
+
+
+# -- the registry: severity -> parameter -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Corruption:
+    name: str
+    levels: tuple[float, ...]  # the parameter at severity 1..5
+    unit: str  # what the parameter is, for tables
+    fn: Callable[..., Tensor] = field(repr=False)
+    random: bool = False  # takes a generator
+
+    def parameter(self, severity: int) -> float:
+        if not 1 <= severity <= len(self.levels):
+            raise ValueError(f"severity must be 0..{len(self.levels)}, got {severity}")
+        return self.levels[severity - 1]
+
+
+CORRUPTIONS: Registry[Corruption] = Registry("corruption")
+
+
+def _register(c: Corruption) -> None:
+    CORRUPTIONS.register(c.name)(c)
+
+
+_register(Corruption("gaussian_noise", (0.04, 0.06, 0.08, 0.09, 0.10), "noise std", gaussian_noise, random=True))
+_register(Corruption("gaussian_blur", (0.4, 0.6, 0.7, 0.8, 1.0), "sigma (px)", gaussian_blur))
+_register(Corruption("brightness", (0.05, 0.10, 0.15, 0.20, 0.30), "added brightness", brightness))
+_register(Corruption("contrast", (0.75, 0.50, 0.40, 0.30, 0.15), "contrast factor", contrast))
+_register(Corruption("jpeg", (80, 65, 58, 50, 40), "JPEG quality", jpeg))
+
+
+def list_corruptions() -> list[str]:
+    """Registered corruption names, sorted."""
+    return CORRUPTIONS.names()
+
+
+def _generator(name: str, severity: int, seed: int) -> torch.Generator:
+    # crc32, not hash(): str hashes change between Python processes
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()) * 7 + severity)
+
+
+def corrupt(images: Tensor, name: str, severity: int, *, seed: int = 0,
+            generator: torch.Generator | None = None) -> Tensor:
+    """Apply corruption ``name`` at ``severity`` (0 = unchanged copy) to uint8 (B, C, H, W) images."""
+    c = CORRUPTIONS.get(name)
+    if severity == 0:
+        return images.clone()
+    value = c.parameter(severity)
+    if c.random:
+        return c.fn(images, value, generator if generator is not None else _generator(name, severity, seed))
+    return c.fn(images, value)
+
+
+# -- the table ------------------------------------------------------------------------------
+
+@dataclass
+class RobustnessTable:
+    """Accuracy on ``num_images`` test images, clean and under each corruption and severity."""
+
+    clean_accuracy: float
+    num_images: int
+    total_images: int
+    severities: list[int]
+    rows: list[dict]  # {"corruption", "severity", "parameter", "unit", "accuracy"}
+    seed: int = 0
+
+    def accuracy(self, corruption: str, severity: int) -> float:
+        for row in self.rows:
+            if row["corruption"] == corruption and row["severity"] == severity:
+                return row["accuracy"]
+        raise KeyError((corruption, severity))
+
+    def corruptions(self) -> list[str]:
+        return list(dict.fromkeys(row["corruption"] for row in self.rows))
+
+    def mean_accuracy(self, corruption: str | None = None) -> float:
+        accs = [r["accuracy"] for r in self.rows if corruption is None or r["corruption"] == corruption]
+        return float(sum(accs) / len(accs)) if accs else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"clean_accuracy": self.clean_accuracy, "num_images": self.num_images,
+                "total_images": self.total_images, "severities": self.severities, "seed": self.seed,
+                "mean_corrupted_accuracy": self.mean_accuracy(), "rows": self.rows}
+
+
+def subset_indices(n: int, max_images: int | None, seed: int) -> Tensor:
+    """All of 0..n-1, or a seeded random subset of ``max_images`` of them in increasing order."""
+    if max_images is None or n <= max_images:
+        return torch.arange(n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:max_images].sort().values
+
+
+def robustness(
+    run,
+    split,
+    severities: Sequence[int] = DEFAULT_SEVERITIES,
+    *,
+    corruptions: Sequence[str] | None = None,
+    max_images: int | None = DEFAULT_MAX_IMAGES,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> RobustnessTable:
+    """Accuracy of ``run`` (a :class:`cifarlens.api.Run`) on ``split`` (uint8 images and labels)
+    under each corruption at each severity.
+
+    At most ``max_images`` images are used (a seeded random subset) to keep the report fast.
+    Corruptions run on the CPU (JPEG needs PIL); the model runs on the run's device.
+    """
+    names = list(corruptions) if corruptions is not None else list_corruptions()
+    for name in names:
+        CORRUPTIONS.get(name)  # unknown names fail before any work
+    for s in severities:
+        if not 1 <= s <= MAX_SEVERITY:
+            raise ValueError(f"severities must lie in 1..{MAX_SEVERITY}, got {s}")
+    index = subset_indices(len(split), max_images, seed)
+    images, labels = split.images[index], split.labels[index]
+
+    def accuracy(name: str | None, severity: int) -> float:
+        generator = _generator(name, severity, seed) if name is not None else None
+        correct = 0
+        for start in range(0, len(labels), batch_size):
+            batch = images[start : start + batch_size]
+            if name is not None:
+                batch = corrupt(batch, name, severity, generator=generator)
+            pred = run.predict_proba(batch).argmax(dim=1)
+            correct += int((pred == labels[start : start + batch_size]).sum())
+        return correct / max(len(labels), 1)
+
+    rows = []
+    for name in names:
+        c = CORRUPTIONS.get(name)
+        for s in severities:
+            rows.append({"corruption": name, "severity": int(s), "parameter": c.parameter(s), "unit": c.unit,
+                         "accuracy": accuracy(name, s)})
+    return RobustnessTable(clean_accuracy=accuracy(None, 0), num_images=len(labels), total_images=len(split),
+                           severities=[int(s) for s in severities], rows=rows, seed=seed)
