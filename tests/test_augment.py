@@ -72,3 +72,23 @@ def test_no_flip_for_datasets_that_forbid_it():
 def test_unknown_level_is_a_user_error():
     with pytest.raises(CifarlensError, match="augmentation level"):
         BatchAugment("wild", (0.5,), (0.5,))
+
+
+def test_per_image_path_matches_the_batched_path_without_augmentation():
+    from cifarlens.data.base import DatasetInfo, Split
+    from cifarlens.data.perimage import PerImageLoader
+
+    info = DatasetInfo("t", ("a", "b"), 3, 12, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    images = torch.randint(0, 256, (10, 3, 12, 12), dtype=torch.uint8, generator=gen(2))
+    split = Split(images, torch.arange(10) % 2)
+    loader = PerImageLoader(split, info, 5, "none", 4, device=torch.device("cpu"), num_workers=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    # shuffled, so compare sorted by a per-image key
+    expected = normalize(images, info.mean, info.std)
+    order_x = torch.argsort(x.flatten(1).sum(1))
+    order_e = torch.argsort(expected.flatten(1).sum(1))
+    assert torch.allclose(x[order_x], expected[order_e], atol=1e-5)
+    assert sorted(y.tolist()) == sorted(split.labels.tolist())

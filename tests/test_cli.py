@@ -269,3 +269,18 @@ def test_train_on_every_dataset(dataset, fixture, request, tmp_path):
     if dataset == "imagefolder":  # statistics computed from its own training images, not CIFAR's
         assert meta["dataset"]["mean"] != [0.4914, 0.4822, 0.4465]
         assert all(0 < s < 1 for s in meta["dataset"]["std"])
+
+
+def test_bench_reports_mean_and_std_over_seeds(tmp_path, capsys):
+    data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)
+    summary_file = tmp_path / "bench.json"
+    assert main(["bench", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "2",
+                 "--seeds", "2", "--targets", "0.2,1.0", "--json", str(summary_file), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy (best-on-validation weights):" in out and "±" in out
+    assert "time to 100.00% test accuracy" in out
+    summary = json.loads(summary_file.read_text())
+    assert summary["seeds"] == [0, 1] and len(summary["test_acc"]) == 2
+    assert summary["test_acc"][0] != summary["test_acc"][1] or summary["train_seconds"][0] > 0
+    assert all(v > 0 for v in summary["images_per_second"]) and summary["peak_memory_mb"] > 0
+    assert summary["epochs_to"]["0.2"] != [None, None]  # learnable data: 20% is reached

@@ -15,7 +15,7 @@ from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights,
 from cifarlens.config import RunConfig, to_dict
 from cifarlens.data.augment import normalize
 from cifarlens.data.base import DatasetInfo, Split
-from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data
+from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.engine import FitState, Precision, fit, forward_tta, predict_logits, resolve_device
 from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource, load_image
@@ -40,11 +40,13 @@ def train(
     force: bool = False,
     on_epoch_end: Callable[[FitState, nn.Module], None] | None = None,
     evaluate_test: bool = True,
+    bundle: DataBundle | None = None,
 ) -> dict:
     """Train ``cfg`` into run folder ``out`` (or continue it with ``resume``); return the test metrics.
 
-    ``on_epoch_end(state, model)`` is called after every epoch's checkpoint is written
-    (benchmarks use it to time accuracy milestones).
+    ``on_epoch_end(state, model)`` is called after every epoch's checkpoint is written, with
+    the model that is validated and saved (the EMA when there is one); benchmarks use it to
+    time accuracy milestones. ``bundle`` reuses data already read for ``cfg.data``.
     """
     run = RunDir(out)
     if resume:
@@ -58,7 +60,8 @@ def train(
         cfg = replace(cfg, train=resolve_train(cfg.train))
     device = resolve_device(cfg.train.device)
 
-    bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
+    if bundle is None:
+        bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
     info = bundle.info
     torch.manual_seed(cfg.train.seed)  # model initialisation
     model = build_model(cfg, info).to(device)
@@ -78,7 +81,8 @@ def train(
     train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data)
     val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device)
     if hasattr(model, "data_init") and not resume:  # e.g. FastNet's patch whitening
-        model.data_init(train_loader.transform(train_loader.images[:5000], torch.Generator(device).manual_seed(tc.seed)))
+        sample = bundle.train.images[:5000].to(device)
+        model.data_init(train_transform(info, cfg.data)(sample, torch.Generator(device).manual_seed(tc.seed)))
     ema = make_ema(model, tc.ema_decay)
     tta = tc.tta and info.hflip
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
@@ -108,7 +112,7 @@ def train(
             "ema": ema.state_dict() if ema is not None else None, "state": vars(state), "config": to_dict(cfg),
         })
         if on_epoch_end is not None:
-            on_epoch_end(state, model)
+            on_epoch_end(state, eval_model)
 
     try:
         state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
@@ -117,18 +121,18 @@ def train(
     except BaseException as err:
         run.write_meta(status="diverged" if isinstance(err, CifarlensError) else "interrupted")
         raise
+    train_seconds = sum(row["seconds"] for row in state.history)
     run.write_meta(status="finished", epochs_done=state.epoch, best_epoch=state.best_epoch,
-                   best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
-                   train_seconds=sum(row["seconds"] for row in state.history))
+                   best_val_loss=state.best_val_loss, stopped_early=state.stopped_early, train_seconds=train_seconds)
     from cifarlens.plots import plot_training_curves
 
     plot_training_curves(state.history, run / "curves.png")
     if not evaluate_test:
-        return {}
+        return {"train_seconds": train_seconds}
     result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
     run.log(f"test accuracy {result['accuracy']:.2%} (best epoch {state.best_epoch}, "
             f"val_loss {state.best_val_loss:.4f}); results in {run.path}")
-    return result
+    return result | {"train_seconds": train_seconds}
 
 
 def make_ema(model: nn.Module, decay: float) -> nn.Module | None:

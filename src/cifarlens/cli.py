@@ -6,17 +6,35 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from cifarlens.errors import CifarlensError
 
 
 def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model into a run folder",
+                       description="Train a model. Precedence: recipe defaults < --config FILE < flags.")
+    add_config_flags(p)
+    p.add_argument("--out", help="run folder (default runs/DATASET-MODEL-TIME)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                   help="continue a stopped run from its last checkpoint (RUN_DIR or --out)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+
+    p = sub.add_parser("bench", help="N seeded trainings: mean ± std accuracy, time to target, throughput",
+                       description="Benchmark a dataset/model/recipe over several seeds (see cifarlens.bench).")
+    add_config_flags(p)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeded runs (seeds 0..N-1)")
+    p.add_argument("--targets", default="0.90,0.92,0.93", help="test accuracies to time, comma-separated")
+    p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def add_config_flags(p) -> None:
+    """The flags that build a RunConfig (train and bench)."""
     from cifarlens.data import list_datasets
     from cifarlens.models import list_models
     from cifarlens.recipes import list_recipes
 
-    p = sub.add_parser("train", help="train a model into a run folder",
-                       description="Train a model. Precedence: recipe defaults < --config FILE < flags.")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML with sections data/model/train")
     p.add_argument("--dataset", choices=list_datasets())
     p.add_argument("--data-dir", help="folder holding (or receiving) the dataset (default ./data)")
@@ -29,10 +47,6 @@ def _train_parser(sub) -> None:
     p.add_argument("--augment", choices=_augment_levels())
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--out", help="run folder (default runs/DATASET-MODEL-TIME)")
-    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
-                   help="continue a stopped run from its last checkpoint (RUN_DIR or --out)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config value, e.g. --set train.weight_decay=1e-4 (repeatable)")
 
@@ -94,6 +108,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from cifarlens.bench import run_bench
+    from cifarlens.io import atomic_write_json
+
+    try:
+        targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    except ValueError:
+        raise CifarlensError(f"--targets must be comma-separated accuracies like 0.90,0.93, got {args.targets!r}") from None
+    if args.seeds < 1 or not targets or not all(0 < t <= 1 for t in targets):
+        raise CifarlensError("--seeds must be >= 1 and --targets fractions in (0, 1]")
+    summary = run_bench(config_from_args(args), list(range(args.seeds)), targets)
+    if args.json:
+        atomic_write_json(Path(args.json), summary)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from cifarlens.api import evaluate_run
 
@@ -137,7 +167,7 @@ def cmd_list(args) -> int:
 
 # Other subcommands live beside the feature they expose; each module has
 # ``add_commands(sub)`` that adds its parsers with ``set_defaults(func=...)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("cifarlens.serve.cli", "cifarlens.report.cli", "cifarlens.explain.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

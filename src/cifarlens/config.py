@@ -30,6 +30,8 @@ class DataConfig:
     augment: str = "standard"  # see cifarlens.data.augment.AUGMENT_LEVELS
     image_size: int | None = None  # None = the dataset's native size (imagefolder: 32)
     crop_padding: int = 4  # pixels of padding for the random crop
+    loader: str = "batched"  # "batched": augment whole batches on the device; "perimage": torchvision in workers
+    workers: int = 2  # DataLoader workers for the per-image loader
 
 
 @dataclass(frozen=True)

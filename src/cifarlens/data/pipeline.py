@@ -13,6 +13,7 @@ from cifarlens.data.augment import BatchAugment, normalize
 from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.loader import TensorLoader
 from cifarlens.data.split import stratified_split
+from cifarlens.errors import CifarlensError
 
 
 @dataclass
@@ -50,7 +51,14 @@ def train_transform(info: DatasetInfo, cfg: DataConfig) -> BatchAugment:
 def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.device, *, seed: int = 0,
                 train_cfg: DataConfig | None = None) -> TensorLoader:
     """A training loader (shuffled, augmented) when ``train_cfg`` is given, else an evaluation loader."""
+    if train_cfg is not None and train_cfg.loader == "perimage":
+        from cifarlens.data.perimage import PerImageLoader
+
+        return PerImageLoader(split, info, batch_size, train_cfg.augment, train_cfg.crop_padding, device=device,
+                              seed=seed, num_workers=train_cfg.workers)
     if train_cfg is not None:
+        if train_cfg.loader != "batched":
+            raise CifarlensError(f"data.loader must be batched or perimage, got {train_cfg.loader!r}")
         return TensorLoader(split, batch_size, train_transform(info, train_cfg), device=device,
                             shuffle=True, drop_last=True, seed=seed)
     return TensorLoader(split, batch_size, eval_transform(info), device=device)

@@ -1,0 +1,126 @@
+"""``cifarlens bench``: N seeded trainings, reported as mean ± std.
+
+For each seed, the run is trained exactly as ``cifarlens train`` does. After every
+epoch, *outside* the timed training, the test accuracy is measured so that the time to
+reach each target accuracy can be reported (airbench's protocol). This looks at the
+test set every epoch, which is fine for a benchmark of a recipe and is never done by
+``train``: inside the run, model selection uses only the validation split.
+
+Timed: the training epochs (forward, backward, optimizer, batched augmentation and the
+validation pass). Not timed: reading the dataset, the per-epoch test passes, writing
+the report. With ``train.compile`` the first epoch includes compilation.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from cifarlens.config import RunConfig
+from cifarlens.data.pipeline import make_loader, prepare_data
+from cifarlens.engine import Precision, evaluate, resolve_device
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    test_acc: float  # final, best-on-validation weights
+    train_seconds: float
+    images_per_second: float
+    time_to: dict[float, float | None]  # target accuracy -> seconds of training (None: not reached)
+    epochs_to: dict[float, int | None]
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} CPU, {torch.get_num_threads()} threads"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_one(cfg: RunConfig, seed: int, targets: list[float], log=print) -> SeedResult:
+    from cifarlens.api import train
+
+    cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+    device = resolve_device(cfg.train.device)
+    bundle = prepare_data(cfg.data, seed)
+    test_loader = make_loader(bundle.test, bundle.info, 1000, device)
+    tta = bool(cfg.train.tta) and bundle.info.hflip
+    time_to: dict[float, float | None] = {t: None for t in targets}
+    epochs_to: dict[float, int | None] = {t: None for t in targets}
+    train_images = 0
+
+    def on_epoch_end(state, model) -> None:
+        nonlocal train_images
+        seconds = sum(row["seconds"] for row in state.history)
+        eval_model = model
+        acc = evaluate(eval_model, test_loader, Precision(device), tta)["acc"]
+        log(f"[bench seed {seed}] epoch {state.epoch}: test_acc {acc:.2%} after {seconds:.1f}s of training")
+        for t in targets:
+            if acc >= t and time_to[t] is None:
+                time_to[t], epochs_to[t] = seconds, state.epoch
+        train_images = state.epoch * len(bundle.train)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(cfg, f"{tmp}/run", on_epoch_end=on_epoch_end, bundle=bundle)
+        history_seconds = result["train_seconds"]
+    return SeedResult(seed, result["accuracy"], history_seconds, train_images / max(history_seconds, 1e-9),
+                      time_to, epochs_to)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print) -> dict:
+    device = resolve_device(cfg.train.device)
+    start = time.perf_counter()
+    results = [bench_one(cfg, seed, targets, log) for seed in seeds]
+    summary = {
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.name,
+        "recipe": cfg.train.recipe,
+        "seeds": seeds,
+        "test_acc": [r.test_acc for r in results],
+        "train_seconds": [r.train_seconds for r in results],
+        "images_per_second": [r.images_per_second for r in results],
+        "time_to": {str(t): [r.time_to[t] for r in results] for t in targets},
+        "epochs_to": {str(t): [r.epochs_to[t] for r in results] for t in targets},
+        "peak_memory_mb": peak_memory_mb(device),
+        "wall_seconds": time.perf_counter() - start,
+    }
+    log("")
+    log(f"device: {summary['device']}, torch {torch.__version__}")
+    log(f"{cfg.data.dataset} / {cfg.model.name} / recipe {cfg.train.recipe}, {len(seeds)} seed(s): {seeds}")
+    log(f"test accuracy (best-on-validation weights): {mean_std([100 * a for a in summary['test_acc']])} %")
+    log(f"training time: {mean_std(summary['train_seconds'])} s; throughput {mean_std(summary['images_per_second'])} "
+        "images/s (training epochs incl. validation)")
+    for t in targets:
+        times = [x for x in summary["time_to"][str(t)] if x is not None]
+        reached = f"{len(times)}/{len(seeds)} runs"
+        log(f"time to {t:.2%} test accuracy: {mean_std(times) + ' s' if times else 'not reached'} ({reached})")
+    log(f"peak memory: {summary['peak_memory_mb']:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    return summary

@@ -1,0 +1,238 @@
+"""``cifarlens explain``: class activation maps for image files or images drawn from a split."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cifarlens.errors import CifarlensError
+
+BATCH = 64  # images per explain() call: bounds memory on big models
+GALLERY_MAX = 64  # overlays in gallery.png; per-image PNGs are written for all
+
+
+def add_commands(sub) -> None:
+    from cifarlens.explain.cam import list_methods
+
+    p = sub.add_parser(
+        "explain", help="class activation maps (Grad-CAM and others) for image files or a split",
+        description="Explain a run's predictions with class activation maps. Give image files, or a split "
+                    "selection: --mistakes N, --per-class N or --indices I,J,... (on --split, default test).",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to explain")
+    p.add_argument("--split", choices=["test", "val"], help="split to draw images from (default test)")
+    p.add_argument("--mistakes", type=int, metavar="N", help="the N most confident mistakes on the split")
+    p.add_argument("--per-class", type=int, metavar="N", help="the first N images of each class")
+    p.add_argument("--indices", metavar="I,J,...", help="these positions in the split, e.g. 1,5,9")
+    p.add_argument("--method", default="gradcam", help=f"one of: {', '.join(list_methods())} (default gradcam)")
+    p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the prediction")
+    p.add_argument("--layer", help="target layer, a dotted module name (default: the model's cam_layer)")
+    p.add_argument("--save-maps", action="store_true", help="also write maps/NAME.npy (float32, input resolution)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="score every method by deletion/insertion AUC against random maps (faithfulness.json)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/explain/METHOD)")
+    p.add_argument("--data-dir", help="where the dataset is now (default: the run's own data_dir)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_explain)
+
+
+@dataclass
+class Selection:
+    images: Tensor  # (N, C, H, W) uint8
+    labels: Tensor | None  # (N,) int64, None for image files
+    names: list[str]  # file stems for the outputs
+    what: str  # for messages, e.g. "5 most confident mistakes on test"
+
+
+def cmd_explain(args) -> int:
+    from cifarlens.api import load_run
+    from cifarlens.explain.cam import METHODS, default_layer, get_layer, resolve_class
+
+    selectors = [f for f in ("mistakes", "per_class", "indices") if getattr(args, f) is not None]
+    if args.images and (selectors or args.split):
+        raise CifarlensError("give image files or a split selection (--split/--mistakes/--per-class/--indices), not both")
+    if not args.images and not selectors:
+        raise CifarlensError("nothing to explain: give image files, or --mistakes N, --per-class N or --indices I,J,...")
+    if len(selectors) > 1:
+        raise CifarlensError(f"choose one of --mistakes, --per-class, --indices (got {len(selectors)})")
+    for flag in ("mistakes", "per_class"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CifarlensError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    METHODS.get(args.method)  # fail on a bad name before loading anything
+
+    run = load_run(args.run_dir, device=args.device)
+    target = resolve_class(args.target, run.classes)
+    layer = args.layer or default_layer(run.model)
+    get_layer(run.model, layer)
+    selection = _files(run, args.images) if args.images else _from_split(run, args)
+    if len(selection.images) == 0:
+        print(f"nothing to explain: {selection.what}")
+        return 0
+    out = Path(args.out) if args.out else run.path / "explain" / args.method
+
+    explanation = _explain_all(run, selection.images, args.method, target, layer)
+    written = write_explanations(out, run.classes, selection, explanation, save_maps=args.save_maps)
+    if args.faithfulness:
+        written.append(_write_faithfulness(out, run, selection, target, layer, explanation))
+    h, w = explanation.layer_size
+    print(f"{args.method} at layer {explanation.layer} ({h}x{w} maps) for {selection.what}; "
+          f"{int(explanation.empty.sum())} empty; written to {out}:")
+    for line in written:
+        print(f"  {line}")
+    return 0
+
+
+def _explain_all(run, images: Tensor, method: str, target, layer: str):
+    """explain_run in batches; a coarse-layer warning becomes one line on stderr."""
+    from cifarlens.explain.cam import CoarseMapWarning, Explanation, explain_run
+
+    parts = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CoarseMapWarning)
+        for start in range(0, len(images), BATCH):
+            chunk = images[start : start + BATCH]
+            t = target[start : start + BATCH] if isinstance(target, list) else target
+            parts.append(explain_run(run, chunk, method=method, target=t, layer=layer))
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, CoarseMapWarning)):
+        print(f"cifarlens: warning: {message}", file=sys.stderr)
+    for w in caught:
+        if not issubclass(w.category, CoarseMapWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return Explanation.cat(parts)
+
+
+def _files(run, paths: list[str]) -> Selection:
+    from cifarlens.images import load_image
+
+    images = torch.stack([load_image(p, run.info.in_channels, run.info.image_size) for p in paths])
+    names, seen = [], set()
+    for p in paths:
+        stem = Path(p).stem or "image"
+        name, k = stem, 2
+        while name in seen:  # two files with one name in different folders
+            name, k = f"{stem}-{k}", k + 1
+        seen.add(name)
+        names.append(name)
+    return Selection(images, None, names, f"{len(paths)} image file(s)")
+
+
+def _from_split(run, args) -> Selection:
+    from cifarlens.data.pipeline import prepare_data
+
+    split = args.split or "test"
+    cfg = run.config
+    if args.data_dir is not None:
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=args.data_dir))
+    bundle = prepare_data(cfg.data, cfg.train.seed)
+    if tuple(bundle.info.classes) != tuple(run.classes):
+        raise CifarlensError(f"the data in {cfg.data.data_dir} has other classes than the run; "
+                             "point --data-dir at the run's dataset")
+    data = getattr(bundle, split)
+    if args.indices is not None:
+        index = _parse_indices(args.indices, len(data))
+        what = f"{len(index)} image(s) of {split}"
+    elif args.per_class is not None:
+        index = torch.cat([(data.labels == k).nonzero()[: args.per_class, 0] for k in range(len(run.classes))])
+        what = f"up to {args.per_class} image(s) per class of {split}"
+    else:
+        index = _confident_mistakes(run, data, args.mistakes)
+        what = f"the {len(index)} most confident mistake(s) on {split}"
+    index = index.long()
+    return Selection(data.images[index], data.labels[index], [f"{split}_{i:05d}" for i in index.tolist()], what)
+
+
+def _parse_indices(text: str, size: int) -> Tensor:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise CifarlensError(f"--indices takes comma-separated integers, e.g. 1,5,9; got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < size]
+    if not values or bad:
+        raise CifarlensError(f"--indices must lie in 0..{size - 1} for this split; got {bad or text!r}")
+    return torch.tensor(values)
+
+
+def _confident_mistakes(run, data, n: int) -> Tensor:
+    from cifarlens.api import EVAL_BATCH_SIZE
+    from cifarlens.data.pipeline import make_loader
+    from cifarlens.engine import Precision, predict_logits
+
+    loader = make_loader(data, run.info, EVAL_BATCH_SIZE, run.device)
+    logits, labels = predict_logits(run.model, loader, Precision(run.device))
+    confidence, prediction = logits.softmax(dim=1).max(dim=1)
+    wrong = (prediction != labels).nonzero()[:, 0]
+    return wrong[confidence[wrong].argsort(descending=True, stable=True)][:n]
+
+
+def write_explanations(out: Path, classes, selection: Selection, explanation, *, save_maps: bool) -> list[str]:
+    """Per-image panels, gallery.png, class_average.png (for labelled images) and maps/*.npy."""
+    from cifarlens.explain.figures import caption, class_average_maps, plot_class_averages, plot_explanation, plot_gallery
+    from cifarlens.io import atomic_write
+
+    import numpy as np
+
+    ex = explanation
+    labels = selection.labels
+    captions = []
+    for i, name in enumerate(selection.names):
+        true = None if labels is None else int(labels[i])
+        text = caption(classes, pred=int(ex.predictions[i]), confidence=float(ex.confidence[i]),
+                       target=int(ex.targets[i]), true=true)
+        captions.append(text.replace("  ", "\n"))
+        plot_explanation(selection.images[i], ex.maps[i], out / f"{name}.png", title=text, empty=bool(ex.empty[i]))
+    written = [f"{len(selection.names)} per-image PNGs ({selection.names[0]}.png, ...)"]
+    n = min(len(selection.names), GALLERY_MAX)
+    plot_gallery(selection.images[:n], ex.maps[:n], captions[:n], out / "gallery.png", empty=ex.empty[:n],
+                 title=f"{ex.method} at {ex.layer}: {selection.what}" + (f" (first {n})" if n < len(captions) else ""))
+    written.append("gallery.png")
+    if labels is not None:
+        averages, counts = class_average_maps(ex.maps, ex.targets, len(classes), ex.empty)
+        plot_class_averages(averages, counts, classes, out / "class_average.png",
+                            title=f"average {ex.method} map per explained class ({selection.what})")
+        written.append("class_average.png")
+    if save_maps:
+        for i, name in enumerate(selection.names):
+            cam = ex.maps[i].numpy().astype(np.float32)  # (H, W) at input resolution, in [0, 1]
+            atomic_write(out / "maps" / f"{name}.npy", lambda tmp, cam=cam: _save_npy(tmp, cam))
+        written.append(f"maps/*.npy ({len(selection.names)} float32 arrays of {tuple(ex.maps.shape[1:])})")
+    return written
+
+
+def _save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    with path.open("wb") as f:  # a file object: np.save would append ".npy" to the temp name
+        np.save(f, array)
+
+
+def _write_faithfulness(out: Path, run, selection: Selection, target, layer: str, chosen) -> str:
+    """Deletion/insertion AUC of every registered method on the same images; table on stdout."""
+    from cifarlens.explain.cam import list_methods
+    from cifarlens.explain.faithfulness import faithfulness
+    from cifarlens.io import atomic_write_json
+
+    x = run.preprocess(selection.images)
+    results, random = {}, None
+    for method in list_methods():
+        ex = chosen if method == chosen.method else _explain_all(run, selection.images, method, target, layer)
+        result = faithfulness(run.model, x, ex)
+        random = random or result["random"]
+        results[method] = {k: v for k, v in result.items() if k != "per_image"}
+    report = {"images": len(x), "layer": chosen.layer, "baseline": "mean", "steps": results[chosen.method]["steps"],
+              "how_to_read": "deletion_auc: lower is better; insertion_auc: higher is better; score = insertion - "
+                             "deletion, higher is better; compare with 'random' (random smooth maps)",
+              "methods": results, "random": random}
+    atomic_write_json(out / "faithfulness.json", report)
+    print(f"faithfulness on {len(x)} image(s) (deletion lower = better, insertion higher = better):")
+    print(f"  {'method':<20} {'deletion':>9} {'insertion':>9} {'score':>7}")
+    rows = sorted(results.items(), key=lambda kv: -kv[1]["score"]) + [("(random maps)", random)]
+    for name, r in rows:
+        print(f"  {name:<20} {r['deletion_auc']:9.3f} {r['insertion_auc']:9.3f} {r['score']:7.3f}")
+    return "faithfulness.json"

@@ -1,0 +1,115 @@
+"""Several runs side by side: metrics, compute budget and the config keys that differ.
+
+Reads only what the runs wrote (config.yaml, run.json, environment.json, metrics.json,
+predictions.csv); nothing is recomputed. ECE comes from predictions.csv, whose
+per-image top-1 confidence and correctness are all that ECE needs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cifarlens.config import to_dict
+from cifarlens.errors import CifarlensError
+from cifarlens.report.baselines import text_table
+from cifarlens.report.calibration import reliability_bins_from_confidence
+from cifarlens.report.html import duration, flatten
+from cifarlens.runs import RunDir
+
+__all__ = ["compare_runs", "config_differences", "run_summary"]
+
+MISSING = "—"
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise CifarlensError(f"{path} is not valid JSON ({err}); the run folder is damaged") from None
+
+
+def ece_from_predictions(path: Path, n_bins: int = 15) -> float | None:
+    """ECE from predictions.csv (label, prediction, confidence per image); None when absent."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"label", "prediction", "confidence"} <= set(rows[0]):
+        return None
+    conf = torch.tensor([float(r["confidence"]) for r in rows], dtype=torch.float64)
+    hit = torch.tensor([r["label"] == r["prediction"] for r in rows])
+    return reliability_bins_from_confidence(conf, hit, n_bins).ece
+
+
+def run_summary(run_dir: str | Path) -> dict:
+    """The numbers ``compare`` shows for one run (None where the run has not written them)."""
+    rd = RunDir(run_dir)
+    rd.require_run()
+    cfg = rd.config()
+    meta, env, metrics = rd.meta(), _json(rd / "environment.json"), _json(rd / "metrics.json")
+    return {
+        "path": str(rd.path), "name": rd.path.name, "config": to_dict(cfg),
+        "dataset": cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,
+        "epochs_done": meta.get("epochs_done"), "epochs_planned": cfg.train.epochs,
+        "train_seconds": meta.get("train_seconds"), "status": meta.get("status"),
+        "device": env.get("device"), "device_name": env.get("device_name"),
+        "accuracy": metrics.get("accuracy"), "f1_macro": metrics.get("f1_macro"),
+        "ece": ece_from_predictions(rd / "predictions.csv"),
+    }
+
+
+def config_differences(configs: Sequence[dict]) -> list[tuple[str, list]]:
+    """(dotted key, [value per run]) for every config key whose value is not the same in all runs."""
+    flat = [flatten(c) for c in configs]
+    keys = sorted(set().union(*flat))
+    return [(k, [f.get(k, MISSING) for f in flat]) for k in keys if len({repr(f.get(k, MISSING)) for f in flat}) > 1]
+
+
+def _labels(summaries: list[dict]) -> list[str]:
+    names = [s["name"] for s in summaries]
+    return names if len(set(names)) == len(names) else [s["path"] for s in summaries]
+
+
+def compare_runs(run_dirs: Sequence[str | Path]) -> str:
+    """A plain-text comparison of ``run_dirs``: one row per run, then the differing config keys."""
+    if not run_dirs:
+        raise CifarlensError("compare needs at least one run folder")
+    summaries = [run_summary(d) for d in run_dirs]
+    labels = _labels(summaries)
+
+    def num(x, fmt: str) -> str:
+        return MISSING if x is None else format(x, fmt)
+
+    rows = []
+    for label, s in zip(labels, summaries):
+        device = s["device"] or MISSING
+        if s["device_name"]:
+            device += f" ({s['device_name']})"
+        rows.append([
+            label, s["dataset"], s["model"], s["recipe"],
+            f"{num(s['epochs_done'], 'd')}/{num(s['epochs_planned'], 'd')}",
+            duration(s["train_seconds"]) if s["train_seconds"] is not None else MISSING, device,
+            MISSING if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%",
+            num(s["f1_macro"], ".4f"),
+            MISSING if s["ece"] is None else f"{100 * s['ece']:.2f}%",
+        ])
+    out = [text_table(["run", "dataset", "model", "recipe", "epochs", "train time", "device", "test acc",
+                       "f1_macro", "ECE"], rows, right=(7, 8, 9))]
+    diffs = config_differences([s["config"] for s in summaries])
+    out.append("")
+    if len(summaries) == 1:
+        out.append("(one run: nothing to compare the config with)")
+    elif not diffs:
+        out.append("config: identical in all runs")
+    else:
+        out.append("config keys that differ:")
+        out.append(text_table(["key", *labels], [[k, *map(str, v)] for k, v in diffs]))
+    out.append("")
+    out.append("test acc and f1_macro from metrics.json; ECE (15 bins) from predictions.csv; "
+               f"{MISSING} where a run has not written them (run `cifarlens evaluate RUN_DIR`).")
+    return "\n".join(out) + "\n"

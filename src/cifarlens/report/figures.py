@@ -1,0 +1,136 @@
+"""The report's figures, rendered straight to PNG bytes (they are embedded, never written).
+
+Same house pattern as :mod:`cifarlens.plots`: ``matplotlib.figure.Figure`` with its own
+Agg canvas, never pyplot, so nothing is left open and no GUI backend is touched. Class
+names never go into matplotlib text here (mathtext would interpret a ``$`` in them);
+captions are HTML, escaped by :mod:`cifarlens.report.html`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from cifarlens import plots  # noqa: F401  (selects the Agg backend, as every figure module does)
+from cifarlens.report.calibration import ReliabilityBins
+from cifarlens.report.robustness import RobustnessTable
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402  (after cifarlens.plots)
+from matplotlib.figure import Figure  # noqa: E402
+
+DPI = 110  # figures are shown at about page width; the house DPI (150) makes the HTML heavy
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # cached renderer, see cifarlens.plots._new_figure
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def file_png(render, *args, **kwargs) -> bytes:
+    """Bytes of a PNG written by one of :mod:`cifarlens.plots`' path-taking functions."""
+    with tempfile.TemporaryDirectory(prefix="cifarlens-report-") as tmp:
+        path = Path(tmp) / "figure.png"
+        render(*args, path, **kwargs)
+        return path.read_bytes()
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv rows with numbers as floats (empty cells as None)."""
+    if not path.is_file():
+        return []
+
+    def number(v: str | None) -> float | None:
+        try:
+            return float(v) if v not in (None, "") else None
+        except ValueError:
+            return None
+
+    with path.open(newline="") as f:
+        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def reliability_diagram(bins: ReliabilityBins) -> bytes:
+    """Accuracy per confidence bin against the diagonal, with the bin counts below."""
+    fig = _figure(6.0, 6.0)
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    edges = np.asarray(bins.edges)
+    width = np.diff(edges)  # (n_bins,)
+    counts = np.asarray(bins.counts)
+    filled = counts > 0
+    acc = np.where(filled, bins.accuracy, 0.0)
+    conf = np.asarray(bins.confidence)
+    top.bar(edges[:-1], acc, width=width, align="edge", color="C0", edgecolor="white", label="accuracy")
+    # The gap to the mean confidence of each bin, drawn as a hatched band
+    top.bar(edges[:-1][filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled], align="edge",
+            color="none", edgecolor="C3", hatch="//", linewidth=0.5, label="gap to confidence")
+    top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"reliability diagram (ECE {bins.ece:.2%}, {bins.num_samples} images)")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(edges[:-1], counts, width=width, align="edge", color="C7", edgecolor="white")
+    bottom.set_xlabel("confidence (top softmax probability)")
+    bottom.set_ylabel("images")
+    return figure_png(fig)
+
+
+def robustness_plot(table: RobustnessTable) -> bytes:
+    """Accuracy against severity, one line per corruption, with clean accuracy dashed."""
+    fig = _figure(7.0, 4.0)
+    ax = fig.subplots()
+    for i, name in enumerate(table.corruptions()):
+        rows = [r for r in table.rows if r["corruption"] == name]
+        ax.plot([r["severity"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", color=f"C{i}",
+                label=name.replace("_", " "))
+    ax.axhline(100 * table.clean_accuracy, color="black", linestyle="--", label="clean")
+    ax.set_xticks(table.severities)
+    ax.set_xlabel("severity")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"accuracy under corruptions ({table.num_images} test images)")
+    return figure_png(fig)
+
+
+def image_png(image_hwc: np.ndarray, size: int = 112) -> bytes:
+    """A uint8 (H, W, 3) or (H, W) array as PNG, scaled up to ``size`` pixels (nearest: pixels stay visible)."""
+    im = Image.fromarray(np.ascontiguousarray(image_hwc))
+    scale = max(1, math.floor(size / max(im.size)))
+    im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def side_by_side(images: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
+    """(H, W, 3) uint8 arrays of equal height next to each other on a white background."""
+    h = max(a.shape[0] for a in images)
+    w = sum(a.shape[1] for a in images) + gap * (len(images) - 1)
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    x = 0
+    for a in images:
+        out[: a.shape[0], x : x + a.shape[1]] = a
+        x += a.shape[1] + gap
+    return out
+
+
+def to_rgb(image_chw: np.ndarray) -> np.ndarray:
+    """uint8 (C, H, W) with C = 1 or 3 -> (H, W, 3)."""
+    a = np.asarray(image_chw).transpose(1, 2, 0)
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a

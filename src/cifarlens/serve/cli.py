@@ -1,0 +1,82 @@
+"""``cifarlens serve`` (web app + JSON API under uvicorn) and ``cifarlens export`` (ONNX, safetensors)."""
+
+from __future__ import annotations
+
+import socket
+
+from cifarlens.errors import CifarlensError
+from cifarlens.serve import BACKENDS
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("serve", help="web page and JSON API for a run (FastAPI on uvicorn)",
+                       description="Serve a run: the page at /, the API under /api, OpenAPI docs at /docs.")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="what predicts: torch, or onnx (onnxruntime on RUN_DIR/model.onnx, exported first "
+                        "when missing or stale); explanations always use the PyTorch model")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body (default 10)")
+    p.add_argument("--topk", type=int, default=5, help="classes returned by default (default 5)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a run's best weights to ONNX (checked against PyTorch) or safetensors")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
+    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx, or RUN_DIR/export/model.safetensors "
+                                 "with model.json beside it)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18, the exporter's own)")
+    p.add_argument("--images", nargs="+", metavar="IMAGE",
+                   help="images for the ONNX check (default: the first test images of the run's dataset)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from cifarlens.serve.app import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise CifarlensError(f"--port must be in 0..65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise CifarlensError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    app = create_app(args.run_dir, backend=args.backend, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                     topk=args.topk, device=args.device)
+    # Bind before handing over to uvicorn, so a busy port is a one-line error, not a log and exit(1).
+    try:
+        sock = socket.create_server((args.host, args.port),
+                                    family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    except (OSError, OverflowError) as err:
+        raise CifarlensError(f"cannot listen on {args.host}:{args.port} ({getattr(err, 'strerror', None) or err}); "
+                             "is another server using it? choose another --port") from None
+    host, port = sock.getsockname()[:2]
+    if args.host not in LOOPBACK:
+        print(f"warning: listening on {args.host}, so other machines can reach this server; "
+              "use --host 127.0.0.1 to keep it local", flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {args.run_dir} ({app.state.service.model_name}, {args.backend} backend) "
+          f"on http://{shown}:{port}/  (API docs at /docs; Ctrl+C to stop)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", server_header=False, timeout_keep_alive=5))
+    server.run(sockets=[sock])
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cifarlens import export
+
+    if args.format == "onnx":
+        opset = args.opset or export.DEFAULT_OPSET
+        path, diff = export.export_onnx(args.run_dir, args.out, opset=opset, images=args.images, log=print)
+        print(f"{path}: onnxruntime matches PyTorch, max |logit diff| {diff:.2e} "
+              f"(tolerance {export.ONNX_TOLERANCE:g} x max(1, largest |logit|))")
+        return 0
+    if args.opset is not None or args.images:
+        raise CifarlensError("--opset and --images apply to --format onnx only")
+    path = export.export_safetensors(args.run_dir, args.out)
+    print(f"wrote {path} and {path.with_suffix('.json')} (classes, mean/std, model name and options)")
+    return 0

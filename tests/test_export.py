@@ -1,0 +1,162 @@
+"""``cifarlens export``: ONNX that matches PyTorch (checked by onnxruntime) and self-describing safetensors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from cifarlens import export
+from cifarlens.api import load_run, train
+from cifarlens.checkpoint import load_weights, save_weights
+from cifarlens.cli import main
+from cifarlens.config import RunConfig, merge
+from cifarlens.errors import CifarlensError
+from conftest import make_cifar10, make_fashion_mnist
+
+# Two registered model types on the two channel counts; tiny, and one short epoch each.
+MODELS = {
+    "lensnet": ("fashion-mnist", {"widths": [8, 16], "depths": [1, 1]}),
+    "resnet20": ("cifar10", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (run folder, synthetic data); each model is trained once, on first use, for one epoch."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            dataset, kwargs = MODELS[name]
+            root = tmp_path_factory.mktemp(f"export-{name}")
+            if dataset == "cifar10":
+                data = make_cifar10(root / "data", n_train_per_batch=24, n_test=20)
+            else:
+                data = make_fashion_mnist(root / "data", n_train=120, n_test=20)
+            cfg = merge(RunConfig(), {
+                "data": {"dataset": dataset, "data_dir": str(data.data_dir), "download": False},
+                "model": {"name": name, "kwargs": kwargs},
+                "train": {"batch_size": 32, "epochs": 1},
+            })
+            train(cfg, root / "run")
+            cache[name] = (root / "run", data)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def exported(runs):
+    """name -> (run folder, data, onnx path, max diff, log), exported once per model."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            run_dir, data = runs(name)
+            lines: list[str] = []
+            path, diff = export.export_onnx(run_dir, log=lines.append)
+            cache[name] = (run_dir, data, path, diff, "\n".join(lines))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def lensnet(runs):
+    return runs("lensnet")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_onnx_matches_pytorch(name, exported):
+    run_dir, data, path, diff, log = exported(name)
+    assert path == run_dir / "model.onnx" and path.is_file()
+    assert 0 <= diff <= export.ONNX_TOLERANCE
+    assert "random normal" in log and "test image" in log and "tolerance" in log  # both checks ran
+
+    # an independent check on another batch size (the batch axis is dynamic), through the real preprocessing
+    run = load_run(run_dir)
+    images = torch.from_numpy(data.test_images[:5])
+    session = export.onnx_session(path)
+    logits = export.run_onnx(session, run.preprocess(images).numpy())
+    with torch.no_grad():
+        ref = run.model(run.preprocess(images)).numpy()
+    assert logits.shape == (5, len(data.classes))
+    np.testing.assert_allclose(logits, ref, atol=export.ONNX_TOLERANCE * max(1.0, np.abs(ref).max()), rtol=0)
+    assert (logits.argmax(1) == ref.argmax(1)).all()
+
+    meta = export.onnx_metadata(path)
+    assert meta["dataset"]["classes"] == list(data.classes) and meta["max_abs_diff"] == diff
+    assert meta["weights_sha256"] == export.weights_digest(run_dir) and export.onnx_is_current(run_dir)
+
+
+def test_onnx_with_fixed_batch(lensnet, tmp_path):
+    run_dir, data = lensnet
+    path, diff = export.export_onnx(run_dir, tmp_path / "fixed.onnx", batch_dynamic=False)
+    session = export.onnx_session(path)
+    assert session.get_inputs()[0].shape[0] == 1 and diff <= export.ONNX_TOLERANCE
+    run = load_run(run_dir)
+    x = run.preprocess(torch.from_numpy(data.test_images[:3]))
+    assert export.run_onnx(session, x.numpy()).shape == (3, len(data.classes))  # one image at a time
+
+
+def test_a_mismatching_export_is_refused_and_not_written(lensnet, tmp_path, monkeypatch):
+    run_dir, _ = lensnet
+    real = export.run_onnx
+    monkeypatch.setattr(export, "run_onnx", lambda session, x: real(session, x) + 1e-2)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(CifarlensError, match="differ from PyTorch"):
+        export.export_onnx(run_dir, out)
+    assert not out.exists() and not list(tmp_path.iterdir())  # no temp file left either
+
+
+def test_new_weights_make_the_onnx_file_stale(exported, tmp_path):
+    run_dir = exported("lensnet")[0]
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert export.onnx_is_current(copy)
+    state = load_weights(copy / "model.safetensors")
+    save_weights({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, copy / "model.safetensors")
+    assert not export.onnx_is_current(copy)
+
+
+def test_export_cli_onnx_and_safetensors(lensnet, tmp_path, capsys):
+    run_dir, data = lensnet
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(data.test_images[0, 0]).save(image)
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                 "--images", str(image)]) == 0
+    out = capsys.readouterr().out
+    assert "given image" in out and "max |logit diff|" in out and "tolerance 0.0001" in out
+    assert (tmp_path / "m.onnx").is_file()
+
+    assert main(["export", str(run_dir), "--format", "safetensors"]) == 0
+    assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "export" / "model.json").is_file()
+    assert main(["export", str(run_dir), "--format", "safetensors", "--opset", "17"]) == 2
+    assert main(["export", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_safetensors_export_rebuilds_the_same_model(name, runs, tmp_path):
+    run_dir, data = runs(name)
+    path = export.export_safetensors(run_dir, tmp_path / "shared.safetensors")
+    description = json.loads(path.with_suffix(".json").read_text())
+    assert description["dataset"]["classes"] == list(data.classes)
+    assert len(description["dataset"]["mean"]) == len(description["dataset"]["std"]) == data.test_images.shape[1]
+    assert description["model"]["name"] == load_run(run_dir).config.model.name
+    with safe_open(str(path), "pt") as f:  # the header carries the description too
+        header = f.metadata()
+    assert json.loads(header["dataset"])["classes"] == list(data.classes)
+
+    model, _ = export.load_exported(path)
+    run = load_run(run_dir)
+    x = run.preprocess(torch.from_numpy(data.test_images[:4]))
+    with torch.no_grad():
+        assert torch.equal(model(x), run.model(x))
