@@ -41,12 +41,14 @@ def train(
     on_epoch_end: Callable[[FitState, nn.Module], None] | None = None,
     evaluate_test: bool = True,
     bundle: DataBundle | None = None,
+    report: bool = True,
 ) -> dict:
     """Train ``cfg`` into run folder ``out`` (or continue it with ``resume``); return the test metrics.
 
     ``on_epoch_end(state, model)`` is called after every epoch's checkpoint is written, with
     the model that is validated and saved (the EMA when there is one); benchmarks use it to
     time accuracy milestones. ``bundle`` reuses data already read for ``cfg.data``.
+    With ``report``, ``report.html`` is written at the end (see cifarlens.report).
     """
     run = RunDir(out)
     if resume:
@@ -56,8 +58,8 @@ def train(
         device_override = cfg.train.device
         cfg = run.config()
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))
-    else:
-        cfg = replace(cfg, train=resolve_train(cfg.train))
+    # (on resume this only fills keys that an older cifarlens did not write)
+    cfg = replace(cfg, train=resolve_train(cfg.train))
     device = resolve_device(cfg.train.device)
 
     if bundle is None:
@@ -130,6 +132,10 @@ def train(
     if not evaluate_test:
         return {"train_seconds": train_seconds}
     result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
+    if report:
+        from cifarlens.report import write_report
+
+        run.log(f"report: {write_report(run.path, device=str(device), bundle=bundle)}")
     run.log(f"test accuracy {result['accuracy']:.2%} (best epoch {state.best_epoch}, "
             f"val_loss {state.best_val_loss:.4f}); results in {run.path}")
     return result | {"train_seconds": train_seconds}

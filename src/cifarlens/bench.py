@@ -81,7 +81,7 @@ def bench_one(cfg: RunConfig, seed: int, targets: list[float], log=print) -> See
         train_images = state.epoch * len(bundle.train)
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(cfg, f"{tmp}/run", on_epoch_end=on_epoch_end, bundle=bundle)
+        result = train(cfg, f"{tmp}/run", on_epoch_end=on_epoch_end, bundle=bundle, report=False)
         history_seconds = result["train_seconds"]
     return SeedResult(seed, result["accuracy"], history_seconds, train_images / max(history_seconds, 1e-9),
                       time_to, epochs_to)

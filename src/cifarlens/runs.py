@@ -34,7 +34,7 @@ from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
     "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
-    "curves.png",
+    "curves.png", "report.html",
 )
 SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")

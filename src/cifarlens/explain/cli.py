@@ -65,7 +65,10 @@ def cmd_explain(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CifarlensError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    METHODS.get(args.method)  # fail on a bad name before loading anything
+    spec = METHODS.get(args.method)  # fail on a bad name before loading anything
+    if args.target is not None and not spec.class_specific:
+        print(f"cifarlens: warning: {args.method} gives the same map for every class; --target changes only "
+              "the captions", file=sys.stderr)
 
     run = load_run(args.run_dir, device=args.device)
     target = resolve_class(args.target, run.classes)
@@ -222,9 +225,10 @@ def _write_faithfulness(out: Path, run, selection: Selection, target, layer: str
     results, random = {}, None
     for method in list_methods():
         ex = chosen if method == chosen.method else _explain_all(run, selection.images, method, target, layer)
-        result = faithfulness(run.model, x, ex)
+        # same images, layer resolution and seed for every method: one random baseline serves all
+        result = faithfulness(run.model, x, ex, random_repeats=3 if random is None else 0)
         random = random or result["random"]
-        results[method] = {k: v for k, v in result.items() if k != "per_image"}
+        results[method] = {k: v for k, v in result.items() if k not in ("per_image", "random")}
     report = {"images": len(x), "layer": chosen.layer, "baseline": "mean", "steps": results[chosen.method]["steps"],
               "how_to_read": "deletion_auc: lower is better; insertion_auc: higher is better; score = insertion - "
                              "deletion, higher is better; compare with 'random' (random smooth maps)",

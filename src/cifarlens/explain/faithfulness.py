@@ -66,14 +66,18 @@ def faithfulness(
         x = images.detach().to(device).float()
         targets = explanation.targets.to(device)
         fill = torch.zeros_like(x) if baseline == "mean" else _blur(x)
+        # the ends of both curves are the same two images for every map: compute them once
+        p_image, p_fill = _target_prob(model, x, targets), _target_prob(model, fill, targets)
 
         def curves(maps: Tensor) -> tuple[Tensor, Tensor]:
             rank = _pixel_ranks(maps, generator).to(device)  # (B, H*W): 0 = most important
-            deletion, insertion = [], []
-            for k in range(steps + 1):
+            deletion, insertion = [p_image], [p_fill]
+            for k in range(1, steps):
                 top = (rank < round(k * height * width / steps)).view(b, 1, height, width)
                 deletion.append(_target_prob(model, torch.where(top, fill, x), targets))
                 insertion.append(_target_prob(model, torch.where(top, x, fill), targets))
+            deletion.append(p_fill)
+            insertion.append(p_image)
             return torch.stack(deletion, 1).cpu(), torch.stack(insertion, 1).cpu()  # (B, steps + 1)
 
         deletion, insertion = curves(explanation.maps)
@@ -101,6 +105,7 @@ def faithfulness(
         "fractions": [k / steps for k in range(steps + 1)],
         "deletion_curve": deletion.mean(0).tolist(),
         "insertion_curve": insertion.mean(0).tolist(),
+        # None with random_repeats=0 (e.g. when the caller scores several methods on the same images)
         "random": summary(torch.stack(random_del).mean(0), torch.stack(random_ins).mean(0))
         if random_repeats > 0 else None,
         "per_image": {"deletion_auc": _auc(deletion).tolist(), "insertion_auc": _auc(insertion).tolist()},

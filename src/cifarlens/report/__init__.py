@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from cifarlens.errors import CifarlensError
 
-__all__ = ["write_report", "pick_examples", "build_report_data", "REPORT_FILE"]
+__all__ = ["REPORT_FILE", "build_report_data", "pick_examples", "write_report"]
 
 REPORT_FILE = "report.html"
 EVAL_BATCH_SIZE = 512
@@ -79,6 +79,32 @@ def _gallery(run, test, probs: Tensor, labels: Tensor, k: int):
     return Gallery(correct=items[:n], mistakes=items[n:], method="Grad-CAM"), ""
 
 
+def _confusion_png(rd, metrics: dict, cm: Tensor, classes: Sequence[str]) -> bytes:
+    """The run's own confusion_matrix.png when it shows these very counts, else a fresh one."""
+    from cifarlens.plots import plot_confusion_matrix
+    from cifarlens.report.figures import file_png
+
+    saved, png = rd / "metrics.json", rd / "confusion_matrix.png"
+    if saved.is_file() and png.is_file():
+        try:
+            if json.loads(saved.read_text()).get("confusion_matrix") == metrics["confusion_matrix"]:
+                return png.read_bytes()
+        except json.JSONDecodeError:
+            pass  # a damaged metrics.json: draw the matrix afresh
+    return file_png(plot_confusion_matrix, cm, classes, title=f"{rd.path.name}: test ({int(cm.sum())} images)")
+
+
+def _curves_png(rd, meta: dict) -> bytes | None:
+    """The run's curves.png once training finished (it is drawn then), else drawn from history.csv."""
+    from cifarlens.plots import plot_training_curves
+    from cifarlens.report.figures import file_png, read_history
+
+    if meta.get("status") == "finished" and (rd / "curves.png").is_file():
+        return (rd / "curves.png").read_bytes()
+    history = read_history(rd / "history.csv")
+    return file_png(plot_training_curves, history) if history else None
+
+
 def build_report_data(
     run_dir: str | Path,
     *,
@@ -97,7 +123,6 @@ def build_report_data(
     from cifarlens.config import to_dict
     from cifarlens.data.pipeline import make_loader, prepare_data
     from cifarlens.engine import Precision, predict_logits
-    from cifarlens.plots import plot_confusion_matrix, plot_training_curves
     from cifarlens.report import figures as F
     from cifarlens.report.calibration import reliability_bins
     from cifarlens.report.html import Budget, ReportData
@@ -131,7 +156,6 @@ def build_report_data(
     meta = rd.meta()
     env_path = rd / "environment.json"
     environment = json.loads(env_path.read_text()) if env_path.is_file() else {}
-    history = F.read_history(rd / "history.csv")
     data = ReportData(
         run_name=rd.path.name,
         run_path=str(rd.path),
@@ -149,10 +173,9 @@ def build_report_data(
         metrics=metrics,
         calibration=bins,
         reliability_png=F.reliability_diagram(bins),
-        confusion_png=F.file_png(plot_confusion_matrix, cm, classes,
-                                 title=f"{rd.path.name}: test ({len(labels)} images)"),
+        confusion_png=_confusion_png(rd, metrics, cm, classes),
         confused_pairs=M.most_confused_pairs(cm, classes, k=10),
-        curves_png=F.file_png(plot_training_curves, history) if history else None,
+        curves_png=_curves_png(rd, meta),
     )
     if gradcam:
         data.gallery, data.gallery_note = _gallery(run, test, probs, labels, gallery_size)

@@ -19,10 +19,12 @@ pixels, random 32x32 crop, random horizontal flip); "none" means no augmentation
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
-__all__ = ["BASELINES", "Baseline", "Citation", "DATASETS", "baselines_for", "citations", "format_baselines", "text_table"]
+__all__ = [
+    "BASELINES", "DATASETS", "Baseline", "Citation", "baselines_for", "citations", "format_baselines", "text_table",
+]
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist")  # the names used by cifarlens' dataset registry
 STANDARD = "standard crop+flip"
@@ -102,12 +104,16 @@ BASELINES: tuple[Baseline, ...] = (
     Baseline("cifar10", "Pre-act ResNet-164", "1.7M", 5.46, "error", STANDARD, HE_2016_IDENTITY, "Table 4"),
     Baseline("cifar10", "Pre-act ResNet-1001", "10.2M", 4.92, "error", STANDARD, HE_2016_IDENTITY, "Table 4",
              note="mini-batch 128; 4.62 with mini-batch 64 (abstract)"),
-    Baseline("cifar10", "WRN-16-8", "11.0M", 4.27, "error", STANDARD, WRN_2016, "Table 5", note=_WRN, cifarlens_model="wrn16_8"),
-    Baseline("cifar10", "WRN-28-10", "36.5M", 4.00, "error", STANDARD, WRN_2016, "Table 5", note=_WRN, cifarlens_model="wrn28_10"),
+    Baseline("cifar10", "WRN-16-8", "11.0M", 4.27, "error", STANDARD, WRN_2016, "Table 5",
+             note=_WRN, cifarlens_model="wrn16_8"),
+    Baseline("cifar10", "WRN-28-10", "36.5M", 4.00, "error", STANDARD, WRN_2016, "Table 5",
+             note=_WRN, cifarlens_model="wrn28_10"),
     Baseline("cifar10", "WRN-28-10 + dropout", "36.5M", 3.89, "error", STANDARD, WRN_2016, "Table 6", note=_WRN),
-    Baseline("cifar10", "DenseNet-BC (L=100, k=12)", "0.8M", 5.92, "error", NONE, DENSENET_2017, "Table 2", note=_DENSE_NOAUG),
+    Baseline("cifar10", "DenseNet-BC (L=100, k=12)", "0.8M", 5.92, "error", NONE, DENSENET_2017, "Table 2",
+             note=_DENSE_NOAUG),
     Baseline("cifar10", "DenseNet-BC (L=100, k=12)", "0.8M", 4.51, "error", STANDARD, DENSENET_2017, "Table 2"),
-    Baseline("cifar10", "DenseNet-BC (L=250, k=24)", "15.3M", 5.19, "error", NONE, DENSENET_2017, "Table 2", note=_DENSE_NOAUG),
+    Baseline("cifar10", "DenseNet-BC (L=250, k=24)", "15.3M", 5.19, "error", NONE, DENSENET_2017, "Table 2",
+             note=_DENSE_NOAUG),
     Baseline("cifar10", "DenseNet-BC (L=250, k=24)", "15.3M", 3.62, "error", STANDARD, DENSENET_2017, "Table 2"),
     Baseline("cifar10", "DenseNet-BC (L=190, k=40)", "25.6M", 3.46, "error", STANDARD, DENSENET_2017, "Table 2"),
     # --- CIFAR-100 ----------------------------------------------------------------------
@@ -116,15 +122,18 @@ BASELINES: tuple[Baseline, ...] = (
     Baseline("cifar100", "WRN-28-10", "36.5M", 19.25, "error", STANDARD, WRN_2016, "Table 5", note=_WRN,
              cifarlens_model="wrn28_10"),
     Baseline("cifar100", "WRN-28-10 + dropout", "36.5M", 18.85, "error", STANDARD, WRN_2016, "Table 6", note=_WRN),
-    Baseline("cifar100", "DenseNet-BC (L=100, k=12)", "0.8M", 24.15, "error", NONE, DENSENET_2017, "Table 2", note=_DENSE_NOAUG),
+    Baseline("cifar100", "DenseNet-BC (L=100, k=12)", "0.8M", 24.15, "error", NONE, DENSENET_2017, "Table 2",
+             note=_DENSE_NOAUG),
     Baseline("cifar100", "DenseNet-BC (L=100, k=12)", "0.8M", 22.27, "error", STANDARD, DENSENET_2017, "Table 2"),
-    Baseline("cifar100", "DenseNet-BC (L=250, k=24)", "15.3M", 19.64, "error", NONE, DENSENET_2017, "Table 2", note=_DENSE_NOAUG),
+    Baseline("cifar100", "DenseNet-BC (L=250, k=24)", "15.3M", 19.64, "error", NONE, DENSENET_2017, "Table 2",
+             note=_DENSE_NOAUG),
     Baseline("cifar100", "DenseNet-BC (L=250, k=24)", "15.3M", 17.60, "error", STANDARD, DENSENET_2017, "Table 2"),
     Baseline("cifar100", "DenseNet-BC (L=190, k=40)", "25.6M", 17.18, "error", STANDARD, DENSENET_2017, "Table 2"),
     # --- Fashion-MNIST: the authors' benchmark is of scikit-learn classifiers on raw pixels ---
     Baseline("fashion-mnist", "SVC (C=10, kernel=rbf)", None, 89.7, "accuracy", NONE, FASHION_2017, "Table 3",
              note="scikit-learn on raw pixels; mean of 5 runs with shuffled training data; best in the table"),
-    Baseline("fashion-mnist", "MLPClassifier (relu, hidden 100-10)", None, 87.0, "accuracy", NONE, FASHION_2017, "Table 3",
+    Baseline("fashion-mnist", "MLPClassifier (relu, hidden 100-10)", None, 87.0, "accuracy", NONE, FASHION_2017,
+             "Table 3",
              note="scikit-learn on raw pixels; mean of 5 runs with shuffled training data"),
 )
 
@@ -151,7 +160,8 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Seq
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 

@@ -61,14 +61,15 @@ def reliability_bins_from_confidence(confidence: Tensor, correct: Tensor, n_bins
         raise ValueError(f"confidence and correct differ in length: {conf.numel()} vs {hit.numel()}")
     if conf.numel() and (float(conf.min()) < 0.0 or float(conf.max()) > 1.0 + 1e-6):
         raise ValueError("confidences must lie in [0, 1]")
-    # Bin b holds (b/n, (b+1)/n]; ceil(conf * n) - 1 gives that index, and 0 goes to bin 0.
-    index = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).to(torch.int64)
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+    # Bin b holds (edges[b], edges[b+1]]: the number of inner edges strictly below conf.
+    index = torch.searchsorted(edges[1:-1].contiguous(), conf.contiguous())  # (N,) in 0..n_bins-1
     counts = torch.bincount(index, minlength=n_bins).to(torch.float64)  # (n_bins,)
     sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, conf)
     sum_hit = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, hit)
     safe = counts.clamp_min(1)
     return ReliabilityBins(
-        edges=torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64).tolist(),
+        edges=edges.tolist(),
         counts=[int(c) for c in counts.tolist()],
         accuracy=(sum_hit / safe).tolist(),
         confidence=(sum_conf / safe).tolist(),

@@ -1,7 +1,7 @@
 """The report's figures, rendered straight to PNG bytes (they are embedded, never written).
 
 Same house pattern as :mod:`cifarlens.plots`: ``matplotlib.figure.Figure`` with its own
-Agg canvas, never pyplot, so nothing is left open and no GUI backend is touched. Class
+Agg canvas, never pyplot, so nothing is left open and no backend is ever selected. Class
 names never go into matplotlib text here (mathtext would interpret a ``$`` in them);
 captions are HTML, escaped by :mod:`cifarlens.report.html`.
 """
@@ -12,18 +12,16 @@ import csv
 import io
 import math
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 
-from cifarlens import plots  # noqa: F401  (selects the Agg backend, as every figure module does)
 from cifarlens.report.calibration import ReliabilityBins
 from cifarlens.report.robustness import RobustnessTable
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402  (after cifarlens.plots)
-from matplotlib.figure import Figure  # noqa: E402
 
 DPI = 110  # figures are shown at about page width; the house DPI (150) makes the HTML heavy
 
@@ -103,15 +101,16 @@ def robustness_plot(table: RobustnessTable) -> bytes:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: lines stay visible
     ax.set_title(f"accuracy under corruptions ({table.num_images} test images)")
     return figure_png(fig)
 
 
-def image_png(image_hwc: np.ndarray, size: int = 112) -> bytes:
-    """A uint8 (H, W, 3) or (H, W) array as PNG, scaled up to ``size`` pixels (nearest: pixels stay visible)."""
+def image_png(image_hwc: np.ndarray, height: int = 112) -> bytes:
+    """A uint8 (H, W, 3) or (H, W) array as PNG, scaled up by a whole factor to about ``height``
+    pixels (nearest neighbour, so the model's pixels stay visible)."""
     im = Image.fromarray(np.ascontiguousarray(image_hwc))
-    scale = max(1, math.floor(size / max(im.size)))
+    scale = max(1, math.floor(height / im.height))
     im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="PNG")

@@ -12,14 +12,15 @@ import base64
 import html
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from cifarlens.report.baselines import DATASETS, Baseline, baselines_for, citations
 from cifarlens.report.calibration import ReliabilityBins
 from cifarlens.report.robustness import RobustnessTable
 
-__all__ = ["Budget", "Gallery", "GalleryItem", "ReportData", "SECTIONS", "esc", "render_report"]
+__all__ = ["SECTIONS", "Budget", "Gallery", "GalleryItem", "ReportData", "esc", "render_report"]
 
 # (anchor id, heading): every report has all of them, in this order; a part that was
 # skipped or is unavailable keeps its heading and says why.
@@ -115,10 +116,11 @@ def duration(seconds: float | None) -> str:
     return f"{minutes / 60:.2f} h"
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, numeric: Sequence[int] = (),
+def table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], *, numeric: Sequence[int] = (),
           row_class: Sequence[str] | None = None, css: str = "") -> str:
-    """An HTML table; every cell is escaped. Columns in ``numeric`` are right-aligned."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    """An HTML table (no header row when ``headers`` is None); every cell is escaped.
+    Columns in ``numeric`` are right-aligned."""
+    head = f"<thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in headers)}</tr></thead>" if headers else ""
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{esc(row_class[i])}"' if row_class and row_class[i] else ""
@@ -126,7 +128,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, numeric: Seq
                         for j, c in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
     cls = f' class="{esc(css)}"' if css else ""
-    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<table{cls}>{head}<tbody>{''.join(body)}</tbody></table>"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -143,6 +145,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def params_text(n: int | None) -> str:
+    if not n:
+        return "—"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
 def note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
@@ -151,7 +159,7 @@ def note(text: str) -> str:
 
 def _config(d: ReportData) -> str:
     b = d.budget
-    budget = table(["", ""], [
+    budget = table(None, [
         ["dataset", d.dataset],
         ["model", f"{d.model} ({d.params:,} parameters)" if d.params else d.model],
         ["status", b.status or "—"],
@@ -282,24 +290,24 @@ def _literature(d: ReportData) -> str:
     cells, classes = [], []
     for r in rows:
         if r is None:
-            cells.append([f"this run: {d.model}", f"{d.params / 1e6:.2f}M" if d.params else "—",
-                          f"{run_acc:.2f}", f"{100 - run_acc:.2f}",
-                          f"measured here; augmentation {d.config.get('data', {}).get('augment', '?')}",
-                          budget, "—"])
+            cells.append([f"this run: {d.model}", params_text(d.params), f"{run_acc:.2f}", f"{100 - run_acc:.2f}",
+                          "measured here", d.config.get("data", {}).get("augment", "?"), budget,
+                          f"{d.metrics['num_samples']:,} test images", "—"])
             classes.append("ours")
         else:
-            shown = "error" if r.metric == "error" else "accuracy"
             cells.append([r.model, r.params or "—", f"{r.accuracy:.2f}", f"{r.error:.2f}",
-                          f"{r.augmentation}; published: {shown}" + (f"; {r.note}" if r.note else ""),
-                          "not reported in the table", f"[{refs.index(r.citation) + 1}] {r.table}"])
+                          f"{r.metric} {r.published:g}%", r.augmentation, "not reported in the table",
+                          "; ".join(filter(None, [r.note, "same architecture as this run"
+                                                  if r.cifarlens_model == d.model else ""])),
+                          f"[{refs.index(r.citation) + 1}] {r.table}"])
             classes.append("")
     refs_html = "".join(f"<li>{esc(c.full())}</li>" for c in refs)
     return (intro
             + note("Literature figures are copied as published (full training runs on the full dataset) and were "
                    "not re-run by cifarlens; the row marked 'this run' is the only number measured here. "
                    "Where a paper printed the error, accuracy is 100 minus it, and the other way round.")
-            + table(["model", "params", "test accuracy %", "test error %", "setting", "compute budget", "source"],
-                    cells, numeric=(1, 2, 3), row_class=classes)
+            + table(["model", "params", "test accuracy %", "test error %", "as published", "augmentation",
+                     "compute budget", "note", "source"], cells, numeric=(1, 2, 3), row_class=classes)
             + f"<ol class=\"refs\">{refs_html}</ol>")
 
 
@@ -313,7 +321,8 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:
 header{background:#1d2330;color:#fff;padding:18px 28px}header h1{margin:0 0 4px;font-size:22px}
 header p{margin:0;color:#c9d1e0}main{padding:8px 28px 40px;max-width:1300px}
 nav ol{columns:3;margin:12px 0;padding-left:20px}
-section{border-top:1px solid #dde2ea;margin-top:22px}h2{font-size:19px;margin:16px 0 8px}h3{font-size:15px;margin:14px 0 6px}
+section{border-top:1px solid #dde2ea;margin-top:22px}h2{font-size:19px;margin:16px 0 8px}
+h3{font-size:15px;margin:14px 0 6px}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}th,td{padding:3px 9px;border-bottom:1px solid #e6e9ef;
 text-align:left;vertical-align:top}th{background:#f3f5f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.kv td:first-child{color:#4a5568;white-space:nowrap}tr.ours td{background:#fff4d6;font-weight:600}

@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote
 
+import anyio
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +53,19 @@ from cifarlens.serve import BACKENDS
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 4
 UPLOAD_PATHS = ("/api/predict", "/api/explain")
+
+
+class TopClass(BaseModel):
+    label: str
+    index: int
+    prob: float
+
+
+class PredictResponse(BaseModel):
+    model: str
+    backend: str
+    top: list[TopClass]  # most probable first
+    latency_ms: float  # decoding and inference on the server
 
 
 class ApiError(Exception):
@@ -138,9 +153,14 @@ class UploadLimit:
     A declared Content-Length over the cap is refused before the app runs (no byte of
     the body is read). A body without one (chunked) or lying about it is counted as it
     streams; once past the cap the app's read fails and whatever it would have answered
-    is replaced by the 413. Either way the server then closes the connection, so the
-    rest of the body is never read.
+    is replaced by the 413. The connection is closed after the answer.
     """
+
+    # After the 413 is written, what the client is still sending is read and dropped for at
+    # most this long before closing: closing a socket with unread data makes the kernel send
+    # a reset, and most clients (browsers, httpx, curl) then report "connection reset" instead
+    # of the answer they already received. Bounded in time, and nothing is kept.
+    drain_seconds = 2.0
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -150,7 +170,7 @@ class UploadLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send, int(declared))
+            return await self._reject(receive, send, int(declared))
 
         received, exceeded, responded = 0, False, False
 
@@ -169,7 +189,7 @@ class UploadLimit:
             if exceeded:  # swap the app's answer to the failed read (400, 500...) for the 413
                 if message["type"] == "http.response.start" and not responded:
                     responded = True
-                    await self._reject(send, None)
+                    await self._reject(receive, send, None)
                 return
             if message["type"] == "http.response.start":
                 responded = True
@@ -181,21 +201,26 @@ class UploadLimit:
             if not exceeded:
                 raise
         if exceeded and not responded:
-            await self._reject(send, None)
+            await self._reject(receive, send, None)
 
-    async def _reject(self, send, declared: int | None) -> None:
+    async def _reject(self, receive, send, declared: int | None) -> None:
         size = f"{declared:,} bytes" if declared is not None else f"more than {self.max_bytes:,} bytes"
-        response = error_response(413, f"upload too large: {size}; the limit is {self.max_bytes:,} bytes "
-                                  f"({self.max_bytes / 2**20:.1f} MiB)", headers={"Connection": "close"})
-        await response({"type": "http"}, _no_receive, send)
+        body = json.dumps({"error": f"upload too large: {size}; the limit is {self.max_bytes:,} bytes "
+                                    f"({self.max_bytes / 2**20:.1f} MiB)", "status": 413}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body, "more_body": True})  # the client has it all now
+        with anyio.move_on_after(self.drain_seconds):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _BodyTooLarge(Exception):
     pass
-
-
-async def _no_receive():  # a Response never reads the request
-    return {"type": "http.disconnect"}
 
 
 # ---------------------------------------------------------------------------
@@ -218,25 +243,15 @@ class Service:
         self.description = self._describe()
 
     def _describe(self) -> dict:
-        from cifarlens.models import model_info
-        from cifarlens.runs import RunDir, info_to_dict
+        from cifarlens.export import describe_run
+        from cifarlens.runs import RunDir
 
-        run = self.run
-        metrics = None
-        metrics_file = run.path / "metrics.json"
-        if metrics_file.is_file():
-            values = json.loads(metrics_file.read_text())
-            metrics = {k: values[k] for k in ("accuracy", "top5_accuracy", "f1_macro", "precision_macro",
-                                              "recall_macro", "split_size") if k in values}
-        meta = RunDir(run.path).meta()
-        info = model_info(run.model)
+        meta = RunDir(self.run.path).meta()
+        described = describe_run(self.run)
         return {
-            "run": run.path.name,  # the name only: the server does not publish its file system
-            "model": {"name": self.model_name, "kwargs": dict(run.config.model.kwargs),
-                      "architecture": info["architecture"], "params": info["params"]},
-            "dataset": info_to_dict(run.info),
-            "test_metrics": metrics,
-            "trained": {k: meta.get(k) for k in ("status", "epochs_done", "best_epoch") if k in meta},
+            "run": self.run.path.name,  # the name only: the server does not publish its file system
+            **{k: described[k] for k in ("model", "dataset", "test_metrics", "preprocessing")},
+            "trained": {k: meta[k] for k in ("status", "epochs_done", "best_epoch") if k in meta},
             "backend": self.backend.name,
             "explain_backend": "torch",  # Grad-CAM needs gradients, so always the PyTorch model
             "methods": self.methods,
@@ -277,14 +292,14 @@ class Service:
             rgb = overlay(image, exp.maps[0])  # (H, W, 3) uint8
         buf = io.BytesIO()
         Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
-        predicted, explained = _as_int(exp.predictions), _as_int(exp.targets)
+        predicted, explained = int(exp.predictions[0]), int(exp.targets[0])
         classes = self.run.classes
-        headers = {
+        headers = {  # class names may be any Unicode: percent-encoded (decodeURIComponent on the page)
             "X-Method": method,
             "X-Predicted-Class": quote(classes[predicted]), "X-Predicted-Index": str(predicted),
             "X-Explained-Class": quote(classes[explained]), "X-Explained-Index": str(explained),
-            "X-Explained-Prob": f"{_target_prob(exp, explained):.6f}",
-            "X-Empty-Map": "true" if bool(_first(exp.empty)) else "false",
+            "X-Explained-Prob": f"{float(exp.target_probs[0]):.6f}",
+            "X-Empty-Map": "true" if bool(exp.empty[0]) else "false",  # "no evidence", not a heatmap
             "X-Explain-Backend": "torch",
             "X-Latency-Ms": f"{(time.perf_counter() - start) * 1000:.2f}",
         }
@@ -292,31 +307,16 @@ class Service:
 
     def resolve_target(self, target: str | None) -> int | None:
         """A class name or index (as sent in the form) -> class index; None explains the prediction."""
+        from cifarlens.explain import resolve_class
+
         if target is None or target.strip() == "":
             return None
-        classes = self.run.classes
-        if target in classes:
-            return classes.index(target)
-        if target.strip().isdigit() and int(target) < len(classes):
-            return int(target)
-        shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
-        raise ApiError(422, f"unknown class {target[:80]!r}: give a class name or an index 0..{len(classes) - 1} "
-                            f"(classes: {shown})")
-
-
-def _first(values):
-    value = values[0]
-    return value.item() if hasattr(value, "item") else value
-
-
-def _as_int(values) -> int:
-    return int(_first(values))
-
-
-def _target_prob(exp, target: int) -> float:
-    """Probability of the explained class, whether ``probs`` holds (B,) or (B, K) values."""
-    probs = torch.as_tensor(np.asarray(exp.probs, dtype=np.float64))
-    return float(probs[0, target] if probs.ndim == 2 else probs[0])
+        if len(target) > 200:
+            raise ApiError(422, f"unknown class: a name of {len(target):,} characters")
+        try:
+            return resolve_class(target, self.run.classes)
+        except CifarlensError as err:
+            raise ApiError(422, str(err)) from None
 
 
 def create_app(
@@ -367,7 +367,7 @@ def create_app(
     def model() -> dict:
         return service.description
 
-    @app.post("/api/predict")
+    @app.post("/api/predict", response_model=PredictResponse)
     async def predict(file: UploadFile = File(..., description="the image"),
                       topk: int = Form(service.topk, ge=1, le=1000, description="how many classes")) -> dict:
         data = await file.read()

@@ -62,7 +62,11 @@ def cmd_serve(args) -> int:
     print(f"serving {args.run_dir} ({app.state.service.model_name}, {args.backend} backend) "
           f"on http://{shown}:{port}/  (API docs at /docs; Ctrl+C to stop)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", server_header=False, timeout_keep_alive=5))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl+C
+        pass
+    print("server stopped", flush=True)
     return 0
 
 

@@ -1,0 +1,414 @@
+"""The run report: calibration, corruptions, the literature table, the HTML page, compare,
+and the page opened in a real headless browser (Debian's chromium)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import make_fashion_mnist, make_imagefolder
+from PIL import Image
+
+from cifarlens.cli import main
+from cifarlens.data.base import Split
+from cifarlens.report import pick_examples
+from cifarlens.report.baselines import (
+    BASELINES,
+    DATASETS,
+    baselines_for,
+    format_baselines,
+)
+from cifarlens.report.calibration import expected_calibration_error, reliability_bins
+from cifarlens.report.compare import compare_runs, config_differences
+from cifarlens.report.html import SECTIONS, esc
+from cifarlens.report.robustness import (
+    CORRUPTIONS,
+    MAX_SEVERITY,
+    corrupt,
+    list_corruptions,
+    robustness,
+)
+
+TINY = ["--model", "lensnet_light", "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "32"]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# Flags that keep chromium from reaching the network or the user's profile
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-default-apps", "--disable-extensions"]
+
+
+# -- calibration ----------------------------------------------------------------------------
+
+def test_ece_matches_a_hand_computed_example():
+    probs = torch.tensor([
+        [0.90, 0.05, 0.03, 0.02],  # conf 0.90, right   -> bin (0.8, 1.0]
+        [0.85, 0.05, 0.05, 0.05],  # conf 0.85, wrong   -> bin (0.8, 1.0]
+        [0.10, 0.70, 0.10, 0.10],  # conf 0.70, right   -> bin (0.6, 0.8]
+        [0.30, 0.25, 0.25, 0.20],  # conf 0.30, wrong   -> bin (0.2, 0.4]
+    ])
+    labels = torch.tensor([0, 1, 1, 2])
+    # bins of width 0.2: (0.8,1]: 2 images, acc 0.5, conf 0.875 -> 2/4 * 0.375 = 0.1875
+    #                    (0.6,0.8]: acc 1, conf 0.7 -> 1/4 * 0.3 = 0.075; (0.2,0.4]: acc 0, conf 0.3 -> 0.075
+    assert expected_calibration_error(probs, labels, n_bins=5) == pytest.approx(0.3375)
+    bins = reliability_bins(probs, labels, n_bins=5)
+    assert bins.counts == [0, 1, 0, 1, 2]
+    assert bins.accuracy[4] == pytest.approx(0.5) and bins.confidence[4] == pytest.approx(0.875)
+    assert bins.max_gap == pytest.approx(0.375)
+
+
+def test_ece_zero_when_confidence_equals_accuracy_and_bin_edges_are_right_closed():
+    probs = torch.tensor([[0.75, 0.25]] * 4)
+    assert expected_calibration_error(probs, torch.tensor([0, 0, 0, 1]), n_bins=10) == pytest.approx(0.0)
+    # confidence exactly 0.8 belongs to (0.6, 0.8], not (0.8, 1.0]
+    bins = reliability_bins(torch.tensor([[0.8, 0.2]], dtype=torch.float64), torch.tensor([0]), n_bins=5)
+    assert bins.counts == [0, 0, 0, 1, 0]
+
+
+def test_ece_agrees_with_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(500, 10, generator=g), dim=1)
+    labels = torch.randint(0, 10, (500,), generator=g)
+    conf, pred = probs.max(1)
+    expected = 0.0
+    for b in range(15):
+        lo, hi = b / 15, (b + 1) / 15
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            gap = (pred[inside] == labels[inside]).double().mean() - conf[inside].double().mean()
+            expected += inside.sum().item() / 500 * abs(gap.item())
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected, abs=1e-9)
+
+
+# -- corruptions ----------------------------------------------------------------------------
+
+def gray_images(n=8, channels=3, size=32, seed=0):
+    """Mid-grey images with a smooth pattern and a little texture: no clipping at 0 or 255."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pattern = 30 * torch.sin(xx / 4.0) * torch.cos(yy / 5.0)  # (H, W)
+    x = 128 + pattern + 8 * torch.randn(n, channels, size, size, generator=g)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def high_frequency_energy(images: torch.Tensor) -> float:
+    x = images.double()
+    return float((x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean())
+
+
+@pytest.mark.parametrize("name", list_corruptions())
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_corruption_keeps_shape_and_dtype_and_is_identity_at_severity_0(name, channels):
+    x = gray_images(channels=channels)
+    assert torch.equal(corrupt(x, name, 0), x)
+    for s in range(1, MAX_SEVERITY + 1):
+        y = corrupt(x, name, s)
+        assert y.dtype == torch.uint8 and y.shape == x.shape
+        assert not torch.equal(y, x), (name, s)
+    with pytest.raises(ValueError):
+        corrupt(x, name, MAX_SEVERITY + 1)
+
+
+def test_noise_std_grows_with_severity_and_is_seeded():
+    x = gray_images()
+    stds = [(corrupt(x, "gaussian_noise", s).float() - x.float()).std().item() for s in range(1, 6)]
+    assert stds == sorted(stds) and stds[0] < stds[-1]
+    assert stds[-1] == pytest.approx(0.10 * 255, rel=0.1)  # severity 5: std 0.10 of the range
+    assert torch.equal(corrupt(x, "gaussian_noise", 3, seed=1), corrupt(x, "gaussian_noise", 3, seed=1))
+    assert not torch.equal(corrupt(x, "gaussian_noise", 3, seed=1), corrupt(x, "gaussian_noise", 3, seed=2))
+
+
+def test_brightness_shifts_the_mean_and_contrast_shrinks_the_spread():
+    x = gray_images()
+    shifts = [corrupt(x, "brightness", s).float().mean().item() - x.float().mean().item() for s in range(1, 6)]
+    assert shifts == sorted(shifts)
+    assert shifts[0] == pytest.approx(0.05 * 255, abs=1.0)
+    spreads = [corrupt(x, "contrast", s).float().std().item() for s in range(1, 6)]
+    assert spreads == sorted(spreads, reverse=True) and spreads[0] < x.float().std().item()
+    assert corrupt(x, "contrast", 5).float().mean().item() == pytest.approx(x.float().mean().item(), abs=1.0)
+
+
+def test_blur_removes_high_frequencies_more_at_higher_severity():
+    x = gray_images()
+    energy = [high_frequency_energy(x)] + [high_frequency_energy(corrupt(x, "gaussian_blur", s)) for s in range(1, 6)]
+    assert energy == sorted(energy, reverse=True)
+    assert energy[-1] < 0.5 * energy[0]
+
+
+def test_jpeg_round_trip_is_lossy_yet_close():
+    for channels in (1, 3):
+        x = gray_images(channels=channels)
+        errors = [(corrupt(x, "jpeg", s).float() - x.float()).abs().mean().item() for s in (1, 5)]
+        assert 0 < errors[0] <= errors[1] < 12  # grey levels, out of 255
+
+
+class ConstantRun:
+    """Predicts class 0 for every image, counting the images it sees."""
+
+    def __init__(self, num_classes=3):
+        self.num_classes, self.seen = num_classes, 0
+
+    def predict_proba(self, images):
+        self.seen += len(images)
+        out = torch.zeros(len(images), self.num_classes)
+        out[:, 0] = 1
+        return out
+
+
+def test_robustness_table_on_a_capped_seeded_subset():
+    labels = torch.arange(30) % 3
+    split = Split(gray_images(30, channels=1, size=16), labels)
+    run = ConstantRun()
+    table = robustness(run, split, severities=(1, 2), max_images=12, seed=0)
+    assert table.num_images == 12 and table.total_images == 30
+    assert run.seen == 12 * (1 + len(list_corruptions()) * 2)
+    assert {(r["corruption"], r["severity"]) for r in table.rows} == {(c, s) for c in CORRUPTIONS for s in (1, 2)}
+    assert all(r["accuracy"] == table.clean_accuracy for r in table.rows)  # the model ignores the image
+    again = robustness(ConstantRun(), split, severities=(1, 2), max_images=12, seed=0)
+    assert again.as_dict() == table.as_dict()
+    with pytest.raises(ValueError):
+        robustness(run, split, severities=(0,))
+
+
+# -- literature table -------------------------------------------------------------------------
+
+def test_every_baseline_is_cited_and_accuracy_is_100_minus_error():
+    assert {b.dataset for b in BASELINES} == set(DATASETS)
+    for b in BASELINES:
+        c = b.citation
+        assert c.authors and 2016 <= c.year <= 2017 and c.title and c.venue and c.arxiv and b.table.startswith("Table")
+        assert b.accuracy + b.error == pytest.approx(100.0)
+        assert (b.error if b.metric == "error" else b.accuracy) == b.published
+        assert 0 < b.published < 100
+    he = {b.model: b.error for b in baselines_for("cifar10") if b.citation.title.startswith("Deep Residual")}
+    assert he["ResNet-20"] == 8.75 and he["ResNet-110"] == 6.43  # He et al. 2016, Table 6
+
+
+@pytest.mark.parametrize("row", [b for b in BASELINES if b.cifarlens_model], ids=lambda b: f"{b.dataset}-{b.model}")
+def test_baselines_mapped_to_a_cifarlens_model_have_its_parameter_count(row):
+    from cifarlens.models import create_model
+
+    with torch.device("meta"):  # counts parameters without allocating 36M of them
+        model = create_model(row.cifarlens_model, num_classes=100 if row.dataset == "cifar100" else 10)
+    published = float(row.params.rstrip("M")) * 1e6
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(published, rel=0.02)
+
+
+def test_baselines_command_prints_the_table_with_citations(capsys):
+    assert main(["baselines", "--dataset", "cifar10"]) == 0
+    out = capsys.readouterr().out
+    assert "ResNet-110" in out and "93.57" in out and "6.43" in out
+    assert "Deep Residual Learning for Image Recognition" in out and "arXiv:1512.03385" in out
+    assert "Fashion-MNIST" not in out
+    text = format_baselines()
+    assert all(ds in text for ds in DATASETS) and "SVC" in text and "89.70" in text
+
+
+# -- small pieces -------------------------------------------------------------------------------
+
+def test_pick_examples_covers_classes_before_repeating():
+    conf = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    assert pick_examples(torch.ones(5, dtype=torch.bool), conf, labels, 4) == [0, 2, 4, 1]
+    assert pick_examples(torch.tensor([False, True, False, False, False]), conf, labels, 4) == [1]
+
+
+def test_config_differences_lists_only_keys_that_differ():
+    a = {"train": {"lr": 0.1, "seed": 0}, "model": {"kwargs": {"widths": [8]}}}
+    b = {"train": {"lr": 0.05, "seed": 0}, "model": {"kwargs": {"widths": [16]}}}
+    assert config_differences([a, b]) == [("model.kwargs", ['{"widths": [8]}', '{"widths": [16]}']),
+                                          ("train.lr", [0.1, 0.05])]
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory):
+    """A tiny Fashion-MNIST-layout run, trained and reported through the CLI."""
+    root = tmp_path_factory.mktemp("report")
+    data = make_fashion_mnist(root / "data", n_train=200, n_test=50)
+    out = root / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "2",
+                 "--out", str(out), *TINY]) == 0
+    assert main(["report", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def section(page: str, sid: str) -> str:
+    match = re.search(rf'<section id="{sid}">(.*?)</section>', page, re.DOTALL)
+    assert match, sid
+    return match.group(1)
+
+
+def test_report_is_self_contained_and_has_every_section(reported_run):
+    page = (reported_run / "report.html").read_text()
+    for sid, title in SECTIONS:
+        assert f"<h2>{esc(title)}</h2>" in section(page, sid)
+    # No asset from outside the page: every src is an embedded PNG, every href an in-page anchor
+    srcs = re.findall(r'\ssrc="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert all(h.startswith("#") for h in re.findall(r'\shref="([^"]*)"', page))
+    assert not re.search(r"https?://", page) and "<script" not in page and "<link" not in page
+    for s in srcs:  # each embedded image is a valid PNG
+        with Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))) as im:
+            im.verify()
+    # Numbers the page must carry
+    metrics = section(page, "metrics")
+    assert "accuracy" in metrics and "expected calibration error" in metrics
+    assert "Compute budget" in section(page, "config") and "2 done of 2 planned" in page
+    literature = section(page, "literature")
+    assert 'class="ours"' in literature and "SVC (C=10, kernel=rbf)" in literature and "Table 3" in literature
+    assert "arXiv:1708.07747" in literature
+    robust = section(page, "robustness")
+    assert "gaussian noise" in robust and "jpeg" in robust and "severity 5" in robust
+    gradcam = section(page, "gradcam")
+    try:
+        import cifarlens.explain  # noqa: F401
+        from cifarlens.explain import explain_run  # noqa: F401
+    except ImportError:
+        assert "not available" in gradcam
+    else:
+        assert gradcam.count('<figure class="tile">') >= 2 and "Correct predictions" in gradcam
+
+
+def test_report_options_skip_parts_but_keep_their_headings(reported_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reported_run, copy)
+    assert main(["report", str(copy), "--device", "cpu", "--no-robustness", "--no-gradcam"]) == 0
+    page = (copy / "report.html").read_text()
+    assert "Skipped (--no-robustness)." in section(page, "robustness")
+    assert "Skipped (--no-gradcam)." in section(page, "gradcam")
+
+
+def test_gallery_shows_no_evidence_for_empty_maps_and_degrades_without_explain(reported_run, monkeypatch):
+    from types import SimpleNamespace
+
+    from cifarlens.report import build_report_data
+    from cifarlens.report.html import render_report
+
+    explain = pytest.importorskip("cifarlens.explain")
+    if not hasattr(explain, "explain_run"):
+        pytest.skip("cifarlens.explain has no explain_run yet")
+
+    def all_empty(run, images, method="gradcam", target=None):
+        b, _, h, w = images.shape
+        probs = torch.full((b, len(run.classes)), 1.0 / len(run.classes))
+        return SimpleNamespace(maps=torch.zeros(b, h, w), empty=torch.ones(b, dtype=torch.bool),
+                               predictions=torch.zeros(b, dtype=torch.int64), targets=torch.zeros(b, dtype=torch.int64),
+                               probs=probs)
+
+    monkeypatch.setattr(explain, "explain_run", all_empty)
+    data = build_report_data(reported_run, robustness=False, gallery_size=2)
+    tiles = data.gallery.correct + data.gallery.mistakes
+    assert tiles and all(t.empty for t in tiles)
+    gradcam = section(render_report(data), "gradcam")
+    assert gradcam.count("no evidence") == len(tiles)
+
+    monkeypatch.setitem(sys.modules, "cifarlens.explain", None)  # as if it were not installed
+    data = build_report_data(reported_run, robustness=False)
+    assert data.gallery is None and "not available" in section(render_report(data), "gradcam")
+
+
+def test_report_of_a_missing_run_is_a_clean_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_path, capsys):
+    other = tmp_path / "run-lr"
+    shutil.copytree(reported_run, other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["train"]["lr"] = 0.05
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (other / "metrics.json").unlink()  # a run without test metrics shows dashes
+    capsys.readouterr()
+    assert main(["compare", str(reported_run), str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "run-lr" in out and "fashion-mnist" in out and "lensnet_light" in out and "2/2" in out
+    row = next(line for line in out.splitlines() if line.startswith("run ") and "fashion-mnist" in line)
+    assert re.search(r"\d+\.\d\d%", row)  # test accuracy and ECE
+    assert re.search(r"train\.lr\s+0\.1\s+0\.05", out)
+    assert "identical" not in out
+    assert "config: identical in all runs" in compare_runs([reported_run, reported_run])
+
+
+def test_hostile_class_names_are_escaped(tmp_path):
+    hostile = '<script>alert("x")<'
+    data = make_imagefolder(tmp_path / "images", classes=(hostile, "cat & dog", "plain"), n_per_class=8,
+                            n_test_per_class=3, formats=("png",), sizes=((32, 32),), junk=False)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--out", str(out), *TINY]) == 0
+    assert main(["report", str(out), "--device", "cpu", "--no-robustness"]) == 0
+    page = (out / "report.html").read_text()
+    assert "<script" not in page and hostile not in page
+    assert esc(hostile) in section(page, "per-class") and "cat &amp; dog" in page
+    assert "No published results are recorded for dataset" in section(page, "literature")
+
+
+# -- a real browser ------------------------------------------------------------------------------
+
+def chromium_or_skip() -> Path:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (/usr/bin/chromium)")
+    return CHROMIUM
+
+
+def test_report_renders_in_headless_chromium(reported_run, tmp_path):
+    """--dump-dom shows every section as parsed by the browser; a screenshot shows drawn content."""
+    browser = chromium_or_skip()
+    url = (reported_run / "report.html").resolve().as_uri()
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([str(browser), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for sid, title in SECTIONS:
+        assert re.search(rf'<section id="{sid}"><h2>{re.escape(esc(title))}</h2>', dom.stdout), sid
+    assert dom.stdout.count("data:image/png;base64,") >= 4
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([str(browser), *flags, "--hide-scrollbars", "--window-size=1200,3000",
+                          f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (3000, 1200) and pixels.std() > 20  # text, tables and figures, not a blank page
+
+
+def test_report_images_decode_in_chromium_without_errors(reported_run, tmp_path):
+    """Through chromedriver: every <img> decoded (naturalWidth > 0), every section visible, no console errors."""
+    browser = chromium_or_skip()
+    if not CHROMEDRIVER.exists():
+        pytest.skip("chromium-driver is not installed (/usr/bin/chromedriver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(browser)
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get((reported_run / "report.html").resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])")
+        assert len(images) >= 4
+        assert all(done and w > 0 and h > 0 for done, w, h, _ in images), images
+        headings = driver.execute_script(
+            "return Array.from(document.querySelectorAll('section > h2'))"
+            ".map(h => [h.parentElement.id, h.textContent, h.getBoundingClientRect().height])")
+        assert [(sid, title) for sid, title, _ in headings] == list(SECTIONS)
+        assert all(height > 0 for _, _, height in headings)
+        assert driver.execute_script("return document.scripts.length") == 0
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
