@@ -295,7 +295,7 @@ class Exploding(nn.Module):
         self.cam_layer = "features"
 
     def forward(self, x):
-        f = self.features(x)
+        self.features(x)
         raise RuntimeError("boom in forward")
 
 
@@ -560,6 +560,17 @@ def test_cli_image_files_and_indices(cifar_run, tmp_path, capsys):
     assert main(["explain", str(run_dir), "--indices", "0,7", "--split", "test", "--method", "eigencam",
                  "--out", str(out2)]) == 0
     assert {"test_00000.png", "test_00007.png", "gallery.png", "class_average.png"} <= {p.name for p in out2.glob("*")}
+
+
+def test_cli_warns_in_one_line_for_a_2x2_layer(tmp_path, capsys):
+    from cifarlens.explain.cli import _explain_all
+
+    run = fake_run(tmp_path)
+    images = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    ex = _explain_all(run, images, "gradcam", None, "stages.1")  # 8x8 input: 2x2 after the last pool
+    assert ex.layer_size == (2, 2)
+    err = capsys.readouterr().err
+    assert err.startswith("cifarlens: warning: layer 'stages.1' gives 2x2 maps: too coarse") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, message", [

@@ -93,7 +93,8 @@ def export_onnx(
     The file is only written after onnxruntime's logits match PyTorch's within
     ``ONNX_TOLERANCE`` on a random batch and on real images (``images``, else the
     first test images of the run's dataset when it is still on disk, else random
-    uint8 images through the real preprocessing). Raises CifarlensError otherwise.
+    uint8 images through the real preprocessing; reading a large image folder takes a
+    while, so pass ``images`` there). Raises CifarlensError otherwise.
     """
     from cifarlens.api import load_run
     from cifarlens.models import unwrap_model

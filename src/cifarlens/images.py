@@ -8,12 +8,13 @@ same way in training and at inference.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifarlens.errors import CifarlensError
 
@@ -22,6 +23,10 @@ from cifarlens.errors import CifarlensError
 MAX_PIXELS = 40_000_000
 
 ImageSource = Union[str, Path, bytes, Image.Image]
+
+
+class ImageTooLarge(CifarlensError):
+    """The image has more pixels than MAX_PIXELS (a decompression-bomb guard)."""
 
 
 def to_mode(im: Image.Image, channels: int) -> Image.Image:
@@ -59,7 +64,7 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
             im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
         if im.width * im.height > limit:
-            raise CifarlensError(
+            raise ImageTooLarge(
                 f"refusing to decode {name}: {im.width}x{im.height} pixels is over the limit of {limit:,}"
             )
         im.seek(0)  # first frame of GIF/WebP/TIFF animations and multi-page files
@@ -73,9 +78,12 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
     except FileNotFoundError:
         raise CifarlensError(f"image {name} not found") from None
     except Image.DecompressionBombError as err:
-        raise CifarlensError(f"refusing to decode {name}: {err}") from None
+        raise ImageTooLarge(f"refusing to decode {name}: {err}") from None
+    except UnidentifiedImageError:
+        raise CifarlensError(f"cannot read image {name}: not a recognised image format") from None
     except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
-        raise CifarlensError(f"cannot read image {name} ({type(err).__name__}: {err}); is it an image file?") from None
+        reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the upload", str(err))  # no memory addresses
+        raise CifarlensError(f"cannot read image {name} ({type(err).__name__}: {reason}); is it an image file?") from None
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)

@@ -34,8 +34,9 @@ from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
     "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
-    "curves.png", "report.html",
+    "curves.png", "report.html", "model.onnx",
 )
+RUN_DIRS = ("checkpoints", "explain", "export")  # folders a run writes; --force removes them
 SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
@@ -89,7 +90,8 @@ class RunDir:
         for split in ("test", "val"):
             for pattern in SPLIT_FILES:
                 self.split_file(pattern, split).unlink(missing_ok=True)
-        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(self.path / name, ignore_errors=True)
 
     # -- reading --------------------------------------------------------------------------
     def require_run(self) -> None:

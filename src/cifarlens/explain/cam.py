@@ -394,7 +394,7 @@ def _resolve_targets(target, logits: Tensor) -> Tensor:
         t = target.detach().to(device=logits.device).long().reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
-    elif isinstance(target, bool) or isinstance(target, str):
+    elif isinstance(target, (bool, str)):
         raise CifarlensError(f"target must be a class index (int) or None here, got {target!r}; "
                              "class names are resolved by explain_run")
     elif isinstance(target, int):
@@ -407,7 +407,8 @@ def _resolve_targets(target, logits: Tensor) -> Tensor:
     if t.shape[0] != batch:
         raise CifarlensError(f"{t.shape[0]} targets for {batch} images; give one per image, one for all, or None")
     if bool(((t < 0) | (t >= num_classes)).any()):
-        raise CifarlensError(f"target class {t.tolist()} out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        raise CifarlensError(f"target class {t.tolist()} out of range: the model has {num_classes} classes "
+                             f"(0..{num_classes - 1})")
     return t
 
 

@@ -56,9 +56,11 @@ def cmd_explain(args) -> int:
 
     selectors = [f for f in ("mistakes", "per_class", "indices") if getattr(args, f) is not None]
     if args.images and (selectors or args.split):
-        raise CifarlensError("give image files or a split selection (--split/--mistakes/--per-class/--indices), not both")
+        raise CifarlensError("give image files or a split selection (--split/--mistakes/--per-class/--indices), "
+                             "not both")
     if not args.images and not selectors:
-        raise CifarlensError("nothing to explain: give image files, or --mistakes N, --per-class N or --indices I,J,...")
+        raise CifarlensError("nothing to explain: give image files, or --mistakes N, --per-class N "
+                             "or --indices I,J,...")
     if len(selectors) > 1:
         raise CifarlensError(f"choose one of --mistakes, --per-class, --indices (got {len(selectors)})")
     for flag in ("mistakes", "per_class"):
@@ -92,8 +94,8 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def _explain_all(run, images: Tensor, method: str, target, layer: str):
-    """explain_run in batches; a coarse-layer warning becomes one line on stderr."""
+def _explain_all(run, images: Tensor, method: str, target, layer: str, *, warn: bool = True):
+    """explain_run in batches; a coarse-layer warning becomes one line on stderr (if ``warn``)."""
     from cifarlens.explain.cam import CoarseMapWarning, Explanation, explain_run
 
     parts = []
@@ -103,7 +105,8 @@ def _explain_all(run, images: Tensor, method: str, target, layer: str):
             chunk = images[start : start + BATCH]
             t = target[start : start + BATCH] if isinstance(target, list) else target
             parts.append(explain_run(run, chunk, method=method, target=t, layer=layer))
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, CoarseMapWarning)):
+    coarse = [str(w.message) for w in caught if issubclass(w.category, CoarseMapWarning)]
+    for message in dict.fromkeys(coarse) if warn else ():
         print(f"cifarlens: warning: {message}", file=sys.stderr)
     for w in caught:
         if not issubclass(w.category, CoarseMapWarning):
@@ -176,10 +179,16 @@ def _confident_mistakes(run, data, n: int) -> Tensor:
 
 def write_explanations(out: Path, classes, selection: Selection, explanation, *, save_maps: bool) -> list[str]:
     """Per-image panels, gallery.png, class_average.png (for labelled images) and maps/*.npy."""
-    from cifarlens.explain.figures import caption, class_average_maps, plot_class_averages, plot_explanation, plot_gallery
-    from cifarlens.io import atomic_write
-
     import numpy as np
+
+    from cifarlens.explain.figures import (
+        caption,
+        class_average_maps,
+        plot_class_averages,
+        plot_explanation,
+        plot_gallery,
+    )
+    from cifarlens.io import atomic_write
 
     ex = explanation
     labels = selection.labels
@@ -224,7 +233,10 @@ def _write_faithfulness(out: Path, run, selection: Selection, target, layer: str
     x = run.preprocess(selection.images)
     results, random = {}, None
     for method in list_methods():
-        ex = chosen if method == chosen.method else _explain_all(run, selection.images, method, target, layer)
+        if method == chosen.method:
+            ex = chosen
+        else:  # the coarse-layer warning was printed for the chosen method already
+            ex = _explain_all(run, selection.images, method, target, layer, warn=False)
         # same images, layer resolution and seed for every method: one random baseline serves all
         result = faithfulness(run.model, x, ex, random_repeats=3 if random is None else 0)
         random = random or result["random"]

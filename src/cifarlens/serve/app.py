@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cifarlens.api import Prediction, Run, load_run
 from cifarlens.errors import CifarlensError
-from cifarlens.images import MAX_PIXELS, load_image
+from cifarlens.images import MAX_PIXELS, ImageTooLarge, load_image
 from cifarlens.serve import BACKENDS
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -268,9 +268,10 @@ class Service:
         name = f"upload {filename[:80]!r}" if filename else "upload"
         try:
             return load_image(data, self.run.info.in_channels, self.run.info.image_size, name=name)
+        except ImageTooLarge as err:  # decompression-bomb guard
+            raise ApiError(413, str(err)) from None
         except CifarlensError as err:
-            # load_image's pixel-count guard (decompression bombs) says "refusing to decode"
-            raise ApiError(413 if "refusing to decode" in str(err) else 400, str(err)) from None
+            raise ApiError(400, str(err)) from None
 
     def predict(self, data: bytes, filename: str | None, k: int) -> dict:
         start = time.perf_counter()
