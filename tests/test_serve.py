@@ -176,6 +176,11 @@ def test_predict_topk_and_health_model_docs(client, trained):
 
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    # the docs work offline: every script and style comes from this server
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert assets and all(a.startswith("/") for a in assets), assets
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
     assert {"/api/predict", "/api/explain", "/api/health", "/api/model"} <= set(client.get("/openapi.json").json()["paths"])
 
 

@@ -320,6 +320,23 @@ class Service:
             raise ApiError(422, str(err)) from None
 
 
+def _add_offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the swagger-ui-bundle package, so the docs work offline
+    (FastAPI's default page loads its script and style from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="cifarlens API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
 def create_app(
     run_dir: str | Path,
     *,
@@ -344,10 +361,11 @@ def create_app(
     chosen: Backend = onnx_backend(run, log) if backend == "onnx" else TorchBackend(run)
     service = Service(run, chosen, topk, max_upload_bytes, max_concurrency)
 
-    app = FastAPI(title="cifarlens", version=_version(),
+    app = FastAPI(title="cifarlens", version=_version(), docs_url=None,
                   description=f"Predictions and explanations of the run `{run.path.name}` "
                               f"({service.model_name} on {run.info.name}).")
     app.state.service = service
+    _add_offline_docs(app)
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     _add_error_handlers(app)
 
