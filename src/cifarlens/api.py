@@ -176,19 +176,8 @@ def evaluate_run(
     if split not in ("test", "val"):
         raise CifarlensError(f"--split must be test or val, got {split!r}")
     run = RunDir(run_dir)
-    run.require_run()
-    cfg = run.config()
-    if data_dir is not None:
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=data_dir))
     loaded = load_run(run.path, device=device)
-    if bundle is None:
-        bundle = prepare_data(cfg.data, cfg.train.seed)
-    if tuple(bundle.info.classes) != tuple(loaded.info.classes):
-        raise CifarlensError(
-            f"the data in {cfg.data.data_dir} has classes {list(bundle.info.classes)[:5]}..., "
-            f"but the run was trained on {list(loaded.info.classes)[:5]}...; point --data-dir at the run's dataset"
-        )
-    data: Split = getattr(bundle, split)
+    data: Split = getattr(loaded.data(data_dir, bundle), split)
     # Normalise with the run's own statistics (for imagefolder they came from its training data).
     loader = make_loader(data, loaded.info, EVAL_BATCH_SIZE, loaded.device)
     logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta)
@@ -245,6 +234,19 @@ class Run:
     def tta(self) -> bool:
         """Whether this run's predictions average the image and its mirror image (as its metrics did)."""
         return bool(self.config.train.tta) and self.info.hflip
+
+    def data(self, data_dir: str | None = None, bundle: DataBundle | None = None) -> DataBundle:
+        """The run's dataset with its own seeded train/val split, read from ``data_dir``
+        (default: where it was trained from); refuses data with other classes."""
+        cfg = self.config.data if data_dir is None else replace(self.config.data, data_dir=data_dir)
+        if bundle is None:
+            bundle = prepare_data(cfg, self.config.train.seed)
+        if tuple(bundle.info.classes) != tuple(self.classes):
+            raise CifarlensError(
+                f"the data in {cfg.data_dir} has classes {list(bundle.info.classes)[:5]}..., but the run was "
+                f"trained on {list(self.classes)[:5]}...; point --data-dir at the run's dataset"
+            )
+        return bundle
 
     def preprocess(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
         """Images (paths, bytes, PIL images) or a uint8 (B, C, H, W) tensor -> normalised float batch."""

@@ -25,6 +25,7 @@ import torch
 from cifarlens.config import RunConfig
 from cifarlens.data.pipeline import make_loader, prepare_data
 from cifarlens.engine import Precision, evaluate, resolve_device
+from cifarlens.recipes import resolve_train
 
 
 @dataclass
@@ -60,7 +61,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def bench_one(cfg: RunConfig, seed: int, targets: list[float], log=print) -> SeedResult:
     from cifarlens.api import train
 
-    cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+    # resolved here too, so the per-epoch test passes use the recipe's TTA like the final evaluation
+    cfg = replace(cfg, train=resolve_train(replace(cfg.train, seed=seed)))
     device = resolve_device(cfg.train.device)
     bundle = prepare_data(cfg.data, seed)
     test_loader = make_loader(bundle.test, bundle.info, 1000, device)
@@ -72,8 +74,7 @@ def bench_one(cfg: RunConfig, seed: int, targets: list[float], log=print) -> See
     def on_epoch_end(state, model) -> None:
         nonlocal train_images
         seconds = sum(row["seconds"] for row in state.history)
-        eval_model = model
-        acc = evaluate(eval_model, test_loader, Precision(device), tta)["acc"]
+        acc = evaluate(model, test_loader, Precision(device), tta)["acc"]
         log(f"[bench seed {seed}] epoch {state.epoch}: test_acc {acc:.2%} after {seconds:.1f}s of training")
         for t in targets:
             if acc >= t and time_to[t] is None:

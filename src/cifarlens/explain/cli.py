@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,17 +130,8 @@ def _files(run, paths: list[str]) -> Selection:
 
 
 def _from_split(run, args) -> Selection:
-    from cifarlens.data.pipeline import prepare_data
-
     split = args.split or "test"
-    cfg = run.config
-    if args.data_dir is not None:
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=args.data_dir))
-    bundle = prepare_data(cfg.data, cfg.train.seed)
-    if tuple(bundle.info.classes) != tuple(run.classes):
-        raise CifarlensError(f"the data in {cfg.data.data_dir} has other classes than the run; "
-                             "point --data-dir at the run's dataset")
-    data = getattr(bundle, split)
+    data = getattr(run.data(args.data_dir), split)
     if args.indices is not None:
         index = _parse_indices(args.indices, len(data))
         what = f"{len(index)} image(s) of {split}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -121,7 +120,7 @@ def build_report_data(
     from cifarlens import metrics as M
     from cifarlens.api import load_run
     from cifarlens.config import to_dict
-    from cifarlens.data.pipeline import make_loader, prepare_data
+    from cifarlens.data.pipeline import make_loader
     from cifarlens.engine import Precision, predict_logits
     from cifarlens.report import figures as F
     from cifarlens.report.calibration import reliability_bins
@@ -132,17 +131,9 @@ def build_report_data(
 
     rd = RunDir(run_dir)
     rd.require_run()
-    saved_cfg = cfg = rd.config()
-    if data_dir is not None:
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=data_dir))
+    saved_cfg = rd.config()
     run = load_run(rd.path, device=device)
-    if bundle is None:
-        bundle = prepare_data(cfg.data, cfg.train.seed)
-    if tuple(bundle.info.classes) != tuple(run.info.classes):
-        raise CifarlensError(
-            f"the data in {cfg.data.data_dir} has classes {list(bundle.info.classes)[:5]}..., but the run was "
-            f"trained on {list(run.info.classes)[:5]}...; point --data-dir at the run's dataset"
-        )
+    bundle = run.data(data_dir, bundle)
     test = bundle.test
     classes = run.classes
     # Normalise with the run's own statistics (for imagefolder they came from its training data).
@@ -160,13 +151,13 @@ def build_report_data(
         run_name=rd.path.name,
         run_path=str(rd.path),
         generated=time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        dataset=cfg.data.dataset,
-        model=cfg.model.name,
+        dataset=saved_cfg.data.dataset,
+        model=saved_cfg.model.name,
         params=(meta.get("model") or {}).get("params"),
         config=to_dict(saved_cfg),  # as the run saved it, not with the --data-dir override
         environment=environment,
         meta=meta,
-        budget=Budget(epochs_done=meta.get("epochs_done"), epochs_planned=cfg.train.epochs,
+        budget=Budget(epochs_done=meta.get("epochs_done"), epochs_planned=saved_cfg.train.epochs,
                       train_seconds=meta.get("train_seconds"), device=str(environment.get("device", "?")),
                       device_name=str(environment.get("device_name") or ""), status=str(meta.get("status", "")),
                       best_epoch=meta.get("best_epoch")),
