@@ -127,9 +127,16 @@ def test_ema_tracks_the_weights_with_its_decay():
     assert make_ema(model, 0.0) is None
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.update_parameters(model)  # the first update copies
-    ema.update_parameters(model)
+    ema.update_parameters(model)  # the first update copies: 1.0
     with torch.no_grad():
         model.weight.fill_(2.0)
+    ema.update_parameters(model)  # warm-up: decay min(0.9, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), d * 1.0 + (1 - d) * 2.0))
+    for _ in range(200):  # long after warm-up the decay is 0.9
+        ema.update_parameters(model)
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
     ema.update_parameters(model)
-    assert torch.allclose(ema.module.weight, torch.full((1, 2), 0.9 * 1.0 + 0.1 * 2.0))
+    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * 3.0)

@@ -65,6 +65,8 @@ def train(
     if bundle is None:
         bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
     info = bundle.info
+    if cfg.data.augment is None:  # resolved, so the saved config says what ran
+        cfg = replace(cfg, data=replace(cfg.data, augment=info.augment))
     torch.manual_seed(cfg.train.seed)  # model initialisation
     model = build_model(cfg, info).to(device)
     precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last)
@@ -142,12 +144,26 @@ def train(
 
 
 def make_ema(model: nn.Module, decay: float) -> nn.Module | None:
-    """An exponential moving average of the weights and buffers, or None when ``decay`` is 0."""
+    """An exponential moving average of the weights and buffers, or None when ``decay`` is 0.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that short
+    runs on small datasets are not left averaging their random initialisation.
+    """
     if decay <= 0:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        # called once per (device, dtype) group; integer buffers (BatchNorm's counter) are copied
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        n = num_averaged.to(averaged[0].device, torch.float32)  # a tensor: no host sync per step
+        d = torch.clamp((1 + n) / (10 + n), max=decay)
+        torch._foreach_mul_(averaged, d)
+        torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, device, ema) -> FitState:

@@ -27,7 +27,7 @@ class DataConfig:
     data_dir: str = "data"
     download: bool = True
     val_fraction: float = 0.1  # carved from train (stratified, seeded) unless the dataset ships val/
-    augment: str = "standard"  # see cifarlens.data.augment.AUGMENT_LEVELS
+    augment: str | None = None  # see cifarlens.data.augment.AUGMENT_LEVELS; None = the dataset's default
     image_size: int | None = None  # None = the dataset's native size (imagefolder: 32)
     crop_padding: int = 4  # pixels of padding for the random crop
     loader: str = "batched"  # "batched": augment whole batches on the device; "perimage": torchvision in workers
@@ -36,7 +36,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "lensnet_medium"
+    name: str = "fastnet_cpu"
     # Extra constructor arguments, e.g. {"widths": [32, 64, 128], "depths": [2, 2, 2], "dropout": 0.2}
     kwargs: dict = field(default_factory=dict)
 
@@ -45,7 +45,7 @@ class ModelConfig:
 class TrainConfig:
     """Training hyperparameters. ``None`` means "take it from the recipe"."""
 
-    recipe: str = "modern"
+    recipe: str = "fast"
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None  # peak learning rate

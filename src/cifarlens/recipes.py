@@ -38,12 +38,13 @@ RECIPES.register("modern")(
 )
 
 # The speed-record recipe (for fastnet/fastnet_cpu): large batches, Nesterov SGD with a short
-# warm-up and linear decay, strong label smoothing, an EMA of the weights and flip
-# test-time augmentation (Jordan 2024, arXiv:2404.00498).
+# warm-up and linear decay, label smoothing, an EMA of the weights and flip test-time
+# augmentation (after Jordan 2024, arXiv:2404.00498, which smooths by 0.2; 0.1 did better in
+# our Fashion-MNIST CPU runs). The default recipe.
 RECIPES.register("fast")(
     dict(
         epochs=10, batch_size=512, lr=0.2, optimizer="sgd", momentum=0.85, nesterov=True,
-        weight_decay=5e-4, label_smoothing=0.2, schedule="onecycle", warmup_epochs=0.5,
+        weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle", warmup_epochs=0.5,
         plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.99, tta=True,
     )
 )

@@ -39,6 +39,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool = True  # whether a horizontal flip keeps the label valid
+    augment: str = "standard"  # default augmentation level (data.augment left unset)
 
     @property
     def num_classes(self) -> int:

@@ -45,7 +45,7 @@ def _normalize_only(images, generator, *, mean, std):
 
 
 def train_transform(info: DatasetInfo, cfg: DataConfig) -> BatchAugment:
-    return BatchAugment(cfg.augment, info.mean, info.std, hflip=info.hflip, padding=cfg.crop_padding)
+    return BatchAugment(cfg.augment or info.augment, info.mean, info.std, hflip=info.hflip, padding=cfg.crop_padding)
 
 
 def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.device, *, seed: int = 0,
@@ -54,7 +54,8 @@ def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.
     if train_cfg is not None and train_cfg.loader == "perimage":
         from cifarlens.data.perimage import PerImageLoader
 
-        return PerImageLoader(split, info, batch_size, train_cfg.augment, train_cfg.crop_padding, device=device,
+        return PerImageLoader(split, info, batch_size, train_cfg.augment or info.augment, train_cfg.crop_padding,
+                              device=device,
                               seed=seed, num_workers=train_cfg.workers)
     if train_cfg is not None:
         if train_cfg.loader != "batched":

@@ -121,7 +121,10 @@ class OnnxBackend:
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         from cifarlens.export import run_onnx
 
-        logits = run_onnx(self.session, self.run.preprocess(images).cpu().numpy())  # (B, K)
+        x = self.run.preprocess(images).cpu().numpy()  # (B, C, H, W)
+        logits = run_onnx(self.session, x)  # (B, K)
+        if self.run.tta:  # as the run was evaluated: the mean with the mirror image's logits
+            logits = 0.5 * (logits + run_onnx(self.session, np.ascontiguousarray(x[..., ::-1])))
         return torch.from_numpy(logits).float().softmax(dim=1)
 
 
@@ -289,17 +292,21 @@ class Service:
         start = time.perf_counter()
         with self.slots:
             image = self.decode(data, filename)  # (C, H, W) uint8
-            exp = explain_run(self.run, image[None], method=method, target=target)
+            # the prediction and probabilities are the run's own (with its flip TTA, as
+            # /api/predict reports them); the map explains that class on the image as given
+            probs = self.run.predict_proba(image[None])[0]
+            predicted = int(probs.argmax())
+            exp = explain_run(self.run, image[None], method=method, target=predicted if target is None else target)
             rgb = overlay(image, exp.maps[0])  # (H, W, 3) uint8
         buf = io.BytesIO()
         Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
-        predicted, explained = int(exp.predictions[0]), int(exp.targets[0])
+        explained = int(exp.targets[0])
         classes = self.run.classes
         headers = {  # class names may be any Unicode: percent-encoded (decodeURIComponent on the page)
             "X-Method": method,
             "X-Predicted-Class": quote(classes[predicted]), "X-Predicted-Index": str(predicted),
             "X-Explained-Class": quote(classes[explained]), "X-Explained-Index": str(explained),
-            "X-Explained-Prob": f"{float(exp.target_probs[0]):.6f}",
+            "X-Explained-Prob": f"{float(probs[explained]):.6f}",
             "X-Empty-Map": "true" if bool(exp.empty[0]) else "false",  # "no evidence", not a heatmap
             "X-Explain-Backend": "torch",
             "X-Latency-Ms": f"{(time.perf_counter() - start) * 1000:.2f}",
