@@ -27,9 +27,9 @@ def fashion_subset(tmp_path_factory):
     return root
 
 
-def test_learns_fashion_mnist_well_above_chance(fashion_subset, tmp_path):
+def test_default_model_and_recipe_learn_fashion_mnist(fashion_subset, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(fashion_subset), "--model", "lensnet_light",
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(fashion_subset), "--batch-size", "128",
                  "--epochs", "3", "--out", str(out), "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split_size"] == 2000
