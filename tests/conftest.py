@@ -43,6 +43,10 @@ MIXED_FORMATS = IMAGE_FORMATS
 MIXED_SIZES = ((32, 32), (40, 28), (24, 48), (64, 64))  # (width, height)
 
 
+# CLI flags for a tiny LensNet that trains on the synthetic datasets in a few seconds.
+TINY = ["--model", "lensnet_light", "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "32"]
+
+
 @dataclass
 class SyntheticData:
     """What a ``make_*`` helper wrote; arrays are in the order the reader returns them."""

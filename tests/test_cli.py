@@ -18,10 +18,8 @@ import cifarlens
 from cifarlens.api import train
 from cifarlens.cli import main
 from cifarlens.config import RunConfig, merge
-from conftest import make_fashion_mnist
+from conftest import TINY, make_fashion_mnist
 
-# A tiny LensNet keeps every training run in this file to a few seconds on 2 CPU cores.
-TINY = ["--model", "lensnet_light", "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "32"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_fashion_mnist, make_imagefolder
+from conftest import TINY, make_fashion_mnist, make_imagefolder
 from PIL import Image
 
 from cifarlens.cli import main
@@ -38,7 +38,6 @@ from cifarlens.report.robustness import (
     robustness,
 )
 
-TINY = ["--model", "lensnet_light", "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "32"]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # Flags that keep chromium from reaching the network or the user's profile
