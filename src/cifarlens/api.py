@@ -10,12 +10,14 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from cifarlens import distributed
 from cifarlens import metrics as M
 from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights, save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict
 from cifarlens.data.augment import normalize
 from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
+from cifarlens.distributed import World
 from cifarlens.engine import FitState, Precision, fit, forward_tta, predict_logits, resolve_device
 from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource, load_image
@@ -49,8 +51,22 @@ def train(
     the model that is validated and saved (the EMA when there is one); benchmarks use it to
     time accuracy milestones. ``bundle`` reuses data already read for ``cfg.data``.
     With ``report``, ``report.html`` is written at the end (see cifarlens.report).
+
+    Started by torchrun (WORLD_SIZE > 1), this process joins the process group and trains
+    its shard with DistributedDataParallel; only rank 0 writes the run folder and returns
+    the test metrics (the other ranks return ``{}``).
     """
-    run = RunDir(out)
+    world, device, started = distributed.init(cfg.train.device)
+    try:
+        return _train(cfg, RunDir(out), world, device, resume=resume, force=force, on_epoch_end=on_epoch_end,
+                      evaluate_test=evaluate_test, bundle=bundle, report=report)
+    finally:
+        distributed.shutdown(started)
+
+
+def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, resume: bool, force: bool,
+           on_epoch_end, evaluate_test: bool, bundle: DataBundle | None, report: bool) -> dict:
+    log = run.log if world.is_main else _quiet
     if resume:
         run.require_run()
         if not run.last_checkpoint.is_file():
@@ -60,7 +76,8 @@ def train(
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))
     # (on resume this only fills keys that an older cifarlens did not write)
     cfg = replace(cfg, train=resolve_train(cfg.train))
-    device = resolve_device(cfg.train.device)
+    if cfg.train.sync_bn and world.distributed and device.type != "cuda":
+        raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
 
     if bundle is None:
         bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
@@ -74,19 +91,31 @@ def train(
         model = model.to(memory_format=torch.channels_last)
 
     if not resume:
-        run.create(force=force)
-        run.write_config(cfg)
-        run.write_meta(dataset=info_to_dict(info), model={"name": cfg.model.name, **model_info(model)},
-                       split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
-                       status="running")
-        atomic_write_json(run / "environment.json", environment_record(device, cfg.train.seed))
+        failed = None
+        if world.is_main:
+            try:
+                run.create(force=force)
+            except CifarlensError as err:
+                failed = err
+        if distributed.all_reduce_sum(failed is not None)[0]:  # every rank stops, not only rank 0
+            raise failed or CifarlensError("rank 0 could not create the run folder (see its message)")
+        if world.is_main:
+            run.write_config(cfg)
+            run.write_meta(dataset=info_to_dict(info), model={"name": cfg.model.name, **model_info(model)},
+                           split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
+                           status="running")
+            atomic_write_json(run / "environment.json",
+                              environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
 
     tc = cfg.train
-    train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data)
-    val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device)
+    train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data,
+                               world=world)
+    val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world)
     if hasattr(model, "data_init") and not resume:  # e.g. FastNet's patch whitening
         sample = bundle.train.images[:5000].to(device)
         model.data_init(train_transform(info, cfg.data)(sample, torch.Generator(device).manual_seed(tc.seed)))
+    if tc.sync_bn and world.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     ema = make_ema(model, tc.ema_decay)
     tta = tc.tta and info.hflip
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
@@ -94,37 +123,53 @@ def train(
     state = FitState()
     if resume:
         state = _restore(run, model, optimizer, scheduler, precision, device, ema)
-        run.log(f"resuming {run.path} after epoch {state.epoch}/{tc.epochs}")
-        run.write_meta(status="running")
+        log(f"resuming {run.path} after epoch {state.epoch}/{tc.epochs}")
+        if world.is_main:
+            run.write_meta(status="running")
     else:
-        run.log(f"run folder {run.path}: {cfg.model.name} on {info.name} "
-                f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
-                f"recipe {tc.recipe}, {tc.epochs} epochs, device {device}")
-    train_model = torch.compile(model) if tc.compile else model
+        log(f"run folder {run.path}: {cfg.model.name} on {info.name} "
+            f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
+            f"recipe {tc.recipe}, {tc.epochs} epochs, device {device}"
+            + (f", {world.world_size} processes" if world.distributed else ""))
+    train_model = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        train_model = torch.compile(train_model)
 
     eval_model = ema.module if ema is not None else model
 
     def save_best(state: FitState) -> None:
+        if not world.is_main:
+            return
         save_weights(unwrap_model(eval_model).state_dict(), run.weights,
                      {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name})
 
     def end_epoch(state: FitState) -> None:
-        run.write_history(state.history)
-        save_checkpoint(run.last_checkpoint, {
-            "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "state": vars(state), "config": to_dict(cfg),
-        })
+        if world.is_main:
+            run.write_history(state.history)
+            save_checkpoint(run.last_checkpoint, {
+                "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "state": vars(state),
+                "config": to_dict(cfg),
+            })
+        distributed.barrier()  # a checkpoint is complete before any rank goes on (resume reads it)
         if on_epoch_end is not None:
             on_epoch_end(state, eval_model)
 
     try:
         state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
-                    on_improvement=save_best, on_epoch_end=end_epoch, log=run.log, train_model=train_model,
+                    on_improvement=save_best, on_epoch_end=end_epoch, log=log, train_model=train_model,
                     ema=ema, tta=tta)
     except BaseException as err:
-        run.write_meta(status="diverged" if isinstance(err, CifarlensError) else "interrupted")
+        if world.is_main:
+            run.write_meta(status="diverged" if isinstance(err, CifarlensError) else "interrupted")
         raise
+    if not world.is_main:  # rank 0 alone finishes the run folder and evaluates on the test set
+        return {}
     train_seconds = sum(row["seconds"] for row in state.history)
     run.write_meta(status="finished", epochs_done=state.epoch, best_epoch=state.best_epoch,
                    best_val_loss=state.best_val_loss, stopped_early=state.stopped_early, train_seconds=train_seconds)
@@ -141,6 +186,10 @@ def train(
     run.log(f"test accuracy {result['accuracy']:.2%} (best epoch {state.best_epoch}, "
             f"val_loss {state.best_val_loss:.4f}); results in {run.path}")
     return result | {"train_seconds": train_seconds}
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: they train silently."""
 
 
 def make_ema(model: nn.Module, decay: float) -> nn.Module | None:

@@ -19,6 +19,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                    help="continue a stopped run from its last checkpoint (RUN_DIR or --out)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    p.add_argument("--no-report", action="store_true", help="skip report.html at the end (saves a little time)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel training on N processes of this machine (GPUs, or CPU with gloo) via "
+                        "torchrun; for several machines call torchrun yourself (see README)")
 
     p = sub.add_parser("bench", help="N seeded trainings: mean ± std accuracy, time to target, throughput",
                        description="Benchmark a dataset/model/recipe over several seeds (see cifarlens.bench).")
@@ -99,12 +103,63 @@ def cmd_train(args) -> int:
             )
         from cifarlens.config import RunConfig, merge
 
+        if args.nproc is not None:
+            return launch_torchrun(args)
         cfg = merge(RunConfig(), {"train": {"device": args.device or "auto"}})
-        train(cfg, out, resume=True)
+        train(cfg, out, resume=True, report=not args.no_report)
         return 0
     cfg = config_from_args(args)
     args.out = args.out or f"runs/{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(cfg, args.out, force=args.force)
+    if args.nproc is not None:
+        return launch_torchrun(args)
+    train(cfg, args.out, force=args.force, report=not args.no_report)
+    return 0
+
+
+def launch_torchrun(args) -> int:
+    """``--nproc N``: run this same command under torchrun on N local processes, and wait."""
+    import os
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if args.nproc < 1:
+        raise CifarlensError(f"--nproc must be >= 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise CifarlensError("--nproc starts torchrun itself; under torchrun, drop --nproc")
+    if not args.resume:  # the mistakes every rank would make, caught before starting them
+        from cifarlens.distributed import World, check_batch_size
+        from cifarlens.engine import resolve_device
+        from cifarlens.recipes import resolve_train
+
+        tc = resolve_train(config_from_args(args).train)
+        check_batch_size(tc.batch_size, World(0, args.nproc))
+        if tc.sync_bn and resolve_device(tc.device).type != "cuda":
+            raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
+    argv, skip = [], False
+    for arg in args.argv:  # the same flags without --nproc, with the run folder fixed for every rank
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    if not args.resume and "--out" not in argv and not any(a.startswith("--out=") for a in argv):
+        argv += ["--out", args.out]
+    # torchrun would pin every process to 1 thread; share the cores between them instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    launch = ["--standalone", f"--nproc_per_node={args.nproc}", "-m", "cifarlens.cli", *argv]
+    print("cifarlens: torchrun " + " ".join(launch), file=sys.stderr, flush=True)
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as err:
+        codes = sorted({f.exitcode for f in err.failures.values()})
+        raise CifarlensError(f"a training process failed (exit code {', '.join(map(str, codes))}); "
+                             "its message is above") from None
+    except SignalException as err:  # torchrun stopped the ranks; their last checkpoint stands
+        raise CifarlensError(f"stopped by signal {err.sigval.name}; continue with: cifarlens train --resume "
+                             f"{args.resume if isinstance(args.resume, str) else args.out} --nproc {args.nproc}") from None
     return 0
 
 
@@ -203,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except CifarlensError as err:

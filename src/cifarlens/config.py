@@ -67,6 +67,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + grad scaler)
     channels_last: bool = True  # memory format on CUDA
     compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # data-parallel on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 @dataclass(frozen=True)

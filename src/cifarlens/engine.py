@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cifarlens.distributed import all_reduce_sum
 from cifarlens.errors import CifarlensError
 
 
@@ -88,7 +89,8 @@ def train_one_epoch(
     ema: nn.Module | None = None,  # torch.optim.swa_utils.AveragedModel, updated every step
     desc: str = "train",
 ) -> dict:
-    """One pass over ``loader``. Returns mean loss and accuracy over the epoch's samples."""
+    """One pass over ``loader``. Returns mean loss and accuracy over the epoch's samples
+    (of every rank under data-parallel training) and how many samples that was."""
     model.train()
     total_loss = torch.zeros((), device=precision.device)
     total_correct = torch.zeros((), device=precision.device)
@@ -118,8 +120,9 @@ def train_one_epoch(
         total_loss += loss.detach() * labels.shape[0]
         total_correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
-    return {"train_loss": total_loss.item() / max(seen, 1), "train_acc": total_correct.item() / max(seen, 1),
-            "lr": lr}  # lr of the epoch's last step
+    total_loss, total_correct, seen = all_reduce_sum(total_loss, total_correct, seen)
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": total_correct / max(seen, 1),
+            "lr": lr, "train_samples": int(seen)}  # lr of the epoch's last step
 
 
 def forward_tta(model: nn.Module, x: Tensor, tta: bool) -> Tensor:
@@ -148,19 +151,22 @@ def predict_logits(model: nn.Module, loader, precision: Precision, tta: bool = F
 
 
 def evaluate(model: nn.Module, loader, precision: Precision, tta: bool = False) -> dict:
-    """Mean cross-entropy (without label smoothing) and accuracy over ``loader``."""
+    """Mean cross-entropy (without label smoothing) and accuracy over ``loader``
+    (over every rank's shard under data-parallel training)."""
     logits, labels = predict_logits(model, loader, precision, tta)
-    loss = F.cross_entropy(logits, labels).item()
-    return {"loss": loss, "acc": (logits.argmax(1) == labels).float().mean().item()}
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
+    loss_sum, correct, n = all_reduce_sum(loss_sum, (logits.argmax(1) == labels).sum(), len(labels))
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
 
 
 def set_epoch_seed(loader, seed: int, epoch: int) -> None:
     """Make epoch ``epoch`` a pure function of (weights at its start, seed, epoch):
     the loader's shuffle/augmentation and the global RNG (dropout) are re-seeded."""
     from cifarlens.data.loader import epoch_seed
+    from cifarlens.distributed import current_world
 
     loader.set_epoch(epoch)
-    torch.manual_seed(epoch_seed(seed, epoch, stream=1))
+    torch.manual_seed(epoch_seed(seed, epoch, stream=1) + current_world().rank)  # own dropout draws per rank
 
 
 @dataclass

@@ -38,7 +38,7 @@ RUN_FILES = (
 )
 RUN_DIRS = ("checkpoints", "explain", "export")  # folders a run writes; --force removes them
 SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_samples")
 
 
 def split_suffix(split: str) -> str:

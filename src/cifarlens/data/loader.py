@@ -20,6 +20,11 @@ class TensorLoader:
 
     Shuffling and augmentation use a generator re-seeded by :meth:`set_epoch`, so
     epoch ``e`` of a run sees the same batches whether or not the run was resumed.
+
+    Under data-parallel training (``world_size`` > 1) every rank draws the same permutation
+    and takes its ``batch_size`` slice of each global batch of ``batch_size * world_size``
+    images, so the ranks together see each training image once per epoch, in the same
+    global batches as one process with the global batch size would.
     """
 
     def __init__(
@@ -32,6 +37,8 @@ class TensorLoader:
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.images = split.images.to(device)  # (N, C, H, W) uint8
         self.labels = split.labels.to(device)  # (N,)
@@ -39,8 +46,10 @@ class TensorLoader:
         self.transform = transform
         self.device = device
         self.shuffle = shuffle
-        self.drop_last = drop_last and len(self.labels) > batch_size
+        self.global_batch = batch_size * world_size
+        self.drop_last = drop_last and len(self.labels) > self.global_batch
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -48,7 +57,7 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         generator = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch))
@@ -57,6 +66,10 @@ class TensorLoader:
             order = torch.randperm(n, device=self.device, generator=generator)
         else:
             order = torch.arange(n, device=self.device)
+        if self.world_size > 1:  # same permutation on every rank, its own augmentation draws
+            generator = torch.Generator(device=self.device).manual_seed(
+                epoch_seed(self.seed, self.epoch, stream=2) + self.rank)
         for i in range(len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            index = order[i * self.global_batch : (i + 1) * self.global_batch]
+            index = index[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             yield self.transform(self.images[index], generator), self.labels[index]

@@ -46,20 +46,27 @@ class PerImageLoader:
     """A shuffled, augmenting ``DataLoader`` over a Split; batches are moved to ``device``."""
 
     def __init__(self, split: Split, info: DatasetInfo, batch_size: int, level: str, padding: int, *,
-                 device: torch.device, seed: int = 0, num_workers: int = 2):
+                 device: torch.device, seed: int = 0, num_workers: int = 2, rank: int = 0, world_size: int = 1):
         self.device, self.seed, self.epoch = device, seed, 0
         self.num_workers, self.batch_size = num_workers, batch_size
+        self.rank, self.global_batch = rank, batch_size * world_size
         self.dataset = _Images(split, per_image_transform(info, level, padding))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size  # drop_last, as the batched path does
+        return len(self.dataset) // self.global_batch  # drop_last, as the batched path does
 
     def __iter__(self):
+        # This rank's slice of each global batch of a shared permutation, as TensorLoader does.
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        loader = DataLoader(self.dataset, self.batch_size, shuffle=True, drop_last=True, generator=generator,
+        order = torch.randperm(len(self.dataset), generator=generator)
+        start = self.rank * self.batch_size
+        batches = [order[i * self.global_batch + start : i * self.global_batch + start + self.batch_size].tolist()
+                   for i in range(len(self))]
+        generator.manual_seed(epoch_seed(self.seed, self.epoch, stream=2) + self.rank)  # worker seeds
+        loader = DataLoader(self.dataset, batch_sampler=batches, generator=generator,
                             num_workers=self.num_workers, persistent_workers=False,
                             pin_memory=self.device.type == "cuda")
         for images, labels in loader:

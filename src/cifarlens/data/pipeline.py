@@ -13,6 +13,7 @@ from cifarlens.data.augment import BatchAugment, normalize
 from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.loader import TensorLoader
 from cifarlens.data.split import stratified_split
+from cifarlens.distributed import SINGLE, World, check_batch_size
 from cifarlens.errors import CifarlensError
 
 
@@ -49,17 +50,34 @@ def train_transform(info: DatasetInfo, cfg: DataConfig) -> BatchAugment:
 
 
 def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.device, *, seed: int = 0,
-                train_cfg: DataConfig | None = None) -> TensorLoader:
-    """A training loader (shuffled, augmented) when ``train_cfg`` is given, else an evaluation loader."""
-    if train_cfg is not None and train_cfg.loader == "perimage":
+                train_cfg: DataConfig | None = None, world: World = SINGLE) -> TensorLoader:
+    """A training loader (shuffled, augmented) when ``train_cfg`` is given, else an evaluation loader.
+
+    Under data-parallel training ``batch_size`` is the global batch: each of the ``world``'s
+    ranks gets ``batch_size / world_size`` of every batch (training) or a contiguous
+    ``1 / world_size`` of the split (evaluation, whose sums are then all-reduced).
+    """
+    if train_cfg is None:
+        return TensorLoader(shard(split, world), batch_size, eval_transform(info), device=device)
+    per_rank = check_batch_size(batch_size, world)
+    if world.distributed and len(split) < batch_size:
+        raise CifarlensError(f"the training split has {len(split)} images, fewer than one global batch "
+                             f"of {batch_size}; lower train.batch_size")
+    if train_cfg.loader == "perimage":
         from cifarlens.data.perimage import PerImageLoader
 
-        return PerImageLoader(split, info, batch_size, train_cfg.augment or info.augment, train_cfg.crop_padding,
-                              device=device,
-                              seed=seed, num_workers=train_cfg.workers)
-    if train_cfg is not None:
-        if train_cfg.loader != "batched":
-            raise CifarlensError(f"data.loader must be batched or perimage, got {train_cfg.loader!r}")
-        return TensorLoader(split, batch_size, train_transform(info, train_cfg), device=device,
-                            shuffle=True, drop_last=True, seed=seed)
-    return TensorLoader(split, batch_size, eval_transform(info), device=device)
+        return PerImageLoader(split, info, per_rank, train_cfg.augment or info.augment, train_cfg.crop_padding,
+                              device=device, seed=seed, num_workers=train_cfg.workers,
+                              rank=world.rank, world_size=world.world_size)
+    if train_cfg.loader != "batched":
+        raise CifarlensError(f"data.loader must be batched or perimage, got {train_cfg.loader!r}")
+    return TensorLoader(split, per_rank, train_transform(info, train_cfg), device=device,
+                        shuffle=True, drop_last=True, seed=seed, rank=world.rank, world_size=world.world_size)
+
+
+def shard(split: Split, world: World) -> Split:
+    """This rank's contiguous part of ``split`` (all of it for one process)."""
+    if not world.distributed:
+        return split
+    bounds = [len(split) * r // world.world_size for r in range(world.world_size + 1)]
+    return split.subset(torch.arange(bounds[world.rank], bounds[world.rank + 1]))

@@ -1,0 +1,118 @@
+"""Data-parallel training under ``torchrun``: who am I, the process group, and reductions.
+
+``torchrun --nproc_per_node=N -m cifarlens.cli train ...`` (or ``cifarlens train --nproc N``)
+starts N processes with RANK / WORLD_SIZE / LOCAL_RANK in their environment. Every process
+reads the whole dataset and takes its shard of each global batch (see
+``cifarlens.data.loader.TensorLoader``), DistributedDataParallel averages the gradients,
+and metrics are summed over ranks with :func:`all_reduce_sum`. Only rank 0 writes files.
+
+Without those variables (a plain ``cifarlens train``, the tests, the tuner) everything here
+is a no-op for a single process, so the engine has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cifarlens.errors import CifarlensError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs and writes the run folder."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = World()
+
+
+def world_from_env() -> World:
+    """The world torchrun describes in the environment (a single process when it does not)."""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise CifarlensError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (they are set by torchrun)") from None
+    return World(rank, world_size, local_rank)
+
+
+def current_world() -> World:
+    """The initialised process group's world, or a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return SINGLE
+
+
+def init(device_name: str) -> tuple[World, torch.device, bool]:
+    """Join torchrun's process group if there is one; returns (world, device, whether we started it).
+
+    CUDA ranks use NCCL and GPU ``LOCAL_RANK`` of their node; CPU ranks use gloo.
+    """
+    from cifarlens.engine import resolve_device
+
+    world = world_from_env()
+    device = resolve_device(device_name)
+    if not world.distributed:
+        return world, device, False
+    if not dist.is_available():
+        raise CifarlensError("this torch build has no torch.distributed; train with one process")
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise CifarlensError(
+                f"LOCAL_RANK {world.local_rank} but only {torch.cuda.device_count()} GPUs here; "
+                "use --nproc_per_node <= the number of GPUs"
+            )
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return current_world(), device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return current_world(), device, True
+
+
+def shutdown(started: bool) -> None:
+    if started and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(*values: torch.Tensor | float) -> list[float]:
+    """Sums over all ranks (one collective for all values); the values themselves for one process."""
+    flat = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # NCCL only reduces CUDA tensors; gloo takes CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flat = flat.to(device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return flat.tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def check_batch_size(batch_size: int, world: World) -> int:
+    """Per-rank batch: ``train.batch_size`` is the global batch, so recipes keep their meaning."""
+    if batch_size % world.world_size:
+        raise CifarlensError(
+            f"train.batch_size {batch_size} is the global batch and must be divisible by the "
+            f"{world.world_size} processes"
+        )
+    return batch_size // world.world_size

@@ -1,0 +1,151 @@
+"""Data-parallel training with torchrun on CPU (gloo, 2 processes), against one process.
+
+These start real torchrun launches (``cifarlens train --nproc 2``) in subprocesses, as a
+user does; each takes a few seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifarlens.cli import main
+from cifarlens.data.base import Split
+from cifarlens.data.loader import TensorLoader
+from cifarlens.data.pipeline import shard
+from cifarlens.distributed import World
+from conftest import make_cifar10
+
+# A tiny LensNet with the modern recipe (no EMA, so the two runs differ only in how the
+# batches were split and augmented): 900 training images, 2 epochs.
+FLAGS = ["--dataset", "cifar10", "--no-download", "--model", "lensnet_light", "--recipe", "modern",
+         "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "64", "--seed", "0",
+         "--no-report"]
+# Test accuracy of the 2-process run may differ from the 1-process run by this much: the
+# ranks draw their own augmentations and their BatchNorm sees 32 images, not 64.
+ACCURACY_TOLERANCE = 0.05
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifarlens.cli", *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def history(run: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((run / "history.csv").open())]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same training on one process (in-process) and on two (torchrun, gloo)."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_cifar10(root / "data", n_train_per_batch=200, n_test=200)
+    common = [*FLAGS, "--data-dir", str(data.data_dir), "--epochs", "2"]
+    assert main(["train", *common, "--out", str(root / "one")]) == 0
+    proc = cli("train", *common, "--out", str(root / "two"), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, data, proc
+
+
+def test_two_processes_see_every_sample_once_per_epoch_and_agree_with_one(runs):
+    root, _, _ = runs
+    one, two = history(root / "one"), history(root / "two")
+    # 900 train images, global batch 64, incomplete batch dropped: 14 * 64 per epoch on both
+    assert [int(r["train_samples"]) for r in one] == [int(r["train_samples"]) for r in two] == [14 * 64] * 2
+    assert [r["lr"] for r in one] == [r["lr"] for r in two]  # same number of optimizer steps
+    acc = {name: json.loads((root / name / "metrics.json").read_text())["accuracy"] for name in ("one", "two")}
+    assert acc["one"] > 0.5  # both learned something
+    assert abs(acc["one"] - acc["two"]) <= ACCURACY_TOLERANCE, acc
+    env = json.loads((root / "two" / "environment.json").read_text())
+    assert env["world_size"] == 2 and json.loads((root / "one" / "environment.json").read_text())["world_size"] == 1
+
+
+def test_only_rank_zero_writes(runs):
+    root, _, proc = runs
+    log = (root / "two" / "train.log").read_text().splitlines()
+    assert sum(line.startswith("run folder") for line in log) == 1
+    assert [line.split()[1] for line in log if line.startswith("epoch ")] == ["1/2", "2/2"]  # once each
+    assert "2 processes" in log[0]
+    # the epoch lines reached the terminal once too (rank 1 is silent)
+    assert proc.stdout.count("epoch 1/2 ") == 1
+    leftovers = [p.name for p in (root / "two").rglob("*") if ".tmp" in p.name]
+    assert not leftovers
+
+
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(runs, tmp_path):
+    _, data, _ = runs
+    args = [*FLAGS, "--data-dir", str(data.data_dir), "--epochs", "5"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli("train", *args, "--out", str(full), "--nproc", "2").returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", "train", *args, "--out", str(cut), "--nproc", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (cut / "history.csv").is_file() and len(history(cut)) >= 2:
+            break
+        time.sleep(0.02)
+    # as a scheduler would stop a job: torchrun passes SIGTERM on, and Python dies on it at once
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    done = len(history(cut))
+    if done == 5:
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    assert json.loads((cut / "run.json").read_text())["status"] == "running"
+    assert proc.returncode == 2 and "continue with: cifarlens train --resume" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
+
+    resumed = cli("train", "--resume", str(cut), "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # (history.csv is written just before the checkpoint: the kill may fall between the two)
+    assert re.search(rf"resuming {re.escape(str(cut))} after epoch ({done - 1}|{done})/5",
+                     (cut / "train.log").read_text())
+    assert history(full) == history(cut)
+    a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batches_are_sharded_across_ranks():
+    split = Split(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10))
+    identity = lambda images, generator: images  # noqa: E731
+    single = TensorLoader(split, 4, identity, device=torch.device("cpu"), shuffle=True, drop_last=True, seed=3)
+    ranks = [TensorLoader(split, 2, identity, device=torch.device("cpu"), shuffle=True, drop_last=True, seed=3,
+                          rank=r, world_size=2) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 2
+    for whole, part0, part1 in zip(single, *ranks):
+        # rank r holds the r-th half of the global batch one process would have drawn
+        assert torch.equal(whole[1], torch.cat([part0[1], part1[1]]))
+    # evaluation: contiguous shards that cover the split exactly once
+    parts = [shard(split, World(r, 3)).labels for r in range(3)]
+    assert torch.equal(torch.cat(parts), split.labels) and [len(p) for p in parts] == [3, 3, 4]
+
+
+def test_bad_distributed_settings_are_clear_errors(runs, capsys):
+    root, data, _ = runs
+    common = ["train", *FLAGS, "--data-dir", str(data.data_dir), "--out", str(root / "bad")]
+    assert main([*common, "--batch-size", "63", "--nproc", "2"]) == 2
+    assert "divisible by the 2 processes" in capsys.readouterr().err
+    assert main([*common, "--set", "train.sync_bn=true", "--device", "cpu", "--nproc", "2"]) == 2
+    assert "SyncBatchNorm runs on GPUs only" in capsys.readouterr().err
+    assert main([*common, "--nproc", "0"]) == 2
+    assert not (root / "bad").exists()
+
+
+def test_gpu_data_parallel_with_sync_batchnorm(runs, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    _, data, _ = runs
+    proc = cli("train", *FLAGS, "--data-dir", str(data.data_dir), "--epochs", "2", "--out", str(tmp_path / "gpu"),
+               "--device", "cuda", "--set", "train.sync_bn=true", "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [int(r["train_samples"]) for r in history(tmp_path / "gpu")] == [14 * 64] * 2
