@@ -222,7 +222,8 @@ def cmd_list(args) -> int:
 
 # Other subcommands live beside the feature they expose; each module has
 # ``add_commands(sub)`` that adds its parsers with ``set_defaults(func=...)``.
-COMMAND_MODULES: tuple[str, ...] = ("cifarlens.serve.cli", "cifarlens.report.cli", "cifarlens.explain.cli")
+COMMAND_MODULES: tuple[str, ...] = ("cifarlens.serve.cli", "cifarlens.report.cli", "cifarlens.explain.cli",
+                                    "cifarlens.tune.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,336 @@
+"""``cifarlens tune``: Optuna studies on synthetic data, shared storages, search-space files, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import TINY, make_fashion_mnist
+from optuna.trial import TrialState
+
+from cifarlens.api import train
+from cifarlens.cli import main
+from cifarlens.config import RunConfig, load_yaml, merge
+from cifarlens.errors import CifarlensError
+from cifarlens.tune import (
+    default_space,
+    load_space,
+    open_storage,
+    open_study,
+    parse_space,
+    run_tune,
+)
+from cifarlens.tune.search import HOST, base_identity
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small space: a conditional learning rate wide enough to hold clearly bad values (the
+# median pruner stops those after their first epoch) and a list-valued model option.
+SPACE = """\
+train.optimizer: {choices: [sgd, adam]}
+train.lr:
+  - {float: [1.0e-5, 0.3], log: true, when: {train.optimizer: sgd}}
+  - {float: [1.0e-5, 1.0e-2], log: true, when: {train.optimizer: adam}}
+model.kwargs.widths: {choices: [[8, 16], [12, 24]]}
+"""
+SEED = "0"  # sampler seed for the tiny study; with it, trials are both pruned and completed
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_fashion_mnist(tmp_path_factory.mktemp("fm") / "data", n_train=200, n_test=40).data_dir
+
+
+def base_args(data_dir: Path, epochs: int = 2) -> list[str]:
+    return ["--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--no-download", *TINY,
+            "--epochs", str(epochs)]
+
+
+def base_cfg(data_dir: Path, epochs: int = 1, **train) -> RunConfig:
+    return merge(RunConfig(), {
+        "data": {"dataset": "fashion-mnist", "data_dir": str(data_dir), "download": False},
+        "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+        "train": {"batch_size": 32, "epochs": epochs, **train},
+    })
+
+
+def write_space(path: Path, text: str = SPACE) -> Path:
+    path.write_text(text)
+    return path
+
+
+def load(out: Path, name: str | None = None) -> optuna.Study:
+    storage = f"sqlite:///{out / 'study.db'}"
+    return optuna.load_study(study_name=name or optuna.get_all_study_names(storage)[0], storage=storage)
+
+
+def cli(*args: str) -> subprocess.Popen:
+    # one CPU thread each: two processes of all-cores thread pools on two cores wait for each other
+    return subprocess.Popen([sys.executable, "-m", "cifarlens.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, data_dir):
+    """Five trials of two epochs with the median pruner judging from the first completed trial."""
+    root = tmp_path_factory.mktemp("study")
+    out = root / "out"
+    space = write_space(root / "space.yaml")
+    assert main(["tune", *base_args(data_dir), "--space", str(space), "--trials", "5", "--pruner-startup", "1",
+                 "--sampler-seed", SEED, "--out", str(out)]) == 0
+    return out, load(out)
+
+
+def test_a_tiny_study_prunes_some_trials_and_completes_others(tiny_study):
+    out, study = tiny_study
+    states = [t.state for t in study.trials]
+    assert [t.number for t in study.trials] == list(range(5))
+    assert states.count(TrialState.PRUNED) >= 1 and states.count(TrialState.COMPLETE) >= 2, states
+    assert study.user_attrs["cifarlens.space"] == load_space(out / "space.yaml").to_dict()
+    for t in study.trials:
+        run = Path(t.user_attrs["run_dir"])
+        assert run == (out / "trials" / f"{t.number:04d}").absolute()
+        meta = json.loads((run / "run.json").read_text())
+        assert meta["status"] == ("pruned" if t.state == TrialState.PRUNED else "finished")
+        assert set(t.intermediate_values) == set(range(1, t.user_attrs["epochs"] + 1))
+        cfg = load_yaml(run / "config.yaml")  # the trial trained what was sampled
+        key = "train.lr[train.optimizer=sgd]" if t.params["train.optimizer"] == "sgd" else \
+            "train.lr[train.optimizer=adam]"
+        assert cfg["train"]["lr"] == t.params[key] and cfg["train"]["optimizer"] == t.params["train.optimizer"]
+        assert cfg["model"]["kwargs"]["widths"] == json.loads(t.params["model.kwargs.widths"])
+        assert cfg["model"]["kwargs"]["depths"] == [1, 1]
+        if t.state == TrialState.COMPLETE:  # value: val_acc of the kept (best val_loss) epoch
+            history = list(csv.DictReader((run / "history.csv").open()))
+            assert t.value == float(history[meta["best_epoch"] - 1]["val_acc"])
+            assert t.user_attrs["val_loss"] == meta["best_val_loss"]
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [int(r["number"]) for r in rows] == list(range(5))
+    assert {r["state"] for r in rows} == {"COMPLETE", "PRUNED"}
+    for name in ("best.yaml", "history.png", "importances.png", "summary.json", "space.yaml", "base.yaml"):
+        assert (out / name).is_file(), name
+
+
+def test_the_search_never_evaluates_or_even_holds_the_test_split(tiny_study):
+    _, study = tiny_study
+    for t in study.trials:
+        run = Path(t.user_attrs["run_dir"])
+        assert not (run / "metrics.json").exists() and not (run / "predictions.csv").exists()
+        assert json.loads((run / "run.json").read_text())["split_sizes"]["test"] == 0  # dropped before training
+
+
+def test_best_yaml_retrains_to_the_same_validation_accuracy(tiny_study, tmp_path):
+    out, study = tiny_study
+    best = max((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"]["number"] == best.number
+    cfg = merge(RunConfig(), load_yaml(out / "best.yaml"))  # what `cifarlens train --config` does
+    train(cfg, tmp_path / "again", evaluate_test=False, report=False)
+    meta = json.loads((tmp_path / "again" / "run.json").read_text())
+    history = list(csv.DictReader((tmp_path / "again" / "history.csv").open()))
+    assert float(history[meta["best_epoch"] - 1]["val_acc"]) == best.value
+    assert meta["best_val_loss"] == best.user_attrs["val_loss"]
+
+
+def test_two_worker_processes_finish_one_study_between_them(data_dir, tmp_path):
+    out = tmp_path / "out"
+    space = write_space(tmp_path / "space.yaml")
+    args = ["tune", *base_args(data_dir, epochs=1), "--space", str(space), "--trials", "4", "--out", str(out),
+            "--storage", f"sqlite:///{tmp_path / 'shared.db'}", "--study", "shared"]
+    workers = [cli(*args, "--sampler-seed", str(i)) for i in range(2)]
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    trials = study.trials
+    assert [t.number for t in trials] == list(range(4))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both worked
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"{n:04d}" for n in range(4)]
+    for t in trials:  # each trial trained once, in its own folder, with its own parameters
+        cfg = load_yaml(Path(t.user_attrs["run_dir"]) / "config.yaml")
+        assert cfg["train"]["optimizer"] == t.params["train.optimizer"]
+        assert sum(f"Trial {t.number} " in log for log in logs) == 1
+
+
+def test_rerunning_continues_a_study_and_workers_extend_it(data_dir, tmp_path):
+    out = tmp_path / "out"
+    space = write_space(tmp_path / "space.yaml")
+    args = ["tune", *base_args(data_dir, epochs=1), "--space", str(space), "--out", str(out), "--sampler-seed", "1"]
+    assert main([*args, "--trials", "2"]) == 0
+    first = [(t.number, t.params, t.value, t.datetime_start) for t in load(out).trials]
+    assert len(first) == 2
+    assert main([*args, "--trials", "2"]) == 0  # already complete: nothing added
+    assert len(load(out).trials) == 2
+    assert main([*args, "--trials", "4", "--workers", "2"]) == 0  # one more process on the same storage
+    trials = load(out).trials
+    assert [t.number for t in trials] == list(range(4))
+    assert [(t.number, t.params, t.value, t.datetime_start) for t in trials[:2]] == first
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert (out / "worker-1.log").is_file()
+    assert len(list(csv.DictReader((out / "trials.csv").open()))) == 4
+
+
+def test_a_dead_workers_running_trial_is_failed_and_replaced(data_dir, tmp_path):
+    cfg, out = base_cfg(data_dir), tmp_path / "out"
+    space = parse_space(yaml.safe_load(SPACE), "test space")
+    run_tune(cfg, out, trials=1, space=space, sampler_seed=0)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    study = load(out)
+    orphan = study.ask()  # a trial whose worker was killed: RUNNING forever without this check
+    orphan.set_user_attr("host", HOST)
+    orphan.set_user_attr("pid", int(gone.stdout))
+    summary = run_tune(cfg, out, trials=2, space=space, sampler_seed=0)
+    states = [t.state for t in load(out).trials]
+    assert states[1] == TrialState.FAIL and states[2] in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert summary["trials"]["FAIL"] == 1
+
+
+def test_a_diverging_trial_is_pruned_with_its_reason(data_dir, tmp_path):
+    space = parse_space({"train.lr": {"choices": [1.0e30]}}, "test space")
+    summary = run_tune(base_cfg(data_dir), tmp_path / "out", trials=1, space=space)
+    (trial,) = load(tmp_path / "out").trials
+    assert trial.state == TrialState.PRUNED and "became" in trial.user_attrs["pruned_reason"]
+    assert json.loads((Path(trial.user_attrs["run_dir"]) / "run.json").read_text())["status"] == "diverged"
+    assert summary["best"] is None and not (tmp_path / "out" / "best.yaml").exists()
+
+
+def test_trials_that_keep_failing_stop_the_worker_with_the_reason(data_dir, tmp_path):
+    # three stages of widths for two stages of depths: LensNet refuses every trial
+    space = parse_space({"model.kwargs.widths": {"choices": [[8, 16, 32], [4, 8, 16]]}}, "test space")
+    with pytest.raises(CifarlensError, match="3 trials in a row failed.*widths and depths"):
+        run_tune(base_cfg(data_dir), tmp_path / "out", trials=5, space=space)
+    assert [t.state for t in load(tmp_path / "out").trials] == [TrialState.FAIL] * 3
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit code 2, before any training
+# ---------------------------------------------------------------------------
+
+
+def run_cli_error(capsys, args) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("cifarlens: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("storage, message", [
+    ("postgresql://user:secret@127.0.0.1:1/x", "storage postgresql://user:***@127.0.0.1:1/x"),
+    ("sqlite:///{tmp}/missing/folder/study.db", "does not exist"),
+    ("sqlite:///{tmp}", "is a folder"),
+    ("journal:{tmp}/missing/study.log", "does not exist"),
+    ("sqlite://", "in-memory"),
+    ("nosuchdb://host/x", "unknown database type"),
+    ("just words", "is not a URL"),
+])
+def test_bad_storages_are_one_clear_error(storage, message, data_dir, tmp_path, capsys):
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--storage", storage.format(tmp=tmp_path),
+                                  "--out", str(tmp_path / "out"), "--trials", "1"])
+    assert message in line and "secret" not in line
+
+
+BAD_SPACES = {
+    "unknown form": ("train.lr: {uniform: [0.01, 0.1]}", "train.lr: unknown option 'uniform'"),
+    "low >= high": ("train.lr: {float: [0.1, 0.01]}", "train.lr: low (0.1) must be below high (0.01)"),
+    "log with low <= 0": ("train.weight_decay: {float: [0, 0.1], log: true}", "a log range needs low > 0"),
+    "empty choices": ("train.batch_size: {choices: []}", "choices must be a non-empty list"),
+    "unknown key": ("train.learning_rate: {float: [0.01, 0.1]}", "train.learning_rate: not a config key"),
+    "when before definition": (("train.lr: {float: [0.01, 0.1], when: {train.optimizer: sgd}}\n"
+                                "train.optimizer: {choices: [sgd, adam]}"), "not defined earlier"),
+    "when never true": (("train.optimizer: {choices: [sgd, adam]}\n"
+                         "train.lr: {float: [0.01, 0.1], when: {train.optimizer: lion}}"), "can never hold"),
+    "alternatives without when": ("train.lr:\n  - {float: [0.01, 0.1]}\n  - {float: [0.1, 1.0]}",
+                                  "each needs a when"),
+    "wrong type": ("train.batch_size: {float: [16, 64]}", "train.batch_size = 16.0: config key"),
+    "refused by the recipe check": ("train.lr: {float: [0.0, 0.1]}", "train.lr must be > 0"),
+    "unknown recipe": ("train.recipe: {choices: [fast, turbo]}", "unknown recipe 'turbo'"),
+    "unknown augmentation": ("data.augment: {choices: [flip, heavy]}", "unknown augmentation level 'heavy'"),
+    "option the model lacks": ("model.kwargs.bn_momentum: {float: [0.1, 0.9]}", "has no option 'bn_momentum'"),
+    "not a mapping": ("- train.lr", "must be a non-empty mapping"),
+    "invalid YAML": ("train.lr: {float: [0.01", "is not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_invalid_search_space_files_are_refused_naming_file_and_key(case, data_dir, tmp_path, capsys):
+    text, message = BAD_SPACES[case]
+    space = write_space(tmp_path / "bad_space.yaml", text + "\n")
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--space", str(space), "--out", str(tmp_path / "o")])
+    assert str(space) in line and message in line
+    assert not (tmp_path / "o").exists()  # refused before a study or a folder exists
+
+
+def test_a_study_name_clash_with_another_space_or_base_config_is_refused(data_dir, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    space, cfg = parse_space(yaml.safe_load(SPACE), "a"), base_cfg(data_dir, epochs=2)
+    open_study(open_storage(url), "mine", space, cfg)
+    other = write_space(tmp_path / "other.yaml", SPACE.replace("0.3]", "0.5]"))
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--storage", url, "--study", "mine",
+                                  "--space", str(other), "--out", str(tmp_path / "o1")])
+    assert "study mine in" in line and "different search space (differs in: train.lr)" in line
+    assert "use another --study name or the same --space" in line
+    same = write_space(tmp_path / "same.yaml")
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir, epochs=3), "--storage", url, "--study", "mine",
+                                  "--space", str(same), "--out", str(tmp_path / "o2")])
+    assert "different base config (differs in: train.epochs)" in line
+    # where the data sits and which device trains may differ between machines
+    moved = merge(cfg, {"data": {"data_dir": "/elsewhere"}, "train": {"device": "cpu"}})
+    assert base_identity(moved) == base_identity(cfg)
+    open_study(open_storage(url), "mine", space, moved)
+
+
+# ---------------------------------------------------------------------------
+# Search spaces
+# ---------------------------------------------------------------------------
+
+
+def test_the_default_space_tunes_only_options_the_model_accepts():
+    def keys(model, **kwargs):
+        return default_space(merge(RunConfig(), {"model": {"name": model, "kwargs": kwargs}})).config_keys()
+
+    common = {"train.recipe", "train.optimizer", "train.lr", "train.weight_decay", "train.label_smoothing",
+              "train.batch_size", "data.augment"}
+    assert set(keys("lensnet_light")) == common | {"model.kwargs.dropout", "model.kwargs.widths",
+                                                   "model.kwargs.depths"}
+    assert set(keys("fastnet_cpu")) == common | {"model.kwargs.widths"}
+    assert set(keys("resnet20")) == common
+    tiny = default_space(merge(RunConfig(), {"model": {"name": "lensnet_light",
+                                                       "kwargs": {"widths": [8, 16], "depths": [1, 1]}}}))
+    assert tiny.param("model.kwargs.widths").choices == ([4, 8], [8, 16], [16, 32])  # around the base's widths
+    assert tiny.param("model.kwargs.depths").choices == ([1, 1], [2, 2])
+
+
+def test_the_documented_space_file_is_the_default_for_lensnet_light(capsys):
+    cfg = merge(RunConfig(), {"model": {"name": "lensnet_light"}})
+    assert load_space(REPO / "configs" / "tune" / "space.yaml").params == default_space(cfg).params
+    assert main(["tune", "--model", "lensnet_light", "--print-space"]) == 0
+    assert parse_space(yaml.safe_load(capsys.readouterr().out)).params == default_space(cfg).params
+
+
+def test_conditional_entries_are_sampled_only_when_their_condition_holds():
+    space = parse_space(yaml.safe_load(SPACE), "test space")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        values = space.sample(trial)
+        optimizer, lr = values["train.optimizer"], values["train.lr"]
+        assert set(trial.params) == {"train.optimizer", f"train.lr[train.optimizer={optimizer}]",
+                                     "model.kwargs.widths"}
+        assert 1e-5 <= lr <= (0.3 if optimizer == "sgd" else 1e-2)
+        assert values["model.kwargs.widths"] in ([8, 16], [12, 24])  # decoded from Optuna's string
+        assert space.values_of(trial.params) == values
+        cfg = space.apply(base_cfg(Path("data")), values)
+        assert cfg.model.kwargs == {"widths": values["model.kwargs.widths"], "depths": [1, 1]}
+        seen.add(optimizer)
+        study.tell(trial, 0.0)
+    assert seen == {"sgd", "adam"}
+    assert parse_space(yaml.safe_load(space.to_yaml())).params == space.params  # the file form round-trips
