@@ -92,3 +92,44 @@ def test_per_image_path_matches_the_batched_path_without_augmentation():
     order_e = torch.argsort(expected.flatten(1).sum(1))
     assert torch.allclose(x[order_x], expected[order_e], atol=1e-5)
     assert sorted(y.tolist()) == sorted(split.labels.tolist())
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    from cifarlens.data.base import Split
+    from cifarlens.data.loader import TensorLoader
+
+    n = 200
+    images = ramp_images(b=n, c=1)
+    split = Split(images, torch.arange(n))  # the label is the image's index
+    augment = BatchAugment("flip", (0.0,), (1 / 255,), alternating_flip=True)  # normalised = the raw values
+
+    def flips(loader, epoch) -> torch.Tensor:
+        loader.set_epoch(epoch)
+        state = torch.zeros(n, dtype=torch.bool)
+        for x, y in loader:
+            state[y] = torch.tensor([torch.allclose(a, images[0].flip(2).float()) for a in x])
+        return state
+
+    loader = TensorLoader(split, 32, augment, device=torch.device("cpu"), shuffle=True, seed=5)
+    epochs = [flips(loader, e) for e in range(4)]
+    assert 0.35 < epochs[0].float().mean() < 0.65  # epoch 0: a coin toss per image
+    assert torch.equal(epochs[1], ~epochs[0]) and torch.equal(epochs[2], epochs[0]) and torch.equal(epochs[3], ~epochs[0])
+    again = TensorLoader(split, 32, augment, device=torch.device("cpu"), shuffle=True, seed=5)
+    assert torch.equal(flips(again, 3), epochs[3])  # a pure function of (seed, epoch): resumable
+    other = TensorLoader(split, 32, augment, device=torch.device("cpu"), shuffle=True, seed=6)
+    assert not torch.equal(flips(other, 0), epochs[0])
+
+
+def test_alternating_flip_is_a_config_choice_of_the_batched_loader():
+    from cifarlens.config import DataConfig
+    from cifarlens.data.base import DatasetInfo, Split
+    from cifarlens.data.pipeline import make_loader
+
+    info = DatasetInfo("x", ("a", "b"), 1, 8, (0.5,), (0.5,))
+    split = Split(ramp_images(b=64, c=1), torch.zeros(64, dtype=torch.long))
+    loader = make_loader(split, info, 16, torch.device("cpu"), train_cfg=DataConfig(augment="flip", flip="alternating"))
+    assert loader.flip_base is not None and loader.flip_base.shape == (64,)
+    with pytest.raises(CifarlensError, match="data.flip must be one of random, alternating"):
+        make_loader(split, info, 16, torch.device("cpu"), train_cfg=DataConfig(flip="sometimes"))
+    with pytest.raises(CifarlensError, match="needs the batched loader"):
+        make_loader(split, info, 16, torch.device("cpu"), train_cfg=DataConfig(flip="alternating", loader="perimage"))

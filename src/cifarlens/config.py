@@ -30,6 +30,7 @@ class DataConfig:
     augment: str | None = None  # see cifarlens.data.augment.AUGMENT_LEVELS; None = the dataset's default
     image_size: int | None = None  # None = the dataset's native size (imagefolder: 32)
     crop_padding: int = 4  # pixels of padding for the random crop
+    flip: str = "random"  # "random" | "alternating": each image mirrored every other epoch (Jordan 2024)
     loader: str = "batched"  # "batched": augment whole batches on the device; "perimage": torchvision in workers
     workers: int = 2  # DataLoader workers for the per-image loader
 

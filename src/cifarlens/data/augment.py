@@ -51,7 +51,19 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
 
 def random_hflip(images: Tensor, generator: torch.Generator) -> Tensor:
     flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return hflip_where(images, flip)
+
+
+def hflip_where(images: Tensor, flip: Tensor) -> Tensor:
+    """Mirror the images whose ``flip`` (B,) bool is set."""
     return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def alternating_flips(base: Tensor, epoch: int) -> Tensor:
+    """Alternating flip (Jordan 2024, arXiv:2404.00498): an image is mirrored in epoch 0 by a
+    fixed coin toss ``base`` (N,) bool, and in every later epoch the opposite of the epoch
+    before, so each image is seen both ways every two epochs instead of at random."""
+    return base ^ bool(epoch % 2)
 
 
 def colour_jitter(x: Tensor, strength: float, generator: torch.Generator) -> Tensor:
@@ -88,6 +100,7 @@ class BatchAugment:
     hflip: bool = True  # False for datasets where a mirror image changes the label
     padding: int = 4
     jitter_strength: float = 0.2
+    alternating_flip: bool = False  # the loader then passes each image's flip (see alternating_flips)
 
     def __post_init__(self):
         if self.level not in AUGMENT_LEVELS:
@@ -95,12 +108,13 @@ class BatchAugment:
                 f"unknown augmentation level {self.level!r}; choose one of: {', '.join(AUGMENT_LEVELS)}"
             )
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, images: Tensor, generator: torch.Generator, flip: Tensor | None = None) -> Tensor:
+        """``flip`` (B,) bool: which images to mirror (alternating flip); random when None."""
         steps = AUGMENT_LEVELS[self.level]
         if steps["crop"]:
             images = random_crop(images, self.padding, generator)
         if steps["flip"] and self.hflip:
-            images = random_hflip(images, generator)
+            images = random_hflip(images, generator) if flip is None else hflip_where(images, flip)
         x = images.float() / 255.0
         if steps["jitter"]:
             x = colour_jitter(x, self.jitter_strength, generator)

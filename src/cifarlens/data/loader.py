@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from cifarlens.data.augment import alternating_flips
 from cifarlens.data.base import Split
 
 
@@ -51,6 +52,10 @@ class TensorLoader:
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.flip_base = None  # (N,) bool: each image's epoch-0 flip, when the transform alternates flips
+        if getattr(transform, "alternating_flip", False):
+            coin = torch.Generator(device=device).manual_seed(epoch_seed(seed, 0, stream=3))
+            self.flip_base = torch.rand(len(self.labels), device=device, generator=coin) < 0.5
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -72,4 +77,8 @@ class TensorLoader:
         for i in range(len(self)):
             index = order[i * self.global_batch : (i + 1) * self.global_batch]
             index = index[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            yield self.transform(self.images[index], generator), self.labels[index]
+            if self.flip_base is None:
+                yield self.transform(self.images[index], generator), self.labels[index]
+            else:
+                flip = alternating_flips(self.flip_base[index], self.epoch)
+                yield self.transform(self.images[index], generator, flip), self.labels[index]

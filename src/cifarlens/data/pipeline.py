@@ -17,6 +17,9 @@ from cifarlens.distributed import SINGLE, World, check_batch_size
 from cifarlens.errors import CifarlensError
 
 
+FLIPS = ("random", "alternating")
+
+
 @dataclass
 class DataBundle:
     info: DatasetInfo
@@ -46,7 +49,10 @@ def _normalize_only(images, generator, *, mean, std):
 
 
 def train_transform(info: DatasetInfo, cfg: DataConfig) -> BatchAugment:
-    return BatchAugment(cfg.augment or info.augment, info.mean, info.std, hflip=info.hflip, padding=cfg.crop_padding)
+    if cfg.flip not in FLIPS:
+        raise CifarlensError(f"data.flip must be one of {', '.join(FLIPS)}, got {cfg.flip!r}")
+    return BatchAugment(cfg.augment or info.augment, info.mean, info.std, hflip=info.hflip, padding=cfg.crop_padding,
+                        alternating_flip=cfg.flip == "alternating")
 
 
 def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.device, *, seed: int = 0,
@@ -64,6 +70,8 @@ def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.
         raise CifarlensError(f"the training split has {len(split)} images, fewer than one global batch "
                              f"of {batch_size}; lower train.batch_size")
     if train_cfg.loader == "perimage":
+        if train_cfg.flip != "random":
+            raise CifarlensError("data.flip=alternating needs the batched loader (data.loader=batched)")
         from cifarlens.data.perimage import PerImageLoader
 
         return PerImageLoader(split, info, per_rank, train_cfg.augment or info.augment, train_cfg.crop_padding,
