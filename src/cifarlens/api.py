@@ -23,7 +23,9 @@ from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource, load_image
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 from cifarlens.models import create_model, model_info, unwrap_model
-from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
+from cifarlens.models.registry import forward_flops
+from cifarlens.models.weights import describe_init, input_info, load_initial_weights
+from cifarlens.recipes import build_optimizer, build_scheduler, param_groups, resolve_train
 from cifarlens.runs import SPLIT_FILES, RunDir, environment_record, info_to_dict
 
 EVAL_BATCH_SIZE = 512
@@ -86,6 +88,11 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         cfg = replace(cfg, data=replace(cfg.data, augment=info.augment))
     torch.manual_seed(cfg.train.seed)  # model initialisation
     model = build_model(cfg, info).to(device)
+    # starting weights (ImageNet, or --weights FILE) before the run folder exists, so a bad file
+    # leaves none behind (on resume the checkpoint holds the weights); and the input normalisation
+    # they expect (ImageNet's for pretrained backbones), written to run.json for evaluate/serve/export
+    init = None if resume else load_initial_weights(model, cfg.model)
+    info = input_info(cfg.model, info)
     precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -101,7 +108,11 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             raise failed or CifarlensError("rank 0 could not create the run folder (see its message)")
         if world.is_main:
             run.write_config(cfg)
-            run.write_meta(dataset=info_to_dict(info), model={"name": cfg.model.name, **model_info(model)},
+            flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
+                                  **cfg.model.kwargs)
+            run.write_meta(dataset=info_to_dict(info), model={"name": cfg.model.name, **model_info(model),
+                                                              "forward_flops": flops},
+                           init=init or {"source": "scratch"},
                            split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
                            status="running")
             atomic_write_json(run / "environment.json",
@@ -111,14 +122,14 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data,
                                world=world)
     val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world)
-    if hasattr(model, "data_init") and not resume:  # e.g. FastNet's patch whitening
+    if hasattr(model, "data_init") and not resume and init is None:  # e.g. FastNet's patch whitening
         sample = bundle.train.images[:5000].to(device)
         model.data_init(train_transform(info, cfg.data)(sample, torch.Generator(device).manual_seed(tc.seed)))
     if tc.sync_bn and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     ema = make_ema(model, tc.ema_decay)
     tta = tc.tta and info.hflip
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
+    optimizer = build_optimizer(param_groups(model, tc), tc)  # head and backbone groups
     scheduler = build_scheduler(optimizer, tc, len(train_loader))
     state = FitState()
     if resume:
@@ -131,11 +142,16 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
             f"recipe {tc.recipe}, {tc.epochs} epochs, device {device}"
             + (f", {world.world_size} processes" if world.distributed else ""))
+        if init is not None:
+            log(f"starting weights: {describe_init(init)}; input normalised with mean {info.mean}, std {info.std}")
     train_model = model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # a frozen backbone (train.freeze_epochs) gives no gradients: DDP must be told, or its
+        # reducer waits for them; its grads then stay None, so the optimizer skips them
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=tc.freeze_epochs > 0)
     if tc.compile:
         train_model = torch.compile(train_model)
 

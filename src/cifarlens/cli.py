@@ -44,6 +44,11 @@ def add_config_flags(p) -> None:
     p.add_argument("--data-dir", help="folder holding (or receiving) the dataset (default ./data)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not there")
     p.add_argument("--model", choices=list_models())
+    # default None, not False: a --config file's model.pretrained is then not overridden
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="start from torchvision's ImageNet weights (downloaded; resnet18, resnet50, efficientnet_b0)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="start from a weights file: safetensors or a PyTorch state dict (works offline)")
     p.add_argument("--recipe", choices=list_recipes())
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -66,7 +71,7 @@ FLAG_KEYS = {
     "dataset": ("data", "dataset"), "data_dir": ("data", "data_dir"), "augment": ("data", "augment"),
     "model": ("model", "name"), "recipe": ("train", "recipe"), "epochs": ("train", "epochs"),
     "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "seed": ("train", "seed"),
-    "device": ("train", "device"),
+    "device": ("train", "device"), "pretrained": ("model", "pretrained"), "weights": ("model", "weights"),
 }
 
 
@@ -210,10 +215,12 @@ def cmd_predict(args) -> int:
 def cmd_list(args) -> int:
     from cifarlens.data import list_datasets
     from cifarlens.models import list_models
+    from cifarlens.models.pretrained import list_pretrained
     from cifarlens.recipes import RECIPES, list_recipes
 
     print("datasets:", ", ".join(list_datasets()))
     print("models:  ", ", ".join(list_models()))
+    print("pretrained (ImageNet weights with --pretrained):", ", ".join(list_pretrained()))
     print("recipes: ")
     for name in list_recipes():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in RECIPES.get(name).items()))

@@ -40,6 +40,9 @@ class ModelConfig:
     name: str = "fastnet_cpu"
     # Extra constructor arguments, e.g. {"widths": [32, 64, 128], "depths": [2, 2, 2], "dropout": 0.2}
     kwargs: dict = field(default_factory=dict)
+    # Starting weights, used when a training run starts (see cifarlens.models.weights):
+    pretrained: bool = False  # ImageNet weights from torchvision (resnet18, resnet50, efficientnet_b0)
+    weights: str | None = None  # a safetensors / PyTorch state dict file (torchvision or cifarlens layout)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm; 0 = off
     ema_decay: float | None = None  # exponential moving average of the weights per step; 0 = off
     tta: bool | None = None  # evaluate on the image and its mirror image, averaging logits
+    freeze_epochs: int | None = None  # first epochs train the head only (backbone frozen, its BN in eval); 0 = off
+    backbone_lr_scale: float | None = None  # backbone lr = lr * this (the head gets lr); 1 = same
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + grad scaler)

@@ -169,6 +169,22 @@ def set_epoch_seed(loader, seed: int, epoch: int) -> None:
     torch.manual_seed(epoch_seed(seed, epoch, stream=1) + current_world().rank)  # own dropout draws per rank
 
 
+def set_backbone_frozen(model: nn.Module, frozen: bool, epoch: int, log: Callable[[str], None] = print) -> None:
+    """Freeze (linear probe) or unfreeze the backbone for ``epoch``; a pure function of the epoch
+    number, so a resumed run freezes exactly as an uninterrupted one. Models that are not
+    :class:`ClassifierBase` (no head/backbone split) train whole."""
+    from cifarlens.models import unwrap_model
+
+    net = unwrap_model(model)
+    if not hasattr(net, "freeze_backbone") or net.backbone_frozen == frozen:
+        return
+    net.freeze_backbone(frozen)
+    if frozen:
+        log(f"epoch {epoch + 1}: backbone frozen (its BatchNorm statistics kept), training the head only")
+    else:
+        log(f"epoch {epoch + 1}: backbone unfrozen, fine-tuning every layer")
+
+
 @dataclass
 class FitState:
     """Everything that changes during training, saved in every checkpoint."""
@@ -205,6 +221,7 @@ def fit(
     for epoch in range(state.epoch, cfg.epochs):
         start = time.perf_counter()
         set_epoch_seed(train_loader, cfg.seed, epoch)
+        set_backbone_frozen(model, epoch < (cfg.freeze_epochs or 0), epoch, log)
         row = {"epoch": epoch + 1}
         row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, ema=ema,

@@ -15,6 +15,7 @@ from cifarlens.models.registry import (
 )
 
 # imported for their @register_model side effect
-from cifarlens.models import fastnet, lensnet, preact_resnet, resnet_cifar, wide_resnet  # noqa: E402,F401  isort: skip
+from cifarlens.models import fastnet, lensnet, preact_resnet  # noqa: E402,F401  isort: skip
+from cifarlens.models import pretrained, resnet_cifar, wide_resnet  # noqa: E402,F401  isort: skip
 
 __all__ = ["MODELS", "create_model", "list_models", "model_info", "register_model", "unwrap_model"]

@@ -7,10 +7,14 @@ Every registered model is a :class:`ClassifierBase`:
 - ``forward(x)``: logits, i.e. ``forward_head(forward_features(x))``;
 - ``predict_proba(x)``: softmax probabilities (B, num_classes);
 - ``num_classes``, ``in_channels`` and ``cam_layer``, the dotted name (for
-  ``model.get_submodule``) of the default Grad-CAM target layer.
+  ``model.get_submodule``) of the default Grad-CAM target layer;
+- ``head_parameters()`` / ``backbone_parameters()`` (the backbone is everything outside
+  ``self.head``) and ``freeze_backbone(frozen)``, for fine-tuning schedules.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -85,3 +89,51 @@ class ClassifierBase(nn.Module):
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (B, num_classes). Gradients flow; wrap in no_grad for plain inference."""
         return self(x).softmax(dim=1)
+
+    # -- fine-tuning: the head is ``self.head``, the backbone every other parameter ----------------
+    _backbone_frozen = False
+    _frozen_by_us: tuple[str, ...] = ()  # the backbone parameters freeze_backbone() switched off
+
+    def named_backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if not n.startswith("head."))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_backbone_parameters()]
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self._backbone_frozen
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Freeze (linear probe) or unfreeze the backbone.
+
+        Freezing switches off ``requires_grad`` of the backbone parameters that were trainable,
+        and keeps the backbone's BatchNorm layers in eval mode (their running statistics, e.g.
+        ImageNet's, are used and not updated) even under ``model.train()``. Unfreezing restores
+        exactly those parameters: ones frozen for good (FastNet's whitening) stay frozen.
+        """
+        if frozen == self._backbone_frozen:
+            return
+        if frozen:
+            trainable = [(n, p) for n, p in self.named_backbone_parameters() if p.requires_grad]
+            for _, p in trainable:
+                p.requires_grad_(False)
+            self._frozen_by_us = tuple(n for n, _ in trainable)
+        else:
+            params = dict(self.named_parameters())
+            for name in self._frozen_by_us:
+                params[name].requires_grad_(True)
+            self._frozen_by_us = ()
+        self._backbone_frozen = frozen
+        self.train(self.training)  # (re)apply the BatchNorm modes
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self._backbone_frozen:
+            for name, m in self.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not name.startswith("head."):
+                    m.eval()
+        return self

@@ -1,4 +1,4 @@
-"""Several runs side by side: metrics, compute budget and the config keys that differ.
+"""Several runs side by side: metrics, starting weights, compute budget and the config keys that differ.
 
 Reads only what the runs wrote (config.yaml, run.json, environment.json, metrics.json,
 predictions.csv); nothing is recomputed. ECE comes from predictions.csv, whose
@@ -16,9 +16,10 @@ import torch
 
 from cifarlens.config import to_dict
 from cifarlens.errors import CifarlensError
+from cifarlens.models.weights import describe_init
 from cifarlens.report.baselines import text_table
 from cifarlens.report.calibration import reliability_bins_from_confidence
-from cifarlens.report.html import duration, flatten
+from cifarlens.report.html import duration, flatten, flops_text, params_text
 from cifarlens.runs import RunDir
 
 __all__ = ["compare_runs", "config_differences", "run_summary"]
@@ -52,6 +53,10 @@ def run_summary(run_dir: str | Path) -> dict:
     rd.require_run()
     cfg = rd.config()
     meta, env, metrics = rd.meta(), _json(rd / "environment.json"), _json(rd / "metrics.json")
+    model = meta.get("model") or {}
+    train_size = (meta.get("split_sizes") or {}).get("train")
+    epochs_done = meta.get("epochs_done")
+    images = epochs_done * train_size if epochs_done is not None and train_size is not None else None
     return {
         "path": str(rd.path), "name": rd.path.name, "config": to_dict(cfg),
         "dataset": cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,
@@ -60,7 +65,25 @@ def run_summary(run_dir: str | Path) -> dict:
         "device": env.get("device"), "device_name": env.get("device_name"),
         "accuracy": metrics.get("accuracy"), "f1_macro": metrics.get("f1_macro"),
         "ece": ece_from_predictions(rd / "predictions.csv"),
+        # runs written before cifarlens recorded "init" trained from scratch unless their config says otherwise
+        "init": describe_init(meta.get("init") or _init_from_config(cfg)),
+        "params": model.get("params"), "forward_flops": model.get("forward_flops"), "train_images": images,
     }
+
+
+def _init_from_config(cfg) -> dict:
+    if cfg.model.pretrained:
+        return {"source": "imagenet", "weights": "?"}
+    if cfg.model.weights:
+        return {"source": "file", "file": cfg.model.weights}
+    return {"source": "scratch"}
+
+
+def training_flops(forward_flops: float | None, images: int | None) -> float | None:
+    """Training compute estimate: forward + backward ~ 3 forward passes per training image."""
+    if forward_flops is None or images is None:
+        return None
+    return 3.0 * forward_flops * images
 
 
 def config_differences(configs: Sequence[dict]) -> list[tuple[str, list]]:
@@ -100,6 +123,15 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
         ])
     out = [text_table(["run", "dataset", "model", "recipe", "epochs", "train time", "device", "test acc",
                        "f1_macro", "ECE"], rows, right=(7, 8, 9))]
+    out.append("")
+    out.append("starting weights and compute:")
+    compute = [[label, s["init"], params_text(s["params"]), flops_text(s["forward_flops"]),
+                MISSING if s["train_images"] is None else f"{s['train_images']:,}",
+                flops_text(training_flops(s["forward_flops"], s["train_images"])),
+                duration(s["train_seconds"]) if s["train_seconds"] is not None else MISSING]
+               for label, s in zip(labels, summaries)]
+    out.append(text_table(["run", "initial weights", "params", "forward / image", "training images",
+                           "training compute (3x fwd)", "train time"], compute, right=(2, 3, 4, 5)))
     diffs = config_differences([s["config"] for s in summaries])
     out.append("")
     if len(summaries) == 1:
@@ -112,4 +144,6 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
     out.append("")
     out.append("test acc and f1_macro from metrics.json; ECE (15 bins) from predictions.csv; "
                f"{MISSING} where a run has not written them (run `cifarlens evaluate RUN_DIR`).")
+    out.append("forward / image: FLOPs of one forward pass at the run's input (a multiply-add counts 2, counted "
+               "by torch's FlopCounterMode); training compute ~ 3 x that x training images (backward ~ 2 forwards).")
     return "\n".join(out) + "\n"

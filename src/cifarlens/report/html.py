@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifarlens.models.weights import describe_init
 from cifarlens.report.baselines import DATASETS, Baseline, baselines_for, citations
 from cifarlens.report.calibration import ReliabilityBins
 from cifarlens.report.robustness import RobustnessTable
@@ -151,6 +152,21 @@ def params_text(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
+def flops_text(flops: float | None) -> str:
+    if flops is None:
+        return "—"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}FLOPs"
+    return f"{flops:.3g} FLOPs"
+
+
+def _flops(meta: dict) -> str:
+    flops = (meta.get("model") or {}).get("forward_flops")
+    image = (meta.get("dataset") or {}).get("image_size")
+    return "—" if flops is None else f"{flops_text(flops)} per {image}x{image} image"
+
+
 def note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
@@ -162,6 +178,8 @@ def _config(d: ReportData) -> str:
     budget = table(None, [
         ["dataset", d.dataset],
         ["model", f"{d.model} ({d.params:,} parameters)" if d.params else d.model],
+        ["initial weights", describe_init(d.meta.get("init"))],
+        ["forward pass", _flops(d.meta)],
         ["status", b.status or "—"],
         ["epochs", f"{b.epochs_done if b.epochs_done is not None else '—'} done of "
                    f"{b.epochs_planned if b.epochs_planned is not None else '—'} planned"
