@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -156,6 +158,66 @@ def test_two_worker_processes_finish_one_study_between_them(data_dir, tmp_path):
         cfg = load_yaml(Path(t.user_attrs["run_dir"]) / "config.yaml")
         assert cfg["train"]["optimizer"] == t.params["train.optimizer"]
         assert sum(f"Trial {t.number} " in log for log in logs) == 1
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server (Debian's ``postgresql``) listening on a Unix socket only:
+    the database that workers on several machines would share."""
+    pytest.importorskip("psycopg", reason="needs the psycopg driver (pip install 'psycopg[binary]')")
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not initdb:
+        pytest.skip("needs a PostgreSQL server (Debian: apt-get install postgresql)")
+    bindir = initdb[-1].parent
+    # the server refuses to run as root: then it runs as the postgres user, in a folder it owns
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="cifarlens-pg-"))
+    if as_user:
+        shutil.chown(root, "postgres")
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_user, str(bindir / tool), *args], check=True, capture_output=True, timeout=120)
+
+    try:
+        pg("initdb", "-D", str(root / "data"), "-A", "trust", "-U", "postgres")
+        pg("pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-w", "start",
+           "-o", f"-k {root} -p 5432 -c listen_addresses=''")
+        pg("createdb", "-h", str(root), "-p", "5432", "-U", "postgres", "cifarlens")
+        yield f"postgresql://postgres@/cifarlens?host={root}&port=5432"
+    finally:
+        if (root / "data" / "postmaster.pid").exists():
+            pg("pg_ctl", "-D", str(root / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_workers_on_several_machines_share_a_study_in_postgresql(postgres_url, data_dir, tmp_path, capsys):
+    # two "machines": the same command with one database URL, each with its own output folder
+    space = write_space(tmp_path / "space.yaml")
+    args = ["tune", *base_args(data_dir, epochs=1), "--space", str(space), "--trials", "4",
+            "--storage", postgres_url, "--study", "shared"]
+    outs = [tmp_path / f"machine{i}" for i in range(2)]
+    workers = [cli(*args, "--out", str(out), "--sampler-seed", str(i)) for i, out in enumerate(outs)]
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    trials = study.trials
+    # no shared lock on a server: the count may overshoot by up to (workers - 1), never fall short
+    assert 4 <= len(trials) <= 5 and [t.number for t in trials] == list(range(len(trials)))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both worked
+    for t in trials:  # each trained once, on one machine, with its own parameters
+        run = Path(t.user_attrs["run_dir"])
+        assert run.parent.parent in outs and run.name == f"{t.number:04d}"
+        assert load_yaml(run / "config.yaml")["train"]["optimizer"] == t.params["train.optimizer"]
+        assert sum(f"Trial {t.number} " in log for log in logs) == 1
+    # the same command again continues the study: it is complete, so nothing is added
+    assert main([*args, "--out", str(outs[0])]) == 0
+    assert len(optuna.load_study(study_name="shared", storage=postgres_url).trials) == len(trials)
+    # another search space under the same study name is refused
+    other = write_space(tmp_path / "other.yaml", SPACE.replace("0.3]", "0.5]"))
+    args[args.index("--space") + 1] = str(other)
+    line = run_cli_error(capsys, [*args, "--out", str(outs[0])])
+    assert "different search space (differs in: train.lr)" in line
 
 
 def test_rerunning_continues_a_study_and_workers_extend_it(data_dir, tmp_path):
