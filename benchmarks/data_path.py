@@ -1,7 +1,7 @@
 """Throughput of the batched data path against the per-image (torchvision + DataLoader) path,
 for the same network and the same augmentation, on the device at hand.
 
-    python benchmarks/data_path.py [--data-dir /usr/share/datasets/fashion-mnist] [--model fastnet_cpu]
+    python benchmarks/data_path.py [--data-dir /usr/share/datasets/fashion-mnist] [--model fastnet_cpu] [--cpu-amp]
 
 Prints training images per second (forward, backward and optimizer step included) for
 the batched path and for the per-image path with 0 and 2 workers.
@@ -53,15 +53,16 @@ def main() -> None:
     parser.add_argument("--augment", default="standard")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on CPU (train.cpu_amp)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     cfg = merge(RunConfig(), {"data": {"dataset": args.dataset, "data_dir": args.data_dir, "download": False,
                                        "augment": args.augment}})
     bundle = prepare_data(cfg.data, 0)
-    precision = Precision.for_device(device, amp=True, channels_last=True)
+    precision = Precision.for_device(device, amp=True, channels_last=True, cpu_amp=args.cpu_amp)
     print(f"device: {device_description(device)}; {args.dataset}, {args.model}, batch {args.batch_size}, "
-          f"augment {args.augment}, {args.steps} timed steps")
+          f"augment {args.augment}, autocast {precision.dtype or 'off'}, {args.steps} timed steps")
     variants = [("batched", {"loader": "batched"}), ("per-image, 0 workers", {"loader": "perimage", "workers": 0}),
                 ("per-image, 2 workers", {"loader": "perimage", "workers": 2})]
     results = {}

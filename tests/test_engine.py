@@ -93,6 +93,24 @@ def test_cuda_mixed_precision_training_step():
     assert math.isfinite(out["train_loss"])
 
 
+def test_cpu_bf16_autocast_is_opt_in_and_keeps_fp32_weights():
+    cpu = torch.device("cpu")
+    assert Precision.for_device(cpu, amp=True, channels_last=True).dtype is None  # the CPU default: fp32
+    precision = Precision.for_device(cpu, amp=True, channels_last=True, cpu_amp=True)  # train.cpu_amp
+    assert precision.dtype == torch.bfloat16 and not precision.scaler.is_enabled()  # bf16 needs no scaler
+    model = create_model("lensnet_light", 3, 1, widths=[4], depths=[1]).to(memory_format=torch.channels_last)
+    outputs = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    split = Split(torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8), torch.arange(64) % 3)
+    loader = TensorLoader(split, 32, lambda x, g: x.float() / 255, device=cpu, shuffle=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = engine.train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.05), None, precision)
+    assert math.isfinite(out["train_loss"]) and outputs == [torch.bfloat16] * 2  # both batches in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_flip_tta_averages_the_logits_of_both_orientations():
     model = create_model("lensnet_light", 4, 1, widths=[4], depths=[1]).eval()
     x = torch.randn(3, 1, 8, 8)

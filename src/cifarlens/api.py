@@ -93,7 +93,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     # they expect (ImageNet's for pretrained backbones), written to run.json for evaluate/serve/export
     init = None if resume else load_initial_weights(model, cfg.model)
     info = input_info(cfg.model, info)
-    precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last)
+    precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last, cfg.train.cpu_amp)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
 

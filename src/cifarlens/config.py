@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + grad scaler)
+    cpu_amp: bool = False  # bf16 autocast on CPU too (faster where the CPU has AVX512-BF16 or AMX)
     channels_last: bool = True  # memory format on CUDA
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # data-parallel on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
