@@ -162,14 +162,15 @@ def merge(cfg: RunConfig, values: dict) -> RunConfig:
     return replace(cfg, **updates)
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, what: str = "config file") -> dict:
+    """The YAML file at ``path`` ({} when empty); a missing or malformed file is one error naming ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise CifarlensError(f"config file {path} not found")
+        raise CifarlensError(f"{what} {path} not found")
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise CifarlensError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise CifarlensError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     return values or {}
 
 

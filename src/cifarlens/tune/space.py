@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from cifarlens.config import RunConfig, merge
+from cifarlens.config import RunConfig, load_yaml, merge
 from cifarlens.errors import CifarlensError
 
 FORMS = ("float", "int", "choices")
@@ -351,14 +351,7 @@ def _parse_when(when: Any, earlier: list[Param], where: str) -> tuple[tuple[str,
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file (see the module docstring for the format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CifarlensError(f"search space file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise CifarlensError(f"search space {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_space(data, str(path))
+    return parse_space(load_yaml(path, "search space file"), str(path))
 
 
 def default_space(base: RunConfig) -> SearchSpace:
