@@ -353,25 +353,9 @@ def test_cli_weights_round_trip_with_a_frozen_backbone(tmp_path, tiny_cifar, res
     (parameters and BatchNorm statistics), and the head has the dataset's 10 classes."""
     path, state = resnet18_file
     out = tmp_path / "run"
-    assert (
-        main(
-            cifar_args(
-                tiny_cifar,
-                out,
-                "--model",
-                "resnet18",
-                "--set",
-                NATIVE,
-                "--weights",
-                str(path),
-                "--recipe",
-                "finetune",
-                "--epochs",
-                "1",
-            )
-        )
-        == 0
-    )
+    args = cifar_args(tiny_cifar, out, "--model", "resnet18", "--set", NATIVE, "--weights", str(path),
+                      "--recipe", "finetune", "--epochs", "1")
+    assert main(args) == 0
     saved = load_file(str(out / "model.safetensors"))
     assert_same_backbone(saved, state)
     assert saved["head.fc.weight"].shape == (10, 512)
@@ -388,35 +372,9 @@ def test_cli_grey_data_uses_the_mean_imagenet_statistics(tmp_path, resnet18_file
     path, _ = resnet18_file
     data = make_fashion_mnist(tmp_path / "fm", n_train=40, n_test=10)
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--dataset",
-                "fashion-mnist",
-                "--data-dir",
-                str(data.data_dir),
-                "--device",
-                "cpu",
-                "--model",
-                "resnet18",
-                "--set",
-                NATIVE,
-                "--weights",
-                str(path),
-                "--epochs",
-                "1",
-                "--batch-size",
-                "16",
-                "--set",
-                "train.freeze_epochs=1",
-                "--out",
-                str(out),
-                "--no-report",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--device", "cpu",
+                 "--model", "resnet18", "--set", NATIVE, "--weights", str(path), "--epochs", "1",
+                 "--batch-size", "16", "--set", "train.freeze_epochs=1", "--out", str(out), "--no-report"]) == 0
     dataset = json.loads((out / "run.json").read_text())["dataset"]
     assert dataset["mean"] == pytest.approx([sum(IMAGENET_MEAN) / 3])
     assert dataset["std"] == pytest.approx([sum(IMAGENET_STD) / 3])
