@@ -1,10 +1,14 @@
 """Throughput of the batched data path against the per-image (torchvision + DataLoader) path,
 for the same network and the same augmentation, on the device at hand.
 
-    python benchmarks/data_path.py [--data-dir /usr/share/datasets/fashion-mnist] [--model fastnet_cpu] [--cpu-amp]
+    python benchmarks/data_path.py [--data-dir /usr/share/datasets/fashion-mnist] [--model fastnet_cpu]
+        [--cpu-amp | --no-cpu-amp]
 
-Prints training images per second (forward, backward and optimizer step included) for
-the batched path and for the per-image path with 0 and 2 workers.
+Prints, for the batched path and for the per-image path with 0 and 2 workers, training
+images per second (augmentation, forward, backward and optimizer step) and images per
+second of the loader alone (augmented batches produced and nothing else), so one can see
+how much of a training step the data path is. ``--cpu-amp``: bf16 autocast on the CPU;
+the default follows ``train.cpu_amp`` (on where the CPU has native bf16).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from cifarlens.config import RunConfig, merge
 from cifarlens.data.pipeline import make_loader, prepare_data
 from cifarlens.engine import Precision, resolve_device
 from cifarlens.models import create_model
+from cifarlens.recipes import cpu_has_native_bf16
 
 
 def images_per_second(loader, model, precision, steps: int) -> float:
@@ -44,6 +49,22 @@ def images_per_second(loader, model, precision, steps: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def loader_images_per_second(loader, device: torch.device, steps: int) -> float:
+    """The loader alone: augmented batches on the training device, no network."""
+    seen, start = 0, None
+    for i, (x, y) in enumerate(loader):
+        if i == 3:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, seen = time.perf_counter(), 0
+        seen += len(y)
+        if i == steps + 3:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion-mnist")
@@ -53,30 +74,39 @@ def main() -> None:
     parser.add_argument("--augment", default="standard")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on CPU (train.cpu_amp)")
+    parser.add_argument("--cpu-amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast on CPU (train.cpu_amp; default: where the CPU has native bf16)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     cfg = merge(RunConfig(), {"data": {"dataset": args.dataset, "data_dir": args.data_dir, "download": False,
                                        "augment": args.augment}})
     bundle = prepare_data(cfg.data, 0)
-    precision = Precision.for_device(device, amp=True, channels_last=True, cpu_amp=args.cpu_amp)
+    cpu_amp = cpu_has_native_bf16() if args.cpu_amp is None else args.cpu_amp
+    precision = Precision.for_device(device, amp=True, channels_last=True, cpu_amp=cpu_amp)
     print(f"device: {device_description(device)}; {args.dataset}, {args.model}, batch {args.batch_size}, "
           f"augment {args.augment}, autocast {precision.dtype or 'off'}, {args.steps} timed steps")
     variants = [("batched", {"loader": "batched"}), ("per-image, 0 workers", {"loader": "perimage", "workers": 0}),
                 ("per-image, 2 workers", {"loader": "perimage", "workers": 2})]
-    results = {}
+    results, alone = {}, {}
+    print(f"{'loader':>22}  {'training':>17}  {'loader alone':>17}")
     for name, data in variants:
         torch.manual_seed(0)
         model = create_model(args.model, bundle.info.num_classes, bundle.info.in_channels).to(device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        loader = make_loader(bundle.train, bundle.info, args.batch_size, device,
-                             train_cfg=merge(cfg, {"data": data}).data)
-        results[name] = images_per_second(loader, model, precision, args.steps)
-        print(f"{name:>22}: {results[name]:8.0f} images/s", flush=True)
-    best_per_image = max(v for k, v in results.items() if k != "batched")
-    print(f"batched / best per-image: {results['batched'] / best_per_image:.2f}x")
+
+        def loader():
+            return make_loader(bundle.train, bundle.info, args.batch_size, device,
+                               train_cfg=merge(cfg, {"data": data}).data)
+
+        results[name] = images_per_second(loader(), model, precision, args.steps)
+        alone[name] = loader_images_per_second(loader(), device, args.steps)
+        print(f"{name:>22}: {results[name]:8.0f} images/s  {alone[name]:8.0f} images/s", flush=True)
+    best = max((k for k in results if k != "batched"), key=results.get)
+    best_alone = max((k for k in alone if k != "batched"), key=alone.get)
+    print(f"batched / best per-image: {results['batched'] / results[best]:.2f}x in training, "
+          f"{alone['batched'] / alone[best_alone]:.1f}x for the loader alone")
 
 
 if __name__ == "__main__":

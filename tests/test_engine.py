@@ -1,18 +1,19 @@
 """The training loop's decisions: early stopping, the plateau schedule, best-checkpoint choice."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from cifarlens import engine
-from cifarlens.config import RunConfig, merge
+from cifarlens.config import RunConfig, TrainConfig, merge
 from cifarlens.data.base import Split
 from cifarlens.data.loader import TensorLoader
 from cifarlens.engine import FitState, Precision, fit, resolve_device
 from cifarlens.errors import CifarlensError
 from cifarlens.models import create_model
-from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
+from cifarlens.recipes import build_optimizer, build_scheduler, cpu_has_native_bf16, resolve_train
 
 
 def setup(monkeypatch, val_losses, **train):
@@ -93,7 +94,7 @@ def test_cuda_mixed_precision_training_step():
     assert math.isfinite(out["train_loss"])
 
 
-def test_cpu_bf16_autocast_is_opt_in_and_keeps_fp32_weights():
+def test_cpu_bf16_autocast_runs_in_bf16_and_keeps_fp32_weights():
     cpu = torch.device("cpu")
     assert Precision.for_device(cpu, amp=True, channels_last=True).dtype is None  # the CPU default: fp32
     precision = Precision.for_device(cpu, amp=True, channels_last=True, cpu_amp=True)  # train.cpu_amp
@@ -109,6 +110,18 @@ def test_cpu_bf16_autocast_is_opt_in_and_keeps_fp32_weights():
     assert math.isfinite(out["train_loss"]) and outputs == [torch.bfloat16] * 2  # both batches in bf16
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_cpu_bf16_is_on_by_default_exactly_where_the_cpu_has_native_bf16():
+    # the CPU's own flags say whether it has AVX512-BF16 or AMX; the default follows them
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("needs /proc/cpuinfo (Linux) to know the CPU's bf16 support independently")
+    flags = Path("/proc/cpuinfo").read_text().split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert cpu_has_native_bf16() == native
+    assert resolve_train(TrainConfig()).cpu_amp == native  # None: decided by the machine
+    for asked in (True, False):  # an explicit choice is kept on every machine
+        assert resolve_train(TrainConfig(cpu_amp=asked)).cpu_amp is asked
 
 
 def test_flip_tta_averages_the_logits_of_both_orientations():

@@ -344,7 +344,7 @@ def test_a_study_name_clash_with_another_space_or_base_config_is_refused(data_di
                                   "--space", str(same), "--out", str(tmp_path / "o2")])
     assert "different base config (differs in: train.epochs)" in line
     # where the data sits and which device trains may differ between machines
-    moved = merge(cfg, {"data": {"data_dir": "/elsewhere"}, "train": {"device": "cpu"}})
+    moved = merge(cfg, {"data": {"data_dir": "/elsewhere"}, "train": {"device": "cpu", "cpu_amp": True}})
     assert base_identity(moved) == base_identity(cfg)
     open_study(open_storage(url), "mine", space, moved)
 

@@ -146,6 +146,8 @@ def environment_record(device: torch.device, seed: int) -> dict:
     import numpy
     import torchvision
 
+    from cifarlens.bench import device_description
+
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
@@ -159,8 +161,7 @@ def environment_record(device: torch.device, seed: int) -> dict:
         "cifarlens": _package_version(),
         "git_revision": _git_revision(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": device_description(device),  # the GPU, or the CPU's model name and threads
         "cuda": torch.version.cuda,
         "seed": seed,
     }

@@ -45,8 +45,8 @@ from cifarlens.tune.space import SearchSpace, default_space
 PRUNERS = ("median", "hyperband", "none")
 SPACE_ATTR, BASE_ATTR = "cifarlens.space", "cifarlens.base_config"
 # Config keys that may differ between workers of one study: where the data sits on each
-# machine, which device and how many loader workers it uses.
-MACHINE_KEYS = ("data.data_dir", "data.download", "data.workers", "train.device")
+# machine, which device and how many loader workers it uses, and whether its CPU trains in bf16.
+MACHINE_KEYS = ("data.data_dir", "data.download", "data.workers", "train.device", "train.cpu_amp")
 # Changing these needs the data read (and split) again; data.augment does not.
 DATA_KEYS = ("data.dataset", "data.data_dir", "data.download", "data.image_size", "data.val_fraction", "train.seed")
 SQLITE_TIMEOUT_S = 60  # how long a writer waits for another process's SQLite lock
@@ -237,8 +237,9 @@ def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunCon
         differs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise CifarlensError(f"study {name} in {storage.display} was created with a different search space "
                              f"(differs in: {', '.join(differs)}); use another --study name or the same --space")
-    if attrs.get(BASE_ATTR) != base:
-        old = attrs.get(BASE_ATTR) or {}
+    # (a study stored by an older cifarlens may hold machine keys that it did not yet ignore)
+    old = {k: v for k, v in (attrs.get(BASE_ATTR) or {}).items() if k not in MACHINE_KEYS}
+    if old != base:
         differs = sorted(k for k in set(old) | set(base) if old.get(k) != base.get(k))
         raise CifarlensError(f"study {name} in {storage.display} was created with a different base config "
                              f"(differs in: {', '.join(differs)}); use another --study name or the same "
