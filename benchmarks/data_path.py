@@ -27,40 +27,28 @@ from cifarlens.models import create_model
 from cifarlens.recipes import cpu_has_native_bf16
 
 
-def images_per_second(loader, model, precision, steps: int) -> float:
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    model.train()
+def images_per_second(loader, precision, steps: int, model=None) -> float:
+    """Images per second over ``steps`` batches after 3 warm-up batches: training steps of
+    ``model``, or, without one, the loader alone (augmented batches, no network)."""
+    if model is not None:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        model.train()
     seen, start = 0, None
     for i, (x, y) in enumerate(loader):
         if i == 3:  # warm-up: worker start-up, allocator, oneDNN kernels
             if precision.device.type == "cuda":
                 torch.cuda.synchronize()
             start, seen = time.perf_counter(), 0
-        with precision.autocast():
-            loss = F.cross_entropy(model(precision.prepare(x)).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if model is not None:
+            with precision.autocast():
+                loss = F.cross_entropy(model(precision.prepare(x)).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         seen += len(y)
         if i == steps + 3:
             break
     if precision.device.type == "cuda":
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
-
-
-def loader_images_per_second(loader, device: torch.device, steps: int) -> float:
-    """The loader alone: augmented batches on the training device, no network."""
-    seen, start = 0, None
-    for i, (x, y) in enumerate(loader):
-        if i == 3:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start, seen = time.perf_counter(), 0
-        seen += len(y)
-        if i == steps + 3:
-            break
-    if device.type == "cuda":
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
@@ -100,8 +88,8 @@ def main() -> None:
             return make_loader(bundle.train, bundle.info, args.batch_size, device,
                                train_cfg=merge(cfg, {"data": data}).data)
 
-        results[name] = images_per_second(loader(), model, precision, args.steps)
-        alone[name] = loader_images_per_second(loader(), device, args.steps)
+        results[name] = images_per_second(loader(), precision, args.steps, model)
+        alone[name] = images_per_second(loader(), precision, args.steps)
         print(f"{name:>22}: {results[name]:8.0f} images/s  {alone[name]:8.0f} images/s", flush=True)
     best = max((k for k in results if k != "batched"), key=results.get)
     best_alone = max((k for k in alone if k != "batched"), key=alone.get)
