@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from cifarlens.bench import device_description
 from cifarlens.config import RunConfig, merge
 from cifarlens.data.pipeline import make_loader, prepare_data
-from cifarlens.engine import Precision, resolve_device
+from cifarlens.engine import Precision, cpu_has_native_bf16, resolve_device
 from cifarlens.models import create_model
-from cifarlens.recipes import cpu_has_native_bf16
 
 
 def images_per_second(loader, precision, steps: int, model=None) -> float:

@@ -10,10 +10,10 @@ from cifarlens import engine
 from cifarlens.config import RunConfig, TrainConfig, merge
 from cifarlens.data.base import Split
 from cifarlens.data.loader import TensorLoader
-from cifarlens.engine import FitState, Precision, fit, resolve_device
+from cifarlens.engine import FitState, Precision, cpu_has_native_bf16, fit, resolve_device
 from cifarlens.errors import CifarlensError
 from cifarlens.models import create_model
-from cifarlens.recipes import build_optimizer, build_scheduler, cpu_has_native_bf16, resolve_train
+from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
 
 
 def setup(monkeypatch, val_losses, **train):

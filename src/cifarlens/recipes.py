@@ -13,6 +13,7 @@ from dataclasses import fields, replace
 import torch
 
 from cifarlens.config import TrainConfig
+from cifarlens.engine import cpu_has_native_bf16
 from cifarlens.errors import CifarlensError
 from cifarlens.registry import Registry
 
@@ -69,13 +70,6 @@ RECIPES.register("finetune")(
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("plateau", "onecycle", "cosine", "constant")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), so that bf16 autocast
-    speeds training up; without them oneDNN emulates bf16 and it is slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def list_recipes() -> list[str]:
