@@ -19,10 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cifarlens.bench import device_description
 from cifarlens.config import RunConfig, merge
 from cifarlens.data.pipeline import make_loader, prepare_data
-from cifarlens.engine import Precision, cpu_has_native_bf16, resolve_device
+from cifarlens.engine import Precision, cpu_has_native_bf16, device_description, resolve_device
 from cifarlens.models import create_model
 
 

@@ -18,8 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cifarlens.bench import device_description
-from cifarlens.engine import Precision, resolve_device
+from cifarlens.engine import Precision, device_description, resolve_device
 from cifarlens.models import create_model, model_info
 from cifarlens.models.registry import forward_flops
 

@@ -15,7 +15,6 @@ the model first, untimed, so the timed runs find its kernels in the compiler's c
 
 from __future__ import annotations
 
-import platform
 import resource
 import statistics
 import tempfile
@@ -26,7 +25,7 @@ import torch
 
 from cifarlens.config import RunConfig
 from cifarlens.data.pipeline import make_loader, prepare_data
-from cifarlens.engine import Precision, evaluate, resolve_device
+from cifarlens.engine import Precision, device_description, evaluate, resolve_device
 from cifarlens.models.weights import input_info
 from cifarlens.recipes import resolve_train
 
@@ -39,20 +38,6 @@ class SeedResult:
     images_per_second: float
     time_to: dict[float, float | None]  # target accuracy -> seconds of training (None: not reached)
     epochs_to: dict[float, int | None]
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} CPU, {torch.get_num_threads()} threads"
 
 
 def peak_memory_mb(device: torch.device) -> float:

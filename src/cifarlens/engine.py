@@ -7,6 +7,7 @@ switched by ``enabled=``; nothing here calls ``.cuda()`` or ``.half()``.
 from __future__ import annotations
 
 import math
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,21 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise CifarlensError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def device_description(device: torch.device) -> str:
+    """The device in words, for benchmarks and run records: the GPU, or the CPU's model and threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} CPU, {torch.get_num_threads()} threads"
 
 
 def cpu_has_native_bf16() -> bool:

@@ -146,7 +146,7 @@ def environment_record(device: torch.device, seed: int) -> dict:
     import numpy
     import torchvision
 
-    from cifarlens.bench import device_description
+    from cifarlens.engine import device_description
 
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
