@@ -335,7 +335,7 @@ def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_p
     assert "run-lr" in out and "fashion-mnist" in out and "lensnet_light" in out and "2/2" in out
     row = next(line for line in out.splitlines() if line.startswith("run ") and "fashion-mnist" in line)
     assert re.search(r"\d+\.\d\d%", row)  # test accuracy and ECE
-    assert re.search(r"train\.lr\s+0\.2\s+0\.05", out)  # the default (fast) recipe has lr 0.2
+    assert re.search(r"train\.lr\s+0\.8\s+0\.05", out)  # the default (fast_cpu) recipe has lr 0.8
     assert "identical" not in out
     assert "config: identical in all runs" in compare_runs([reported_run, reported_run])
 

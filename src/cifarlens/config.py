@@ -49,7 +49,7 @@ class ModelConfig:
 class TrainConfig:
     """Training hyperparameters. ``None`` means "take it from the recipe"."""
 
-    recipe: str = "fast"
+    recipe: str = "fast_cpu"  # the default model (fastnet_cpu) with it; on a GPU: fastnet with "fast"
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None  # peak learning rate

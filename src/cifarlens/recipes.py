@@ -40,18 +40,23 @@ RECIPES.register("modern")(
     )
 )
 
-# The speed-record recipe (for fastnet/fastnet_cpu): large batches, Nesterov SGD with a short
+# The speed-record recipe (for fastnet on a GPU): large batches, Nesterov SGD with a short
 # warm-up and linear decay, label smoothing, an EMA of the weights and flip test-time
 # augmentation (after Jordan 2024, arXiv:2404.00498, which smooths by 0.2; 0.1 did better in
-# our Fashion-MNIST CPU runs). The default recipe.
-RECIPES.register("fast")(
-    dict(
-        epochs=10, batch_size=512, lr=0.2, optimizer="sgd", momentum=0.85, nesterov=True,
-        weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle", warmup_epochs=0.5,
-        plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.99, tta=True,
-        freeze_epochs=0, backbone_lr_scale=1.0,
-    )
+# our Fashion-MNIST CPU runs).
+FAST = dict(
+    epochs=10, batch_size=512, lr=0.2, optimizer="sgd", momentum=0.85, nesterov=True,
+    weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle", warmup_epochs=0.5,
+    plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.99, tta=True,
+    freeze_epochs=0, backbone_lr_scale=1.0,
 )
+RECIPES.register("fast")(FAST)
+
+# The same recipe sized for fastnet_cpu on a few CPU cores; the default. On a CPU a batch of
+# 256 trains faster per image than 512, and twice the steps per epoch at 4x the peak lr
+# reach a given accuracy in fewer epochs: on Fashion-MNIST (2-core AVX2 CPU) 4 epochs end
+# where `fast`'s 10 did (93.7 %), 93 % after 3 epochs instead of 6 (README, *Measured results*).
+RECIPES.register("fast_cpu")({**FAST, "epochs": 4, "batch_size": 256, "lr": 0.8})
 
 # Fine-tuning a pretrained backbone (--pretrained / --weights): one epoch of linear probe (backbone
 # frozen, its BatchNorm statistics kept), then everything with the backbone at a tenth of the head's

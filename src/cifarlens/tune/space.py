@@ -40,8 +40,10 @@ OPTIONS = ("log", "step", "when")
 _PRIMITIVE = (type(None), bool, int, float, str)
 
 # The model-independent part of the default space. Ranges: SGD peak lr around the recipes'
-# 0.1-0.2, Adam(W) around its usual 1e-3; AdamW's decoupled decay is multiplied by lr, so it
-# needs larger values than SGD's L2 decay.
+# 0.1-0.2 per 128-512 images (fast_cpu's 0.8 per 256 is 0.4 per 128: inside), Adam(W) around its
+# usual 1e-3; AdamW's decoupled decay is multiplied by lr, so it needs larger values than SGD's L2
+# decay. The recipe choice sets what the space leaves alone (fast_cpu differs from fast only in
+# epochs, batch size and lr, which the space or the base config set, so it is not a choice).
 DEFAULT_TRAIN_SPACE: dict[str, Any] = {
     "train.recipe": {"choices": ["fast", "modern", "reference"]},
     "train.optimizer": {"choices": ["sgd", "adam"]},
