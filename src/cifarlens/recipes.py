@@ -52,10 +52,10 @@ FAST = dict(
 )
 RECIPES.register("fast")(FAST)
 
-# The same recipe sized for fastnet_cpu on a few CPU cores; the default. On a CPU a batch of
-# 256 trains faster per image than 512, and twice the steps per epoch at 4x the peak lr
-# reach a given accuracy in fewer epochs: on Fashion-MNIST (2-core AVX2 CPU) 4 epochs end
-# where `fast`'s 10 did (93.7 %), 93 % after 3 epochs instead of 6 (README, *Measured results*).
+# The same recipe sized for fastnet_cpu on a few CPU cores; the default. On a CPU a smaller
+# batch costs little speed, and twice the steps per epoch at 4x the peak lr reach a given
+# accuracy in fewer epochs: on Fashion-MNIST (2-core AVX2 CPU) 4 epochs end where `fast`'s 10
+# did (93.7 %), with 93 % after 3 epochs instead of 6 (README, *Measured results*).
 RECIPES.register("fast_cpu")({**FAST, "epochs": 4, "batch_size": 256, "lr": 0.8})
 
 # Fine-tuning a pretrained backbone (--pretrained / --weights): one epoch of linear probe (backbone
