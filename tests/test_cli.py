@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 import cifarlens
-from cifarlens.api import train
+from cifarlens.api import load_run, train
 from cifarlens.cli import main
 from cifarlens.config import RunConfig, merge
 from conftest import TINY, make_fashion_mnist
@@ -111,6 +112,19 @@ def test_predict_cli_and_python_api(fashion_run, tmp_path, capsys):
     assert torch.allclose(from_files, from_tensor, atol=1e-5)
     assert torch.allclose(from_files.sum(1), torch.ones(6), atol=1e-5)
     assert [p.labels[0] for p in run.predict(paths)] == [r["top"][0]["label"] for r in result]
+
+
+def test_compiled_training_learns_what_eager_training_learns_and_saves_plain_weights(tmp_path):
+    data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    train(tiny_cfg(data.data_dir, "fastnet", epochs=2), eager, report=False)
+    train(tiny_cfg(data.data_dir, "fastnet", epochs=2, compile=True), compiled, report=False)  # torch.compile
+    assert yaml.safe_load((compiled / "config.yaml").read_text())["train"]["compile"] is True
+    a, b = load_file(eager / "model.safetensors"), load_file(compiled / "model.safetensors")
+    assert a.keys() == b.keys()  # no "_orig_mod." prefixes: the weights load into a plain model
+    for key in a:  # the compiled kernels fuse and reorder float sums, nothing more
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-3, msg=key)
+    assert load_run(compiled).predict(torch.from_numpy(data.test_images[:4]))[0].labels
 
 
 @pytest.mark.parametrize("model, recipe", [("lensnet", "modern"), ("lensnet", "reference"), ("fastnet", "fast")])

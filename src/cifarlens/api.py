@@ -96,6 +96,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last, cfg.train.cpu_amp)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # training shapes are fixed: cuDNN times its kernels once and keeps the fastest
+        torch.backends.cudnn.benchmark = True
 
     if not resume:
         failed = None

@@ -240,7 +240,7 @@ def fit(
 ) -> FitState:
     """Train from ``state.epoch`` to ``cfg.epochs``; validation drives the plateau
     schedule, early stopping and the choice of the best weights."""
-    train_model = train_model or model
+    train_model = model if train_model is None else train_model  # not `or`: a compiled module has no truth value
     eval_model = ema.module if ema is not None else model
     for epoch in range(state.epoch, cfg.epochs):
         start = time.perf_counter()
