@@ -141,9 +141,9 @@ def test_bad_distributed_settings_are_clear_errors(runs, capsys):
     assert not (root / "bad").exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")  # before the CPU runs fixture
 def test_gpu_data_parallel_with_sync_batchnorm(runs, tmp_path):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA GPUs")
     _, data, _ = runs
     proc = cli("train", *FLAGS, "--data-dir", str(data.data_dir), "--epochs", "2", "--out", str(tmp_path / "gpu"),
                "--device", "cuda", "--set", "train.sync_bn=true", "--nproc", "2")
