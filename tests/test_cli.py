@@ -127,6 +127,23 @@ def test_compiled_training_learns_what_eager_training_learns_and_saves_plain_wei
     assert load_run(compiled).predict(torch.from_numpy(data.test_images[:4]))[0].labels
 
 
+def test_a_failing_torch_compile_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    # the real failure of a machine without a C++ compiler: inductor cannot build its CPU kernels
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-c++-compiler",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # no kernels from an earlier test's cache
+    torch._dynamo.reset()
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--set", "train.compile=true", *TINY])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (torch may log its own lines before it)
+    assert code == 2 and last.startswith("cifarlens: error: torch.compile failed") and "no-such-c++-compiler" in last
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"  # the folder stays
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("model, recipe", [("lensnet", "modern"), ("lensnet", "reference"), ("fastnet", "fast")])
 def test_resume_after_interruption_ends_where_an_uninterrupted_run_would(tmp_path, model, recipe):
     data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)

@@ -185,6 +185,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     except BaseException as err:
         if world.is_main:
             run.write_meta(status="diverged" if isinstance(err, CifarlensError) else "interrupted")
+        if tc.compile and isinstance(err, torch._dynamo.exc.TorchDynamoException):  # e.g. no C++ compiler on CPU
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise CifarlensError(f"torch.compile failed ({first}); train without --set train.compile=true") from err
         raise
     if not world.is_main:  # rank 0 alone finishes the run folder and evaluates on the test set
         return {}
