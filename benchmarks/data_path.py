@@ -2,7 +2,7 @@
 for the same network and the same augmentation, on the device at hand.
 
     python benchmarks/data_path.py [--data-dir /usr/share/datasets/fashion-mnist] [--model fastnet_cpu]
-        [--cpu-amp | --no-cpu-amp]
+        [--batch-size 256] [--steps 20] [--cpu-amp | --no-cpu-amp]
 
 Prints, for the batched path and for the per-image path with 0 and 2 workers, training
 images per second (augmentation, forward, backward and optimizer step) and images per
@@ -19,10 +19,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cifarlens.config import RunConfig, merge
+from cifarlens.config import RunConfig, TrainConfig, merge
 from cifarlens.data.pipeline import make_loader, prepare_data
 from cifarlens.engine import Precision, cpu_has_native_bf16, device_description, resolve_device
 from cifarlens.models import create_model
+from cifarlens.recipes import RECIPES
 
 
 def images_per_second(loader, precision, steps: int, model=None) -> float:
@@ -56,7 +57,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--model", default="fastnet_cpu")
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=RECIPES.get(TrainConfig().recipe)["batch_size"],
+                        help="default: the default recipe's")
     parser.add_argument("--augment", default="standard")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="auto")
