@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from cifarlens import engine
 from cifarlens.config import RunConfig, TrainConfig, merge
@@ -61,13 +62,61 @@ def test_onecycle_lr_rises_then_falls_to_zero(monkeypatch):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_nan_loss_stops_with_an_error():
+@pytest.mark.parametrize("check_every", [None, 1000])  # every step (a CPU's default), or only at the epoch's end
+def test_nan_loss_stops_with_an_error(check_every):
     model = create_model("lensnet_light", 3, 1, widths=[4], depths=[1])
-    split = Split(torch.zeros((4, 1, 8, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.int64))
-    loader = TensorLoader(split, 4, lambda x, g: x.float() * math.nan, device=torch.device("cpu"))
+    # batch 0 is finite (log(2 - 1) = 0), batches 1 and 2 are not (log(0 - 1) = nan)
+    images = torch.cat([torch.full((4, 1, 8, 8), 2), torch.zeros((8, 1, 8, 8))]).to(torch.uint8)
+    split = Split(images, torch.zeros(12, dtype=torch.int64))
+    loader = TensorLoader(split, 4, lambda x, g: torch.log(x.float() - 1), device=torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(engine.TrainingDiverged, match="became nan"):
-        engine.train_one_epoch(model, loader, optimizer, None, Precision(torch.device("cpu")))
+    with pytest.raises(engine.TrainingDiverged, match="became nan at step 1 of"):
+        engine.train_one_epoch(model, loader, optimizer, None, Precision(torch.device("cpu")), check_every=check_every)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts what would make a GPU's queue run dry: reading a tensor's value on the host
+    (``if t``, ``t.item()``, ...) or making a tensor from host data (a host-to-device copy)."""
+
+    WATCHED = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__,
+               torch.Tensor.__index__, torch.Tensor.tolist, torch.tensor, torch.as_tensor}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.WATCHED
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_never_waits_for_the_device():
+    """With the fast recipe's pieces (batched crop, flip and colour jitter, label smoothing,
+    per-step schedule, EMA), the host reads of an epoch and of an evaluation do not grow with
+    their number of batches: none happens per step (on a CPU the loss check is, by default)."""
+    from cifarlens.api import make_ema
+    from cifarlens.data.augment import BatchAugment
+
+    cpu = torch.device("cpu")
+    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "fast_cpu", "epochs": 1, "batch_size": 4}}).train)
+
+    def reads(batches: int) -> tuple[int, int]:
+        model = create_model("fastnet_cpu", 10, 3, widths=[4, 8])
+        split = Split(torch.randint(0, 256, (4 * batches, 3, 16, 16), dtype=torch.uint8), torch.arange(4 * batches) % 10)
+        loader = TensorLoader(split, 4, BatchAugment("strong", (0.5,) * 3, (0.25,) * 3), device=cpu,
+                              shuffle=True, drop_last=True)
+        optimizer = build_optimizer(model.parameters(), cfg)
+        scheduler = build_scheduler(optimizer, cfg, len(loader))
+        ema = make_ema(model, cfg.ema_decay)
+        with HostReads() as training:
+            engine.train_one_epoch(model, loader, optimizer, scheduler, Precision(cpu),
+                                   label_smoothing=cfg.label_smoothing, ema=ema, check_every=1000)
+        with HostReads() as evaluation:
+            engine.evaluate(ema.module, loader, Precision(cpu), tta=True)
+        return training.count, evaluation.count
+
+    reads(1)  # constants made once per device (normalisation, jitter) are made here
+    assert reads(2) == reads(6)
 
 
 def test_device_resolution():
@@ -171,3 +220,11 @@ def test_ema_tracks_the_weights_with_its_decay():
         model.weight.fill_(3.0)
     ema.update_parameters(model)
     assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * 3.0)
+    # loaded from a checkpoint, the average goes on averaging (a fresh one would copy the weights)
+    resumed = make_ema(torch.nn.Linear(2, 1, bias=False), 0.9)
+    resumed.load_state_dict(ema.state_dict())
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    ema.update_parameters(model)
+    resumed.update_parameters(model)
+    assert torch.equal(resumed.module.weight, ema.module.weight) and resumed.module.weight[0, 0] < 4.0

@@ -92,3 +92,40 @@ def test_bench_on_cuda_names_the_gpu_and_measures_its_memory(tmp_path):
     assert summary["seeds"] == [0, 1] and len(summary["test_acc"]) == 2
     assert 0 < summary["peak_memory_mb"] < torch.cuda.get_device_properties(CUDA).total_memory / 2**20
     assert all(ips > 0 for ips in summary["images_per_second"])
+
+
+def test_a_training_step_on_cuda_does_not_synchronize():
+    """No step waits for the GPU (a host read or a pageable host-to-device copy): CUDA's sync
+    debug mode warns at each, and an epoch of 6 steps warns no more often than one of 2."""
+    import warnings
+
+    from cifarlens.api import make_ema
+    from cifarlens.config import RunConfig, merge
+    from cifarlens.engine import Precision, train_one_epoch
+    from cifarlens.models import create_model
+    from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
+
+    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "fast", "epochs": 1, "batch_size": 32}}).train)
+    precision = Precision.for_device(CUDA, amp=True, channels_last=True)
+
+    def synchronizations(batches: int) -> int:
+        model = create_model("fastnet", 10, 3, widths=[16, 32, 32]).to(CUDA, memory_format=torch.channels_last)
+        split = Split(torch.randint(0, 256, (32 * batches, 3, 32, 32), dtype=torch.uint8), torch.arange(32 * batches) % 10)
+        loader = TensorLoader(split, 32, BatchAugment("strong", (0.5,) * 3, (0.25,) * 3), device=CUDA,
+                              shuffle=True, drop_last=True)
+        optimizer = build_optimizer(model.parameters(), cfg)
+        scheduler = build_scheduler(optimizer, cfg, len(loader))
+        ema = make_ema(model, cfg.ema_decay)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_one_epoch(model, loader, optimizer, scheduler, precision,
+                                label_smoothing=cfg.label_smoothing, ema=ema, check_every=1000)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    synchronizations(1)  # constants made once per device are made here
+    assert synchronizations(2) == synchronizations(6)

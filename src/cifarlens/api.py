@@ -18,7 +18,7 @@ from cifarlens.data.augment import normalize
 from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.distributed import World
-from cifarlens.engine import FitState, Precision, fit, forward_tta, predict_logits, resolve_device
+from cifarlens.engine import FitState, Precision, WeightEMA, fit, forward_tta, predict_logits, resolve_device
 from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource, load_image
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
@@ -214,26 +214,9 @@ def _quiet(line: str) -> None:
 
 
 def make_ema(model: nn.Module, decay: float) -> nn.Module | None:
-    """An exponential moving average of the weights and buffers, or None when ``decay`` is 0.
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that short
-    runs on small datasets are not left averaging their random initialisation.
-    """
-    if decay <= 0:
-        return None
-    from torch.optim.swa_utils import AveragedModel
-
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        # called once per (device, dtype) group; integer buffers (BatchNorm's counter) are copied
-        if not averaged[0].is_floating_point():
-            torch._foreach_copy_(averaged, current)
-            return
-        n = num_averaged.to(averaged[0].device, torch.float32)  # a tensor: no host sync per step
-        d = torch.clamp((1 + n) / (10 + n), max=decay)
-        torch._foreach_mul_(averaged, d)
-        torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
-
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    """An exponential moving average of the weights and buffers, or None when ``decay`` is 0
+    (see :class:`cifarlens.engine.WeightEMA`)."""
+    return WeightEMA(model, decay) if decay > 0 else None
 
 
 def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, device, ema) -> FitState:

@@ -6,6 +6,7 @@ switched by ``enabled=``; nothing here calls ``.cuda()`` or ``.half()``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 import sys
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from cifarlens.distributed import all_reduce_sum
 from cifarlens.errors import CifarlensError
@@ -101,6 +103,55 @@ def _progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+class WeightEMA(AveragedModel):
+    """An exponential moving average of a model's weights and buffers, updated every step.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that short runs on
+    small datasets are not left averaging their random initialisation. Unlike
+    ``AveragedModel.update_parameters`` (torch 2.14), the update never reads ``n_averaged`` back
+    to the host (it does twice per call there: two GPU pipeline stalls per training step); whether
+    the average has started is kept on the host, and refreshed when a checkpoint is loaded.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+        self.started = False  # False until the first update, which copies the weights
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.started = bool(self.n_averaged > 0)  # one host read, at load time
+        return result
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}  # (device, dtype) -> (averages, current)
+        pairs = zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                    itertools.chain(model.parameters(), model.buffers()), strict=True)
+        for averaged, current in pairs:
+            averages, currents = groups.setdefault((averaged.device, averaged.dtype), ([], []))
+            averages.append(averaged.detach())
+            currents.append(current.detach().to(averaged.device))
+        for (device, dtype), (averages, currents) in groups.items():
+            if not self.started or not dtype.is_floating_point:  # integer buffers (BatchNorm's counter) are copied
+                torch._foreach_copy_(averages, currents)
+                continue
+            n = self.n_averaged.to(device, torch.float32)  # a tensor: no host read
+            d = torch.clamp((1 + n) / (10 + n), max=self.decay)
+            torch._foreach_mul_(averages, d)
+            torch._foreach_add_(averages, torch._foreach_mul(currents, 1 - d))
+        self.started = True
+        self.n_averaged += 1
+
+
+def _raise_if_diverged(bad_step: Tensor, bad_loss: Tensor, desc: str) -> None:
+    if bad_step >= 0:  # a host read
+        raise TrainingDiverged(
+            f"the training loss became {bad_loss.item()} at step {int(bad_step)} of {desc}; "
+            "lower --lr (or set train.grad_clip) and start again, or --resume from the last good checkpoint"
+        )
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -110,24 +161,34 @@ def train_one_epoch(
     *,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
-    ema: nn.Module | None = None,  # torch.optim.swa_utils.AveragedModel, updated every step
+    ema: nn.Module | None = None,  # WeightEMA of model, updated every step
     desc: str = "train",
+    check_every: int | None = None,  # steps between loss checks; default: 1 on a CPU, 50 elsewhere
 ) -> dict:
     """One pass over ``loader``. Returns mean loss and accuracy over the epoch's samples
-    (of every rank under data-parallel training) and how many samples that was."""
+    (of every rank under data-parallel training) and how many samples that was.
+
+    Nothing in a step reads a value back to the host (but fp16's grad scaler, on GPUs without
+    bf16): on a GPU each read would wait for the queued kernels and stall the pipeline. So a non-finite loss is recorded on the device and
+    raised at the next check (free on a CPU, hence every step there) or at the end of the epoch.
+    """
+    if check_every is None:
+        check_every = 1 if precision.device.type == "cpu" else 50
     model.train()
     total_loss = torch.zeros((), device=precision.device)
     total_correct = torch.zeros((), device=precision.device)
+    bad_step = torch.full((), -1, device=precision.device)  # the first step with a non-finite loss
+    bad_loss = torch.zeros((), device=precision.device)  # and that loss
     seen, lr = 0, optimizer.param_groups[0]["lr"]
     for step, (images, labels) in enumerate(_progress(loader, len(loader), desc)):
         with precision.autocast():
             logits = model(precision.prepare(images))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"the training loss became {loss.item()} at step {step} of {desc}; "
-                "lower --lr (or set train.grad_clip) and start again, or --resume from the last good checkpoint"
-            )
+        first_bad = (bad_step < 0) & ~torch.isfinite(loss)
+        bad_step = torch.where(first_bad, step, bad_step)
+        bad_loss = torch.where(first_bad, loss.detach(), bad_loss)
+        if (step + 1) % check_every == 0:
+            _raise_if_diverged(bad_step, bad_loss, desc)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         if grad_clip > 0:
@@ -144,6 +205,7 @@ def train_one_epoch(
         total_loss += loss.detach() * labels.shape[0]
         total_correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
+    _raise_if_diverged(bad_step, bad_loss, desc)
     total_loss, total_correct, seen = all_reduce_sum(total_loss, total_correct, seen)
     return {"train_loss": total_loss / max(seen, 1), "train_acc": total_correct / max(seen, 1),
             "lr": lr, "train_samples": int(seen)}  # lr of the epoch's last step
@@ -167,11 +229,11 @@ def predict_logits(model: nn.Module, loader, precision: Precision, tta: bool = F
         for images, labels in loader:
             with precision.autocast():
                 logits = forward_tta(model, precision.prepare(images), tta)
-            all_logits.append(logits.float().cpu())
-            all_labels.append(labels.cpu())
+            all_logits.append(logits.float())  # kept on the device: one copy to the host at the end
+            all_labels.append(labels)
     finally:
         model.train(was_training)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
 
 
 def evaluate(model: nn.Module, loader, precision: Precision, tta: bool = False) -> dict:
@@ -235,7 +297,7 @@ def fit(
     on_epoch_end: Callable[[FitState], None],
     log: Callable[[str], None] = print,
     train_model: nn.Module | None = None,  # e.g. torch.compile(model); defaults to model
-    ema: nn.Module | None = None,  # AveragedModel of model: validated and saved instead of model
+    ema: nn.Module | None = None,  # WeightEMA of model: validated and saved instead of model
     tta: bool = False,
 ) -> FitState:
     """Train from ``state.epoch`` to ``cfg.epochs``; validation drives the plateau

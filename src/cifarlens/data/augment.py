@@ -8,6 +8,7 @@ This is much faster than per-image PIL transforms in DataLoader workers (see
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +30,19 @@ def normalize(images: Tensor, mean, std) -> Tensor:
     x = images.float()
     if images.dtype == torch.uint8:
         x = x / 255.0
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    return (x - channel_constant(mean, x.device, x.dtype)) / channel_constant(std, x.device, x.dtype)
+
+
+def channel_constant(values, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``values`` (C floats) as a (1, C, 1, 1) tensor on ``device``, made once per device:
+    a new ``torch.tensor(..., device="cuda")`` every batch is a host-to-device copy that
+    waits for the GPU, one pipeline stall per training step."""
+    return _cached_constant(tuple(float(v) for v in values), device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)  # never written to
 
 
 def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
@@ -86,8 +97,7 @@ def colour_jitter(x: Tensor, strength: float, generator: torch.Generator) -> Ten
 def _grayscale(x: Tensor) -> Tensor:
     if x.shape[1] != 3:
         return x
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)
+    return (x * channel_constant((0.299, 0.587, 0.114), x.device, x.dtype)).sum(dim=1, keepdim=True)
 
 
 @dataclass(frozen=True)
