@@ -408,3 +408,30 @@ def fashion_dir(tmp_path: Path) -> Path:
 def imagefolder_dir(tmp_path: Path) -> Path:
     """Image folder with 10 classes x 20 train / 5 test images of mixed formats, sizes and modes."""
     return make_imagefolder(tmp_path / "images").data_dir
+
+
+def fast_epoch_parts(device, batches: int, batch_size: int, widths: Sequence[int], recipe: str = "fast_cpu",
+                     channels_last: bool = False):
+    """What one epoch of the fast recipe needs, on random CIFAR-shaped data of ``batches``
+    batches: (model, loader with batched strong augmentation, optimizer, scheduler, EMA, cfg)."""
+    import torch
+
+    from cifarlens.api import make_ema
+    from cifarlens.config import RunConfig, merge
+    from cifarlens.data.augment import BatchAugment
+    from cifarlens.data.base import Split
+    from cifarlens.data.loader import TensorLoader
+    from cifarlens.models import create_model
+    from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
+
+    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": recipe, "epochs": 1, "batch_size": batch_size}}).train)
+    model = create_model("fastnet", 10, 3, widths=list(widths)).to(device)
+    if channels_last:  # before the EMA copies it, as cifarlens.api.train does
+        model = model.to(memory_format=torch.channels_last)
+    n = batch_size * batches
+    split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10)
+    loader = TensorLoader(split, batch_size, BatchAugment("strong", (0.5,) * 3, (0.25,) * 3), device=device,
+                          shuffle=True, drop_last=True)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    return model, loader, optimizer, scheduler, make_ema(model, cfg.ema_decay), cfg

@@ -15,6 +15,7 @@ from cifarlens.engine import FitState, Precision, cpu_has_native_bf16, fit, reso
 from cifarlens.errors import CifarlensError
 from cifarlens.models import create_model
 from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
+from conftest import fast_epoch_parts
 
 
 def setup(monkeypatch, val_losses, **train):
@@ -94,20 +95,10 @@ def test_a_training_step_never_waits_for_the_device():
     """With the fast recipe's pieces (batched crop, flip and colour jitter, label smoothing,
     per-step schedule, EMA), the host reads of an epoch and of an evaluation do not grow with
     their number of batches: none happens per step (on a CPU the loss check is, by default)."""
-    from cifarlens.api import make_ema
-    from cifarlens.data.augment import BatchAugment
-
     cpu = torch.device("cpu")
-    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "fast_cpu", "epochs": 1, "batch_size": 4}}).train)
 
     def reads(batches: int) -> tuple[int, int]:
-        model = create_model("fastnet_cpu", 10, 3, widths=[4, 8])
-        split = Split(torch.randint(0, 256, (4 * batches, 3, 16, 16), dtype=torch.uint8), torch.arange(4 * batches) % 10)
-        loader = TensorLoader(split, 4, BatchAugment("strong", (0.5,) * 3, (0.25,) * 3), device=cpu,
-                              shuffle=True, drop_last=True)
-        optimizer = build_optimizer(model.parameters(), cfg)
-        scheduler = build_scheduler(optimizer, cfg, len(loader))
-        ema = make_ema(model, cfg.ema_decay)
+        model, loader, optimizer, scheduler, ema, cfg = fast_epoch_parts(cpu, batches, 4, widths=[4, 8])
         with HostReads() as training:
             engine.train_one_epoch(model, loader, optimizer, scheduler, Precision(cpu),
                                    label_smoothing=cfg.label_smoothing, ema=ema, check_every=1000)

@@ -16,7 +16,7 @@ from cifarlens.cli import main
 from cifarlens.data.augment import BatchAugment, random_crop, random_hflip
 from cifarlens.data.base import Split
 from cifarlens.data.loader import TensorLoader
-from conftest import make_cifar10
+from conftest import fast_epoch_parts, make_cifar10
 
 pytestmark = [
     pytest.mark.gpu,
@@ -99,23 +99,13 @@ def test_a_training_step_on_cuda_does_not_synchronize():
     debug mode warns at each, and an epoch of 6 steps warns no more often than one of 2."""
     import warnings
 
-    from cifarlens.api import make_ema
-    from cifarlens.config import RunConfig, merge
     from cifarlens.engine import Precision, train_one_epoch
-    from cifarlens.models import create_model
-    from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
 
-    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "fast", "epochs": 1, "batch_size": 32}}).train)
     precision = Precision.for_device(CUDA, amp=True, channels_last=True)
 
     def synchronizations(batches: int) -> int:
-        model = create_model("fastnet", 10, 3, widths=[16, 32, 32]).to(CUDA, memory_format=torch.channels_last)
-        split = Split(torch.randint(0, 256, (32 * batches, 3, 32, 32), dtype=torch.uint8), torch.arange(32 * batches) % 10)
-        loader = TensorLoader(split, 32, BatchAugment("strong", (0.5,) * 3, (0.25,) * 3), device=CUDA,
-                              shuffle=True, drop_last=True)
-        optimizer = build_optimizer(model.parameters(), cfg)
-        scheduler = build_scheduler(optimizer, cfg, len(loader))
-        ema = make_ema(model, cfg.ema_decay)
+        model, loader, optimizer, scheduler, ema, cfg = fast_epoch_parts(CUDA, batches, 32, widths=[16, 32, 32],
+                                                                         recipe="fast", channels_last=True)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
