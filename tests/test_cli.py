@@ -313,3 +313,16 @@ def test_bench_reports_mean_and_std_over_seeds(tmp_path, capsys):
     assert summary["test_acc"][0] != summary["test_acc"][1] or summary["train_seconds"][0] > 0
     assert all(v > 0 for v in summary["images_per_second"]) and summary["peak_memory_mb"] > 0
     assert summary["epochs_to"]["0.2"] != [None, None]  # learnable data: 20% is reached
+
+
+def test_the_command_line_does_not_import_torchvision_until_a_backbone_is_built():
+    """Importing torchvision takes about 2 s (it pulls in torch._dynamo), which every command,
+    even a mistyped flag, would pay; only the pretrained backbones need it."""
+    code = ("import sys; from cifarlens.cli import main\n"
+            "try: main(['train', '--epochs', 'abc'])\n"
+            "except SystemExit: pass\n"
+            "import cifarlens.models, cifarlens.runs; assert 'torchvision' not in sys.modules, 'imported'\n"
+            "cifarlens.models.create_model('resnet18', 10, 3); assert 'torchvision' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "invalid int value: 'abc'" in result.stderr

@@ -144,7 +144,6 @@ def info_to_dict(info: DatasetInfo) -> dict:
 
 def environment_record(device: torch.device, seed: int) -> dict:
     import numpy
-    import torchvision
 
     from cifarlens.engine import device_description
 
@@ -156,9 +155,9 @@ def environment_record(device: torch.device, seed: int) -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": _package_version("torchvision"),  # not imported for this: that takes ~2 s
         "numpy": numpy.__version__,
-        "cifarlens": _package_version(),
+        "cifarlens": _package_version("cifarlens"),
         "git_revision": _git_revision(),
         "device": str(device),
         "device_name": device_description(device),  # the GPU, or the CPU's model name and threads
@@ -167,11 +166,11 @@ def environment_record(device: torch.device, seed: int) -> dict:
     }
 
 
-def _package_version() -> str:
+def _package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("cifarlens")
+        return version(name)
     except PackageNotFoundError:
         return "unknown"
 

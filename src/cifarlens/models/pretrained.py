@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from cifarlens.errors import CifarlensError
@@ -106,6 +105,8 @@ class PretrainedClassifier(ClassifierBase):
         if not 0.0 <= dropout < 1.0:
             raise CifarlensError(f"{arch}: dropout must be in [0, 1), got {dropout!r}")
         self.arch, self.spec, self.stem_mode, self.input_size = arch, spec, stem, input_size
+        import torchvision.models  # here, not at import: it takes ~2 s, which every CLI command would pay
+
         self.backbone = getattr(torchvision.models, spec.builder)(weights=None)
         if in_channels != 3:
             self._replace_stem_conv(in_channels)
@@ -130,6 +131,8 @@ class PretrainedClassifier(ClassifierBase):
     # -- shared ----------------------------------------------------------------------------
     def weights_enum(self):
         """torchvision's ImageNet weights for this architecture (the DEFAULT, best published)."""
+        import torchvision.models
+
         return getattr(torchvision.models, self.spec.weights).DEFAULT
 
     def _replace_stem_conv(self, in_channels: int) -> None:
