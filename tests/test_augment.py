@@ -21,6 +21,16 @@ def test_normalize_uses_per_channel_stats():
     assert out[0, :, 0, 0].tolist() == pytest.approx([1.0, 1.0, 0.0])
 
 
+def test_normalize_constants_are_shared_and_safe_to_differentiate_through():
+    # made once per (values, device, dtype) and then reused; first made here under inference_mode
+    mean, std = (0.125, 0.25, 0.375), (0.5, 0.75, 2.0)  # values no other test uses
+    with torch.inference_mode():
+        normalize(torch.zeros((1, 3, 2, 2)), mean, std)
+    x = torch.rand((2, 3, 2, 2), requires_grad=True)
+    normalize(x, mean, std).sum().backward()  # fails if the cached std were an inference tensor
+    assert torch.allclose(x.grad[:, :, 0, 0], 1 / torch.tensor(std).expand(2, 3))
+
+
 def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
     images = ramp_images()
     out = random_crop(images, 2, gen())

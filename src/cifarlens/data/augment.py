@@ -42,7 +42,10 @@ def channel_constant(values, device: torch.device, dtype: torch.dtype) -> Tensor
 
 @functools.lru_cache(maxsize=64)
 def _cached_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)  # never written to
+    # a normal tensor even when first asked for under inference_mode: an inference tensor
+    # could not be saved for backward by a later caller that differentiates through normalize
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)  # never written to
 
 
 def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
