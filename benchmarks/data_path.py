@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from cifarlens.config import RunConfig, TrainConfig, merge
 from cifarlens.data.pipeline import make_loader, prepare_data
-from cifarlens.engine import Precision, cpu_has_native_bf16, device_description, resolve_device
+from cifarlens.engine import Precision, device_description, resolve_device
 from cifarlens.models import create_model
-from cifarlens.recipes import RECIPES
+from cifarlens.recipes import RECIPES, resolve_train
 
 
 def images_per_second(loader, precision, steps: int, model=None) -> float:
@@ -70,7 +70,7 @@ def main() -> None:
     cfg = merge(RunConfig(), {"data": {"dataset": args.dataset, "data_dir": args.data_dir, "download": False,
                                        "augment": args.augment}})
     bundle = prepare_data(cfg.data, 0)
-    cpu_amp = cpu_has_native_bf16() if args.cpu_amp is None else args.cpu_amp
+    cpu_amp = resolve_train(TrainConfig(cpu_amp=args.cpu_amp)).cpu_amp  # None: train's rule for this CPU
     precision = Precision.for_device(device, amp=True, channels_last=True, cpu_amp=cpu_amp)
     print(f"device: {device_description(device)}; {args.dataset}, {args.model}, batch {args.batch_size}, "
           f"augment {args.augment}, autocast {precision.dtype or 'off'}, {args.steps} timed steps")
