@@ -115,6 +115,18 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(runs, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_distributed_sits_below_the_engine():
+    """The engine imports distributed; distributed (and the device resolution both use) never
+    imports the engine, not even lazily when a process joins its world."""
+    code = ("import sys, cifarlens.distributed as d; d.init('cpu'); d.all_reduce_sum(1.0); "
+            "print(sorted(m for m in sys.modules if m.startswith('cifarlens')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'cifarlens.device'" in loaded and "'cifarlens.engine'" not in loaded, loaded
+    from cifarlens import device, engine
+
+    assert engine.resolve_device is device.resolve_device  # the old import path still works
+
+
 def test_batches_are_sharded_across_ranks():
     split = Split(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10))
     identity = lambda images, generator: images  # noqa: E731

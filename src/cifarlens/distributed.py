@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cifarlens.device import resolve_device
 from cifarlens.errors import CifarlensError
 
 
@@ -65,8 +66,6 @@ def init(device_name: str) -> tuple[World, torch.device, bool]:
 
     CUDA ranks use NCCL and GPU ``LOCAL_RANK`` of their node; CPU ranks use gloo.
     """
-    from cifarlens.engine import resolve_device
-
     world = world_from_env()
     device = resolve_device(device_name)
     if not world.distributed:

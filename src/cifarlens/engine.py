@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,48 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from cifarlens.device import cpu_has_native_bf16, device_description, resolve_device  # noqa: F401  (re-exported)
 from cifarlens.distributed import all_reduce_sum
 from cifarlens.errors import CifarlensError
 
 
 class TrainingDiverged(CifarlensError):
     """The loss became NaN or infinite."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CifarlensError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CifarlensError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
-    if device.type not in ("cpu", "cuda"):
-        raise CifarlensError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def device_description(device: torch.device) -> str:
-    """The device in words, for benchmarks and run records: the GPU, or the CPU's model and threads."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} CPU, {torch.get_num_threads()} threads"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), so that bf16 autocast
-    speeds training up; without them oneDNN emulates bf16 and it is slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 @dataclass
