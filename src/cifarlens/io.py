@@ -4,22 +4,47 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Callable
 
 
+def _create_temp(folder: Path, name: str) -> Path:
+    """A new empty file beside the target, with the mode ``open(path, "w")`` would give it.
+
+    Not ``tempfile.mkstemp``: it creates files 0600, so every run file (config, metrics,
+    checkpoints, weights, report) would be private whatever the user's umask says. Creating
+    it with 0666 lets the kernel apply the umask, as ``open()`` does; reading the umask
+    instead (``os.umask`` sets it to read it) would race with other threads creating files.
+    """
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # a name another writer took: draw again
+            continue
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic).
+
+    The file ends up with the mode ``open()`` would give it: 0666 less the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temp(path.parent, path.name)
+    wanted = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
-        write(Path(tmp))
+        write(tmp)
+        # some writers replace the file with one of their own: safetensors' save_file (0.8)
+        # writes a new 0600 file over it; give it back the mode open() gives
+        if stat.S_IMODE(os.stat(tmp).st_mode) != wanted:
+            os.chmod(tmp, wanted)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -1,0 +1,76 @@
+"""Run files are written atomically and get the permissions ``open()`` would give them."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlens.api import train
+from cifarlens.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
+from cifarlens.config import RunConfig, merge
+from cifarlens.io import atomic_write, atomic_write_json
+from conftest import make_cifar10
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored afterwards)."""
+    old = os.umask(0o022)
+    try:
+        yield os.umask
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_writes_follow_the_umask(umask, tmp_path, mask):
+    umask(mask)
+    with open(tmp_path / "plain", "w"):  # what a plain open() gives, the reference
+        pass
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    save_checkpoint(tmp_path / "ckpt" / "last.pt", {"model": {"w": torch.ones(2)}})
+    save_weights({"w": torch.ones(2)}, tmp_path / "model.safetensors", {"epoch": 1})
+    assert mode(tmp_path / "plain") == 0o666 & ~mask
+    for name in ("a.json", "ckpt/last.pt", "model.safetensors"):
+        assert mode(tmp_path / name) == 0o666 & ~mask, name
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["model"]["w"].sum() == 2  # still whole and readable
+    assert load_weights(tmp_path / "model.safetensors")["w"].sum() == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_an_overwrite_is_atomic_and_a_failed_write_leaves_the_old_file(umask, tmp_path):
+    umask(0o022)
+    target = tmp_path / "f.txt"
+    atomic_write(target, lambda tmp: tmp.write_text("old"))
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_a_training_run_writes_files_the_group_can_read(umask, tmp_path):
+    """A real (tiny) training run under umask 027: its files are rw-r-----, not private by accident."""
+    umask(0o027)
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=20, n_test=20)
+    cfg = merge(RunConfig(), {
+        "data": {"dataset": "cifar10", "data_dir": str(data.data_dir), "download": False},
+        "model": {"name": "lensnet_light", "kwargs": {"widths": [4], "depths": [1]}},
+        "train": {"batch_size": 32, "epochs": 1},
+    })
+    run = tmp_path / "run"
+    train(cfg, run, report=True)
+    written = ["config.yaml", "run.json", "environment.json", "history.csv", "checkpoints/last.pt",
+               "model.safetensors", "metrics.json", "predictions.csv", "classification_report.txt", "report.html"]
+    assert {name: oct(mode(run / name)) for name in written} == {name: oct(0o640) for name in written}
