@@ -26,7 +26,7 @@ from cifarlens.models import create_model, model_info, unwrap_model
 from cifarlens.models.registry import forward_flops
 from cifarlens.models.weights import describe_init, input_info, load_initial_weights
 from cifarlens.recipes import build_optimizer, build_scheduler, param_groups, resolve_train
-from cifarlens.runs import SPLIT_FILES, RunDir, environment_record, info_to_dict
+from cifarlens.runs import SPLIT_FILES, RunDir, environment_record, info_to_dict, source_to_dict
 
 EVAL_BATCH_SIZE = 512
 
@@ -112,7 +112,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             run.write_config(cfg)
             flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
                                   **cfg.model.kwargs)
-            run.write_meta(dataset=info_to_dict(info), model={"name": cfg.model.name, **model_info(model),
+            run.write_meta(dataset=info_to_dict(info), source=source_to_dict(bundle.source, info), model={"name": cfg.model.name, **model_info(model),
                                                               "forward_flops": flops},
                            init=init or {"source": "scratch"},
                            split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
@@ -140,10 +140,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if world.is_main:
             run.write_meta(status="running")
     else:
-        log(f"run folder {run.path}: {cfg.model.name} on {info.name} "
+        log(f"run folder {run.path}: {cfg.model.name} on {bundle.source.label(info)} "
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
             f"recipe {tc.recipe}, {tc.epochs} epochs, device {device}"
             + (f", {world.world_size} processes" if world.distributed else ""))
+        for warning in bundle.source.warnings:
+            log(f"warning: {warning}")
         if init is not None:
             log(f"starting weights: {describe_init(init)}; input normalised with mean {info.mean}, std {info.std}")
     train_model = model

@@ -3,7 +3,7 @@
 A run folder holds everything needed to repeat, evaluate and serve the run::
 
     config.yaml            resolved config (every hyperparameter, no recipe lookups left)
-    run.json               dataset facts (classes, mean/std, image size), model, status
+    run.json               dataset facts (classes, mean/std, image size), data source, model, status
     environment.json       versions, device, seed, git revision, command line
     history.csv            one row per epoch, written as training goes
     train.log              the log lines
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cifarlens.config import RunConfig, from_dict, load_yaml, save_yaml
-from cifarlens.data.base import DatasetInfo
+from cifarlens.data.base import DataSource, DatasetInfo
 from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -114,6 +114,11 @@ class RunDir:
         return DatasetInfo(**{**values, "classes": tuple(values["classes"]), "mean": tuple(values["mean"]),
                               "std": tuple(values["std"])})
 
+    def data_label(self) -> str:
+        """What the run trained on, as a report prints it: "CIFAR-10 (JPEG copy)", "CIFAR-10", ..."""
+        meta = self.meta()
+        return (meta.get("source") or {}).get("label") or self.info().display_name
+
     # -- writing --------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> None:
         save_yaml(cfg, self.path / "config.yaml")
@@ -140,6 +145,11 @@ class RunDir:
 
 def info_to_dict(info: DatasetInfo) -> dict:
     return asdict(info)
+
+
+def source_to_dict(source: DataSource, info: DatasetInfo) -> dict:
+    """run.json's ``source``: the data's origin, and the label a report prints for it."""
+    return {**asdict(source), "label": source.label(info)}
 
 
 def environment_record(device: torch.device, seed: int) -> dict:

@@ -40,10 +40,36 @@ class DatasetInfo:
     std: tuple[float, ...]
     hflip: bool = True  # whether a horizontal flip keeps the label valid
     augment: str = "standard"  # default augmentation level (data.augment left unset)
+    title: str = ""  # as printed in reports ("CIFAR-10"); empty: the registry name
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def display_name(self) -> str:
+        return self.title or self.name
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images of a run came from, and whether they are the official bytes.
+
+    Recorded in run.json (``source``) so a report can say "CIFAR-10 (JPEG copy)" instead of
+    claiming the official files for pixels that went through lossy compression.
+    """
+
+    kind: str = "official files"  # or "image folder copy", "image folder"
+    path: str = ""
+    formats: tuple[str, ...] = ()  # file formats of an image folder ("JPEG", "PNG")
+    lossy: bool = False  # some images went through lossy compression (JPEG)
+    warnings: tuple[str, ...] = ()  # what differs from the official data, for the run's log
+
+    def label(self, info: DatasetInfo) -> str:
+        """"CIFAR-10", "CIFAR-10 (JPEG copy)", "CIFAR-10 (PNG copy)"; an image folder is just its title."""
+        if self.kind != "image folder copy":
+            return info.display_name
+        return f"{info.display_name} ({'/'.join(self.formats) or 'image'} copy)"
 
 
 @dataclass
@@ -64,6 +90,7 @@ class LoadedDataset:
     train: Split
     test: Split
     val: Split | None = None  # only when the source ships its own validation split
+    source: DataSource = DataSource()
 
 
 class DatasetReader(Protocol):

@@ -5,7 +5,9 @@ Looked for in ``data_dir``, in this order:
 1. the extracted folder (``cifar-10-batches-py/``, ``cifar-100-python/``),
 2. the official archive (``cifar-10-python.tar.gz``, ``cifar-100-python.tar.gz``), extracted
    into ``data_dir`` with ``tarfile``'s ``"data"`` filter,
-3. a download of that archive (only with ``download=True``), using the URL and md5 that
+3. an image-folder copy (``train/<class>/*``, ``test/<class>/*``, optional ``val/``; PNG or
+   JPEG, 32x32), read by :mod:`cifarlens.data.cifar_folder` and recorded as such,
+4. a download of that archive (only with ``download=True``), using the URL and md5 that
    torchvision's ``CIFAR10`` / ``CIFAR100`` classes define.
 
 The official batch files are Python 2 pickles. They are read with a restricted unpickler
@@ -32,6 +34,7 @@ import torch
 
 from cifarlens.data.base import (
     DATASETS,
+    DataSource,
     DatasetInfo,
     LoadedDataset,
     Split,
@@ -39,6 +42,7 @@ from cifarlens.data.base import (
     download_file,
     resize_uint8,
 )
+from cifarlens.data.cifar_folder import is_folder_copy, read_folder_copy
 from cifarlens.errors import CifarlensError
 
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -54,6 +58,7 @@ CIFAR10_INFO = DatasetInfo(
     mean=(0.4914, 0.4822, 0.4465),
     std=(0.2470, 0.2435, 0.2616),
     hflip=True,
+    title="CIFAR-10",
 )
 
 # The 100 *fine* labels, in the order of meta["fine_label_names"].
@@ -76,6 +81,7 @@ CIFAR100_INFO = DatasetInfo(
     mean=(0.5071, 0.4865, 0.4409),
     std=(0.2673, 0.2564, 0.2762),
     hflip=True,
+    title="CIFAR-100",
 )
 
 
@@ -93,6 +99,8 @@ class CifarLayout:
     label_key: str  # key of the labels in a batch dict
     names_key: str  # key of the class names in the meta dict
     torchvision_class: str  # torchvision.datasets class that holds url and tgz_md5
+    train_per_class: int  # images per class in the official split
+    test_per_class: int
 
 
 CIFAR10 = CifarLayout(
@@ -106,6 +114,8 @@ CIFAR10 = CifarLayout(
     label_key="labels",
     names_key="label_names",
     torchvision_class="CIFAR10",
+    train_per_class=5000,
+    test_per_class=1000,
 )
 CIFAR100 = CifarLayout(
     info=CIFAR100_INFO,
@@ -118,6 +128,8 @@ CIFAR100 = CifarLayout(
     label_key="fine_labels",  # the 100 fine labels, not the 20 coarse superclasses
     names_key="fine_label_names",
     torchvision_class="CIFAR100",
+    train_per_class=500,
+    test_per_class=100,
 )
 
 
@@ -278,30 +290,39 @@ def _download(data_dir: Path, layout: CifarLayout) -> Path:
 
 
 def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_size: int | None) -> LoadedDataset:
-    """Read one CIFAR variant from data_dir (folder, else archive, else download)."""
+    """Read one CIFAR variant from data_dir (folder, else archive, else image-folder copy, else download)."""
     check_image_size(image_size)
     data_dir = Path(data_dir)
     folder = data_dir / layout.folder
     archive = data_dir / layout.archive
     if data_dir.exists() and not data_dir.is_dir():
         raise CifarlensError(f"data dir {data_dir} is a file; pass the folder that holds {layout.folder}/ or {layout.archive}")
-    if not folder.is_dir():
-        if not archive.is_file():
-            if not download:
-                raise CifarlensError(
-                    f"{layout.title} not found: put {layout.archive} or the extracted {layout.folder}/ into {data_dir} "
-                    f"(from {HOMEPAGE}), or allow downloading"
-                )
-            data_dir.mkdir(parents=True, exist_ok=True)
-            archive = _download(data_dir, layout)
-        _extract(archive, data_dir, layout)
-    classes, train, test = _read_folder(folder, layout)
-    info = replace(layout.info, classes=classes)
+    val, source = None, DataSource(kind="official files", path=str(data_dir))
+    if not folder.is_dir() and not archive.is_file() and is_folder_copy(data_dir):
+        train, test, val, source = read_folder_copy(data_dir, layout.info, layout.title,
+                                                    train_per_class=layout.train_per_class,
+                                                    test_per_class=layout.test_per_class)
+        info = layout.info
+    else:
+        if not folder.is_dir():
+            if not archive.is_file():
+                if not download:
+                    raise CifarlensError(
+                        f"{layout.title} not found: put {layout.archive} or the extracted {layout.folder}/ into "
+                        f"{data_dir} (from {HOMEPAGE}), or an image-folder copy (train/<class>/, test/<class>/), "
+                        "or allow downloading"
+                    )
+                data_dir.mkdir(parents=True, exist_ok=True)
+                archive = _download(data_dir, layout)
+            _extract(archive, data_dir, layout)
+        classes, train, test = _read_folder(folder, layout)
+        info = replace(layout.info, classes=classes)
     if image_size is not None and image_size != info.image_size:
         train = Split(resize_uint8(train.images, image_size), train.labels)
         test = Split(resize_uint8(test.images, image_size), test.labels)
+        val = Split(resize_uint8(val.images, image_size), val.labels) if val is not None else None
         info = replace(info, image_size=image_size)
-    return LoadedDataset(info=info, train=train, test=test)
+    return LoadedDataset(info=info, train=train, test=test, val=val, source=source)
 
 
 @DATASETS.register("cifar10")

@@ -47,6 +47,7 @@ INFO = DatasetInfo(
     image_size=28,
     mean=(0.2860,),
     std=(0.3530,),
+    title="Fashion-MNIST",
     hflip=True,  # garments, shoes and bags have no handedness: a mirrored item keeps its label
     # Items are centred and size-normalised in every image, so random crops mostly teach
     # shifts the test set never shows; flips alone trained better in our short CPU runs

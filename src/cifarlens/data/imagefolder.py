@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cifarlens.data.base import DATASETS, DatasetInfo, LoadedDataset, Split, check_image_size
+from cifarlens.data.base import DATASETS, DataSource, DatasetInfo, LoadedDataset, Split, check_image_size
 from cifarlens.data.stats import channel_stats
 from cifarlens.errors import CifarlensError
 from cifarlens.images import load_image
@@ -102,10 +102,17 @@ def imagefolder(data_dir: Path, *, download: bool, image_size: int | None) -> Lo
         mean=mean,
         std=std,
         hflip=True,
+        title="image folder",
     )
+    suffixes = {p.suffix.lower() for p, _ in (*train_files, *test_files, *(val_files or ()))}
+    source = DataSource(kind="image folder", path=str(data_dir),
+                        formats=tuple(sorted({"JPEG" if s in (".jpg", ".jpeg") else s.lstrip(".").upper()
+                                              for s in suffixes})),
+                        lossy=bool(suffixes & {".jpg", ".jpeg", ".webp"}))
     return LoadedDataset(
         info=info,
         train=train,
         test=_read_split(test_files, size),
         val=_read_split(val_files, size) if val_files is not None else None,
+        source=source,
     )

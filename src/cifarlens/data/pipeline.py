@@ -10,7 +10,7 @@ import torch
 from cifarlens.config import DataConfig
 from cifarlens.data import load_dataset
 from cifarlens.data.augment import BatchAugment, normalize
-from cifarlens.data.base import DatasetInfo, Split
+from cifarlens.data.base import DataSource, DatasetInfo, Split
 from cifarlens.data.loader import TensorLoader
 from cifarlens.data.split import stratified_split
 from cifarlens.distributed import SINGLE, World, check_batch_size
@@ -26,6 +26,7 @@ class DataBundle:
     train: Split
     val: Split
     test: Split
+    source: DataSource = DataSource()  # official files or a copy; recorded in run.json
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
@@ -35,9 +36,9 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
     """
     ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
-        return DataBundle(ds.info, ds.train, ds.val, ds.test)
+        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source)
     train_index, val_index = stratified_split(ds.train.labels, cfg.val_fraction, seed)
-    return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test)
+    return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source)
 
 
 def eval_transform(info: DatasetInfo):

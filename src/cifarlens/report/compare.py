@@ -59,7 +59,7 @@ def run_summary(run_dir: str | Path) -> dict:
     images = epochs_done * train_size if epochs_done is not None and train_size is not None else None
     return {
         "path": str(rd.path), "name": rd.path.name, "config": to_dict(cfg),
-        "dataset": cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,
+        "dataset": (meta.get("source") or {}).get("label") or cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,
         "epochs_done": meta.get("epochs_done"), "epochs_planned": cfg.train.epochs,
         "train_seconds": meta.get("train_seconds"), "status": meta.get("status"),
         "device": env.get("device"), "device_name": env.get("device_name"),

@@ -91,6 +91,11 @@ class ReportData:
     robustness_png: bytes | None = None
     robustness_note: str = ""
 
+    @property
+    def dataset_label(self) -> str:
+        """"CIFAR-10 (JPEG copy)" for a copy, the registry name for runs from before run.json said."""
+        return (self.meta.get("source") or {}).get("label") or self.dataset
+
 
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
@@ -167,6 +172,11 @@ def _flops(meta: dict) -> str:
     return "—" if flops is None else f"{flops_text(flops)} per {image}x{image} image"
 
 
+def _source_note(meta: dict) -> str:
+    source = meta.get("source") or {}
+    return f" — read from {source['path']}" if source.get("path") else ""
+
+
 def note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
@@ -176,7 +186,7 @@ def note(text: str) -> str:
 def _config(d: ReportData) -> str:
     b = d.budget
     budget = table(None, [
-        ["dataset", d.dataset],
+        ["dataset", d.dataset_label + _source_note(d.meta)],
         ["model", f"{d.model} ({d.params:,} parameters)" if d.params else d.model],
         ["initial weights", describe_init(d.meta.get("init"))],
         ["forward pass", _flops(d.meta)],
@@ -296,8 +306,12 @@ def _literature(d: ReportData) -> str:
     run_acc = d.metrics["accuracy"] * 100
     budget = (f"{b.epochs_done if b.epochs_done is not None else '—'} epochs, {duration(b.train_seconds)}, "
               f"{b.device}" + (f" ({b.device_name})" if b.device_name else ""))
-    intro = (f"<p>This run: <b>{run_acc:.2f}%</b> test accuracy ({d.metrics['num_samples']:,} test images), "
-             f"{esc(d.model)}, trained for {esc(budget)}.</p>")
+    intro = (f"<p>This run: <b>{run_acc:.2f}%</b> test accuracy on {esc(d.dataset_label)} "
+             f"({d.metrics['num_samples']:,} test images), {esc(d.model)}, trained for {esc(budget)}.</p>")
+    if (d.meta.get("source") or {}).get("lossy"):
+        intro += note("This run's images went through lossy compression (JPEG), so they are not the official "
+                      "files the published rows used: expect its accuracy to differ somewhat from the same "
+                      "training on the official data.")
     if d.dataset not in DATASETS:
         return intro + note(f"No published results are recorded for dataset {d.dataset!r}; "
                             f"cifarlens keeps them for {', '.join(DATASETS)} (see `cifarlens baselines`).")
@@ -363,7 +377,7 @@ def render_report(d: ReportData) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>cifarlens report: {esc(d.run_name)}</title><style>{_CSS}</style></head><body>"
         f"<header><h1>cifarlens report: {esc(d.run_name)}</h1>"
-        f"<p>{esc(d.model)} on {esc(d.dataset)} · test accuracy {acc} · run folder {esc(d.run_path)} · "
+        f"<p>{esc(d.model)} on {esc(d.dataset_label)} · test accuracy {acc} · run folder {esc(d.run_path)} · "
         f"generated {esc(d.generated)}</p></header>"
         f"<main><nav><ol>{toc}</ol></nav>{sections}</main></body></html>\n"
     )

@@ -1,0 +1,193 @@
+"""CIFAR-10/100 read from image-folder copies (PNG/JPEG folders), on small copies the tests write."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, make_cifar10, save_image, synthetic_images
+
+from cifarlens.cli import main
+from cifarlens.data import load_dataset
+from cifarlens.data.cifar import CIFAR10, CIFAR10_INFO, CIFAR100_INFO
+from cifarlens.data.cifar_folder import read_folder_copy
+from cifarlens.errors import CifarlensError
+
+C10 = CIFAR10_INFO.classes
+
+
+def write_copy(root: Path, classes=C10, n_train: int = 3, n_test: int = 2, n_val: int = 0, fmt: str = "png",
+               names=None, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write ``root/{train,test[,val]}/<folder>/NNNN.<ext>``; returns {split: (images (N,3,32,32), labels)}
+    in the order the reader returns them (official label order, then file name)."""
+    rng = np.random.default_rng(seed)
+    names = names or classes
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test), ("val", n_val)):
+        if not n:
+            continue
+        images, labels = [], []
+        for label, folder in enumerate(names):
+            for j in range(n):
+                img = synthetic_images(np.array([label]), 3, 32, 32, rng)[0]  # (3, 32, 32)
+                path = save_image(root / split / folder / f"{j:04d}", img.transpose(1, 2, 0), fmt)
+                if fmt == "jpeg":  # what the reader sees is the decoded JPEG, not the array written
+                    from PIL import Image
+
+                    img = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+                images.append(img)
+                labels.append(label)
+        out[split] = (np.stack(images), np.array(labels))
+    return out
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_png_copy_reads_as_cifar10_with_official_facts(tmp_path):
+    written = write_copy(tmp_path, n_val=1)
+    before = tree_state(tmp_path)
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.info.name == "cifar10" and ds.info.classes == C10
+    assert (ds.info.mean, ds.info.std) == (CIFAR10_INFO.mean, CIFAR10_INFO.std)  # official, not computed
+    for split in ("train", "test", "val"):
+        got = getattr(ds, split)
+        np.testing.assert_array_equal(got.images.numpy(), written[split][0])  # exact pixels, channel order kept
+        np.testing.assert_array_equal(got.labels.numpy(), written[split][1])
+        assert got.images.dtype == torch.uint8 and got.labels.dtype == torch.int64
+    assert ds.source.kind == "image folder copy" and ds.source.formats == ("PNG",) and not ds.source.lossy
+    assert ds.source.label(ds.info) == "CIFAR-10 (PNG copy)"
+    # 3+1 train/val and 2 test images per class are far from 5,000 / 1,000: warned, with the counts
+    assert len(ds.source.warnings) == 2
+    assert "train/ + val/ has 40 images, the official split 50,000" in ds.source.warnings[0]
+    assert "test/ has 20 images, the official split 10,000" in ds.source.warnings[1]
+    assert tree_state(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_jpeg_copy_is_recorded_as_lossy(tmp_path):
+    write_copy(tmp_path, fmt="jpeg")
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.source.lossy and ds.source.formats == ("JPEG",)
+    assert ds.source.label(ds.info) == "CIFAR-10 (JPEG copy)"
+
+
+def test_official_counts_give_no_warning(tmp_path):
+    write_copy(tmp_path, n_train=2, n_test=1)
+    _, _, val, source = read_folder_copy(tmp_path, CIFAR10_INFO, "CIFAR-10", train_per_class=2, test_per_class=1)
+    assert val is None and source.warnings == ()
+
+
+def test_folder_names_match_case_and_separators_and_follow_official_order(tmp_path):
+    # "Truck", "AIRPLANE", "aquarium fish": matched to the official names; labels follow the
+    # official order even though sorted folder names would put them elsewhere
+    names = [c.upper() if i % 2 else c.capitalize() for i, c in enumerate(C10)]
+    written = write_copy(tmp_path, names=names)
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.train.labels.numpy(), written["train"][1])
+    np.testing.assert_array_equal(ds.train.images.numpy(), written["train"][0])
+    c100 = tmp_path / "c100"
+    names100 = [c.replace("_", " ") for c in CIFAR100_INFO.classes]  # "aquarium fish", "maple tree"
+    write_copy(c100, classes=CIFAR100_INFO.classes, names=names100, n_train=1, n_test=1)
+    ds = load_dataset("cifar100", c100, download=False)
+    assert ds.info.num_classes == 100 and ds.train.labels.tolist() == list(range(100))
+    assert ds.source.label(ds.info) == "CIFAR-100 (PNG copy)"
+
+
+def test_numeric_folders_are_label_indices(tmp_path):
+    written = write_copy(tmp_path, names=[str(i) for i in range(10)])
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.test.images.numpy(), written["test"][0])
+    assert ds.test.labels.tolist() == written["test"][1].tolist()
+
+
+def test_official_files_are_preferred_over_a_copy(tmp_path):
+    make_cifar10(tmp_path, n_train_per_batch=10, n_test=10)
+    write_copy(tmp_path)
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.source.kind == "official files" and len(ds.train) == 50
+
+
+def test_val_may_hold_a_subset_of_the_classes(tmp_path):
+    write_copy(tmp_path)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    save_image(tmp_path / "val" / "cat" / "0000", np.zeros((32, 32, 3), np.uint8), "png")
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.val.labels.tolist() == [C10.index("cat")]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda root: (root / "train" / "kitten").mkdir(),
+     r"train: folder 'kitten' is not a CIFAR-10 class, so this is not a CIFAR-10 copy; expected the 10 official "
+     r"class folders: airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck"),
+    (lambda root: [p.unlink() for p in (root / "test" / "cat").iterdir()] and (root / "test" / "cat").rmdir(),
+     r"test: no folder for CIFAR-10 class 'cat'; expected the 10 official class folders: airplane, "),
+    (lambda root: (root / "train" / "Cat").mkdir(),
+     r"folders 'Cat' and 'cat' are both class 'cat'"),
+    (lambda root: [p.unlink() for p in (root / "train" / "dog").iterdir()],
+     r"class folder .*train/dog has no images"),
+])
+def test_not_a_cifar_copy_is_a_one_line_error(tmp_path, change, message):
+    write_copy(tmp_path)
+    change(tmp_path)
+    before = tree_state(tmp_path)
+    with pytest.raises(CifarlensError, match=message) as err:
+        load_dataset("cifar10", tmp_path, download=False)
+    assert "\n" not in str(err.value)
+    assert tree_state(tmp_path) == before
+
+
+def test_wrong_image_size_names_the_file(tmp_path):
+    write_copy(tmp_path)
+    save_image(tmp_path / "train" / "frog" / "big", np.zeros((64, 48, 3), np.uint8), "png")
+    with pytest.raises(CifarlensError, match=r"train/frog/big\.png is 48x64 pixels, but CIFAR-10 images are "
+                                             r"32x32.*--dataset imagefolder"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_unreadable_image_names_the_file(tmp_path, damage):
+    write_copy(tmp_path, fmt="jpeg")
+    victim = tmp_path / "test" / "ship" / "0001.jpg"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a jpeg at all")
+    with pytest.raises(CifarlensError, match=r"cannot read image .*test/ship/0001\.jpg") as err:
+        load_dataset("cifar10", tmp_path, download=False)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_data_mentions_the_copy_layout(tmp_path):
+    with pytest.raises(CifarlensError, match=r"image-folder copy \(train/<class>/, test/<class>/\)"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_resize_applies_to_every_split_of_a_copy(tmp_path):
+    write_copy(tmp_path, n_val=1)
+    ds = load_dataset("cifar10", tmp_path, download=False, image_size=40)
+    assert ds.info.image_size == 40
+    assert {tuple(s.images.shape[1:]) for s in (ds.train, ds.val, ds.test)} == {(3, 40, 40)}
+
+
+def test_train_on_a_jpeg_copy_is_cifar10_in_the_run_and_report(tmp_path, capsys):
+    """The user's path: --dataset cifar10 on a JPEG folder gives a run that knows it is CIFAR-10 (JPEG copy)."""
+    data = tmp_path / "copy"
+    write_copy(data, n_train=6, n_test=2, fmt="jpeg")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--epochs", "1", "--out", str(out),
+                 *TINY]) == 0
+    log = (out / "train.log").read_text()
+    assert "on CIFAR-10 (JPEG copy)" in log and "warning: CIFAR-10 copy" in log
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["source"]["label"] == "CIFAR-10 (JPEG copy)" and meta["source"]["lossy"] is True
+    assert meta["dataset"]["mean"] == list(CIFAR10.info.mean)
+    page = (out / "report.html").read_text()
+    literature = re.search(r'<section id="literature">(.*?)</section>', page, re.DOTALL).group(1)
+    assert "test accuracy on CIFAR-10 (JPEG copy)" in literature and "Deep Residual Learning" in literature
+    assert "lossy compression (JPEG)" in literature
+    capsys.readouterr()
+    assert main(["compare", str(out), str(out)]) == 0
+    assert "CIFAR-10 (JPEG copy)" in capsys.readouterr().out
