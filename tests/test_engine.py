@@ -1,6 +1,7 @@
 """The training loop's decisions: early stopping, the plateau schedule, best-checkpoint choice."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,59 @@ def test_nan_loss_stops_with_an_error(check_every):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(engine.TrainingDiverged, match="became nan at step 1 of"):
         engine.train_one_epoch(model, loader, optimizer, None, Precision(torch.device("cpu")), check_every=check_every)
+
+
+class CountingLoader:
+    """A loader that counts the batches taken from it: how far an epoch got before it stopped."""
+
+    def __init__(self, loader):
+        self.loader, self.taken = loader, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.taken += 1
+            yield batch
+
+
+def learnable_loader(batches: int, batch_size: int = 8) -> TensorLoader:
+    """Batches of 8x8 grey images whose brightness gives the class (3 classes)."""
+    labels = torch.arange(batches * batch_size) % 3
+    images = (labels[:, None, None, None] * 80 + torch.randint(0, 40, (len(labels), 1, 8, 8))).to(torch.uint8)
+    return TensorLoader(Split(images, labels), batch_size, lambda x, g: x.float() / 255, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("check_every", [None, 3, 1000])  # every step (a CPU's default), every 3rd, epoch's end
+def test_an_exploding_loss_stops_at_the_first_check_after_it(check_every):
+    """Adam at lr 1e4 throws the loss to ~1e9 after one step and keeps it finite: it is stopped
+    as exploded, naming the step, at the first check after it (not at the first NaN)."""
+    torch.manual_seed(0)
+    model = create_model("lensnet_light", 3, 1, widths=[4], depths=[1])
+    loader = CountingLoader(learnable_loader(8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e4)
+    with pytest.raises(engine.TrainingExploded) as stopped:
+        engine.train_one_epoch(model, loader, optimizer, None, Precision(torch.device("cpu")), check_every=check_every,
+                               desc="epoch 1/3")
+    message = str(stopped.value)
+    assert "\n" not in message and isinstance(stopped.value, engine.TrainingDiverged)
+    loss = float(re.search(r"became (\S+) at step 1 of epoch 1/3, over the divergence limit 16\.0 ", message)[1])
+    assert math.isfinite(loss) and loss > engine.exploded_loss_limit(3) and "--lr" in message
+    # step 1 exploded; the check after step k runs when (k + 1) % check_every == 0, or at the epoch's end
+    assert loader.taken == {None: 2, 3: 3, 1000: 8}[check_every]
+
+
+def test_the_divergence_limit_is_far_above_chance_and_a_normal_run_stays_below_it():
+    assert engine.exploded_loss_limit(10) == pytest.approx(10 * math.log(10) + 5)
+    assert engine.exploded_loss_limit(2) > 10 and engine.exploded_loss_limit(100) > 50
+    torch.manual_seed(0)
+    model = create_model("lensnet_light", 3, 1, widths=[4], depths=[1])
+    loader = learnable_loader(8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.8, momentum=0.85, nesterov=True)  # fast_cpu's peak lr
+    losses = [engine.train_one_epoch(model, loader, optimizer, None, Precision(torch.device("cpu")))["train_loss"]
+              for _ in range(4)]
+    assert max(losses) < engine.exploded_loss_limit(3) / 4, losses
 
 
 class HostReads(TorchFunctionMode):

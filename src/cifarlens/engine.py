@@ -24,7 +24,30 @@ from cifarlens.errors import CifarlensError
 
 
 class TrainingDiverged(CifarlensError):
-    """The loss became NaN or infinite."""
+    """The training loss became NaN or infinite (or exploded: :class:`TrainingExploded`)."""
+
+
+class TrainingExploded(TrainingDiverged):
+    """The training loss stayed finite but rose far above chance level (see :func:`exploded_loss_limit`)."""
+
+
+# A training loss above EXPLODED_FACTOR x ln(C) + EXPLODED_MARGIN nats has exploded.
+EXPLODED_FACTOR = 10.0
+EXPLODED_MARGIN = 5.0
+
+
+def exploded_loss_limit(num_classes: int) -> float:
+    """The mean training loss of a batch above which training has exploded (28.0 for 10 classes).
+
+    ln(C) is the cross-entropy of a model that guesses uniformly; a fresh model starts near it
+    (2.7 for C = 10 in our runs) and a learning one stays below it, so no warm-up period is
+    needed. A batch loss of 10 ln(C) means the model gives the true classes, on geometric
+    average, a probability of C**-10 (1e-10 for C = 10): not a noisy step but weights blown up,
+    typically by too high an lr (Adam at lr 1e4 sits at 1e6..1e9 for ever, never NaN). The
+    margin keeps the limit far from reach for few classes (11.9 for C = 2). Only the training
+    loss is watched: a rising validation loss (overfitting) is early stopping's business.
+    """
+    return EXPLODED_FACTOR * math.log(max(num_classes, 2)) + EXPLODED_MARGIN
 
 
 @dataclass
@@ -108,12 +131,17 @@ class WeightEMA(AveragedModel):
         self.n_averaged += 1
 
 
-def _raise_if_diverged(bad_step: Tensor, bad_loss: Tensor, desc: str) -> None:
-    if bad_step >= 0:  # a host read
-        raise TrainingDiverged(
-            f"the training loss became {bad_loss.item()} at step {int(bad_step)} of {desc}; "
-            "lower --lr (or set train.grad_clip) and start again, or --resume from the last good checkpoint"
-        )
+def _raise_if_diverged(bad_step: Tensor, bad_loss: Tensor, desc: str, num_classes: int) -> None:
+    if bad_step < 0:  # a host read
+        return
+    loss, fix = bad_loss.item(), ("lower --lr (or set train.grad_clip) and start again, "
+                                  "or --resume from the last good checkpoint")
+    if math.isfinite(loss):
+        raise TrainingExploded(
+            f"the training loss became {loss:.4g} at step {int(bad_step)} of {desc}, over the divergence limit "
+            f"{exploded_loss_limit(num_classes):.1f} (= {EXPLODED_FACTOR:g} ln({num_classes} classes) + "
+            f"{EXPLODED_MARGIN:g}, far worse than guessing); {fix}")
+    raise TrainingDiverged(f"the training loss became {loss} at step {int(bad_step)} of {desc}; {fix}")
 
 
 def train_one_epoch(
@@ -133,26 +161,31 @@ def train_one_epoch(
     (of every rank under data-parallel training) and how many samples that was.
 
     Nothing in a step reads a value back to the host (but fp16's grad scaler, on GPUs without
-    bf16): on a GPU each read would wait for the queued kernels and stall the pipeline. So a non-finite loss is recorded on the device and
-    raised at the next check (free on a CPU, hence every step there) or at the end of the epoch.
+    bf16): on a GPU each read would wait for the queued kernels and stall the pipeline. So a
+    diverged loss (non-finite, or finite above :func:`exploded_loss_limit`) is recorded on the
+    device and raised at the next check (free on a CPU, hence every step there) or at the end
+    of the epoch: :class:`TrainingDiverged`, or its subclass :class:`TrainingExploded`.
     """
     if check_every is None:
         check_every = 1 if precision.device.type == "cpu" else 50
     model.train()
     total_loss = torch.zeros((), device=precision.device)
     total_correct = torch.zeros((), device=precision.device)
-    bad_step = torch.full((), -1, device=precision.device)  # the first step with a non-finite loss
+    bad_step = torch.full((), -1, device=precision.device)  # the first step with a diverged loss
     bad_loss = torch.zeros((), device=precision.device)  # and that loss
-    seen, lr = 0, optimizer.param_groups[0]["lr"]
+    seen, lr, num_classes = 0, optimizer.param_groups[0]["lr"], 2
     for step, (images, labels) in enumerate(_progress(loader, len(loader), desc)):
         with precision.autocast():
             logits = model(precision.prepare(images))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        first_bad = (bad_step < 0) & ~torch.isfinite(loss)
+        num_classes = logits.shape[-1]  # a shape: known on the host, no read
+        # two tests, because NaN > limit is False; comparing with a Python float reads nothing back
+        diverged = ~torch.isfinite(loss) | (loss > exploded_loss_limit(num_classes))
+        first_bad = (bad_step < 0) & diverged
         bad_step = torch.where(first_bad, step, bad_step)
         bad_loss = torch.where(first_bad, loss.detach(), bad_loss)
         if (step + 1) % check_every == 0:
-            _raise_if_diverged(bad_step, bad_loss, desc)
+            _raise_if_diverged(bad_step, bad_loss, desc, num_classes)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         if grad_clip > 0:
@@ -169,7 +202,7 @@ def train_one_epoch(
         total_loss += loss.detach() * labels.shape[0]
         total_correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
-    _raise_if_diverged(bad_step, bad_loss, desc)
+    _raise_if_diverged(bad_step, bad_loss, desc, num_classes)
     total_loss, total_correct, seen = all_reduce_sum(total_loss, total_correct, seen)
     return {"train_loss": total_loss / max(seen, 1), "train_acc": total_correct / max(seen, 1),
             "lr": lr, "train_samples": int(seen)}  # lr of the epoch's last step
