@@ -162,7 +162,8 @@ def test_predict_topk_and_health_model_docs(client, trained):
     run_dir, data = trained
     r = client.post("/api/predict", files=upload(encode(rgb(data, 0), "png")), data={"topk": "3"})
     assert r.status_code == 200 and len(r.json()["top"]) == 3
-    assert client.get("/api/health").json() == {"status": "ok", "model": "lensnet_light", "backend": "torch"}
+    assert client.get("/api/health").json() == {"status": "ok", "model": "lensnet_light", "backend": "torch",
+                                                "warmed_up": True}
 
     info = client.get("/api/model").json()
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -271,6 +272,27 @@ def hostile_requests(good_png: bytes):
         ("unknown method", dict(files=upload(good_png), data={"method": "magic"}), 422, "method", EXPLAIN),
         ("unknown class", dict(files=upload(good_png), data={"target": "dragon"}), 422, "unknown class", EXPLAIN),
     ]
+
+
+def test_both_paths_are_warmed_up_before_the_first_request(trained, monkeypatch):
+    """create_app predicts and explains once itself, so the first user does not pay for first use."""
+    import cifarlens.explain
+    from cifarlens.serve.service import TorchBackend
+
+    run_dir, data = trained
+    calls: list[str] = []
+    explain_run, predict_proba = cifarlens.explain.explain_run, TorchBackend.predict_proba
+    monkeypatch.setattr(cifarlens.explain, "explain_run",
+                        lambda *a, **k: calls.append(f"explain {k['method']}") or explain_run(*a, **k))
+    monkeypatch.setattr(TorchBackend, "predict_proba", lambda *a: calls.append("predict") or predict_proba(*a))
+    log: list[str] = []
+    app = create_app(run_dir, log=log.append)
+    assert calls == ["predict", "explain gradcam"]  # before any request came
+    assert [line for line in log if line.startswith("warmed up: one prediction and one gradcam explanation in ")]
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        assert c.get("/api/health").json()["warmed_up"] is True
+        assert c.post("/api/explain", files=upload(encode(rgb(data, 0), "png"))).status_code == 200
+    assert calls == ["predict", "explain gradcam", "explain gradcam"]  # the request went the warmed path
 
 
 def test_hostile_inputs_get_json_errors_and_the_server_keeps_serving(client, trained):
@@ -439,6 +461,7 @@ def test_serve_command(onnx_server):
     assert proc.returncode == 0, out
     assert f"on http://127.0.0.1:{port}/" in out and "server stopped" in out
     assert "exporting" not in out and "Traceback" not in out
+    assert out.index("warmed up: one prediction") < out.index(f"on http://127.0.0.1:{port}/")  # warm, then open
 
 
 def test_serve_refuses_a_busy_port_and_bad_flags(trained, capsys):
@@ -472,10 +495,35 @@ def browser(tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"]:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for get_log("browser")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+def console_errors(browser) -> list[str]:
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_a_fresh_page_shows_hints_not_broken_images_and_logs_no_error(browser, server):
+    """Before the first upload: no broken-image placeholder, a hint instead; no 404 (favicon) or
+    script error in the console."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#method option"))
+    shown = browser.execute_script("""
+        return [...document.images].filter(i => i.getClientRects().length > 0)
+          .map(i => ({id: i.id, ok: i.complete && i.naturalWidth > 0}));""")
+    assert all(img["ok"] for img in shown), shown  # every visible image is a real, loaded image
+    hints = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".hint") if e.is_displayed()]
+    assert len(hints) == 2 and all(hints), hints  # in place of the image and of the overlay
+    # the page's icon is served (were it not, its 404 would be a console error, checked below)
+    browser.get(server.url + "/favicon.ico")  # and it is an image the browser can draw
+    assert browser.execute_script("const i = document.querySelector('img'); return i && i.naturalWidth") == 32
+    assert console_errors(browser) == []
 
 
 def test_page_in_a_real_browser(browser, server, trained, tmp_path):

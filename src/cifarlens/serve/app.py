@@ -3,6 +3,7 @@
 Endpoints (``create_app`` builds them; ``cifarlens serve`` runs them under uvicorn)::
 
     GET  /              the page (inline CSS/JS, no external assets)
+    GET  /favicon.ico   a small PNG icon
     GET  /api/health    {"status": "ok", ...}
     GET  /api/model     dataset, classes, model, test metrics, explanation methods, limits
     POST /api/predict   multipart field ``file`` (+ optional ``topk``) -> top-k JSON with latency
@@ -100,7 +101,7 @@ def create_app(
 
     ``backend="onnx"`` predicts through onnxruntime on ``RUN_DIR/model.onnx``, exporting it
     (with the PyTorch comparison) first when it is missing or stale; explanations always
-    use the PyTorch model.
+    use the PyTorch model. Both paths are warmed up (:meth:`Service.warm_up`) before this returns.
     """
     if backend not in BACKENDS:
         raise CifarlensError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -109,6 +110,7 @@ def create_app(
     run = load_run(run_dir, device=device)
     chosen: Backend = onnx_backend(run, log) if backend == "onnx" else TorchBackend(run)
     service = Service(run, chosen, topk, max_upload_bytes, max_concurrency)
+    log(f"warmed up: one prediction and one {service.default_method} explanation in {service.warm_up():.1f} s")
 
     app = FastAPI(title="cifarlens", version=_version(), docs_url=None,
                   description=f"Predictions and explanations of the run `{run.path.name}` "
@@ -118,7 +120,7 @@ def create_app(
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     _add_error_handlers(app)
 
-    from cifarlens.serve.page import PAGE
+    from cifarlens.serve.page import PAGE, favicon_png
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -127,9 +129,14 @@ def create_app(
             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
             "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'")})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:  # browsers ask for it on every page: a 404 would sit in their console
+        return Response(favicon_png(), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
     @app.get("/api/health")
     def health() -> dict:
-        return {"status": "ok", "model": service.model_name, "backend": chosen.name}
+        return {"status": "ok", "model": service.model_name, "backend": chosen.name,
+                "warmed_up": service.warm_up_seconds is not None}
 
     @app.get("/api/model")
     def model() -> dict:

@@ -1,8 +1,28 @@
-"""The single page served at ``/``: inline CSS and JS only, so it works with no network but the server's.
+"""The single page served at ``/`` (inline CSS and JS only, so it works with no network but the
+server's) and its icon at ``/favicon.ico``.
 
 Kept as a Python string (not a package-data file) so every install, wheel or editable,
 has it. Server-provided text is only ever set through ``textContent``.
 """
+
+import functools
+
+
+@functools.cache
+def favicon_png() -> bytes:
+    """A 32x32 PNG icon, a magnifying lens in the page's accent colour (drawn once, on first use)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    icon = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(icon)
+    draw.line((19, 19, 29, 29), fill=(29, 35, 48, 255), width=5)  # the handle
+    draw.ellipse((2, 2, 23, 23), fill=(238, 244, 255, 255), outline=(47, 111, 223, 255), width=4)  # the lens
+    buf = io.BytesIO()
+    icon.save(buf, format="PNG")
+    return buf.getvalue()
+
 
 PAGE = r"""<!doctype html>
 <html lang="en">
@@ -10,6 +30,7 @@ PAGE = r"""<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>cifarlens</title>
+<link rel="icon" type="image/png" href="/favicon.ico">
 <style>
   :root { --fg: #1d2330; --muted: #667085; --line: #d0d5dd; --accent: #2f6fdf; --bad: #b42318; }
   * { box-sizing: border-box; }
@@ -25,6 +46,12 @@ PAGE = r"""<!doctype html>
   .panel h2 { font-size: 15px; margin: 8px 0; }
   .pic { width: 224px; height: 224px; object-fit: contain; image-rendering: pixelated;
          border: 1px solid var(--line); border-radius: 6px; background: #f6f7f9; }
+  /* no image yet: a hint in its place, not the browser's broken-image icon and alt text */
+  img.pic:not([src]) { display: none; }
+  img.pic[src] + .hint { display: none; }
+  .hint { width: 224px; height: 224px; display: flex; align-items: center; justify-content: center;
+          text-align: center; padding: 18px; border: 1px dashed var(--line); border-radius: 6px;
+          color: var(--muted); font-size: 13px; }
   .bar { display: grid; grid-template-columns: 9em 1fr 4.2em; gap: 8px; align-items: center;
          margin: 3px 0; cursor: pointer; }
   .bar .label { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
@@ -51,6 +78,7 @@ PAGE = r"""<!doctype html>
   <div class="panel">
     <h2>Image</h2>
     <img id="preview" class="pic" alt="uploaded image">
+    <div class="hint">your image will show here</div>
     <div class="muted" id="preview-note"></div>
   </div>
   <div class="panel">
@@ -62,7 +90,8 @@ PAGE = r"""<!doctype html>
     <h2>Explanation</h2>
     <label>method <select id="method"></select></label>
     <label>class <select id="target"><option value="">(predicted)</option></select></label>
-    <div><img id="overlay" class="pic" alt="explanation overlay"></div>
+    <div><img id="overlay" class="pic" alt="explanation overlay"><div class="hint">the explanation of its
+      prediction will show here</div></div>
     <div class="muted" id="explain-note"></div>
   </div>
 </div>
