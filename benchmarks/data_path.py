@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from cifarlens.config import RunConfig, TrainConfig, merge
 from cifarlens.data.pipeline import make_loader, prepare_data
 from cifarlens.engine import Precision, device_description, resolve_device
-from cifarlens.models import create_model
+from cifarlens.models import create_model, default_recipe
 from cifarlens.recipes import RECIPES, resolve_train
 
 
@@ -57,20 +57,20 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--model", default="fastnet_cpu")
-    parser.add_argument("--batch-size", type=int, default=RECIPES.get(TrainConfig().recipe)["batch_size"],
-                        help="default: the default recipe's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the model's CPU recipe's")
     parser.add_argument("--augment", default="standard")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpu-amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast on CPU (train.cpu_amp; default: where the CPU has native bf16)")
     args = parser.parse_args()
+    args.batch_size = args.batch_size or RECIPES.get(default_recipe(args.model, "cpu"))["batch_size"]
 
     device = resolve_device(args.device)
     cfg = merge(RunConfig(), {"data": {"dataset": args.dataset, "data_dir": args.data_dir, "download": False,
                                        "augment": args.augment}})
     bundle = prepare_data(cfg.data, 0)
-    cpu_amp = resolve_train(TrainConfig(cpu_amp=args.cpu_amp)).cpu_amp  # None: train's rule for this CPU
+    cpu_amp = resolve_train(TrainConfig(recipe="fast_cpu", cpu_amp=args.cpu_amp)).cpu_amp  # None: train's rule for this CPU
     precision = Precision.for_device(device, amp=True, channels_last=True, cpu_amp=cpu_amp)
     print(f"device: {device_description(device)}; {args.dataset}, {args.model}, batch {args.batch_size}, "
           f"augment {args.augment}, autocast {precision.dtype or 'off'}, {args.steps} timed steps")

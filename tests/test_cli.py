@@ -117,8 +117,11 @@ def test_predict_cli_and_python_api(fashion_run, tmp_path, capsys):
 def test_compiled_training_learns_what_eager_training_learns_and_saves_plain_weights(tmp_path):
     data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    train(tiny_cfg(data.data_dir, "fastnet", epochs=2), eager, report=False)
-    train(tiny_cfg(data.data_dir, "fastnet", epochs=2, compile=True), compiled, report=False)  # torch.compile
+    # fp32 both: on a CPU with native bf16, autocast would differ between the fused and eager kernels
+    # by far more than the float reordering this test allows for
+    train(tiny_cfg(data.data_dir, "fastnet", epochs=2, cpu_amp=False), eager, report=False)
+    train(tiny_cfg(data.data_dir, "fastnet", epochs=2, compile=True, cpu_amp=False), compiled,
+          report=False)  # torch.compile
     assert yaml.safe_load((compiled / "config.yaml").read_text())["train"]["compile"] is True
     a, b = load_file(eager / "model.safetensors"), load_file(compiled / "model.safetensors")
     assert a.keys() == b.keys()  # no "_orig_mod." prefixes: the weights load into a plain model

@@ -54,9 +54,11 @@ def test_recipes_fill_only_what_is_unset():
 
 def test_recipe_values_are_checked():
     with pytest.raises(CifarlensError, match="train.lr must be > 0"):
-        resolve_train(merge(RunConfig(), {"train": {"lr": -1.0}}).train)
+        resolve_train(merge(RunConfig(), {"train": {"recipe": "modern", "lr": -1.0}}).train)
     with pytest.raises(CifarlensError, match="unknown recipe"):
         resolve_train(merge(RunConfig(), {"train": {"recipe": "magic"}}).train)
+    with pytest.raises(CifarlensError, match="train.recipe is unset: resolve the run config with"):
+        resolve_train(RunConfig().train)  # the model decides it: resolve_choices first
 
 
 def test_lr_schedules():

@@ -21,7 +21,7 @@ from conftest import fast_epoch_parts
 
 def setup(monkeypatch, val_losses, **train):
     """A tiny model and loader whose validation losses are scripted, epoch by epoch."""
-    cfg = resolve_train(merge(RunConfig(), {"train": {"epochs": len(val_losses), **train}}).train)
+    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "fast_cpu", "epochs": len(val_losses), **train}}).train)
     model = create_model("lensnet_light", 3, 1, widths=[4], depths=[1])
     split = Split(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.arange(16) % 3)
     loader = TensorLoader(split, 8, lambda x, g: x.float() / 255, device=torch.device("cpu"), shuffle=True)
@@ -213,9 +213,9 @@ def test_cpu_bf16_is_on_by_default_exactly_where_the_cpu_has_native_bf16():
     flags = Path("/proc/cpuinfo").read_text().split()
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     assert cpu_has_native_bf16() == native
-    assert resolve_train(TrainConfig()).cpu_amp == native  # None: decided by the machine
+    assert resolve_train(TrainConfig(recipe="fast_cpu")).cpu_amp == native  # None: decided by the machine
     for asked in (True, False):  # an explicit choice is kept on every machine
-        assert resolve_train(TrainConfig(cpu_amp=asked)).cpu_amp is asked
+        assert resolve_train(TrainConfig(recipe="fast_cpu", cpu_amp=asked)).cpu_amp is asked
 
 
 def test_flip_tta_averages_the_logits_of_both_orientations():

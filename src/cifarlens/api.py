@@ -25,7 +25,14 @@ from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 from cifarlens.models import create_model, model_info, unwrap_model
 from cifarlens.models.registry import forward_flops
 from cifarlens.models.weights import describe_init, input_info, load_initial_weights
-from cifarlens.recipes import build_optimizer, build_scheduler, param_groups, resolve_train
+from cifarlens.recipes import (
+    build_optimizer,
+    build_scheduler,
+    describe_choice,
+    param_groups,
+    resolve_choices,
+    resolve_train,
+)
 from cifarlens.runs import SPLIT_FILES, RunDir, environment_record, info_to_dict, source_to_dict
 
 EVAL_BATCH_SIZE = 512
@@ -46,6 +53,7 @@ def train(
     evaluate_test: bool = True,
     bundle: DataBundle | None = None,
     report: bool = True,
+    choices: dict[str, str] | None = None,
 ) -> dict:
     """Train ``cfg`` into run folder ``out`` (or continue it with ``resume``); return the test metrics.
 
@@ -53,6 +61,9 @@ def train(
     the model that is validated and saved (the EMA when there is one); benchmarks use it to
     time accuracy milestones. ``bundle`` reuses data already read for ``cfg.data``.
     With ``report``, ``report.html`` is written at the end (see cifarlens.report).
+    A model or recipe left unset in ``cfg`` is chosen for the device and model
+    (:func:`cifarlens.recipes.resolve_choices`); ``choices`` says why, for a caller (the CLI)
+    that resolved them itself.
 
     Started by torchrun (WORLD_SIZE > 1), this process joins the process group and trains
     its shard with DistributedDataParallel; only rank 0 writes the run folder and returns
@@ -61,13 +72,15 @@ def train(
     world, device, started = distributed.init(cfg.train.device)
     try:
         return _train(cfg, RunDir(out), world, device, resume=resume, force=force, on_epoch_end=on_epoch_end,
-                      evaluate_test=evaluate_test, bundle=bundle, report=report)
+                      evaluate_test=evaluate_test, bundle=bundle, report=report,
+                      choices=choices or {})
     finally:
         distributed.shutdown(started)
 
 
 def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, resume: bool, force: bool,
-           on_epoch_end, evaluate_test: bool, bundle: DataBundle | None, report: bool) -> dict:
+           on_epoch_end, evaluate_test: bool, bundle: DataBundle | None, report: bool,
+           choices: dict[str, str]) -> dict:
     log = run.log if world.is_main else _quiet
     if resume:
         run.require_run()
@@ -77,6 +90,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         cfg = run.config()
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))
     # (on resume this only fills keys that an older cifarlens did not write)
+    cfg, why = resolve_choices(cfg, device.type)
+    why = {**choices, **why}
     cfg = replace(cfg, train=resolve_train(cfg.train))
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
@@ -109,13 +124,15 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if distributed.all_reduce_sum(failed is not None)[0]:  # every rank stops, not only rank 0
             raise failed or CifarlensError("rank 0 could not create the run folder (see its message)")
         if world.is_main:
-            run.write_config(cfg)
+            run.write_config(cfg, notes={key: describe_choice(value, why, key) for key, value in
+                                         (("model", cfg.model.name), ("recipe", cfg.train.recipe)) if key in why})
             flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
                                   **cfg.model.kwargs)
             run.write_meta(dataset=info_to_dict(info), source=source_to_dict(bundle.source, info), model={"name": cfg.model.name, **model_info(model),
                                                               "forward_flops": flops},
                            init=init or {"source": "scratch"},
                            split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
+                           chosen=why,
                            status="running")
             atomic_write_json(run / "environment.json",
                               environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
@@ -140,9 +157,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if world.is_main:
             run.write_meta(status="running")
     else:
-        log(f"run folder {run.path}: {cfg.model.name} on {bundle.source.label(info)} "
+        log(f"run folder {run.path}: {describe_choice(cfg.model.name, why, 'model')} on {bundle.source.label(info)} "
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
-            f"recipe {tc.recipe}, {tc.epochs} epochs, device {device}"
+            f"recipe {describe_choice(tc.recipe, why, 'recipe')}, {tc.epochs} epochs, device {device}"
             + (f", {world.world_size} processes" if world.distributed else ""))
         for warning in bundle.source.warnings:
             log(f"warning: {warning}")

@@ -27,7 +27,7 @@ from cifarlens.config import RunConfig
 from cifarlens.data.pipeline import make_loader, prepare_data
 from cifarlens.engine import Precision, device_description, evaluate, resolve_device
 from cifarlens.models.weights import input_info
-from cifarlens.recipes import resolve_train
+from cifarlens.recipes import describe_choice, resolve_choices, resolve_train
 
 
 @dataclass
@@ -85,6 +85,9 @@ def mean_std(values: list[float]) -> str:
 
 def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print) -> dict:
     device = resolve_device(cfg.train.device)
+    cfg, why = resolve_choices(cfg, device.type)
+    for key, reason in why.items():
+        log(f"[bench] {key}: {describe_choice(cfg.model.name if key == 'model' else cfg.train.recipe, why, key)}")
     start = time.perf_counter()
     if cfg.train.compile:
         log("[bench] warm-up run of one epoch to compile the model (not counted)")

@@ -75,7 +75,9 @@ FLAG_KEYS = {
 }
 
 
-def config_from_args(args):
+def config_from_args(args, *, resolve: bool = True):
+    """The run config the flags describe; with ``resolve``, a model and recipe left unset are
+    chosen for the device (see :func:`cifarlens.recipes.resolve_choices`)."""
     from cifarlens.config import RunConfig, load_yaml, merge, parse_assignment
 
     cfg = RunConfig()
@@ -91,7 +93,15 @@ def config_from_args(args):
     cfg = merge(cfg, overrides)
     for assignment in args.set:
         cfg = merge(cfg, parse_assignment(assignment))
-    return cfg
+    return resolve_choices_for(cfg)[0] if resolve else cfg
+
+
+def resolve_choices_for(cfg):
+    """``resolve_choices`` on the device ``cfg.train.device`` names."""
+    from cifarlens.device import resolve_device
+    from cifarlens.recipes import resolve_choices
+
+    return resolve_choices(cfg, resolve_device(cfg.train.device).type)
 
 
 def cmd_train(args) -> int:
@@ -113,11 +123,11 @@ def cmd_train(args) -> int:
         cfg = merge(RunConfig(), {"train": {"device": args.device or "auto"}})
         train(cfg, out, resume=True, report=not args.no_report)
         return 0
-    cfg = config_from_args(args)
+    cfg, why = resolve_choices_for(config_from_args(args, resolve=False))
     args.out = args.out or f"runs/{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.nproc is not None:
         return launch_torchrun(args)
-    train(cfg, args.out, force=args.force, report=not args.no_report)
+    train(cfg, args.out, force=args.force, report=not args.no_report, choices=why)
     return 0
 
 
@@ -178,7 +188,7 @@ def cmd_bench(args) -> int:
         raise CifarlensError(f"--targets must be comma-separated accuracies like 0.90,0.93, got {args.targets!r}") from None
     if args.seeds < 1 or not targets or not all(0 < t <= 1 for t in targets):
         raise CifarlensError("--seeds must be >= 1 and --targets fractions in (0, 1]")
-    summary = run_bench(config_from_args(args), list(range(args.seeds)), targets)
+    summary = run_bench(config_from_args(args, resolve=False), list(range(args.seeds)), targets)
     if args.json:
         atomic_write_json(Path(args.json), summary)
     return 0
@@ -214,12 +224,16 @@ def cmd_predict(args) -> int:
 
 def cmd_list(args) -> int:
     from cifarlens.data import list_datasets
-    from cifarlens.models import list_models
+    from cifarlens.models import default_model, default_recipe, list_models
     from cifarlens.models.pretrained import list_pretrained
     from cifarlens.recipes import RECIPES, list_recipes
 
     print("datasets:", ", ".join(list_datasets()))
-    print("models:  ", ", ".join(list_models()))
+    print(f"models (default: {default_model('cpu')} on a CPU, {default_model('cuda')} on a GPU), "
+          "each with the recipe it gets without --recipe (CPU / GPU; finetune for a pretrained or --weights start):")
+    for name in list_models():
+        cpu, gpu = default_recipe(name, "cpu"), default_recipe(name, "cuda")
+        print(f"  {name}: {cpu}" + (f" / {gpu}" if gpu != cpu else ""))
     print("pretrained (ImageNet weights with --pretrained):", ", ".join(list_pretrained()))
     print("recipes: ")
     for name in list_recipes():

@@ -1,7 +1,8 @@
 """Typed configuration: frozen dataclasses, overlaid by a YAML file, then by flags.
 
 Precedence: dataclass defaults < recipe defaults (for ``train`` fields left at
-``None``) < ``--config FILE.yaml`` < command-line flags. Unknown keys and values
+``None``) < ``--config FILE.yaml`` < command-line flags. A model and recipe left unset are
+chosen for the device and the model (:func:`cifarlens.recipes.resolve_choices`). Unknown keys and values
 of the wrong type are errors. The *resolved* config (no ``None`` left in
 ``train``) is written into every run folder and checkpoint, so any run can be
 repeated from its own files.
@@ -37,7 +38,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "fastnet_cpu"
+    name: str | None = None  # None: the device's default model (fastnet_cpu on a CPU, fastnet on CUDA)
     # Extra constructor arguments, e.g. {"widths": [32, 64, 128], "depths": [2, 2, 2], "dropout": 0.2}
     kwargs: dict = field(default_factory=dict)
     # Starting weights, used when a training run starts (see cifarlens.models.weights):
@@ -49,7 +50,9 @@ class ModelConfig:
 class TrainConfig:
     """Training hyperparameters. ``None`` means "take it from the recipe"."""
 
-    recipe: str = "fast_cpu"  # the default model (fastnet_cpu) with it; on a GPU: fastnet with "fast"
+    # None: the model's own recipe (declared where it is registered; fast_cpu / fast for FastNet,
+    # modern for the ResNet families and LensNet), or finetune for a pretrained / --weights start
+    recipe: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None  # peak learning rate
@@ -197,7 +200,8 @@ def from_dict(values: dict) -> RunConfig:
     return merge(RunConfig(), values)
 
 
-def save_yaml(cfg: RunConfig, path: Path) -> None:
+def save_yaml(cfg: RunConfig, path: Path, header: str = "") -> None:
+    """Write ``cfg`` as YAML, after ``header`` (comment lines, e.g. why a value was chosen)."""
     from cifarlens.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False))

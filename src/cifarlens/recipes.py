@@ -12,7 +12,7 @@ from dataclasses import fields, replace
 
 import torch
 
-from cifarlens.config import TrainConfig
+from cifarlens.config import RunConfig, TrainConfig
 from cifarlens.engine import cpu_has_native_bf16
 from cifarlens.errors import CifarlensError
 from cifarlens.registry import Registry
@@ -81,8 +81,45 @@ def list_recipes() -> list[str]:
     return RECIPES.names()
 
 
+def resolve_choices(cfg: RunConfig, device_type: str) -> tuple[RunConfig, dict[str, str]]:
+    """Fill ``model.name`` and ``train.recipe`` where they were left unset.
+
+    The model defaults to the one sized for ``device_type`` ("cpu" or "cuda"); the recipe to
+    ``finetune`` for a pretrained or ``--weights`` start, else to the model family's own
+    (``register_model(recipe=...)``). Returns the config and, for each value chosen here, why
+    (``{"recipe": "default for resnet20"}``), for the run's log, config.yaml and run.json.
+    An explicit value always wins and gets no entry.
+    """
+    from cifarlens.models import default_model, default_recipe
+
+    why: dict[str, str] = {}
+    where = "a GPU" if device_type == "cuda" else "a CPU"
+    model = cfg.model.name
+    if model is None:
+        model = default_model(device_type)
+        why["model"] = f"default model on {where}"
+    recipe = cfg.train.recipe
+    if recipe is None:
+        if cfg.model.pretrained or cfg.model.weights:
+            recipe = "finetune"
+            why["recipe"] = "default for a pretrained start" if cfg.model.pretrained else "default for a --weights start"
+        else:
+            recipe = default_recipe(model, device_type)
+            cpu, gpu = default_recipe(model, "cpu"), default_recipe(model, "cuda")
+            why["recipe"] = f"default for {model}" + (f" on {where}" if cpu != gpu else "")
+    return replace(cfg, model=replace(cfg.model, name=model), train=replace(cfg.train, recipe=recipe)), why
+
+
+def describe_choice(value: str, why: dict[str, str], key: str) -> str:
+    """``"fast_cpu (default for fastnet_cpu on a CPU)"``, or the value alone when it was given."""
+    return f"{value} ({why[key]})" if key in why else value
+
+
 def resolve_train(cfg: TrainConfig) -> TrainConfig:
     """Fill every ``None`` from the recipe and check the values."""
+    if cfg.recipe is None:
+        raise CifarlensError("train.recipe is unset: resolve the run config with "
+                             "cifarlens.recipes.resolve_choices(cfg, device_type) first")
     defaults = RECIPES.get(cfg.recipe)
     if cfg.cpu_amp is None:  # a property of the machine, not of the recipe
         cfg = replace(cfg, cpu_amp=cpu_has_native_bf16())

@@ -120,8 +120,10 @@ class RunDir:
         return (meta.get("source") or {}).get("label") or self.info().display_name
 
     # -- writing --------------------------------------------------------------------------
-    def write_config(self, cfg: RunConfig) -> None:
-        save_yaml(cfg, self.path / "config.yaml")
+    def write_config(self, cfg: RunConfig, notes: dict[str, str] | None = None) -> None:
+        """config.yaml; ``notes`` ({"recipe": "fast_cpu (default for fastnet_cpu on a CPU)"}) become
+        comments at its top, saying which values cifarlens chose and why."""
+        save_yaml(cfg, self.path / "config.yaml", header="".join(f"# {k}: {v}\n" for k, v in (notes or {}).items()))
 
     def write_meta(self, **values) -> None:
         meta = self.meta() if (self.path / "run.json").is_file() else {}

@@ -1,13 +1,16 @@
 """Model registry and families. Importing this package registers every model.
 
 Adding a model: write a ``ClassifierBase`` subclass and a factory
-``def name(num_classes, in_channels=3, **options)`` decorated with ``@register_model()``,
+``def name(num_classes, in_channels=3, **options)`` decorated with
+``@register_model(recipe="...")`` (the recipe a run of it gets without ``--recipe``),
 in a module imported below.
 """
 
 from cifarlens.models.registry import (
     MODELS,
     create_model,
+    default_model,
+    default_recipe,
     list_models,
     model_info,
     register_model,
@@ -18,4 +21,4 @@ from cifarlens.models.registry import (
 from cifarlens.models import fastnet, lensnet, preact_resnet  # noqa: E402,F401  isort: skip
 from cifarlens.models import pretrained, resnet_cifar, wide_resnet  # noqa: E402,F401  isort: skip
 
-__all__ = ["MODELS", "create_model", "list_models", "model_info", "register_model", "unwrap_model"]
+__all__ = ["MODELS", "create_model", "default_model", "default_recipe", "list_models", "model_info", "register_model", "unwrap_model"]

@@ -117,14 +117,14 @@ class FastNet(ClassifierBase):
         return self.blocks(self.whiten_act(self.whiten(x)))  # (B, widths[-1], h, w)
 
 
-@register_model("fastnet")
+@register_model("fastnet", recipe="fast_cpu", gpu_recipe="fast")
 def fastnet(num_classes: int, in_channels: int = 3, widths: Sequence[int] = (64, 256, 256),
             bn_momentum: float = 0.4, logit_scale: float = 1 / 9) -> FastNet:
     """The airbench-style network at full width (for GPUs)."""
     return FastNet(num_classes, in_channels, widths, bn_momentum, logit_scale)
 
 
-@register_model("fastnet_cpu")
+@register_model("fastnet_cpu", recipe="fast_cpu", gpu_recipe="fast")
 def fastnet_cpu(num_classes: int, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128),
                 bn_momentum: float = 0.4, logit_scale: float = 1 / 9) -> FastNet:
     """A narrower FastNet sized for a few CPU cores; the default model."""

@@ -75,7 +75,7 @@ class LensNet(ClassifierBase):
         return self.stages(self.stem(x))  # (B, widths[-1], H / 2**stages, W / 2**stages)
 
 
-register_model("lensnet")(LensNet)
+register_model("lensnet", recipe="modern")(LensNet)
 
 # presets: fixed widths/depths by default, still overridable (e.g. create_model(..., depths=(2, 2, 2)))
 _PRESETS = {
@@ -84,4 +84,4 @@ _PRESETS = {
     "lensnet_heavy": dict(widths=(64, 128, 256, 512), depths=(2, 2, 2, 2)),
 }
 for _name, _arch in _PRESETS.items():
-    register_model(_name)(partial(LensNet, **_arch))
+    register_model(_name, recipe="modern")(partial(LensNet, **_arch))

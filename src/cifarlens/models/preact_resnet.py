@@ -76,7 +76,7 @@ class PreActResNet(ClassifierBase):
         return self.final_act(self.final_norm(self.stages(self.stem(x))))
 
 
-@register_model()
+@register_model(recipe="modern")
 def preact_resnet18(num_classes: int, in_channels: int = 3) -> PreActResNet:
     """Pre-activation ResNet-18: stages 64/128/256/512 x [2,2,2,2]; 11.17M params; 4x4 map at 32x32."""
     return PreActResNet(num_classes, in_channels)

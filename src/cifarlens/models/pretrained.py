@@ -224,7 +224,7 @@ class TorchvisionEfficientNet(PretrainedClassifier):
         return [(f"backbone.features.{i}", m) for i, m in enumerate(self.backbone.features)]
 
 
-@register_model()
+@register_model(recipe="modern")
 def resnet18(
     num_classes: int, in_channels: int = 3, stem: str = "resize", input_size: int = 224, dropout: float = 0.0
 ) -> TorchvisionResNet:
@@ -232,7 +232,7 @@ def resnet18(
     return TorchvisionResNet("resnet18", num_classes, in_channels, stem, input_size, dropout)
 
 
-@register_model()
+@register_model(recipe="modern")
 def resnet50(
     num_classes: int, in_channels: int = 3, stem: str = "resize", input_size: int = 224, dropout: float = 0.0
 ) -> TorchvisionResNet:
@@ -240,7 +240,7 @@ def resnet50(
     return TorchvisionResNet("resnet50", num_classes, in_channels, stem, input_size, dropout)
 
 
-@register_model()
+@register_model(recipe="modern")
 def efficientnet_b0(
     num_classes: int, in_channels: int = 3, stem: str = "resize", input_size: int = 224, dropout: float = 0.2
 ) -> TorchvisionEfficientNet:

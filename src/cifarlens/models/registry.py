@@ -14,7 +14,40 @@ from cifarlens.registry import Registry
 
 # name -> factory(num_classes, in_channels, **options) returning a ClassifierBase
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-register_model = MODELS.register
+# name -> (recipe on a CPU, recipe on a GPU): each family's default training recipe, declared
+# where it is registered (as timm keeps a default config beside each model)
+MODEL_RECIPES: dict[str, tuple[str, str]] = {}
+# the model a run gets without --model: sized for the device it trains on
+DEFAULT_MODELS = {"cpu": "fastnet_cpu", "cuda": "fastnet"}
+
+
+def register_model(name: str | None = None, *, recipe: str = "modern", gpu_recipe: str | None = None):
+    """Decorator registering a model factory under ``name`` (default: the function's name).
+
+    ``recipe`` is the training recipe a run of this model gets without ``--recipe`` (on a
+    GPU ``gpu_recipe``, when the family has a GPU-sized one); a pretrained or ``--weights``
+    start gets ``finetune`` whatever the family says.
+    """
+
+    def decorator(factory):
+        key = name or factory.__name__
+        MODELS.register(key)(factory)
+        MODEL_RECIPES[key] = (recipe, gpu_recipe or recipe)
+        return factory
+
+    return decorator
+
+
+def default_model(device_type: str) -> str:
+    """The model a run gets without ``--model`` on a ``device_type`` ("cpu", "cuda") device."""
+    return DEFAULT_MODELS.get(device_type, DEFAULT_MODELS["cpu"])
+
+
+def default_recipe(name: str, device_type: str) -> str:
+    """Model ``name``'s own recipe on a ``device_type`` device."""
+    MODELS.get(name)  # an unknown name is a one-line error listing the models
+    cpu, gpu = MODEL_RECIPES[name]
+    return gpu if device_type == "cuda" else cpu
 
 _ALWAYS = ("num_classes", "in_channels")  # passed by create_model itself, not options
 

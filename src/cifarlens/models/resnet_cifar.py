@@ -88,25 +88,25 @@ class CifarResNet(ClassifierBase):
         return self.layer3(self.layer2(self.layer1(self.stem(x))))
 
 
-@register_model()
+@register_model(recipe="modern")
 def resnet20(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-20 (n=3), 0.27M parameters."""
     return CifarResNet(20, num_classes, in_channels)
 
 
-@register_model()
+@register_model(recipe="modern")
 def resnet32(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-32 (n=5), 0.46M parameters."""
     return CifarResNet(32, num_classes, in_channels)
 
 
-@register_model()
+@register_model(recipe="modern")
 def resnet56(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-56 (n=9), 0.85M parameters."""
     return CifarResNet(56, num_classes, in_channels)
 
 
-@register_model()
+@register_model(recipe="modern")
 def resnet110(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-110 (n=18), 1.7M parameters."""
     return CifarResNet(110, num_classes, in_channels)

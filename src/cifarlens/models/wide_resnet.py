@@ -39,13 +39,13 @@ class WideResNet(PreActResNet):
         )
 
 
-@register_model()
+@register_model(recipe="modern")
 def wrn16_8(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
     """WRN-16-8, 11.0M parameters."""
     return WideResNet(16, 8, dropout, num_classes, in_channels)
 
 
-@register_model()
+@register_model(recipe="modern")
 def wrn28_10(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
     """WRN-28-10, 36.5M parameters (the paper trains it with dropout 0.3 as well)."""
     return WideResNet(28, 10, dropout, num_classes, in_channels)
