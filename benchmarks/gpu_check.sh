@@ -1,31 +1,35 @@
 #!/usr/bin/env bash
-# The GPU checks of fast training, as one script for a machine with a CUDA GPU:
+# The GPU checks, as one script for a machine with a CUDA GPU, on real CIFAR-10 (the JPEG copy):
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # default OUT_DIR: ./gpu-check
 #
 # 1. the CUDA tests (`pytest -m gpu`: they skip everywhere else);
-# 2. Fashion-MNIST time-to-accuracy, real data and real learning: fastnet + fast, 3 seeds;
-# 3. throughput on data of CIFAR-10's shape: 50,000 + 10,000 synthetic 32x32 RGB images
-#    written in the official cifar-10-batches-py/ layout (their accuracy means nothing, their
-#    images per second and memory do), fastnet + fast, 10 epochs, eager and with torch.compile
-#    (bench compiles in an untimed warm-up run first).
-# Every step prints the device; logs and JSON summaries go to OUT_DIR. It runs this checkout's
-# cifarlens (src/ first on PYTHONPATH) and needs its core dependencies, pytest, and the Fashion-MNIST
-# IDX files in FASHION_MNIST (default /usr/share/datasets/fashion-mnist). About 5-8 minutes
-# on one H100/H200 by our estimate; not yet run on one (no GPU was lent where it was written).
-# With real CIFAR-10/100 in ./data, the README's `cifarlens bench --dataset cifar10 ...`
-# commands are the ones to run for CIFAR figures. For a dry run of the plumbing on a CPU:
-#   DEVICE=cpu SEEDS=1 EPOCHS=1 N_PER_BATCH=100 N_TEST=100 FASHION_MNIST=DIR bash benchmarks/gpu_check.sh
+# 2. fastnet + fast on the CIFAR-10 JPEG copy, SEEDS seeds (default 5): mean ± std test accuracy
+#    and time to 93 % / 94 %, to set beside airbench94's published 94.01 % in 3.83 s (2.59 s with
+#    torch.compile) on one A100 (Jordan 2024, arXiv:2404.00498). The copy went through JPEG at
+#    quality 75, so it may cap below 94 %: then "not reached" is printed with the best accuracy;
+#    quote it as "CIFAR-10 (JPEG copy)";
+# 3. throughput (images/s) of the same, eager and with torch.compile (bench compiles in an untimed
+#    warm-up run first), 1 seed each;
+# 4. a short preact_resnet18 + modern run (EPOCHS_R18 epochs, default 5);
+# 5. with 2+ GPUs, the same fastnet + fast run under DDP/NCCL on every GPU (--nproc).
+# Every step prints the device; logs and JSON summaries go to OUT_DIR (2 folders deep at most, as
+# the device tool returns them). It runs this checkout's cifarlens (src/ first on PYTHONPATH) and
+# needs its core dependencies and pytest. Where the data comes from, first found:
+#   CIFAR10_COPY=DIR (an extracted copy), CIFAR10_TAR=FILE, .data/cifar10-jpeg.tar.gz (a git-ignored
+#   copy to carry to a device machine), ../shared/data/cifar10-jpeg.tar.gz.
+# Budget: well inside 10 minutes on one H100/H200 by our estimate; not yet run on a GPU.
+# Dry run of the plumbing on a CPU (tiny budgets):
+#   DEVICE=cpu SEEDS=1 EPOCHS=1 EPOCHS_R18=1 SUBSET=1 bash benchmarks/gpu_check.sh /tmp/gpu-check
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-check}
 PY=${PYTHON:-python3}
-FM=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 DEVICE=${DEVICE:-cuda}
-SEEDS=${SEEDS:-3}
+SEEDS=${SEEDS:-5}
 EPOCHS=${EPOCHS:+--epochs $EPOCHS}  # empty: the recipe's
-N_PER_BATCH=${N_PER_BATCH:-10000}  # synthetic CIFAR-10: 5 training batches of this many images
-N_TEST=${N_TEST:-10000}
+EPOCHS_R18=${EPOCHS_R18:-5}
+SUBSET=${SUBSET:-}  # non-empty: 100 train / 20 test images per class, for a dry run
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's cifarlens
 mkdir -p "$OUT"
 status=0
@@ -34,28 +38,60 @@ bench() { "$PY" -c 'import sys; from cifarlens.cli import main; sys.exit(main(["
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
-"$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "available:", torch.cuda.is_available())' \
+"$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "available:", torch.cuda.is_available(), "GPUs:", torch.cuda.device_count())' \
   | tee -a "$OUT/device.txt"
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+
+step "CIFAR-10 JPEG copy"
+DATA=${CIFAR10_COPY:-}
+if [ -z "$DATA" ]; then
+  TAR=${CIFAR10_TAR:-}
+  for candidate in .data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do
+    [ -z "$TAR" ] && [ -f "$candidate" ] && TAR=$candidate
+  done
+  [ -n "$TAR" ] || { echo "no CIFAR-10 copy: set CIFAR10_COPY=DIR or CIFAR10_TAR=FILE"; exit 2; }
+  DATA=$(mktemp -d)
+  tar -xzf "$TAR" -C "$DATA" || { echo "could not extract $TAR"; exit 2; }
+fi
+if [ -n "$SUBSET" ]; then  # a small copy of the copy, for a dry run of the plumbing
+  SMALL=$(mktemp -d)
+  for split in train test; do
+    n=$([ "$split" = train ] && echo 100 || echo 20)
+    for class_dir in "$DATA/$split"/*/; do
+      name=$(basename "$class_dir"); mkdir -p "$SMALL/$split/$name"
+      ls "$class_dir" | head -n "$n" | while read -r f; do cp "$class_dir/$f" "$SMALL/$split/$name/"; done
+    done
+  done
+  DATA=$SMALL
+fi
+echo "data: $DATA ($(find "$DATA" -name '*.jpg' | wc -l) images)" | tee "$OUT/data.txt"
 
 step "CUDA tests"
 # the modules that hold them (collecting all of tests/ would import the web, tune and browser test deps)
 "$PY" -m pytest -q -m gpu -rs tests/test_gpu.py tests/test_engine.py tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt" || status=1
 
-step "Fashion-MNIST, fastnet + fast, $SEEDS seeds"
-bench --dataset fashion-mnist --data-dir "$FM" --no-download --model fastnet --recipe fast --device "$DEVICE" $EPOCHS \
-  --seeds "$SEEDS" --targets 0.90,0.92,0.93,0.94 --json "$OUT/fashion_mnist.json" 2>&1 | tee "$OUT/fashion_mnist.txt" || status=1
+step "CIFAR-10 (JPEG copy), fastnet + fast, $SEEDS seeds"
+bench --dataset cifar10 --data-dir "$DATA" --no-download --model fastnet --recipe fast --device "$DEVICE" $EPOCHS \
+  --seeds "$SEEDS" --targets 0.90,0.93,0.94 --json "$OUT/c10_fastnet_fast.json" 2>&1 \
+  | tee "$OUT/c10_fastnet_fast.txt" || status=1
 
-step "CIFAR-10-shaped synthetic data, fastnet + fast, eager and compiled"
-SYN=$(mktemp -d)
-"$PY" -c 'import sys; sys.path.insert(0, "tests"); from conftest import make_cifar10; make_cifar10(sys.argv[1], n_train_per_batch=int(sys.argv[2]), n_test=int(sys.argv[3]))' \
-  "$SYN" "$N_PER_BATCH" "$N_TEST" \
-  || status=1
-for compile in false true; do
-  bench --dataset cifar10 --data-dir "$SYN" --no-download --model fastnet --recipe fast --device "$DEVICE" $EPOCHS \
-    --seeds 1 --targets 0.5 --set "train.compile=$compile" --json "$OUT/cifar_shaped_compile_$compile.json" 2>&1 \
-    | tee "$OUT/cifar_shaped_compile_$compile.txt" || status=1
-done
-rm -rf "$SYN"
+step "CIFAR-10 (JPEG copy), fastnet + fast with torch.compile, 1 seed (throughput)"
+bench --dataset cifar10 --data-dir "$DATA" --no-download --model fastnet --recipe fast --device "$DEVICE" $EPOCHS \
+  --seeds 1 --targets 0.93,0.94 --set train.compile=true --json "$OUT/c10_fastnet_compiled.json" 2>&1 \
+  | tee "$OUT/c10_fastnet_compiled.txt" || status=1
+
+step "CIFAR-10 (JPEG copy), preact_resnet18 + modern, $EPOCHS_R18 epochs"
+bench --dataset cifar10 --data-dir "$DATA" --no-download --model preact_resnet18 --recipe modern --device "$DEVICE" \
+  --epochs "$EPOCHS_R18" --seeds 1 --targets 0.85,0.90 --json "$OUT/c10_preact18_modern.json" 2>&1 \
+  | tee "$OUT/c10_preact18_modern.txt" || status=1
+
+if [ "$DEVICE" = cuda ] && [ "${NGPU:-0}" -ge 2 ]; then
+  step "DDP/NCCL on $NGPU GPUs, fastnet + fast, 1 seed"
+  "$PY" -m cifarlens.cli train --nproc "$NGPU" --dataset cifar10 --data-dir "$DATA" --no-download --model fastnet \
+    --recipe fast --out "$(mktemp -d)/ddp" --no-report 2>&1 | tee "$OUT/c10_ddp.txt" || status=1
+else
+  echo "(fewer than 2 GPUs: no DDP run)" | tee "$OUT/c10_ddp.txt"
+fi
 
 step "done (exit $status)"
 exit "$status"
