@@ -72,5 +72,8 @@ def test_a_training_run_writes_files_the_group_can_read(umask, tmp_path):
     run = tmp_path / "run"
     train(cfg, run, report=True)
     written = ["config.yaml", "run.json", "environment.json", "history.csv", "checkpoints/last.pt",
-               "model.safetensors", "metrics.json", "predictions.csv", "classification_report.txt", "report.html"]
+               "model.safetensors", "metrics.json", "predictions.csv", "classification_report.txt", "report.html",
+               "curves.png", "confusion_matrix.png"]
     assert {name: oct(mode(run / name)) for name in written} == {name: oct(0o640) for name in written}
+    every_file = [p for p in run.rglob("*") if p.is_file()]  # nothing the list above forgot is private
+    assert every_file and {oct(mode(p)) for p in every_file} == {oct(0o640)}

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
 from conftest import make_cifar10, make_fashion_mnist, synthetic_images
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -354,8 +355,10 @@ def test_cli_weights_round_trip_with_a_frozen_backbone(tmp_path, tiny_cifar, res
     path, state = resnet18_file
     out = tmp_path / "run"
     args = cifar_args(tiny_cifar, out, "--model", "resnet18", "--set", NATIVE, "--weights", str(path),
-                      "--recipe", "finetune", "--epochs", "1")
+                      "--epochs", "1")  # no --recipe: a --weights start gets finetune
     assert main(args) == 0
+    assert (out / "config.yaml").read_text().startswith("# recipe: finetune (default for a --weights start)\n")
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["recipe"] == "finetune"
     saved = load_file(str(out / "model.safetensors"))
     assert_same_backbone(saved, state)
     assert saved["head.fc.weight"].shape == (10, 512)

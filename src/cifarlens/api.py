@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from cifarlens import distributed
+from cifarlens import distributed, tracking
 from cifarlens import metrics as M
 from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights, save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict
@@ -18,7 +18,16 @@ from cifarlens.data.augment import normalize
 from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.distributed import World
-from cifarlens.engine import FitState, Precision, WeightEMA, fit, forward_tta, predict_logits, resolve_device
+from cifarlens.engine import (
+    FitState,
+    Precision,
+    TrainingDiverged,
+    WeightEMA,
+    fit,
+    forward_tta,
+    predict_logits,
+    resolve_device,
+)
 from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource, load_image
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
@@ -89,6 +98,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         device_override = cfg.train.device
         cfg = run.config()
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))
+    tracking.check_available(cfg.track.loggers)  # a missing library stops here, before any run folder exists
     # (on resume this only fills keys that an older cifarlens did not write)
     cfg, why = resolve_choices(cfg, device.type)
     why = {**choices, **why}
@@ -186,6 +196,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
 
     def end_epoch(state: FitState) -> None:
         if world.is_main:
+            tracker.log_epoch(state.history[-1])  # before the checkpoint: a resumed run logs no gap
             run.write_history(state.history)
             save_checkpoint(run.last_checkpoint, {
                 "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -197,13 +208,20 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if on_epoch_end is not None:
             on_epoch_end(state, eval_model)
 
+    tracker = (tracking.start(cfg, run, resume=resume, first_epoch=state.epoch + 1, log=log) if world.is_main
+               else tracking.Trackers())
     try:
         state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
                     on_improvement=save_best, on_epoch_end=end_epoch, log=log, train_model=train_model,
                     ema=ema, tta=tta)
     except BaseException as err:
         if world.is_main:
-            run.write_meta(status="diverged" if isinstance(err, CifarlensError) else "interrupted")
+            # diverged: the loss blew up (fix the hyperparameters); failed: another clear error;
+            # interrupted: Ctrl-C, SIGTERM or a crash (resume it)
+            status = ("diverged" if isinstance(err, TrainingDiverged) else
+                      "failed" if isinstance(err, CifarlensError) else "interrupted")
+            run.write_meta(status=status, epochs_done=state.epoch)  # fit updates state in place
+            tracker.close(status)
         if tc.compile and isinstance(err, torch._dynamo.exc.TorchDynamoException):  # e.g. no C++ compiler on CPU
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise CifarlensError(f"torch.compile failed ({first}); train without --set train.compile=true") from err
@@ -217,12 +235,16 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
 
     plot_training_curves(state.history, run / "curves.png")
     if not evaluate_test:
+        tracker.finish(run, None, train_seconds, state.epoch)
         return {"train_seconds": train_seconds}
     result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
     if report:
-        from cifarlens.report import write_report
+        from cifarlens.report import default_budget, write_report
 
-        run.log(f"report: {write_report(run.path, device=str(device), bundle=bundle)}")
+        # a quick report, within ~10 % of the training time; `cifarlens report RUN` writes the full one
+        write_report(load_run(run.path, device=str(device)), bundle=bundle, budget_s=default_budget(train_seconds),
+                     log=run.log)
+    tracker.finish(run, result, train_seconds, state.epoch)
     run.log(f"test accuracy {result['accuracy']:.2%} (best epoch {state.best_epoch}, "
             f"val_loss {state.best_val_loss:.4f}); results in {run.path}")
     return result | {"train_seconds": train_seconds}

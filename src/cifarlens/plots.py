@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +37,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from cifarlens.io import atomic_write  # noqa: E402
 from cifarlens.metrics import row_normalize  # noqa: E402
 
 __all__ = ["plot_confusion_matrix", "plot_training_curves", "row_normalize", "save_figure"]
@@ -49,15 +49,7 @@ DPI = 150
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as PNG atomically: a temp file in the same folder, then ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))  # mode follows the umask
     return path
 
 
