@@ -20,6 +20,11 @@ def _train_parser(sub) -> None:
                    help="continue a stopped run from its last checkpoint (RUN_DIR or --out)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html at the end (saves a little time)")
+    p.add_argument("--logger", action="append", metavar="NAME",
+                   help="log params, epochs, test metrics and files to: " + " or ".join(_loggers())
+                        + " (repeatable or comma-separated; needs pip install 'cifarlens[tracking]')")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow server or store (default: $MLFLOW_TRACKING_URI, "
+                   "else MLflow's default: ./mlflow.db and ./mlruns/ in the working directory)")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel training on N processes of this machine (GPUs, or CPU with gloo) via "
                         "torchrun; for several machines call torchrun yourself (see README)")
@@ -39,7 +44,7 @@ def add_config_flags(p) -> None:
     from cifarlens.models import list_models
     from cifarlens.recipes import list_recipes
 
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML with sections data/model/train")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML with sections data/model/train/track")
     p.add_argument("--dataset", choices=list_datasets())
     p.add_argument("--data-dir", help="folder holding (or receiving) the dataset (default ./data)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not there")
@@ -60,6 +65,12 @@ def add_config_flags(p) -> None:
                    help="set any config value, e.g. --set train.weight_decay=1e-4 (repeatable)")
 
 
+def _loggers():
+    from cifarlens.tracking import list_trackers
+
+    return list_trackers()
+
+
 def _augment_levels():
     from cifarlens.data.augment import AUGMENT_LEVELS
 
@@ -72,6 +83,7 @@ FLAG_KEYS = {
     "model": ("model", "name"), "recipe": ("train", "recipe"), "epochs": ("train", "epochs"),
     "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "seed": ("train", "seed"),
     "device": ("train", "device"), "pretrained": ("model", "pretrained"), "weights": ("model", "weights"),
+    "logger": ("track", "loggers"), "tracking_uri": ("track", "tracking_uri"),  # train only
 }
 
 
@@ -85,7 +97,9 @@ def config_from_args(args, *, resolve: bool = True):
         cfg = merge(cfg, load_yaml(args.config))
     overrides: dict = {}
     for flag, (section, key) in FLAG_KEYS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
+        if flag == "logger" and value is not None:  # --logger a --logger b,c -> [a, b, c]
+            value = [name.strip() for part in value for name in part.split(",") if name.strip()]
         if value is not None:
             overrides.setdefault(section, {})[key] = value
     if args.no_download:

@@ -83,14 +83,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrackConfig:
+    """Experiment tracking (see cifarlens.tracking); it records a run and never changes its results."""
+
+    loggers: list[str] = field(default_factory=list)  # "tensorboard" (events in RUN/tensorboard/), "mlflow"
+    # MLflow server or store; None: $MLFLOW_TRACKING_URI, else MLflow's own default in the working
+    # directory (sqlite:///mlflow.db, artifacts in ./mlruns/), where `mlflow ui` finds it
+    tracking_uri: str | None = None
+    experiment: str = "cifarlens"  # the MLflow experiment the runs go into
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 def _section_classes() -> dict[str, type]:
-    return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+    return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "track": TrackConfig}
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
@@ -130,6 +142,12 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     elif hint is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif origin is list:  # list[str]; "a,b" is read as [a, b], as the CLI reads its flags
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str) and item is str:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [_check_type(v, item, key) for v in value]
     else:  # pragma: no cover - only our own annotations reach here
         raise TypeError(f"unsupported annotation {hint!r} for {key}")
     name = getattr(hint, "__name__", str(hint))
@@ -149,15 +167,15 @@ def _overlay(section: Any, values: dict, section_name: str) -> Any:
 
 
 def merge(cfg: RunConfig, values: dict) -> RunConfig:
-    """Overlay a nested ``{"data": {...}, "model": {...}, "train": {...}}`` dict."""
+    """Overlay a nested ``{"data": {...}, "model": {...}, "train": {...}, "track": {...}}`` dict."""
     if not isinstance(values, dict):
-        raise CifarlensError("a config must be a mapping with sections data/model/train")
+        raise CifarlensError(f"a config must be a mapping with sections {'/'.join(_section_classes())}")
     classes = _section_classes()
     updates = {}
     for section_name, section_values in values.items():
         if section_name not in classes:
             raise CifarlensError(
-                f"unknown config section {section_name!r}; known sections: data, model, train"
+                f"unknown config section {section_name!r}; known sections: {', '.join(classes)}"
             )
         if section_values is None:
             continue

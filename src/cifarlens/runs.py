@@ -10,6 +10,7 @@ A run folder holds everything needed to repeat, evaluate and serve the run::
     checkpoints/last.pt    full training state for --resume (torch.load weights_only=True)
     model.safetensors      best-on-validation weights (what evaluate/predict/serve load)
     metrics.json, predictions.csv, classification_report.txt, confusion_matrix.png, curves.png
+    tensorboard/           TensorBoard events, with --logger tensorboard (see cifarlens.tracking)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ RUN_FILES = (
     "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
     "curves.png", "report.html", "model.onnx",
 )
-RUN_DIRS = ("checkpoints", "explain", "export")  # folders a run writes; --force removes them
+RUN_DIRS = ("checkpoints", "explain", "export", "tensorboard")  # folders a run writes; --force removes them
 SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_samples")
 

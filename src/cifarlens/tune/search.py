@@ -45,8 +45,10 @@ from cifarlens.tune.space import SearchSpace, default_space
 PRUNERS = ("median", "hyperband", "none")
 SPACE_ATTR, BASE_ATTR = "cifarlens.space", "cifarlens.base_config"
 # Config keys that may differ between workers of one study: where the data sits on each
-# machine, which device and how many loader workers it uses, and whether its CPU trains in bf16.
-MACHINE_KEYS = ("data.data_dir", "data.download", "data.workers", "train.device", "train.cpu_amp")
+# machine, which device and how many loader workers it uses, and whether its CPU trains in bf16;
+# and where it logs (tracking records the trials, never changes them).
+MACHINE_KEYS = ("data.data_dir", "data.download", "data.workers", "train.device", "train.cpu_amp",
+                "track.loggers", "track.tracking_uri", "track.experiment")
 # Changing these needs the data read (and split) again; data.augment does not.
 DATA_KEYS = ("data.dataset", "data.data_dir", "data.download", "data.image_size", "data.val_fraction", "train.seed")
 SQLITE_TIMEOUT_S = 60  # how long a writer waits for another process's SQLite lock

@@ -1,0 +1,265 @@
+"""Experiment tracking: optional loggers (TensorBoard, MLflow) behind one small interface.
+
+A training run (rank 0 only) logs through a :class:`Tracker`: the resolved config as flat
+params once, one row of metrics per epoch at step = epoch, and at the end the test metrics
+and the run's final files. Each backend is one registered class; the libraries are extras
+(``pip install 'cifarlens[tracking]'``), imported only when a run asks for them, and a
+missing one is an error before any run folder is created (:func:`check_available`).
+
+``--resume`` continues where the run stopped: TensorBoard appends to the same RUN/tensorboard/
+(events from epochs after the checkpoint are purged), and MLflow reopens the run whose id
+run.json keeps under ``tracking``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from cifarlens.config import RunConfig, TrackConfig, to_dict
+from cifarlens.errors import CifarlensError
+from cifarlens.registry import Registry
+from cifarlens.runs import RunDir
+
+INSTALL = "pip install 'cifarlens[tracking]'"
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")  # history.csv's names
+# what a finished run hands to the loggers that keep files (those that exist: report.html is optional)
+FINAL_FILES = ("config.yaml", "history.csv", "metrics.json", "confusion_matrix.png", "curves.png", "report.html")
+TENSORBOARD_DIR = "tensorboard"
+
+
+class Tracker:
+    """The interface every logger implements; this base logs nothing."""
+
+    package = ""  # the module a backend needs (import name, the same as its pip name here)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        """The resolved config as flat ``{"train.lr": "0.001", ...}``; once, when a run starts."""
+
+    def log_epoch(self, row: dict) -> None:
+        """One history row (``epoch``, ``train_loss``, ..., ``seconds``), logged at step ``row["epoch"]``."""
+
+    def log_final(self, metrics: dict[str, float], files: list[Path], step: int) -> None:
+        """Test metrics (``test_accuracy``, ...) at the last epoch's step, and the run's final files."""
+
+    def close(self, status: str = "finished") -> None:
+        """End the run: "finished", or api's "interrupted" / "failed" / "diverged"."""
+
+
+TRACKERS: Registry[type[Tracker]] = Registry("logger")
+
+
+def list_trackers() -> list[str]:
+    return TRACKERS.names()
+
+
+def check_available(names: Iterable[str]) -> None:
+    """Refuse unknown logger names and loggers whose library is not installed (one line each)."""
+    for name in names:
+        package = TRACKERS.get(name).package
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise CifarlensError(f"--logger {name} needs the {package} package, which is not installed: "
+                                 f"{INSTALL}") from None
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 0.1}, "model": {"kwargs": {"widths": [8]}}}``
+    -> ``{"train.lr": "0.1", "model.kwargs.widths": "[8]"}`` (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def create_trackers(names: Iterable[str], run: RunDir, track: TrackConfig, *, first_epoch: int = 1,
+                    log: Callable[[str], None] = print) -> list[Tracker]:
+    """One started tracker per name; ``first_epoch`` > 1 continues a resumed run."""
+    started: list[Tracker] = []
+    try:
+        for name in dict.fromkeys(names):
+            started.append(TRACKERS.get(name)(run, track, first_epoch=first_epoch, log=log))
+    except BaseException:
+        for tracker in started:
+            tracker.close("failed")
+        raise
+    return started
+
+
+class Trackers(Tracker):
+    """Several trackers as one. A logger that fails during training is reported and dropped:
+    a tracking server's outage does not cost the training run."""
+
+    def __init__(self, trackers: list[Tracker] | None = None, log: Callable[[str], None] = print):
+        self.trackers, self.log = list(trackers or []), log
+
+    def _each(self, method: str, *args) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as err:  # noqa: BLE001 - reported here, and the logger is not used again
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                self.log(f"warning: {type(tracker).__name__} failed ({first}); training goes on without it")
+                self.trackers.remove(tracker)
+
+    def log_params(self, params):
+        self._each("log_params", params)
+
+    def log_epoch(self, row):
+        self._each("log_epoch", row)
+
+    def log_final(self, metrics, files, step):
+        self._each("log_final", metrics, files, step)
+
+    def close(self, status="finished"):
+        self._each("close", status)
+
+    def finish(self, run: RunDir, result: dict | None, train_seconds: float, step: int) -> None:
+        """Log the test metrics (``result`` of evaluate_run, None when the test set was not used),
+        the final files, and close."""
+        metrics = {f"test_{k}": v for k, v in (result or {}).items() if isinstance(v, float)}
+        files = [run / name for name in FINAL_FILES if (run / name).is_file()]
+        self.log_final(metrics | {"train_seconds": float(train_seconds)}, files, step)
+        self.close("finished")
+
+
+def start(cfg: RunConfig, run: RunDir, *, resume: bool, first_epoch: int,
+          log: Callable[[str], None] = print) -> Trackers:
+    """The loggers ``cfg.track`` asks for, started for ``run``, training from ``first_epoch``;
+    a new run logs its params (a resumed one did, and MLflow refuses to change them).
+    A logger that cannot start (e.g. an unreachable server) marks the run failed."""
+    try:
+        trackers = Trackers(create_trackers(cfg.track.loggers, run, cfg.track, first_epoch=first_epoch, log=log), log)
+    except CifarlensError:
+        run.write_meta(status="failed")
+        raise
+    if not resume:
+        trackers.log_params(flatten(to_dict(cfg)))
+    return trackers
+
+
+# ---------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------
+
+
+@TRACKERS.register("tensorboard")
+class TensorBoardTracker(Tracker):
+    """Event files in RUN/tensorboard/ (``tensorboard --logdir runs/`` shows every run)."""
+
+    package = "tensorboard"
+
+    def __init__(self, run: RunDir, track: TrackConfig, *, first_epoch: int = 1, log=print):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: a run stopped after its last checkpoint may have logged later epochs,
+        # which it trains again now; TensorBoard hides those older events from this step on
+        self.writer = SummaryWriter(str(run / TENSORBOARD_DIR), purge_step=first_epoch if first_epoch > 1 else None)
+        log(f"tracking: TensorBoard events in {run / TENSORBOARD_DIR} (view: tensorboard --logdir {run.path})")
+
+    def log_params(self, params):
+        table = "| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in params.items())
+        self.writer.add_text("config", table, 0)
+
+    def log_epoch(self, row):
+        for key in EPOCH_METRICS:
+            if key in row:
+                self.writer.add_scalar(key, row[key], row["epoch"])
+        self.writer.flush()  # on disk every epoch: a killed run keeps what it logged
+
+    def log_final(self, metrics, files, step):
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        for path in files:  # the confusion matrix as an image; TensorBoard keeps no other files
+            if path.suffix == ".png" and path.name.startswith("confusion_matrix"):
+                import numpy as np
+                from PIL import Image
+
+                self.writer.add_image(path.stem, np.asarray(Image.open(path).convert("RGB")), step,
+                                      dataformats="HWC")  # (H, W, 3) uint8
+
+    def close(self, status="finished"):
+        self.writer.close()
+
+
+# MLflow run states for api's run statuses
+MLFLOW_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED", "diverged": "FAILED"}
+
+
+def absolute_uri(uri: str) -> str:
+    """A local store named relative to the working directory, made absolute, so that
+    ``--resume`` from another directory finds it (``./mlruns``, ``file:mlruns``, ``sqlite:///x.db``)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return Path(uri.removeprefix("file:")).resolve().as_uri()
+    if "://" not in uri and ":" not in uri.split("/")[0] and uri != "databricks":  # a plain path
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+@TRACKERS.register("mlflow")
+class MlflowTracker(Tracker):
+    """A run in an MLflow tracking server or local store; its id is kept in run.json for --resume."""
+
+    package = "mlflow"
+
+    def __init__(self, run: RunDir, track: TrackConfig, *, first_epoch: int = 1, log=print):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        saved = run.meta().get("tracking") or {}
+        self.uri = saved.get("mlflow_tracking_uri") or absolute_uri(track.tracking_uri or mlflow.get_tracking_uri())
+        try:
+            self.client = MlflowClient(self.uri)
+            self.run_id = saved.get("mlflow_run_id")
+            if self.run_id:  # a resumed run: the same MLflow run, running again
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                self.run_id = self.client.create_run(
+                    self._experiment_id(track.experiment), run_name=run.path.name,
+                    tags={"cifarlens.run_dir": str(run.path.resolve())}).info.run_id
+                run.write_meta(tracking=saved | {"mlflow_tracking_uri": self.uri, "mlflow_run_id": self.run_id})
+        except Exception as err:  # noqa: BLE001 - unreachable server, unreadable store, unknown run id, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CifarlensError(f"MLflow at {self.uri}: {first}") from None
+        log(f"tracking: MLflow run {self.run_id} (experiment {track.experiment!r}) at {self.uri}")
+
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # another run created it in the meantime
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def _metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def log_params(self, params):
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+
+    def log_epoch(self, row):
+        self._metrics({k: row[k] for k in EPOCH_METRICS if k in row}, row["epoch"])
+
+    def log_final(self, metrics, files, step):
+        self._metrics(metrics, step)
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path))
+
+    def close(self, status="finished"):
+        self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
