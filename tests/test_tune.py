@@ -21,6 +21,7 @@ from cifarlens.api import train
 from cifarlens.cli import main
 from cifarlens.config import RunConfig, load_yaml, merge
 from cifarlens.errors import CifarlensError
+from cifarlens.recipes import resolve_choices
 from cifarlens.tune import (
     default_space,
     load_space,
@@ -332,7 +333,8 @@ def test_invalid_search_space_files_are_refused_naming_file_and_key(case, data_d
 
 def test_a_study_name_clash_with_another_space_or_base_config_is_refused(data_dir, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    space, cfg = parse_space(yaml.safe_load(SPACE), "a"), base_cfg(data_dir, epochs=2)
+    # resolved as the Tuner resolves its base (a model and recipe left unset are fixed for the study)
+    space, cfg = parse_space(yaml.safe_load(SPACE), "a"), resolve_choices(base_cfg(data_dir, epochs=2), "cpu")[0]
     open_study(open_storage(url), "mine", space, cfg)
     other = write_space(tmp_path / "other.yaml", SPACE.replace("0.3]", "0.5]"))
     line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--storage", url, "--study", "mine",

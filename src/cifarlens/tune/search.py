@@ -293,6 +293,11 @@ class Tuner:
             raise CifarlensError("--pruner-startup must be >= 0 and --min-epochs >= 1")
         if pruner not in PRUNERS:
             raise CifarlensError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
+        from cifarlens.device import resolve_device
+        from cifarlens.recipes import resolve_choices
+
+        # a model and recipe left unset are chosen once, for this machine, and fixed for every trial
+        base_cfg, _ = resolve_choices(base_cfg, resolve_device(base_cfg.train.device).type)
         self.base = pin_budget(base_cfg)
         self.out = Path(out_dir)
         self.trials, self.timeout = trials, timeout
