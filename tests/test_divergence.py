@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cifarlens.api import train
+from cifarlens.api import load_run, train
 from cifarlens.cli import main
 from cifarlens.config import RunConfig, merge
 from cifarlens.engine import TrainingExploded, exploded_loss_limit
@@ -52,5 +52,5 @@ def test_the_report_of_a_diverged_run_shows_its_status(tmp_path):
     loss = float(str(stopped.value).split("became ")[1].split(" ")[0])
     assert math.isfinite(loss) and loss > exploded_loss_limit(10)
     assert json.loads((run / "run.json").read_text())["status"] == "diverged"
-    html = write_report(run, robustness=False, gradcam=False).read_text()  # from epoch 1's model.safetensors
+    html = write_report(load_run(run), robustness=False, gradcam=False).read_text()  # epoch 1's model.safetensors
     assert "<td>status</td><td>diverged</td>" in html

@@ -4,11 +4,14 @@ and the page opened in a real headless browser (Debian's chromium)."""
 from __future__ import annotations
 
 import base64
+import html
 import io
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import yaml
 from conftest import TINY, make_fashion_mnist, make_imagefolder
 from PIL import Image
 
+from cifarlens.api import load_run
 from cifarlens.cli import main
 from cifarlens.data.base import Split
 from cifarlens.report import pick_examples
@@ -27,14 +31,21 @@ from cifarlens.report.baselines import (
     baselines_for,
     format_baselines,
 )
-from cifarlens.report.calibration import expected_calibration_error, reliability_bins
+from cifarlens.report.calibration import (
+    expected_calibration_error,
+    reliability_bins,
+    reliability_bins_from_confidence,
+)
 from cifarlens.report.compare import compare_runs, config_differences
 from cifarlens.report.html import SECTIONS, esc
 from cifarlens.report.robustness import (
     CORRUPTIONS,
     MAX_SEVERITY,
+    MIN_IMAGES,
+    SUBSET_STEP,
     corrupt,
     list_corruptions,
+    plan_subset,
     robustness,
 )
 
@@ -178,6 +189,61 @@ def test_robustness_table_on_a_capped_seeded_subset():
         robustness(run, split, severities=(0,))
 
 
+def test_robustness_takes_the_clean_row_from_earlier_predictions():
+    labels = torch.arange(30) % 3
+    split = Split(gray_images(30, channels=1, size=16), labels)
+    run = ConstantRun()
+    known = torch.zeros(30, dtype=torch.bool)
+    known[:6] = True  # (the first 6 happen to be right, whatever the constant model says now)
+    table = robustness(run, split, severities=(1,), max_images=None, clean_correct=known)
+    assert run.seen == 30 * len(list_corruptions())  # no clean pass
+    assert table.clean_accuracy == pytest.approx(6 / 30)
+    with pytest.raises(ValueError):
+        robustness(run, split, severities=(1,), clean_correct=known[:5])
+
+
+class BrightnessRun:
+    """Predicts one of 3 classes from the mean brightness of each image."""
+
+    def predict_proba(self, images):
+        level = (images.float().mean(dim=(1, 2, 3)) / 86).long().clamp(max=2)
+        return torch.nn.functional.one_hot(level, 3).float()
+
+
+def test_robustness_with_a_deadline_grows_the_subset_in_rounds():
+    shift = torch.linspace(-100, 100, 350).round().int()[:, None, None, None]  # dark to bright
+    images = (gray_images(350, channels=1, size=8).int() + shift).clamp(0, 255).to(torch.uint8)
+    split = Split(images, torch.arange(350) % 3)
+    steady = ["gaussian_blur", "brightness", "contrast", "jpeg"]  # no noise: results depend on the images only
+    run = BrightnessRun()
+    whole = robustness(run, split, (1, 3), corruptions=steady, max_images=None)
+    late = robustness(run, split, (1, 3), corruptions=steady, max_images=None, deadline=time.perf_counter() + 1e6)
+    assert late.num_images == whole.num_images == 350 and late.as_dict() == whole.as_dict()
+    capped = robustness(run, split, (1, 3), corruptions=steady, max_images=250, deadline=time.perf_counter() + 1e6)
+    assert capped.as_dict() == robustness(run, split, (1, 3), corruptions=steady, max_images=250).as_dict()
+    # a deadline already past: the first round only, a random hundred (not the first images of the split)
+    known = torch.arange(350) < SUBSET_STEP  # pretend only the first hundred were right
+    first = robustness(run, split, (1, 3), corruptions=steady, clean_correct=known, deadline=time.perf_counter())
+    assert first.num_images == SUBSET_STEP and first.total_images == 350
+    order = torch.randperm(350, generator=torch.Generator().manual_seed(0))[:SUBSET_STEP]
+    assert first.clean_accuracy == pytest.approx(float(known[order].float().mean())) and first.clean_accuracy < 0.6
+
+
+def test_plan_subset_fits_the_budget_shrinking_the_grid_for_slow_models():
+    n = len(list_corruptions())
+    # 1 ms per image: 15 passes over 2000 images take 30 s
+    assert plan_subset(60, 1e-3, 10_000, corruptions=n) == ((1, 3, 5), 2000)
+    # 10 ms per image: 61 s hold 406 images, 15 passes each: 400 of them
+    assert plan_subset(61, 1e-2, 10_000, corruptions=n) == ((1, 3, 5), 400)
+    assert plan_subset(59, 1e-2, 10_000, corruptions=n) == ((1, 3, 5), 300)  # rounded down to a hundred
+    # 30 ms per image: fewer than MIN_IMAGES at three severities, so severity 3 alone (5 passes)
+    assert plan_subset(61, 3e-2, 10_000, corruptions=n) == ((3,), 400)
+    assert MIN_IMAGES == 200 and plan_subset(29, 3e-2, 10_000, corruptions=n) is None  # nothing worth showing
+    assert plan_subset(60, 1e-3, 50, corruptions=n) == ((1, 3, 5), 50)  # a small split: all of it
+    assert plan_subset(61, 1e-3, 10_000, corruptions=n, max_images=None) == ((1, 3, 5), 4000)
+    assert plan_subset(1500, 1.0, 10_000, corruptions=n, grids=((2,),)) == ((2,), 300)  # only the grid given
+
+
 # -- literature table -------------------------------------------------------------------------
 
 def test_every_baseline_is_cited_and_accuracy_is_100_minus_error():
@@ -306,20 +372,173 @@ def test_gallery_shows_no_evidence_for_empty_maps_and_degrades_without_explain(r
                                probs=probs)
 
     monkeypatch.setattr(explain, "explain_run", all_empty)
-    data = build_report_data(reported_run, robustness=False, gallery_size=2)
+    run = load_run(reported_run)
+    data = build_report_data(run, robustness=False, gallery_size=2)
     tiles = data.gallery.correct + data.gallery.mistakes
     assert tiles and all(t.empty for t in tiles)
     gradcam = section(render_report(data), "gradcam")
     assert gradcam.count("no evidence") == len(tiles)
 
     monkeypatch.setitem(sys.modules, "cifarlens.explain", None)  # as if it were not installed
-    data = build_report_data(reported_run, robustness=False)
+    data = build_report_data(run, robustness=False)
     assert data.gallery is None and "not available" in section(render_report(data), "gradcam")
 
 
 def test_report_of_a_missing_run_is_a_clean_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--budget", "0"], ["--robustness-images", "-1"]])
+def test_report_rejects_bad_budget_flags_in_one_line(reported_run, flags, capsys):
+    assert main(["report", str(reported_run), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifarlens: error:") and flags[0] in err and len(err.strip().splitlines()) == 1
+
+
+def test_training_writes_a_budgeted_report_logging_each_part(reported_run):
+    log = (reported_run / "train.log").read_text()
+    for part in ("test data", "test predictions", "metrics and figures", "Grad-CAM gallery", "robustness"):
+        assert re.search(rf"^report: {part}: \d+\.\d s", log, re.MULTILINE), part
+    # train's evaluation is reused, not repeated; the budget is the 60 s floor for a run this short
+    assert "read from metrics.json and predictions.csv" in log
+    assert re.search(r"^report: written to .*report\.html in \d+\.\d s \(budget 60 s\)$", log, re.MULTILINE)
+
+
+def test_report_reuses_the_runs_evaluation_only_while_it_is_current(reported_run, tmp_path):
+    from cifarlens.report import build_report_data
+    from cifarlens.report.predictions import compute_predictions
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reported_run, copy)  # (keeps the files' times)
+    run = load_run(copy)
+    data = build_report_data(run, robustness=False, gradcam=False)
+    assert "the run's own evaluation" in data.metrics_source
+    fresh = compute_predictions(run, run.data().test)
+    assert data.metrics["confusion_matrix"] == fresh.metrics["confusion_matrix"]
+    assert data.metrics["accuracy"] == fresh.metrics["accuracy"]
+    assert data.calibration.ece == pytest.approx(  # (predictions.csv keeps 6 decimals of confidence)
+        reliability_bins_from_confidence(fresh.confidence, fresh.correct).ece, abs=1e-5)
+    rows = (copy / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(fresh.labels)
+
+    # weights newer than the evaluation (e.g. a resumed run): recomputed
+    later = (copy / "metrics.json").stat().st_mtime + 10
+    os.utime(copy / "model.safetensors", (later, later))
+    data = build_report_data(run, robustness=False, gradcam=False)
+    assert data.metrics_source.startswith("computed in this report")
+    assert data.metrics["confusion_matrix"] == fresh.metrics["confusion_matrix"]
+
+    # predictions of other images (one label changed): recomputed
+    shutil.copytree(reported_run, tmp_path / "other")
+    path = tmp_path / "other" / "predictions.csv"
+    lines = path.read_text().splitlines()
+    index, label, prediction, confidence = lines[1].split(",")
+    other = next(c for c in load_run(reported_run).classes if c != label)
+    lines[1] = ",".join([index, other, prediction, confidence])
+    stat = path.stat()
+    path.write_text("\n".join(lines) + "\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    data = build_report_data(load_run(tmp_path / "other"), robustness=False, gradcam=False)
+    assert data.metrics_source.startswith("computed in this report")
+
+
+class FakeClock:
+    """Stands in for the ``time`` module of cifarlens.report.robustness: the runs below advance it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def slowed(run, clock: FakeClock, seconds_per_image: float):
+    """``run`` whose predictions cost ``seconds_per_image`` each on ``clock``."""
+    predict = run.predict_proba
+
+    def predict_proba(images):
+        clock.now += seconds_per_image * len(images)
+        return predict(images)
+
+    run.predict_proba = predict_proba
+    return run
+
+
+@pytest.mark.parametrize("per_image, seconds, severities, images", [
+    (0.01, 60, [1, 3, 5], 350),  # 15 s a round of 100: every image
+    (0.01, 35, [1, 3, 5], 200),  # after 2 rounds (30 s) a third would end at 45 s
+    (0.03, 35, [3], 200),  # 45 s a full round: severity 3 alone, 15 s a round
+    (0.10, 35, None, 0),  # 50 s a round even of severity 3 alone: nothing worth starting
+])
+def test_robustness_within_a_budget_chooses_the_grid_and_stops_in_time(monkeypatch, per_image, seconds,
+                                                                       severities, images):
+    import cifarlens.report.robustness as R
+
+    clock = FakeClock()
+    monkeypatch.setattr(R, "time", clock)
+    shift = torch.linspace(-100, 100, 350).round().int()[:, None, None, None]
+    split = Split((gray_images(350, channels=1, size=8).int() + shift).clamp(0, 255).to(torch.uint8),
+                  torch.arange(350) % 3)
+    table, measured = R.robustness_within(slowed(BrightnessRun(), clock, per_image), split, seconds,
+                                          clean_correct=torch.ones(350, dtype=torch.bool))
+    assert measured == pytest.approx(per_image)
+    if severities is None:
+        assert table is None and clock.now == pytest.approx(100 * per_image)  # the one measured cell
+        return
+    assert table.severities == severities and table.num_images == images
+    assert clock.now <= seconds and len(table.rows) == len(list_corruptions()) * len(severities)
+    # the cells are those robustness() gives on the same images
+    steady = robustness(BrightnessRun(), split, severities, max_images=images, clean_correct=torch.ones(350) > 0)
+    noisy = [r for r in table.rows if r["corruption"] == "gaussian_noise"]
+    assert [r for r in table.rows if r not in noisy] == [r for r in steady.rows if r["corruption"] != "gaussian_noise"]
+
+
+def test_a_budget_sizes_or_skips_robustness_in_the_report(reported_run, monkeypatch):
+    """At a (pretended) 0.1 s per image, the 50 test images need 75 s for the full grid and 25 s
+    for severity 3 alone."""
+    import cifarlens.report.robustness as R
+    from cifarlens.report import RESERVE_S, build_report_data
+
+    def report(budget):
+        clock = FakeClock()
+        monkeypatch.setattr(R, "time", clock)
+        return build_report_data(slowed(load_run(reported_run), clock, 0.1), gradcam=False, budget_s=budget)
+
+    small = report(RESERVE_S + 60)  # 25 s <= what is left < 75 s
+    assert small.robustness.severities == [3] and small.robustness.num_images == 50
+    assert "time budget" in small.robustness_note and f"cifarlens report {reported_run}" in small.robustness_note
+    assert small.robustness_note in html.unescape(section(render(small), "robustness"))
+    skipped = report(RESERVE_S + 10)
+    assert skipped.robustness is None and "does not fit" in skipped.robustness_note and "100.0 ms" in skipped.robustness_note
+    assert "does not fit" in html.unescape(section(render(skipped), "robustness"))
+    ample = report(RESERVE_S + 200)
+    assert ample.robustness.severities == [1, 3, 5] and ample.robustness_note == ""
+
+
+def render(data) -> str:
+    from cifarlens.report.html import render_report
+
+    return render_report(data)
+
+
+def test_the_report_takes_a_loaded_run_and_never_imports_the_api():
+    """Layers import downward: the report (below the API) gets a loaded run from its caller."""
+    import ast
+
+    from cifarlens.report import write_report
+
+    package = Path(__file__).resolve().parents[1] / "src" / "cifarlens" / "report"
+    for module in package.glob("*.py"):
+        if module.name == "cli.py":  # the command line sits above the API
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "cifarlens.api" or n.startswith(("cifarlens.api.", "cifarlens.cli")) for n in names), \
+                f"{module.name} imports {names}"
+    with pytest.raises(TypeError, match="load_run"):
+        write_report("runs/some-run")
 
 
 def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_path, capsys):
@@ -332,10 +551,10 @@ def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_p
     capsys.readouterr()
     assert main(["compare", str(reported_run), str(other)]) == 0
     out = capsys.readouterr().out
-    assert "run-lr" in out and "fashion-mnist" in out and "lensnet_light" in out and "2/2" in out
-    row = next(line for line in out.splitlines() if line.startswith("run ") and "fashion-mnist" in line)
+    assert "run-lr" in out and "Fashion-MNIST" in out and "lensnet_light" in out and "2/2" in out
+    row = next(line for line in out.splitlines() if line.startswith("run ") and "Fashion-MNIST" in line)
     assert re.search(r"\d+\.\d\d%", row)  # test accuracy and ECE
-    assert re.search(r"train\.lr\s+0\.8\s+0\.05", out)  # the default (fast_cpu) recipe has lr 0.8
+    assert re.search(r"train\.lr\s+0\.1\s+0\.05", out)  # lensnet_light's default recipe (modern) has lr 0.1
     assert "identical" not in out
     assert "config: identical in all runs" in compare_runs([reported_run, reported_run])
 

@@ -1,22 +1,29 @@
 """The per-run report: one self-contained ``report.html`` in the run folder.
 
-``write_report(run_dir)`` reloads the run's best weights, recomputes the test-split
-predictions with the run's own normalisation, and assembles: config and environment,
-training curves, test metrics, the per-class table, the confusion matrix and the
-most-confused pairs, calibration (ECE and a reliability diagram), a Grad-CAM gallery of
-correct and mistaken predictions, accuracy under common corruptions, and the published
-results table (:mod:`cifarlens.report.baselines`) with this run placed in it.
+``write_report(run)`` takes a loaded run (:func:`cifarlens.api.load_run`; the report sits below
+the API and never loads one itself) and assembles: config and environment, training curves,
+test metrics, the per-class table, the confusion matrix and the most-confused pairs,
+calibration (ECE and a reliability diagram), a Grad-CAM gallery of correct and mistaken
+predictions, accuracy under common corruptions, and the published results table
+(:mod:`cifarlens.report.baselines`) with this run placed in it.
 
-Cost on top of one test-set pass: robustness runs 1 + 5 corruptions x 3 severities
-passes over at most ``max_robustness_images`` (2000) seeded test images; the gallery
-explains ``gallery_size`` x 2 images. On a tiny synthetic run it takes a few seconds.
+Cost. The test-split numbers come from the run's own evaluation (metrics.json,
+predictions.csv) when it describes these weights and images, else from one pass over the
+test split (:mod:`cifarlens.report.predictions`). The gallery explains ``gallery_size`` x 2
+images (one forward and backward). Robustness dominates: one pass over its subset per
+corruption and severity (15 by default). Without a budget (``cifarlens report RUN``) the
+subset is ``max_robustness_images`` (2000); with ``budget_s`` (what ``train`` does: 10 % of
+the training time, at least a minute, :func:`default_budget`) it is sized from the measured
+speed of the model to what is left of the budget (:func:`cifarlens.report.robustness.plan_subset`).
+Each part logs a line with its time as it finishes.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,10 +31,39 @@ from torch import Tensor
 
 from cifarlens.errors import CifarlensError
 
-__all__ = ["REPORT_FILE", "build_report_data", "pick_examples", "write_report"]
+__all__ = ["REPORT_FILE", "build_report_data", "default_budget", "pick_examples", "write_report"]
 
 REPORT_FILE = "report.html"
-EVAL_BATCH_SIZE = 512
+# The report written after training costs at most about this fraction of the training time,
+# or MIN_BUDGET_S seconds, whichever is larger.
+BUDGET_FRACTION, MIN_BUDGET_S = 0.1, 60.0
+RESERVE_S = 3.0  # kept back from robustness for its plot and the page
+
+
+def default_budget(train_seconds: float | None) -> float:
+    """Seconds the report after a training of ``train_seconds`` may take (see BUDGET_FRACTION)."""
+    return max(MIN_BUDGET_S, BUDGET_FRACTION * (train_seconds or 0.0))
+
+
+class _Clock:
+    """Times the parts of a report and logs one line per part as it finishes."""
+
+    def __init__(self, log: Callable[[str], None] | None):
+        self.log = log or (lambda line: None)
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[list[str]]:
+        """Time the block; what it appends to the yielded list is logged beside the time."""
+        notes: list[str] = []
+        t0 = time.perf_counter()
+        yield notes
+        self.times[name] = time.perf_counter() - t0
+        self.log(f"report: {name}: {self.times[name]:.1f} s" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def pick_examples(candidates: Tensor, confidence: Tensor, labels: Tensor, k: int) -> list[int]:
@@ -42,8 +78,9 @@ def pick_examples(candidates: Tensor, confidence: Tensor, labels: Tensor, k: int
     return (first + rest)[:k]
 
 
-def _gallery(run, test, probs: Tensor, labels: Tensor, k: int):
-    """(Gallery | None, note). Degrades to a note when cifarlens.explain is not installed."""
+def _gallery(run, test, preds, k: int):
+    """(Gallery | None, note) for ``preds`` (a TestPredictions of ``test``). Degrades to a note
+    when cifarlens.explain is not installed."""
     from cifarlens.report.figures import image_png, side_by_side, to_rgb
     from cifarlens.report.html import Gallery, GalleryItem
 
@@ -53,8 +90,7 @@ def _gallery(run, test, probs: Tensor, labels: Tensor, k: int):
         if err.name != "cifarlens.explain":  # a dependency of explain is missing: a real error
             raise
         return None, (f"Grad-CAM is not available in this installation ({err}), so no gallery was drawn.")
-    confidence, prediction = probs.max(dim=1)
-    correct = prediction == labels
+    confidence, labels, correct = preds.confidence, preds.labels, preds.correct
     groups = {"correct": pick_examples(correct, confidence, labels, k),
               "mistakes": pick_examples(~correct, confidence, labels, k)}
     chosen = groups["correct"] + groups["mistakes"]
@@ -104,107 +140,165 @@ def _curves_png(rd, meta: dict) -> bytes | None:
     return file_png(plot_training_curves, history) if history else None
 
 
+def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_images: int | None,
+                severities: Sequence[int] | None, notes: list[str]):
+    """(RobustnessTable | None, note for the page). With ``budget_s``, what the report has left of
+    it goes to :func:`cifarlens.report.robustness.robustness_within`: the full grid, severity 3
+    alone for slow models, or nothing, on a subset grown until the time is spent."""
+    from cifarlens.report.robustness import BUDGET_GRIDS, DEFAULT_MAX_IMAGES, DEFAULT_SEVERITIES
+    from cifarlens.report.robustness import robustness as robustness_table
+    from cifarlens.report.robustness import robustness_within
+
+    if len(test) == 0:
+        return None, "The test split is empty."
+    max_images = DEFAULT_MAX_IMAGES if max_images is None else (max_images or None)  # 0: every image
+    grid = tuple(severities or DEFAULT_SEVERITIES)
+    if budget_s is None:
+        table = robustness_table(run, test, grid, max_images=max_images, clean_correct=preds.correct)
+        note = ""
+    else:
+        left = budget_s - clock.elapsed() - RESERVE_S
+        table, per_image = robustness_within(run, test, max(left, 0.0), grids=(grid,) if severities else BUDGET_GRIDS,
+                                             max_images=max_images, clean_correct=preds.correct)
+        if table is None:
+            speed = f"{1000 * per_image:.1f} ms per image"
+            notes.append(f"skipped: it does not fit in the {budget_s:.0f} s budget at {speed}")
+            return None, (f"Skipped: it does not fit in this report's time budget ({budget_s:.0f} s) at {speed}. "
+                          f"The full report: cifarlens report {run.path}")
+        full = min(len(test), DEFAULT_MAX_IMAGES)
+        note = ""
+        if table.num_images < full or tuple(table.severities) != DEFAULT_SEVERITIES:
+            note = (f"Sized to this report's time budget ({budget_s:.0f} s). The full grid on {full:,} images: "
+                    f"cifarlens report {run.path}")
+    notes.append(f"{len(table.corruptions())} corruptions x {len(table.severities)} severities on "
+                 f"{table.num_images} of {table.total_images} images")
+    return table, note
+
+
+def _loaded(run):
+    if isinstance(run, (str, Path)):  # the signature before the report stopped loading runs itself
+        raise TypeError(f"the report takes a loaded run: pass cifarlens.api.load_run({str(run)!r}), not a path")
+    return run
+
+
 def build_report_data(
-    run_dir: str | Path,
+    run,
     *,
     data_dir: str | None = None,
-    device: str = "cpu",
     robustness: bool = True,
     gradcam: bool = True,
     bundle=None,
     max_robustness_images: int | None = None,
     severities: Sequence[int] | None = None,
     gallery_size: int = 8,
+    budget_s: float | None = None,
+    log: Callable[[str], None] | None = None,
 ):
     """Everything the page shows, computed; see :func:`write_report`."""
     from cifarlens import metrics as M
-    from cifarlens.api import load_run
     from cifarlens.config import to_dict
-    from cifarlens.data.pipeline import make_loader
-    from cifarlens.engine import Precision, predict_logits
     from cifarlens.report import figures as F
-    from cifarlens.report.calibration import reliability_bins
+    from cifarlens.report.calibration import reliability_bins_from_confidence
     from cifarlens.report.html import Budget, ReportData
-    from cifarlens.report.robustness import DEFAULT_MAX_IMAGES, DEFAULT_SEVERITIES
-    from cifarlens.report.robustness import robustness as robustness_table
+    from cifarlens.report.predictions import compute_predictions, saved_predictions
     from cifarlens.runs import RunDir
 
-    rd = RunDir(run_dir)
+    clock = _Clock(log)
+    run = _loaded(run)
+    rd = RunDir(run.path)
     rd.require_run()
     saved_cfg = rd.config()
-    run = load_run(rd.path, device=device)
-    bundle = run.data(data_dir, bundle)
-    test = bundle.test
+    with clock.part("test data") as notes:
+        notes.append("already in memory" if bundle is not None else "read from disk")
+        test = run.data(data_dir, bundle).test
+    with clock.part("test predictions") as notes:
+        preds = saved_predictions(rd, test.labels, run.classes)
+        if preds is None:
+            preds = compute_predictions(run, test)
+            notes.append(f"{len(test)} images predicted")
+        else:
+            notes.append("read from metrics.json and predictions.csv")
     classes = run.classes
-    # Normalise with the run's own statistics (for imagefolder they came from its training data).
-    loader = make_loader(test, run.info, EVAL_BATCH_SIZE, run.device)
-    logits, labels = predict_logits(run.model, loader, Precision(run.device), run.tta)
-    metrics = M.summarize(logits, labels, classes)
-    probs = logits.softmax(dim=1)  # (N, K)
-    bins = reliability_bins(probs, labels)
-    cm = torch.tensor(metrics["confusion_matrix"])
-
-    meta = rd.meta()
-    env_path = rd / "environment.json"
-    environment = json.loads(env_path.read_text()) if env_path.is_file() else {}
-    data = ReportData(
-        run_name=rd.path.name,
-        run_path=str(rd.path),
-        generated=time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        dataset=saved_cfg.data.dataset,
-        model=saved_cfg.model.name,
-        params=(meta.get("model") or {}).get("params"),
-        config=to_dict(saved_cfg),  # as the run saved it, not with the --data-dir override
-        environment=environment,
-        meta=meta,
-        budget=Budget(epochs_done=meta.get("epochs_done"), epochs_planned=saved_cfg.train.epochs,
-                      train_seconds=meta.get("train_seconds"), device=str(environment.get("device", "?")),
-                      device_name=str(environment.get("device_name") or ""), status=str(meta.get("status", "")),
-                      best_epoch=meta.get("best_epoch")),
-        metrics=metrics,
-        calibration=bins,
-        reliability_png=F.reliability_diagram(bins),
-        confusion_png=_confusion_png(rd, metrics, cm, classes),
-        confused_pairs=M.most_confused_pairs(cm, classes, k=10),
-        curves_png=_curves_png(rd, meta),
-    )
+    with clock.part("metrics and figures"):
+        metrics = preds.metrics
+        bins = reliability_bins_from_confidence(preds.confidence, preds.correct)
+        cm = torch.tensor(metrics["confusion_matrix"])
+        meta = rd.meta()
+        env_path = rd / "environment.json"
+        environment = json.loads(env_path.read_text()) if env_path.is_file() else {}
+        data = ReportData(
+            run_name=rd.path.name,
+            run_path=str(rd.path),
+            generated=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            dataset=saved_cfg.data.dataset,
+            model=saved_cfg.model.name,
+            params=(meta.get("model") or {}).get("params"),
+            config=to_dict(saved_cfg),  # as the run saved it, not with the --data-dir override
+            environment=environment,
+            meta=meta,
+            budget=Budget(epochs_done=meta.get("epochs_done"), epochs_planned=saved_cfg.train.epochs,
+                          train_seconds=meta.get("train_seconds"), device=str(environment.get("device", "?")),
+                          device_name=str(environment.get("device_name") or ""), status=str(meta.get("status", "")),
+                          best_epoch=meta.get("best_epoch")),
+            metrics=metrics,
+            metrics_source=preds.source,
+            calibration=bins,
+            reliability_png=F.reliability_diagram(bins),
+            confusion_png=_confusion_png(rd, metrics, cm, classes),
+            confused_pairs=M.most_confused_pairs(cm, classes, k=10),
+            curves_png=_curves_png(rd, meta),
+        )
     if gradcam:
-        data.gallery, data.gallery_note = _gallery(run, test, probs, labels, gallery_size)
+        with clock.part("Grad-CAM gallery") as notes:
+            data.gallery, data.gallery_note = _gallery(run, test, preds, gallery_size)
+            notes.append(f"{gallery_size} correct + {gallery_size} mistakes at most")
     else:
         data.gallery_note = "Skipped (--no-gradcam)."
     if robustness:
-        table = robustness_table(run, test, severities or DEFAULT_SEVERITIES,
-                                 max_images=max_robustness_images or DEFAULT_MAX_IMAGES)
-        data.robustness, data.robustness_png = table, F.robustness_plot(table)
+        with clock.part("robustness") as notes:
+            table, data.robustness_note = _robustness(run, test, preds, clock, budget_s=budget_s, notes=notes,
+                                                      max_images=max_robustness_images, severities=severities)
+            if table is not None:
+                data.robustness, data.robustness_png = table, F.robustness_plot(table)
     else:
         data.robustness_note = "Skipped (--no-robustness)."
+    data.timings = dict(clock.times)
     return data
 
 
 def write_report(
-    run_dir: str | Path,
+    run,
     *,
     data_dir: str | None = None,
-    device: str = "cpu",
     robustness: bool = True,
     gradcam: bool = True,
     bundle=None,
     max_robustness_images: int | None = None,
     severities: Sequence[int] | None = None,
     gallery_size: int = 8,
+    budget_s: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write ``RUN_DIR/report.html`` (self-contained) and return its path.
+    """Write ``report.html`` (self-contained) into the folder of ``run`` and return its path.
 
-    ``bundle`` (a :class:`cifarlens.data.pipeline.DataBundle`) skips re-reading the dataset
-    when the caller has it (``train`` does). ``max_robustness_images`` caps the robustness
-    subset (default 2000); ``severities`` defaults to (1, 3, 5) of 1..5.
+    ``run`` is a loaded run (:func:`cifarlens.api.load_run`). ``bundle`` (a
+    :class:`cifarlens.data.pipeline.DataBundle`) skips re-reading the dataset when the caller
+    has it (``train`` does). ``max_robustness_images`` caps the robustness subset (default
+    2000, 0 for all); ``severities`` defaults to (1, 3, 5) of 1..5. ``budget_s``: keep the
+    report within about that many seconds by shrinking the robustness subset (None: no limit).
+    ``log`` receives a line per part with its time.
     """
     from cifarlens.io import atomic_write_text
     from cifarlens.report.html import render_report
 
-    data = build_report_data(run_dir, data_dir=data_dir, device=device, robustness=robustness, gradcam=gradcam,
-                             bundle=bundle, max_robustness_images=max_robustness_images, severities=severities,
-                             gallery_size=gallery_size)
-    path = Path(run_dir) / REPORT_FILE
+    start = time.perf_counter()
+    run = _loaded(run)
+    data = build_report_data(run, data_dir=data_dir, robustness=robustness, gradcam=gradcam, bundle=bundle,
+                             max_robustness_images=max_robustness_images, severities=severities,
+                             gallery_size=gallery_size, budget_s=budget_s, log=log)
+    path = Path(run.path) / REPORT_FILE
     atomic_write_text(path, render_report(data))
+    if log is not None:
+        limit = f" (budget {budget_s:.0f} s)" if budget_s is not None else ""
+        log(f"report: written to {path} in {time.perf_counter() - start:.1f} s{limit}")
     return path

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 
 def cmd_report(args) -> int:
+    from cifarlens.api import load_run
+    from cifarlens.errors import CifarlensError
     from cifarlens.report import write_report
 
-    path = write_report(args.run_dir, data_dir=args.data_dir, device=args.device,
-                        robustness=not args.no_robustness, gradcam=not args.no_gradcam)
+    if args.budget is not None and args.budget <= 0:
+        raise CifarlensError(f"--budget must be a number of seconds > 0, got {args.budget:g}")
+    if args.robustness_images is not None and args.robustness_images < 0:
+        raise CifarlensError(f"--robustness-images must be >= 0 (0: every test image), got {args.robustness_images}")
+    path = write_report(load_run(args.run_dir, device=args.device), data_dir=args.data_dir,
+                        robustness=not args.no_robustness, gradcam=not args.no_gradcam,
+                        max_robustness_images=args.robustness_images, budget_s=args.budget,
+                        log=lambda line: print(line, flush=True))
     print(f"report written to {path}")
     return 0
 
@@ -38,6 +46,11 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-robustness", action="store_true", help="skip accuracy under corruptions")
     p.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM gallery")
+    p.add_argument("--robustness-images", type=int, metavar="N",
+                   help="robustness on a seeded subset of at most N test images (default 2000; 0: all)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="keep the report within about SECONDS by shrinking the robustness subset, as the "
+                        "report written after training does (default: no limit, the full report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("baselines", help="published test accuracies (with citations) for the built-in datasets")

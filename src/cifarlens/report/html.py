@@ -89,7 +89,9 @@ class ReportData:
     gallery_note: str = ""
     robustness: RobustnessTable | None = None
     robustness_png: bytes | None = None
-    robustness_note: str = ""
+    robustness_note: str = ""  # why it is missing, or how its subset was chosen
+    metrics_source: str = "computed in this report from the run's best weights"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the report
 
     @property
     def dataset_label(self) -> str:
@@ -227,8 +229,8 @@ def _metrics(d: ReportData) -> str:
         ["test images", f"{m['num_samples']:,}"],
     ]
     return (table(["metric", "value"], rows, numeric=(1,), css="kv")
-            + note("Computed in this report from the run's best weights (model.safetensors) on the test split, "
-                   "with the run's own normalisation."))
+            + note(f"The run's best weights (model.safetensors) on the test split, with the run's own "
+                   f"normalisation; {d.metrics_source}."))
 
 
 def _per_class(d: ReportData) -> str:
@@ -297,6 +299,7 @@ def _robustness(d: ReportData) -> str:
             "their strengths follow the spirit of CIFAR-10-C (Hendrycks &amp; Dietterich 2019) but the "
             "implementation is cifarlens' own, so these numbers are not comparable with published "
             "CIFAR-10-C results.</p>"
+            + (note(d.robustness_note) if d.robustness_note else "")
             + (img(d.robustness_png, "accuracy against corruption severity") if d.robustness_png else "")
             + table(header, rows, numeric=tuple(range(2, len(header)))))
 

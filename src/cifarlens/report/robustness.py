@@ -11,12 +11,19 @@ The parameter tables follow the spirit of CIFAR-10-C (Hendrycks & Dietterich 201
 ICLR) for 32x32 images, but the implementations are our own simplifications
 (brightness is an additive shift of all channels, not of HSV value), so the numbers
 are *not* comparable with published CIFAR-10-C results.
+
+Cost: one pass over the subset per corruption and severity (15 by default), with the run's
+flip TTA two forwards per image. The clean row can come from predictions already made
+(``clean_correct``). Under a time budget, :func:`plan_subset` chooses from a quick measure of
+the model's speed whether the full grid, severity 3 alone (slow models) or nothing is worth
+starting, and :func:`robustness` grows the subset in rounds until its deadline.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,12 +37,16 @@ from cifarlens.registry import Registry
 
 __all__ = [
     "CORRUPTIONS", "Corruption", "RobustnessTable", "brightness", "contrast", "corrupt", "gaussian_blur",
-    "gaussian_noise", "jpeg", "list_corruptions", "robustness",
+    "gaussian_noise", "jpeg", "list_corruptions", "plan_subset", "robustness", "robustness_within",
 ]
 
 MAX_SEVERITY = 5
 DEFAULT_SEVERITIES = (1, 3, 5)
 DEFAULT_MAX_IMAGES = 2000  # robustness runs on a seeded subset this large (15 passes over it by default)
+# Under a time budget: grids tried in order, the smallest subset worth showing (the standard error
+# of an accuracy near 70 % is ~3 points at 200 images), and the rounds the subset grows by.
+BUDGET_GRIDS = (DEFAULT_SEVERITIES, (3,))
+MIN_IMAGES, SUBSET_STEP = 200, 100
 
 
 # -- the corruptions, as functions of their physical parameter ------------------------------
@@ -195,6 +206,99 @@ def subset_indices(n: int, max_images: int | None, seed: int) -> Tensor:
     return perm[:max_images].sort().values
 
 
+def plan_subset(budget_s: float, per_image_s: float, available: int, *, corruptions: int,
+                max_images: int | None = DEFAULT_MAX_IMAGES,
+                grids: Sequence[Sequence[int]] = BUDGET_GRIDS) -> tuple[tuple[int, ...], int] | None:
+    """(severities, number of images) of the first grid in ``grids`` whose passes over at least
+    ``MIN_IMAGES`` images (or all ``available`` ones, if fewer) fit in ``budget_s`` seconds at
+    ``per_image_s`` seconds per image and pass; None when none fits. (No safety margin: the
+    deadline of :func:`robustness` keeps the budget; this only chooses what is worth starting.)"""
+    cap = available if max_images is None else min(available, max_images)
+    for severities in grids:
+        passes = corruptions * len(severities)
+        fits = int(budget_s / (passes * per_image_s)) if per_image_s > 0 else cap
+        n = cap if fits >= cap else fits // SUBSET_STEP * SUBSET_STEP
+        if n >= min(MIN_IMAGES, cap) and n > 0:
+            return tuple(severities), n
+    return None
+
+
+def _rounds(n: int, max_images: int | None, seed: int) -> list[Tensor]:
+    """The subset of :func:`subset_indices` as rounds of SUBSET_STEP images, each sorted: prefixes of
+    one seeded permutation, so a subset cut short is still a random sample of the split."""
+    cap = n if max_images is None else min(n, max_images)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:cap]
+    return [order[i : i + SUBSET_STEP].sort().values for i in range(0, cap, SUBSET_STEP)]
+
+
+class _Grid:
+    """Correct predictions per (corruption, severity) cell, accumulated over rounds of images.
+
+    One noise generator per cell, carried across rounds, so the noise an image gets depends on
+    the images before it, never on timing. The cell (None, 0) is the clean images.
+    """
+
+    def __init__(self, run, split, seed: int, batch_size: int):
+        self.run, self.split, self.seed, self.batch_size = run, split, seed, batch_size
+        self.correct: dict[tuple[str | None, int], int] = {}
+        self.generators: dict[tuple[str, int], torch.Generator] = {}
+        self.done: list[Tensor] = []  # the rounds every cell has seen
+
+    def add(self, cell: tuple[str | None, int], index: Tensor) -> None:
+        name, severity = cell
+        images, labels = self.split.images[index], self.split.labels[index]
+        if name is not None and cell not in self.generators:
+            self.generators[cell] = _generator(name, severity, self.seed)
+        hits = 0
+        for b in range(0, len(labels), self.batch_size):
+            batch = images[b : b + self.batch_size]
+            if name is not None:
+                batch = corrupt(batch, name, severity, generator=self.generators[cell])
+            hits += int((self.run.predict_proba(batch).argmax(dim=1) == labels[b : b + self.batch_size]).sum())
+        self.correct[cell] = self.correct.get(cell, 0) + hits
+
+    def run_rounds(self, rounds: list[Tensor], cells: list, deadline: float | None, skip=frozenset()) -> None:
+        """Every cell on every round (but the cells in ``skip`` on the first, already done), stopping
+        before a round that would end after ``deadline``; the first round always runs."""
+        start = time.perf_counter()
+        for r, index in enumerate(rounds):
+            for cell in cells:
+                if not (r == 0 and cell in skip):
+                    self.add(cell, index)
+            self.done.append(index)
+            if deadline is not None:
+                per_round = (time.perf_counter() - start) / len(self.done)
+                if time.perf_counter() + per_round > deadline:
+                    break
+
+    def table(self, severities: Sequence[int], names: list[str], clean_correct: Tensor | None) -> RobustnessTable:
+        used = torch.cat(self.done) if self.done else torch.zeros(0, dtype=torch.int64)
+        n = max(len(used), 1)
+        rows = [{"corruption": name, "severity": int(s), "parameter": CORRUPTIONS.get(name).parameter(s),
+                 "unit": CORRUPTIONS.get(name).unit, "accuracy": self.correct[(name, int(s))] / n}
+                for name in names for s in severities]
+        if clean_correct is not None:
+            clean = float(clean_correct[used].float().mean()) if len(used) else 0.0
+        else:
+            clean = self.correct.get((None, 0), 0) / n
+        return RobustnessTable(clean_accuracy=clean, num_images=len(used), total_images=len(self.split),
+                               severities=[int(s) for s in severities], rows=rows, seed=self.seed)
+
+
+def _check(split, names: list[str], grids, clean_correct: Tensor | None) -> None:
+    for name in names:
+        CORRUPTIONS.get(name)  # unknown names fail before any work
+    for s in (s for grid in grids for s in grid):
+        if not 1 <= s <= MAX_SEVERITY:
+            raise ValueError(f"severities must lie in 1..{MAX_SEVERITY}, got {s}")
+    if clean_correct is not None and clean_correct.shape != (len(split),):
+        raise ValueError(f"clean_correct must be ({len(split)},), got {tuple(clean_correct.shape)}")
+
+
+def _cells(names: list[str], severities: Sequence[int], clean: bool) -> list[tuple[str | None, int]]:
+    return [(name, int(s)) for name in names for s in severities] + ([(None, 0)] if clean else [])
+
+
 def robustness(
     run,
     split,
@@ -204,38 +308,66 @@ def robustness(
     max_images: int | None = DEFAULT_MAX_IMAGES,
     seed: int = 0,
     batch_size: int = 256,
+    clean_correct: Tensor | None = None,
+    deadline: float | None = None,
 ) -> RobustnessTable:
     """Accuracy of ``run`` (a :class:`cifarlens.api.Run`) on ``split`` (uint8 images and labels)
     under each corruption at each severity.
 
     At most ``max_images`` images are used (a seeded random subset) to keep the report fast.
-    Corruptions run on the CPU (JPEG needs PIL); the model runs on the run's device.
+    ``clean_correct`` (N,) bool, whether each image of ``split`` is already predicted right
+    (the test evaluation), spares the clean pass. With ``deadline`` (a ``time.perf_counter()``
+    value), the subset grows in rounds of ``SUBSET_STEP`` images and stops before a round that
+    would end after the deadline. Corruptions run on the CPU (JPEG needs PIL); the model runs
+    on the run's device.
     """
     names = list(corruptions) if corruptions is not None else list_corruptions()
-    for name in names:
-        CORRUPTIONS.get(name)  # unknown names fail before any work
-    for s in severities:
-        if not 1 <= s <= MAX_SEVERITY:
-            raise ValueError(f"severities must lie in 1..{MAX_SEVERITY}, got {s}")
-    index = subset_indices(len(split), max_images, seed)
-    images, labels = split.images[index], split.labels[index]
+    _check(split, names, [severities], clean_correct)
+    grid = _Grid(run, split, seed, batch_size)
+    rounds = [subset_indices(len(split), max_images, seed)] if deadline is None else _rounds(len(split), max_images, seed)
+    grid.run_rounds(rounds, _cells(names, severities, clean_correct is None), deadline)
+    return grid.table(severities, names, clean_correct)
 
-    def accuracy(name: str | None, severity: int) -> float:
-        generator = _generator(name, severity, seed) if name is not None else None
-        correct = 0
-        for start in range(0, len(labels), batch_size):
-            batch = images[start : start + batch_size]
-            if name is not None:
-                batch = corrupt(batch, name, severity, generator=generator)
-            pred = run.predict_proba(batch).argmax(dim=1)
-            correct += int((pred == labels[start : start + batch_size]).sum())
-        return correct / max(len(labels), 1)
 
-    rows = []
-    for name in names:
-        c = CORRUPTIONS.get(name)
-        for s in severities:
-            rows.append({"corruption": name, "severity": int(s), "parameter": c.parameter(s), "unit": c.unit,
-                         "accuracy": accuracy(name, s)})
-    return RobustnessTable(clean_accuracy=accuracy(None, 0), num_images=len(labels), total_images=len(split),
-                           severities=[int(s) for s in severities], rows=rows, seed=seed)
+def robustness_within(
+    run,
+    split,
+    seconds: float,
+    *,
+    grids: Sequence[Sequence[int]] = BUDGET_GRIDS,
+    corruptions: Sequence[str] | None = None,
+    max_images: int | None = DEFAULT_MAX_IMAGES,
+    seed: int = 0,
+    batch_size: int = 256,
+    clean_correct: Tensor | None = None,
+) -> tuple[RobustnessTable | None, float]:
+    """:func:`robustness` within about ``seconds``: (table, or None when nothing worth showing
+    fits, and the measured seconds per image and pass).
+
+    The speed is measured on real work: the first cell of the first round (at the severity
+    the grids share, timed on its second half), which counts towards the table. From it :func:`plan_subset` chooses the
+    first of ``grids`` worth starting; the subset then grows in rounds until the time is spent.
+    """
+    deadline = time.perf_counter() + seconds
+    names = list(corruptions) if corruptions is not None else list_corruptions()
+    _check(split, names, grids, clean_correct)
+    rounds = _rounds(len(split), max_images, seed)
+    if not rounds:
+        return None, 0.0
+    shared = set(grids[0]).intersection(*grids[1:])
+    first = (names[0], int(min(shared) if shared else grids[-1][0]))
+    grid = _Grid(run, split, seed, batch_size)
+    # timed on its second half: the first half sets up the kernels (the first call of a shape is slower)
+    half = len(rounds[0]) // 2
+    grid.add(first, rounds[0][:half])
+    start = time.perf_counter()
+    grid.add(first, rounds[0][half:])
+    per_image = (time.perf_counter() - start) / len(rounds[0][half:])
+    plan = plan_subset(seconds, per_image, sum(len(r) for r in rounds), corruptions=len(names),
+                       max_images=None, grids=grids)
+    if plan is None:
+        return None, per_image
+    severities = plan[0]
+    cells = _cells(names, severities, clean_correct is None)
+    grid.run_rounds(rounds, cells, deadline, skip={first} if first in cells else frozenset())
+    return grid.table(severities, names, clean_correct), per_image

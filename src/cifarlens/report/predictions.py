@@ -1,0 +1,97 @@
+"""The test-split predictions a report is built on: the run's own evaluation when it is current,
+else recomputed.
+
+Training ends with an evaluation of the best weights on the test split that writes
+``metrics.json`` (everything :func:`cifarlens.metrics.summarize` gives) and ``predictions.csv``
+(label, prediction and top-1 confidence per image, in split order). Those two files hold all
+the report needs from the test split: metrics, the confusion matrix, calibration (ECE needs
+only confidence and correctness), and which images the gallery shows. Reading them saves a
+full pass over the test split (with flip TTA two passes), the largest cost of the report
+after robustness. They are used only when they describe these very weights and images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["TestPredictions", "compute_predictions", "saved_predictions"]
+
+EVAL_BATCH_SIZE = 512
+
+
+@dataclass
+class TestPredictions:
+    """Per-image outcome on the test split, in split order, and the metrics derived from it."""
+
+    labels: Tensor  # (N,) int64
+    prediction: Tensor  # (N,) int64
+    confidence: Tensor  # (N,) float64, top-1 softmax probability
+    metrics: dict  # cifarlens.metrics.summarize() of the split
+    source: str  # where the numbers come from, for the page
+
+    @property
+    def correct(self) -> Tensor:
+        return self.prediction == self.labels
+
+
+def _weights_file(rd) -> Path | None:
+    """The file load_run reads the weights from (model.safetensors, else checkpoints/last.pt)."""
+    for path in (rd.weights, rd.last_checkpoint):
+        if path.is_file():
+            return path
+    return None
+
+
+def saved_predictions(rd, labels: Tensor, classes) -> TestPredictions | None:
+    """The run's evaluation from ``metrics.json`` and ``predictions.csv``, or None unless both
+    are there, newer than the weights, and about exactly these test ``labels`` (N,) in this order."""
+    metrics_file, predictions_file = rd / "metrics.json", rd / "predictions.csv"
+    weights = _weights_file(rd)
+    if weights is None or not metrics_file.is_file() or not predictions_file.is_file():
+        return None
+    # written after the weights they evaluate: an older file describes other weights (e.g. before a resume)
+    stamp = weights.stat().st_mtime_ns
+    if min(metrics_file.stat().st_mtime_ns, predictions_file.stat().st_mtime_ns) < stamp:
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text())
+        with predictions_file.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        index = {name: i for i, name in enumerate(classes)}
+        true = torch.tensor([index[r["label"]] for r in rows], dtype=torch.int64)
+        pred = torch.tensor([index[r["prediction"]] for r in rows], dtype=torch.int64)
+        conf = torch.tensor([float(r["confidence"]) for r in rows], dtype=torch.float64)
+    except (OSError, ValueError, KeyError, TypeError):  # damaged or foreign files: recompute
+        return None
+    if metrics.get("split", "test") != "test" or true.shape != labels.shape or not torch.equal(true, labels.cpu()):
+        return None
+    # the metrics were computed from these very predictions (not, e.g., from another data folder)
+    k = len(classes)
+    cm = torch.bincount(true * k + pred, minlength=k * k).reshape(k, k)
+    if metrics.get("confusion_matrix") != cm.tolist():
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(metrics_file.stat().st_mtime))
+    return TestPredictions(true, pred, conf, metrics,
+                           f"the run's own evaluation of these weights (metrics.json and predictions.csv, {when})")
+
+
+def compute_predictions(run, split) -> TestPredictions:
+    """Predict ``split`` (uint8 images and labels) with ``run``'s best weights, as ``evaluate`` does:
+    the run's own normalisation and, where it trained with it, flip TTA."""
+    from cifarlens import metrics as M
+    from cifarlens.data.pipeline import make_loader
+    from cifarlens.engine import Precision, predict_logits
+
+    # Normalise with the run's own statistics (for imagefolder they came from its training data).
+    loader = make_loader(split, run.info, EVAL_BATCH_SIZE, run.device)
+    logits, labels = predict_logits(run.model, loader, Precision(run.device), run.tta)
+    confidence, prediction = logits.softmax(dim=1).max(dim=1)  # (N,), (N,)
+    return TestPredictions(labels, prediction, confidence.double(), M.summarize(logits, labels, run.classes),
+                           "computed in this report from the run's best weights")
