@@ -37,8 +37,13 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """One SQLite MLflow store for the tests that name it (creating its tables takes seconds)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # creates the tables
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        # MLflow keeps this store for the process, with its artifact root ./mlruns taken from the
+        # working directory now: there, not in the directory pytest runs in
+        patch.chdir(root)
+        MlflowClient(uri).search_experiments()  # creates the tables
     return uri
 
 
