@@ -1,24 +1,20 @@
-"""The search: storages, studies, the per-trial objective and what a study writes.
+"""Running a study: :class:`Tuner` claims trials, trains each one and records it; :func:`run_tune`.
 
-A study lives in an Optuna storage: a SQLite file (the default, ``OUT/study.db``), an
-Optuna journal file (``journal:PATH``) or a PostgreSQL/MySQL URL that workers on many
-machines share. Each worker process runs :meth:`Tuner.work`: it claims a trial only while
-the study's finished (complete + pruned) plus running trials are fewer than ``trials``,
-under a file lock beside a local storage, so several local workers finish one study of
-exactly ``trials`` trials between them. The search space and the base config are saved in
-the study when it is created; a worker with a different one is refused.
+Each worker process runs :meth:`Tuner.work`: it claims a trial only while the study's
+finished (complete + pruned) plus running trials are fewer than ``trials``, under the file
+lock beside a local storage (:mod:`cifarlens.tune.study`), so several local workers finish
+one study of exactly ``trials`` trials between them.
 
 Every trial is the base config overlaid with the sampled values, trained by
 :func:`cifarlens.api.train` into ``OUT/trials/NNNN`` with ``evaluate_test=False`` on data
 whose test split is dropped. Its value is the validation accuracy of the kept (best
-validation loss) epoch; each epoch's validation accuracy goes to the pruner.
+validation loss) epoch; each epoch's validation accuracy goes to the pruner. What a study
+writes at the end comes from :mod:`cifarlens.tune.results`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import fcntl
 import functools
 import json
 import math
@@ -27,7 +23,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -38,243 +34,36 @@ from optuna.trial import TrialState
 
 from cifarlens.config import RunConfig, save_yaml, to_dict
 from cifarlens.errors import CifarlensError
-from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
-from cifarlens.plots import DPI  # (imported before pyplot: it selects Agg)
+from cifarlens.io import atomic_write_json, atomic_write_text
+from cifarlens.tune.results import (  # noqa: F401  (re-exported: they lived here)
+    TRIAL_COLUMNS,
+    best_trial,
+    format_table,
+    format_values,
+    write_plots,
+    write_trials_csv,
+)
 from cifarlens.tune.space import SearchSpace, default_space
+from cifarlens.tune.study import (  # noqa: F401  (re-exported: they lived here)
+    BASE_ATTR,
+    MACHINE_KEYS,
+    PRUNERS,
+    SPACE_ATTR,
+    FileLock,
+    Storage,
+    base_identity,
+    default_study_name,
+    make_pruner,
+    open_storage,
+    open_study,
+    pin_budget,
+)
 
-PRUNERS = ("median", "hyperband", "none")
-SPACE_ATTR, BASE_ATTR = "cifarlens.space", "cifarlens.base_config"
-# Config keys that may differ between workers of one study: where the data sits on each
-# machine, which device and how many loader workers it uses, and whether its CPU trains in bf16;
-# and where it logs (tracking records the trials, never changes them).
-MACHINE_KEYS = ("data.data_dir", "data.download", "data.workers", "train.device", "train.cpu_amp",
-                "track.loggers", "track.tracking_uri", "track.experiment")
 # Changing these needs the data read (and split) again; data.augment does not.
 DATA_KEYS = ("data.dataset", "data.data_dir", "data.download", "data.image_size", "data.val_fraction", "train.seed")
-SQLITE_TIMEOUT_S = 60  # how long a writer waits for another process's SQLite lock
-CONNECT_TIMEOUT_S = 10  # database servers: fail quickly when unreachable
-HEARTBEAT_S, GRACE_S = 30, 120  # a RUNNING trial without a heartbeat for GRACE_S is failed
 MAX_FAILURES_IN_A_ROW = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HOST = socket.gethostname()
-
-
-# ---------------------------------------------------------------------------
-# Storage
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Storage:
-    url: str  # as given to --storage (workers are started with it)
-    display: str  # for messages: the URL with any password hidden
-    optuna: Any  # an optuna.storages.BaseStorage
-    lock_path: Path | None  # a local file lock for claiming trials; None for database servers
-
-    def lock(self) -> FileLock:
-        return FileLock(self.lock_path)
-
-
-class FileLock:
-    """An exclusive ``fcntl`` lock on a file, released explicitly or on exit (no-op without a path)."""
-
-    def __init__(self, path: Path | None):
-        self._file = None
-        if path is not None:
-            self._file = open(path, "a")  # noqa: SIM115  (held until release())
-            fcntl.flock(self._file, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-# driver module -> the pip package that provides it
-DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "pymysql": "PyMySQL",
-                   "MySQLdb": "mysqlclient", "pg8000": "pg8000"}
-
-
-def open_storage(url: str) -> Storage:
-    """Open (creating if needed) the storage at ``url``: ``sqlite:///FILE``, ``journal:FILE`` or
-    a SQLAlchemy database URL (``postgresql://USER:PASS@HOST/DB``, ``mysql+pymysql://...``).
-    Any failure is one :class:`CifarlensError` line, within about ``CONNECT_TIMEOUT_S``."""
-    import sqlalchemy.exc
-    from sqlalchemy.engine import make_url
-
-    if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
-        _require_folder(path, url)
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        try:
-            storage = JournalStorage(JournalFileBackend(str(path)))
-        except (OSError, ValueError) as err:
-            raise CifarlensError(f"cannot open storage {url}: {err}") from None
-        return Storage(url, url, storage, _lock_path(path))
-    try:
-        parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise CifarlensError(f"storage {url!r} is not a URL; use sqlite:///FILE.db, journal:FILE, "
-                             "or postgresql://USER:PASS@HOST/DB for workers on several machines") from None
-    display = parsed.render_as_string(hide_password=True)
-    engine_kwargs: dict[str, Any] = {}
-    lock_path = None
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database in (None, "", ":memory:"):
-            raise CifarlensError(f"storage {display} is an in-memory SQLite database, which other processes "
-                                 "cannot share and which is lost at exit; give a file: sqlite:///FILE.db")
-        path = Path(parsed.database)
-        _require_folder(path, display)
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
-        lock_path = _lock_path(path)
-    else:
-        try:
-            driver = parsed.get_driver_name()  # loads SQLAlchemy's dialect for the URL
-        except sqlalchemy.exc.NoSuchModuleError:
-            raise CifarlensError(f"storage {display}: unknown database type {parsed.drivername!r}; use "
-                                 "sqlite:///FILE.db, journal:FILE, postgresql://... or mysql+pymysql://...") from None
-        engine_kwargs["connect_args"] = _connect_timeout(driver)
-    try:
-        storage = _rdb_storage(url, engine_kwargs, lock_path)
-    except ImportError as err:
-        module = getattr(err.__cause__, "name", None) or str(err)
-        package = DRIVER_PACKAGES.get(module, module)
-        raise CifarlensError(f"storage {display} needs the database driver {module!r}, which is not installed "
-                             f"(pip install {package})") from None
-    except sqlalchemy.exc.SQLAlchemyError as err:
-        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-        raise CifarlensError(f"cannot open storage {display}: {reason}") from None
-    except RuntimeError as err:  # e.g. a table schema from another Optuna version
-        raise CifarlensError(f"cannot use storage {display}: {str(err).splitlines()[0]}") from None
-    return Storage(url, display, storage, lock_path)
-
-
-def _rdb_storage(url: str, engine_kwargs: dict, lock_path: Path | None):
-    from optuna.storages import RDBStorage
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-        # Creating the tables is not safe against a second process doing the same: local
-        # workers take the file lock; on a database server, one retry covers the race.
-        for attempt in range(2):
-            try:
-                with FileLock(lock_path):
-                    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                      grace_period=GRACE_S)
-            except Exception as err:
-                if attempt or lock_path is not None or "already exists" not in str(err):
-                    raise
-                time.sleep(1.0)
-
-
-def _require_folder(path: Path, url: str) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise CifarlensError(f"storage {url}: folder {folder} does not exist; create it or choose another path")
-    if path.is_dir():
-        raise CifarlensError(f"storage {url}: {path} is a folder, not a file")
-
-
-def _lock_path(path: Path) -> Path:
-    # not PATH.lock: Optuna's journal storage uses that name for its own lock
-    return path.with_name(path.name + ".tune-lock")
-
-
-def _connect_timeout(driver: str) -> dict:
-    if driver in ("psycopg2", "psycopg", "pymysql", "mysqldb"):
-        return {"connect_timeout": CONNECT_TIMEOUT_S}
-    if driver == "pg8000":
-        return {"timeout": CONNECT_TIMEOUT_S}
-    return {}
-
-
-# ---------------------------------------------------------------------------
-# Study
-# ---------------------------------------------------------------------------
-
-
-def base_identity(cfg: RunConfig) -> dict:
-    """The base config as flat {dotted key: value}, without the keys that may differ per machine."""
-    flat = {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
-    return json.loads(json.dumps({k: v for k, v in flat.items() if k not in MACHINE_KEYS}))
-
-
-def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunConfig) -> optuna.Study:
-    """Create study ``name`` (maximising validation accuracy) or load it; a study created with
-    another search space or base config is refused."""
-    space_dict = json.loads(json.dumps(space.to_dict()))
-    base = base_identity(base_cfg)
-    with storage.lock():
-        try:
-            study = optuna.create_study(study_name=name, storage=storage.optuna, direction="maximize",
-                                        load_if_exists=True)
-        except Exception as err:  # SQLAlchemy/driver errors surface here for servers that went away
-            import sqlalchemy.exc
-
-            if not isinstance(err, sqlalchemy.exc.SQLAlchemyError):
-                raise
-            raise CifarlensError(f"cannot use storage {storage.display}: {str(err).splitlines()[0]}") from None
-        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-            raise CifarlensError(f"study {name} in {storage.display} minimises; cifarlens studies maximise "
-                                 "validation accuracy; use another --study name")
-        attrs = study.user_attrs
-        if SPACE_ATTR not in attrs:
-            if study.trials:
-                raise CifarlensError(f"study {name} in {storage.display} was not created by cifarlens tune; "
-                                     "use another --study name")
-            study.set_user_attr(SPACE_ATTR, space_dict)
-            study.set_user_attr(BASE_ATTR, base)
-            return study
-    if attrs[SPACE_ATTR] != space_dict:
-        old, new = attrs[SPACE_ATTR], space_dict
-        differs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise CifarlensError(f"study {name} in {storage.display} was created with a different search space "
-                             f"(differs in: {', '.join(differs)}); use another --study name or the same --space")
-    # (a study stored by an older cifarlens may hold machine keys that it did not yet ignore)
-    old = {k: v for k, v in (attrs.get(BASE_ATTR) or {}).items() if k not in MACHINE_KEYS}
-    if old != base:
-        differs = sorted(k for k in set(old) | set(base) if old.get(k) != base.get(k))
-        raise CifarlensError(f"study {name} in {storage.display} was created with a different base config "
-                             f"(differs in: {', '.join(differs)}); use another --study name or the same "
-                             "--config and flags")
-    return study
-
-
-def make_pruner(name: str, *, startup: int, min_epochs: int, epochs: int | None):
-    """``median``: prune a trial whose best validation accuracy so far is below the median of the
-    completed trials at the same epoch, once ``startup`` trials completed and from epoch
-    ``min_epochs`` on; ``hyperband``: successive halving brackets between ``min_epochs`` and
-    ``epochs``; ``none``: every trial runs to the end."""
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=min_epochs)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=epochs or "auto")
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise CifarlensError(f"unknown pruner {name!r}; choose one of: {', '.join(PRUNERS)}")
-
-
-def pin_budget(cfg: RunConfig) -> RunConfig:
-    """Fix ``train.epochs`` from the base recipe, so a sampled recipe cannot change the budget."""
-    from cifarlens.recipes import RECIPES
-
-    if cfg.train.epochs is not None:
-        return cfg
-    return replace(cfg, train=replace(cfg.train, epochs=RECIPES.get(cfg.train.recipe)["epochs"]))
-
-
-# ---------------------------------------------------------------------------
-# The worker
-# ---------------------------------------------------------------------------
 
 
 class Tuner:
@@ -443,7 +232,7 @@ class Tuner:
         run_dir = self.out / "trials" / f"{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir.absolute()))
         trial.set_user_attr("config", json.loads(json.dumps(to_dict(cfg))))
-        self.log(f"trial {trial.number}: {_format_values(values)} -> {run_dir}")
+        self.log(f"trial {trial.number}: {format_values(values)} -> {run_dir}")
         seen: dict[str, Any] = {}
 
         def on_epoch_end(state, model) -> None:
@@ -555,10 +344,6 @@ def run_tune(base_cfg: RunConfig, out_dir: str | Path, *, trials: int, **options
     return tuner.finish()
 
 
-def default_study_name(cfg: RunConfig) -> str:
-    return f"{cfg.data.dataset}-{cfg.model.name}"
-
-
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # this worker runs one trial at a time, and is between trials here
@@ -569,95 +354,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def best_trial(trials) -> optuna.trial.FrozenTrial | None:
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(str, value)) + "]"
-    return str(value)
-
-
-def _format_values(values: dict[str, Any]) -> str:
-    return " ".join(f"{key.split('.')[-1]}={_format_value(v)}" for key, v in values.items())
-
-
-TRIAL_COLUMNS = ("number", "state", "value", "val_loss", "best_epoch", "epochs", "train_seconds", "duration_s",
-                 "datetime_start", "run_dir", "note")
-
-
-def write_trials_csv(trials, space: SearchSpace, path: Path) -> None:
-    names = [p.name for p in space.params]
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([*TRIAL_COLUMNS, *names])
-            for t in trials:
-                a = t.user_attrs
-                duration = t.duration.total_seconds() if t.duration is not None else None
-                note = a.get("error") or a.get("pruned_reason") or ""
-                writer.writerow([t.number, t.state.name, t.value, a.get("val_loss"), a.get("best_epoch"),
-                                 a.get("epochs"), a.get("train_seconds"),
-                                 None if duration is None else round(duration, 3),
-                                 t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
-                                 a.get("run_dir"), note, *[t.params.get(n) for n in names]])
-
-    atomic_write(path, write)
-
-
-def format_table(trials, space: SearchSpace) -> str:
-    lines = [f"{'trial':>5}  {'state':<8}  {'val_acc':>7}  {'epochs':>6}  {'seconds':>7}  params"]
-    for t in trials:
-        value = f"{t.value:.2%}" if t.value is not None and t.state == TrialState.COMPLETE else "-"
-        epochs = t.user_attrs.get("epochs", "-")
-        seconds = t.user_attrs.get("train_seconds")
-        lines.append(f"{t.number:>5}  {t.state.name:<8}  {value:>7}  {epochs!s:>6}  "
-                     f"{'-' if seconds is None else f'{seconds:.1f}':>7}  "
-                     f"{_format_values(space.values_of(t.params))}")
-    return "\n".join(lines)
-
-
-def write_plots(study: optuna.Study, out: Path, log: Callable[[str], None]) -> dict:
-    """history.png and importances.png with Optuna's matplotlib visualisation; a plot that the
-    trials cannot support yet is skipped with a note."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-    from optuna.visualization.matplotlib import (
-        plot_optimization_history,
-        plot_param_importances,
-    )
-
-    files = {}
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    varied = [p for p in {k for t in complete for k in t.params}
-              if len({json.dumps(t.params.get(p)) for t in complete}) > 1]
-    plots = [("history", plot_optimization_history, len(complete) >= 1, "no completed trial yet"),
-             ("importances", plot_param_importances, len(complete) >= 2 and bool(varied),
-              "needs at least 2 completed trials whose parameters differ")]
-    for name, plot, possible, why in plots:
-        path = out / f"{name}.png"
-        if not possible:
-            log(f"note: {path.name} skipped: {why}")
-            continue
-        # Optuna's plots switch pyplot's style: keep that change inside this block
-        with matplotlib.rc_context(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.simplefilter("ignore", UserWarning)  # "few trials in some regimes": a small study
-            try:
-                ax = plot(study, target_name="val_acc")
-            except (ValueError, RuntimeError) as err:
-                log(f"note: {path.name} skipped: {err}")
-                continue
-            fig = ax.figure
-            atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
-            plt.close(fig)
-        files[name] = str(path)
-    return files
-

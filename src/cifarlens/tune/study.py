@@ -1,0 +1,253 @@
+"""Studies and where they live: storages (SQLite, Optuna journal, database servers), the study
+with its saved search space and base config, the pruner, and the epoch budget.
+
+A study lives in an Optuna storage: a SQLite file (the default, ``OUT/study.db``), an
+Optuna journal file (``journal:PATH``) or a PostgreSQL/MySQL URL that workers on many
+machines share. Beside a local storage, a file lock (:class:`FileLock`) serialises the
+claiming of trials between local workers. The search space and the base config are saved
+in the study when it is created; a worker with a different one is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Self
+
+import optuna
+
+from cifarlens.config import RunConfig, to_dict
+from cifarlens.errors import CifarlensError
+from cifarlens.tune.space import SearchSpace
+
+PRUNERS = ("median", "hyperband", "none")
+SPACE_ATTR, BASE_ATTR = "cifarlens.space", "cifarlens.base_config"
+# Config keys that may differ between workers of one study: where the data sits on each
+# machine, which device and how many loader workers it uses, and whether its CPU trains in bf16;
+# and where it logs (tracking records the trials, never changes them).
+MACHINE_KEYS = ("data.data_dir", "data.download", "data.workers", "train.device", "train.cpu_amp",
+                "track.loggers", "track.tracking_uri", "track.experiment")
+SQLITE_TIMEOUT_S = 60  # how long a writer waits for another process's SQLite lock
+CONNECT_TIMEOUT_S = 10  # database servers: fail quickly when unreachable
+HEARTBEAT_S, GRACE_S = 30, 120  # a RUNNING trial without a heartbeat for GRACE_S is failed
+
+
+# ---------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Storage:
+    url: str  # as given to --storage (workers are started with it)
+    display: str  # for messages: the URL with any password hidden
+    optuna: Any  # an optuna.storages.BaseStorage
+    lock_path: Path | None  # a local file lock for claiming trials; None for database servers
+
+    def lock(self) -> FileLock:
+        return FileLock(self.lock_path)
+
+
+class FileLock:
+    """An exclusive ``fcntl`` lock on a file, released explicitly or on exit (no-op without a path)."""
+
+    def __init__(self, path: Path | None):
+        self._file = None
+        if path is not None:
+            self._file = open(path, "a")  # noqa: SIM115  (held until release())
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# driver module -> the pip package that provides it
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "pymysql": "PyMySQL",
+                   "MySQLdb": "mysqlclient", "pg8000": "pg8000"}
+
+
+def open_storage(url: str) -> Storage:
+    """Open (creating if needed) the storage at ``url``: ``sqlite:///FILE``, ``journal:FILE`` or
+    a SQLAlchemy database URL (``postgresql://USER:PASS@HOST/DB``, ``mysql+pymysql://...``).
+    Any failure is one :class:`CifarlensError` line, within about ``CONNECT_TIMEOUT_S``."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        _require_folder(path, url)
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        try:
+            storage = JournalStorage(JournalFileBackend(str(path)))
+        except (OSError, ValueError) as err:
+            raise CifarlensError(f"cannot open storage {url}: {err}") from None
+        return Storage(url, url, storage, _lock_path(path))
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise CifarlensError(f"storage {url!r} is not a URL; use sqlite:///FILE.db, journal:FILE, "
+                             "or postgresql://USER:PASS@HOST/DB for workers on several machines") from None
+    display = parsed.render_as_string(hide_password=True)
+    engine_kwargs: dict[str, Any] = {}
+    lock_path = None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise CifarlensError(f"storage {display} is an in-memory SQLite database, which other processes "
+                                 "cannot share and which is lost at exit; give a file: sqlite:///FILE.db")
+        path = Path(parsed.database)
+        _require_folder(path, display)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+        lock_path = _lock_path(path)
+    else:
+        try:
+            driver = parsed.get_driver_name()  # loads SQLAlchemy's dialect for the URL
+        except sqlalchemy.exc.NoSuchModuleError:
+            raise CifarlensError(f"storage {display}: unknown database type {parsed.drivername!r}; use "
+                                 "sqlite:///FILE.db, journal:FILE, postgresql://... or mysql+pymysql://...") from None
+        engine_kwargs["connect_args"] = _connect_timeout(driver)
+    try:
+        storage = _rdb_storage(url, engine_kwargs, lock_path)
+    except ImportError as err:
+        module = getattr(err.__cause__, "name", None) or str(err)
+        package = DRIVER_PACKAGES.get(module, module)
+        raise CifarlensError(f"storage {display} needs the database driver {module!r}, which is not installed "
+                             f"(pip install {package})") from None
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise CifarlensError(f"cannot open storage {display}: {reason}") from None
+    except RuntimeError as err:  # e.g. a table schema from another Optuna version
+        raise CifarlensError(f"cannot use storage {display}: {str(err).splitlines()[0]}") from None
+    return Storage(url, display, storage, lock_path)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, lock_path: Path | None):
+    from optuna.storages import RDBStorage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+        # Creating the tables is not safe against a second process doing the same: local
+        # workers take the file lock; on a database server, one retry covers the race.
+        for attempt in range(2):
+            try:
+                with FileLock(lock_path):
+                    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                      grace_period=GRACE_S)
+            except Exception as err:
+                if attempt or lock_path is not None or "already exists" not in str(err):
+                    raise
+                time.sleep(1.0)
+
+
+def _require_folder(path: Path, url: str) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CifarlensError(f"storage {url}: folder {folder} does not exist; create it or choose another path")
+    if path.is_dir():
+        raise CifarlensError(f"storage {url}: {path} is a folder, not a file")
+
+
+def _lock_path(path: Path) -> Path:
+    # not PATH.lock: Optuna's journal storage uses that name for its own lock
+    return path.with_name(path.name + ".tune-lock")
+
+
+def _connect_timeout(driver: str) -> dict:
+    if driver in ("psycopg2", "psycopg", "pymysql", "mysqldb"):
+        return {"connect_timeout": CONNECT_TIMEOUT_S}
+    if driver == "pg8000":
+        return {"timeout": CONNECT_TIMEOUT_S}
+    return {}
+
+
+# ---------------------------------------------------------------------------
+# Study
+# ---------------------------------------------------------------------------
+
+
+def base_identity(cfg: RunConfig) -> dict:
+    """The base config as flat {dotted key: value}, without the keys that may differ per machine."""
+    flat = {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
+    return json.loads(json.dumps({k: v for k, v in flat.items() if k not in MACHINE_KEYS}))
+
+
+def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunConfig) -> optuna.Study:
+    """Create study ``name`` (maximising validation accuracy) or load it; a study created with
+    another search space or base config is refused."""
+    space_dict = json.loads(json.dumps(space.to_dict()))
+    base = base_identity(base_cfg)
+    with storage.lock():
+        try:
+            study = optuna.create_study(study_name=name, storage=storage.optuna, direction="maximize",
+                                        load_if_exists=True)
+        except Exception as err:  # SQLAlchemy/driver errors surface here for servers that went away
+            import sqlalchemy.exc
+
+            if not isinstance(err, sqlalchemy.exc.SQLAlchemyError):
+                raise
+            raise CifarlensError(f"cannot use storage {storage.display}: {str(err).splitlines()[0]}") from None
+        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            raise CifarlensError(f"study {name} in {storage.display} minimises; cifarlens studies maximise "
+                                 "validation accuracy; use another --study name")
+        attrs = study.user_attrs
+        if SPACE_ATTR not in attrs:
+            if study.trials:
+                raise CifarlensError(f"study {name} in {storage.display} was not created by cifarlens tune; "
+                                     "use another --study name")
+            study.set_user_attr(SPACE_ATTR, space_dict)
+            study.set_user_attr(BASE_ATTR, base)
+            return study
+    if attrs[SPACE_ATTR] != space_dict:
+        old, new = attrs[SPACE_ATTR], space_dict
+        differs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise CifarlensError(f"study {name} in {storage.display} was created with a different search space "
+                             f"(differs in: {', '.join(differs)}); use another --study name or the same --space")
+    # (a study stored by an older cifarlens may hold machine keys that it did not yet ignore)
+    old = {k: v for k, v in (attrs.get(BASE_ATTR) or {}).items() if k not in MACHINE_KEYS}
+    if old != base:
+        differs = sorted(k for k in set(old) | set(base) if old.get(k) != base.get(k))
+        raise CifarlensError(f"study {name} in {storage.display} was created with a different base config "
+                             f"(differs in: {', '.join(differs)}); use another --study name or the same "
+                             "--config and flags")
+    return study
+
+
+def make_pruner(name: str, *, startup: int, min_epochs: int, epochs: int | None):
+    """``median``: prune a trial whose best validation accuracy so far is below the median of the
+    completed trials at the same epoch, once ``startup`` trials completed and from epoch
+    ``min_epochs`` on; ``hyperband``: successive halving brackets between ``min_epochs`` and
+    ``epochs``; ``none``: every trial runs to the end."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=min_epochs)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=epochs or "auto")
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise CifarlensError(f"unknown pruner {name!r}; choose one of: {', '.join(PRUNERS)}")
+
+
+def pin_budget(cfg: RunConfig) -> RunConfig:
+    """Fix ``train.epochs`` from the base recipe, so a sampled recipe cannot change the budget."""
+    from cifarlens.recipes import RECIPES
+
+    if cfg.train.epochs is not None:
+        return cfg
+    return replace(cfg, train=replace(cfg.train, epochs=RECIPES.get(cfg.train.recipe)["epochs"]))
+
+
+def default_study_name(cfg: RunConfig) -> str:
+    return f"{cfg.data.dataset}-{cfg.model.name}"
