@@ -32,31 +32,42 @@ that a model shared with a web app or a training loop cannot afford (grad-cam 1.
    returns, up to its 1e-7 epsilon); maps with no spatial variation are zeroed and flagged ``empty``.
 
 Hooks are removed and training flags restored on every exit, exceptions included.
+
+The method registry is :mod:`cifarlens.explain.methods`; the lock, eval mode, hook and layer
+lookup are :mod:`cifarlens.explain.hooks`; this module holds the result, the maths around the
+method and :func:`explain` itself.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
-import importlib
-import threading
 import warnings
-import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarlens.errors import CifarlensError
+from cifarlens.explain.hooks import (  # noqa: F401  (re-exported: they lived here)
+    COARSE_MAP_SIZE,
+    LayerRecorder,
+    default_layer,
+    exclusive_eval,
+    get_layer,
+    layer_names,
+    model_lock,
+)
+from cifarlens.explain.methods import (  # noqa: F401  (re-exported: they lived here)
+    METHODS,
+    CamMethod,
+    list_methods,
+    register_method,
+)
 from cifarlens.models import unwrap_model
-from cifarlens.registry import Registry
 
-# A map whose layer resolution is this or coarser (in either direction) says little about "where".
-COARSE_MAP_SIZE = 2
 # A ReLU'd map whose spread (max - min) is below this fraction of its peak is flat: no evidence of "where".
 FLAT_TOLERANCE = 1e-6
 
@@ -70,100 +81,6 @@ class CoarseMapWarning(UserWarning):
 # ---------------------------------------------------------------------------
 # Method registry
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CamMethod:
-    """A registered CAM method: its name, a loader for the pytorch-grad-cam class, a one-line summary.
-
-    The class is imported on first use: pytorch-grad-cam pulls in OpenCV, SciPy and scikit-learn,
-    seconds of start-up that ``cifarlens --help`` and the other commands should not pay.
-    """
-
-    name: str
-    load: Callable[[], type]
-    summary: str
-    class_specific: bool = True  # False: the map is the same whatever the target class
-
-    @property
-    def cam_class(self) -> type:
-        return self.load()
-
-
-METHODS: Registry[CamMethod] = Registry("CAM method")
-
-
-def list_methods() -> list[str]:
-    """Registered CAM method names, sorted."""
-    return METHODS.names()
-
-
-def register_method(name: str, load: Callable[[], type], summary: str, class_specific: bool = True) -> CamMethod:
-    method = CamMethod(name, load, summary, class_specific)
-    METHODS.register(name)(method)
-    return method
-
-
-def _library(class_name: str) -> Callable[[], type]:
-    @functools.cache
-    def load() -> type:
-        return getattr(importlib.import_module("pytorch_grad_cam"), class_name)
-
-    return load
-
-
-@functools.cache
-def _quiet_score_cam() -> type:
-    from pytorch_grad_cam import ScoreCAM
-
-    class QuietScoreCAM(ScoreCAM):
-        """ScoreCAM's channel weights (Wang et al. 2020) without its per-image tqdm progress bar.
-
-        The same computation as ``ScoreCAM.get_cam_weights``: each activation channel, upsampled
-        (align_corners=True, as ``UpsamplingBilinear2d``) and min-max scaled, masks the input; the
-        weights are the softmax over channels of the target logits of the masked inputs.
-        """
-
-        batch_size = 64  # masked copies per forward; the weights do not depend on it
-
-        def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
-            with torch.no_grad():
-                acts = torch.from_numpy(activations).to(self.device)  # (B, K, h, w)
-                up = F.interpolate(acts, size=input_tensor.shape[-2:], mode="bilinear", align_corners=True)
-                flat = up.flatten(2)
-                lo, hi = flat.min(-1).values[..., None, None], flat.max(-1).values[..., None, None]
-                masks = (up - lo) / (hi - lo + 1e-8)  # (B, K, H, W) in [0, 1]
-                scores = []
-                for target, image, image_masks in zip(targets, input_tensor, masks):
-                    masked = image[None] * image_masks[:, None]  # (K, C, H, W)
-                    for start in range(0, masked.shape[0], self.batch_size):
-                        scores.append(target(self.model(masked[start : start + self.batch_size])).float().cpu())
-                scores = torch.cat(scores).view(activations.shape[0], activations.shape[1])  # (B, K)
-                return scores.softmax(dim=-1).numpy()
-
-    return QuietScoreCAM
-
-
-register_method("gradcam", _library("GradCAM"),
-                "Grad-CAM (Selvaraju et al. 2017): channels weighted by their spatially averaged gradient")
-register_method("gradcam++", _library("GradCAMPlusPlus"),
-                "Grad-CAM++ (Chattopadhyay et al. 2018): positive gradients with higher-order pixel weights")
-register_method("hirescam", _library("HiResCAM"),
-                "HiResCAM (Draelos & Carin 2020): gradient x activation per location, summed over channels")
-register_method("gradcam-elementwise", _library("GradCAMElementWise"),
-                "element-wise Grad-CAM: like HiResCAM with a ReLU on each gradient x activation term")
-register_method("xgradcam", _library("XGradCAM"),
-                "XGrad-CAM (Fu et al. 2020): gradients weighted by normalised activations")
-register_method("layercam", _library("LayerCAM"),
-                "LayerCAM (Jiang et al. 2021): positive gradient x activation per location")
-register_method("eigengradcam", _library("EigenGradCAM"),
-                "Eigen-Grad-CAM: first principal component of gradient x activation")
-register_method("eigencam", _library("EigenCAM"),
-                "Eigen-CAM (Muhammad & Yeasin 2020): first principal component of the activations; "
-                "gradient-free and the same for every target class (its sign is arbitrary)", class_specific=False)
-register_method("scorecam", _quiet_score_cam,
-                "Score-CAM (Wang et al. 2020): channels weighted by the target score of the input masked by "
-                "each channel; gradient-free, one forward per channel and image (slow on wide layers)")
 
 
 # ---------------------------------------------------------------------------
@@ -220,150 +137,6 @@ class Explanation:
         return Explanation(*(torch.cat([getattr(p, f) for p in parts]) for f in
                              ("maps", "targets", "predictions", "probs", "empty")),
                            first.method, first.layer, first.layer_size)
-
-
-# ---------------------------------------------------------------------------
-# Model state: lock, eval mode, restore
-# ---------------------------------------------------------------------------
-
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.RLock:
-    """The lock that serialises explanations on ``model`` (one per model object, freed with it)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
-
-
-@contextmanager
-def exclusive_eval(model: nn.Module) -> Iterator[None]:
-    """Hold ``model``'s lock with every module in eval mode; restore each module's own flag after.
-
-    Per module, not ``model.train(was_training)``: a model may mix modes (BatchNorm frozen in
-    eval inside a training model), and that mix must survive an explanation.
-    """
-    with model_lock(model):
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()  # explanations describe the deployed model: no dropout, running BN statistics
-        try:
-            yield
-        finally:
-            for m, mode in modes:
-                m.training = mode
-
-
-class LayerRecorder:
-    """Forward hook on one layer keeping, for the calling thread only, its output and output gradient.
-
-    Other threads may run the same model meanwhile (the web app predicts while it explains);
-    their forwards pass through the hook and are ignored. The output is cloned because an
-    in-place op after the layer would otherwise change it; the tensor hook is registered
-    before any such op, so it receives the gradient w.r.t. this (unmodified) value.
-    """
-
-    def __init__(self, module: nn.Module, name: str):
-        self.module, self.name = module, name
-        self.thread = threading.get_ident()
-        self.activations: list[Tensor] = []  # (B, K, h, w) per call of the layer
-        self.gradients: list[Tensor] = []
-        self._handle = None
-
-    def __enter__(self) -> "LayerRecorder":
-        self._handle = self.module.register_forward_hook(self._forward_hook)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self._handle.remove()
-        return False  # never swallow an exception
-
-    def _forward_hook(self, module, inputs, output) -> None:
-        if threading.get_ident() != self.thread:
-            return
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise CifarlensError(
-                f"layer {self.name!r} outputs {shape}; a CAM needs a convolutional feature map (B, C, h, w), "
-                "choose a convolutional layer or block"
-            )
-        self.activations.append(output.detach().clone())
-        if output.requires_grad:
-            output.register_hook(self._gradient_hook)
-
-    def _gradient_hook(self, grad: Tensor) -> None:
-        self.gradients.append(grad.detach())
-
-
-# ---------------------------------------------------------------------------
-# Layers
-# ---------------------------------------------------------------------------
-
-
-def layer_names(model: nn.Module) -> list[str]:
-    """Dotted names of every submodule (what ``layer=`` accepts), in definition order."""
-    return [name for name, _ in unwrap_model(model).named_modules() if name]
-
-
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)``; an unknown name raises CifarlensError naming a few valid ones."""
-    model = unwrap_model(model)
-    if isinstance(name, str) and name:
-        try:
-            return model.get_submodule(name)
-        except AttributeError:
-            pass
-    names = layer_names(model)
-    close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
-    default = getattr(model, "cam_layer", None)
-    some = close or [n for n in names if "." not in n]
-    hint = f"did you mean {', '.join(close)}?" if close else f"top-level layers: {', '.join(some[:10])}"
-    extra = f" (default: {default})" if default else ""
-    raise CifarlensError(f"{type(model).__name__} has no layer {name!r}; {hint}{extra}")
-
-
-def default_layer(model: nn.Module, sample: Tensor | None = None) -> str:
-    """The model's ``cam_layer``; for a model without one, the last layer with a map larger than 2x2.
-
-    The guess runs ``sample`` (one image is enough) through the model and takes the
-    last-finishing module whose output is a (B, C, h, w) map with h, w > 2 and that runs once
-    per forward, i.e. the last convolutional stage at a useful resolution.
-    """
-    model = unwrap_model(model)
-    name = getattr(model, "cam_layer", None)
-    if isinstance(name, str) and name:
-        return name
-    if sample is None:
-        raise CifarlensError(f"{type(model).__name__} has no cam_layer; pass layer= (one of its module names)")
-    return _guess_layer(model, sample[:1])
-
-
-def _guess_layer(model: nn.Module, sample: Tensor) -> str:
-    thread = threading.get_ident()
-    calls: dict[str, int] = {}
-    finished: list[tuple[str, tuple[int, ...]]] = []
-
-    def record(name, module, inputs, output):
-        if threading.get_ident() == thread and isinstance(output, Tensor) and output.ndim == 4:
-            calls[name] = calls.get(name, 0) + 1
-            finished.append((name, tuple(output.shape)))
-
-    handles = [m.register_forward_hook(functools.partial(record, n)) for n, m in model.named_modules() if n]
-    try:
-        with exclusive_eval(model), torch.inference_mode(False), torch.no_grad():
-            model(sample.detach().clone())
-    finally:
-        for h in handles:
-            h.remove()
-    once = [(n, s) for n, s in finished if calls[n] == 1]
-    fine = [n for n, s in once if min(s[-2:]) > COARSE_MAP_SIZE]
-    if fine:
-        return fine[-1]
-    if once:
-        return once[-1][0]  # only coarse maps: explain() will warn
-    raise CifarlensError(f"{type(model).__name__} has no layer with a (B, C, h, w) output; pass layer=")
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarlens.errors import CifarlensError
-from cifarlens.explain.cam import Explanation, exclusive_eval
+from cifarlens.explain.cam import Explanation
+from cifarlens.explain.hooks import exclusive_eval
 from cifarlens.models import unwrap_model
 
 BASELINES = ("mean", "blur")
