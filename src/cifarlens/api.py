@@ -17,6 +17,7 @@ from cifarlens.config import RunConfig, to_dict
 from cifarlens.data.augment import normalize
 from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
+from cifarlens.data.policies import check_policies
 from cifarlens.distributed import World
 from cifarlens.engine import (
     FitState,
@@ -103,6 +104,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     cfg, why = resolve_choices(cfg, device.type)
     why = {**choices, **why}
     cfg = replace(cfg, train=resolve_train(cfg.train))
+    check_policies(cfg.data)  # before a run folder exists
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
 
@@ -153,7 +155,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world)
     if hasattr(model, "data_init") and not resume and init is None:  # e.g. FastNet's patch whitening
         sample = bundle.train.images[:5000].to(device)
-        model.data_init(train_transform(info, cfg.data)(sample, torch.Generator(device).manual_seed(tc.seed)))
+        # fit to the images' own patch statistics: the level's crop and flip, no policies (no cut-out squares)
+        plain = train_transform(info, replace(cfg.data, policies=[]))
+        model.data_init(plain(sample, torch.Generator(device).manual_seed(tc.seed)))
     if tc.sync_bn and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     ema = make_ema(model, tc.ema_decay)

@@ -58,7 +58,10 @@ def add_config_flags(p) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--augment", choices=_augment_levels())
+    p.add_argument("--augment", type=_augment_spec, metavar="LEVEL[+POLICY...]",
+                   help=f"a level ({', '.join(_augment_levels())}) and/or policies added to it "
+                        f"({', '.join(_policies())}), e.g. standard+cutout+autoaugment; sets data.augment "
+                        "and data.policies (no policy named: none)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -75,6 +78,28 @@ def _augment_levels():
     from cifarlens.data.augment import AUGMENT_LEVELS
 
     return list(AUGMENT_LEVELS)
+
+
+def _policies():
+    from cifarlens.data.policies import list_policies
+
+    return list_policies()
+
+
+def _augment_spec(text: str) -> tuple[str | None, list[str]]:
+    """``--augment standard+cutout+autoaugment`` -> ("standard", ["cutout", "autoaugment"]);
+    without a level, None (the dataset's default level)."""
+    level, policies = None, []
+    for part in filter(None, (p.strip() for p in text.split("+"))):
+        if part in _augment_levels() and level is None:
+            level = part
+        elif part in _policies() and part not in policies:
+            policies.append(part)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not an augmentation level ({', '.join(_augment_levels())}) or policy "
+                f"({', '.join(_policies())}), or is named twice")
+    return level, policies
 
 
 # flag -> (section, key) of the config
@@ -100,6 +125,9 @@ def config_from_args(args, *, resolve: bool = True):
         value = getattr(args, flag, None)
         if flag == "logger" and value is not None:  # --logger a --logger b,c -> [a, b, c]
             value = [name.strip() for part in value for name in part.split(",") if name.strip()]
+        if flag == "augment" and value is not None:  # LEVEL+POLICY+...: the policies, and the level if named
+            value, policies = value
+            overrides.setdefault("data", {})["policies"] = policies
         if value is not None:
             overrides.setdefault(section, {})[key] = value
     if args.no_download:
@@ -249,6 +277,8 @@ def cmd_list(args) -> int:
         cpu, gpu = default_recipe(name, "cpu"), default_recipe(name, "cuda")
         print(f"  {name}: {cpu}" + (f" / {gpu}" if gpu != cpu else ""))
     print("pretrained (ImageNet weights with --pretrained):", ", ".join(list_pretrained()))
+    print("augmentation levels (--augment):", ", ".join(_augment_levels()),
+          "| policies added with +LEVEL+POLICY or data.policies:", ", ".join(_policies()))
     print("recipes: ")
     for name in list_recipes():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in RECIPES.get(name).items()))

@@ -29,6 +29,17 @@ class DataConfig:
     download: bool = True
     val_fraction: float = 0.1  # carved from train (stratified, seeded) unless the dataset ships val/
     augment: str | None = None  # see cifarlens.data.augment.AUGMENT_LEVELS; None = the dataset's default
+    # added to the level, see cifarlens.data.policies: cutout, erasing, autoaugment, randaugment,
+    # trivialaugment, mixup, cutmix (CLI: --augment standard+cutout+autoaugment)
+    policies: list[str] = field(default_factory=list)
+    cutout_size: int = 16  # side of the Cutout square in pixels (DeVries & Taylor 2017: 16 for CIFAR-10, 8 for CIFAR-100)
+    erasing_prob: float = 0.5  # RandomErasing: share of images erased (Zhong et al. 2017)
+    randaugment_n: int = 2  # RandAugment: operations per image ...
+    randaugment_m: int = 9  # ... at this magnitude bin of 0..30 (torchvision's defaults)
+    mixup_alpha: float = 1.0  # MixUp: lambda ~ Beta(alpha, alpha) per image (Zhang et al. 2018: 1 for CIFAR)
+    mixup_prob: float = 1.0  # share of images mixed up (of those not cut-mixed when both are on)
+    cutmix_alpha: float = 1.0  # CutMix: lambda ~ Beta(alpha, alpha) per image (Yun et al. 2019: 1 for CIFAR)
+    cutmix_prob: float = 0.5  # share of images cut-mixed (Yun et al. 2019 on CIFAR)
     image_size: int | None = None  # None = the dataset's native size (imagefolder: 32)
     crop_padding: int = 4  # pixels of padding for the random crop
     flip: str = "random"  # "random" | "alternating": each image mirrored every other epoch (Jordan 2024)
@@ -61,7 +72,9 @@ class TrainConfig:
     nesterov: bool | None = None  # SGD only
     weight_decay: float | None = None
     label_smoothing: float | None = None
-    schedule: str | None = None  # "plateau" | "onecycle" | "cosine" | "constant"
+    schedule: str | None = None  # "plateau" | "onecycle" | "cosine" | "constant" | "multistep"
+    milestones: list[float] | None = None  # multistep: epochs at which the lr is multiplied by ...
+    gamma: float | None = None  # ... this factor (0.1: divided by 10)
     warmup_epochs: float | None = None  # linear warm-up before onecycle/cosine decay
     plateau_factor: float | None = None  # ReduceLROnPlateau: lr *= factor ...
     plateau_patience: int | None = None  # ... after this many epochs without val-loss improvement

@@ -174,10 +174,14 @@ def train_one_epoch(
     bad_step = torch.full((), -1, device=precision.device)  # the first step with a diverged loss
     bad_loss = torch.zeros((), device=precision.device)  # and that loss
     seen, lr, num_classes = 0, optimizer.param_groups[0]["lr"], 2
-    for step, (images, labels) in enumerate(_progress(loader, len(loader), desc)):
+    for step, (images, labels, *mixed) in enumerate(_progress(loader, len(loader), desc)):
+        # MixUp/CutMix batches carry soft targets (B, K) beside the labels (B,): the loss is the
+        # soft cross-entropy (label smoothing blends them with the uniform distribution, as it does
+        # one-hot labels), while accuracy below still counts the labels drawn
+        targets = mixed[0] if mixed else labels
         with precision.autocast():
             logits = model(precision.prepare(images))
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         num_classes = logits.shape[-1]  # a shape: known on the host, no read
         # two tests, because NaN > limit is False; comparing with a Python float reads nothing back
         diverged = ~torch.isfinite(loss) | (loss > exploded_loss_limit(num_classes))

@@ -23,6 +23,9 @@ AUGMENT_LEVELS: dict[str, dict[str, bool]] = {
     "standard": {"crop": True, "flip": True, "jitter": False},
     "strong": {"crop": True, "flip": True, "jitter": True},
 }
+# each level in the words of the literature table (cifarlens.report.baselines: "standard crop+flip")
+LEVEL_WORDS = {"none": "none", "flip": "random flip", "standard": "standard crop+flip",
+               "strong": "standard crop+flip + colour jitter"}
 
 
 def normalize(images: Tensor, mean, std) -> Tensor:
@@ -105,7 +108,12 @@ def _grayscale(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class BatchAugment:
-    """uint8 (B, C, H, W) -> augmented, normalised float32 (B, C, H, W)."""
+    """uint8 (B, C, H, W) -> augmented, normalised float32 (B, C, H, W).
+
+    Order: crop, flip, ``image_policies`` (uint8 -> uint8: AutoAugment, RandAugment,
+    TrivialAugmentWide), colour jitter, normalisation, ``tensor_policies`` (Cutout,
+    RandomErasing: 0 is the mean colour there); see cifarlens.data.policies.
+    """
 
     level: str
     mean: tuple[float, ...]
@@ -114,6 +122,8 @@ class BatchAugment:
     padding: int = 4
     jitter_strength: float = 0.2
     alternating_flip: bool = False  # the loader then passes each image's flip (see alternating_flips)
+    image_policies: tuple = ()  # callables (uint8 images, generator) -> uint8 images
+    tensor_policies: tuple = ()  # callables (normalised float images, generator) -> float images
 
     def __post_init__(self):
         if self.level not in AUGMENT_LEVELS:
@@ -128,7 +138,12 @@ class BatchAugment:
             images = random_crop(images, self.padding, generator)
         if steps["flip"] and self.hflip:
             images = random_hflip(images, generator) if flip is None else hflip_where(images, flip)
+        for policy in self.image_policies:
+            images = policy(images, generator)
         x = images.float() / 255.0
         if steps["jitter"]:
             x = colour_jitter(x, self.jitter_strength, generator)
-        return normalize(x, self.mean, self.std)
+        x = normalize(x, self.mean, self.std)
+        for policy in self.tensor_policies:
+            x = policy(x, generator)
+        return x

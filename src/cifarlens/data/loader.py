@@ -17,7 +17,9 @@ def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
 
 
 class TensorLoader:
-    """Batches of ``(transform(images), labels)`` from uint8 tensors already on ``device``.
+    """Batches of ``(transform(images), labels)`` from uint8 tensors already on ``device``;
+    with a ``mix`` (MixUp/CutMix, :class:`cifarlens.data.policies.MixCut`), batches of
+    ``(mixed images, labels, targets)``: labels (B,) as drawn, targets (B, K) their soft mix.
 
     Shuffling and augmentation use a generator re-seeded by :meth:`set_epoch`, so
     epoch ``e`` of a run sees the same batches whether or not the run was resumed.
@@ -35,6 +37,7 @@ class TensorLoader:
         transform: Callable[[Tensor, torch.Generator], Tensor],
         *,
         device: torch.device,
+        mix: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
@@ -45,6 +48,7 @@ class TensorLoader:
         self.labels = split.labels.to(device)  # (N,)
         self.batch_size = batch_size
         self.transform = transform
+        self.mix = mix
         self.device = device
         self.shuffle = shuffle
         self.global_batch = batch_size * world_size
@@ -64,7 +68,7 @@ class TensorLoader:
         n = len(self.labels)
         return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         generator = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch))
         n = len(self.labels)
         if self.shuffle:
@@ -78,7 +82,13 @@ class TensorLoader:
             index = order[i * self.global_batch : (i + 1) * self.global_batch]
             index = index[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             if self.flip_base is None:
-                yield self.transform(self.images[index], generator), self.labels[index]
+                images = self.transform(self.images[index], generator)
             else:
                 flip = alternating_flips(self.flip_base[index], self.epoch)
-                yield self.transform(self.images[index], generator, flip), self.labels[index]
+                images = self.transform(self.images[index], generator, flip)
+            labels = self.labels[index]
+            if self.mix is None:
+                yield images, labels
+            else:
+                mixed, targets = self.mix(images, labels, generator)
+                yield mixed, labels, targets

@@ -12,6 +12,7 @@ from cifarlens.data import load_dataset
 from cifarlens.data.augment import BatchAugment, normalize
 from cifarlens.data.base import DataSource, DatasetInfo, Split
 from cifarlens.data.loader import TensorLoader
+from cifarlens.data.policies import build_policies
 from cifarlens.data.split import stratified_split
 from cifarlens.distributed import SINGLE, World, check_batch_size
 from cifarlens.errors import CifarlensError
@@ -50,10 +51,14 @@ def _normalize_only(images, generator, *, mean, std):
 
 
 def train_transform(info: DatasetInfo, cfg: DataConfig) -> BatchAugment:
+    """The level and the image/tensor policies of ``cfg`` (MixUp/CutMix need the labels: see
+    :func:`make_loader`)."""
     if cfg.flip not in FLIPS:
         raise CifarlensError(f"data.flip must be one of {', '.join(FLIPS)}, got {cfg.flip!r}")
+    image_policies, tensor_policies, _ = build_policies(cfg, info)
     return BatchAugment(cfg.augment or info.augment, info.mean, info.std, hflip=info.hflip, padding=cfg.crop_padding,
-                        alternating_flip=cfg.flip == "alternating")
+                        alternating_flip=cfg.flip == "alternating", image_policies=image_policies,
+                        tensor_policies=tensor_policies)
 
 
 def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.device, *, seed: int = 0,
@@ -73,6 +78,9 @@ def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.
     if train_cfg.loader == "perimage":
         if train_cfg.flip != "random":
             raise CifarlensError("data.flip=alternating needs the batched loader (data.loader=batched)")
+        if train_cfg.policies:
+            raise CifarlensError(f"data.policies ({', '.join(train_cfg.policies)}) need the batched loader "
+                                 "(data.loader=batched)")
         from cifarlens.data.perimage import PerImageLoader
 
         return PerImageLoader(split, info, per_rank, train_cfg.augment or info.augment, train_cfg.crop_padding,
@@ -80,7 +88,8 @@ def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.
                               rank=world.rank, world_size=world.world_size)
     if train_cfg.loader != "batched":
         raise CifarlensError(f"data.loader must be batched or perimage, got {train_cfg.loader!r}")
-    return TensorLoader(split, per_rank, train_transform(info, train_cfg), device=device,
+    _, _, mixer = build_policies(train_cfg, info)  # MixUp/CutMix: the loader then yields soft targets too
+    return TensorLoader(split, per_rank, train_transform(info, train_cfg), device=device, mix=mixer,
                         shuffle=True, drop_last=True, seed=seed, rank=world.rank, world_size=world.world_size)
 
 
