@@ -70,3 +70,42 @@ def test_lr_schedules():
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
     assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_multistep_factor_drops_by_gamma_from_each_milestone_step():
+    assert lr_factor(9, 100, 0, "multistep", (10, 20), 0.1) == 1.0
+    assert lr_factor(10, 100, 0, "multistep", (10, 20), 0.1) == pytest.approx(0.1)
+    assert lr_factor(19, 100, 0, "multistep", (10, 20), 0.1) == pytest.approx(0.1)
+    assert lr_factor(20, 100, 0, "multistep", (10, 20), 0.1) == pytest.approx(0.01)
+    assert lr_factor(0, 100, 5, "multistep", (10, 20), 0.1) == pytest.approx(0.2)  # linear warm-up first
+
+
+def test_multistep_lr_at_its_milestone_epochs():
+    """wrn2016's schedule shape in 10 epochs of 4 steps, after one epoch of warm-up: the lr an
+    epoch's first step uses drops by gamma exactly at the milestone epochs."""
+    import torch
+
+    from cifarlens.recipes import build_optimizer, build_scheduler
+
+    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "wrn2016", "epochs": 10, "milestones": [3, 6, 8],
+                                                      "warmup_epochs": 1}}).train)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=4)
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # warm-up
+    assert lrs[::4] == pytest.approx([0.025, 0.1, 0.1, 0.02, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"milestones": [137, 91]}, r"train.milestones \[137.0, 91.0\] must be increasing epochs between 0 and"),
+    ({"epochs": 100}, r"must be increasing epochs between 0 and train.epochs \(100\).*milestones=\[50,75\]"),
+    ({"milestones": []}, "train.schedule multistep needs train.milestones"),
+    ({"gamma": 0.0}, "train.gamma must be > 0"),
+])
+def test_multistep_settings_are_checked(train, message):
+    with pytest.raises(CifarlensError, match=message):
+        resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", **train}}).train)
