@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -330,13 +331,12 @@ def test_the_paper_recipes_train(recipe):
     assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.1 * tc.gamma ** len(tc.milestones))
 
 
-def test_a_run_records_its_recipe_policies_and_schedule(tmp_path):
+def test_a_run_records_its_recipe_policies_and_schedule_and_reports_them(tmp_path):
     data = make_cifar10(tmp_path / "data", n_train_per_batch=16, n_test=20).data_dir
     out = tmp_path / "run"
     assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--device", "cpu", "--recipe", "he2016",
                  "--epochs", "2", "--set", "train.milestones=[1]", "--batch-size", "16",
-                 "--augment", "standard+cutout+randaugment+cutmix",
-                 "--model", "lensnet_light", "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}",
+                 "--augment", "standard+cutout+randaugment+cutmix", "--model", "resnet20",
                  "--out", str(out), "--no-report"]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["policies"] == ["cutout", "randaugment", "cutmix"]
@@ -345,6 +345,17 @@ def test_a_run_records_its_recipe_policies_and_schedule(tmp_path):
     with open(out / "history.csv") as f:
         lrs = [float(row["lr"]) for row in csv.DictReader(f)]
     assert lrs == pytest.approx([0.1, 0.01])  # he2016's lr divided by 10 at the milestone, epoch 1
+    assert main(["report", str(out), "--device", "cpu", "--no-robustness"]) == 0
+    page = (out / "report.html").read_text()
+    literature = re.search(r'<section id="literature">(.*?)</section>', page, re.DOTALL).group(1)
+    ours = re.search(r'<tr class="ours">(.*?)</tr>', literature, re.DOTALL).group(1)
+    augmentation = "standard crop+flip + Cutout 16x16 + RandAugment N=2 M=9 + CutMix alpha=1 p=0.5"
+    assert f"{augmentation}; recipe he2016" in ours  # beside the published rows' "standard crop+flip"
+    assert f"recipe he2016, augmentation {augmentation}" in literature
+    resnet20 = re.search(r"<tr[^>]*><td>ResNet-20</td>(.*?)</tr>", literature, re.DOTALL).group(1)
+    assert "standard crop+flip" in resnet20 and "same architecture as this run; same recipe as this run" in resnet20
+    resnet32 = re.search(r"<tr[^>]*><td>ResNet-32</td>(.*?)</tr>", literature, re.DOTALL).group(1)
+    assert "same recipe as this run" in resnet32 and "same architecture" not in resnet32
 
 
 def test_a_bad_policy_in_a_config_file_stops_before_the_run_folder(tmp_path, capsys):

@@ -18,7 +18,7 @@ MixUp/CutMix draw one lambda per batch and kornia draws from the global RNG (see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
 import torch
@@ -213,9 +213,14 @@ def build_policies(cfg: DataConfig, info: DatasetInfo) -> tuple[tuple, tuple, Mi
     return tuple(stages["image"]), tuple(stages["tensor"]), mixer
 
 
-def describe_augmentation(cfg: DataConfig) -> str:
-    """The level and policies in words, e.g. "standard crop+flip + Cutout 16x16", for reports."""
+def describe_augmentation(cfg: DataConfig | dict) -> str:
+    """The level and policies in words, e.g. "standard crop+flip + Cutout 16x16", for reports;
+    ``cfg`` may be a run's saved ``data`` section (keys this version does not know are ignored)."""
     from cifarlens.data.augment import LEVEL_WORDS
 
+    if isinstance(cfg, dict):
+        known = {f.name for f in fields(DataConfig)}
+        cfg = DataConfig(**{k: v for k, v in cfg.items() if k in known})
     level = cfg.augment or "default"
-    return " + ".join([LEVEL_WORDS.get(level, level)] + [POLICIES.get(n).describe(cfg) for n in cfg.policies])
+    return " + ".join([LEVEL_WORDS.get(level, level)]
+                      + [POLICIES.get(n).describe(cfg) if n in POLICIES else n for n in cfg.policies])

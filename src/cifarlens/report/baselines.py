@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "BASELINES", "DATASETS", "Baseline", "Citation", "baselines_for", "citations", "format_baselines", "text_table",
+    "BASELINES", "DATASETS", "RECIPE_SOURCES", "Baseline", "Citation", "baselines_for", "citations", "format_baselines", "text_table",
 ]
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist")  # the names used by cifarlens' dataset registry
@@ -87,6 +87,9 @@ DENSENET_2017 = Citation("G. Huang, Z. Liu, L. van der Maaten, K. Q. Weinberger"
 FASHION_2017 = Citation("H. Xiao, K. Rasul, R. Vollgraf", 2017,
                         "Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms",
                         "arXiv preprint", "1708.07747")
+
+# cifarlens recipes that follow a paper's training (cifarlens.recipes): the report marks its rows
+RECIPE_SOURCES = {"he2016": HE_2016, "wrn2016": WRN_2016}
 
 _DENSE_NOAUG = "dropout 0.2 after each conv (no augmentation)"
 _WRN = "median of 5 runs; mean/std normalisation"

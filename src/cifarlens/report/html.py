@@ -16,8 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifarlens.data.policies import describe_augmentation
 from cifarlens.models.weights import describe_init
-from cifarlens.report.baselines import DATASETS, Baseline, baselines_for, citations
+from cifarlens.report.baselines import DATASETS, RECIPE_SOURCES, Baseline, baselines_for, citations
 from cifarlens.report.calibration import ReliabilityBins
 from cifarlens.report.robustness import RobustnessTable
 
@@ -309,8 +310,11 @@ def _literature(d: ReportData) -> str:
     run_acc = d.metrics["accuracy"] * 100
     budget = (f"{b.epochs_done if b.epochs_done is not None else '—'} epochs, {duration(b.train_seconds)}, "
               f"{b.device}" + (f" ({b.device_name})" if b.device_name else ""))
+    recipe = d.config.get("train", {}).get("recipe") or "?"
+    augmentation = describe_augmentation(d.config.get("data", {}))
     intro = (f"<p>This run: <b>{run_acc:.2f}%</b> test accuracy on {esc(d.dataset_label)} "
-             f"({d.metrics['num_samples']:,} test images), {esc(d.model)}, trained for {esc(budget)}.</p>")
+             f"({d.metrics['num_samples']:,} test images), {esc(d.model)}, recipe {esc(recipe)}, "
+             f"augmentation {esc(augmentation)}, trained for {esc(budget)}.</p>")
     if (d.meta.get("source") or {}).get("lossy"):
         intro += note("This run's images went through lossy compression (JPEG), so they are not the official "
                       "files the published rows used: expect its accuracy to differ somewhat from the same "
@@ -326,14 +330,16 @@ def _literature(d: ReportData) -> str:
     for r in rows:
         if r is None:
             cells.append([f"this run: {d.model}", params_text(d.params), f"{run_acc:.2f}", f"{100 - run_acc:.2f}",
-                          "measured here", d.config.get("data", {}).get("augment", "?"), budget,
+                          "measured here", f"{augmentation}; recipe {recipe}", budget,
                           f"{d.metrics['num_samples']:,} test images", "—"])
             classes.append("ours")
         else:
             cells.append([r.model, r.params or "—", f"{r.accuracy:.2f}", f"{r.error:.2f}",
                           f"{r.metric} {r.published:g}%", r.augmentation, "not reported in the table",
                           "; ".join(filter(None, [r.note, "same architecture as this run"
-                                                  if r.cifarlens_model == d.model else ""])),
+                                                  if r.cifarlens_model == d.model else "",
+                                                  "same recipe as this run"
+                                                  if RECIPE_SOURCES.get(recipe) == r.citation else ""])),
                           f"[{refs.index(r.citation) + 1}] {r.table}"])
             classes.append("")
     refs_html = "".join(f"<li>{esc(c.full())}</li>" for c in refs)
