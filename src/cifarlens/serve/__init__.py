@@ -3,9 +3,9 @@
 Importing this package does not import FastAPI; ``create_app`` and the backends load on use.
 """
 
-__all__ = ["create_app", "TorchBackend", "OnnxBackend"]
+from cifarlens.serve.backends import BACKENDS  # noqa: F401  (public: cifarlens.serve.BACKENDS)
 
-BACKENDS = ("torch", "onnx")  # what predicts; explanations always use the PyTorch model
+__all__ = ["create_app", "TorchBackend", "OnnxBackend"]
 
 
 def __getattr__(name):

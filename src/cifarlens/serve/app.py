@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cifarlens.api import load_run
 from cifarlens.errors import CifarlensError
-from cifarlens.serve import BACKENDS
+from cifarlens.serve.backends import BACKENDS
 # The layers below, re-exported: ``cifarlens.serve.app`` was one module and is still imported as one.
 from cifarlens.serve.service import (  # noqa: F401
     DEFAULT_MAX_CONCURRENCY, Backend, OnnxBackend, Service, TorchBackend, onnx_backend, top_k,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from cifarlens.errors import CifarlensError
-from cifarlens.serve import BACKENDS
+from cifarlens.serve.backends import BACKENDS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
