@@ -494,6 +494,26 @@ def test_robustness_within_a_budget_chooses_the_grid_and_stops_in_time(monkeypat
     assert [r for r in table.rows if r not in noisy] == [r for r in steady.rows if r["corruption"] != "gaussian_noise"]
 
 
+def test_robustness_within_a_budget_stops_sooner_when_the_machine_gets_busier(monkeypatch):
+    """Rounds of 15 s, then (from 30 s on) 30 s: the mean round (20 s after three) would start a
+    fourth at 60 s that ends at 90 s, past the 80 s budget; the last round's time says stop."""
+    import cifarlens.report.robustness as R
+
+    clock = FakeClock()
+    monkeypatch.setattr(R, "time", clock)
+    run = BrightnessRun()
+    predict = run.predict_proba
+
+    def busier(images):
+        clock.now += (0.01 if clock.now < 30 - 1e-9 else 0.02) * len(images)
+        return predict(images)
+
+    run.predict_proba = busier
+    split = Split(gray_images(450, channels=1, size=8), torch.arange(450) % 3)
+    table, _ = R.robustness_within(run, split, 80, clean_correct=torch.ones(450, dtype=torch.bool))
+    assert table.severities == [1, 3, 5] and table.num_images == 300 and clock.now == pytest.approx(60)
+
+
 def test_a_budget_sizes_or_skips_robustness_in_the_report(reported_run, monkeypatch):
     """At a (pretended) 0.1 s per image, the 50 test images need 75 s for the full grid and 25 s
     for severity 3 alone."""

@@ -260,16 +260,17 @@ class _Grid:
     def run_rounds(self, rounds: list[Tensor], cells: list, deadline: float | None, skip=frozenset()) -> None:
         """Every cell on every round (but the cells in ``skip`` on the first, already done), stopping
         before a round that would end after ``deadline``; the first round always runs."""
-        start = time.perf_counter()
+        start = last = time.perf_counter()
         for r, index in enumerate(rounds):
             for cell in cells:
                 if not (r == 0 and cell in skip):
                     self.add(cell, index)
             self.done.append(index)
-            if deadline is not None:
-                per_round = (time.perf_counter() - start) / len(self.done)
-                if time.perf_counter() + per_round > deadline:
-                    break
+            now = time.perf_counter()
+            # the slower of the mean round and the last one: a machine that got busier stops sooner
+            per_round, last = max((now - start) / len(self.done), now - last), now
+            if deadline is not None and now + per_round > deadline:
+                break
 
     def table(self, severities: Sequence[int], names: list[str], clean_correct: Tensor | None) -> RobustnessTable:
         used = torch.cat(self.done) if self.done else torch.zeros(0, dtype=torch.int64)
