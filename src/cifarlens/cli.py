@@ -278,7 +278,7 @@ def cmd_list(args) -> int:
         print(f"  {name}: {cpu}" + (f" / {gpu}" if gpu != cpu else ""))
     print("pretrained (ImageNet weights with --pretrained):", ", ".join(list_pretrained()))
     print("augmentation levels (--augment):", ", ".join(_augment_levels()),
-          "| policies added with +LEVEL+POLICY or data.policies:", ", ".join(_policies()))
+          "| policies (--augment LEVEL+POLICY+..., or data.policies):", ", ".join(_policies()))
     print("recipes: ")
     for name in list_recipes():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in RECIPES.get(name).items()))

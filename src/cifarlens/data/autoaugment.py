@@ -117,7 +117,7 @@ def apply_ops(x: Tensor, op: Tensor, magnitude: Tensor, ops: tuple[str, ...]) ->
 
     Each of the three families runs once for the whole batch, whichever of its operations an
     image drew (about 20 passes over the batch instead of 60 for one pass per operation, which
-    made AutoAugment ~3x slower on a CPU): geometric operations are one warp, the blends one
+    made AutoAugment ~2x slower on a CPU): geometric operations are one warp, the blends one
     blend, the lookup-table operations one lookup.
     """
     out = x
@@ -277,11 +277,25 @@ def _to_uint8(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class _PolicyTensors:
+    op: Tensor  # (25, 2) long, index into the operation tuple
+    prob: Tensor  # (25, 2) float
+    bin: Tensor  # (25, 2) long, magnitude bin (0 where the operation has none)
+
+
+@functools.lru_cache(maxsize=8)
+def _policy_tensors(ops: tuple[str, ...], device: torch.device) -> _PolicyTensors:
+    with torch.inference_mode(False):
+        return _PolicyTensors(
+            torch.tensor([[ops.index(op) for op, _, _ in sub] for sub in CIFAR10_POLICY], device=device),
+            torch.tensor([[p for _, p, _ in sub] for sub in CIFAR10_POLICY], device=device),
+            torch.tensor([[b or 0 for _, _, b in sub] for sub in CIFAR10_POLICY], device=device))
+
+
+@dataclass(frozen=True)
 class AutoAugment:
     """AutoAugment's CIFAR-10 policy: per image, one of 25 sub-policies of two operations,
     each applied with its own probability and fixed magnitude (sign at random)."""
-
-    name = "autoaugment"
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         _check_uint8(images)
@@ -300,22 +314,6 @@ class AutoAugment:
         return _to_uint8(x)
 
 
-@dataclass(frozen=True)
-class _PolicyTensors:
-    op: Tensor  # (25, 2) long, index into the operation tuple
-    prob: Tensor  # (25, 2) float
-    bin: Tensor  # (25, 2) long, magnitude bin (0 where the operation has none)
-
-
-@functools.lru_cache(maxsize=8)
-def _policy_tensors(ops: tuple[str, ...], device: torch.device) -> _PolicyTensors:
-    with torch.inference_mode(False):
-        return _PolicyTensors(
-            torch.tensor([[ops.index(op) for op, _, _ in sub] for sub in CIFAR10_POLICY], device=device),
-            torch.tensor([[p for _, p, _ in sub] for sub in CIFAR10_POLICY], device=device),
-            torch.tensor([[b or 0 for _, _, b in sub] for sub in CIFAR10_POLICY], device=device))
-
-
 # RandAugment's and TrivialAugmentWide's operations (torchvision's: no Invert)
 UNIFORM_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
                "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
@@ -328,7 +326,6 @@ class RandAugment:
 
     n: int = 2
     m: int = 9
-    name = "randaugment"
 
     def __post_init__(self):
         if self.n < 1:
@@ -352,8 +349,6 @@ class RandAugment:
 class TrivialAugmentWide:
     """TrivialAugment (Müller & Hutter 2021, arXiv:2103.10158), wide space: one operation per image,
     chosen uniformly, at a magnitude bin chosen uniformly of 31 (sign at random)."""
-
-    name = "trivialaugment"
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         _check_uint8(images)
