@@ -13,9 +13,10 @@ test split (:mod:`cifarlens.report.predictions`). The gallery explains ``gallery
 images (one forward and backward). Robustness dominates: one pass over its subset per
 corruption and severity (15 by default). Without a budget (``cifarlens report RUN``) the
 subset is ``max_robustness_images`` (2000); with ``budget_s`` (what ``train`` does: 10 % of
-the training time, at least a minute, :func:`default_budget`) it is sized from the measured
-speed of the model to what is left of the budget (:func:`cifarlens.report.robustness.plan_subset`).
-Each part logs a line with its time as it finishes.
+the training time, at least a minute, :func:`default_budget`) the model's measured speed picks
+the grid (all severities, severity 3 alone, or none) and the subset grows in rounds of 100
+images until what is left of the budget is spent
+(:func:`cifarlens.report.robustness.robustness_within`). Each part logs a line with its time.
 """
 
 from __future__ import annotations
