@@ -13,6 +13,7 @@ from conftest import make_cifar10, synthetic_images
 
 from cifarlens.cli import main
 from cifarlens.config import RunConfig, merge
+from cifarlens.engine import exploded_loss_limit
 from cifarlens.models import MODELS, create_model, default_model, default_recipe, list_models
 from cifarlens.models.registry import forward_flops
 from cifarlens.recipes import RECIPES, build_optimizer, build_scheduler, param_groups, resolve_choices, resolve_train
@@ -79,7 +80,9 @@ def test_every_model_learns_with_its_default_recipe(name):
     torch.manual_seed(0)
     cfg, _ = resolve_choices(cfg_of(model={"name": name}), "cpu")
     tc = resolve_train(cfg.train)
-    tc = replace(tc, warmup_epochs=tc.warmup_epochs / tc.epochs, epochs=1)  # the schedule's shape in 12 steps
+    # the schedule's shape in 12 steps, at the batch of 16 this test affords with the peak lr
+    # scaled linearly from the recipe's batch (the usual rule: lr 0.1 at 128 is 0.0125 at 16)
+    tc = replace(tc, warmup_epochs=tc.warmup_epochs / tc.epochs, epochs=1, lr=tc.lr * 16 / tc.batch_size)
     model = create_model(name, num_classes=10, **_options(name))
     labels = np.arange(16) % 10
     x = torch.from_numpy(synthetic_images(labels, 3, 32, 32, np.random.default_rng(0))).float() / 255
@@ -97,26 +100,29 @@ def test_every_model_learns_with_its_default_recipe(name):
         if scheduler.per_step:
             scheduler.step()
         losses.append(loss.item())
-    assert all(np.isfinite(losses)) and max(losses) < 3 * np.log(10), f"{name} with {tc.recipe}: {losses}"
+    # never past the divergence guard's limit, and lower at the end than at the start
+    assert all(np.isfinite(losses)) and max(losses) < exploded_loss_limit(10), f"{name} with {tc.recipe}: {losses}"
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), f"{name} with {tc.recipe}: {losses}"
 
 
 def test_the_fast_cpu_recipe_would_fail_resnet20_which_is_why_it_is_not_its_default():
-    """The failure the per-model defaults prevent: FastNet's lr 0.8 blows a ResNet up."""
+    """The failure the per-model defaults prevent: at fast_cpu's own batch (256) and peak lr (0.8),
+    a ResNet's loss passes the divergence guard's limit within a few steps (measured here: 2.6,
+    14.9, 24.2, 117.8, 772.5, ...), where FastNet, which the recipe was tuned for, trains."""
     torch.manual_seed(0)
     tc = resolve_train(cfg_of(train={"recipe": "fast_cpu"}).train)
     model = create_model("resnet20", num_classes=10)
-    labels = np.arange(16) % 10
+    labels = np.arange(tc.batch_size) % 10
     x = (torch.from_numpy(synthetic_images(labels, 3, 32, 32, np.random.default_rng(0))).float() / 255 - 0.5) / 0.25
     optimizer = build_optimizer(param_groups(model, tc), tc)
     losses = []
-    for _ in range(8):
+    for _ in range(6):
         loss = F.cross_entropy(model(x), torch.from_numpy(labels))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert max(losses) > 10 * np.log(10) or not np.isfinite(losses).all(), losses
+    assert max(losses) > exploded_loss_limit(10) or not np.isfinite(losses).all(), losses
 
 
 def test_the_cli_says_what_it_chose_and_why(tmp_path):
