@@ -26,7 +26,7 @@ from torch import Tensor
 
 from cifarlens.config import DataConfig
 from cifarlens.data.autoaugment import AutoAugment, RandAugment, TrivialAugmentWide
-from cifarlens.data.augment import channel_constant
+from cifarlens.data.augment import LEVEL_WORDS, channel_constant
 from cifarlens.data.base import DatasetInfo
 from cifarlens.errors import CifarlensError
 from cifarlens.registry import Registry
@@ -216,8 +216,6 @@ def build_policies(cfg: DataConfig, info: DatasetInfo) -> tuple[tuple, tuple, Mi
 def describe_augmentation(cfg: DataConfig | dict) -> str:
     """The level and policies in words, e.g. "standard crop+flip + Cutout 16x16", for reports;
     ``cfg`` may be a run's saved ``data`` section (keys this version does not know are ignored)."""
-    from cifarlens.data.augment import LEVEL_WORDS
-
     if isinstance(cfg, dict):
         known = {f.name for f in fields(DataConfig)}
         cfg = DataConfig(**{k: v for k, v in cfg.items() if k in known})
