@@ -66,7 +66,7 @@ def test_train_writes_a_complete_run_folder(fashion_run):
         assert key in metrics
     assert np.array(metrics["confusion_matrix"]).sum() == 100
     rows = list(csv.DictReader((out / "predictions.csv").open()))
-    assert list(rows[0]) == ["index", "label", "prediction", "confidence"] and len(rows) == 100
+    assert list(rows[0]) == ["index", "label", "prediction", "confidence", "confidence_uncalibrated"] and len(rows) == 100
     accuracy = np.mean([r["label"] == r["prediction"] for r in rows])
     assert accuracy == pytest.approx(metrics["accuracy"])
     history = list(csv.DictReader((out / "history.csv").open()))

@@ -366,3 +366,15 @@ def test_a_bad_policy_in_a_config_file_stops_before_the_run_folder(tmp_path, cap
     assert capsys.readouterr().err.strip().splitlines() == [
         "cifarlens: error: unknown augmentation policy 'magic'; choose one of: " + ", ".join(POLICIES.names())]
     assert not out.exists()
+
+
+def test_noise_adds_gaussian_noise_of_at_most_its_std_to_a_share_of_the_images():
+    images = torch.full((400, 3, 8, 8), 128, dtype=torch.uint8)  # mid-grey: no clipping at 0.1 std
+    x, _ = augment("noise", images, torch.zeros(400, dtype=torch.int64), noise_std=0.1, noise_prob=0.5)
+    clean = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    std = ((x - clean) * torch.tensor(STD).view(1, 3, 1, 1)).flatten(1).std(dim=1)  # (B,) in [0, 1] pixel units
+    noisy = std > 1e-6
+    assert 0.4 < noisy.float().mean() < 0.6  # noise_prob
+    assert float(std.max()) < 0.1 * 1.2 and float(std[noisy].mean()) == pytest.approx(0.05, abs=0.01)  # U(0, 0.1)
+    with pytest.raises(CifarlensError, match="noise_prob"):
+        check_policies(DataConfig(policies=["noise"], noise_prob=2.0))

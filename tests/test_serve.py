@@ -162,6 +162,9 @@ def test_predict_topk_and_health_model_docs(client, trained):
     run_dir, data = trained
     r = client.post("/api/predict", files=upload(encode(rgb(data, 0), "png")), data={"topk": "3"})
     assert r.status_code == 200 and len(r.json()["top"]) == 3
+    # training fitted a temperature: the answer says its probabilities are calibrated, and by what
+    temperature = json.loads((run_dir / "run.json").read_text())["calibration"]["temperature"]
+    assert r.json()["calibrated"] is True and r.json()["temperature"] == temperature
     assert client.get("/api/health").json() == {"status": "ok", "model": "lensnet_light", "backend": "torch",
                                                 "warmed_up": True}
 
@@ -172,6 +175,7 @@ def test_predict_topk_and_health_model_docs(client, trained):
     assert info["methods"] == list_methods() and info["default_method"] == "gradcam"
     assert info["backend"] == "torch" and info["explain_backend"] == "torch"
     assert info["limits"]["max_upload_bytes"] == LIMIT and str(run_dir) not in json.dumps(info)
+    assert info["probabilities"] == {"calibrated": True, "temperature": temperature}
 
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
@@ -427,6 +431,7 @@ def test_onnx_backend_predicts_what_torch_predicts(onnx_server, server, trained)
             a = onnx.post("/api/predict", files=upload(image)).json()
             b = torch_.post("/api/predict", files=upload(image)).json()
             assert a["backend"] == "onnx" and a["top"][0]["label"] == b["top"][0]["label"]
+            assert a["calibrated"] and a["temperature"] == b["temperature"]  # T inside the ONNX graph
             assert np.allclose([t["prob"] for t in a["top"]], [t["prob"] for t in b["top"]], atol=1e-4)
         r = onnx.post("/api/explain", files=upload(encode(rgb(data, 0), "png")))
         assert r.status_code == 200 and r.headers["x-explain-backend"] == "torch"
@@ -462,6 +467,23 @@ def test_serve_command(onnx_server):
     assert f"on http://127.0.0.1:{port}/" in out and "server stopped" in out
     assert "exporting" not in out and "Traceback" not in out
     assert out.index("warmed up: one prediction") < out.index(f"on http://127.0.0.1:{port}/")  # warm, then open
+
+
+def test_serving_without_calibration_gives_the_raw_softmax(trained, client):
+    from cifarlens.api import load_run
+
+    run_dir, data = trained
+    image = encode(rgb(data, 3), "png")
+    raw_run = load_run(run_dir, calibrated=False)
+    with LiveServer(create_app(run_dir, calibrated=False)) as live, httpx.Client(base_url=live.url, timeout=60) as raw:
+        assert raw.get("/api/model").json()["probabilities"] == {"calibrated": False, "temperature": None}
+        a = raw.post("/api/predict", files=upload(image)).json()
+    b = client.post("/api/predict", files=upload(image)).json()
+    assert a["calibrated"] is False and a["top"][0]["label"] == b["top"][0]["label"]
+    from cifarlens.images import load_image
+
+    want = raw_run.predict_proba(load_image(image, 3, 32)[None])[0].max().item()
+    assert a["top"][0]["prob"] == pytest.approx(want, abs=1e-5)
 
 
 def test_serve_refuses_a_busy_port_and_bad_flags(trained, capsys):
@@ -538,6 +560,7 @@ def test_page_in_a_real_browser(browser, server, trained, tmp_path):
     browser.get(server.url + "/")
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#method option"))
     assert "lensnet_light" in browser.find_element(By.ID, "model-name").text
+    assert "Probabilities are calibrated (temperature scaling, T = " in browser.find_element(By.ID, "backend-note").text
     browser.find_element(By.ID, "file").send_keys(str(image))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 5)
     wait.until(lambda d: d.execute_script("const i = document.getElementById('overlay');"

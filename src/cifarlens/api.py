@@ -1,9 +1,10 @@
-"""The Python API the CLI, the web app and the tests share: train, evaluate, load a run, predict."""
+"""The Python API the CLI, the web app and the tests share: train, calibrate, evaluate, load a run
+(:mod:`cifarlens.inference`), predict."""
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,10 +13,10 @@ from torch import Tensor, nn
 
 from cifarlens import distributed, tracking
 from cifarlens import metrics as M
-from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights, save_checkpoint, save_weights
+from cifarlens.calibration import TemperatureFit, expected_calibration_error, fit_temperature, nll
+from cifarlens.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict
-from cifarlens.data.augment import normalize
-from cifarlens.data.base import DatasetInfo, Split
+from cifarlens.data.base import Split
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_policies
 from cifarlens.distributed import World
@@ -25,14 +26,11 @@ from cifarlens.engine import (
     TrainingDiverged,
     WeightEMA,
     fit,
-    forward_tta,
     predict_logits,
-    resolve_device,
 )
 from cifarlens.errors import CifarlensError
-from cifarlens.images import ImageSource, load_image
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
-from cifarlens.models import create_model, model_info, unwrap_model
+from cifarlens.models import model_info, unwrap_model
 from cifarlens.models.registry import forward_flops
 from cifarlens.models.weights import describe_init, input_info, load_initial_weights
 from cifarlens.recipes import (
@@ -43,14 +41,10 @@ from cifarlens.recipes import (
     resolve_choices,
     resolve_train,
 )
+from cifarlens.inference import Prediction, Run, build_model, load_run  # noqa: F401 (re-exported)
 from cifarlens.runs import SPLIT_FILES, RunDir, environment_record, info_to_dict, source_to_dict
 
 EVAL_BATCH_SIZE = 512
-
-
-def build_model(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
-    return create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-                        **cfg.model.kwargs)
 
 
 def train(
@@ -241,6 +235,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if not evaluate_test:
         tracker.finish(run, None, train_seconds, state.epoch)
         return {"train_seconds": train_seconds}
+    if tc.calibrate:
+        calibrate_run(run.path, device=str(device), bundle=bundle, log=run.log)
     result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
     if report:
         from cifarlens.report import default_budget, write_report
@@ -278,6 +274,33 @@ def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, dev
         raise CifarlensError(f"{run.last_checkpoint} is incomplete ({err}); start the run again with --force") from None
 
 
+def calibrate_run(
+    run_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    device: str = "auto",
+    bundle: DataBundle | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TemperatureFit | None:
+    """Fit the run's temperature on its validation split (the best weights, with the run's TTA)
+    and record it in run.json (``calibration``), where :func:`load_run` finds it. Returns the
+    fit, or None when the run has no validation images (nothing is recorded then)."""
+    run = RunDir(run_dir)
+    loaded = load_run(run.path, device=device, calibrated=False)
+    val: Split = loaded.data(data_dir, bundle).val
+    say = log or run.log
+    if len(val) == 0:
+        say("calibration skipped: the run has no validation images to fit a temperature on")
+        return None
+    loader = make_loader(val, loaded.info, EVAL_BATCH_SIZE, loaded.device)
+    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta)
+    fit = fit_temperature(logits, labels)
+    run.write_meta(calibration={**fit.as_dict(), "fitted_on": "val"})
+    say(f"calibration: temperature {fit.temperature:.3f} fitted on {fit.images} validation images "
+        f"(NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}, ECE {fit.ece_before:.2%} -> {fit.ece_after:.2%})")
+    return fit
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -285,116 +308,51 @@ def evaluate_run(
     data_dir: str | None = None,
     device: str = "auto",
     bundle: DataBundle | None = None,
+    calibrated: bool = True,
 ) -> dict:
-    """Evaluate a run's best weights on ``split`` and write metrics, predictions and plots."""
+    """Evaluate a run's best weights on ``split`` and write metrics, predictions and plots.
+
+    With ``calibrated`` (default) and a fitted temperature, confidences, NLL and the predictions
+    file use calibrated probabilities; ``calibration`` in the result gives ECE and NLL with and
+    without it (accuracy is the same either way)."""
     if split not in ("test", "val"):
         raise CifarlensError(f"--split must be test or val, got {split!r}")
     run = RunDir(run_dir)
-    loaded = load_run(run.path, device=device)
+    loaded = load_run(run.path, device=device, calibrated=calibrated)
     data: Split = getattr(loaded.data(data_dir, bundle), split)
     # Normalise with the run's own statistics (for imagefolder they came from its training data).
     loader = make_loader(data, loaded.info, EVAL_BATCH_SIZE, loaded.device)
-    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta)
+    raw, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta)
+    logits = loaded.scale(raw)
     result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
-    write_evaluation(run, split, result, logits, labels, loaded.info.classes)
+    if len(labels):
+        result["calibration"] = loaded.calibration_info() | {
+            "ece": expected_calibration_error(logits.softmax(dim=1), labels), "nll": nll(logits, labels),
+            "ece_uncalibrated": expected_calibration_error(raw.softmax(dim=1), labels), "nll_uncalibrated": nll(raw, labels)}
+    write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw)
     return result
 
 
 def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labels: Tensor,
-                     classes: Sequence[str]) -> None:
+                     classes: Sequence[str], raw_logits: Tensor | None = None) -> None:
+    """metrics, predictions (with ``raw_logits``, also the top-1 confidence before calibration),
+    a text report and the confusion matrix of one split."""
     from cifarlens.plots import plot_confusion_matrix
 
     metrics_file, predictions_file, report_file, cm_file = (run.split_file(p, split) for p in SPLIT_FILES)
     atomic_write_json(metrics_file, result)
     probs = logits.softmax(dim=1)
     confidence, prediction = probs.max(dim=1)
+    raw = (raw_logits if raw_logits is not None else logits).softmax(dim=1).gather(1, prediction[:, None])[:, 0]
 
     def write_predictions(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "label", "prediction", "confidence"])
-            for i, (y, p, c) in enumerate(zip(labels.tolist(), prediction.tolist(), confidence.tolist())):
-                writer.writerow([i, classes[y], classes[p], f"{c:.6f}"])
+            writer.writerow(["index", "label", "prediction", "confidence", "confidence_uncalibrated"])
+            for i, (y, p, c, r) in enumerate(zip(labels.tolist(), prediction.tolist(), confidence.tolist(), raw.tolist())):
+                writer.writerow([i, classes[y], classes[p], f"{c:.6f}", f"{r:.6f}"])
 
     atomic_write(predictions_file, write_predictions)
     atomic_write_text(report_file, M.classification_report_text(result))
     cm = torch.tensor(result["confusion_matrix"])
     plot_confusion_matrix(cm, classes, cm_file, title=f"{run.path.name}: {split} ({len(labels)} images)")
-
-
-@dataclass
-class Prediction:
-    """Top-k classes of one image, most probable first."""
-
-    labels: list[str]
-    probs: list[float]
-    indices: list[int]
-
-    def as_dict(self) -> dict:
-        return {"top": [{"label": l, "index": i, "prob": p} for l, i, p in zip(self.labels, self.indices, self.probs)]}
-
-
-class Run:
-    """A trained run, ready to predict: the model (eval mode), its classes and preprocessing."""
-
-    def __init__(self, path: Path, config: RunConfig, info: DatasetInfo, model: nn.Module, device: torch.device):
-        self.path, self.config, self.info, self.model, self.device = path, config, info, model, device
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return self.info.classes
-
-    @property
-    def tta(self) -> bool:
-        """Whether this run's predictions average the image and its mirror image (as its metrics did)."""
-        return bool(self.config.train.tta) and self.info.hflip
-
-    def data(self, data_dir: str | None = None, bundle: DataBundle | None = None) -> DataBundle:
-        """The run's dataset with its own seeded train/val split, read from ``data_dir``
-        (default: where it was trained from); refuses data with other classes."""
-        cfg = self.config.data if data_dir is None else replace(self.config.data, data_dir=data_dir)
-        if bundle is None:
-            bundle = prepare_data(cfg, self.config.train.seed)
-        if tuple(bundle.info.classes) != tuple(self.classes):
-            raise CifarlensError(
-                f"the data in {cfg.data_dir} has classes {list(bundle.info.classes)[:5]}..., but the run was "
-                f"trained on {list(self.classes)[:5]}...; point --data-dir at the run's dataset"
-            )
-        return bundle
-
-    def preprocess(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
-        """Images (paths, bytes, PIL images) or a uint8 (B, C, H, W) tensor -> normalised float batch."""
-        if not isinstance(images, Tensor):
-            images = torch.stack([load_image(img, self.info.in_channels, self.info.image_size) for img in images])
-        return normalize(images.to(self.device), self.info.mean, self.info.std)
-
-    @torch.no_grad()
-    def predict_proba(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
-        """Class probabilities (B, num_classes), softmax of the logits."""
-        return forward_tta(self.model, self.preprocess(images), self.tta).float().softmax(dim=1).cpu()
-
-    def predict(self, images: Sequence[ImageSource] | Tensor, topk: int = 5) -> list[Prediction]:
-        probs = self.predict_proba(images)
-        values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
-        return [
-            Prediction([self.classes[i] for i in idx.tolist()], vals.tolist(), idx.tolist())
-            for vals, idx in zip(values, indices)
-        ]
-
-
-def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
-    """Load a run folder's best weights (safetensors) into its model, in eval mode."""
-    run = RunDir(run_dir)
-    run.require_run()
-    cfg, info = run.config(), run.info()
-    dev = resolve_device(device)
-    model = build_model(cfg, info)
-    if run.weights.is_file():
-        state, source = load_weights(run.weights), run.weights
-    elif run.last_checkpoint.is_file():  # a run stopped before its first improvement was saved
-        state, source = load_checkpoint(run.last_checkpoint)["model"], run.last_checkpoint
-    else:
-        raise CifarlensError(f"{run.path} has no trained weights yet (model.safetensors); train it first")
-    load_state_into(model, state, source)
-    model.to(dev).eval()
-    return Run(run.path, cfg, info, model, dev)

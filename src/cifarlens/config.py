@@ -30,7 +30,7 @@ class DataConfig:
     val_fraction: float = 0.1  # carved from train (stratified, seeded) unless the dataset ships val/
     augment: str | None = None  # see cifarlens.data.augment.AUGMENT_LEVELS; None = the dataset's default
     # added to the level, see cifarlens.data.policies: cutout, erasing, autoaugment, randaugment,
-    # trivialaugment, mixup, cutmix (CLI: --augment standard+cutout+autoaugment)
+    # trivialaugment, mixup, cutmix, noise (CLI: --augment standard+cutout+autoaugment)
     policies: list[str] = field(default_factory=list)
     cutout_size: int = 16  # side of the Cutout square in pixels (DeVries & Taylor 2017: 16 for CIFAR-10, 8 for CIFAR-100)
     erasing_prob: float = 0.5  # RandomErasing: share of images erased (Zhong et al. 2017)
@@ -40,6 +40,8 @@ class DataConfig:
     mixup_prob: float = 1.0  # share of images mixed up (of those not cut-mixed when both are on)
     cutmix_alpha: float = 1.0  # CutMix: lambda ~ Beta(alpha, alpha) per image (Yun et al. 2019: 1 for CIFAR)
     cutmix_prob: float = 0.5  # share of images cut-mixed (Yun et al. 2019 on CIFAR)
+    noise_std: float = 0.1  # noise: Gaussian noise of std U(0, noise_std) (in [0, 1] pixel units) ...
+    noise_prob: float = 0.5  # ... on this share of the images
     image_size: int | None = None  # None = the dataset's native size (imagefolder: 32)
     crop_padding: int = 4  # pixels of padding for the random crop
     flip: str = "random"  # "random" | "alternating": each image mirrored every other epoch (Jordan 2024)
@@ -84,6 +86,9 @@ class TrainConfig:
     tta: bool | None = None  # evaluate on the image and its mirror image, averaging logits
     freeze_epochs: int | None = None  # first epochs train the head only (backbone frozen, its BN in eval); 0 = off
     backbone_lr_scale: float | None = None  # backbone lr = lr * this (the head gets lr); 1 = same
+    # after training, fit a temperature on the validation split (Guo et al. 2017), used by evaluate,
+    # predict, the API, serve and export unless they are told --no-calibration
+    calibrate: bool = True
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + grad scaler)

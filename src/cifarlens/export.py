@@ -5,6 +5,12 @@ loads) and refuses to keep a file whose logits differ from PyTorch's by more tha
 the tolerance, on a random batch and on real images. ``export_safetensors`` writes the
 weights plus a JSON sidecar (classes, mean/std, model name and options), everything
 needed to rebuild the model without the run folder.
+
+A calibrated run (one with a fitted temperature, see :mod:`cifarlens.calibration`) is exported
+with the temperature inside the ONNX graph: its ``logits`` output is already divided by T, so
+its softmax gives the calibrated probabilities that ``predict`` shows (``calibrated=False``
+exports the raw logits). The metadata says which. The safetensors export carries T in its
+description (``calibration``); the weights themselves are the raw model's.
 """
 
 from __future__ import annotations
@@ -50,8 +56,19 @@ def weights_digest(run_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+class _Scaled(torch.nn.Module):
+    """``model``'s logits divided by a fixed temperature (a constant in the exported graph)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
 def describe_run(run) -> dict:
-    """What a consumer of exported weights needs: model name/options, classes, preprocessing."""
+    """What a consumer of exported weights needs: model name/options, classes, preprocessing, calibration."""
     from cifarlens import __version__
     from cifarlens.models import model_info
 
@@ -70,6 +87,7 @@ def describe_run(run) -> dict:
         "dataset": info_to_dict(run.info),
         "preprocessing": PREPROCESSING,
         "test_metrics": test_metrics,
+        "calibration": run.calibration_info(),
         "weights_sha256": weights_digest(run.path),
     }
 
@@ -87,6 +105,7 @@ def export_onnx(
     batch_dynamic: bool = True,
     images: Sequence[ImageSource] | None = None,
     log: Callable[[str], None] | None = None,
+    calibrated: bool = True,
 ) -> tuple[Path, float]:
     """Export a run's best weights to ONNX (default ``RUN_DIR/model.onnx``); return (path, max |diff|).
 
@@ -94,15 +113,18 @@ def export_onnx(
     ``ONNX_TOLERANCE`` on a random batch and on real images (``images``, else the
     first test images of the run's dataset when it is still on disk, else random
     uint8 images through the real preprocessing; reading a large image folder takes a
-    while, so pass ``images`` there). Raises CifarlensError otherwise.
+    while, so pass ``images`` there). Raises CifarlensError otherwise. With ``calibrated`` (default)
+    and a fitted temperature, the output is the logits divided by it.
     """
     from cifarlens.api import load_run
     from cifarlens.models import unwrap_model
 
     log = log or (lambda line: None)
-    run = load_run(run_dir, device="cpu")
+    run = load_run(run_dir, device="cpu", calibrated=calibrated)
     out = Path(out) if out is not None else run.path / ONNX_FILE
     model = unwrap_model(run.model).eval()
+    if run.calibrated:
+        model = _Scaled(model, run.temperature).eval()
     c, s = run.info.in_channels, run.info.image_size
     example = torch.zeros(2 if batch_dynamic else 1, c, s, s)  # torch.export specialises a size-1 dim
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if batch_dynamic else None
@@ -112,6 +134,7 @@ def export_onnx(
     batches = {"random normal": torch.randn(CHECK_BATCH, c, s, s, generator=gen),
                real_source: run.preprocess(real).cpu()}
     description = describe_run(run) | {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                                       "output_is": "logits divided by the temperature" if run.calibrated else "logits",
                                        "batch_dynamic": batch_dynamic}
 
     def write(tmp: Path) -> None:
@@ -207,13 +230,16 @@ def onnx_metadata(path: str | Path) -> dict:
     return {}
 
 
-def onnx_is_current(run_dir: str | Path, path: str | Path | None = None) -> bool:
-    """Whether ``path`` (default RUN_DIR/model.onnx) exists and was exported from the run's current weights."""
+def onnx_is_current(run_dir: str | Path, path: str | Path | None = None, temperature: float | None = None) -> bool:
+    """Whether ``path`` (default RUN_DIR/model.onnx) exists and was exported from the run's current
+    weights with ``temperature`` (None: uncalibrated) in its graph."""
     path = Path(path) if path is not None else Path(run_dir) / ONNX_FILE
     if not path.is_file():
         return False
     try:
-        return onnx_metadata(path).get("weights_sha256") == weights_digest(run_dir)
+        meta = onnx_metadata(path)
+        return (meta.get("weights_sha256") == weights_digest(run_dir)
+                and (meta.get("calibration") or {}).get("temperature") == temperature)
     except CifarlensError:
         return False
 
@@ -223,7 +249,7 @@ def onnx_is_current(run_dir: str | Path, path: str | Path | None = None) -> bool
 # ---------------------------------------------------------------------------
 
 
-def export_safetensors(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, calibrated: bool = True) -> Path:
     """Write the run's best weights to ``out`` (default RUN_DIR/export/model.safetensors) plus ``out.json``.
 
     The safetensors header and the JSON sidecar carry the same description (model
@@ -234,7 +260,7 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None) -> Pa
     from cifarlens.checkpoint import save_weights
     from cifarlens.models import unwrap_model
 
-    run = load_run(run_dir, device="cpu")
+    run = load_run(run_dir, device="cpu", calibrated=calibrated)
     out = Path(out) if out is not None else run.path / "export" / "model.safetensors"
     if out.suffix != ".safetensors":
         raise CifarlensError(f"--out {out} should end in .safetensors")

@@ -32,15 +32,16 @@ The draws follow the generator's distributions, not its random streams: images m
 CIFAR-10-C's in distribution, not pixel for pixel.
 
 Public API: :data:`CORRUPTIONS` (registry of :class:`Corruption`), :func:`corrupt`,
-:func:`list_corruptions`, :func:`severity_measure`, :class:`CorruptionsDir`.
+:func:`list_corruptions`, :func:`missing_requirement`, :func:`severity_measure`, :class:`CorruptionsDir`.
 """
 
 from cifarlens.corruptions.catalog import (
-    CORRUPTIONS, FAMILIES, MAX_SEVERITY, Corruption, corrupt, list_corruptions, make_generator, severity_measure,
+    CORRUPTIONS, FAMILIES, MAX_SEVERITY, Corruption, corrupt, list_corruptions, make_generator, missing_requirement,
+    severity_measure,
 )
 from cifarlens.corruptions.npy import CorruptionsDir
 
 __all__ = [
     "CORRUPTIONS", "FAMILIES", "MAX_SEVERITY", "Corruption", "CorruptionsDir", "corrupt", "list_corruptions",
-    "make_generator", "severity_measure",
+    "make_generator", "missing_requirement", "severity_measure",
 ]

@@ -116,6 +116,18 @@ def list_corruptions(family: str | None = None) -> list[str]:
     return [n for n in _PAPER_ORDER if family is None or CORRUPTIONS.get(n).family == family]
 
 
+def missing_requirement(name: str) -> str | None:
+    """Why corruption ``name`` cannot run in this installation (None: it can). Only frost needs
+    more than cifarlens itself: the paper's frost photographs, from the ``corruptions`` extra."""
+    CORRUPTIONS.get(name)
+    if name == "frost":
+        from cifarlens.corruptions.weather import frost_folder
+
+        if frost_folder() is None:
+            return "needs the paper's frost photographs: pip install 'cifarlens[corruptions]'"
+    return None
+
+
 def severity_measure(name: str, severity: int) -> float:
     """The scalar corruption ``name`` claims grows with severity (0.0 at severity 0)."""
     return CORRUPTIONS.get(name).severity_measure(severity)

@@ -1,11 +1,11 @@
-"""Augmentation policies added to a level (``data.policies``): Cutout, RandomErasing, AutoAugment,
-RandAugment, TrivialAugmentWide, MixUp and CutMix.
+"""Augmentation policies added to a level (``data.policies``): Cutout, RandomErasing, Gaussian
+noise, AutoAugment, RandAugment, TrivialAugmentWide, MixUp and CutMix.
 
 Each is registered in ``POLICIES`` with the stage of the batched pipeline it runs in, whatever
 order they are listed in (see :class:`cifarlens.data.augment.BatchAugment`):
 
 1. ``image``: uint8 (B, C, H, W) -> uint8, after the level's crop and flip (the auto policies);
-2. ``tensor``: normalised float (B, C, H, W) -> float, after normalisation (Cutout, RandomErasing);
+2. ``tensor``: normalised float (B, C, H, W) -> float, after normalisation (Cutout, RandomErasing, noise);
 3. ``mix``: images and labels -> images and soft targets (B, K), in the loader (MixUp, CutMix).
 
 Every random parameter is drawn per image from the loader's ``torch.Generator`` on the training
@@ -96,6 +96,29 @@ class RandomErasing:
         return torch.where(inside, noise, x)
 
 
+@dataclass(frozen=True)
+class GaussianNoise:
+    """Additive Gaussian noise, a robustness augmentation: with probability ``p`` per image, noise of
+    a standard deviation drawn uniformly from [0, ``max_std``] (in units of the [0, 1] pixel range,
+    like CIFAR-10-C's gaussian_noise: 0.04-0.10) is added to every pixel and channel, and the result
+    clipped to the range of real pixels, as CIFAR-10-C clips. Runs after normalisation, so noise and
+    range are divided by each channel's std. Mild noise is what breaks whitened first layers
+    (docs/explain-and-report.md, *The noise collapse*)."""
+
+    mean: tuple[float, ...]  # the normalisation's per-channel mean and std
+    std: tuple[float, ...]
+    max_std: float = 0.1
+    p: float = 0.5
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        b, device = x.shape[0], x.device
+        sigma = _uniform(b, generator, device, 0.0, self.max_std) * (torch.rand(b, device=device, generator=generator) < self.p)
+        noise = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)  # (B, C, H, W)
+        mean, std = channel_constant(self.mean, device, x.dtype), channel_constant(self.std, device, x.dtype)
+        noisy = x + noise * sigma.view(-1, 1, 1, 1).to(x.dtype) / std
+        return torch.maximum(torch.minimum(noisy, (1 - mean) / std), -mean / std)  # pixels stay in [0, 1]
+
+
 def sample_beta(alpha: float, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """(n,) draws of Beta(alpha, alpha) from ``generator``. torch.distributions.Beta has no
     generator argument; Beta is G1 / (G1 + G2) for independent Gamma(alpha) draws, and
@@ -159,6 +182,8 @@ POLICIES.register("cutout")(Policy("tensor", lambda cfg, info: Cutout(cfg.cutout
                                    lambda cfg: f"Cutout {cfg.cutout_size}x{cfg.cutout_size}"))
 POLICIES.register("erasing")(Policy("tensor", lambda cfg, info: RandomErasing(info.mean, info.std, cfg.erasing_prob),
                                     lambda cfg: f"RandomErasing p={cfg.erasing_prob:g}"))
+POLICIES.register("noise")(Policy("tensor", lambda cfg, info: GaussianNoise(info.mean, info.std, cfg.noise_std, cfg.noise_prob),
+                                  lambda cfg: f"Gaussian noise std U(0, {cfg.noise_std:g}) p={cfg.noise_prob:g}"))
 POLICIES.register("autoaugment")(Policy("image", lambda cfg, info: AutoAugment(),
                                         lambda cfg: "AutoAugment (CIFAR-10 policy)"))
 POLICIES.register("randaugment")(Policy("image", lambda cfg, info: RandAugment(cfg.randaugment_n, cfg.randaugment_m),
@@ -189,6 +214,8 @@ def check_policies(cfg: DataConfig) -> None:
         (cfg.cutmix_alpha > 0, f"data.cutmix_alpha must be > 0, got {cfg.cutmix_alpha}"),
         (0.0 <= cfg.mixup_prob <= 1.0, f"data.mixup_prob must be in [0, 1], got {cfg.mixup_prob}"),
         (0.0 <= cfg.cutmix_prob <= 1.0, f"data.cutmix_prob must be in [0, 1], got {cfg.cutmix_prob}"),
+        (cfg.noise_std > 0, f"data.noise_std must be > 0, got {cfg.noise_std}"),
+        (0.0 <= cfg.noise_prob <= 1.0, f"data.noise_prob must be in [0, 1], got {cfg.noise_prob}"),
     ]
     for ok, message in checks:
         if not ok:

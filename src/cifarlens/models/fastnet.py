@@ -80,8 +80,9 @@ class _Head(nn.Module):
 
 class FastNet(ClassifierBase):
     def __init__(self, num_classes: int, in_channels: int = 3, widths: Sequence[int] = (64, 256, 256),
-                 bn_momentum: float = 0.4, logit_scale: float = 1 / 9):
+                 bn_momentum: float = 0.4, logit_scale: float = 1 / 9, whiten_eps: float = 5e-4):
         super().__init__(num_classes, in_channels)
+        self.whiten_eps = whiten_eps  # added to the eigenvalues before 1/sqrt: bounds the gain of faint directions
         widths = tuple(widths)
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise CifarlensError(f"FastNet widths must be a non-empty list of positive integers, got {widths!r}")
@@ -100,8 +101,10 @@ class FastNet(ClassifierBase):
         self.cam_layer = f"blocks.{max(len(widths) - 2, 0)}"
 
     @torch.no_grad()
-    def data_init(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the whitening filters from normalised training images (N, C, H, W)."""
+    def data_init(self, images: torch.Tensor, eps: float | None = None) -> None:
+        """Set the whitening filters from normalised training images (N, C, H, W); ``eps``
+        (default: the model's ``whiten_eps``) is added to each eigenvalue before its 1/sqrt."""
+        eps = self.whiten_eps if eps is None else eps
         k = WHITEN_KERNEL
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H-1, W-1, k, k)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * k * k)  # (P, C*k*k)
@@ -119,13 +122,13 @@ class FastNet(ClassifierBase):
 
 @register_model("fastnet", recipe="fast_cpu", gpu_recipe="fast")
 def fastnet(num_classes: int, in_channels: int = 3, widths: Sequence[int] = (64, 256, 256),
-            bn_momentum: float = 0.4, logit_scale: float = 1 / 9) -> FastNet:
+            bn_momentum: float = 0.4, logit_scale: float = 1 / 9, whiten_eps: float = 5e-4) -> FastNet:
     """The airbench-style network at full width (for GPUs)."""
-    return FastNet(num_classes, in_channels, widths, bn_momentum, logit_scale)
+    return FastNet(num_classes, in_channels, widths, bn_momentum, logit_scale, whiten_eps)
 
 
 @register_model("fastnet_cpu", recipe="fast_cpu", gpu_recipe="fast")
 def fastnet_cpu(num_classes: int, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128),
-                bn_momentum: float = 0.4, logit_scale: float = 1 / 9) -> FastNet:
+                bn_momentum: float = 0.4, logit_scale: float = 1 / 9, whiten_eps: float = 5e-4) -> FastNet:
     """A narrower FastNet sized for a few CPU cores; the default model."""
-    return FastNet(num_classes, in_channels, widths, bn_momentum, logit_scale)
+    return FastNet(num_classes, in_channels, widths, bn_momentum, logit_scale, whiten_eps)

@@ -141,6 +141,24 @@ def _curves_png(rd, meta: dict) -> bytes | None:
     return file_png(plot_training_curves, history) if history else None
 
 
+def _saved_robustness(run):
+    """(table, note) from ``cifarlens robustness`` (RUN/robustness.json) when it is about the current
+    weights, else None: the full protocol, or the official files, instead of a budgeted subset."""
+    from cifarlens.report.cifar_c import RESULT_FILE, load_reference
+    from cifarlens.report.predictions import _weights_file
+    from cifarlens.runs import RunDir
+
+    path, weights = run.path / RESULT_FILE, _weights_file(RunDir(run.path))
+    if weights is None or not path.is_file() or path.stat().st_mtime_ns < weights.stat().st_mtime_ns:
+        return None
+    try:
+        table = load_reference(path)
+    except Exception:  # damaged or from another version: measure again
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    return table, f"From cifarlens robustness ({path.name}, {when}), not recomputed for this report."
+
+
 def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_images: int | None,
                 severities: Sequence[int] | None, notes: list[str]):
     """(RobustnessTable | None, note for the page). With ``budget_s``, what the report has left of
@@ -152,6 +170,10 @@ def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_
 
     if len(test) == 0:
         return None, "The test split is empty."
+    saved = _saved_robustness(run)
+    if saved is not None:
+        notes.append("read from robustness.json")
+        return saved
     max_images = DEFAULT_MAX_IMAGES if max_images is None else (max_images or None)  # 0: every image
     grid = tuple(severities or DEFAULT_SEVERITIES)
     if budget_s is None:
@@ -199,7 +221,7 @@ def build_report_data(
     from cifarlens import metrics as M
     from cifarlens.config import to_dict
     from cifarlens.report import figures as F
-    from cifarlens.report.calibration import reliability_bins_from_confidence
+    from cifarlens.calibration import reliability_bins_from_confidence
     from cifarlens.report.html import Budget, ReportData
     from cifarlens.report.predictions import compute_predictions, saved_predictions
     from cifarlens.runs import RunDir
@@ -213,7 +235,7 @@ def build_report_data(
         notes.append("already in memory" if bundle is not None else "read from disk")
         test = run.data(data_dir, bundle).test
     with clock.part("test predictions") as notes:
-        preds = saved_predictions(rd, test.labels, run.classes)
+        preds = saved_predictions(rd, test.labels, run.classes, run.temperature)
         if preds is None:
             preds = compute_predictions(run, test)
             notes.append(f"{len(test)} images predicted")
@@ -223,6 +245,8 @@ def build_report_data(
     with clock.part("metrics and figures"):
         metrics = preds.metrics
         bins = reliability_bins_from_confidence(preds.confidence, preds.correct)
+        before = (reliability_bins_from_confidence(preds.confidence_uncalibrated, preds.correct)
+                  if run.calibrated and preds.confidence_uncalibrated is not None else None)
         cm = torch.tensor(metrics["confusion_matrix"])
         meta = rd.meta()
         env_path = rd / "environment.json"
@@ -244,7 +268,10 @@ def build_report_data(
             metrics=metrics,
             metrics_source=preds.source,
             calibration=bins,
-            reliability_png=F.reliability_diagram(bins),
+            reliability_png=F.reliability_diagram(bins, "after temperature scaling" if before else ""),
+            calibration_before=before,
+            reliability_before_png=F.reliability_diagram(before, "before temperature scaling") if before else None,
+            temperature=run.temperature,
             confusion_png=_confusion_png(rd, metrics, cm, classes),
             confused_pairs=M.most_confused_pairs(cm, classes, k=10),
             curves_png=_curves_png(rd, meta),
@@ -261,6 +288,7 @@ def build_report_data(
                                                       max_images=max_robustness_images, severities=severities)
             if table is not None:
                 data.robustness, data.robustness_png = table, F.robustness_plot(table)
+                data.robustness_classes_png = F.robustness_class_heatmap(table)
     else:
         data.robustness_note = "Skipped (--no-robustness)."
     data.timings = dict(clock.times)

@@ -1,4 +1,4 @@
-"""``cifarlens report``, ``cifarlens baselines`` and ``cifarlens compare``."""
+"""``cifarlens report``, ``cifarlens robustness``, ``cifarlens baselines`` and ``cifarlens compare``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,49 @@ def cmd_report(args) -> int:
                         log=lambda line: print(line, flush=True))
     print(f"report written to {path}")
     return 0
+
+
+def cmd_robustness(args) -> int:
+    from cifarlens.api import load_run
+    from cifarlens.errors import CifarlensError
+    from cifarlens.report import cifar_c
+
+    severities = _int_list(args.severities, "--severities")
+    if any(not 1 <= s <= cifar_c.MAX_SEVERITY for s in severities):
+        raise CifarlensError(f"--severities must lie in 1..{cifar_c.MAX_SEVERITY}, got {args.severities}")
+    if args.images is not None and args.images < 1:
+        raise CifarlensError(f"--images must be >= 1, got {args.images}")
+    names = [n.strip() for n in args.corruptions.split(",")] if args.corruptions else None
+    unknown = [n for n in names or [] if n not in cifar_c.list_corruptions()]
+    if unknown:
+        raise CifarlensError(f"unknown corruption {', '.join(unknown)}; choose from: {', '.join(cifar_c.list_corruptions())}")
+    reference = cifar_c.load_reference(args.reference) if args.reference else None  # before the long part
+    run = load_run(args.run_dir, device=args.device)
+    test = run.data(args.data_dir).test
+    common = dict(severities=severities, corruptions=names, max_images=args.images, seed=args.seed)
+    if args.corruptions_dir:
+        print(f"reading the CIFAR-C files in {args.corruptions_dir}", flush=True)
+        table = cifar_c.evaluate_files(run, args.corruptions_dir, clean_split=test,
+                                       log=lambda line: print(line, flush=True), **common)
+    else:
+        n = min(args.images or len(test), len(test))
+        print(f"generating {len(names or cifar_c.list_corruptions())} corruptions x {len(severities)} severities "
+              f"of {n:,} test images (seed {args.seed})", flush=True)
+        table = cifar_c.evaluate_generated(run, test, **common)
+    errors = cifar_c.corruption_errors(table, reference) if reference else None
+    print(cifar_c.format_result(table, errors), end="")
+    path = cifar_c.write_result(run.path, table, errors, args.reference)
+    print(f"written to {path}")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from cifarlens.errors import CifarlensError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CifarlensError(f"{flag} expects comma-separated integers, e.g. 1,3,5; got {text!r}") from None
 
 
 def cmd_baselines(args) -> int:
@@ -52,6 +95,25 @@ def add_commands(sub) -> None:
                    help="keep the report within about SECONDS by shrinking the robustness subset, as the "
                         "report written after training does (default: no limit, the full report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("robustness", help="accuracy under the 15 CIFAR-10-C corruptions x 5 severities, and mCE",
+                       description="The CIFAR-10-C protocol (Hendrycks & Dietterich 2019) on a run's test split: "
+                                   "corruptions generated here (seeded), or the official .npy files of CIFAR-10-C / "
+                                   "CIFAR-100-C with --corruptions-dir. Prints accuracy per corruption and severity, "
+                                   "the mean corruption accuracy and, with --reference, the mCE and relative mCE; "
+                                   "writes RUN_DIR/robustness.json (per-class accuracies included).")
+    p.add_argument("run_dir")
+    p.add_argument("--corruptions-dir", metavar="DIR",
+                   help="the official files (labels.npy and <corruption>.npy, 5 x 10,000 images each)")
+    p.add_argument("--reference", metavar="RUN_DIR|FILE",
+                   help="a run evaluated the same way before (its robustness.json): adds CE, mCE and relative mCE")
+    p.add_argument("--images", type=int, metavar="N", help="a seeded subset of N test images (default: all)")
+    p.add_argument("--severities", default="1,2,3,4,5", help="comma-separated, 1..5 (default all five)")
+    p.add_argument("--corruptions", metavar="NAMES", help="comma-separated subset of the 15 (default all)")
+    p.add_argument("--seed", type=int, default=0, help="noise and subset seed (default 0)")
+    p.add_argument("--data-dir", help="where the run's dataset is now (default: the run's own data_dir)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_robustness)
 
     p = sub.add_parser("baselines", help="published test accuracies (with citations) for the built-in datasets")
     p.add_argument("--dataset", choices=list(DATASETS), help="only this dataset (default: all)")

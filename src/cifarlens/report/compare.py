@@ -18,8 +18,8 @@ from cifarlens.config import to_dict
 from cifarlens.errors import CifarlensError
 from cifarlens.models.weights import describe_init
 from cifarlens.report.baselines import text_table
-from cifarlens.report.calibration import reliability_bins_from_confidence
-from cifarlens.report.html import duration, flatten, flops_text, params_text
+from cifarlens.calibration import reliability_bins_from_confidence
+from cifarlens.report.markup import duration, flatten, flops_text, params_text
 from cifarlens.runs import RunDir
 
 __all__ = ["compare_runs", "config_differences", "run_summary"]

@@ -15,12 +15,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cifarlens.report.calibration import ReliabilityBins
+from cifarlens.calibration import ReliabilityBins
 from cifarlens.report.robustness import RobustnessTable
 
 DPI = 110  # figures are shown at about page width; the house DPI (150) makes the HTML heavy
@@ -61,7 +62,7 @@ def read_history(path: Path) -> list[dict]:
         return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def reliability_diagram(bins: ReliabilityBins) -> bytes:
+def reliability_diagram(bins: ReliabilityBins, subtitle: str = "") -> bytes:
     """Accuracy per confidence bin against the diagonal, with the bin counts below."""
     fig = _figure(6.0, 6.0)
     top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
@@ -79,7 +80,8 @@ def reliability_diagram(bins: ReliabilityBins) -> bytes:
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.set_title(f"reliability diagram (ECE {bins.ece:.2%}, {bins.num_samples} images)")
+    top.set_title(f"reliability diagram{', ' + subtitle if subtitle else ''}\n(ECE {bins.ece:.2%}, "
+                  f"{bins.num_samples} images)", fontsize=10)
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(edges[:-1], counts, width=width, align="edge", color="C7", edgecolor="white")
     bottom.set_xlabel("confidence (top softmax probability)")
@@ -91,10 +93,11 @@ def robustness_plot(table: RobustnessTable) -> bytes:
     """Accuracy against severity, one line per corruption, with clean accuracy dashed."""
     fig = _figure(7.0, 4.0)
     ax = fig.subplots()
+    colours = matplotlib.colormaps["tab20"].colors  # 15 corruptions: more than the 10 default colours
     for i, name in enumerate(table.corruptions()):
         rows = [r for r in table.rows if r["corruption"] == name]
-        ax.plot([r["severity"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", color=f"C{i}",
-                label=name.replace("_", " "))
+        ax.plot([r["severity"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o",
+                color=colours[i % len(colours)], linestyle="-" if i < 10 else "--", label=name.replace("_", " "))
     ax.axhline(100 * table.clean_accuracy, color="black", linestyle="--", label="clean")
     ax.set_xticks(table.severities)
     ax.set_xlabel("severity")
@@ -103,6 +106,29 @@ def robustness_plot(table: RobustnessTable) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: lines stay visible
     ax.set_title(f"accuracy under corruptions ({table.num_images} test images)")
+    return figure_png(fig)
+
+
+def robustness_class_heatmap(table: RobustnessTable) -> bytes | None:
+    """Accuracy per class (rows) under each corruption (columns, mean over severities), clean first."""
+    names = table.corruptions()
+    if not table.classes or not table.clean_per_class or not names:
+        return None
+    grid = np.array([table.clean_per_class] + [table.class_accuracy(n) for n in names]).T * 100  # (K, 1 + C)
+    k = len(table.classes)
+    fig = _figure(max(6.0, 0.45 * len(names) + 2.5), max(3.0, 0.3 * k + 1.5))
+    ax = fig.subplots()
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(names) + 1), ["clean"] + [n.replace("_", " ") for n in names], rotation=60, ha="right",
+                  fontsize=8)
+    ax.set_yticks(range(k), table.classes if k <= 30 else [""] * k, fontsize=8)
+    if k <= 20:  # numbers in the cells while they stay legible
+        for i in range(k):
+            for j in range(len(names) + 1):
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if grid[i, j] < 55 else "black")
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    ax.set_title(f"per-class accuracy under corruption ({table.num_images} test images)")
     return figure_png(fig)
 
 

@@ -8,18 +8,13 @@ offline in any browser and can be mailed as one attachment.
 
 from __future__ import annotations
 
-import base64
-import html
-import json
-import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from cifarlens.data.policies import describe_augmentation
 from cifarlens.models.weights import describe_init
 from cifarlens.report.baselines import DATASETS, RECIPE_SOURCES, Baseline, baselines_for, citations
-from cifarlens.report.calibration import ReliabilityBins
+from cifarlens.report.markup import duration, esc, flatten, flops_text, img, note, params_text, pct, table
+from cifarlens.calibration import ReliabilityBins
 from cifarlens.report.robustness import RobustnessTable
 
 __all__ = ["SECTIONS", "Budget", "Gallery", "GalleryItem", "ReportData", "esc", "render_report"]
@@ -81,7 +76,7 @@ class ReportData:
     meta: dict
     budget: Budget
     metrics: dict  # cifarlens.metrics.summarize() of the test split
-    calibration: ReliabilityBins
+    calibration: ReliabilityBins  # of the probabilities the run gives (calibrated when it has a temperature)
     reliability_png: bytes
     confusion_png: bytes
     confused_pairs: list[tuple[str, str, int]]
@@ -91,82 +86,17 @@ class ReportData:
     robustness: RobustnessTable | None = None
     robustness_png: bytes | None = None
     robustness_note: str = ""  # why it is missing, or how its subset was chosen
+    robustness_classes_png: bytes | None = None  # classes x corruptions heatmap
     metrics_source: str = "computed in this report from the run's best weights"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the report
+    calibration_before: ReliabilityBins | None = None  # before temperature scaling (calibrated runs)
+    reliability_before_png: bytes | None = None
+    temperature: float | None = None
 
     @property
     def dataset_label(self) -> str:
         """"CIFAR-10 (JPEG copy)" for a copy, the registry name for runs from before run.json said."""
         return (self.meta.get("source") or {}).get("label") or self.dataset
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def img(png: bytes, alt: str, css: str = "") -> str:
-    data = base64.b64encode(png).decode("ascii")
-    cls = f' class="{esc(css)}"' if css else ""
-    return f'<img{cls} src="data:image/png;base64,{data}" alt="{esc(alt)}">'
-
-
-def pct(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    minutes = seconds / 60
-    if minutes < 120:
-        return f"{minutes:.1f} min"
-    return f"{minutes / 60:.2f} h"
-
-
-def table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], *, numeric: Sequence[int] = (),
-          row_class: Sequence[str] | None = None, css: str = "") -> str:
-    """An HTML table (no header row when ``headers`` is None); every cell is escaped.
-    Columns in ``numeric`` are right-aligned."""
-    head = f"<thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in headers)}</tr></thead>" if headers else ""
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{esc(row_class[i])}"' if row_class and row_class[i] else ""
-        cells = "".join(f'<td class="num">{esc(c)}</td>' if j in numeric else f"<td>{esc(c)}</td>"
-                        for j, c in enumerate(row))
-        body.append(f"<tr{cls}>{cells}</tr>")
-    cls = f' class="{esc(css)}"' if css else ""
-    return f"<table{cls}>{head}<tbody>{''.join(body)}</tbody></table>"
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; lists and nested dicts inside values become JSON."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and prefix == "":
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, (dict, list, tuple)):
-            out[name] = json.dumps(value, sort_keys=True, default=str)
-        else:
-            out[name] = value
-    return out
-
-
-def params_text(n: int | None) -> str:
-    if not n:
-        return "—"
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
-
-
-def flops_text(flops: float | None) -> str:
-    if flops is None:
-        return "—"
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if flops >= scale:
-            return f"{flops / scale:.3g} {unit}FLOPs"
-    return f"{flops:.3g} FLOPs"
 
 
 def _flops(meta: dict) -> str:
@@ -178,10 +108,6 @@ def _flops(meta: dict) -> str:
 def _source_note(meta: dict) -> str:
     source = meta.get("source") or {}
     return f" — read from {source['path']}" if source.get("path") else ""
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
 
 
 # -- sections --------------------------------------------------------------------------------
@@ -251,13 +177,30 @@ def _calibration(d: ReportData) -> str:
     c = d.calibration
     rows = [[f"{lo:.3f}–{hi:.3f}", n, pct(a) if n else "—", pct(p) if n else "—"]
             for lo, hi, n, a, p in zip(c.edges[:-1], c.edges[1:], c.counts, c.accuracy, c.confidence) if n]
-    return (f"<p>Expected calibration error <b>{pct(c.ece)}</b>, maximum calibration error {pct(c.max_gap)} "
-            f"over {len(c.counts)} equal-width confidence bins ({c.num_samples:,} test images). Confidence is the "
-            "top softmax probability; a calibrated model is right on a fraction p of the images it gives "
-            "confidence p.</p>"
-            f'<div class="cols"><div>{img(d.reliability_png, "reliability diagram")}</div>'
-            f'<div>{table(["confidence bin", "images", "accuracy", "mean confidence"], rows, numeric=(1, 2, 3))}'
-            "</div></div>")
+    intro = (f"<p>Expected calibration error <b>{pct(c.ece)}</b>, maximum calibration error {pct(c.max_gap)} "
+             f"over {len(c.counts)} equal-width confidence bins ({c.num_samples:,} test images). Confidence is the "
+             "top softmax probability; a calibrated model is right on a fraction p of the images it gives "
+             "confidence p.</p>")
+    bins_table = table(["confidence bin", "images", "accuracy", "mean confidence"], rows, numeric=(1, 2, 3))
+    if d.calibration_before is None:
+        how = (note("The run has no fitted temperature: these are its raw softmax probabilities "
+                    f"(fit one with cifarlens calibrate {d.run_path}).") if d.temperature is None else "")
+        return (intro + how + f'<div class="cols"><div>{img(d.reliability_png, "reliability diagram")}</div>'
+                f"<div>{bins_table}</div></div>")
+    b, cal = d.calibration_before, d.metrics.get("calibration") or {}
+    nll_row = (["negative log-likelihood", f"{cal['nll_uncalibrated']:.4f}", f"{cal['nll']:.4f}"]
+               if "nll" in cal else None)
+    summary = table(["test split", "before", "after temperature scaling"],
+                    [["expected calibration error", pct(b.ece), pct(c.ece)],
+                     ["maximum calibration error", pct(b.max_gap), pct(c.max_gap)]] + ([nll_row] if nll_row else []),
+                    numeric=(1, 2))
+    return (intro + f"<p>Probabilities are calibrated by temperature scaling (Guo et al. 2017): logits divided "
+            f"by <b>T = {d.temperature:.3f}</b>, fitted on the validation split after training "
+            f"({'T > 1 softens an overconfident model' if d.temperature > 1 else 'T < 1 sharpens an underconfident model'}"
+            "; the top-1 prediction and the accuracy do not change).</p>" + summary
+            + f'<div class="cols"><div>{img(d.reliability_before_png, "reliability diagram before")}</div>'
+            f'<div>{img(d.reliability_png, "reliability diagram after")}</div></div>'
+            + f"<h3>Bins after temperature scaling</h3>{bins_table}")
 
 
 def _tiles(items: list[GalleryItem]) -> str:
@@ -282,6 +225,14 @@ def _gradcam(d: ReportData) -> str:
     return "".join(parts)
 
 
+def _parameters(rows: list[dict]) -> str:
+    """"noise std: 0.04, 0.06, ..." for one-number corruptions; the unit alone for the others."""
+    values = [r["parameter"] for r in rows]
+    if all(isinstance(v, (int, float)) for v in values):
+        return f"{rows[0]['unit']}: " + ", ".join(f"{v:g}" for v in values)
+    return str(rows[0]["unit"])
+
+
 def _robustness(d: ReportData) -> str:
     t = d.robustness
     if t is None:
@@ -290,19 +241,28 @@ def _robustness(d: ReportData) -> str:
     rows = []
     for name in t.corruptions():
         own = [r for r in t.rows if r["corruption"] == name]
-        params = ", ".join(f"{r['parameter']:g}" for r in own)
-        rows.append([name.replace("_", " "), f"{own[0]['unit']}: {params}"] + [pct(r["accuracy"]) for r in own]
+        rows.append([name.replace("_", " "), _parameters(own)] + [pct(r["accuracy"]) for r in own]
                     + [pct(t.mean_accuracy(name))])
     subset = (f"a seeded random subset of {t.num_images:,} of the {t.total_images:,} test images"
               if t.num_images < t.total_images else f"all {t.num_images:,} test images")
+    official = t.source.startswith("official")
+    how = (f"Images from the {esc(t.source)}." if official else
+           f"The {len(t.corruptions())} corruptions of the CIFAR-10-C protocol (Hendrycks &amp; Dietterich 2019) at its "
+           f"CIFAR severities, generated on the fly (seed {t.seed}) by cifarlens.corruptions; a few approximate the "
+           "paper's generator (see docs/explain-and-report.md), so compare with published CIFAR-10-C numbers with "
+           f"care. <code>cifarlens robustness {esc(d.run_path)}</code> runs all 5 severities on every test image, "
+           "or reads the official CIFAR-10-C files (--corruptions-dir), and gives the mCE against a reference run.")
+    left_out = "".join(note(f"{name.replace('_', ' ')} left out: {why}.") for name, why in t.unavailable.items())
+    per_class = ""
+    if d.robustness_classes_png:
+        per_class = ("<h3>Per-class accuracy under each corruption</h3>"
+                     + note("Mean over the severities above; the clean column first. A class that breaks first "
+                            "shows as a dark row.") + img(d.robustness_classes_png, "per-class accuracy heatmap", "wide"))
     return (f"<p>Accuracy on {subset}: clean <b>{pct(t.clean_accuracy)}</b>, mean over all corruptions and "
-            f"severities <b>{pct(t.mean_accuracy())}</b>. Corruptions are generated on the fly (seed {t.seed}); "
-            "their strengths follow the spirit of CIFAR-10-C (Hendrycks &amp; Dietterich 2019) but the "
-            "implementation is cifarlens' own, so these numbers are not comparable with published "
-            "CIFAR-10-C results.</p>"
-            + (note(d.robustness_note) if d.robustness_note else "")
+            f"severities <b>{pct(t.mean_accuracy())}</b>. {how}</p>"
+            + (note(d.robustness_note) if d.robustness_note else "") + left_out
             + (img(d.robustness_png, "accuracy against corruption severity") if d.robustness_png else "")
-            + table(header, rows, numeric=tuple(range(2, len(header)))))
+            + table(header, rows, numeric=tuple(range(2, len(header)))) + per_class)
 
 
 def _literature(d: ReportData) -> str:

@@ -32,9 +32,10 @@ class TestPredictions:
 
     labels: Tensor  # (N,) int64
     prediction: Tensor  # (N,) int64
-    confidence: Tensor  # (N,) float64, top-1 softmax probability
-    metrics: dict  # cifarlens.metrics.summarize() of the split
+    confidence: Tensor  # (N,) float64, top-1 softmax probability (calibrated when the run is)
+    metrics: dict  # cifarlens.metrics.summarize() of the split (+ "calibration", see evaluate_run)
     source: str  # where the numbers come from, for the page
+    confidence_uncalibrated: Tensor | None = None  # (N,) the same before temperature scaling
 
     @property
     def correct(self) -> Tensor:
@@ -49,9 +50,10 @@ def _weights_file(rd) -> Path | None:
     return None
 
 
-def saved_predictions(rd, labels: Tensor, classes) -> TestPredictions | None:
+def saved_predictions(rd, labels: Tensor, classes, run_temperature: float | None = None) -> TestPredictions | None:
     """The run's evaluation from ``metrics.json`` and ``predictions.csv``, or None unless both
-    are there, newer than the weights, and about exactly these test ``labels`` (N,) in this order."""
+    are there, newer than the weights, about exactly these test ``labels`` (N,) in this order, and
+    made with the temperature the loaded run uses now (``run_temperature``, None: uncalibrated)."""
     metrics_file, predictions_file = rd / "metrics.json", rd / "predictions.csv"
     weights = _weights_file(rd)
     if weights is None or not metrics_file.is_file() or not predictions_file.is_file():
@@ -68,6 +70,8 @@ def saved_predictions(rd, labels: Tensor, classes) -> TestPredictions | None:
         true = torch.tensor([index[r["label"]] for r in rows], dtype=torch.int64)
         pred = torch.tensor([index[r["prediction"]] for r in rows], dtype=torch.int64)
         conf = torch.tensor([float(r["confidence"]) for r in rows], dtype=torch.float64)
+        raw = (torch.tensor([float(r["confidence_uncalibrated"]) for r in rows], dtype=torch.float64)
+               if rows and "confidence_uncalibrated" in rows[0] else None)
     except (OSError, ValueError, KeyError, TypeError):  # damaged or foreign files: recompute
         return None
     if metrics.get("split", "test") != "test" or true.shape != labels.shape or not torch.equal(true, labels.cpu()):
@@ -78,8 +82,11 @@ def saved_predictions(rd, labels: Tensor, classes) -> TestPredictions | None:
     if metrics.get("confusion_matrix") != cm.tolist():
         return None
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(metrics_file.stat().st_mtime))
+    # evaluated with the temperature this run has now (or without one, when it has none)
+    if (metrics.get("calibration") or {}).get("temperature") != run_temperature:
+        return None
     return TestPredictions(true, pred, conf, metrics,
-                           f"the run's own evaluation of these weights (metrics.json and predictions.csv, {when})")
+                           f"the run's own evaluation of these weights (metrics.json and predictions.csv, {when})", raw)
 
 
 def compute_predictions(run, split) -> TestPredictions:
@@ -90,8 +97,17 @@ def compute_predictions(run, split) -> TestPredictions:
     from cifarlens.engine import Precision, predict_logits
 
     # Normalise with the run's own statistics (for imagefolder they came from its training data).
+    from cifarlens.calibration import expected_calibration_error, nll
+
     loader = make_loader(split, run.info, EVAL_BATCH_SIZE, run.device)
-    logits, labels = predict_logits(run.model, loader, Precision(run.device), run.tta)
+    raw, labels = predict_logits(run.model, loader, Precision(run.device), run.tta)
+    logits = run.scale(raw)  # divided by the run's temperature when it is calibrated
     confidence, prediction = logits.softmax(dim=1).max(dim=1)  # (N,), (N,)
-    return TestPredictions(labels, prediction, confidence.double(), M.summarize(logits, labels, run.classes),
-                           "computed in this report from the run's best weights")
+    raw_confidence = raw.softmax(dim=1).gather(1, prediction[:, None])[:, 0]
+    metrics = M.summarize(logits, labels, run.classes)
+    if len(labels):
+        metrics["calibration"] = run.calibration_info() | {
+            "ece": expected_calibration_error(logits.softmax(dim=1), labels), "nll": nll(logits, labels),
+            "ece_uncalibrated": expected_calibration_error(raw.softmax(dim=1), labels), "nll_uncalibrated": nll(raw, labels)}
+    return TestPredictions(labels, prediction, confidence.double(), metrics,
+                           "computed in this report from the run's best weights", raw_confidence.double())

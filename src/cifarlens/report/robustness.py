@@ -1,18 +1,16 @@
-"""Robustness: accuracy under common corruptions, generated on the fly.
+"""Robustness: accuracy under common corruptions, generated on the fly, per corruption,
+severity and class.
 
-Each corruption is a pure, batched function of uint8 images (B, C, H, W) -> uint8
-(B, C, H, W) with one physical parameter (a noise std, a blur sigma, ...). Severities
-1..5 pick that parameter from a table; severity 0 is the identity. Randomness (only the
-noise) comes from a ``torch.Generator`` seeded from (seed, corruption, severity), so a
+The corruptions are the 15 of the CIFAR-10-C protocol (Hendrycks & Dietterich 2019,
+"Benchmarking Neural Network Robustness to Common Corruptions and Perturbations", ICLR), at
+their five CIFAR severities, from :mod:`cifarlens.corruptions` (which says which ones follow
+the paper's generator exactly and which approximate it). Randomness comes from a
+``torch.Generator`` per (corruption, severity) seeded from (seed, corruption, severity), so a
 table is repeatable and does not depend on the order corruptions are evaluated in.
+``cifarlens robustness`` (:mod:`cifarlens.report.cifar_c`) runs the full protocol, or reads
+the official CIFAR-10-C / CIFAR-100-C files; the report uses the same code on a subset.
 
-The parameter tables follow the spirit of CIFAR-10-C (Hendrycks & Dietterich 2019,
-"Benchmarking Neural Network Robustness to Common Corruptions and Perturbations",
-ICLR) for 32x32 images, but the implementations are our own simplifications
-(brightness is an additive shift of all channels, not of HSV value), so the numbers
-are *not* comparable with published CIFAR-10-C results.
-
-Cost: one pass over the subset per corruption and severity (15 by default), with the run's
+Cost: one pass over the subset per corruption and severity (45 by default), with the run's
 flip TTA two forwards per image. The clean row can come from predictions already made
 (``clean_correct``). Under a time budget, :func:`plan_subset` chooses from a quick measure of
 the model's speed whether the full grid, severity 3 alone (slow models) or nothing is worth
@@ -21,149 +19,32 @@ starting, and :func:`robustness` grows the subset in rounds until its deadline.
 
 from __future__ import annotations
 
-import io
-import math
 import time
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from cifarlens.registry import Registry
+from cifarlens.corruptions import (
+    CORRUPTIONS,
+    MAX_SEVERITY,
+    corrupt,
+    list_corruptions,
+    make_generator,
+    missing_requirement,
+)
 
 __all__ = [
-    "CORRUPTIONS", "Corruption", "RobustnessTable", "brightness", "contrast", "corrupt", "gaussian_blur",
-    "gaussian_noise", "jpeg", "list_corruptions", "plan_subset", "robustness", "robustness_within",
+    "CORRUPTIONS", "RobustnessTable", "corrupt", "list_corruptions", "plan_subset", "robustness", "robustness_within",
 ]
 
-MAX_SEVERITY = 5
 DEFAULT_SEVERITIES = (1, 3, 5)
-DEFAULT_MAX_IMAGES = 2000  # robustness runs on a seeded subset this large (15 passes over it by default)
+DEFAULT_MAX_IMAGES = 2000  # robustness runs on a seeded subset this large (45 passes over it by default)
 # Under a time budget: grids tried in order, the smallest subset worth showing (the standard error
 # of an accuracy near 70 % is ~3 points at 200 images), and the rounds the subset grows by.
 BUDGET_GRIDS = (DEFAULT_SEVERITIES, (3,))
 MIN_IMAGES, SUBSET_STEP = 200, 100
-
-
-# -- the corruptions, as functions of their physical parameter ------------------------------
-
-def _to_unit(images: Tensor) -> Tensor:
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    return images.float() / 255.0
-
-
-def _to_uint8(x: Tensor) -> Tensor:
-    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def gaussian_noise(images: Tensor, std: float, generator: torch.Generator) -> Tensor:
-    """Add N(0, std^2) noise per pixel and channel; ``std`` in units of the [0, 1] range."""
-    x = _to_unit(images)
-    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=generator.device)
-    return _to_uint8(x + std * noise.to(x.device))
-
-
-def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur with standard deviation ``sigma`` pixels (reflect padding)."""
-    x = _to_unit(images)
-    if sigma <= 0:
-        return images.clone()
-    radius = max(1, math.ceil(3 * sigma))
-    r = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)  # reflect padding needs radius < size
-    t = torch.arange(-r, r + 1, dtype=torch.float32, device=x.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()  # (2r+1,)
-    b, c, h, w = x.shape
-    y = x.reshape(b * c, 1, h, w)
-    y = torch.nn.functional.pad(y, (r, r, r, r), mode="reflect")
-    y = torch.nn.functional.conv2d(y, kernel.view(1, 1, 1, -1))  # along width
-    y = torch.nn.functional.conv2d(y, kernel.view(1, 1, -1, 1))  # along height
-    return _to_uint8(y.reshape(b, c, h, w))
-
-
-def brightness(images: Tensor, shift: float) -> Tensor:
-    """Add ``shift`` (in units of the [0, 1] range) to every pixel, clipped."""
-    return _to_uint8(_to_unit(images) + shift)
-
-
-def contrast(images: Tensor, factor: float) -> Tensor:
-    """Scale each image's deviation from its own mean by ``factor`` (< 1 lowers contrast)."""
-    x = _to_unit(images)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    return _to_uint8((x - mean) * factor + mean)
-
-
-def jpeg(images: Tensor, quality: int) -> Tensor:
-    """Encode each image as JPEG at ``quality`` with PIL and decode it again."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected uint8 images (B, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
-    arrays = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
-    out = np.empty_like(arrays)
-    for i, a in enumerate(arrays):
-        im = Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[-1] == 1 else a))  # "L" or "RGB"
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=int(quality))
-        buf.seek(0)
-        with Image.open(buf) as decoded:
-            out[i] = np.asarray(decoded.convert(im.mode)).reshape(a.shape)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images.device)
-
-
-# -- the registry: severity -> parameter -----------------------------------------------------
-
-@dataclass(frozen=True)
-class Corruption:
-    name: str
-    levels: tuple[float, ...]  # the parameter at severity 1..5
-    unit: str  # what the parameter is, for tables
-    fn: Callable[..., Tensor] = field(repr=False)
-    random: bool = False  # takes a generator
-
-    def parameter(self, severity: int) -> float:
-        if not 1 <= severity <= len(self.levels):
-            raise ValueError(f"severity must be 0..{len(self.levels)}, got {severity}")
-        return self.levels[severity - 1]
-
-
-CORRUPTIONS: Registry[Corruption] = Registry("corruption")
-
-
-def _register(c: Corruption) -> None:
-    CORRUPTIONS.register(c.name)(c)
-
-
-_register(Corruption("gaussian_noise", (0.04, 0.06, 0.08, 0.09, 0.10), "noise std", gaussian_noise, random=True))
-_register(Corruption("gaussian_blur", (0.4, 0.6, 0.7, 0.8, 1.0), "sigma (px)", gaussian_blur))
-_register(Corruption("brightness", (0.05, 0.10, 0.15, 0.20, 0.30), "added brightness", brightness))
-_register(Corruption("contrast", (0.75, 0.50, 0.40, 0.30, 0.15), "contrast factor", contrast))
-_register(Corruption("jpeg", (80, 65, 58, 50, 40), "JPEG quality", jpeg))
-
-
-def list_corruptions() -> list[str]:
-    """Registered corruption names, sorted."""
-    return CORRUPTIONS.names()
-
-
-def _generator(name: str, severity: int, seed: int) -> torch.Generator:
-    # crc32, not hash(): str hashes change between Python processes
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()) * 7 + severity)
-
-
-def corrupt(images: Tensor, name: str, severity: int, *, seed: int = 0,
-            generator: torch.Generator | None = None) -> Tensor:
-    """Apply corruption ``name`` at ``severity`` (0 = unchanged copy) to uint8 (B, C, H, W) images."""
-    c = CORRUPTIONS.get(name)
-    if severity == 0:
-        return images.clone()
-    value = c.parameter(severity)
-    if c.random:
-        return c.fn(images, value, generator if generator is not None else _generator(name, severity, seed))
-    return c.fn(images, value)
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -176,8 +57,13 @@ class RobustnessTable:
     num_images: int
     total_images: int
     severities: list[int]
-    rows: list[dict]  # {"corruption", "severity", "parameter", "unit", "accuracy"}
+    rows: list[dict]  # {"corruption", "severity", "parameter", "unit", "accuracy", "per_class": [K accuracies]}
     seed: int = 0
+    classes: list[str] = field(default_factory=list)
+    class_counts: list[int] = field(default_factory=list)  # images of each class in the subset
+    clean_per_class: list[float] = field(default_factory=list)
+    source: str = "generated"  # "generated" (cifarlens.corruptions) or "files in DIR" (official .npy)
+    unavailable: dict[str, str] = field(default_factory=dict)  # corruptions left out: why (e.g. frost's extra)
 
     def accuracy(self, corruption: str, severity: int) -> float:
         for row in self.rows:
@@ -192,10 +78,35 @@ class RobustnessTable:
         accs = [r["accuracy"] for r in self.rows if corruption is None or r["corruption"] == corruption]
         return float(sum(accs) / len(accs)) if accs else float("nan")
 
+    def class_accuracy(self, corruption: str) -> list[float]:
+        """Accuracy of each class under ``corruption``, averaged over the table's severities."""
+        rows = [r["per_class"] for r in self.rows if r["corruption"] == corruption and r.get("per_class")]
+        return [sum(col) / len(col) for col in zip(*rows)] if rows else []
+
     def as_dict(self) -> dict:
-        return {"clean_accuracy": self.clean_accuracy, "num_images": self.num_images,
+        return {"source": self.source, "clean_accuracy": self.clean_accuracy, "num_images": self.num_images,
                 "total_images": self.total_images, "severities": self.severities, "seed": self.seed,
-                "mean_corrupted_accuracy": self.mean_accuracy(), "rows": self.rows}
+                "mean_corrupted_accuracy": self.mean_accuracy(), "classes": self.classes,
+                "class_counts": self.class_counts, "clean_per_class": self.clean_per_class,
+                "unavailable": self.unavailable, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RobustnessTable":
+        keys = ("clean_accuracy", "num_images", "total_images", "severities", "rows", "seed", "classes",
+                "class_counts", "clean_per_class", "source", "unavailable")
+        return cls(**{k: d[k] for k in keys if k in d})
+
+
+def per_class(hits: Tensor, counts: Tensor) -> list[float]:
+    """Accuracy per class from correct predictions (K,) and images (K,) per class (0 for absent classes)."""
+    return (hits.double() / counts.clamp_min(1)).tolist()
+
+
+def cell_row(name: str, severity: int, hits: Tensor, counts: Tensor) -> dict:
+    """One row of a table: a corruption at a severity, from correct predictions per class (K,)."""
+    c = CORRUPTIONS.get(name)
+    return {"corruption": name, "severity": severity, "parameter": c.levels[severity - 1], "unit": c.unit,
+            "accuracy": int(hits.sum()) / max(int(counts.sum()), 1), "per_class": per_class(hits, counts)}
 
 
 def subset_indices(n: int, max_images: int | None, seed: int) -> Tensor:
@@ -240,7 +151,8 @@ class _Grid:
 
     def __init__(self, run, split, seed: int, batch_size: int):
         self.run, self.split, self.seed, self.batch_size = run, split, seed, batch_size
-        self.correct: dict[tuple[str | None, int], int] = {}
+        self.num_classes = len(run.classes)
+        self.correct: dict[tuple[str | None, int], Tensor] = {}  # (K,) correct predictions per class
         self.generators: dict[tuple[str, int], torch.Generator] = {}
         self.done: list[Tensor] = []  # the rounds every cell has seen
 
@@ -248,14 +160,15 @@ class _Grid:
         name, severity = cell
         images, labels = self.split.images[index], self.split.labels[index]
         if name is not None and cell not in self.generators:
-            self.generators[cell] = _generator(name, severity, self.seed)
-        hits = 0
+            self.generators[cell] = make_generator(name, severity, self.seed)
+        hits = torch.zeros(self.num_classes, dtype=torch.int64)
         for b in range(0, len(labels), self.batch_size):
-            batch = images[b : b + self.batch_size]
+            batch, truth = images[b : b + self.batch_size], labels[b : b + self.batch_size]
             if name is not None:
                 batch = corrupt(batch, name, severity, generator=self.generators[cell])
-            hits += int((self.run.predict_proba(batch).argmax(dim=1) == labels[b : b + self.batch_size]).sum())
-        self.correct[cell] = self.correct.get(cell, 0) + hits
+            right = self.run.predict_proba(batch).argmax(dim=1) == truth  # (b,)
+            hits += torch.bincount(truth[right], minlength=self.num_classes)
+        self.correct[cell] = self.correct.get(cell, torch.zeros_like(hits)) + hits
 
     def run_rounds(self, rounds: list[Tensor], cells: list, deadline: float | None, skip=frozenset()) -> None:
         """Every cell on every round (but the cells in ``skip`` on the first, already done), stopping
@@ -274,16 +187,16 @@ class _Grid:
 
     def table(self, severities: Sequence[int], names: list[str], clean_correct: Tensor | None) -> RobustnessTable:
         used = torch.cat(self.done) if self.done else torch.zeros(0, dtype=torch.int64)
-        n = max(len(used), 1)
-        rows = [{"corruption": name, "severity": int(s), "parameter": CORRUPTIONS.get(name).parameter(s),
-                 "unit": CORRUPTIONS.get(name).unit, "accuracy": self.correct[(name, int(s))] / n}
-                for name in names for s in severities]
+        counts = torch.bincount(self.split.labels[used], minlength=self.num_classes)  # (K,)
         if clean_correct is not None:
-            clean = float(clean_correct[used].float().mean()) if len(used) else 0.0
+            clean_hits = torch.bincount(self.split.labels[used][clean_correct[used].cpu()], minlength=self.num_classes)
         else:
-            clean = self.correct.get((None, 0), 0) / n
-        return RobustnessTable(clean_accuracy=clean, num_images=len(used), total_images=len(self.split),
-                               severities=[int(s) for s in severities], rows=rows, seed=self.seed)
+            clean_hits = self.correct.get((None, 0), torch.zeros_like(counts))
+        rows = [cell_row(name, int(s), self.correct[(name, int(s))], counts) for name in names for s in severities]
+        return RobustnessTable(clean_accuracy=int(clean_hits.sum()) / max(len(used), 1), num_images=len(used),
+                               total_images=len(self.split), severities=[int(s) for s in severities], rows=rows,
+                               seed=self.seed, classes=list(self.run.classes), class_counts=counts.tolist(),
+                               clean_per_class=per_class(clean_hits, counts))
 
 
 def _check(split, names: list[str], grids, clean_correct: Tensor | None) -> None:
@@ -294,6 +207,16 @@ def _check(split, names: list[str], grids, clean_correct: Tensor | None) -> None
             raise ValueError(f"severities must lie in 1..{MAX_SEVERITY}, got {s}")
     if clean_correct is not None and clean_correct.shape != (len(split),):
         raise ValueError(f"clean_correct must be ({len(split)},), got {tuple(clean_correct.shape)}")
+
+
+def _names(corruptions: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The corruptions to run, and those left out with why: all 15 by default, less those this
+    installation cannot run (frost without its extra); a name asked for explicitly always runs
+    (and fails with its own message when it cannot)."""
+    if corruptions is not None:
+        return list(corruptions), {}
+    missing = {n: missing_requirement(n) for n in list_corruptions()}
+    return [n for n, why in missing.items() if why is None], {n: why for n, why in missing.items() if why}
 
 
 def _cells(names: list[str], severities: Sequence[int], clean: bool) -> list[tuple[str | None, int]]:
@@ -319,15 +242,17 @@ def robustness(
     ``clean_correct`` (N,) bool, whether each image of ``split`` is already predicted right
     (the test evaluation), spares the clean pass. With ``deadline`` (a ``time.perf_counter()``
     value), the subset grows in rounds of ``SUBSET_STEP`` images and stops before a round that
-    would end after the deadline. Corruptions run on the CPU (JPEG needs PIL); the model runs
-    on the run's device.
+    would end after the deadline. Corruptions run on the CPU (some need PIL or numpy); the model
+    runs on the run's device.
     """
-    names = list(corruptions) if corruptions is not None else list_corruptions()
+    names, unavailable = _names(corruptions)
     _check(split, names, [severities], clean_correct)
     grid = _Grid(run, split, seed, batch_size)
     rounds = [subset_indices(len(split), max_images, seed)] if deadline is None else _rounds(len(split), max_images, seed)
     grid.run_rounds(rounds, _cells(names, severities, clean_correct is None), deadline)
-    return grid.table(severities, names, clean_correct)
+    table = grid.table(severities, names, clean_correct)
+    table.unavailable = unavailable
+    return table
 
 
 def robustness_within(
@@ -350,7 +275,7 @@ def robustness_within(
     first of ``grids`` worth starting; the subset then grows in rounds until the time is spent.
     """
     deadline = time.perf_counter() + seconds
-    names = list(corruptions) if corruptions is not None else list_corruptions()
+    names, unavailable = _names(corruptions)
     _check(split, names, grids, clean_correct)
     rounds = _rounds(len(split), max_images, seed)
     if not rounds:
@@ -371,4 +296,6 @@ def robustness_within(
     severities = plan[0]
     cells = _cells(names, severities, clean_correct is None)
     grid.run_rounds(rounds, cells, deadline, skip={first} if first in cells else frozenset())
-    return grid.table(severities, names, clean_correct), per_image
+    table = grid.table(severities, names, clean_correct)
+    table.unavailable = unavailable
+    return table, per_image

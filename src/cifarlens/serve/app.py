@@ -96,6 +96,7 @@ def create_app(
     device: str = "cpu",
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     log=print,
+    calibrated: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``run_dir`` (loaded now, once); see the module docstring for the API.
 
@@ -107,7 +108,7 @@ def create_app(
         raise CifarlensError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if max_upload_bytes < 1 or topk < 1 or max_concurrency < 1:
         raise CifarlensError("max_upload_bytes, topk and max_concurrency must be positive")
-    run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device, calibrated=calibrated)  # the run's temperature, unless told not to
     chosen: Backend = onnx_backend(run, log) if backend == "onnx" else TorchBackend(run)
     service = Service(run, chosen, topk, max_upload_bytes, max_concurrency)
     log(f"warmed up: one prediction and one {service.default_method} explanation in {service.warm_up():.1f} s")

@@ -23,6 +23,8 @@ def add_commands(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body (default 10)")
     p.add_argument("--topk", type=int, default=5, help="classes returned by default (default 5)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="serve raw softmax probabilities: ignore the run's fitted temperature")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a run's best weights to ONNX (checked against PyTorch) or safetensors")
@@ -33,6 +35,8 @@ def add_commands(sub) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default 18, the exporter's own)")
     p.add_argument("--images", nargs="+", metavar="IMAGE",
                    help="images for the ONNX check (default: the first test images of the run's dataset)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="export raw logits: leave the run's fitted temperature out of the ONNX graph")
     p.set_defaults(func=cmd_export)
 
 
@@ -46,7 +50,7 @@ def cmd_serve(args) -> int:
     if not args.max_upload_mb > 0:
         raise CifarlensError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     app = create_app(args.run_dir, backend=args.backend, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     topk=args.topk, device=args.device)
+                     topk=args.topk, device=args.device, calibrated=not args.no_calibration)
     # Bind before handing over to uvicorn, so a busy port is a one-line error, not a log and exit(1).
     try:
         sock = socket.create_server((args.host, args.port),
@@ -75,12 +79,15 @@ def cmd_export(args) -> int:
 
     if args.format == "onnx":
         opset = args.opset or export.DEFAULT_OPSET
-        path, diff = export.export_onnx(args.run_dir, args.out, opset=opset, images=args.images, log=print)
+        path, diff = export.export_onnx(args.run_dir, args.out, opset=opset, images=args.images, log=print,
+                                        calibrated=not args.no_calibration)
+        cal = export.onnx_metadata(path).get("calibration") or {}
         print(f"{path}: onnxruntime matches PyTorch, max |logit diff| {diff:.2e} "
-              f"(tolerance {export.ONNX_TOLERANCE:g} x max(1, largest |logit|))")
+              f"(tolerance {export.ONNX_TOLERANCE:g} x max(1, largest |logit|)); output: "
+              + (f"logits / {cal['temperature']:.3f} (calibrated)" if cal.get("calibrated") else "raw logits"))
         return 0
     if args.opset is not None or args.images:
         raise CifarlensError("--opset and --images apply to --format onnx only")
-    path = export.export_safetensors(args.run_dir, args.out)
+    path = export.export_safetensors(args.run_dir, args.out, calibrated=not args.no_calibration)
     print(f"wrote {path} and {path.with_suffix('.json')} (classes, mean/std, model name and options)")
     return 0

@@ -143,7 +143,10 @@ async function loadModel() {
   });
   $("backend-note").textContent = "Predictions: " + model.backend + " backend. Explanations: " +
     model.explain_backend + " model" + (model.backend !== model.explain_backend ?
-    " (Grad-CAM needs gradients, which onnxruntime does not give)" : "") + ".";
+    " (Grad-CAM needs gradients, which onnxruntime does not give)" : "") + ". " +
+    (model.probabilities.calibrated ? "Probabilities are calibrated (temperature scaling, T = " +
+      model.probabilities.temperature.toFixed(3) + ", fitted on the validation split)." :
+      "Probabilities are the raw softmax (not calibrated).");
 }
 
 function drawBars(top, explained) {

@@ -58,7 +58,7 @@ class OnnxBackend:
         from cifarlens.export import run_onnx
 
         x = self.run.preprocess(images).cpu().numpy()  # (B, C, H, W)
-        logits = run_onnx(self.session, x)  # (B, K)
+        logits = run_onnx(self.session, x)  # (B, K), divided by the run's temperature inside the graph
         if self.run.tta:  # as the run was evaluated: the mean with the mirror image's logits
             logits = 0.5 * (logits + run_onnx(self.session, np.ascontiguousarray(x[..., ::-1])))
         return torch.from_numpy(logits).float().softmax(dim=1)
@@ -69,9 +69,9 @@ def onnx_backend(run: Run, log=print) -> OnnxBackend:
     from cifarlens.export import ONNX_FILE, export_onnx, onnx_is_current
 
     path = run.path / ONNX_FILE
-    if not onnx_is_current(run.path, path):
+    if not onnx_is_current(run.path, path, run.temperature):  # the temperature is part of the graph
         log(f"{path} is {'stale' if path.is_file() else 'missing'}; exporting it from {run.path}/model.safetensors")
-        export_onnx(run.path, path, log=log)
+        export_onnx(run.path, path, log=log, calibrated=run.calibrated)
     return OnnxBackend(run, path)
 
 
@@ -112,6 +112,7 @@ class Service:
             "methods": self.methods,
             "default_method": self.default_method,
             "topk": self.topk,
+            "probabilities": self.run.calibration_info(),
             "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": MAX_PIXELS},
         }
 
@@ -145,7 +146,7 @@ class Service:
             image = self.decode(data, filename)
             pred = top_k(self.backend.predict_proba(image[None]), self.run.classes, k)[0]
         return {"model": self.model_name, "backend": self.backend.name, **pred.as_dict(),
-                "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
+                **self.run.calibration_info(), "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
 
     def explain(self, data: bytes, filename: str | None, method: str, target: int | None) -> tuple[bytes, dict]:
         from PIL import Image

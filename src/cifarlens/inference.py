@@ -1,0 +1,142 @@
+"""A trained run, loaded to predict: its model, classes, preprocessing and calibration.
+
+Probabilities are *calibrated* by default: when the run has a temperature (fitted on its
+validation split after training, or later by ``cifarlens calibrate``; see
+:mod:`cifarlens.calibration`), the logits are divided by it before the softmax. Top-1
+predictions do not change. ``load_run(..., calibrated=False)`` gives the raw softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights
+from cifarlens.config import RunConfig
+from cifarlens.data.augment import normalize
+from cifarlens.data.base import DatasetInfo
+from cifarlens.data.pipeline import DataBundle, prepare_data
+from cifarlens.engine import forward_tta, resolve_device
+from cifarlens.errors import CifarlensError
+from cifarlens.images import ImageSource, load_image
+from cifarlens.models import create_model
+from cifarlens.runs import RunDir
+
+
+def build_model(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
+    return create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                        **cfg.model.kwargs)
+
+
+def run_temperature(meta: dict) -> float | None:
+    """The temperature recorded in a run's run.json (``calibration.temperature``), or None."""
+    t = (meta.get("calibration") or {}).get("temperature")
+    return float(t) if isinstance(t, (int, float)) and t > 0 else None
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image, most probable first."""
+
+    labels: list[str]
+    probs: list[float]
+    indices: list[int]
+
+    def as_dict(self) -> dict:
+        return {"top": [{"label": l, "index": i, "prob": p} for l, i, p in zip(self.labels, self.indices, self.probs)]}
+
+
+class Run:
+    """A trained run, ready to predict: the model (eval mode), its classes and preprocessing.
+
+    ``temperature``: the logits are divided by it before the softmax (None: raw softmax).
+    """
+
+    def __init__(self, path: Path, config: RunConfig, info: DatasetInfo, model: nn.Module, device: torch.device,
+                 temperature: float | None = None):
+        self.path, self.config, self.info, self.model, self.device = path, config, info, model, device
+        self.temperature = temperature
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether :meth:`predict_proba` gives temperature-scaled (calibrated) probabilities."""
+        return self.temperature is not None
+
+    def calibration_info(self) -> dict:
+        """``{"calibrated": bool, "temperature": T or None}``, for JSON answers and pages."""
+        return {"calibrated": self.calibrated, "temperature": self.temperature}
+
+    def scale(self, logits: Tensor) -> Tensor:
+        """``logits`` divided by the run's temperature (unchanged when it has none)."""
+        return logits if self.temperature is None else logits / self.temperature
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.info.classes
+
+    @property
+    def tta(self) -> bool:
+        """Whether this run's predictions average the image and its mirror image (as its metrics did)."""
+        return bool(self.config.train.tta) and self.info.hflip
+
+    def data(self, data_dir: str | None = None, bundle: DataBundle | None = None) -> DataBundle:
+        """The run's dataset with its own seeded train/val split, read from ``data_dir``
+        (default: where it was trained from); refuses data with other classes."""
+        cfg = self.config.data if data_dir is None else replace(self.config.data, data_dir=data_dir)
+        if bundle is None:
+            bundle = prepare_data(cfg, self.config.train.seed)
+        if tuple(bundle.info.classes) != tuple(self.classes):
+            raise CifarlensError(
+                f"the data in {cfg.data_dir} has classes {list(bundle.info.classes)[:5]}..., but the run was "
+                f"trained on {list(self.classes)[:5]}...; point --data-dir at the run's dataset"
+            )
+        return bundle
+
+    def preprocess(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
+        """Images (paths, bytes, PIL images) or a uint8 (B, C, H, W) tensor -> normalised float batch."""
+        if not isinstance(images, Tensor):
+            images = torch.stack([load_image(img, self.info.in_channels, self.info.image_size) for img in images])
+        return normalize(images.to(self.device), self.info.mean, self.info.std)
+
+    @torch.no_grad()
+    def predict_logits(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
+        """Raw logits (B, num_classes) on the CPU (with the run's flip TTA, before any temperature)."""
+        return forward_tta(self.model, self.preprocess(images), self.tta).float().cpu()
+
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
+        """Class probabilities (B, num_classes): softmax of the logits, divided by the run's
+        temperature when it is calibrated."""
+        return self.scale(self.predict_logits(images)).softmax(dim=1)
+
+    def predict(self, images: Sequence[ImageSource] | Tensor, topk: int = 5) -> list[Prediction]:
+        probs = self.predict_proba(images)
+        values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+        return [
+            Prediction([self.classes[i] for i in idx.tolist()], vals.tolist(), idx.tolist())
+            for vals, idx in zip(values, indices)
+        ]
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", *, calibrated: bool = True) -> Run:
+    """Load a run folder's best weights (safetensors) into its model, in eval mode; with
+    ``calibrated`` (default) its probabilities use the run's temperature when it has one."""
+    run = RunDir(run_dir)
+    run.require_run()
+    cfg, info = run.config(), run.info()
+    dev = resolve_device(device)
+    model = build_model(cfg, info)
+    if run.weights.is_file():
+        state, source = load_weights(run.weights), run.weights
+    elif run.last_checkpoint.is_file():  # a run stopped before its first improvement was saved
+        state, source = load_checkpoint(run.last_checkpoint)["model"], run.last_checkpoint
+    else:
+        raise CifarlensError(f"{run.path} has no trained weights yet (model.safetensors); train it first")
+    load_state_into(model, state, source)
+    model.to(dev).eval()
+    temperature = run_temperature(run.meta()) if calibrated else None
+    return Run(run.path, cfg, info, model, dev, temperature)

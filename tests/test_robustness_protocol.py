@@ -1,0 +1,176 @@
+"""``cifarlens robustness``: the CIFAR-10-C protocol on generated corruptions and on official .npy files,
+the corruption errors (mCE, relative mCE) and the report's reuse of the result."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cifar10
+
+from cifarlens.cli import main
+from cifarlens.report.cifar_c import RESULT_FILE, corruption_errors, load_reference
+from cifarlens.report.robustness import RobustnessTable
+
+
+def table(errors: dict[str, list[float]], clean_error: float, **kw) -> RobustnessTable:
+    rows = [{"corruption": c, "severity": s + 1, "parameter": 0, "unit": "", "accuracy": 1 - e}
+            for c, es in errors.items() for s, e in enumerate(es)]
+    return RobustnessTable(clean_accuracy=1 - clean_error, num_images=100, total_images=100,
+                           severities=[1, 2], rows=rows, **kw)
+
+
+def test_corruption_errors_follow_the_paper():
+    ref = table({"gaussian_noise": [0.4, 0.6], "fog": [0.2, 0.2]}, clean_error=0.1)
+    same = corruption_errors(ref, ref)
+    assert same["mce"] == pytest.approx(1.0) and same["relative_mce"] == pytest.approx(1.0)
+    better = table({"gaussian_noise": [0.2, 0.3], "fog": [0.1, 0.1]}, clean_error=0.05)
+    e = corruption_errors(better, ref)
+    # CE = sum of errors / the reference's: 0.5 / 1.0 and 0.2 / 0.4
+    assert e["per_corruption"]["gaussian_noise"]["ce"] == pytest.approx(0.5)
+    assert e["per_corruption"]["fog"]["ce"] == pytest.approx(0.5)
+    # relative CE: (0.15 + 0.25) / (0.3 + 0.5) and (0.05 + 0.05) / (0.1 + 0.1)
+    assert e["per_corruption"]["gaussian_noise"]["relative_ce"] == pytest.approx(0.5)
+    assert e["per_corruption"]["fog"]["relative_ce"] == pytest.approx(0.5)
+    assert e["mce"] == pytest.approx(0.5) and e["corruptions"] == ["gaussian_noise", "fog"]
+
+
+def test_corruption_errors_refuse_a_reference_measured_differently():
+    from cifarlens.errors import CifarlensError
+
+    a = table({"fog": [0.2, 0.3]}, 0.1)
+    b = table({"fog": [0.2, 0.3]}, 0.1, source="official files in /x")
+    with pytest.raises(CifarlensError, match="evaluated differently"):
+        corruption_errors(a, b)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("protocol")
+    data = make_cifar10(root / "data", n_train_per_batch=40, n_test=50).data_dir
+    out = root / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--model", "fastnet_cpu",
+                 "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-report", "--out", str(out)]) == 0
+    return out
+
+
+def write_official(folder, images_nhwc: np.ndarray, labels: np.ndarray, corruptions: dict) -> None:
+    """The CIFAR-10-C layout: labels.npy (5 x N) and <name>.npy (5 x N, 32, 32, 3) uint8, severity 1 first.
+    ``corruptions`` maps a name to a function (images, severity) -> images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "labels.npy", np.tile(labels.astype(np.int64), 5))
+    for name, fn in corruptions.items():
+        np.save(folder / f"{name}.npy", np.concatenate([fn(images_nhwc, s) for s in range(1, 6)]).astype(np.uint8))
+
+
+def test_official_files_give_the_clean_accuracy_when_they_hold_the_clean_images(tiny_run, tmp_path, capsys):
+    from cifarlens.api import load_run
+
+    run = load_run(tiny_run)
+    test = run.data().test
+    images = test.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3)
+    black = lambda x, s: np.zeros_like(x) if s == 5 else x  # noqa: E731 (severity 5 wipes the images out)
+    write_official(tmp_path / "c10c", images, test.labels.numpy(), {"fog": lambda x, s: x, "contrast": black})
+    assert main(["robustness", str(tiny_run), "--corruptions-dir", str(tmp_path / "c10c"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "official files in" in out and "mean corruption accuracy" in out
+    result = json.loads((tiny_run / RESULT_FILE).read_text())["table"]
+    clean = result["clean_accuracy"]
+    rows = {(r["corruption"], r["severity"]): r for r in result["rows"]}
+    assert set(rows) == {(c, s) for c in ("fog", "contrast") for s in range(1, 6)}
+    assert all(rows[("fog", s)]["accuracy"] == pytest.approx(clean) for s in range(1, 6))  # untouched images
+    assert rows[("contrast", 5)]["accuracy"] == pytest.approx(max(rows[("contrast", 5)]["per_class"]) / 10, abs=0.2)
+    assert len(rows[("fog", 1)]["per_class"]) == 10 and result["classes"] == list(run.classes)
+
+
+def test_a_truncated_or_foreign_npy_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    from cifarlens.api import load_run
+
+    test = load_run(tiny_run).data().test
+    folder = tmp_path / "c10c"
+    write_official(folder, test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy(), {"fog": lambda x, s: x})
+    path = folder / "fog.npy"
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    assert main(["robustness", str(tiny_run), "--corruptions-dir", str(folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fog.npy" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert main(["robustness", str(tiny_run), "--corruptions-dir", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert "no such CIFAR-C folder" in capsys.readouterr().err
+
+
+def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from cifarlens.api import load_run
+    from cifarlens.report import build_report_data
+
+    flags = ["--corruptions", "gaussian_noise,defocus_blur,contrast", "--severities", "1,5", "--images", "30",
+             "--device", "cpu"]
+    assert main(["robustness", str(tiny_run), *flags]) == 0
+    first = json.loads((tiny_run / RESULT_FILE).read_text())["table"]
+    assert first["num_images"] == 30 and first["source"].startswith("generated")
+    reference = tmp_path / "reference.json"
+    shutil.copy(tiny_run / RESULT_FILE, reference)
+    capsys.readouterr()
+    assert main(["robustness", str(tiny_run), *flags, "--reference", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "mCE 100.0%, relative mCE" in out  # the same run, the same seeded corruptions: as robust as itself
+    again = json.loads((tiny_run / RESULT_FILE).read_text())
+    assert again["table"]["rows"] == first["rows"]  # seeded: the same numbers
+    assert again["corruption_errors"]["mce"] == pytest.approx(1.0)
+    # a reference measured on other images is refused before any work
+    assert main(["robustness", str(tiny_run), *flags[:4], "--images", "20", "--device", "cpu",
+                 "--reference", str(reference)]) == 2
+    assert "evaluated differently" in capsys.readouterr().err
+    # the report shows the saved protocol while it is newer than the weights
+    run = load_run(tiny_run)
+    data = build_report_data(run, gradcam=False)
+    assert data.robustness.num_images == 30 and "cifarlens robustness" in data.robustness_note
+    assert data.robustness_classes_png is not None
+    later = (tiny_run / RESULT_FILE).stat().st_mtime + 10
+    os.utime(tiny_run / "model.safetensors", (later, later))
+    data = build_report_data(run, gradcam=False, max_robustness_images=40)
+    assert "cifarlens robustness" not in data.robustness_note and data.robustness.num_images == 40
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--severities", "0,6"], "--severities must lie in 1..5"),
+    (["--severities", "a"], "comma-separated integers"),
+    (["--corruptions", "rain"], "unknown corruption rain"),
+    (["--images", "0"], "--images must be >= 1"),
+    (["--reference", "/nonexistent"], "no robustness.json"),
+])
+def test_bad_flags_are_one_line_errors(tiny_run, capsys, flags, message):
+    assert main(["robustness", str(tiny_run), "--device", "cpu", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_per_class_accuracies_show_which_class_breaks(tiny_run):
+    from cifarlens.api import load_run
+    from cifarlens.report.cifar_c import evaluate_generated, format_result
+
+    run = load_run(tiny_run)
+    t = evaluate_generated(run, run.data().test, severities=(5,), corruptions=["contrast"], max_images=None)
+    counts = torch.tensor(t.class_counts)
+    overall = sum(a * c for a, c in zip(t.rows[0]["per_class"], t.class_counts)) / counts.sum()
+    assert overall == pytest.approx(t.rows[0]["accuracy"])  # per-class accuracies weigh up to the total
+    assert "largest drop: class" in format_result(t)
+
+
+def test_frost_is_left_out_with_a_reason_when_its_photographs_are_not_installed(tiny_run, monkeypatch, capsys):
+    import cifarlens.corruptions.weather as W
+    from cifarlens.api import load_run
+    from cifarlens.report.robustness import robustness
+
+    monkeypatch.setattr(W, "frost_folder", lambda: None)
+    run = load_run(tiny_run)
+    t = robustness(run, run.data().test, (1,), max_images=10)
+    assert "frost" not in t.corruptions() and len(t.corruptions()) == 14
+    assert "cifarlens[corruptions]" in t.unavailable["frost"]
+    # asked for by name, it fails with its own one-line message
+    assert main(["robustness", str(tiny_run), "--corruptions", "frost", "--images", "10", "--device", "cpu"]) == 2
+    assert "pip install 'cifarlens[corruptions]'" in capsys.readouterr().err
