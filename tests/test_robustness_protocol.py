@@ -167,6 +167,7 @@ def test_frost_is_left_out_with_a_reason_when_its_photographs_are_not_installed(
     from cifarlens.report.robustness import robustness
 
     monkeypatch.setattr(W, "frost_folder", lambda: None)
+    W.frost_textures.cache_clear()  # (photographs read by an earlier test)
     run = load_run(tiny_run)
     t = robustness(run, run.data().test, (1,), max_images=10)
     assert "frost" not in t.corruptions() and len(t.corruptions()) == 14

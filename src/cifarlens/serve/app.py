@@ -63,6 +63,8 @@ class PredictResponse(BaseModel):
     model: str
     backend: str
     top: list[TopClass]  # most probable first
+    calibrated: bool  # whether the probabilities are temperature-scaled (fitted on the validation split)
+    temperature: float | None  # the temperature the logits were divided by (None: raw softmax)
     latency_ms: float  # decoding and inference on the server
 
 
