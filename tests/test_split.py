@@ -24,7 +24,13 @@ def test_every_class_keeps_a_sample_on_both_sides():
     assert set(labels[train].tolist()) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_fraction_zero_means_no_validation_split():
+    labels = torch.tensor([2, 0, 1, 1, 0])
+    train, val = stratified_split(labels, 0.0, seed=0)
+    assert train.tolist() == [0, 1, 2, 3, 4] and len(val) == 0 and val.dtype == torch.int64
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.1, 1.5])
 def test_bad_fraction(fraction):
     with pytest.raises(CifarlensError, match="val_fraction"):
         stratified_split(torch.tensor([0, 1]), fraction, seed=0)

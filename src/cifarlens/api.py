@@ -105,6 +105,10 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if bundle is None:
         bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
     info = bundle.info
+    has_val = len(bundle.val) > 0  # data.val_fraction 0: no validation split (fixed-budget recipes)
+    if not has_val and (cfg.train.schedule == "plateau" or cfg.train.early_stopping):
+        raise CifarlensError("train.schedule plateau and train.early_stopping need a validation split; "
+                             "set data.val_fraction > 0, or another schedule and early_stopping 0")
     if cfg.data.augment is None:  # resolved, so the saved config says what ran
         cfg = replace(cfg, data=replace(cfg.data, augment=info.augment))
     torch.manual_seed(cfg.train.seed)  # model initialisation
@@ -146,7 +150,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     tc = cfg.train
     train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data,
                                world=world)
-    val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world)
+    val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world) if has_val else None
     if hasattr(model, "data_init") and not resume and init is None:  # e.g. FastNet's patch whitening
         sample = bundle.train.images[:5000].to(device)
         # fit to the images' own patch statistics: the level's crop and flip, no policies (no cut-out squares)
@@ -169,6 +173,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
             f"recipe {describe_choice(tc.recipe, why, 'recipe')}, {tc.epochs} epochs, device {device}"
             + (f", {world.world_size} processes" if world.distributed else ""))
+        if not has_val:
+            log("no validation split (data.val_fraction 0): no validation pass, the final weights are kept")
         for warning in bundle.source.warnings:
             log(f"warning: {warning}")
         if init is not None:
@@ -180,7 +186,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         # a frozen backbone (train.freeze_epochs) gives no gradients: DDP must be told, or its
         # reducer waits for them; its grads then stay None, so the optimizer skips them
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=tc.freeze_epochs > 0)
+                                              find_unused_parameters=tc.freeze_epochs > 0 or tc.whiten_bias_epochs > 0)
     if tc.compile:
         train_model = torch.compile(train_model)
 
@@ -228,7 +234,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         return {}
     train_seconds = sum(row["seconds"] for row in state.history)
     run.write_meta(status="finished", epochs_done=state.epoch, best_epoch=state.best_epoch,
-                   best_val_loss=state.best_val_loss, stopped_early=state.stopped_early, train_seconds=train_seconds)
+                   best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,
+                   train_seconds=train_seconds)
     from cifarlens.plots import plot_training_curves
 
     plot_training_curves(state.history, run / "curves.png")
@@ -245,8 +252,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         write_report(load_run(run.path, device=str(device)), bundle=bundle, budget_s=default_budget(train_seconds),
                      log=run.log)
     tracker.finish(run, result, train_seconds, state.epoch)
-    run.log(f"test accuracy {result['accuracy']:.2%} (best epoch {state.best_epoch}, "
-            f"val_loss {state.best_val_loss:.4f}); results in {run.path}")
+    kept = f"best epoch {state.best_epoch}, val_loss {state.best_val_loss:.4f}" if has_val else "final weights"
+    run.log(f"test accuracy {result['accuracy']:.2%} ({kept}); results in {run.path}")
     return result | {"train_seconds": train_seconds}
 
 
@@ -293,7 +300,7 @@ def calibrate_run(
         say("calibration skipped: the run has no validation images to fit a temperature on")
         return None
     loader = make_loader(val, loaded.info, EVAL_BATCH_SIZE, loaded.device)
-    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta)
+    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta, loaded.tta_translate)
     fit = fit_temperature(logits, labels)
     run.write_meta(calibration={**fit.as_dict(), "fitted_on": "val"})
     say(f"calibration: temperature {fit.temperature:.3f} fitted on {fit.images} validation images "
@@ -320,9 +327,11 @@ def evaluate_run(
     run = RunDir(run_dir)
     loaded = load_run(run.path, device=device, calibrated=calibrated)
     data: Split = getattr(loaded.data(data_dir, bundle), split)
+    if split == "val" and len(data) == 0:
+        raise CifarlensError(f"{run.path} has no validation images (data.val_fraction 0); evaluate --split test")
     # Normalise with the run's own statistics (for imagefolder they came from its training data).
     loader = make_loader(data, loaded.info, EVAL_BATCH_SIZE, loaded.device)
-    raw, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta)
+    raw, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta, loaded.tta_translate)
     logits = loaded.scale(raw)
     result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
     if len(labels):

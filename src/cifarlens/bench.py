@@ -63,7 +63,7 @@ def bench_one(cfg: RunConfig, seed: int, targets: list[float], log=print) -> See
     def on_epoch_end(state, model) -> None:
         nonlocal train_images
         seconds = sum(row["seconds"] for row in state.history)
-        acc = evaluate(model, test_loader, Precision(device), tta)["acc"]
+        acc = evaluate(model, test_loader, Precision(device), tta, cfg.train.tta_translate)["acc"]
         log(f"[bench seed {seed}] epoch {state.epoch}: test_acc {acc:.2%} after {seconds:.1f}s of training")
         for t in targets:
             if acc >= t and time_to[t] is None:

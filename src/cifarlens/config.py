@@ -27,7 +27,9 @@ class DataConfig:
     dataset: str = "cifar10"
     data_dir: str = "data"
     download: bool = True
-    val_fraction: float = 0.1  # carved from train (stratified, seeded) unless the dataset ships val/
+    # carved from train (stratified, seeded) unless the dataset ships val/; 0 = no validation split:
+    # all images train, no validation pass, the final weights are kept, no calibration (fixed budgets)
+    val_fraction: float = 0.1
     augment: str | None = None  # see cifarlens.data.augment.AUGMENT_LEVELS; None = the dataset's default
     # added to the level, see cifarlens.data.policies: cutout, erasing, autoaugment, randaugment,
     # trivialaugment, mixup, cutmix, noise (CLI: --augment standard+cutout+autoaugment)
@@ -69,9 +71,9 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None  # peak learning rate
-    optimizer: str | None = None  # "adam" | "sgd"
-    momentum: float | None = None  # SGD only
-    nesterov: bool | None = None  # SGD only
+    optimizer: str | None = None  # "adam" | "sgd" | "muon" (Muon on conv filters, Nesterov SGD on the rest)
+    momentum: float | None = None  # SGD and muon
+    nesterov: bool | None = None  # SGD and muon
     weight_decay: float | None = None
     label_smoothing: float | None = None
     schedule: str | None = None  # "plateau" | "onecycle" | "cosine" | "constant" | "multistep"
@@ -84,6 +86,9 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm; 0 = off
     ema_decay: float | None = None  # exponential moving average of the weights per step; 0 = off
     tta: bool | None = None  # evaluate on the image and its mirror image, averaging logits
+    tta_translate: int | None = None  # with tta: also the images moved by this many pixels (airbench94); 0 = off
+    muon_lr: float | None = None  # optimizer muon: peak lr of the convolution filters (Muon); 0 = lr
+    whiten_bias_epochs: int | None = None  # FastNet's whitening bias trains for this many epochs only; 0 = always
     freeze_epochs: int | None = None  # first epochs train the head only (backbone frozen, its BN in eval); 0 = off
     backbone_lr_scale: float | None = None  # backbone lr = lr * this (the head gets lr); 1 = same
     # after training, fit a temperature on the validation split (Guo et al. 2017), used by evaluate,

@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 from cifarlens.device import cpu_has_native_bf16, device_description, resolve_device  # noqa: F401  (re-exported)
 from cifarlens.distributed import all_reduce_sum
 from cifarlens.errors import CifarlensError
+from cifarlens.tta import tta_logits
 
 
 class TrainingDiverged(CifarlensError):
@@ -212,24 +213,24 @@ def train_one_epoch(
             "lr": lr, "train_samples": int(seen)}  # lr of the epoch's last step
 
 
-def forward_tta(model: nn.Module, x: Tensor, tta: bool) -> Tensor:
-    """Logits; with ``tta``, the mean of the logits of the images and of their mirror images."""
-    logits = model(x)
-    if tta:
-        logits = 0.5 * (logits + model(x.flip(3)))
-    return logits
+def forward_tta(model: nn.Module, x: Tensor, tta: bool, translate: int = 0) -> Tensor:
+    """Logits; with ``tta``, the weighted mean of the logits of the images and their mirror
+    images, and with ``translate > 0`` of those moved by that many pixels too (:mod:`cifarlens.tta`)."""
+    return tta_logits(model, x, translate) if tta else model(x)
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, precision: Precision, tta: bool = False) -> tuple[Tensor, Tensor]:
-    """(logits (N, K) float32 on CPU, labels (N,) on CPU) over the whole loader, in order."""
+def predict_logits(model: nn.Module, loader, precision: Precision, tta: bool = False,
+                   translate: int = 0) -> tuple[Tensor, Tensor]:
+    """(logits (N, K) float32 on CPU, labels (N,) on CPU) over the whole loader, in order
+    (``tta``, ``translate``: see :func:`forward_tta`)."""
     was_training = model.training
     model.eval()
     all_logits, all_labels = [], []
     try:
         for images, labels in loader:
             with precision.autocast():
-                logits = forward_tta(model, precision.prepare(images), tta)
+                logits = forward_tta(model, precision.prepare(images), tta, translate)
             all_logits.append(logits.float())  # kept on the device: one copy to the host at the end
             all_labels.append(labels)
     finally:
@@ -237,10 +238,10 @@ def predict_logits(model: nn.Module, loader, precision: Precision, tta: bool = F
     return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
 
 
-def evaluate(model: nn.Module, loader, precision: Precision, tta: bool = False) -> dict:
+def evaluate(model: nn.Module, loader, precision: Precision, tta: bool = False, translate: int = 0) -> dict:
     """Mean cross-entropy (without label smoothing) and accuracy over ``loader``
     (over every rank's shard under data-parallel training)."""
-    logits, labels = predict_logits(model, loader, precision, tta)
+    logits, labels = predict_logits(model, loader, precision, tta, translate)
     loss_sum = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
     loss_sum, correct, n = all_reduce_sum(loss_sum, (logits.argmax(1) == labels).sum(), len(labels))
     return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
@@ -270,6 +271,22 @@ def set_backbone_frozen(model: nn.Module, frozen: bool, epoch: int, log: Callabl
         log(f"epoch {epoch + 1}: backbone frozen (its BatchNorm statistics kept), training the head only")
     else:
         log(f"epoch {epoch + 1}: backbone unfrozen, fine-tuning every layer")
+
+
+def stop_whiten_bias(model: nn.Module, epoch: int, epochs: int, log: Callable[[str], None] = print) -> None:
+    """From epoch ``epochs`` on (0-based ``epoch``; ``epochs`` 0 = never), the bias of the model's
+    patch-whitening layer ``whiten`` (FastNet) stops training, as airbench94 trains it for its
+    first 3 epochs only (Jordan 2024). ``requires_grad`` off: it gets no gradient, so the
+    optimizer skips it (no weight decay, no momentum), at no cost per step. A pure function of
+    the epoch, called after :func:`set_backbone_frozen` (whose unfreezing would switch it back
+    on), so a resumed run matches an uninterrupted one."""
+    from cifarlens.models import unwrap_model
+
+    bias = getattr(getattr(unwrap_model(model), "whiten", None), "bias", None)
+    if not epochs or epoch < epochs or bias is None or not bias.requires_grad:
+        return
+    bias.requires_grad_(False)
+    log(f"epoch {epoch + 1}: the whitening layer's bias stops training (train.whiten_bias_epochs={epochs})")
 
 
 @dataclass
@@ -302,33 +319,44 @@ def fit(
     tta: bool = False,
 ) -> FitState:
     """Train from ``state.epoch`` to ``cfg.epochs``; validation drives the plateau
-    schedule, early stopping and the choice of the best weights."""
+    schedule, early stopping and the choice of the best weights.
+
+    ``val_loader`` None (no validation split, ``data.val_fraction: 0``): no validation pass,
+    history rows have no ``val_loss``/``val_acc``, and every epoch's weights replace the
+    previous ones as the "best" (``on_improvement``), so the kept weights are the final ones."""
+    if val_loader is None and (scheduler is not None and not scheduler.per_step or cfg.early_stopping):
+        raise CifarlensError("the plateau schedule and early stopping need a validation split (data.val_fraction > 0)")
     train_model = model if train_model is None else train_model  # not `or`: a compiled module has no truth value
     eval_model = ema.module if ema is not None else model
     for epoch in range(state.epoch, cfg.epochs):
         start = time.perf_counter()
         set_epoch_seed(train_loader, cfg.seed, epoch)
         set_backbone_frozen(model, epoch < (cfg.freeze_epochs or 0), epoch, log)
+        stop_whiten_bias(model, epoch, cfg.whiten_bias_epochs or 0, log)
         row = {"epoch": epoch + 1}
         row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, ema=ema,
                                desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        val = evaluate(eval_model, val_loader, precision, tta)
-        row |= {"val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - start}
+        val = None if val_loader is None else evaluate(eval_model, val_loader, precision, tta, cfg.tta_translate or 0)
+        if val is not None:
+            row |= {"val_loss": val["loss"], "val_acc": val["acc"]}
+        row["seconds"] = time.perf_counter() - start
         if scheduler is not None and not scheduler.per_step:
             scheduler.step(val["loss"])
         state.epoch = epoch + 1
         state.history.append(row)
-        improved = val["loss"] < state.best_val_loss
+        improved = val is None or val["loss"] < state.best_val_loss
         if improved:
-            state.best_val_loss, state.best_epoch, state.bad_epochs = val["loss"], epoch + 1, 0
+            state.best_epoch, state.bad_epochs = epoch + 1, 0
+            if val is not None:
+                state.best_val_loss = val["loss"]
             on_improvement(state)
         else:
             state.bad_epochs += 1
+        shown = "no validation split" if val is None else f"val_loss {val['loss']:.4f}  val_acc {val['acc']:.2%}"
         log(
             f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
-            f"val_loss {val['loss']:.4f}  val_acc {val['acc']:.2%}  lr {row['lr']:.3g}  {row['seconds']:.1f}s"
-            + ("  *best*" if improved else "")
+            f"{shown}  lr {row['lr']:.3g}  {row['seconds']:.1f}s" + ("  *best*" if improved and val is not None else "")
         )
         if cfg.early_stopping and state.bad_epochs >= cfg.early_stopping:
             state.stopped_early = True

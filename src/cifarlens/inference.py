@@ -83,6 +83,12 @@ class Run:
         """Whether this run's predictions average the image and its mirror image (as its metrics did)."""
         return bool(self.config.train.tta) and self.info.hflip
 
+    @property
+    def tta_translate(self) -> int:
+        """Pixels of the translations the TTA also averages (train.tta_translate; 0 = flip only,
+        and for runs written before the option existed)."""
+        return int(self.config.train.tta_translate or 0) if self.tta else 0
+
     def data(self, data_dir: str | None = None, bundle: DataBundle | None = None) -> DataBundle:
         """The run's dataset with its own seeded train/val split, read from ``data_dir``
         (default: where it was trained from); refuses data with other classes."""
@@ -104,8 +110,8 @@ class Run:
 
     @torch.no_grad()
     def predict_logits(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
-        """Raw logits (B, num_classes) on the CPU (with the run's flip TTA, before any temperature)."""
-        return forward_tta(self.model, self.preprocess(images), self.tta).float().cpu()
+        """Raw logits (B, num_classes) on the CPU (with the run's TTA, before any temperature)."""
+        return forward_tta(self.model, self.preprocess(images), self.tta, self.tta_translate).float().cpu()
 
     @torch.no_grad()
     def predict_proba(self, images: Sequence[ImageSource] | Tensor) -> Tensor:

@@ -25,7 +25,8 @@ RECIPES.register("reference")(
         epochs=30, batch_size=128, lr=1e-3, optimizer="adam", momentum=0.9, nesterov=False,
         weight_decay=0.0, label_smoothing=0.0, schedule="plateau", warmup_epochs=0.0,
         plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.0, tta=False,
-        freeze_epochs=0, backbone_lr_scale=1.0, milestones=[], gamma=0.1,
+        freeze_epochs=0, backbone_lr_scale=1.0, milestones=[], gamma=0.1, tta_translate=0, muon_lr=0.0,
+        whiten_bias_epochs=0,
     )
 )
 
@@ -36,7 +37,8 @@ RECIPES.register("modern")(
         epochs=15, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9, nesterov=True,
         weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle", warmup_epochs=1.0,
         plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.0, tta=False,
-        freeze_epochs=0, backbone_lr_scale=1.0, milestones=[], gamma=0.1,
+        freeze_epochs=0, backbone_lr_scale=1.0, milestones=[], gamma=0.1, tta_translate=0, muon_lr=0.0,
+        whiten_bias_epochs=0,
     )
 )
 
@@ -48,7 +50,8 @@ FAST = dict(
     epochs=10, batch_size=512, lr=0.2, optimizer="sgd", momentum=0.85, nesterov=True,
     weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle", warmup_epochs=0.5,
     plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.99, tta=True,
-    freeze_epochs=0, backbone_lr_scale=1.0, milestones=[], gamma=0.1,
+    freeze_epochs=0, backbone_lr_scale=1.0, milestones=[], gamma=0.1, tta_translate=0, muon_lr=0.0,
+    whiten_bias_epochs=0,
 )
 RECIPES.register("fast")(FAST)
 
@@ -69,7 +72,8 @@ RECIPES.register("finetune")(
         epochs=8, batch_size=128, lr=0.05, optimizer="sgd", momentum=0.9, nesterov=True,
         weight_decay=1e-4, label_smoothing=0.1, schedule="cosine", warmup_epochs=0.5,
         plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.0, tta=True,
-        freeze_epochs=1, backbone_lr_scale=0.1, milestones=[], gamma=0.1,
+        freeze_epochs=1, backbone_lr_scale=0.1, milestones=[], gamma=0.1, tta_translate=0, muon_lr=0.0,
+        whiten_bias_epochs=0,
     )
 )
 
@@ -88,7 +92,8 @@ RECIPES.register("he2016")(
         epochs=182, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9, nesterov=False,
         weight_decay=1e-4, label_smoothing=0.0, schedule="multistep", warmup_epochs=0.0,
         plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.0, tta=False,
-        freeze_epochs=0, backbone_lr_scale=1.0, milestones=[91, 137], gamma=0.1,
+        freeze_epochs=0, backbone_lr_scale=1.0, milestones=[91, 137], gamma=0.1, tta_translate=0, muon_lr=0.0,
+        whiten_bias_epochs=0,
     )
 )
 
@@ -101,11 +106,12 @@ RECIPES.register("wrn2016")(
         epochs=200, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9, nesterov=True,
         weight_decay=5e-4, label_smoothing=0.0, schedule="multistep", warmup_epochs=0.0,
         plateau_factor=0.5, plateau_patience=2, early_stopping=0, grad_clip=0.0, ema_decay=0.0, tta=False,
-        freeze_epochs=0, backbone_lr_scale=1.0, milestones=[60, 120, 160], gamma=0.2,
+        freeze_epochs=0, backbone_lr_scale=1.0, milestones=[60, 120, 160], gamma=0.2, tta_translate=0,
+        muon_lr=0.0, whiten_bias_epochs=0,
     )
 )
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "muon")  # muon: Muon on convolution filters, Nesterov SGD on the rest
 SCHEDULES = ("plateau", "onecycle", "cosine", "constant", "multistep")
 
 
@@ -172,6 +178,9 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
         (cfg.freeze_epochs >= 0, "train.freeze_epochs must be >= 0 (0 = off)"),
         (cfg.backbone_lr_scale > 0, "train.backbone_lr_scale must be > 0 (1 = the same lr as the head)"),
         (cfg.gamma > 0, "train.gamma must be > 0 (the lr factor at each milestone; 0.1 divides by 10)"),
+        (cfg.tta_translate >= 0, "train.tta_translate must be >= 0 pixels (0 = flip TTA only)"),
+        (cfg.muon_lr >= 0, "train.muon_lr must be >= 0 (0 = train.lr)"),
+        (cfg.whiten_bias_epochs >= 0, "train.whiten_bias_epochs must be >= 0 (0 = the bias always trains)"),
     ]
     if cfg.schedule == "multistep":
         ms = cfg.milestones
@@ -204,7 +213,14 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``params``: parameters, or parameter groups such as :func:`param_groups` gives."""
+    """``params``: parameters, or parameter groups such as :func:`param_groups` gives. ``muon``:
+    :class:`cifarlens.optim.MuonSGD`, with each group's convolution filters in a Muon group of
+    their own at ``muon_lr`` (0: ``lr``; times ``backbone_lr_scale`` in the backbone)."""
+    if cfg.optimizer == "muon":
+        from cifarlens.optim import MuonSGD, muon_groups
+
+        groups = muon_groups(params, cfg.lr, cfg.muon_lr or cfg.lr)
+        return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         # AdamW: decoupled weight decay (identical to Adam when weight_decay == 0).
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

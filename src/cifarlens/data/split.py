@@ -13,9 +13,12 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
 
     Every class with at least two samples keeps at least one in each part, so the
     validation set covers all classes. The same labels and seed always give the same split.
+    ``fraction`` 0: no validation split (every index trains, ``val_index`` is empty).
     """
-    if not 0.0 < fraction < 1.0:
-        raise CifarlensError(f"val_fraction must be between 0 and 1 (exclusive), got {fraction}")
+    if not 0.0 <= fraction < 1.0:
+        raise CifarlensError(f"val_fraction must be in [0, 1) (0 = no validation split), got {fraction}")
+    if fraction == 0.0:
+        return torch.arange(len(labels)), torch.zeros(0, dtype=torch.int64)
     generator = torch.Generator().manual_seed(seed)
     train_parts, val_parts = [], []
     for cls in torch.unique(labels).tolist():

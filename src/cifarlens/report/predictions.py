@@ -91,7 +91,7 @@ def saved_predictions(rd, labels: Tensor, classes, run_temperature: float | None
 
 def compute_predictions(run, split) -> TestPredictions:
     """Predict ``split`` (uint8 images and labels) with ``run``'s best weights, as ``evaluate`` does:
-    the run's own normalisation and, where it trained with it, flip TTA."""
+    the run's own normalisation and, where it trained with it, its TTA (flip, and translations)."""
     from cifarlens import metrics as M
     from cifarlens.data.pipeline import make_loader
     from cifarlens.engine import Precision, predict_logits
@@ -100,7 +100,7 @@ def compute_predictions(run, split) -> TestPredictions:
     from cifarlens.calibration import expected_calibration_error, nll
 
     loader = make_loader(split, run.info, EVAL_BATCH_SIZE, run.device)
-    raw, labels = predict_logits(run.model, loader, Precision(run.device), run.tta)
+    raw, labels = predict_logits(run.model, loader, Precision(run.device), run.tta, run.tta_translate)
     logits = run.scale(raw)  # divided by the run's temperature when it is calibrated
     confidence, prediction = logits.softmax(dim=1).max(dim=1)  # (N,), (N,)
     raw_confidence = raw.softmax(dim=1).gather(1, prediction[:, None])[:, 0]

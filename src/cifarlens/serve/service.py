@@ -17,6 +17,7 @@ from cifarlens.api import Prediction, Run
 from cifarlens.errors import CifarlensError
 from cifarlens.images import MAX_PIXELS
 from cifarlens.serve.upload import ApiError, decode_upload
+from cifarlens.tta import tta_logits
 
 DEFAULT_MAX_CONCURRENCY = 4
 
@@ -57,11 +58,13 @@ class OnnxBackend:
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         from cifarlens.export import run_onnx
 
-        x = self.run.preprocess(images).cpu().numpy()  # (B, C, H, W)
-        logits = run_onnx(self.session, x)  # (B, K), divided by the run's temperature inside the graph
-        if self.run.tta:  # as the run was evaluated: the mean with the mirror image's logits
-            logits = 0.5 * (logits + run_onnx(self.session, np.ascontiguousarray(x[..., ::-1])))
-        return torch.from_numpy(logits).float().softmax(dim=1)
+        def forward(x: torch.Tensor) -> torch.Tensor:  # (B, K), divided by the run's temperature inside the graph
+            return torch.from_numpy(run_onnx(self.session, x.numpy())).float()
+
+        x = self.run.preprocess(images).cpu()  # (B, C, H, W)
+        # as the run was evaluated: with its TTA, the same views and weights as the torch backend's
+        logits = tta_logits(forward, x, self.run.tta_translate) if self.run.tta else forward(x)
+        return logits.softmax(dim=1)
 
 
 def onnx_backend(run: Run, log=print) -> OnnxBackend:

@@ -82,6 +82,8 @@ class Tuner:
             raise CifarlensError("--pruner-startup must be >= 0 and --min-epochs >= 1")
         if pruner not in PRUNERS:
             raise CifarlensError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
+        if base_cfg.data.val_fraction == 0:
+            raise CifarlensError("tuning scores trials on the validation split: set data.val_fraction > 0")
         from cifarlens.device import resolve_device
         from cifarlens.recipes import resolve_choices
 

@@ -1,0 +1,111 @@
+"""Muon on the convolution filters and Nesterov SGD on everything else, as one optimizer.
+
+Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks",
+https://kellerjordan.github.io/posts/muon/; used for the filters of airbench94_muon) takes
+SGD's Nesterov momentum and replaces each filter's update by its nearest semi-orthogonal
+matrix, found by a few Newton-Schulz iterations: every direction of the update moves the
+weights by about the same amount, however unevenly the gradient spreads over them.
+
+``torch.optim.Muon`` (torch 2.14) takes 2-D parameters only, and its Newton-Schulz function
+is private (``torch.optim._muon``) and bf16-only, slow on CPUs without native bf16; hence
+the ~15 lines of :func:`orthogonalize`, written from the post's description.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+# The quintic iteration's coefficients (a, b, c) and step count from the Muon post: they push
+# every singular value of the normalised matrix towards 1 fast, ending in roughly [0.7, 1.2].
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def orthogonalize(g: Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> Tensor:
+    """An approximation of ``U V^T`` for the 2-D ``g = U S V^T``, of ``g``'s shape and dtype.
+
+    Runs in bf16 on CUDA (as the post does) and in fp32 elsewhere. Never reads a value back to the host.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # iterate on the wide orientation: its Gram matrix x @ x.T is the smaller one
+        x = x.T
+    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1: inside the iteration's range
+    for _ in range(steps):
+        gram = x @ x.T  # (rows, rows)
+        x = a * x + (b * gram + c * (gram @ gram)) @ x  # p(x) = a x + b x x^T x + c (x x^T)^2 x
+    return (x.T if tall else x).to(g.dtype)
+
+
+def muon_groups(params: Iterable, lr: float, muon_lr: float) -> list[dict]:
+    """Split parameters (or parameter groups, e.g. :func:`cifarlens.recipes.param_groups`) into
+    ``muon: False`` groups (everything but convolution filters) and, after each, a ``muon: True``
+    group of its 4-D filters (``NAME.muon``), whose lr is the group's lr times ``muon_lr / lr``.
+    The group order depends on the model only, so checkpoints load into a rebuilt optimizer."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for group in groups:
+        members, group_lr = list(group["params"]), group.get("lr", lr)
+        out.append({**group, "params": [p for p in members if p.ndim != 4], "muon": False})
+        filters = [p for p in members if p.ndim == 4]
+        if filters:
+            name = f"{group.get('name', 'params')}.muon"
+            out.append({**group, "name": name, "params": filters, "lr": group_lr * muon_lr / lr, "muon": True})
+    return out
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """Muon on the groups flagged ``muon: True``, Nesterov (or plain) momentum SGD on the others.
+
+    SGD groups step exactly as ``torch.optim.SGD`` (dampening 0, weight decay added to the
+    gradient). Muon groups keep the same momentum buffer, orthogonalise the (Nesterov) update of
+    each filter reshaped to (out, in * k * k), scale it by ``max(1, out / (in * k * k)) ** 0.5``
+    (the post's shape factor) and apply weight decay decoupled (``p *= 1 - lr * weight_decay``,
+    as the post and ``torch.optim.Muon`` do: coupled decay would vanish in the orthogonalisation).
+    Every group's ``lr`` is what schedulers scale, as with any optimizer.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
+                 ns_steps: int = NS_STEPS):
+        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
+            raise ValueError(f"bad MuonSGD settings: lr {lr}, momentum {momentum}, weight_decay {weight_decay}, "
+                             f"ns_steps {ns_steps}")
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+                    "muon": False, "ns_steps": ns_steps}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:  # frozen (backbone, whitening bias) or unused
+                    continue
+                g = p.grad
+                if wd and not group["muon"]:
+                    g = g.add(p, alpha=wd)
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:  # the first step: the buffer is the gradient, as in torch.optim.SGD
+                    buf = state["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(m).add_(g)
+                update = g.add(buf, alpha=m) if group["nesterov"] else buf
+                if not group["muon"]:
+                    p.add_(update, alpha=-lr)
+                    continue
+                matrix = orthogonalize(update.reshape(len(update), -1), group["ns_steps"])  # (out, in * k * k)
+                rows, cols = matrix.shape
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(matrix.reshape(p.shape), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+        return loss
