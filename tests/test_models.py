@@ -251,3 +251,25 @@ def test_lensnet_presets_and_overrides():
 def test_lensnet_rejects_bad_config(kwargs, match):
     with pytest.raises(CifarlensError, match=match):
         create_model("lensnet", 10, **kwargs)
+
+
+def test_fastnet_whitening_caps_the_gain_of_faint_directions():
+    """Patch whitening divides by sqrt(eigenvalue + whiten_eps): on images with almost no high
+    frequencies (as JPEG leaves them), white noise must not come out of the first layer far
+    stronger than it went in, or mild noise drowns the image (docs/explain-and-report.md)."""
+    import torch.nn.functional as F
+
+    from cifarlens.models.fastnet import WHITEN_EPS
+
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.randn(64, 3, 8, 8, generator=g), size=32, mode="bilinear")  # (64, 3, 32, 32)
+    noise = 0.16 * torch.randn(64, 3, 32, 32, generator=g)  # std 0.04 of the [0, 1] range, normalised by ~0.25
+
+    def noise_gain(eps: float) -> float:
+        net = create_model("fastnet_cpu", 10, whiten_eps=eps)
+        net.data_init(smooth)
+        with torch.no_grad():
+            return float((net.whiten(smooth + noise) - net.whiten(smooth)).pow(2).mean() / noise.pow(2).mean()) ** 0.5
+
+    assert noise_gain(WHITEN_EPS) < 4  # measured 3.1 (per direction at most 1/sqrt(eps))
+    assert noise_gain(5e-4) > 2.5 * noise_gain(WHITEN_EPS)  # airbench's 5e-4: 10.0
