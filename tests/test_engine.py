@@ -234,13 +234,24 @@ def test_patch_whitening_decorrelates_training_patches():
     # correlated input: smooth images, so neighbouring pixels are strongly correlated
     images = torch.nn.functional.avg_pool2d(torch.randn(256, 3, 34, 34), 3, stride=1)
     model = create_model("fastnet_cpu", 10, 3)
-    model.data_init(images)
+
+    def whitened_cov(eps=None):
+        model.data_init(images, eps)
+        out = model.whiten(images)[:, :12]  # the 12 "+" filters; the other 12 are their negatives
+        assert torch.allclose(model.whiten(images)[:, 12:], -out)
+        return torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
+
+    assert torch.allclose(whitened_cov(1e-8), torch.eye(12), atol=0.05)  # (almost) no eps: white
     assert not model.whiten.weight.requires_grad  # frozen after initialisation
-    out = model.whiten(images)[:, :12]  # the 12 "+" filters; the other 12 are their negatives
-    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
-    cov = torch.cov(flat)
-    assert torch.allclose(cov, torch.eye(12), atol=0.05)
-    assert torch.allclose(model.whiten(images)[:, 12:], -out)
+    # the default eps shrinks the faintest directions instead of blowing them up: still
+    # decorrelated, each variance lambda / (lambda + eps) <= 1
+    from cifarlens.models.fastnet import WHITEN_EPS
+
+    cov = whitened_cov()
+    assert torch.allclose(cov - torch.diag(cov.diagonal()), torch.zeros(12, 12), atol=0.05)
+    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(patches.T))  # ascending, as the filters are ordered
+    torch.testing.assert_close(cov.diagonal(), eigenvalues / (eigenvalues + WHITEN_EPS), atol=0.03, rtol=0)
 
 
 def test_ema_tracks_the_weights_with_its_decay():
