@@ -196,7 +196,7 @@ def _calibration(d: ReportData) -> str:
                     numeric=(1, 2))
     return (intro + f"<p>Probabilities are calibrated by temperature scaling (Guo et al. 2017): logits divided "
             f"by <b>T = {d.temperature:.3f}</b>, fitted on the validation split after training "
-            f"({'T > 1 softens an overconfident model' if d.temperature > 1 else 'T < 1 sharpens an underconfident model'}"
+            f"({'T &gt; 1 softens an overconfident model' if d.temperature > 1 else 'T &lt; 1 sharpens an underconfident model'}"
             "; the top-1 prediction and the accuracy do not change).</p>" + summary
             + f'<div class="cols"><div>{img(d.reliability_before_png, "reliability diagram before")}</div>'
             f'<div>{img(d.reliability_png, "reliability diagram after")}</div></div>'
