@@ -47,6 +47,19 @@ MIXED_SIZES = ((32, 32), (40, 28), (24, 48), (64, 64))  # (width, height)
 TINY = ["--model", "lensnet_light", "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "32"]
 
 
+def train_tiny_cifar10(root: Path, *flags: str, epochs: int = 1) -> tuple[Path, Path]:
+    """(run folder, data dir): fastnet_cpu trained through the CLI on a synthetic CIFAR-10 of 200
+    training (20 of them validation) and 50 test images in ``root``, with extra ``flags``."""
+    from cifarlens.cli import main
+
+    data = make_cifar10(root / "data", n_train_per_batch=40, n_test=50).data_dir
+    out = root / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--model", "fastnet_cpu",
+                 "--epochs", str(epochs), "--batch-size", "32", "--device", "cpu", "--no-report", "--out", str(out),
+                 *flags]) == 0
+    return out, data
+
+
 @dataclass
 class SyntheticData:
     """What a ``make_*`` helper wrote; arrays are in the order the reader returns them."""

@@ -61,16 +61,9 @@ def test_fit_stays_within_bounds_and_rejects_empty_input():
 
 @pytest.fixture(scope="module")
 def calibrated_run(tmp_path_factory):
-    from conftest import make_cifar10
+    from conftest import train_tiny_cifar10
 
-    from cifarlens.cli import main
-
-    root = tmp_path_factory.mktemp("cal")
-    data = make_cifar10(root / "data", n_train_per_batch=40, n_test=50).data_dir
-    out = root / "run"
-    assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--model", "fastnet_cpu",
-                 "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-report", "--out", str(out)]) == 0
-    return out, data
+    return train_tiny_cifar10(tmp_path_factory.mktemp("cal"))
 
 
 def test_training_fits_and_records_a_temperature_on_the_validation_split(calibrated_run):
@@ -144,14 +137,12 @@ def test_calibrate_command_refits_an_existing_run(calibrated_run, capsys):
     assert after["temperature"] == pytest.approx(before["temperature"], rel=1e-6)  # same weights, same data
 
 
-def test_training_with_calibration_off_records_none(tmp_path, cifar10_dir):
-    from cifarlens.api import load_run
-    from cifarlens.cli import main
+def test_training_with_calibration_off_records_none(tmp_path):
+    from conftest import train_tiny_cifar10
 
-    out = tmp_path / "run"
-    assert main(["train", "--dataset", "cifar10", "--data-dir", str(cifar10_dir), "--no-download", "--model", "fastnet_cpu",
-                 "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-report", "--out", str(out),
-                 "--set", "train.calibrate=false"]) == 0
+    from cifarlens.api import load_run
+
+    out, _ = train_tiny_cifar10(tmp_path, "--set", "train.calibrate=false")
     assert "calibration" not in json.loads((out / "run.json").read_text())
     assert not load_run(out).calibrated
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 import yaml
-from conftest import fast_epoch_parts, make_cifar10
+from conftest import fast_epoch_parts, train_tiny_cifar10
 from test_engine import HostReads
 from torch import nn
 
@@ -297,16 +297,9 @@ def test_fit_refuses_plateau_or_early_stopping_without_validation():
 
 @pytest.fixture(scope="module")
 def fixed_budget_run(tmp_path_factory):
-    from cifarlens.cli import main
-
-    root = tmp_path_factory.mktemp("fixed")
-    data = make_cifar10(root / "data", n_train_per_batch=40, n_test=50).data_dir
-    out = root / "run"
-    assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--model", "fastnet_cpu",
-                 "--set", "model.kwargs={widths: [8, 16, 16]}", "--epochs", "2", "--batch-size", "32", "--device", "cpu",
-                 "--no-report", "--out", str(out), "--set", "data.val_fraction=0", "--set", "train.optimizer=muon", "--set", "train.muon_lr=0.1",
-                 "--set", "train.tta_translate=1", "--set", "train.whiten_bias_epochs=1"]) == 0
-    return out, data
+    return train_tiny_cifar10(tmp_path_factory.mktemp("fixed"), "--set", "model.kwargs={widths: [8, 16, 16]}",
+                              "--set", "data.val_fraction=0", "--set", "train.optimizer=muon", "--set", "train.muon_lr=0.1",
+                              "--set", "train.tta_translate=1", "--set", "train.whiten_bias_epochs=1", epochs=2)
 
 
 def test_a_run_without_validation_trains_on_every_image_and_skips_calibration(fixed_budget_run):

@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_cifar10
+from conftest import train_tiny_cifar10
 
 from cifarlens.cli import main
-from cifarlens.report.cifar_c import RESULT_FILE, corruption_errors, load_reference
+from cifarlens.report.cifar_c import RESULT_FILE, corruption_errors
 from cifarlens.report.robustness import RobustnessTable
 
 
@@ -49,12 +49,7 @@ def test_corruption_errors_refuse_a_reference_measured_differently():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("protocol")
-    data = make_cifar10(root / "data", n_train_per_batch=40, n_test=50).data_dir
-    out = root / "run"
-    assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--model", "fastnet_cpu",
-                 "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-report", "--out", str(out)]) == 0
-    return out
+    return train_tiny_cifar10(tmp_path_factory.mktemp("protocol"))[0]
 
 
 def write_official(folder, images_nhwc: np.ndarray, labels: np.ndarray, corruptions: dict) -> None:
