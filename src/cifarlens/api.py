@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cifarlens import distributed, tracking
 from cifarlens import metrics as M
-from cifarlens.calibration import TemperatureFit, expected_calibration_error, fit_temperature, nll
+from cifarlens.calibration import TemperatureFit, calibration_summary, fit_temperature
 from cifarlens.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict
 from cifarlens.data.base import Split
@@ -335,9 +335,7 @@ def evaluate_run(
     logits = loaded.scale(raw)
     result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
     if len(labels):
-        result["calibration"] = loaded.calibration_info() | {
-            "ece": expected_calibration_error(logits.softmax(dim=1), labels), "nll": nll(logits, labels),
-            "ece_uncalibrated": expected_calibration_error(raw.softmax(dim=1), labels), "nll_uncalibrated": nll(raw, labels)}
+        result["calibration"] = calibration_summary(raw, labels, loaded.temperature)
     write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw)
     return result
 

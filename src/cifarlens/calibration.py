@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ReliabilityBins", "TemperatureFit", "expected_calibration_error", "fit_temperature", "nll",
+__all__ = ["ReliabilityBins", "TemperatureFit", "calibration_summary", "expected_calibration_error", "fit_temperature", "nll",
            "reliability_bins", "reliability_bins_from_confidence"]
 
 # T is searched in log space within these bounds: beyond them the fit is saying that the logits
@@ -165,3 +165,13 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> T
         ece_before=expected_calibration_error(probs_before, labels),
         ece_after=expected_calibration_error(probs_after, labels),
     )
+
+
+def calibration_summary(raw_logits: Tensor, labels: Tensor, temperature: float | None) -> dict:
+    """ECE and NLL of ``raw_logits`` (N, K) divided by ``temperature`` (None: as they are), and of the
+    raw logits: what ``evaluate`` and the report record as ``calibration``."""
+    scaled = raw_logits if temperature is None else raw_logits / temperature
+    return {"calibrated": temperature is not None, "temperature": temperature,
+            "ece": expected_calibration_error(scaled.softmax(dim=1), labels), "nll": nll(scaled, labels),
+            "ece_uncalibrated": expected_calibration_error(raw_logits.softmax(dim=1), labels),
+            "nll_uncalibrated": nll(raw_logits, labels)}

@@ -97,7 +97,7 @@ def compute_predictions(run, split) -> TestPredictions:
     from cifarlens.engine import Precision, predict_logits
 
     # Normalise with the run's own statistics (for imagefolder they came from its training data).
-    from cifarlens.calibration import expected_calibration_error, nll
+    from cifarlens.calibration import calibration_summary
 
     loader = make_loader(split, run.info, EVAL_BATCH_SIZE, run.device)
     raw, labels = predict_logits(run.model, loader, Precision(run.device), run.tta, run.tta_translate)
@@ -106,8 +106,6 @@ def compute_predictions(run, split) -> TestPredictions:
     raw_confidence = raw.softmax(dim=1).gather(1, prediction[:, None])[:, 0]
     metrics = M.summarize(logits, labels, run.classes)
     if len(labels):
-        metrics["calibration"] = run.calibration_info() | {
-            "ece": expected_calibration_error(logits.softmax(dim=1), labels), "nll": nll(logits, labels),
-            "ece_uncalibrated": expected_calibration_error(raw.softmax(dim=1), labels), "nll_uncalibrated": nll(raw, labels)}
+        metrics["calibration"] = calibration_summary(raw, labels, run.temperature)
     return TestPredictions(labels, prediction, confidence.double(), metrics,
                            "computed in this report from the run's best weights", raw_confidence.double())
