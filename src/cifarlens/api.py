@@ -134,8 +134,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if distributed.all_reduce_sum(failed is not None)[0]:  # every rank stops, not only rank 0
             raise failed or CifarlensError("rank 0 could not create the run folder (see its message)")
         if world.is_main:
-            run.write_config(cfg, notes={key: describe_choice(value, why, key) for key, value in
-                                         (("model", cfg.model.name), ("recipe", cfg.train.recipe)) if key in why})
+            run.write_config(cfg, notes={key: describe_choice(value, why, key) if value else why[key] for key, value in
+                                         (("model", cfg.model.name), ("recipe", cfg.train.recipe), ("data", None))
+                                         if key in why})
             flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
                                   **cfg.model.kwargs)
             run.write_meta(dataset=info_to_dict(info), source=source_to_dict(bundle.source, info), model={"name": cfg.model.name, **model_info(model),
@@ -173,6 +174,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
             f"recipe {describe_choice(tc.recipe, why, 'recipe')}, {tc.epochs} epochs, device {device}"
             + (f", {world.world_size} processes" if world.distributed else ""))
+        if "data" in why:
+            log(f"data settings of the recipe: {why['data']}")
         if not has_val:
             log("no validation split (data.val_fraction 0): no validation pass, the final weights are kept")
         for warning in bundle.source.warnings:

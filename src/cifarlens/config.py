@@ -22,14 +22,20 @@ import yaml
 from cifarlens.errors import CifarlensError
 
 
+# What DataConfig's None fields mean where no recipe sets them (a recipe's "data" dict may, e.g. the
+# fixed-budget fast_cpu_10min: see cifarlens.recipes.resolve_choices).
+DATA_DEFAULTS = {"val_fraction": 0.1, "crop_padding": 4, "flip": "random"}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "cifar10"
     data_dir: str = "data"
     download: bool = True
     # carved from train (stratified, seeded) unless the dataset ships val/; 0 = no validation split:
-    # all images train, no validation pass, the final weights are kept, no calibration (fixed budgets)
-    val_fraction: float = 0.1
+    # all images train, no validation pass, the final weights are kept, no calibration (fixed budgets).
+    # None here and below: the recipe's, else DATA_DEFAULTS (0.1; fast_cpu_10min: 0)
+    val_fraction: float | None = None
     augment: str | None = None  # see cifarlens.data.augment.AUGMENT_LEVELS; None = the dataset's default
     # added to the level, see cifarlens.data.policies: cutout, erasing, autoaugment, randaugment,
     # trivialaugment, mixup, cutmix, noise (CLI: --augment standard+cutout+autoaugment)
@@ -45,10 +51,17 @@ class DataConfig:
     noise_std: float = 0.1  # noise: Gaussian noise of std U(0, noise_std) (in [0, 1] pixel units) ...
     noise_prob: float = 0.5  # ... on this share of the images
     image_size: int | None = None  # None = the dataset's native size (imagefolder: 32)
-    crop_padding: int = 4  # pixels of padding for the random crop
-    flip: str = "random"  # "random" | "alternating": each image mirrored every other epoch (Jordan 2024)
+    crop_padding: int | None = None  # pixels of padding for the random crop (4; fast_cpu_10min: 2)
+    # "random" | "alternating": each image mirrored every other epoch (Jordan 2024); None: as val_fraction
+    flip: str | None = None
     loader: str = "batched"  # "batched": augment whole batches on the device; "perimage": torchvision in workers
     workers: int = 2  # DataLoader workers for the per-image loader
+
+
+def with_data_defaults(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with the fields left unset (None) at :data:`DATA_DEFAULTS`, for code that reads a
+    config no recipe has resolved."""
+    return replace(cfg, **{key: value for key, value in DATA_DEFAULTS.items() if getattr(cfg, key) is None})
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,13 @@ class TrainConfig:
     tta: bool | None = None  # evaluate on the image and its mirror image, averaging logits
     tta_translate: int | None = None  # with tta: also the images moved by this many pixels (airbench94); 0 = off
     muon_lr: float | None = None  # optimizer muon: peak lr of the convolution filters (Muon); 0 = lr
+    muon_momentum: float | None = None  # optimizer muon: the filters' momentum; 0 = momentum
+    muon_renorm: bool | None = None  # optimizer muon: filters rescaled to norm sqrt(out) before each step
     whiten_bias_epochs: int | None = None  # FastNet's whitening bias trains for this many epochs only; 0 = always
+    # progressive resizing: the first epoch trains on images scaled down to this width (pixels), the
+    # width grows linearly to full over progressive_epochs epochs (see engine.progressive_side); 0 = off
+    progressive_res: int | None = None
+    progressive_epochs: int | None = None
     freeze_epochs: int | None = None  # first epochs train the head only (backbone frozen, its BN in eval); 0 = off
     backbone_lr_scale: float | None = None  # backbone lr = lr * this (the head gets lr); 1 = same
     # after training, fit a temperature on the validation split (Guo et al. 2017), used by evaluate,

@@ -6,6 +6,7 @@ switched by ``enabled=``; nothing here calls ``.cuda()`` or ``.half()``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import sys
@@ -157,6 +158,7 @@ def train_one_epoch(
     ema: nn.Module | None = None,  # WeightEMA of model, updated every step
     desc: str = "train",
     check_every: int | None = None,  # steps between loss checks; default: 1 on a CPU, 50 elsewhere
+    train_side: Callable[[int], int] | None = None,  # full image width -> width to train at (progressive_side)
 ) -> dict:
     """One pass over ``loader``. Returns mean loss and accuracy over the epoch's samples
     (of every rank under data-parallel training) and how many samples that was.
@@ -174,12 +176,16 @@ def train_one_epoch(
     total_correct = torch.zeros((), device=precision.device)
     bad_step = torch.full((), -1, device=precision.device)  # the first step with a diverged loss
     bad_loss = torch.zeros((), device=precision.device)  # and that loss
-    seen, lr, num_classes = 0, optimizer.param_groups[0]["lr"], 2
+    seen, lr, num_classes, side = 0, optimizer.param_groups[0]["lr"], 2, None
     for step, (images, labels, *mixed) in enumerate(_progress(loader, len(loader), desc)):
         # MixUp/CutMix batches carry soft targets (B, K) beside the labels (B,): the loss is the
         # soft cross-entropy (label smoothing blends them with the uniform distribution, as it does
         # one-hot labels), while accuracy below still counts the labels drawn
         targets = mixed[0] if mixed else labels
+        if train_side is not None and (side_now := train_side(images.shape[-1])) != images.shape[-1]:
+            side, (h, w) = side_now, images.shape[-2:]  # scaled down whole (progressive resizing), aspect kept
+            images = F.interpolate(images, size=(max(1, round(h * side / w)), side), mode="bilinear",
+                                   antialias=True, align_corners=False)
         with precision.autocast():
             logits = model(precision.prepare(images))
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
@@ -210,7 +216,7 @@ def train_one_epoch(
     _raise_if_diverged(bad_step, bad_loss, desc, num_classes)
     total_loss, total_correct, seen = all_reduce_sum(total_loss, total_correct, seen)
     return {"train_loss": total_loss / max(seen, 1), "train_acc": total_correct / max(seen, 1),
-            "lr": lr, "train_samples": int(seen)}  # lr of the epoch's last step
+            "lr": lr, "train_samples": int(seen), "train_side": side}  # lr of the epoch's last step; side: width trained at
 
 
 def forward_tta(model: nn.Module, x: Tensor, tta: bool, translate: int = 0) -> Tensor:
@@ -289,6 +295,18 @@ def stop_whiten_bias(model: nn.Module, epoch: int, epochs: int, log: Callable[[s
     log(f"epoch {epoch + 1}: the whitening layer's bias stops training (train.whiten_bias_epochs={epochs})")
 
 
+def progressive_side(full: int, epoch: int, min_side: int, epochs: int) -> int:
+    """The width (pixels) of the training images in epoch ``epoch`` (0-based) under progressive
+    resizing (fast.ai; FFCV's ramp): ``min_side`` in the first epoch, growing linearly towards
+    ``full`` over ``epochs`` epochs in steps of 4 pixels (rounded down, never below ``min_side``),
+    ``full`` from epoch ``epochs`` on. ``full`` when off (``min_side`` 0) or ``min_side >= full``.
+    Early epochs cost less (FastNet at 24x24: about half the time of 32x32) and the last ones
+    adapt the weights and BatchNorm statistics to the test images' scale."""
+    if not min_side or epoch >= epochs or min_side >= full:
+        return full
+    return max(min_side, int(min_side + (full - min_side) * epoch / epochs) // 4 * 4)
+
+
 @dataclass
 class FitState:
     """Everything that changes during training, saved in every checkpoint."""
@@ -336,7 +354,10 @@ def fit(
         row = {"epoch": epoch + 1}
         row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, ema=ema,
-                               desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                               desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                               train_side=functools.partial(progressive_side, epoch=epoch, min_side=cfg.progressive_res,
+                                                            epochs=cfg.progressive_epochs) if cfg.progressive_res else None)
+        side = row.pop("train_side")
         val = None if val_loader is None else evaluate(eval_model, val_loader, precision, tta, cfg.tta_translate or 0)
         if val is not None:
             row |= {"val_loss": val["loss"], "val_acc": val["acc"]}
@@ -356,7 +377,8 @@ def fit(
         shown = "no validation split" if val is None else f"val_loss {val['loss']:.4f}  val_acc {val['acc']:.2%}"
         log(
             f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
-            f"{shown}  lr {row['lr']:.3g}  {row['seconds']:.1f}s" + ("  *best*" if improved and val is not None else "")
+            f"{shown}  lr {row['lr']:.3g}  {row['seconds']:.1f}s" + (f"  trained at {side} px wide" if side else "")
+            + ("  *best*" if improved and val is not None else "")
         )
         if cfg.early_stopping and state.bad_epochs >= cfg.early_stopping:
             state.stopped_early = True

@@ -8,7 +8,10 @@ weights by about the same amount, however unevenly the gradient spreads over the
 
 ``torch.optim.Muon`` (torch 2.14) takes 2-D parameters only, and its Newton-Schulz function
 is private (``torch.optim._muon``) and bf16-only, slow on CPUs without native bf16; hence
-the ~15 lines of :func:`orthogonalize`, written from the post's description.
+the ~15 lines of :func:`orthogonalize`, written from the post's description, in bf16 where the
+device computes it natively and fp32 elsewhere. (On the 2-core AVX512-BF16 CPU, the Muon step of
+the full-width fastnet took 137 ms in fp32 and 57 ms in bf16, beside ~600 ms of forward and
+backward at batch 256: docs/benchmarks.md, *Toward 90 %*.)
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+
+from cifarlens.device import cpu_has_native_bf16
 
 # The quintic iteration's coefficients (a, b, c) and step count from the Muon post: they push
 # every singular value of the normalised matrix towards 1 fast, ending in roughly [0.7, 1.2].
@@ -27,10 +32,11 @@ NS_STEPS = 5
 def orthogonalize(g: Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> Tensor:
     """An approximation of ``U V^T`` for the 2-D ``g = U S V^T``, of ``g``'s shape and dtype.
 
-    Runs in bf16 on CUDA (as the post does) and in fp32 elsewhere. Never reads a value back to the host.
+    Runs in bf16 on CUDA (as the post does) and on CPUs with native bf16 (AVX512-BF16, AMX), in
+    fp32 elsewhere (emulated bf16 is slower). Never reads a value back to the host.
     """
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(torch.bfloat16 if g.is_cuda or cpu_has_native_bf16() else torch.float32)
     tall = x.shape[0] > x.shape[1]
     if tall:  # iterate on the wide orientation: its Gram matrix x @ x.T is the smaller one
         x = x.T
@@ -41,10 +47,12 @@ def orthogonalize(g: Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> Tensor
     return (x.T if tall else x).to(g.dtype)
 
 
-def muon_groups(params: Iterable, lr: float, muon_lr: float) -> list[dict]:
+def muon_groups(params: Iterable, lr: float, muon_lr: float, momentum: float | None = None,
+                renorm: bool = False) -> list[dict]:
     """Split parameters (or parameter groups, e.g. :func:`cifarlens.recipes.param_groups`) into
     ``muon: False`` groups (everything but convolution filters) and, after each, a ``muon: True``
-    group of its 4-D filters (``NAME.muon``), whose lr is the group's lr times ``muon_lr / lr``.
+    group of its 4-D filters (``NAME.muon``), whose lr is the group's lr times ``muon_lr / lr``,
+    with its own ``momentum`` when given and ``renorm`` (see :class:`MuonSGD`).
     The group order depends on the model only, so checkpoints load into a rebuilt optimizer."""
     params = list(params)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -55,7 +63,9 @@ def muon_groups(params: Iterable, lr: float, muon_lr: float) -> list[dict]:
         filters = [p for p in members if p.ndim == 4]
         if filters:
             name = f"{group.get('name', 'params')}.muon"
-            out.append({**group, "name": name, "params": filters, "lr": group_lr * muon_lr / lr, "muon": True})
+            own = {"momentum": momentum} if momentum is not None else {}
+            out.append({**group, "name": name, "params": filters, "lr": group_lr * muon_lr / lr, "muon": True,
+                        "renorm": renorm, **own})
     return out
 
 
@@ -67,6 +77,9 @@ class MuonSGD(torch.optim.Optimizer):
     each filter reshaped to (out, in * k * k), scale it by ``max(1, out / (in * k * k)) ** 0.5``
     (the post's shape factor) and apply weight decay decoupled (``p *= 1 - lr * weight_decay``,
     as the post and ``torch.optim.Muon`` do: coupled decay would vanish in the orthogonalisation).
+    With ``renorm``, each filter tensor is first rescaled to the Frobenius norm ``sqrt(out)``
+    (airbench94_muon): the weights' scale, which BatchNorm makes irrelevant to the function, stays
+    fixed, so the lr alone sets how far a step turns them (weight decay then does nothing).
     Every group's ``lr`` is what schedulers scale, as with any optimizer.
     """
 
@@ -76,7 +89,7 @@ class MuonSGD(torch.optim.Optimizer):
             raise ValueError(f"bad MuonSGD settings: lr {lr}, momentum {momentum}, weight_decay {weight_decay}, "
                              f"ns_steps {ns_steps}")
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
-                    "muon": False, "ns_steps": ns_steps}
+                    "muon": False, "renorm": False, "ns_steps": ns_steps}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -105,7 +118,9 @@ class MuonSGD(torch.optim.Optimizer):
                     continue
                 matrix = orthogonalize(update.reshape(len(update), -1), group["ns_steps"])  # (out, in * k * k)
                 rows, cols = matrix.shape
-                if wd:
+                if group.get("renorm"):  # .get: optimizer states saved before renorm existed
+                    p.mul_(rows**0.5 / p.norm())
+                elif wd:
                     p.mul_(1 - lr * wd)
                 p.add_(matrix.reshape(p.shape), alpha=-lr * max(1.0, rows / cols) ** 0.5)
         return loss

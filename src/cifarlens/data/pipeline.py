@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from cifarlens.config import DataConfig
+from cifarlens.config import DataConfig, with_data_defaults
 from cifarlens.data import load_dataset
 from cifarlens.data.augment import BatchAugment, normalize
 from cifarlens.data.base import DataSource, DatasetInfo, Split
@@ -38,7 +38,7 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
     ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
         return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source)
-    train_index, val_index = stratified_split(ds.train.labels, cfg.val_fraction, seed)
+    train_index, val_index = stratified_split(ds.train.labels, with_data_defaults(cfg).val_fraction, seed)
     return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source)
 
 
@@ -53,6 +53,7 @@ def _normalize_only(images, generator, *, mean, std):
 def train_transform(info: DatasetInfo, cfg: DataConfig) -> BatchAugment:
     """The level and the image/tensor policies of ``cfg`` (MixUp/CutMix need the labels: see
     :func:`make_loader`)."""
+    cfg = with_data_defaults(cfg)
     if cfg.flip not in FLIPS:
         raise CifarlensError(f"data.flip must be one of {', '.join(FLIPS)}, got {cfg.flip!r}")
     image_policies, tensor_policies, _ = build_policies(cfg, info)
@@ -71,6 +72,7 @@ def make_loader(split: Split, info: DatasetInfo, batch_size: int, device: torch.
     """
     if train_cfg is None:
         return TensorLoader(shard(split, world), batch_size, eval_transform(info), device=device)
+    train_cfg = with_data_defaults(train_cfg)
     per_rank = check_batch_size(batch_size, world)
     if world.distributed and len(split) < batch_size:
         raise CifarlensError(f"the training split has {len(split)} images, fewer than one global batch "

@@ -82,13 +82,14 @@ class Tuner:
             raise CifarlensError("--pruner-startup must be >= 0 and --min-epochs >= 1")
         if pruner not in PRUNERS:
             raise CifarlensError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
-        if base_cfg.data.val_fraction == 0:
-            raise CifarlensError("tuning scores trials on the validation split: set data.val_fraction > 0")
         from cifarlens.device import resolve_device
         from cifarlens.recipes import resolve_choices
 
         # a model and recipe left unset are chosen once, for this machine, and fixed for every trial
         base_cfg, _ = resolve_choices(base_cfg, resolve_device(base_cfg.train.device).type)
+        if base_cfg.data.val_fraction == 0:
+            raise CifarlensError(f"tuning scores trials on the validation split: set data.val_fraction > 0 (recipe "
+                                 f"{base_cfg.train.recipe} trains without one)")
         self.base = pin_budget(base_cfg)
         self.out = Path(out_dir)
         self.trials, self.timeout = trials, timeout
