@@ -119,3 +119,29 @@ def test_a_run_of_the_recipe_trains_small_then_full_size_on_every_image(tmp_path
     assert (cfg["data"]["val_fraction"], cfg["data"]["crop_padding"], cfg["data"]["flip"]) == (0.0, 2, "alternating")
     assert (cfg["train"]["optimizer"], cfg["train"]["progressive_res"], cfg["train"]["tta_translate"]) == ("muon", 24, 1)
     assert json.loads((out / "run.json").read_text())["split_sizes"] == {"train": 200, "val": 0, "test": 50}
+
+
+def test_the_recipes_step_never_waits_for_the_device():
+    """Progressive resizing and Muon (with the renormalisation too) read nothing back per step,
+    so the GPU path keeps its queue full: an epoch's host reads do not grow with its steps."""
+    from dataclasses import replace
+
+    from conftest import fast_epoch_parts
+    from test_engine import HostReads
+
+    from cifarlens.engine import Precision, train_one_epoch
+    from cifarlens.recipes import build_scheduler
+
+    cpu = torch.device("cpu")
+
+    def reads(batches: int) -> int:
+        model, loader, _, _, ema, cfg = fast_epoch_parts(cpu, batches, 4, widths=[4, 8], recipe="fast_cpu_10min")
+        cfg = replace(cfg, muon_renorm=True)
+        optimizer = build_optimizer(param_groups(model, cfg), cfg)
+        with HostReads() as training:
+            train_one_epoch(model, loader, optimizer, build_scheduler(optimizer, cfg, len(loader)), Precision(cpu),
+                            label_smoothing=cfg.label_smoothing, ema=ema, check_every=1000, train_side=lambda full: 24)
+        return training.count
+
+    reads(1)  # constants made once per device are made here
+    assert reads(2) == reads(6)
