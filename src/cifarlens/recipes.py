@@ -74,7 +74,7 @@ RECIPES.register("fast_cpu")({**FAST, "epochs": 4, "batch_size": 256, "lr": 0.8}
 # - no validation split (a fixed budget needs no model selection): 10 % more training images;
 # - airbench94's test-time augmentation: the mirror image and 1-pixel translations (+0.2-0.3).
 RECIPES.register("fast_cpu_10min")(
-    {**FAST, "epochs": 6, "batch_size": 256, "lr": 0.8, "optimizer": "muon", "muon_lr": 0.2, "tta_translate": 1,
+    {**RECIPES.get("fast_cpu"), "epochs": 6, "optimizer": "muon", "muon_lr": 0.2, "tta_translate": 1,
      "progressive_res": 24, "progressive_epochs": 4,
      "data": {"val_fraction": 0.0, "crop_padding": 2, "flip": "alternating"}}
 )
