@@ -1,13 +1,13 @@
 """Where a training step of the full-width fastnet spends its time on this CPU.
 
-    python benchmarks/cpu_step.py [--batch 256] [--compile]
+    python benchmarks/cpu_step.py [--batch 256] [--compile] [--sides 32,28,24,20,16]
 
 Prints, for random CIFAR-shaped batches (the data does not change the cost): the time of one
-forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs), the
-time of one optimizer step (SGD, and Muon with the Newton-Schulz iterations in fp32 and in
-bf16), and with --compile the same step under torch.compile. bf16 autocast and channels_last
-as `cifarlens train` uses them on a CPU with native bf16. Median of 6 timed steps after 2
-warm-up steps; run it alone on the machine.
+forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs; any
+widths with --sides), the time of one optimizer step (SGD, and Muon with the Newton-Schulz
+iterations in fp32 and in bf16), and with --compile the same step under torch.compile. bf16
+autocast and channels_last as `cifarlens train` uses them on a CPU with native bf16. Median of
+6 timed steps after 2 warm-up steps; run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -78,12 +78,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    parser.add_argument("--sides", default="32,24", help="image widths to time the step at (progressive resizing)")
     args = parser.parse_args()
     print(f"{device_description(torch.device('cpu'))}, torch {torch.__version__}, "
           f"bf16 autocast {'on' if cpu_has_native_bf16() else 'off (no native bf16)'}, batch {args.batch}")
-    for side in (32, 24):
+    full = None
+    for side in (int(s) for s in args.sides.split(",")):
         ms = train_step_ms(args.batch, side)
-        print(f"fastnet train step at {side}x{side}: {ms:.0f} ms ({1000 * args.batch / ms:.0f} images/s)")
+        full = full or ms  # the first width's step is the reference
+        print(f"fastnet train step at {side}x{side}: {ms:.0f} ms ({1000 * args.batch / ms:.0f} images/s, "
+              f"{ms / full:.2f}x the {args.sides.split(',')[0]}-px step)")
     if args.compile:
         ms = train_step_ms(args.batch, 32, compiled=True)
         print(f"fastnet train step at 32x32, torch.compile: {ms:.0f} ms ({1000 * args.batch / ms:.0f} images/s)")

@@ -318,6 +318,16 @@ def test_bench_reports_mean_and_std_over_seeds(tmp_path, capsys):
     assert summary["epochs_to"]["0.2"] != [None, None]  # learnable data: 20% is reached
 
 
+def test_bench_seed_sets_the_first_seed(tmp_path, capsys):
+    """--seed S --seeds N benchmarks seeds S..S+N-1, so one benchmark can be split over sittings."""
+    data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)
+    summary_file = tmp_path / "bench.json"
+    assert main(["bench", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--seed", "3", "--seeds", "1", "--targets", "0.5", "--json", str(summary_file), *TINY]) == 0
+    assert json.loads(summary_file.read_text())["seeds"] == [3]
+    assert "1 seed(s): [3]" in capsys.readouterr().out
+
+
 def test_the_command_line_does_not_import_torchvision_until_a_backbone_is_built():
     """Importing torchvision takes about 2 s (it pulls in torch._dynamo), which every command,
     even a mistyped flag, would pay; only the pretrained backbones need it."""

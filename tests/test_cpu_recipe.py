@@ -30,6 +30,17 @@ def test_the_filters_get_their_own_momentum_and_renorm_flag():
     assert {(g["momentum"], g["renorm"]) for g in plain.param_groups} == {(0.85, False)}  # 0 / off: as before
 
 
+def test_muon_ns_steps_reaches_every_filter_group_and_is_checked():
+    model = tiny_fastnet()
+    cfg = train_cfg(optimizer="muon", muon_ns_steps=3)
+    optimizer = build_optimizer(param_groups(model, cfg), cfg)
+    assert {g["ns_steps"] for g in optimizer.param_groups if g["muon"]} == {3}
+    default = train_cfg(optimizer="muon")
+    assert {g["ns_steps"] for g in build_optimizer(param_groups(model, default), default).param_groups} == {5}
+    with pytest.raises(CifarlensError, match="muon_ns_steps"):
+        train_cfg(optimizer="muon", muon_ns_steps=0)
+
+
 def one_step(weight: torch.Tensor, grad: torch.Tensor, renorm: bool, lr: float = 0.1) -> torch.Tensor:
     p = torch.nn.Parameter(weight.clone())
     p.grad = grad.clone()

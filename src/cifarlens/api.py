@@ -134,9 +134,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if distributed.all_reduce_sum(failed is not None)[0]:  # every rank stops, not only rank 0
             raise failed or CifarlensError("rank 0 could not create the run folder (see its message)")
         if world.is_main:
-            run.write_config(cfg, notes={key: describe_choice(value, why, key) if value else why[key] for key, value in
-                                         (("model", cfg.model.name), ("recipe", cfg.train.recipe), ("data", None))
-                                         if key in why})
+            chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe}  # "data" has its reason only
+            run.write_config(cfg, notes={key: describe_choice(chosen[key], why, key) if key in chosen else reason
+                                         for key, reason in why.items()})
             flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
                                   **cfg.model.kwargs)
             run.write_meta(dataset=info_to_dict(info), source=source_to_dict(bundle.source, info), model={"name": cfg.model.name, **model_info(model),

@@ -32,7 +32,8 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("bench", help="N seeded trainings: mean ± std accuracy, time to target, throughput",
                        description="Benchmark a dataset/model/recipe over several seeds (see cifarlens.bench).")
     add_config_flags(p)
-    p.add_argument("--seeds", type=int, default=3, help="number of seeded runs (seeds 0..N-1)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="number of seeded runs: seeds S..S+N-1, S = --seed (default 0)")
     p.add_argument("--targets", default="0.90,0.92,0.93", help="test accuracies to time, comma-separated")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     p.set_defaults(func=cmd_bench)
@@ -235,7 +236,8 @@ def cmd_bench(args) -> int:
         raise CifarlensError(f"--targets must be comma-separated accuracies like 0.90,0.93, got {args.targets!r}") from None
     if args.seeds < 1 or not targets or not all(0 < t <= 1 for t in targets):
         raise CifarlensError("--seeds must be >= 1 and --targets fractions in (0, 1]")
-    summary = run_bench(config_from_args(args, resolve=False), list(range(args.seeds)), targets)
+    first = args.seed if args.seed is not None else 0  # e.g. --seed 1 --seeds 2: seeds 1 and 2
+    summary = run_bench(config_from_args(args, resolve=False), list(range(first, first + args.seeds)), targets)
     if args.json:
         atomic_write_json(Path(args.json), summary)
     return 0

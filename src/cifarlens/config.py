@@ -103,6 +103,7 @@ class TrainConfig:
     muon_lr: float | None = None  # optimizer muon: peak lr of the convolution filters (Muon); 0 = lr
     muon_momentum: float | None = None  # optimizer muon: the filters' momentum; 0 = momentum
     muon_renorm: bool | None = None  # optimizer muon: filters rescaled to norm sqrt(out) before each step
+    muon_ns_steps: int | None = None  # optimizer muon: Newton-Schulz iterations per update (the post: 5, airbench: 3)
     whiten_bias_epochs: int | None = None  # FastNet's whitening bias trains for this many epochs only; 0 = always
     # progressive resizing: the first epoch trains on images scaled down to this width (pixels), the
     # width grows linearly to full over progressive_epochs epochs (see engine.progressive_side); 0 = off
