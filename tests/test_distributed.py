@@ -82,6 +82,7 @@ def test_only_rank_zero_writes(runs):
     assert not leftovers
 
 
+@pytest.mark.slow  # ~40 s of three two-process runs; CI runs it with the slow set
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(runs, tmp_path):
     _, data, _ = runs
     args = [*FLAGS, "--data-dir", str(data.data_dir), "--epochs", "5"]
