@@ -82,12 +82,13 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{device_description(torch.device('cpu'))}, torch {torch.__version__}, "
           f"bf16 autocast {'on' if cpu_has_native_bf16() else 'off (no native bf16)'}, batch {args.batch}")
-    full = None
-    for side in (int(s) for s in args.sides.split(",")):
+    sides = [int(s) for s in args.sides.split(",")]
+    first = None  # the first width's step is the reference
+    for side in sides:
         ms = train_step_ms(args.batch, side)
-        full = full or ms  # the first width's step is the reference
+        first = first or ms
         print(f"fastnet train step at {side}x{side}: {ms:.0f} ms ({1000 * args.batch / ms:.0f} images/s, "
-              f"{ms / full:.2f}x the {args.sides.split(',')[0]}-px step)")
+              f"{ms / first:.2f}x the {sides[0]}-px step)")
     if args.compile:
         ms = train_step_ms(args.batch, 32, compiled=True)
         print(f"fastnet train step at 32x32, torch.compile: {ms:.0f} ms ({1000 * args.batch / ms:.0f} images/s)")

@@ -15,6 +15,7 @@ import torch
 from cifarlens.config import RunConfig, TrainConfig, with_data_defaults
 from cifarlens.engine import cpu_has_native_bf16
 from cifarlens.errors import CifarlensError
+from cifarlens.optim import NS_STEPS
 from cifarlens.registry import Registry
 
 RECIPES: Registry[dict] = Registry("recipe")
@@ -22,7 +23,7 @@ RECIPES: Registry[dict] = Registry("recipe")
 # Options that every recipe below leaves off (or at the Muon post's 5 Newton-Schulz steps) unless
 # it says otherwise: the speed-record techniques of the fast recipes (cifarlens/config.py's
 # TrainConfig describes each).
-OFF = dict(tta_translate=0, muon_lr=0.0, muon_momentum=0.0, muon_renorm=False, muon_ns_steps=5,
+OFF = dict(tta_translate=0, muon_lr=0.0, muon_momentum=0.0, muon_renorm=False, muon_ns_steps=NS_STEPS,
            whiten_bias_epochs=0, progressive_res=0, progressive_epochs=0)
 
 # The seed project's recipe: Adam, cross-entropy, ReduceLROnPlateau on validation loss.
