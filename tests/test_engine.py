@@ -1,7 +1,10 @@
 """The training loop's decisions: early stopping, the plateau schedule, best-checkpoint choice."""
 
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,6 +219,22 @@ def test_cpu_bf16_is_on_by_default_exactly_where_the_cpu_has_native_bf16():
     assert resolve_train(TrainConfig(recipe="fast_cpu")).cpu_amp == native  # None: decided by the machine
     for asked in (True, False):  # an explicit choice is kept on every machine
         assert resolve_train(TrainConfig(recipe="fast_cpu", cpu_amp=asked)).cpu_amp is asked
+
+
+def test_bf16_is_off_where_pytorch_kernels_are_held_below_avx512():
+    # ATEN_CPU_CAPABILITY=avx2 (with ONEDNN_MAX_CPU_ISA=AVX2) makes a newer CPU run as an AVX2-only
+    # one; bf16 is then emulated, so the default must be fp32 whatever the CPU's own flags say
+    code = ("import torch; from cifarlens.device import cpu_has_native_bf16, device_description; "
+            "print(torch.backends.cpu.get_cpu_capability(), cpu_has_native_bf16()); "
+            "print(device_description(torch.device('cpu')))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    first, description = out.splitlines()
+    capability, native = first.split()
+    if capability != "AVX2":
+        pytest.skip(f"this CPU has no AVX2 kernels to hold PyTorch to (capability {capability})")
+    assert native == "False"
+    assert "(AVX2)" in description  # run records and benchmarks name the instruction set used
 
 
 def test_flip_tta_averages_the_logits_of_both_orientations():

@@ -7,6 +7,7 @@ neither imports the other to get it. ``cifarlens.engine`` re-exports these names
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -32,7 +33,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_description(device: torch.device) -> str:
-    """The device in words, for benchmarks and run records: the GPU, or the CPU's model and threads."""
+    """The device in words, for benchmarks and run records: the GPU, or the CPU's model, instruction
+    set and threads, e.g. ``AMD EPYC CPU (AVX512, native bf16), 2 threads``."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     cpu = platform.processor() or platform.machine()
@@ -43,11 +45,21 @@ def device_description(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu} CPU, {torch.get_num_threads()} threads"
+    # the instruction set PyTorch's kernels use, and whether bf16 is native: what sets a CPU's speed
+    isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if cpu_has_native_bf16() else "")
+    return f"{cpu} CPU ({isa}), {torch.get_num_threads()} threads"
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), so that bf16 autocast
-    speeds training up; without them oneDNN emulates bf16 and it is slower than fp32."""
+    speeds training up; without them oneDNN emulates bf16 and it is slower than fp32.
+
+    False too when PyTorch's kernels are held below AVX512 (``ATEN_CPU_CAPABILITY=avx2``, as
+    with ``ONEDNN_MAX_CPU_ISA=AVX2`` to time an AVX2-only machine on a newer one): the process
+    then runs as that machine would, in fp32. Asked once per process (the answer cannot change).
+    """
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
