@@ -87,7 +87,8 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(runs, tmp_
     _, data, _ = runs
     args = [*FLAGS, "--data-dir", str(data.data_dir), "--epochs", "5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert cli("train", *args, "--out", str(full), "--nproc", "2").returncode == 0
+    done = cli("train", *args, "--out", str(full), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-4000:]  # a rank's own message, if one fails
 
     proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", "train", *args, "--out", str(cut), "--nproc", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
