@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from cifarlens import distributed, tracking
 from cifarlens import metrics as M
+from cifarlens.budget import plan_budget
 from cifarlens.calibration import TemperatureFit, calibration_summary, fit_temperature
 from cifarlens.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict
@@ -101,6 +102,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     check_policies(cfg.data)  # before a run folder exists
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
+    if cfg.train.time_budget and not resume and (world.distributed or cfg.train.compile):
+        raise CifarlensError("train.time_budget times single-process steps without torch.compile: drop "
+                             f"{'--nproc / torchrun' if world.distributed else 'train.compile'}, or give --epochs instead")
 
     if bundle is None:
         bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
@@ -124,6 +128,20 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if device.type == "cuda":  # training shapes are fixed: cuDNN times its kernels once and keeps the fastest
         torch.backends.cudnn.benchmark = True
 
+    tc = cfg.train
+    train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data,
+                               world=world)
+    val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world) if has_val else None
+    if hasattr(model, "data_init") and not resume and init is None:  # e.g. FastNet's patch whitening
+        sample = bundle.train.images[:5000].to(device)
+        # fit to the images' own patch statistics: the level's crop and flip, no policies (no cut-out squares)
+        plain = train_transform(info, replace(cfg.data, policies=[]))
+        model.data_init(plain(sample, torch.Generator(device).manual_seed(tc.seed)))
+    state, plan = FitState(), None
+    if tc.time_budget and not resume:  # epochs to fit the budget, timed before the run folder exists
+        plan = plan_budget(model, train_loader, val_loader, precision, tc, tta=tc.tta and info.hflip)
+        cfg, tc, state.setup_seconds = replace(cfg, train=plan.train), plan.train, plan.probe_s
+        why["epochs"] = f"time budget {tc.time_budget:g} s"  # (the loader starts each epoch afresh: timing leaves no trace)
     if not resume:
         failed = None
         if world.is_main:
@@ -134,7 +152,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if distributed.all_reduce_sum(failed is not None)[0]:  # every rank stops, not only rank 0
             raise failed or CifarlensError("rank 0 could not create the run folder (see its message)")
         if world.is_main:
-            chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe}  # "data" has its reason only
+            # "data" has its reason only; "epochs" has one when a time budget chose them
+            chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe, "epochs": str(tc.epochs)}
             run.write_config(cfg, notes={key: describe_choice(chosen[key], why, key) if key in chosen else reason
                                          for key, reason in why.items()})
             flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
@@ -143,27 +162,17 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                                                               "forward_flops": flops},
                            init=init or {"source": "scratch"},
                            split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
-                           chosen=why,
+                           chosen=why, **({"time_budget": plan.as_dict()} if plan is not None else {}),
                            status="running")
             atomic_write_json(run / "environment.json",
                               environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
 
-    tc = cfg.train
-    train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data,
-                               world=world)
-    val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world) if has_val else None
-    if hasattr(model, "data_init") and not resume and init is None:  # e.g. FastNet's patch whitening
-        sample = bundle.train.images[:5000].to(device)
-        # fit to the images' own patch statistics: the level's crop and flip, no policies (no cut-out squares)
-        plain = train_transform(info, replace(cfg.data, policies=[]))
-        model.data_init(plain(sample, torch.Generator(device).manual_seed(tc.seed)))
     if tc.sync_bn and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     ema = make_ema(model, tc.ema_decay)
     tta = tc.tta and info.hflip
     optimizer = build_optimizer(param_groups(model, tc), tc)  # head and backbone groups
     scheduler = build_scheduler(optimizer, tc, len(train_loader))
-    state = FitState()
     if resume:
         state = _restore(run, model, optimizer, scheduler, precision, device, ema)
         log(f"resuming {run.path} after epoch {state.epoch}/{tc.epochs}")
@@ -176,6 +185,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             + (f", {world.world_size} processes" if world.distributed else ""))
         if "data" in why:
             log(f"data settings of the recipe: {why['data']}")
+        if plan is not None:
+            log(plan.describe())
         if not has_val:
             log("no validation split (data.val_fraction 0): no validation pass, the final weights are kept")
         for warning in bundle.source.warnings:
@@ -235,7 +246,10 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         raise
     if not world.is_main:  # rank 0 alone finishes the run folder and evaluates on the test set
         return {}
-    train_seconds = sum(row["seconds"] for row in state.history)
+    train_seconds = state.seconds
+    if tc.time_budget and not resume:
+        log(f"time budget {tc.time_budget:g} s: trained {state.epoch} epochs in {train_seconds:.0f} s "
+            f"({train_seconds / tc.time_budget - 1:+.1%})")
     run.write_meta(status="finished", epochs_done=state.epoch, best_epoch=state.best_epoch,
                    best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,
                    train_seconds=train_seconds)

@@ -57,6 +57,9 @@ def add_config_flags(p) -> None:
                    help="start from a weights file: safetensors or a PyTorch state dict (works offline)")
     p.add_argument("--recipe", choices=list_recipes())
     p.add_argument("--epochs", type=int)
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="train as many epochs of the recipe as fit in this time on this machine, e.g. 10m, 600, "
+                        "1.5h (steps are timed first; sets train.time_budget in seconds; not with --epochs)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--augment", type=_augment_spec, metavar="LEVEL[+POLICY...]",
@@ -138,6 +141,15 @@ def config_from_args(args, *, resolve: bool = True):
             overrides.setdefault(section, {})[key] = value
     if args.no_download:
         overrides.setdefault("data", {})["download"] = False
+    if getattr(args, "time_budget", None) is not None:
+        from cifarlens.budget import parse_duration
+
+        if args.epochs is not None:
+            raise CifarlensError("--time-budget chooses the number of epochs: drop --epochs (or --time-budget)")
+        seconds = parse_duration(args.time_budget)
+        if seconds <= 0:
+            raise CifarlensError(f"--time-budget must be longer than 0 seconds, got {args.time_budget!r}")
+        overrides.setdefault("train", {})["time_budget"] = seconds
     cfg = merge(cfg, overrides)
     for assignment in args.set:
         cfg = merge(cfg, parse_assignment(assignment))
@@ -159,7 +171,8 @@ def cmd_train(args) -> int:
         out = args.out if args.resume is True else args.resume
         if out is None:
             raise CifarlensError("--resume needs the run folder: --resume RUN_DIR (or --out RUN_DIR)")
-        given = [f"--{f.replace('_', '-')}" for f in FLAG_KEYS if f != "device" and getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in [*FLAG_KEYS, "time_budget"]
+                 if f != "device" and getattr(args, f) is not None]
         if given or args.config or args.set or args.force:
             raise CifarlensError(
                 f"--resume continues a run with its own config; drop {' '.join(given + (['--config'] if args.config else []) + (['--set'] if args.set else []) + (['--force'] if args.force else []))}"

@@ -114,6 +114,9 @@ class TrainConfig:
     # after training, fit a temperature on the validation split (Guo et al. 2017), used by evaluate,
     # predict, the API, serve and export unless they are told --no-calibration
     calibrate: bool = True
+    # seconds of training to fit the run into (cifarlens.budget): steps are timed first and the
+    # recipe's schedule is stretched or shrunk to the epochs that fit; 0 = off (the recipe's epochs)
+    time_budget: float = 0.0
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + grad scaler)

@@ -317,6 +317,12 @@ class FitState:
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the last validation-loss improvement
     stopped_early: bool = False
+    setup_seconds: float = 0.0  # training time before the first epoch (timing steps for train.time_budget)
+
+    @property
+    def seconds(self) -> float:
+        """Training time so far: what ``cifarlens bench`` times and run.json's ``train_seconds``."""
+        return self.setup_seconds + sum(row["seconds"] for row in self.history)
 
 
 def fit(

@@ -279,7 +279,7 @@ class Tuner:
         trial.set_user_attr("epochs", state.epoch)
         trial.set_user_attr("best_epoch", state.best_epoch)
         trial.set_user_attr("val_loss", state.best_val_loss if math.isfinite(state.best_val_loss) else None)
-        trial.set_user_attr("train_seconds", round(sum(row["seconds"] for row in state.history), 3))
+        trial.set_user_attr("train_seconds", round(state.seconds, 3))
 
     def _failed(self, trial: optuna.Trial, err: Exception) -> float:
         # NaN makes Optuna record the trial as FAIL, with a one-line warning and no traceback

@@ -1,0 +1,145 @@
+"""Fit a training run into a time budget (``--time-budget 10m``, ``train.time_budget`` in seconds).
+
+A recipe fixes its number of epochs, but what they cost depends on the machine: the same
+fastnet step takes 276 ms on one 2-core cloud CPU and 770 ms on another (docs/benchmarks.md,
+*Machines*). With a budget, training first times a few real steps at each image width the
+run could use, on a copy of the model and optimizer (the run itself is untouched), and then
+trains the largest number of epochs whose estimated time fits. The recipe's schedule is
+stretched or shrunk to those epochs: the progressive-resizing ramp and multistep milestones
+keep their share of the run, warm-up keeps its length. From there the run is as
+deterministic as any other: config.yaml holds the epochs chosen, ``--resume`` continues them.
+
+The budget covers what ``cifarlens bench`` counts as training time (the epochs with their
+validation passes) plus the timing itself; reading the data, the final evaluation and the
+report come on top. The estimate is only as steady as the machine: a run may end a few
+per cent over or under (the log says by how much).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from cifarlens.config import TrainConfig
+from cifarlens.engine import Precision, WeightEMA, evaluate, progressive_side, train_one_epoch
+from cifarlens.errors import CifarlensError
+
+TIMED_STEPS = 3  # per image width, after one untimed step (oneDNN / cuDNN set themselves up on a new shape)
+MAX_STRETCH = 4  # a budget may give at most 4x the recipe's epochs
+EVAL_BATCHES = 2  # validation batches timed to estimate a validation pass
+
+_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"600"``, ``"600s"``, ``"10m"``, ``"1.5h"`` or ``"1h30m"``."""
+    parts = re.fullmatch(r"\s*((?:\d+(?:\.\d*)?|\.\d+)\s*(?:s|min|m|h)?\s*)+", text or "")
+    if parts is None:
+        raise CifarlensError(f"{text!r} is not a duration: give seconds (600) or a number with s, m or h "
+                             "(600s, 10m, 1.5h, 1h30m)")
+    return sum(float(n) * _UNITS[unit] for n, unit in re.findall(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|s|m|h)?", text))
+
+
+@dataclass
+class BudgetPlan:
+    train: TrainConfig  # the config with the epochs (and ramp, milestones) chosen
+    estimate_s: float  # estimated time of those epochs
+    probe_s: float  # time spent timing steps, counted in the budget
+    step_s: dict[int, float]  # image width -> seconds per training step
+    eval_s: float  # seconds per validation pass (0 without one)
+
+    def as_dict(self) -> dict:  # run.json's "time_budget"
+        return {"seconds": self.train.time_budget, "epochs": self.train.epochs, "estimate_s": round(self.estimate_s, 1),
+                "timing_s": round(self.probe_s, 2), "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
+                "val_pass_s": round(self.eval_s, 2)}
+
+    def describe(self) -> str:
+        t = self.train
+        steps = ", ".join(f"{self.step_s[s] * 1000:.0f} ms at {s} px" for s in sorted(self.step_s))
+        ramp = f" ({t.progressive_epochs} of them growing from {t.progressive_res} px)" if t.progressive_res else ""
+        return (f"time budget {t.time_budget:.0f} s: {t.epochs} epochs{ramp}, estimated {self.estimate_s:.0f} s "
+                f"+ {self.probe_s:.1f} s of timing (a training step: {steps}"
+                + (f"; a validation pass {self.eval_s:.1f} s" if self.eval_s else "") + ")")
+
+
+def stretch(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    """``cfg`` with ``epochs`` epochs: the progressive ramp and multistep milestones scaled in
+    proportion (a ramp that rounds to 0 epochs is switched off)."""
+    ratio = epochs / cfg.epochs
+    ramp = round(cfg.progressive_epochs * ratio) if cfg.progressive_res else 0
+    return replace(cfg, epochs=epochs, progressive_epochs=ramp, progressive_res=cfg.progressive_res if ramp else 0,
+                   milestones=[m * ratio for m in cfg.milestones or []])
+
+
+def epoch_sides(cfg: TrainConfig, full: int) -> list[int]:
+    """The training image width of every epoch of ``cfg``."""
+    return [progressive_side(full, e, cfg.progressive_res, cfg.progressive_epochs) if cfg.progressive_res else full
+            for e in range(cfg.epochs)]
+
+
+def estimate_seconds(cfg: TrainConfig, full: int, steps_per_epoch: int, step_s: dict[int, float],
+                     eval_s: float) -> float:
+    return sum(steps_per_epoch * step_s[side] + eval_s for side in epoch_sides(cfg, full))
+
+
+def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Precision, cfg: TrainConfig,
+                *, tta: bool = False) -> BudgetPlan:
+    """Time training steps (and a validation pass) of ``model`` on this machine and choose the
+    epochs for ``cfg.time_budget`` seconds. ``cfg``: resolved, its epochs the recipe's. Raises
+    :class:`CifarlensError` when not even one epoch fits."""
+    from cifarlens.recipes import build_optimizer, param_groups  # recipes builds on this layer's engine
+
+    start = time.perf_counter()
+    budget, steps_per_epoch = cfg.time_budget, len(train_loader)
+    batches = iter(train_loader)
+    first = next(batches)
+    full_side = first[0].shape[-1]  # the training images' width, (B, C, H, W)
+    batches = itertools.chain([first], batches)
+    candidates = [stretch(cfg, e) for e in range(1, MAX_STRETCH * cfg.epochs + 1)]
+    sides = sorted({s for c in candidates for s in epoch_sides(c, full_side)})
+    probe = copy.deepcopy(model)
+    optimizer = build_optimizer(param_groups(probe, cfg), cfg)
+    ema = WeightEMA(probe, cfg.ema_decay) if cfg.ema_decay else None
+    sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
+    step_s: dict[int, float] = {}
+    for side in sides:
+        times = []
+        for i in range(TIMED_STEPS + 1):
+            began = time.perf_counter()  # the batch's augmentation included, as in training
+            batch = next(batches, None)
+            if batch is None:  # a dataset of a few batches: start it again
+                batches = iter(train_loader)
+                batch = next(batches)
+            train_one_epoch(probe, [batch], optimizer, None, precision, label_smoothing=cfg.label_smoothing,
+                            grad_clip=cfg.grad_clip, ema=ema, desc="timing", train_side=lambda full, s=side: s)
+            sync()
+            if i:
+                times.append(time.perf_counter() - began)
+        step_s[side] = statistics.median(times)
+    eval_s = 0.0
+    if val_loader is not None:
+        began = time.perf_counter()
+        some = list(itertools.islice(iter(val_loader), EVAL_BATCHES))
+        evaluate(ema.module if ema is not None else probe, some, precision, tta, cfg.tta_translate or 0)
+        sync()
+        eval_s = (time.perf_counter() - began) / len(some) * len(val_loader)
+    del probe, optimizer, ema
+    probe_s = time.perf_counter() - start
+    left = budget - probe_s
+    fitting = [c for c in candidates if estimate_seconds(c, full_side, steps_per_epoch, step_s, eval_s) <= left]
+    if not fitting:
+        one = estimate_seconds(candidates[0], full_side, steps_per_epoch, step_s, eval_s)
+        raise CifarlensError(
+            f"the time budget of {budget:.0f} s is too short for one epoch here: timing took {probe_s:.1f} s and an "
+            f"epoch takes about {one:.0f} s on this machine; give at least {math.ceil(one + probe_s)} s "
+            "(--time-budget), or train a smaller model")
+    chosen = fitting[-1]
+    return BudgetPlan(chosen, estimate_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s), probe_s,
+                      step_s, eval_s)
