@@ -11,7 +11,14 @@ import yaml
 from safetensors.torch import load_file
 
 from cifarlens.api import train
-from cifarlens.budget import epoch_sides, estimate_seconds, parse_duration, plan_budget, stretch
+from cifarlens.budget import (
+    epoch_sides,
+    estimate_seconds,
+    parse_duration,
+    plan_budget,
+    smaller_costs_no_more,
+    stretch,
+)
 from cifarlens.cli import main
 from cifarlens.config import RunConfig, merge
 from cifarlens.data.base import Split
@@ -58,6 +65,12 @@ def test_stretching_keeps_the_ramps_share_of_the_run_and_scales_milestones():
 def test_the_estimate_adds_each_epochs_steps_at_its_width_and_its_validation_pass():
     cfg = stretch(recipe_cfg(), 4)  # widths 24, 28, 32, 32
     assert estimate_seconds(cfg, 32, 10, {24: 1.0, 28: 2.0, 32: 3.0}, 0.5) == 10 * (1 + 2 + 3 + 3) + 4 * 0.5
+
+
+def test_a_smaller_width_is_never_estimated_dearer_than_a_larger_one():
+    assert smaller_costs_no_more({24: 0.7, 28: 1.2, 32: 1.0}) == {24: 0.7, 28: 1.0, 32: 1.0}
+    assert smaller_costs_no_more({24: 1.5, 28: 1.2, 32: 1.0}) == {24: 1.0, 28: 1.0, 32: 1.0}
+    assert smaller_costs_no_more({24: 0.5, 32: 1.0}) == {24: 0.5, 32: 1.0}
 
 
 def synthetic_loader(n: int = 64, batch_size: int = 16) -> TensorLoader:
