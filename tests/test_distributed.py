@@ -31,8 +31,10 @@ from conftest import make_cifar10
 FLAGS = ["--dataset", "cifar10", "--no-download", "--model", "lensnet_light", "--recipe", "modern",
          "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "64", "--seed", "0",
          "--no-report"]
-# Test accuracy of the 2-process run may differ from the 1-process run by this much: the
-# ranks draw their own augmentations and their BatchNorm sees 32 images, not 64.
+# Test accuracy of the 2-process run may fall below the 1-process run's by this much: the
+# ranks draw their own augmentations and their BatchNorm sees 32 images, not 64. A fault of
+# data-parallel training (gradients summed, not averaged; both ranks on the same half) makes it
+# worse; higher is chance (seen on an Intel Xeon VM: 0.86 against 0.80 on the 200 test images).
 ACCURACY_TOLERANCE = 0.05
 
 
@@ -65,7 +67,7 @@ def test_two_processes_see_every_sample_once_per_epoch_and_agree_with_one(runs):
     assert [r["lr"] for r in one] == [r["lr"] for r in two]  # same number of optimizer steps
     acc = {name: json.loads((root / name / "metrics.json").read_text())["accuracy"] for name in ("one", "two")}
     assert acc["one"] > 0.5  # both learned something
-    assert abs(acc["one"] - acc["two"]) <= ACCURACY_TOLERANCE, acc
+    assert acc["two"] >= acc["one"] - ACCURACY_TOLERANCE, acc
     env = json.loads((root / "two" / "environment.json").read_text())
     assert env["world_size"] == 2 and json.loads((root / "one" / "environment.json").read_text())["world_size"] == 1
 

@@ -119,3 +119,15 @@ def test_a_training_step_on_cuda_does_not_synchronize():
 
     synchronizations(1)  # constants made once per device are made here
     assert synchronizations(2) == synchronizations(6)
+
+
+def test_a_time_budget_on_cuda_times_synchronised_steps_and_trains_the_epochs_it_chose(tmp_path):
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=40, n_test=20).data_dir
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--device", "cuda",
+                 "--batch-size", "32", "--no-report", "--time-budget", "2m", "--out", str(out), *TINY_FASTNET]) == 0
+    meta = json.loads((out / "run.json").read_text())
+    plan = meta["time_budget"]
+    assert meta["epochs_done"] == plan["epochs"] >= 1 and meta["status"] == "finished"
+    assert all(ms > 0 for ms in plan["step_ms"].values())
+    assert meta["train_seconds"] <= 120  # it kept to its budget (a tiny model: at most 4x the recipe's epochs)

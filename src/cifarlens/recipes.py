@@ -65,7 +65,8 @@ RECIPES.register("fast")(FAST)
 # did (93.7 %), with 93 % after 3 epochs instead of 6 (README, *Measured results*).
 RECIPES.register("fast_cpu")({**FAST, "epochs": 4, "batch_size": 256, "lr": 0.8})
 
-# Real CIFAR-10 in about 10 minutes on a 2-core CPU with native bf16 (issue 16), for the full-width
+# Real CIFAR-10 in about 10 minutes on a 2-core AMD EPYC with native bf16 (issue 16; slower CPUs: add
+# --time-budget 10m, cifarlens.budget, which shrinks the schedule to fit), for the full-width
 # fastnet, whose CPU default it is (`--model fastnet`). fast_cpu, plus what measured better at a
 # fixed time budget (docs/benchmarks.md, *Toward 90 %*, every row with its command):
 # - Muon on the convolution filters (lr 0.2) and Nesterov SGD on the rest: +0.9 points at 4 epochs;
