@@ -116,6 +116,8 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
     sides = sorted({s for c in candidates for s in epoch_sides(c, full_side)})
     probe = copy.deepcopy(model)
     optimizer = build_optimizer(param_groups(probe, cfg), cfg)
+    for group in optimizer.param_groups:  # the same work at lr 0: no warm-up here, and nothing to diverge
+        group["lr"] = 0.0
     ema = WeightEMA(probe, cfg.ema_decay) if cfg.ema_decay else None
     sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
     step_s: dict[int, float] = {}
