@@ -103,8 +103,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
     if cfg.train.time_budget and not resume and (world.distributed or cfg.train.compile):
-        raise CifarlensError("train.time_budget times single-process steps without torch.compile: drop "
-                             f"{'--nproc / torchrun' if world.distributed else 'train.compile'}, or give --epochs instead")
+        drop = "--nproc / torchrun" if world.distributed else "train.compile"
+        raise CifarlensError(f"train.time_budget times single-process steps without torch.compile: drop {drop}, "
+                             "or give --epochs instead")
 
     if bundle is None:
         bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
@@ -141,7 +142,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if tc.time_budget and not resume:  # epochs to fit the budget, timed before the run folder exists
         plan = plan_budget(model, train_loader, val_loader, precision, tc, tta=tc.tta and info.hflip)
         cfg, tc, state.setup_seconds = replace(cfg, train=plan.train), plan.train, plan.probe_s
-        why["epochs"] = f"time budget {tc.time_budget:g} s"  # (the loader starts each epoch afresh: timing leaves no trace)
+        why["epochs"] = f"time budget {tc.time_budget:g} s"  # the loader starts each epoch afresh: no trace of timing
     if not resume:
         failed = None
         if world.is_main:
@@ -181,7 +182,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     else:
         log(f"run folder {run.path}: {describe_choice(cfg.model.name, why, 'model')} on {bundle.source.label(info)} "
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
-            f"recipe {describe_choice(tc.recipe, why, 'recipe')}, {tc.epochs} epochs, device {device}"
+            f"recipe {describe_choice(tc.recipe, why, 'recipe')}, {tc.epochs} epoch{'s' * (tc.epochs != 1)}, "
+            f"device {device}"
             + (f", {world.world_size} processes" if world.distributed else ""))
         if "data" in why:
             log(f"data settings of the recipe: {why['data']}")
@@ -248,7 +250,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         return {}
     train_seconds = state.seconds
     if tc.time_budget and not resume:
-        log(f"time budget {tc.time_budget:g} s: trained {state.epoch} epochs in {train_seconds:.0f} s "
+        log(f"time budget {tc.time_budget:g} s: trained {state.epoch} epoch{'s' * (state.epoch != 1)} "
+            f"in {train_seconds:.0f} s "
             f"({train_seconds / tc.time_budget - 1:+.1%})")
     run.write_meta(status="finished", epochs_done=state.epoch, best_epoch=state.best_epoch,
                    best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,

@@ -57,15 +57,17 @@ class BudgetPlan:
     eval_s: float  # seconds per validation pass (0 without one)
 
     def as_dict(self) -> dict:  # run.json's "time_budget"
-        return {"seconds": self.train.time_budget, "epochs": self.train.epochs, "estimate_s": round(self.estimate_s, 1),
-                "timing_s": round(self.probe_s, 2), "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
+        return {"seconds": self.train.time_budget, "epochs": self.train.epochs,
+                "estimate_s": round(self.estimate_s, 1), "timing_s": round(self.probe_s, 2),
+                "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
                 "val_pass_s": round(self.eval_s, 2)}
 
     def describe(self) -> str:
         t = self.train
         steps = ", ".join(f"{self.step_s[s] * 1000:.0f} ms at {s} px" for s in sorted(self.step_s))
         ramp = f" ({t.progressive_epochs} of them growing from {t.progressive_res} px)" if t.progressive_res else ""
-        return (f"time budget {t.time_budget:.0f} s: {t.epochs} epochs{ramp}, estimated {self.estimate_s:.0f} s "
+        return (f"time budget {t.time_budget:.0f} s: {t.epochs} epoch{'s' * (t.epochs != 1)}{ramp}, "
+                f"estimated {self.estimate_s:.0f} s "
                 f"+ {self.probe_s:.1f} s of timing (a training step: {steps}"
                 + (f"; a validation pass {self.eval_s:.1f} s" if self.eval_s else "") + ")")
 
