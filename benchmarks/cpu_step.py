@@ -1,6 +1,7 @@
 """Where a training step of the full-width fastnet spends its time on this CPU.
 
-    python benchmarks/cpu_step.py [--batch 256] [--compile] [--sides 32,28,24,20,16]
+    python benchmarks/cpu_step.py [--batch 256] [--compile] [--sides 32,28,24,20,16] [--threads T]
+    python benchmarks/cpu_step.py --trace 400 [--threads T]
 
 Prints, for random CIFAR-shaped batches (the data does not change the cost): the time of one
 forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs; any
@@ -8,6 +9,10 @@ widths with --sides), the time of one optimizer step (SGD, and Muon with the New
 iterations in fp32 and in bf16), and with --compile the same step under torch.compile. bf16
 autocast and channels_last as `cifarlens train` uses them on a CPU with native bf16. Median of
 6 timed steps after 2 warm-up steps; run it alone on the machine.
+
+``--trace STEPS`` shows instead how steady the machine is: the spread of that many consecutive
+32-px steps, and how far the few steps a time budget times (cifarlens.budget) can be from the
+epoch after them. A shared cloud CPU can swing by 2x within a minute (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ def fresh_model() -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def train_step_ms(batch: int, side: int, compiled: bool = False) -> float:
+def make_step(batch: int, side: int, compiled: bool = False):
+    """One forward + backward + SGD step of a fresh fastnet on a fixed random batch, as a closure."""
     model = fresh_model()
     forward = torch.compile(model) if compiled else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
@@ -54,7 +60,37 @@ def train_step_ms(batch: int, side: int, compiled: bool = False) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return median_ms(step)
+    return step
+
+
+def train_step_ms(batch: int, side: int, compiled: bool = False) -> float:
+    return median_ms(make_step(batch, side, compiled))
+
+
+def trace(batch: int, steps: int, window: int = 25, probe: int = 4, epoch: int = 176) -> None:
+    """How steady this machine is: ``steps`` consecutive 32-px steps, their spread, the means of
+    windows of ``window`` steps, and how well the median of ``probe`` steps (what a time budget
+    times, cifarlens.budget) predicts the mean of the ``epoch`` steps after them (176 = a
+    CIFAR-10 epoch at batch 256)."""
+    step = make_step(batch, 32)
+    for _ in range(2):
+        step()
+    ms = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        step()
+        ms.append(1000 * (time.perf_counter() - began))
+    q = statistics.quantiles(ms, n=20)  # q[1] = 10th percentile, q[17] = 90th
+    print(f"{steps} consecutive steps at 32x32: min {min(ms):.0f}, p10 {q[1]:.0f}, median {statistics.median(ms):.0f}, "
+          f"mean {statistics.mean(ms):.0f}, p90 {q[17]:.0f}, max {max(ms):.0f} ms")
+    print(f"means of {window} steps in turn: " + " ".join(f"{statistics.mean(ms[i:i + window]):.0f}"
+                                                      for i in range(0, steps - window + 1, window)))
+    if steps >= probe + epoch + 20:
+        errors = [statistics.median(ms[i:i + probe]) / statistics.mean(ms[i + probe:i + probe + epoch]) - 1
+                  for i in range(steps - probe - epoch + 1)]
+        e = statistics.quantiles(errors, n=20)
+        print(f"median of {probe} steps against the mean of the {epoch} after them: 5th percentile {e[0]:+.0%}, "
+              f"median {statistics.median(errors):+.0%}, 95th percentile {e[-1]:+.0%} (negative: an estimate short)")
 
 
 def optimizer_step_ms() -> dict[str, float]:
@@ -79,9 +115,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     parser.add_argument("--sides", default="32,24", help="image widths to time the step at (progressive resizing)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--trace", type=int, metavar="STEPS",
+                        help="instead: time STEPS consecutive 32-px steps and show how steady the machine is")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"{device_description(torch.device('cpu'))}, torch {torch.__version__}, "
           f"bf16 autocast {'on' if cpu_has_native_bf16() else 'off (no native bf16)'}, batch {args.batch}")
+    if args.trace:
+        trace(args.batch, args.trace)
+        return
     sides = [int(s) for s in args.sides.split(",")]
     first = None  # the first width's step is the reference
     for side in sides:

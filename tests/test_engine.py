@@ -176,6 +176,21 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
+def test_the_cpu_is_described_with_its_instruction_set_and_threads():
+    from cifarlens.device import device_description
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = device_description(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert one.endswith(f"({isa}{', native bf16' if cpu_has_native_bf16() else ''}), 1 thread")
+    if before > 1:
+        assert device_description(torch.device("cpu")).endswith(f"), {before} threads")
+
+
 @pytest.mark.gpu
 def test_cuda_mixed_precision_training_step():
     if not torch.cuda.is_available():

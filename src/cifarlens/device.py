@@ -47,7 +47,8 @@ def device_description(device: torch.device) -> str:
         pass
     # the instruction set PyTorch's kernels use, and whether bf16 is native: what sets a CPU's speed
     isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if cpu_has_native_bf16() else "")
-    return f"{cpu} CPU ({isa}), {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu} CPU ({isa}), {threads} thread{'s' * (threads != 1)}"
 
 
 @functools.cache
