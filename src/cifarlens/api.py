@@ -225,6 +225,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 "config": to_dict(cfg),
             })
         distributed.barrier()  # a checkpoint is complete before any rank goes on (resume reads it)
+        if plan is not None and (warning := plan.pace(state.epoch, state.seconds)):
+            log(warning)
         if on_epoch_end is not None:
             on_epoch_end(state, eval_model)
 

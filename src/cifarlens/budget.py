@@ -13,7 +13,8 @@ The budget covers what ``cifarlens bench`` counts as training time (the epochs w
 validation passes) plus the timing itself; reading the data, the final evaluation and the
 report come on top. Epochs are whole, so a run of few long epochs can end well under its
 budget (on the slowest machine seen, 3 epochs of ~150 s used 74-78 % of 10 minutes), and the
-estimate is only as steady as the machine: the log says how the run compared.
+estimate is only as steady as the machine: the log warns once when the epochs run slow enough
+to end over the budget, and says at the end how the run compared.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import re
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -35,6 +36,7 @@ from cifarlens.errors import CifarlensError
 TIMED_STEPS = 4  # per image width, after one untimed step (oneDNN / cuDNN set themselves up on a new shape)
 MAX_STRETCH = 4  # a budget may give at most 4x the recipe's epochs
 EVAL_BATCHES = 2  # validation batches timed to estimate a validation pass
+PACE_SLACK = 0.05  # warn once when, at the pace of the epochs so far, training would end this far over
 
 _UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
 
@@ -55,6 +57,27 @@ class BudgetPlan:
     probe_s: float  # time spent timing steps, counted in the budget
     step_s: dict[int, float]  # image width -> seconds per training step
     eval_s: float  # seconds per validation pass (0 without one)
+    epoch_s: list[float] = field(default_factory=list)  # estimated seconds of each epoch
+    warned: bool = False  # pace() has warned (it warns once)
+
+    def pace(self, epochs_done: int, seconds: float) -> str | None:
+        """A warning, the first time the epochs so far ran slow enough against their estimate
+        that the rest, at the same pace, would end training more than PACE_SLACK over the
+        budget; ``seconds``: the training time so far, timing included. The plan stays: a
+        schedule is not cut short mid-run, but the user learns now rather than at the end."""
+        done, left = self.epoch_s[:epochs_done], self.epoch_s[epochs_done:]
+        if self.warned or not done or not left:
+            return None
+        pace = (seconds - self.probe_s) / sum(done)  # actual / estimated
+        projected = seconds + pace * sum(left)
+        budget = self.train.time_budget
+        if projected <= budget * (1 + PACE_SLACK):
+            return None
+        self.warned = True
+        first = "epoch 1" if epochs_done == 1 else f"epochs 1-{epochs_done}"
+        return (f"warning: {first} took {pace:.2f}x the estimate; at this pace training ends after about "
+                f"{projected:.0f} s, {projected / budget - 1:.0%} over the time budget of {budget:g} s (the "
+                f"machine is slower than when its steps were timed; the {len(done) + len(left)} planned epochs go on)")
 
     def as_dict(self) -> dict:  # run.json's "time_budget"
         return {"seconds": self.train.time_budget, "epochs": self.train.epochs,
@@ -87,9 +110,14 @@ def epoch_sides(cfg: TrainConfig, full: int) -> list[int]:
             for e in range(cfg.epochs)]
 
 
+def epoch_seconds(cfg: TrainConfig, full: int, steps_per_epoch: int, step_s: dict[int, float],
+                  eval_s: float) -> list[float]:
+    return [steps_per_epoch * step_s[side] + eval_s for side in epoch_sides(cfg, full)]
+
+
 def estimate_seconds(cfg: TrainConfig, full: int, steps_per_epoch: int, step_s: dict[int, float],
                      eval_s: float) -> float:
-    return sum(steps_per_epoch * step_s[side] + eval_s for side in epoch_sides(cfg, full))
+    return sum(epoch_seconds(cfg, full, steps_per_epoch, step_s, eval_s))
 
 
 def smaller_costs_no_more(step_s: dict[int, float]) -> dict[int, float]:
@@ -157,5 +185,5 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
             f"epoch takes about {one:.0f} s on this machine; give at least {math.ceil(one + probe_s)} s "
             "(--time-budget), or train a smaller model")
     chosen = fitting[-1]
-    return BudgetPlan(chosen, estimate_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s), probe_s,
-                      step_s, eval_s)
+    epoch_s = epoch_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s)
+    return BudgetPlan(chosen, sum(epoch_s), probe_s, step_s, eval_s, epoch_s)
