@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--trace", type=int, metavar="STEPS",
                         help="instead: time STEPS consecutive 32-px steps and show how steady the machine is")
     args = parser.parse_args()
+    if args.trace is not None and args.trace < 2:
+        parser.error("--trace needs at least 2 steps (200 or more for the time-budget line)")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{device_description(torch.device('cpu'))}, torch {torch.__version__}, "
