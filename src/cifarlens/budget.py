@@ -12,7 +12,7 @@ deterministic as any other: config.yaml holds the epochs chosen, ``--resume`` co
 The budget covers what ``cifarlens bench`` counts as training time (the epochs with their
 validation passes) plus the timing itself; reading the data, the final evaluation and the
 report come on top. Epochs are whole, so a run of few long epochs can end well under its
-budget (on the slowest machine seen, 3 epochs of ~150 s used 74-78 % of 10 minutes), and the
+budget (on the slowest machine seen, 3 epochs of ~150 s used 74-82 % of 10 minutes), and the
 estimate is only as steady as the machine: the log warns once when the epochs run slow enough
 to end over the budget, and says at the end how the run compared.
 """
