@@ -143,14 +143,15 @@ def test_a_budget_run_records_its_plan_and_trains_exactly_as_a_run_given_those_e
 
 def test_epochs_running_slower_than_timed_are_warned_of_once_when_they_would_overrun_the_budget():
     cfg = replace(recipe_cfg(epochs=4, optimizer="sgd"), time_budget=100.0)
-    plan = BudgetPlan(cfg, estimate_s=80.0, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 4)
+    plan = BudgetPlan(cfg, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 4)
+    assert plan.estimate_s == 80.0
     assert plan.pace(1, 5.0 + 20.0) is None  # on time: 85 s in all
     assert plan.pace(1, 5.0 + 22.0) is None  # 10 % slow: 93 s, still inside
     warning = plan.pace(2, 5.0 + 60.0)  # 50 % slow: 65 s + 1.5 x 40 s = 125 s
     assert warning is not None and "epochs 1-2 took 1.50x the estimate" in warning
     assert "ends after about 125 s, 25% over the time budget of 100 s" in warning
     assert plan.pace(3, 5.0 + 90.0) is None  # once
-    late = BudgetPlan(cfg, estimate_s=80.0, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 4)
+    late = BudgetPlan(cfg, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 4)
     assert late.pace(4, 500.0) is None  # nothing left to warn of: the final line says how it went
 
 
@@ -164,7 +165,8 @@ def test_a_run_that_falls_behind_its_budget_says_so_after_the_epoch_and_trains_a
 
     monkeypatch.setattr(cifarlens.api, "plan_budget", slowed_down)
     data = make_cifar10(tmp_path / "data", n_train_per_batch=24, n_test=20).data_dir
-    train(tiny_fastnet_cfg(data, epochs=1, progressive_res=0, progressive_epochs=0, time_budget=1e5), tmp_path / "run", report=False)
+    cfg = tiny_fastnet_cfg(data, epochs=1, progressive_res=0, progressive_epochs=0, time_budget=1e5)
+    train(cfg, tmp_path / "run", report=False)
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("warning: epoch 1 took") == 1 and "over the time budget of 0.1 s" in log
     assert "the 4 planned epochs go on" in log and "time budget 0.1 s: trained 4 epochs in" in log

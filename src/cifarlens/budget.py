@@ -25,7 +25,7 @@ import math
 import re
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,12 +53,15 @@ def parse_duration(text: str) -> float:
 @dataclass
 class BudgetPlan:
     train: TrainConfig  # the config with the epochs (and ramp, milestones) chosen
-    estimate_s: float  # estimated time of those epochs
     probe_s: float  # time spent timing steps, counted in the budget
     step_s: dict[int, float]  # image width -> seconds per training step
     eval_s: float  # seconds per validation pass (0 without one)
-    epoch_s: list[float] = field(default_factory=list)  # estimated seconds of each epoch
+    epoch_s: list[float]  # estimated seconds of each epoch
     warned: bool = False  # pace() has warned (it warns once)
+
+    @property
+    def estimate_s(self) -> float:  # estimated time of the epochs
+        return sum(self.epoch_s)
 
     def pace(self, epochs_done: int, seconds: float) -> str | None:
         """A warning, the first time the epochs so far ran slow enough against their estimate
@@ -186,4 +189,4 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
             "(--time-budget), or train a smaller model")
     chosen = fitting[-1]
     epoch_s = epoch_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s)
-    return BudgetPlan(chosen, sum(epoch_s), probe_s, step_s, eval_s, epoch_s)
+    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s)
