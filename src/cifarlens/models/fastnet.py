@@ -29,6 +29,7 @@ from torch import nn
 from cifarlens.errors import CifarlensError
 from cifarlens.models.base import ClassifierBase
 from cifarlens.models.registry import register_model
+from cifarlens.models.small_conv import SmallMapConv2d
 
 WHITEN_KERNEL = 2
 # Added to each eigenvalue of the patch covariance before the whitening filters divide by its
@@ -54,11 +55,11 @@ class _ConvBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, bn_momentum: float):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding="same", bias=False)
+        self.conv1 = SmallMapConv2d(in_ch, out_ch)  # nn.Conv2d, faster to train on small maps with AMX
         self.pool = nn.MaxPool2d(2)
         self.norm1 = _BatchNorm(out_ch, bn_momentum)
         self.act1 = nn.GELU()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding="same", bias=False)
+        self.conv2 = SmallMapConv2d(out_ch, out_ch)
         self.norm2 = _BatchNorm(out_ch, bn_momentum)
         self.act2 = nn.GELU()
         for conv in (self.conv1, self.conv2):

@@ -1,0 +1,108 @@
+"""A 3x3 convolution that trains faster on small feature maps on CPUs with AMX.
+
+On a CPU with AMX (Intel Xeon, 4th generation on), oneDNN's convolution kernels handle the
+last blocks of FastNet badly: at 32 px the 256 -> 256 convolution on 3x3 maps runs its
+weight gradient at ~60 GFLOP/s and the ones on 7x7 maps at ~165, where a plain bf16 matrix
+product of the same size runs at ~430 (docs/benchmarks.md, *An im2col path for AMX*). So in
+training, under bf16 autocast, on such a CPU, :class:`SmallMapConv2d` computes
+
+- on maps of at most 3x3 (SMALL_SIDE): the whole convolution (forward, input and weight
+  gradients) as matrix products over the image patches (im2col);
+- on maps of at most 7x7 (WEIGHT_SIDE): the forward pass and the input gradient with oneDNN
+  as usual, the weight gradient as one matrix product over the patches;
+- anywhere else (larger maps, evaluation, fp32, a GPU, no AMX, torch.compile): ``nn.Conv2d``.
+
+The arithmetic is the same (bf16 products, fp32 accumulation), only its order differs; the
+module is an ``nn.Conv2d`` with the same parameters, so weights, exports and CAM hooks do not
+see it. ``CIFARLENS_IM2COL=0`` (or ``1``) in the environment turns the path off (or on where
+it would not be chosen), to compare the two.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMALL_SIDE = 3  # the whole convolution as matrix products on maps up to this side
+WEIGHT_SIDE = 7  # the weight gradient as a matrix product on maps up to this side
+
+
+@functools.cache
+def im2col_pays() -> bool:
+    """Whether this process trains on a CPU whose oneDNN uses AMX (where the path was measured to
+    pay), unless ``CIFARLENS_IM2COL`` says otherwise. Asked once per process."""
+    forced = os.environ.get("CIFARLENS_IM2COL", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN held below AMX: no AMX products
+    if capped and capped not in ("ALL", "DEFAULT") and "AMX" not in capped:
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(amx())
+
+
+def _patches(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, 9*C): each position's 3x3 neighbourhood (zero padded), in the
+    order (ky, kx, c), read through a strided view of the padded channels-last image."""
+    b, c, h, w = x.shape
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C), contiguous
+    sb, sh, sw, sc = padded.stride()
+    return padded.as_strided((b, h, w, 3, 3, c), (sb, sh, sw, sh, sw, sc)).reshape(b * h * w, 9 * c)
+
+
+class _Im2colConv3x3(torch.autograd.Function):
+    """3x3, stride 1, padding 1, no bias, one group; ``whole``: forward and input gradient as
+    matrix products too, else those two by ``F.conv2d`` and its backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, whole: bool) -> torch.Tensor:
+        ctx.whole = whole
+        ctx.save_for_backward(x, weight)
+        if not whole:
+            return F.conv2d(x, weight, padding=1)
+        b, c, h, w = x.shape
+        out = _patches(x) @ weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c).T  # (B*H*W, out)
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW, channels-last in memory
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        b, c, h, w = x.shape
+        out_ch = weight.shape[0]
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(b * h * w, out_ch)
+        grad_x = None
+        if ctx.needs_input_grad[0] and ctx.whole:  # col2im: each patch's gradient back onto its pixels
+            grad_patches = (grad_rows @ weight.permute(0, 2, 3, 1).reshape(out_ch, 9 * c)).view(b, h, w, 3, 3, c)
+            padded = grad_patches.new_zeros(b, h + 2, w + 2, c, dtype=torch.float32)  # sums in fp32, as oneDNN's
+            for i in range(3):
+                for j in range(3):
+                    padded[:, i:i + h, j:j + w] += grad_patches[:, :, :, i, j]
+            grad_x = padded[:, 1:h + 1, 1:w + 1].permute(0, 3, 1, 2).to(x.dtype)
+        elif ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                         [0, 0], 1, [True, False, False])[0]
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_rows.T @ _patches(x)).view(out_ch, 3, 3, c).permute(0, 3, 1, 2).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_ch, out_ch, 3, padding="same", bias=False)`` that takes the im2col path
+    (module docstring) where it pays."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding="same", bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = max(x.shape[-2:])
+        if (side > WEIGHT_SIDE or not self.training or not torch.is_grad_enabled() or x.device.type != "cpu"
+                or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
+                or torch.compiler.is_compiling() or not im2col_pays()):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):  # the products in bf16, as autocast would run the conv
+            return _Im2colConv3x3.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), side <= SMALL_SIDE)

@@ -1,0 +1,113 @@
+"""The im2col path of FastNet's 3x3 convolutions (cifarlens.models.small_conv): the same
+outputs and gradients as nn.Conv2d, taken only where it was measured to pay."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifarlens.models import create_model
+from cifarlens.models import small_conv
+from cifarlens.models.small_conv import SmallMapConv2d, im2col_pays
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """The path on, whatever this CPU, and a count of the convolutions that took it."""
+    monkeypatch.setattr(small_conv, "im2col_pays", lambda: True)
+    calls = []
+    apply = small_conv._Im2colConv3x3.apply
+
+    def counting(x, weight, whole):
+        calls.append((tuple(x.shape), whole))
+        return apply(x, weight, whole)
+
+    monkeypatch.setattr(small_conv._Im2colConv3x3, "apply", counting)
+    return calls
+
+
+def _run(conv, x, grad):
+    x = x.clone().requires_grad_(True)
+    conv.zero_grad()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = conv(x)
+    out.backward(grad)
+    return out.float(), x.grad.float(), conv.weight.grad.clone()
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 5, 7])
+def test_outputs_and_gradients_are_those_of_a_plain_convolution(forced, side):
+    torch.manual_seed(side)
+    conv = SmallMapConv2d(24, 32)
+    plain = torch.nn.Conv2d(24, 32, 3, padding="same", bias=False)
+    plain.weight = conv.weight
+    x = torch.randn(5, 24, side, side).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(5, 32, side, side)
+    mine, ref = _run(conv, x, grad), _run(plain, x, grad)
+    assert forced == [((5, 24, side, side), side <= small_conv.SMALL_SIDE)]  # it did take the path
+    for a, b in zip(mine, ref):  # bf16 products either way; only the order of the sums differs
+        assert a.shape == b.shape
+        assert (a - b).norm() <= 1e-2 * b.norm()
+    # and against fp32 arithmetic, within what bf16 allows
+    with torch.no_grad():
+        exact = F.conv2d(x, conv.weight, padding=1)
+    assert (mine[0] - exact).norm() <= 2e-2 * exact.norm()
+
+
+def test_the_path_is_only_taken_in_bf16_training_on_small_maps(forced):
+    conv = SmallMapConv2d(8, 8)
+    small = torch.randn(2, 8, 3, 3)
+    conv(small)  # fp32, no autocast
+    with torch.autocast("cpu", torch.bfloat16):
+        conv(torch.randn(2, 8, 8, 8))  # larger than WEIGHT_SIDE
+        with torch.no_grad():
+            conv(small)
+        conv.eval()
+        conv(small)
+    assert forced == []
+    conv.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        conv(small)
+    assert forced == [((2, 8, 3, 3), True)]
+
+
+def test_fastnet_trains_the_same_with_and_without_the_path(forced, monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("fastnet", 10, 3).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # its Dirac init makes the wider convolutions identities: spread the filters
+        for conv in (m for m in model.modules() if isinstance(m, SmallMapConv2d)):
+            conv.weight.add_(torch.randn_like(conv.weight) * conv.weight.std())
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,))
+
+    def grads():
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_on, on = grads()
+    assert sorted(whole for _, whole in forced) == [False, False, True]  # 7x7, 7x7 and 3x3 maps at 32 px
+    monkeypatch.setattr(small_conv, "im2col_pays", lambda: False)
+    loss_off, off = grads()
+    assert len(forced) == 3  # no more calls
+    assert torch.allclose(loss_on, loss_off, rtol=1e-3)
+    assert on.keys() == off.keys()
+    for name in on:  # bf16 rounding in another order moves them up to ~1 % (a wrong col2im: 20-40 %)
+        assert (on[name] - off[name]).norm() <= 5e-2 * off[name].norm() + 1e-12, name
+
+
+def test_the_environment_decides_first(monkeypatch):
+    im2col_pays.cache_clear()
+    try:
+        monkeypatch.setenv("CIFARLENS_IM2COL", "0")
+        assert not im2col_pays()
+        im2col_pays.cache_clear()
+        monkeypatch.setenv("CIFARLENS_IM2COL", "1")
+        assert im2col_pays()
+        im2col_pays.cache_clear()
+        monkeypatch.delenv("CIFARLENS_IM2COL")
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # oneDNN held below AMX
+        assert not im2col_pays()
+    finally:
+        im2col_pays.cache_clear()
