@@ -15,6 +15,9 @@ written from those descriptions:
 - convolutions initialised as partial identities (Dirac), global max pooling and a
   linear head whose logits are scaled down.
 
+Its 3x3 convolutions are :class:`~cifarlens.models.small_conv.SmallMapConv2d`: ``nn.Conv2d``,
+trained through im2col matrix products on small maps where that is faster (CPUs with AMX).
+
 ``data_init(images)`` must be called with a sample of normalised training images
 before training (``cifarlens.api.train`` does it for any model that has it).
 """
