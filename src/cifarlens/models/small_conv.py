@@ -12,6 +12,10 @@ training, under bf16 autocast, on such a CPU, :class:`SmallMapConv2d` computes
   as usual, the weight gradient as one matrix product over the patches;
 - anywhere else (larger maps, evaluation, fp32, a GPU, no AMX, torch.compile): ``nn.Conv2d``.
 
+A full-width fastnet step then took 14-25 % less time on the one AMX machine measured (a 2-core
+Intel Xeon VM); on larger maps building the patch matrix costs more than it saves, and with
+oneDNN held below AMX the path was no faster at 24 px, hence the gate.
+
 The arithmetic is the same (bf16 products, fp32 accumulation), only its order differs; the
 module is an ``nn.Conv2d`` with the same parameters, so weights, exports and CAM hooks do not
 see it. ``CIFARLENS_IM2COL=0`` (or ``1``) in the environment turns the path off (or on where
