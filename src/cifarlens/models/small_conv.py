@@ -58,6 +58,11 @@ def _patches(x: torch.Tensor) -> torch.Tensor:
     return padded.as_strided((b, h, w, 3, 3, c), (sb, sh, sw, sh, sw, sc)).reshape(b * h * w, 9 * c)
 
 
+def _filter_rows(weight: torch.Tensor) -> torch.Tensor:
+    """(out, C, 3, 3) -> (out, 9*C), in the patches' order (ky, kx, c)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
 class _Im2colConv3x3(torch.autograd.Function):
     """3x3, stride 1, padding 1, no bias, one group; ``whole``: forward and input gradient as
     matrix products too, else those two by ``F.conv2d`` and its backward."""
@@ -69,7 +74,7 @@ class _Im2colConv3x3(torch.autograd.Function):
         if not whole:
             return F.conv2d(x, weight, padding=1)
         b, c, h, w = x.shape
-        out = _patches(x) @ weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c).T  # (B*H*W, out)
+        out = _patches(x) @ _filter_rows(weight).T  # (B*H*W, out)
         return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW, channels-last in memory
 
     @staticmethod
@@ -80,7 +85,7 @@ class _Im2colConv3x3(torch.autograd.Function):
         grad_rows = grad.permute(0, 2, 3, 1).reshape(b * h * w, out_ch)
         grad_x = None
         if ctx.needs_input_grad[0] and ctx.whole:  # col2im: each patch's gradient back onto its pixels
-            grad_patches = (grad_rows @ weight.permute(0, 2, 3, 1).reshape(out_ch, 9 * c)).view(b, h, w, 3, 3, c)
+            grad_patches = (grad_rows @ _filter_rows(weight)).view(b, h, w, 3, 3, c)
             padded = grad_patches.new_zeros(b, h + 2, w + 2, c, dtype=torch.float32)  # sums in fp32, as oneDNN's
             for i in range(3):
                 for j in range(3):
