@@ -12,11 +12,14 @@ from safetensors.torch import load_file
 
 from cifarlens.api import train
 from cifarlens.budget import (
+    PARTS,
+    PLAN_MARGIN,
     BudgetPlan,
     epoch_sides,
     estimate_seconds,
     parse_duration,
     plan_budget,
+    run_length,
     smaller_costs_no_more,
     stretch,
 )
@@ -63,9 +66,21 @@ def test_stretching_keeps_the_ramps_share_of_the_run_and_scales_milestones():
     resolve_train(stretch(he, 91))
 
 
+def test_a_run_can_be_stretched_to_part_of_an_epoch_more():
+    cfg = recipe_cfg()  # 8 epochs, 4 of them ramping from 24 px
+    longer = stretch(cfg, 4.5)  # five epochs, the fifth on half of its batches; the ramp keeps its half (2.25 -> 2)
+    assert (longer.epochs, longer.last_epoch_fraction, longer.progressive_epochs) == (5, 0.5, 2)
+    assert run_length(longer) == 4.5 and epoch_sides(longer, 32) == [24, 28, 32, 32, 32]
+    assert stretch(longer, 9).epochs == 9 and stretch(longer, 9).last_epoch_fraction == 1.0
+    assert stretch(longer, 9).progressive_epochs == 4  # scaled from the stretched run as from the recipe
+    resolve_train(longer)
+
+
 def test_the_estimate_adds_each_epochs_steps_at_its_width_and_its_validation_pass():
     cfg = stretch(recipe_cfg(), 4)  # widths 24, 28, 32, 32
     assert estimate_seconds(cfg, 32, 10, {24: 1.0, 28: 2.0, 32: 3.0}, 0.5) == 10 * (1 + 2 + 3 + 3) + 4 * 0.5
+    partial = stretch(recipe_cfg(), 4.3)  # widths 24, 28, 32, 32, 32; the last epoch 3 of 10 steps
+    assert estimate_seconds(partial, 32, 10, {24: 1.0, 28: 2.0, 32: 3.0}, 0.5) == 10 * (1 + 2 + 3 + 3) + 3 * 3 + 5 * 0.5
 
 
 def test_a_smaller_width_is_never_estimated_dearer_than_a_larger_one():
@@ -96,14 +111,35 @@ def test_the_plan_takes_the_most_epochs_whose_estimate_fits_and_leaves_the_model
     assert set(roomy.step_s) == {24, 28, 32} and all(t > 0 for t in roomy.step_s.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # timed on a copy
     # a budget for about three epochs: whatever the timing says, the choice is the largest that fits
-    budget = roomy.probe_s + estimate_seconds(stretch(cfg, 3), 32, len(loader), roomy.step_s, 0.0)
+    budget = roomy.probe_s + estimate_seconds(stretch(cfg, 3.5), 32, len(loader), roomy.step_s, 0.0)
     plan = plan_budget(model, loader, None, Precision(CPU), replace(cfg, time_budget=budget))
-    left = budget - plan.probe_s
+    left = (budget - plan.probe_s) * (1 - PLAN_MARGIN)
     assert plan.estimate_s <= left
-    if plan.train.epochs < 8:
-        more = stretch(replace(cfg, time_budget=budget), plan.train.epochs + 1)
+    length = run_length(plan.train)
+    assert (length * PARTS) == pytest.approx(round(length * PARTS))  # whole epochs and twentieths of one
+    if length < 8:  # twentieths of an epoch more would not fit
+        more = stretch(replace(cfg, time_budget=budget), length + 1 / PARTS)
         assert estimate_seconds(more, 32, len(loader), plan.step_s, plan.eval_s) > left
-    assert f"{plan.train.epochs} epochs" in plan.describe() and plan.as_dict()["epochs"] == plan.train.epochs
+    assert plan.describe().startswith(f"time budget {budget:g} s: {plan.train.epochs} epochs")
+    assert (plan.as_dict()["epochs"], plan.as_dict()["last_epoch_fraction"]) == (plan.train.epochs,
+                                                                                 plan.train.last_epoch_fraction)
+
+
+def test_a_plan_between_whole_epochs_trains_part_of_one_more_and_says_so():
+    from cifarlens.budget import longest_fitting
+
+    cfg = recipe_cfg(epochs=4, progressive_res=0, progressive_epochs=0, optimizer="sgd")
+
+    def estimate(c):  # 10 s an epoch, a step of 0.5 s in 20-step epochs
+        return estimate_seconds(c, 32, 20, {32: 0.5}, 0.0)
+
+    assert run_length(longest_fitting(cfg, 37.6, estimate)) == 3.75
+    assert run_length(longest_fitting(cfg, 30.0, estimate)) == 3  # exactly three
+    assert longest_fitting(cfg, 9.9, estimate) is None  # not even one whole epoch
+    assert run_length(longest_fitting(cfg, 1e9, estimate)) == 16  # at most 4x the recipe's
+    plan = BudgetPlan(stretch(replace(cfg, time_budget=40.0), 3.75), probe_s=1.0, step_s={32: 0.5}, eval_s=0.0,
+                      epoch_s=[10.0, 10.0, 10.0, 7.5])
+    assert "time budget 40 s: 4 epochs, the last on 75% of its batches, estimated 38 s" in plan.describe()
 
 
 def test_a_budget_shorter_than_one_epoch_is_refused_with_the_time_an_epoch_needs():
@@ -141,22 +177,47 @@ def test_a_budget_run_records_its_plan_and_trains_exactly_as_a_run_given_those_e
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the timing left no trace
 
 
-def test_epochs_running_slower_than_timed_are_warned_of_once_when_they_would_overrun_the_budget():
-    cfg = replace(recipe_cfg(epochs=4, optimizer="sgd"), time_budget=100.0)
-    plan = BudgetPlan(cfg, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 4)
-    assert plan.estimate_s == 80.0
-    assert plan.pace(1, 5.0 + 20.0) is None  # on time: 85 s in all
-    assert plan.pace(1, 5.0 + 22.0) is None  # 10 % slow: 93 s, still inside
-    warning = plan.pace(2, 5.0 + 60.0)  # 50 % slow: 65 s + 1.5 x 40 s = 125 s
-    assert warning is not None and "epochs 1-2 took 1.50x the estimate" in warning
-    assert "ends after about 125 s, 25% over the time budget of 100 s" in warning
-    assert plan.pace(3, 5.0 + 90.0) is None  # once
-    late = BudgetPlan(cfg, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 4)
-    assert late.pace(4, 500.0) is None  # nothing left to warn of: the final line says how it went
+def four_epochs_plan(budget: float = 100.0, fraction: float = 1.0) -> BudgetPlan:
+    """4 epochs of 20 s (the last 20 s were it whole) after 5 s of timing."""
+    cfg = replace(stretch(recipe_cfg(epochs=4, optimizer="sgd", progressive_res=0, progressive_epochs=0),
+                          3 + fraction), time_budget=budget)
+    return BudgetPlan(cfg, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 3 + [20.0 * fraction],
+                      last_full_s=20.0)
 
 
-def test_a_run_that_falls_behind_its_budget_says_so_after_the_epoch_and_trains_as_planned(tmp_path, monkeypatch):
+def test_a_plan_on_pace_stays_and_one_off_pace_recuts_the_last_epoch_to_end_inside_the_budget():
+    plan = four_epochs_plan()
+    assert plan.replan(1, 5.0 + 20.0) == (None, [])  # on time: 85 s in all
+    assert plan.replan(1, 5.0 + 22.0) == (None, [])  # 10 % slow: 93 s, still inside
+    fraction, lines = plan.replan(2, 5.0 + 48.0)  # 20 % slow: 53 + 24 + 24 = 101 s at this pace
+    # the last epoch gets the twentieths that fit in 95 % of the budget: 53 + 24 + 1.2 x 20 x f <= 5 + 95 x 0.95
+    assert fraction == 0.75 and plan.fraction == 0.75 and len(lines) == 1
+    assert lines[0] == ("time budget 100 s: epochs 1-2 took 1.20x the estimate; the last epoch now trains on 75% "
+                        "of its batches (100% planned before), to end after about 95 s")
+    assert plan.replan(3, 5.0 + 72.0) == (None, [])  # still 20 % slow: 77 + 18 = 95 s, inside
+    assert plan.replan(4, 5.0 + 100.0) == (None, [])  # nothing left to plan: the final line says how it went
+    assert plan.as_dict()["last_epoch_fraction"] == 1.0 and plan.as_dict()["last_epoch_fraction_now"] == 0.75
+
+
+def test_a_faster_machine_gives_the_last_epoch_back_up_to_all_of_it():
+    plan = four_epochs_plan(fraction=0.25)
+    fraction, lines = plan.replan(1, 5.0 + 12.0)  # 0.6x the estimate: 17 + 24 + 3 = 44 s, far under
+    assert fraction == 1.0 and "the last epoch now trains on 100% of its batches (25% planned before)" in lines[0]
+
+
+def test_when_even_the_least_of_the_last_epoch_overruns_the_budget_it_is_said_once():
+    plan = four_epochs_plan()
+    fraction, lines = plan.replan(2, 5.0 + 80.0)  # twice as slow: 85 s + 40 s + 2 x 20 s x f
+    assert fraction == 0.05 and len(lines) == 2
+    assert lines[1] == ("warning: epochs 1-2 took 2.00x the estimate; at this pace training ends after about 127 s, "
+                        "27% over the time budget of 100 s (the machine is slower than when its steps were timed; "
+                        "the last epoch is cut to 5% of its batches, the other 3 go on as planned)")
+    assert plan.replan(3, 5.0 + 150.0)[1] == []  # once
+
+
+def test_a_run_that_falls_behind_its_budget_cuts_its_last_epoch_and_the_schedule_ends_with_it(tmp_path, monkeypatch):
     import cifarlens.api
+    from cifarlens.checkpoint import load_checkpoint
 
     def slowed_down(*args, **kwargs):  # as if the machine got far slower after the timing
         plan = plan_budget(*args, **kwargs)
@@ -164,12 +225,33 @@ def test_a_run_that_falls_behind_its_budget_says_so_after_the_epoch_and_trains_a
         return plan
 
     monkeypatch.setattr(cifarlens.api, "plan_budget", slowed_down)
-    data = make_cifar10(tmp_path / "data", n_train_per_batch=24, n_test=20).data_dir
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=24, n_test=20).data_dir  # 120 images: 3 whole batches
     cfg = tiny_fastnet_cfg(data, epochs=1, progressive_res=0, progressive_epochs=0, time_budget=1e5)
     train(cfg, tmp_path / "run", report=False)
     log = (tmp_path / "run" / "train.log").read_text()
+    assert "the last epoch now trains on 5% of its batches (100% planned before)" in log  # after epoch 1
     assert log.count("warning: epoch 1 took") == 1 and "over the time budget of 0.1 s" in log
-    assert "the 4 planned epochs go on" in log and "time budget 0.1 s: trained 4 epochs in" in log
+    assert "the last epoch is cut to 5% of its batches, the other 3 go on as planned" in log
+    assert "time budget 0.1 s: trained 4 epochs, the last on 5% of its batches, in" in log
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert [int(row["train_samples"]) for row in rows] == [96, 96, 96, 32]  # one batch, the least there is
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")  # what --resume would go on from
+    assert ckpt["state"]["last_epoch_fraction"] == 0.05
+    assert ckpt["scheduler"]["total_steps"] == 3 * 3 + 1 and ckpt["scheduler"]["retargeted"][0] == 3
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["time_budget"]["last_epoch_fraction_now"] == 0.05
+
+    def stop_after_two(state, model):
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the same run, interrupted after the re-plan and resumed
+        train(cfg, tmp_path / "cut", report=False, on_epoch_end=stop_after_two)
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-report"]) == 0
+    resumed = list(csv.DictReader((tmp_path / "cut" / "history.csv").open()))
+    assert [row["train_samples"] for row in resumed] == [row["train_samples"] for row in rows]
+    a, b = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the cut last epoch and its schedule, as uninterrupted
 
 
 def test_budget_mistakes_are_refused_before_any_run_folder_exists(tmp_path, capsys):
@@ -191,3 +273,16 @@ def test_budget_mistakes_are_refused_before_any_run_folder_exists(tmp_path, caps
         assert not out.exists()
     assert main(["train", "--resume", str(tmp_path / "run0"), "--time-budget", "1m"]) == 2
     assert "drop --time-budget" in capsys.readouterr().err
+
+
+def test_a_run_with_a_partial_last_epoch_logs_it_and_counts_only_the_images_it_trained_on(tmp_path):
+    from cifarlens.report.compare import run_summary
+
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=24, n_test=20).data_dir
+    train(tiny_fastnet_cfg(data, epochs=2, progressive_epochs=1, batch_size=20, last_epoch_fraction=0.5),
+          tmp_path / "run", report=False)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "recipe fast_cpu_10min, 2 epochs, the last on 50% of its batches" in log
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert [int(row["train_samples"]) for row in rows] == [120, 60]  # 6 batches of 20, then 3
+    assert run_summary(tmp_path / "run")["train_images"] == 180

@@ -318,6 +318,17 @@ def test_bench_reports_mean_and_std_over_seeds(tmp_path, capsys):
     assert summary["epochs_to"]["0.2"] != [None, None]  # learnable data: 20% is reached
 
 
+def test_bench_throughput_counts_only_the_batches_of_a_partial_last_epoch(tmp_path, capsys):
+    data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)  # 180 training images, 10 batches of 18
+    summary_file = tmp_path / "bench.json"
+    assert main(["bench", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "2",
+                 "--seeds", "1", "--json", str(summary_file), *TINY, "--batch-size", "18",
+                 "--set", "train.last_epoch_fraction=0.5"]) == 0
+    summary = json.loads(summary_file.read_text())
+    trained = summary["images_per_second"][0] * summary["train_seconds"][0]
+    assert trained == pytest.approx(180 + 90, rel=1e-6)  # the second epoch trained 5 of its 10 batches
+
+
 def test_bench_seed_sets_the_first_seed(tmp_path, capsys):
     """--seed S --seeds N benchmarks seeds S..S+N-1, so one benchmark can be split over sittings."""
     data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)

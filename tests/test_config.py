@@ -72,6 +72,50 @@ def test_lr_schedules():
     assert lr_factor(50, 100, 0, "constant") == 1.0
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_a_retargeted_schedule_goes_on_without_a_jump_to_its_new_end_and_resumes_so(schedule):
+    import torch
+
+    from cifarlens.recipes import StepSchedule
+
+    def scheduler():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, StepSchedule(opt, 100, 10, schedule)
+
+    opt, sched = scheduler()
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    before = opt.param_groups[0]["lr"]  # what step 50 uses: halfway down a 90-step decay (cosine: 0.5 too)
+    sched.retarget(70)  # the run ends 30 steps sooner: the rest of the decay in 20 steps
+    assert sched._factor(50) == pytest.approx(before)  # the new mapping starts where the old one was
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(before) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # at the new end, step 70
+    if schedule == "onecycle":  # linear: what was left, in 20 equal steps
+        assert lrs[1] == pytest.approx(before * 19 / 20) and lrs[10] == pytest.approx(before / 2)
+    # a resumed run's schedule (state_dict, as the checkpoint saves it) carries the retarget
+    opt2, resumed = scheduler()
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.total_steps == 70 and resumed.retargeted == sched.retargeted
+    assert [resumed._factor(s) for s in range(45, 75)] == [sched._factor(s) for s in range(45, 75)]
+    opt3, later = scheduler()  # retargeted twice (at steps 0 and 60): the second goes on from the first
+    later.retarget(80)
+    for _ in range(60):
+        opt3.step()
+        later.step()
+    lr60 = opt3.param_groups[0]["lr"]
+    later.retarget(120)
+    assert later._factor(60) == pytest.approx(lr60) and later._factor(120) == pytest.approx(0.0, abs=1e-12)
+    assert later._factor(90) == pytest.approx(lr60 / 2) if schedule == "onecycle" else later._factor(90) < lr60
+    with pytest.raises(ValueError, match="60 steps are taken"):
+        later.retarget(60)
+
+
 def test_multistep_factor_drops_by_gamma_from_each_milestone_step():
     assert lr_factor(9, 100, 0, "multistep", (10, 20), 0.1) == 1.0
     assert lr_factor(10, 100, 0, "multistep", (10, 20), 0.1) == pytest.approx(0.1)

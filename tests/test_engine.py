@@ -67,6 +67,28 @@ def test_onecycle_lr_rises_then_falls_to_zero(monkeypatch):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_partial_last_epoch_trains_its_share_of_the_batches_and_the_schedule_ends_with_them():
+    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "fast_cpu", "epochs": 3, "last_epoch_fraction": 0.3,
+                                                      "warmup_epochs": 0.0, "lr": 0.1, "ema_decay": 0.0}}).train)
+    model = create_model("lensnet_light", 3, 1, widths=[4], depths=[1])
+    split = Split(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8), torch.arange(40) % 3)
+    loader = TensorLoader(split, 4, lambda x, g: x.float() / 255, device=torch.device("cpu"), shuffle=True)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    assert scheduler.total_steps == 2 * 10 + 3
+    state = fit(model, loader, None, optimizer, scheduler, Precision(torch.device("cpu")), cfg, FitState(),
+                on_improvement=lambda s: None, on_epoch_end=lambda s: None, log=lambda s: None)
+    assert [row["train_samples"] for row in state.history] == [40, 40, 12]  # 3 of the last epoch's 10 batches
+    assert state.epoch == 3 and optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert state.history[-1]["lr"] == pytest.approx(0.1 / 23)  # the last step's: the decay's last rung
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_a_last_epoch_fraction_outside_0_to_1_is_refused(fraction):
+    with pytest.raises(CifarlensError, match=r"train.last_epoch_fraction must be in \(0, 1\]"):
+        resolve_train(merge(RunConfig(), {"train": {"recipe": "fast_cpu", "last_epoch_fraction": fraction}}).train)
+
+
 @pytest.mark.parametrize("check_every", [None, 1000])  # every step (a CPU's default), or only at the epoch's end
 def test_nan_loss_stops_with_an_error(check_every):
     model = create_model("lensnet_light", 3, 1, widths=[4], depths=[1])

@@ -8,7 +8,8 @@ from torch import nn
 from cifarlens.config import RunConfig, merge
 from cifarlens.data.base import Split
 from cifarlens.data.loader import TensorLoader
-from cifarlens.engine import FitState, Precision, fit, progressive_side, train_one_epoch
+from cifarlens.engine import FitState, Precision, fit, train_one_epoch
+from cifarlens.epochs import progressive_side
 from cifarlens.errors import CifarlensError
 from cifarlens.recipes import build_optimizer, build_scheduler, param_groups, resolve_train
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cifarlens import distributed, tracking
 from cifarlens import metrics as M
-from cifarlens.budget import plan_budget
+from cifarlens.budget import epochs_text, plan_budget
 from cifarlens.calibration import TemperatureFit, calibration_summary, fit_temperature
 from cifarlens.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict
@@ -35,12 +35,14 @@ from cifarlens.models import model_info, unwrap_model
 from cifarlens.models.registry import forward_flops
 from cifarlens.models.weights import describe_init, input_info, load_initial_weights
 from cifarlens.recipes import (
+    StepSchedule,
     build_optimizer,
     build_scheduler,
     describe_choice,
     param_groups,
     resolve_choices,
     resolve_train,
+    schedule_steps,
 )
 from cifarlens.inference import Prediction, Run, build_model, load_run  # noqa: F401 (re-exported)
 from cifarlens.runs import SPLIT_FILES, RunDir, environment_record, info_to_dict, source_to_dict
@@ -182,7 +184,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     else:
         log(f"run folder {run.path}: {describe_choice(cfg.model.name, why, 'model')} on {bundle.source.label(info)} "
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
-            f"recipe {describe_choice(tc.recipe, why, 'recipe')}, {tc.epochs} epoch{'s' * (tc.epochs != 1)}, "
+            f"recipe {describe_choice(tc.recipe, why, 'recipe')}, {epochs_text(tc)}, "
             f"device {device}"
             + (f", {world.world_size} processes" if world.distributed else ""))
         if "data" in why:
@@ -215,6 +217,14 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                      {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name})
 
     def end_epoch(state: FitState) -> None:
+        if plan is not None:  # before the checkpoint, which saves the re-plan with the schedule
+            fraction, lines = plan.replan(state.epoch, state.seconds)
+            if fraction is not None:
+                state.last_epoch_fraction = fraction
+                if isinstance(scheduler, StepSchedule):
+                    scheduler.retarget(schedule_steps(tc, len(train_loader), fraction))
+            for line in lines:
+                log(line)
         if world.is_main:
             tracker.log_epoch(state.history[-1])  # before the checkpoint: a resumed run logs no gap
             run.write_history(state.history)
@@ -225,8 +235,6 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 "config": to_dict(cfg),
             })
         distributed.barrier()  # a checkpoint is complete before any rank goes on (resume reads it)
-        if plan is not None and (warning := plan.pace(state.epoch, state.seconds)):
-            log(warning)
         if on_epoch_end is not None:
             on_epoch_end(state, eval_model)
 
@@ -251,13 +259,14 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if not world.is_main:  # rank 0 alone finishes the run folder and evaluates on the test set
         return {}
     train_seconds = state.seconds
-    if tc.time_budget and not resume:
-        log(f"time budget {tc.time_budget:g} s: trained {state.epoch} epoch{'s' * (state.epoch != 1)} "
+    if plan is not None:
+        trained = replace(tc, epochs=state.epoch, last_epoch_fraction=plan.fraction if state.epoch == tc.epochs else 1)
+        log(f"time budget {tc.time_budget:g} s: trained {epochs_text(trained)}{',' * (trained.last_epoch_fraction < 1)} "
             f"in {train_seconds:.0f} s "
             f"({train_seconds / tc.time_budget - 1:+.1%})")
     run.write_meta(status="finished", epochs_done=state.epoch, best_epoch=state.best_epoch,
                    best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,
-                   train_seconds=train_seconds)
+                   train_seconds=train_seconds, **({"time_budget": plan.as_dict()} if plan is not None else {}))
     from cifarlens.plots import plot_training_curves
 
     plot_training_curves(state.history, run / "curves.png")

@@ -71,7 +71,7 @@ def bench_one(cfg: RunConfig, seed: int, targets: list[float], log=print) -> See
         for t in targets:
             if acc >= t and time_to[t] is None:
                 time_to[t], epochs_to[t] = seconds, state.epoch
-        train_images = state.epoch * len(bundle.train)
+        train_images = sum(row["train_samples"] for row in state.history)  # a partial last epoch counts its part
 
     with tempfile.TemporaryDirectory() as tmp:
         result = train(cfg, f"{tmp}/run", on_epoch_end=on_epoch_end, bundle=bundle, report=False)

@@ -4,17 +4,26 @@ A recipe fixes its number of epochs, but what they cost depends on the machine: 
 fastnet step takes 276 ms on one 2-core cloud CPU and 770 ms on another (docs/benchmarks.md,
 *Machines*). With a budget, training first times a few real steps at each image width the
 run could use, on a copy of the model and optimizer (the run itself is untouched), and then
-trains the largest number of epochs whose estimated time fits. The recipe's schedule is
-stretched or shrunk to those epochs: the progressive-resizing ramp and multistep milestones
-keep their share of the run, warm-up keeps its length. From there the run is as
-deterministic as any other: config.yaml holds the epochs chosen, ``--resume`` continues them.
+trains the longest run whose estimated time fits in all but PLAN_MARGIN of the budget: the
+most whole epochs that fit, and then as much of one more epoch as fits, in twentieths of an
+epoch (``train.last_epoch_fraction``: the last epoch trains on that share of its batches, and
+the schedule ends with them). Whole epochs alone left 16-27 % of a 10-minute budget unused on
+the slower machines (fifth to seventh sessions). The recipe's schedule is stretched or shrunk
+to that length: the progressive-resizing ramp and multistep milestones keep their share of the
+run, warm-up keeps its length. config.yaml holds the epochs chosen, ``--resume`` continues them.
 
 The budget covers what ``cifarlens bench`` counts as training time (the epochs with their
 validation passes) plus the timing itself; reading the data, the final evaluation and the
-report come on top. Epochs are whole, so a run of few long epochs can end well under its
-budget (on the slowest machine seen, 3 epochs of ~150 s used 74-82 % of 10 minutes), and the
-estimate is only as steady as the machine: the log warns once when the epochs run slow enough
-to end over the budget, and says at the end how the run compared.
+report come on top. The estimate is only as steady as the machine (the epochs after the timing
+have taken from 24 % less to 10 % more than estimated on shared cloud CPUs, and a slow spell
+can last minutes, docs/benchmarks.md), hence the margin, and a re-plan after each epoch
+(BudgetPlan.replan): when the pace so far puts the end over the budget, or more than twice the
+margin under it, the last epoch's share of batches changes to fit, and the learning-rate
+schedule's end moves with it without a jump (recipes.StepSchedule.retarget). Nothing else
+changes mid-run. So a run is as deterministic as any other while the machine keeps the pace it
+was timed at; the re-plan is logged, saved in the checkpoint (``--resume`` keeps it) and in
+run.json. The log warns once when even the least of the last epoch ends over the budget, and
+says at the end how the run compared.
 """
 
 from __future__ import annotations
@@ -30,11 +39,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from cifarlens.config import TrainConfig
-from cifarlens.engine import Precision, WeightEMA, evaluate, progressive_side, train_one_epoch
+from cifarlens.engine import Precision, WeightEMA, evaluate, train_one_epoch
+from cifarlens.epochs import epoch_steps, progressive_side
 from cifarlens.errors import CifarlensError
 
 TIMED_STEPS = 4  # per image width, after one untimed step (oneDNN / cuDNN set themselves up on a new shape)
 MAX_STRETCH = 4  # a budget may give at most 4x the recipe's epochs
+PARTS = 20  # the last epoch may be cut to a twentieth of an epoch's batches, or a multiple of it
+PLAN_MARGIN = 0.05  # the plan fills the budget but this share, for estimates that come out short
 EVAL_BATCHES = 2  # validation batches timed to estimate a validation pass
 PACE_SLACK = 0.05  # warn once when, at the pace of the epochs so far, training would end this far over
 
@@ -50,6 +62,12 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _UNITS[unit] for n, unit in re.findall(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|s|m|h)?", text))
 
 
+def epochs_text(cfg: TrainConfig) -> str:
+    """"5 epochs", or with a partial last epoch "5 epochs, the last on 75% of its batches"."""
+    text = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
+    return text if cfg.last_epoch_fraction >= 1 else f"{text}, the last on {cfg.last_epoch_fraction:.0%} of its batches"
+
+
 @dataclass
 class BudgetPlan:
     train: TrainConfig  # the config with the epochs (and ramp, milestones) chosen
@@ -57,33 +75,62 @@ class BudgetPlan:
     step_s: dict[int, float]  # image width -> seconds per training step
     eval_s: float  # seconds per validation pass (0 without one)
     epoch_s: list[float]  # estimated seconds of each epoch
-    warned: bool = False  # pace() has warned (it warns once)
+    last_full_s: float = 0.0  # estimated seconds of the last epoch's steps were it whole
+    fraction: float = 0.0  # the last epoch's share of batches now (replan); 0: train.last_epoch_fraction
+    warned: bool = False  # replan() has warned of an overrun (it warns once)
+
+    def __post_init__(self):
+        self.fraction = self.fraction or self.train.last_epoch_fraction
 
     @property
     def estimate_s(self) -> float:  # estimated time of the epochs
         return sum(self.epoch_s)
 
-    def pace(self, epochs_done: int, seconds: float) -> str | None:
-        """A warning, the first time the epochs so far ran slow enough against their estimate
-        that the rest, at the same pace, would end training more than PACE_SLACK over the
-        budget; ``seconds``: the training time so far, timing included. The plan stays: a
-        schedule is not cut short mid-run, but the user learns now rather than at the end."""
+    def replan(self, epochs_done: int, seconds: float) -> tuple[float | None, list[str]]:
+        """After ``epochs_done`` epochs and ``seconds`` of training (timing included), before the
+        last epoch: at the pace of the epochs so far (their time / their estimate), where would
+        training end? Within the budget and not more than 2 x PLAN_MARGIN under it, the plan
+        stays. Otherwise the last epoch's share of batches becomes the one that ends within the
+        budget but PLAN_MARGIN (in PARTS-ths, from 1/PARTS to the whole epoch), and the
+        caller moves the end of the schedule with it (StepSchedule.retarget), so the learning
+        rate still decays to its end. Returns (the new share or None, lines for the log); one
+        line warns, once, when even the least share leaves training over the budget by more
+        than PACE_SLACK. Only the last epoch changes: the other epochs, the ramp, and the whole
+        epochs are as planned."""
         done, left = self.epoch_s[:epochs_done], self.epoch_s[epochs_done:]
-        if self.warned or not done or not left:
-            return None
+        if not done or not left or not self.last_full_s:
+            return None, []
         pace = (seconds - self.probe_s) / sum(done)  # actual / estimated
-        projected = seconds + pace * sum(left)
         budget = self.train.time_budget
-        if projected <= budget * (1 + PACE_SLACK):
-            return None
-        self.warned = True
+        before = seconds + pace * (sum(left[:-1]) + self.eval_s)  # when the last epoch's steps would start
+
+        def end(fraction: float) -> float:
+            return before + pace * fraction * self.last_full_s
+        fraction, lines = None, []
+        if not budget * (1 - 2 * PLAN_MARGIN) <= end(self.fraction) <= budget:
+            target = self.probe_s + (budget - self.probe_s) * (1 - PLAN_MARGIN)
+            parts = math.floor(PARTS * (target - before) / (pace * self.last_full_s) + 1e-9)
+            fraction = min(max(parts, 1), PARTS) / PARTS
+            if fraction == self.fraction:
+                fraction = None
         first = "epoch 1" if epochs_done == 1 else f"epochs 1-{epochs_done}"
-        return (f"warning: {first} took {pace:.2f}x the estimate; at this pace training ends after about "
-                f"{projected:.0f} s, {projected / budget - 1:.0%} over the time budget of {budget:g} s (the "
-                f"machine is slower than when its steps were timed; the {len(done) + len(left)} planned epochs go on)")
+        if fraction is not None:
+            lines.append(f"time budget {budget:g} s: {first} took {pace:.2f}x the estimate; the last epoch now trains "
+                         f"on {fraction:.0%} of its batches ({self.fraction:.0%} planned before), to end after "
+                         f"about {end(fraction):.0f} s")
+            self.fraction = fraction
+        projected = end(self.fraction)
+        if not self.warned and projected > budget * (1 + PACE_SLACK):
+            self.warned = True
+            lines.append(f"warning: {first} took {pace:.2f}x the estimate; at this pace training ends after about "
+                         f"{projected:.0f} s, {projected / budget - 1:.0%} over the time budget of {budget:g} s (the "
+                         f"machine is slower than when its steps were timed; the last epoch is cut to "
+                         f"{self.fraction:.0%} of its batches, the other {len(self.epoch_s) - 1} go on as planned)")
+        return fraction, lines
 
     def as_dict(self) -> dict:  # run.json's "time_budget"
         return {"seconds": self.train.time_budget, "epochs": self.train.epochs,
+                "last_epoch_fraction": self.train.last_epoch_fraction, "last_epoch_fraction_now": self.fraction,
                 "estimate_s": round(self.estimate_s, 1), "timing_s": round(self.probe_s, 2),
                 "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
                 "val_pass_s": round(self.eval_s, 2)}
@@ -92,19 +139,27 @@ class BudgetPlan:
         t = self.train
         steps = ", ".join(f"{self.step_s[s] * 1000:.0f} ms at {s} px" for s in sorted(self.step_s))
         ramp = f" ({t.progressive_epochs} of them growing from {t.progressive_res} px)" if t.progressive_res else ""
-        return (f"time budget {t.time_budget:.0f} s: {t.epochs} epoch{'s' * (t.epochs != 1)}{ramp}, "
+        part = f", the last on {t.last_epoch_fraction:.0%} of its batches" if t.last_epoch_fraction < 1 else ""
+        return (f"time budget {t.time_budget:g} s: {t.epochs} epoch{'s' * (t.epochs != 1)}{ramp}{part}, "
                 f"estimated {self.estimate_s:.0f} s "
                 f"+ {self.probe_s:.1f} s of timing (a training step: {steps}"
                 + (f"; a validation pass {self.eval_s:.1f} s" if self.eval_s else "") + ")")
 
 
-def stretch(cfg: TrainConfig, epochs: int) -> TrainConfig:
-    """``cfg`` with ``epochs`` epochs: the progressive ramp and multistep milestones scaled in
-    proportion (a ramp that rounds to 0 epochs is switched off)."""
-    ratio = epochs / cfg.epochs
+def run_length(cfg: TrainConfig) -> float:
+    """The epochs ``cfg`` trains, the last one counted by its share of batches (4.5: four and a half)."""
+    return cfg.epochs - 1 + cfg.last_epoch_fraction
+
+
+def stretch(cfg: TrainConfig, length: float) -> TrainConfig:
+    """``cfg`` trained for ``length`` epochs (4.5: five, the last on half of its batches): the
+    progressive ramp and multistep milestones scaled in proportion (a ramp that rounds to 0 epochs
+    is switched off)."""
+    ratio = length / run_length(cfg)
+    epochs = max(1, math.ceil(length - 1e-9))
     ramp = round(cfg.progressive_epochs * ratio) if cfg.progressive_res else 0
-    return replace(cfg, epochs=epochs, progressive_epochs=ramp, progressive_res=cfg.progressive_res if ramp else 0,
-                   milestones=[m * ratio for m in cfg.milestones or []])
+    return replace(cfg, epochs=epochs, last_epoch_fraction=float(round(length - (epochs - 1), 6)), progressive_epochs=ramp,
+                   progressive_res=cfg.progressive_res if ramp else 0, milestones=[m * ratio for m in cfg.milestones or []])
 
 
 def epoch_sides(cfg: TrainConfig, full: int) -> list[int]:
@@ -115,12 +170,39 @@ def epoch_sides(cfg: TrainConfig, full: int) -> list[int]:
 
 def epoch_seconds(cfg: TrainConfig, full: int, steps_per_epoch: int, step_s: dict[int, float],
                   eval_s: float) -> list[float]:
-    return [steps_per_epoch * step_s[side] + eval_s for side in epoch_sides(cfg, full)]
+    return [epoch_steps(cfg, e, steps_per_epoch) * step_s[side] + eval_s
+            for e, side in enumerate(epoch_sides(cfg, full))]
 
 
 def estimate_seconds(cfg: TrainConfig, full: int, steps_per_epoch: int, step_s: dict[int, float],
                      eval_s: float) -> float:
     return sum(epoch_seconds(cfg, full, steps_per_epoch, step_s, eval_s))
+
+
+def possible_sides(cfg: TrainConfig, full: int) -> list[int]:
+    """Every width a stretched ``cfg`` can train at: those of each ramp length up to MAX_STRETCH
+    times the recipe's, and the full width."""
+    if not cfg.progressive_res:
+        return [full]
+    most = math.ceil(cfg.progressive_epochs * MAX_STRETCH * cfg.epochs / run_length(cfg))
+    return sorted({full} | {progressive_side(full, e, cfg.progressive_res, r)
+                            for r in range(1, most + 1) for e in range(r)})
+
+
+def longest_fitting(cfg: TrainConfig, seconds: float, estimate) -> TrainConfig | None:
+    """``cfg`` stretched to the longest run whose ``estimate(stretched cfg)`` is at most
+    ``seconds``: the most whole epochs (1 to MAX_STRETCH times the recipe's), then as many
+    PARTS-ths of one more as fit; None when not even one epoch fits."""
+    whole = [e for e in range(1, MAX_STRETCH * cfg.epochs + 1) if estimate(stretch(cfg, e)) <= seconds]
+    if not whole:
+        return None
+    best = stretch(cfg, whole[-1])
+    if whole[-1] < MAX_STRETCH * cfg.epochs:
+        for part in range(1, PARTS):
+            longer = stretch(cfg, whole[-1] + part / PARTS)
+            if estimate(longer) <= seconds:
+                best = longer
+    return best
 
 
 def smaller_costs_no_more(step_s: dict[int, float]) -> dict[int, float]:
@@ -146,8 +228,7 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
     first = next(batches)
     full_side = first[0].shape[-1]  # the training images' width, (B, C, H, W)
     batches = itertools.chain([first], batches)
-    candidates = [stretch(cfg, e) for e in range(1, MAX_STRETCH * cfg.epochs + 1)]
-    sides = sorted({s for c in candidates for s in epoch_sides(c, full_side)})
+    sides = possible_sides(cfg, full_side)
     probe = copy.deepcopy(model)
     optimizer = build_optimizer(param_groups(probe, cfg), cfg)
     for group in optimizer.param_groups:  # the same work at lr 0: no warm-up here, and nothing to diverge
@@ -179,14 +260,16 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
         eval_s = (time.perf_counter() - began) / len(some) * len(val_loader)
     del probe, optimizer, ema
     probe_s = time.perf_counter() - start
-    left = budget - probe_s
-    fitting = [c for c in candidates if estimate_seconds(c, full_side, steps_per_epoch, step_s, eval_s) <= left]
-    if not fitting:
-        one = estimate_seconds(candidates[0], full_side, steps_per_epoch, step_s, eval_s)
+    def estimate(c: TrainConfig) -> float:
+        return estimate_seconds(c, full_side, steps_per_epoch, step_s, eval_s)
+
+    chosen = longest_fitting(cfg, (budget - probe_s) * (1 - PLAN_MARGIN), estimate)
+    if chosen is None:
+        one = estimate(stretch(cfg, 1))
         raise CifarlensError(
             f"the time budget of {budget:.0f} s is too short for one epoch here: timing took {probe_s:.1f} s and an "
-            f"epoch takes about {one:.0f} s on this machine; give at least {math.ceil(one + probe_s)} s "
+            f"epoch takes about {one:.0f} s on this machine; give at least {math.ceil((one + probe_s) / (1 - PLAN_MARGIN))} s "
             "(--time-budget), or train a smaller model")
-    chosen = fitting[-1]
     epoch_s = epoch_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s)
-    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s)
+    last_full_s = steps_per_epoch * step_s[epoch_sides(chosen, full_side)[-1]]
+    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s, last_full_s)

@@ -117,6 +117,9 @@ class TrainConfig:
     # seconds of training to fit the run into (cifarlens.budget): steps are timed first and the
     # recipe's schedule is stretched or shrunk to the epochs that fit; 0 = off (the recipe's epochs)
     time_budget: float = 0.0
+    # the share of the last epoch's batches that are trained (the schedule ends with them): a time
+    # budget sets it to spend the time that whole epochs leave over; 1 = the whole epoch
+    last_epoch_fraction: float = 1.0
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + grad scaler)

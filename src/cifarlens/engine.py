@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from cifarlens.device import cpu_has_native_bf16, device_description, resolve_device  # noqa: F401  (re-exported)
 from cifarlens.distributed import all_reduce_sum
+from cifarlens.epochs import epoch_steps, progressive_side
 from cifarlens.errors import CifarlensError
 from cifarlens.tta import tta_logits
 
@@ -159,6 +160,7 @@ def train_one_epoch(
     desc: str = "train",
     check_every: int | None = None,  # steps between loss checks; default: 1 on a CPU, 50 elsewhere
     train_side: Callable[[int], int] | None = None,  # full image width -> width to train at (progressive_side)
+    steps: int | None = None,  # stop after this many batches (a partial last epoch, epoch_steps); None: all
 ) -> dict:
     """One pass over ``loader``. Returns mean loss and accuracy over the epoch's samples
     (of every rank under data-parallel training) and how many samples that was.
@@ -177,7 +179,11 @@ def train_one_epoch(
     bad_step = torch.full((), -1, device=precision.device)  # the first step with a diverged loss
     bad_loss = torch.zeros((), device=precision.device)  # and that loss
     seen, lr, num_classes, side = 0, optimizer.param_groups[0]["lr"], 2, None
-    for step, (images, labels, *mixed) in enumerate(_progress(loader, len(loader), desc)):
+    if steps is not None and steps < len(loader):
+        loader, total = itertools.islice(loader, steps), steps
+    else:
+        total = len(loader)
+    for step, (images, labels, *mixed) in enumerate(_progress(loader, total, desc)):
         # MixUp/CutMix batches carry soft targets (B, K) beside the labels (B,): the loss is the
         # soft cross-entropy (label smoothing blends them with the uniform distribution, as it does
         # one-hot labels), while accuracy below still counts the labels drawn
@@ -295,18 +301,6 @@ def stop_whiten_bias(model: nn.Module, epoch: int, epochs: int, log: Callable[[s
     log(f"epoch {epoch + 1}: the whitening layer's bias stops training (train.whiten_bias_epochs={epochs})")
 
 
-def progressive_side(full: int, epoch: int, min_side: int, epochs: int) -> int:
-    """The width (pixels) of the training images in epoch ``epoch`` (0-based) under progressive
-    resizing (fast.ai; FFCV's ramp): ``min_side`` in the first epoch, growing linearly towards
-    ``full`` over ``epochs`` epochs in steps of 4 pixels (rounded down, never below ``min_side``),
-    ``full`` from epoch ``epochs`` on. ``full`` when off (``min_side`` 0) or ``min_side >= full``.
-    Early epochs cost less (FastNet at 24x24: about half the time of 32x32) and the last ones
-    adapt the weights and BatchNorm statistics to the test images' scale."""
-    if not min_side or epoch >= epochs or min_side >= full:
-        return full
-    return max(min_side, int(min_side + (full - min_side) * epoch / epochs) // 4 * 4)
-
-
 @dataclass
 class FitState:
     """Everything that changes during training, saved in every checkpoint."""
@@ -318,6 +312,7 @@ class FitState:
     bad_epochs: int = 0  # epochs since the last validation-loss improvement
     stopped_early: bool = False
     setup_seconds: float = 0.0  # training time before the first epoch (timing steps for train.time_budget)
+    last_epoch_fraction: float | None = None  # a time budget's re-plan of the last epoch; None: the config's
 
     @property
     def seconds(self) -> float:
@@ -360,7 +355,8 @@ def fit(
         row = {"epoch": epoch + 1}
         row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, ema=ema,
-                               desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                               desc=f"epoch {epoch + 1}/{cfg.epochs}", steps=epoch_steps(
+                                   cfg, epoch, len(train_loader), state.last_epoch_fraction),
                                train_side=functools.partial(progressive_side, epoch=epoch, min_side=cfg.progressive_res,
                                                             epochs=cfg.progressive_epochs) if cfg.progressive_res else None)
         side = row.pop("train_side")

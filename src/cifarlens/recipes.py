@@ -14,6 +14,7 @@ import torch
 
 from cifarlens.config import RunConfig, TrainConfig, with_data_defaults
 from cifarlens.engine import cpu_has_native_bf16
+from cifarlens.epochs import epoch_steps
 from cifarlens.errors import CifarlensError
 from cifarlens.optim import NS_STEPS
 from cifarlens.registry import Registry
@@ -195,6 +196,7 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
     cfg = replace(cfg, **filled)
     checks = [
         (cfg.epochs >= 1, "train.epochs must be >= 1"),
+        (0 < cfg.last_epoch_fraction <= 1, "train.last_epoch_fraction must be in (0, 1] (1 = the whole last epoch)"),
         (cfg.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.lr > 0, "train.lr must be > 0"),
         (cfg.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}"),
@@ -266,18 +268,31 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
+def decay_progress(step: int, total_steps: int, warmup_steps: int,
+                   retargeted: tuple[int, float] | None = None) -> float:
+    """How far (0 to 1) the decay after warm-up is at step ``step`` (``retargeted``: see lr_factor)."""
+    if retargeted is not None and step >= retargeted[0]:
+        at, done = retargeted
+        progress = done + (1.0 - done) * (step - at) / max(1, total_steps - at)
+    else:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min(max(progress, 0.0), 1.0)
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
-              milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+              milestones: tuple[int, ...] = (), gamma: float = 0.1,
+              retargeted: tuple[int, float] | None = None) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based) for step-wise schedules;
-    ``milestones`` (multistep) are optimizer steps: from each one on, the lr is ``gamma`` times lower."""
+    ``milestones`` (multistep) are optimizer steps: from each one on, the lr is ``gamma`` times lower.
+    ``retargeted`` (step s, progress p): the decay had reached p at step s when its end moved to
+    ``total_steps``; from s on it covers the rest, 1 - p, in the steps left (StepSchedule.retarget)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps  # linear warm-up, never exactly 0
     if schedule == "constant":
         return 1.0
     if schedule == "multistep":
         return gamma ** sum(step >= m for m in milestones)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
+    progress = decay_progress(step, total_steps, warmup_steps, retargeted)
     if schedule == "onecycle":
         return 1.0 - progress
     if schedule == "cosine":
@@ -295,10 +310,22 @@ class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
                  milestones: tuple[int, ...] = (), gamma: float = 0.1):
         self.total_steps, self.warmup_steps, self.schedule = total_steps, warmup_steps, schedule
         self.milestones, self.gamma = tuple(milestones), gamma
+        self.retargeted: tuple[int, float] | None = None  # saved with the rest of __dict__ (state_dict)
         super().__init__(optimizer, self._factor)
 
     def _factor(self, step: int) -> float:
-        return lr_factor(step, self.total_steps, self.warmup_steps, self.schedule, self.milestones, self.gamma)
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.schedule, self.milestones, self.gamma,
+                         self.retargeted)
+
+    def retarget(self, total_steps: int) -> None:
+        """End the schedule at ``total_steps`` instead, from the next step on, without a jump: the
+        decay goes on from where it is to its end over the steps now left (a time budget's re-plan
+        of the last epoch, cifarlens.budget). Warm-up and multistep milestones are not moved."""
+        step = max(self.last_epoch, self.warmup_steps)  # LambdaLR's count of steps taken
+        if total_steps <= step:
+            raise ValueError(f"cannot end the schedule at step {total_steps}: {step} steps are taken")
+        progress = decay_progress(step, self.total_steps, self.warmup_steps, self.retargeted)
+        self.retargeted, self.total_steps = (step, progress), total_steps
 
 
 class PlateauSchedule(torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -307,10 +334,16 @@ class PlateauSchedule(torch.optim.lr_scheduler.ReduceLROnPlateau):
     per_step = False
 
 
+def schedule_steps(cfg: TrainConfig, steps_per_epoch: int, last_epoch_fraction: float | None = None) -> int:
+    """Optimizer steps in all of ``cfg``'s epochs (a partial last epoch counts its batches; see
+    engine.epoch_steps)."""
+    return (cfg.epochs - 1) * steps_per_epoch + epoch_steps(cfg, cfg.epochs - 1, steps_per_epoch, last_epoch_fraction)
+
+
 def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.schedule == "plateau":
         return PlateauSchedule(optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
-    total = cfg.epochs * steps_per_epoch
+    total = schedule_steps(cfg, steps_per_epoch)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
     milestones = tuple(int(round(m * steps_per_epoch)) for m in cfg.milestones or ())
     return StepSchedule(optimizer, total, warmup, cfg.schedule, milestones, cfg.gamma)

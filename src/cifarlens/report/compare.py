@@ -47,6 +47,15 @@ def ece_from_predictions(path: Path, n_bins: int = 15) -> float | None:
     return reliability_bins_from_confidence(conf, hit, n_bins).ece
 
 
+def _trained_images(history: Path) -> int | None:
+    """The images the epochs of history.csv trained on; None without a train_samples column."""
+    if not history.is_file():
+        return None
+    with history.open(newline="") as f:
+        counts = [row.get("train_samples") for row in csv.DictReader(f)]
+    return sum(int(c) for c in counts) if counts and all(counts) else None
+
+
 def run_summary(run_dir: str | Path) -> dict:
     """The numbers ``compare`` shows for one run (None where the run has not written them)."""
     rd = RunDir(run_dir)
@@ -56,7 +65,9 @@ def run_summary(run_dir: str | Path) -> dict:
     model = meta.get("model") or {}
     train_size = (meta.get("split_sizes") or {}).get("train")
     epochs_done = meta.get("epochs_done")
-    images = epochs_done * train_size if epochs_done is not None and train_size is not None else None
+    images = _trained_images(rd / "history.csv")  # a partial last epoch (time budgets) counts its batches
+    if images is None and epochs_done is not None and train_size is not None:  # runs from before the column
+        images = epochs_done * train_size
     return {
         "path": str(rd.path), "name": rd.path.name, "config": to_dict(cfg),
         "dataset": (meta.get("source") or {}).get("label") or cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,

@@ -1,0 +1,26 @@
+"""What each epoch of a run trains on: how many of its batches (a partial last epoch, which a
+time budget plans, cifarlens.budget) and at what image width (progressive resizing). Used by the
+training loop (engine), the schedule (recipes) and the time budget's estimates (budget)."""
+
+from __future__ import annotations
+
+
+def epoch_steps(cfg, epoch: int, steps_per_epoch: int, last_epoch_fraction: float | None = None) -> int:
+    """Optimizer steps in epoch ``epoch`` (0-based) of ``cfg`` (a TrainConfig): every batch, but in
+    the last epoch only ``last_epoch_fraction`` of them (default: ``cfg``'s; at least one)."""
+    if epoch < cfg.epochs - 1:
+        return steps_per_epoch
+    fraction = cfg.last_epoch_fraction if last_epoch_fraction is None else last_epoch_fraction
+    return max(1, min(steps_per_epoch, round(fraction * steps_per_epoch)))
+
+
+def progressive_side(full: int, epoch: int, min_side: int, epochs: int) -> int:
+    """The width (pixels) of the training images in epoch ``epoch`` (0-based) under progressive
+    resizing (fast.ai; FFCV's ramp): ``min_side`` in the first epoch, growing linearly towards
+    ``full`` over ``epochs`` epochs in steps of 4 pixels (rounded down, never below ``min_side``),
+    ``full`` from epoch ``epochs`` on. ``full`` when off (``min_side`` 0) or ``min_side >= full``.
+    Early epochs cost less (FastNet at 24x24: about half the time of 32x32) and the last ones
+    adapt the weights and BatchNorm statistics to the test images' scale."""
+    if not min_side or epoch >= epochs or min_side >= full:
+        return full
+    return max(min_side, int(min_side + (full - min_side) * epoch / epochs) // 4 * 4)
