@@ -235,10 +235,9 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
         group["lr"] = 0.0
     ema = WeightEMA(probe, cfg.ema_decay) if cfg.ema_decay else None
     sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
-    step_s: dict[int, float] = {}
-    for side in sides:
-        times = []
-        for i in range(TIMED_STEPS + 1):
+    times: dict[int, list[float]] = {side: [] for side in sides}
+    for i in range(TIMED_STEPS + 1):  # the widths in turn: a slow spell of a shared CPU slows them all alike
+        for side in sides:
             began = time.perf_counter()  # the batch's augmentation included, as in training
             batch = next(batches, None)
             if batch is None:  # a dataset of a few batches: start it again
@@ -248,9 +247,8 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
                             grad_clip=cfg.grad_clip, ema=ema, desc="timing", train_side=lambda full, s=side: s)
             sync()
             if i:
-                times.append(time.perf_counter() - began)
-        step_s[side] = statistics.median(times)
-    step_s = smaller_costs_no_more(step_s)
+                times[side].append(time.perf_counter() - began)
+    step_s = smaller_costs_no_more({side: statistics.median(t) for side, t in times.items()})
     eval_s = 0.0
     if val_loader is not None:
         began = time.perf_counter()
