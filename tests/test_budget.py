@@ -177,42 +177,68 @@ def test_a_budget_run_records_its_plan_and_trains_exactly_as_a_run_given_those_e
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the timing left no trace
 
 
-def four_epochs_plan(budget: float = 100.0, fraction: float = 1.0) -> BudgetPlan:
-    """4 epochs of 20 s (the last 20 s were it whole) after 5 s of timing."""
-    cfg = replace(stretch(recipe_cfg(epochs=4, optimizer="sgd", progressive_res=0, progressive_epochs=0),
-                          3 + fraction), time_budget=budget)
-    return BudgetPlan(cfg, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 3 + [20.0 * fraction],
-                      last_full_s=20.0)
+def four_epochs_plan(length: float = 4.0) -> BudgetPlan:
+    """4 epochs of 20 s (200 steps of 0.1 s), the last cut to ``length - 3``, after 5 s of timing; 100 s."""
+    cfg = replace(stretch(recipe_cfg(epochs=4, optimizer="sgd", progressive_res=0, progressive_epochs=0), length),
+                  time_budget=100.0)
+    return BudgetPlan(cfg, probe_s=5.0, step_s={32: 0.1}, eval_s=0.0, epoch_s=[20.0] * 3 + [20.0 * (length - 3)],
+                      steps_per_epoch=200, full_side=32)
 
 
-def test_a_plan_on_pace_stays_and_one_off_pace_recuts_the_last_epoch_to_end_inside_the_budget():
+def test_a_plan_on_pace_stays_and_one_off_pace_is_recut_to_end_inside_the_budget():
     plan = four_epochs_plan()
     assert plan.replan(1, 5.0 + 20.0) == (None, [])  # on time: 85 s in all
     assert plan.replan(1, 5.0 + 22.0) == (None, [])  # 10 % slow: 93 s, still inside
-    fraction, lines = plan.replan(2, 5.0 + 48.0)  # 20 % slow: 53 + 24 + 24 = 101 s at this pace
-    # the last epoch gets the twentieths that fit in 95 % of the budget: 53 + 24 + 1.2 x 20 x f <= 5 + 95 x 0.95
-    assert fraction == 0.75 and plan.fraction == 0.75 and len(lines) == 1
-    assert lines[0] == ("time budget 100 s: epochs 1-2 took 1.20x the estimate; the last epoch now trains on 75% "
-                        "of its batches (100% planned before), to end after about 95 s")
+    new, lines = plan.replan(2, 5.0 + 48.0)  # 20 % slow: 53 + 2 x 24 = 101 s at this pace
+    # the twentieths of an epoch that fit in 95 % of the budget: 53 + 1.2 x 20 x (length - 2) <= 5 + 95 x 0.95
+    assert run_length(new) == 3.75 and plan.now is new and len(lines) == 1
+    assert lines[0] == ("time budget 100 s: epochs 1-2 took 1.20x the estimate; the run now ends after 4 epochs, the "
+                        "last on 75% of its batches, at about 95 s (planned before: 4 epochs)")
     assert plan.replan(3, 5.0 + 72.0) == (None, [])  # still 20 % slow: 77 + 18 = 95 s, inside
     assert plan.replan(4, 5.0 + 100.0) == (None, [])  # nothing left to plan: the final line says how it went
-    assert plan.as_dict()["last_epoch_fraction"] == 1.0 and plan.as_dict()["last_epoch_fraction_now"] == 0.75
+    assert plan.estimate_s == 20.0 * 3 + 15.0
+    assert plan.as_dict()["replanned"] == {"epochs": 4, "last_epoch_fraction": 0.75, "progressive_epochs": 0,
+                                           "progressive_res": 0}
 
 
-def test_a_faster_machine_gives_the_last_epoch_back_up_to_all_of_it():
-    plan = four_epochs_plan(fraction=0.25)
-    fraction, lines = plan.replan(1, 5.0 + 12.0)  # 0.6x the estimate: 17 + 24 + 3 = 44 s, far under
-    assert fraction == 1.0 and "the last epoch now trains on 100% of its batches (25% planned before)" in lines[0]
+def test_a_faster_machine_gets_back_up_to_the_planned_epochs_whole():
+    plan = four_epochs_plan(3.25)
+    new, lines = plan.replan(1, 5.0 + 12.0)  # 0.6x the estimate: 17 + 0.6 x 45 = 44 s, far under
+    assert run_length(new) == 4 and lines[0].endswith("after 4 epochs, at about 53 s (planned before: 4 epochs, the last on 25% of its batches)")
 
 
-def test_when_even_the_least_of_the_last_epoch_overruns_the_budget_it_is_said_once():
+def test_a_much_slower_machine_drops_whole_epochs_and_warns_once_when_even_that_overruns():
     plan = four_epochs_plan()
-    fraction, lines = plan.replan(2, 5.0 + 80.0)  # twice as slow: 85 s + 40 s + 2 x 20 s x f
-    assert fraction == 0.05 and len(lines) == 2
-    assert lines[1] == ("warning: epochs 1-2 took 2.00x the estimate; at this pace training ends after about 127 s, "
-                        "27% over the time budget of 100 s (the machine is slower than when its steps were timed; "
-                        "the last epoch is cut to 5% of its batches, the other 3 go on as planned)")
-    assert plan.replan(3, 5.0 + 150.0)[1] == []  # once
+    new, lines = plan.replan(1, 5.0 + 40.0)  # twice as slow: 45 + 40 x (length - 1) <= 95.25
+    assert run_length(new) == 2.25 and len(lines) == 1
+    assert "the run now ends after 3 epochs, the last on 25% of its batches, at about 95 s (planned before: 4" in lines[0]
+    plan = four_epochs_plan()
+    new, lines = plan.replan(1, 5.0 + 100.0)  # 5x: even a twentieth of one more epoch ends at 110 s
+    assert run_length(new) == 1.05 and len(lines) == 2
+    assert lines[1] == ("warning: epoch 1 took 5.00x the estimate; at this pace training ends after about 110 s, "
+                        "10% over the time budget of 100 s (the machine is slower than when its steps were timed; the "
+                        "run is already as short as a re-plan makes it: a twentieth of one more epoch)")
+    assert plan.replan(1, 5.0 + 101.0)[1] == []  # once
+
+
+def test_a_recut_ramp_never_grows_and_never_shrinks_the_images_again():
+    # the eighth session's seed 2: steps timed in a fast spell, the first epoch then ran 1.69x as long
+    cfg = replace(stretch(recipe_cfg(), 6.45), time_budget=600.0)  # 7 epochs (24, 24, 28, 32, ...), the last 45 %
+    step_s = {24: 0.269, 28: 0.417, 32: 0.556}
+    plan = BudgetPlan(cfg, probe_s=8.5, step_s=step_s, eval_s=0.0,
+                      epoch_s=estimate_seconds_each(cfg, step_s), steps_per_epoch=196, full_side=32)
+    new, lines = plan.replan(1, 8.5 + 88.6)
+    assert new.progressive_epochs <= cfg.progressive_epochs
+    sides = epoch_sides(new, 32)
+    assert sides[0] == 24 and sides == sorted(sides) and sides[-1] == 32
+    assert 8.5 + 88.6 + 1.69 * sum(plan.epoch_s[1:]) <= 600 * 0.96
+    assert run_length(new) < 4.5 and "planned before" in lines[0]
+
+
+def estimate_seconds_each(cfg, step_s):
+    from cifarlens.budget import epoch_seconds
+
+    return epoch_seconds(cfg, 32, 196, step_s, 0.0)
 
 
 def test_a_run_that_falls_behind_its_budget_cuts_its_last_epoch_and_the_schedule_ends_with_it(tmp_path, monkeypatch):
@@ -229,24 +255,26 @@ def test_a_run_that_falls_behind_its_budget_cuts_its_last_epoch_and_the_schedule
     cfg = tiny_fastnet_cfg(data, epochs=1, progressive_res=0, progressive_epochs=0, time_budget=1e5)
     train(cfg, tmp_path / "run", report=False)
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "the last epoch now trains on 5% of its batches (100% planned before)" in log  # after epoch 1
+    assert ("the run now ends after 2 epochs, the last on 5% of its batches" in log  # after epoch 1, of 4 planned
+            and "(planned before: 4 epochs)" in log)
     assert log.count("warning: epoch 1 took") == 1 and "over the time budget of 0.1 s" in log
-    assert "the last epoch is cut to 5% of its batches, the other 3 go on as planned" in log
-    assert "time budget 0.1 s: trained 4 epochs, the last on 5% of its batches, in" in log
+    assert "the run is already as short as a re-plan makes it" in log
+    assert "time budget 0.1 s: trained 2 epochs, the last on 5% of its batches, in" in log
     rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
-    assert [int(row["train_samples"]) for row in rows] == [96, 96, 96, 32]  # one batch, the least there is
+    assert [int(row["train_samples"]) for row in rows] == [96, 32]  # then one batch, the least there is
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")  # what --resume would go on from
-    assert ckpt["state"]["last_epoch_fraction"] == 0.05
-    assert ckpt["scheduler"]["total_steps"] == 3 * 3 + 1 and ckpt["scheduler"]["retargeted"][0] == 3
+    assert ckpt["state"]["replanned"] == {"epochs": 2, "last_epoch_fraction": 0.05, "progressive_epochs": 0,
+                                          "progressive_res": 0}
+    assert ckpt["scheduler"]["total_steps"] == 3 + 1 and ckpt["scheduler"]["retargeted"][0] == 3
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert meta["time_budget"]["last_epoch_fraction_now"] == 0.05
+    assert meta["time_budget"]["replanned"]["epochs"] == 2 and meta["epochs_done"] == 2
 
-    def stop_after_two(state, model):
-        if state.epoch == 2:
+    def stop_after_one(state, model):
+        if state.epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # the same run, interrupted after the re-plan and resumed
-        train(cfg, tmp_path / "cut", report=False, on_epoch_end=stop_after_two)
+        train(cfg, tmp_path / "cut", report=False, on_epoch_end=stop_after_one)
     assert main(["train", "--resume", str(tmp_path / "cut"), "--no-report"]) == 0
     resumed = list(csv.DictReader((tmp_path / "cut" / "history.csv").open()))
     assert [row["train_samples"] for row in resumed] == [row["train_samples"] for row in rows]

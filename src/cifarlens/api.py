@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cifarlens import distributed, tracking
 from cifarlens import metrics as M
-from cifarlens.budget import epochs_text, plan_budget
+from cifarlens.budget import REPLANNED, epochs_text, plan_budget
 from cifarlens.calibration import TemperatureFit, calibration_summary, fit_temperature
 from cifarlens.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict
@@ -178,7 +178,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     scheduler = build_scheduler(optimizer, tc, len(train_loader))
     if resume:
         state = _restore(run, model, optimizer, scheduler, precision, device, ema)
-        log(f"resuming {run.path} after epoch {state.epoch}/{tc.epochs}")
+        log(f"resuming {run.path} after epoch {state.epoch}/{replace(tc, **state.replanned).epochs}")
         if world.is_main:
             run.write_meta(status="running")
     else:
@@ -218,11 +218,11 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
 
     def end_epoch(state: FitState) -> None:
         if plan is not None:  # before the checkpoint, which saves the re-plan with the schedule
-            fraction, lines = plan.replan(state.epoch, state.seconds)
-            if fraction is not None:
-                state.last_epoch_fraction = fraction
+            new, lines = plan.replan(state.epoch, state.seconds)
+            if new is not None:
+                state.replanned = {key: getattr(new, key) for key in REPLANNED}
                 if isinstance(scheduler, StepSchedule):
-                    scheduler.retarget(schedule_steps(tc, len(train_loader), fraction))
+                    scheduler.retarget(schedule_steps(new, len(train_loader)))
             for line in lines:
                 log(line)
         if world.is_main:
@@ -260,7 +260,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         return {}
     train_seconds = state.seconds
     if plan is not None:
-        trained = replace(tc, epochs=state.epoch, last_epoch_fraction=plan.fraction if state.epoch == tc.epochs else 1)
+        planned = plan.now  # after the re-plans
+        trained = planned if state.epoch == planned.epochs else replace(tc, epochs=state.epoch, last_epoch_fraction=1.0)
         log(f"time budget {tc.time_budget:g} s: trained {epochs_text(trained)}{',' * (trained.last_epoch_fraction < 1)} "
             f"in {train_seconds:.0f} s "
             f"({train_seconds / tc.time_budget - 1:+.1%})")

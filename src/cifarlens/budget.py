@@ -15,15 +15,16 @@ run, warm-up keeps its length. config.yaml holds the epochs chosen, ``--resume``
 The budget covers what ``cifarlens bench`` counts as training time (the epochs with their
 validation passes) plus the timing itself; reading the data, the final evaluation and the
 report come on top. The estimate is only as steady as the machine (the epochs after the timing
-have taken from 24 % less to 10 % more than estimated on shared cloud CPUs, and a slow spell
-can last minutes, docs/benchmarks.md), hence the margin, and a re-plan after each epoch
+have taken from 24 % less to 69 % more than estimated on shared cloud CPUs, a spell lasting
+minutes, docs/benchmarks.md), hence the margin, and a re-plan after each epoch
 (BudgetPlan.replan): when the pace so far puts the end over the budget, or more than twice the
-margin under it, the last epoch's share of batches changes to fit, and the learning-rate
-schedule's end moves with it without a jump (recipes.StepSchedule.retarget). Nothing else
-changes mid-run. So a run is as deterministic as any other while the machine keeps the pace it
-was timed at; the re-plan is logged, saved in the checkpoint (``--resume`` keeps it) and in
-run.json. The log warns once when even the least of the last epoch ends over the budget, and
-says at the end how the run compared.
+margin under it, the rest of the run is fitted again the same way (fewer or more twentieths
+of an epoch, up to the planned epochs whole; the ramp in proportion, never longer), and the
+learning-rate schedule's end moves with it without a jump (recipes.StepSchedule.retarget). So
+a run is as deterministic as any other while the machine keeps the pace it was timed at; a
+re-plan is logged, saved in the checkpoint (``--resume`` keeps it) and in run.json. The log
+warns once when even the shortest rest ends over the budget, and says at the end how the run
+compared.
 """
 
 from __future__ import annotations
@@ -68,72 +69,82 @@ def epochs_text(cfg: TrainConfig) -> str:
     return text if cfg.last_epoch_fraction >= 1 else f"{text}, the last on {cfg.last_epoch_fraction:.0%} of its batches"
 
 
+REPLANNED = ("epochs", "last_epoch_fraction", "progressive_epochs", "progressive_res")  # what a re-plan may change
+
+
 @dataclass
 class BudgetPlan:
     train: TrainConfig  # the config with the epochs (and ramp, milestones) chosen
     probe_s: float  # time spent timing steps, counted in the budget
     step_s: dict[int, float]  # image width -> seconds per training step
     eval_s: float  # seconds per validation pass (0 without one)
-    epoch_s: list[float]  # estimated seconds of each epoch
-    last_full_s: float = 0.0  # estimated seconds of the last epoch's steps were it whole
-    fraction: float = 0.0  # the last epoch's share of batches now (replan); 0: train.last_epoch_fraction
+    epoch_s: list[float]  # estimated seconds of each epoch (after a re-plan: the epochs done, then the new ones)
+    steps_per_epoch: int = 0
+    full_side: int = 0  # the training images' width
+    now: TrainConfig | None = None  # the plan after the re-plans so far (replan); None: train
     warned: bool = False  # replan() has warned of an overrun (it warns once)
 
     def __post_init__(self):
-        self.fraction = self.fraction or self.train.last_epoch_fraction
+        self.now = self.now or self.train
 
     @property
     def estimate_s(self) -> float:  # estimated time of the epochs
         return sum(self.epoch_s)
 
-    def replan(self, epochs_done: int, seconds: float) -> tuple[float | None, list[str]]:
+    def _estimates(self, cfg: TrainConfig) -> list[float]:
+        return epoch_seconds(cfg, self.full_side, self.steps_per_epoch, self.step_s, self.eval_s)
+
+    def replan(self, epochs_done: int, seconds: float) -> tuple[TrainConfig | None, list[str]]:
         """After ``epochs_done`` epochs and ``seconds`` of training (timing included), before the
         last epoch: at the pace of the epochs so far (their time / their estimate), where would
         training end? Within the budget and not more than 2 x PLAN_MARGIN under it, the plan
-        stays. Otherwise the last epoch's share of batches becomes the one that ends within the
-        budget but PLAN_MARGIN (in PARTS-ths, from 1/PARTS to the whole epoch), and the
-        caller moves the end of the schedule with it (StepSchedule.retarget), so the learning
-        rate still decays to its end. Returns (the new share or None, lines for the log); one
-        line warns, once, when even the least share leaves training over the budget by more
-        than PACE_SLACK. Only the last epoch changes: the other epochs, the ramp, and the whole
-        epochs are as planned."""
-        done, left = self.epoch_s[:epochs_done], self.epoch_s[epochs_done:]
-        if not done or not left or not self.last_full_s:
+        stays. Otherwise the rest of the run becomes the longest that ends within the budget
+        but PLAN_MARGIN: the plan stretched to fewer epochs or twentieths of one (as the plan
+        itself was fitted, the ramp in proportion but never longer), at least a twentieth of one
+        more epoch, at most the planned epochs with the last one whole. The caller moves the end
+        of the learning-rate schedule with it (StepSchedule.retarget), so the decay still ends
+        at the last step. Returns (the new plan or None, lines for the log); one line warns,
+        once, when even the shortest rest ends more than PACE_SLACK over the budget."""
+        done = self.epoch_s[:epochs_done]
+        if not done or epochs_done >= self.now.epochs or not self.steps_per_epoch:
             return None, []
         pace = (seconds - self.probe_s) / sum(done)  # actual / estimated
         budget = self.train.time_budget
-        before = seconds + pace * (sum(left[:-1]) + self.eval_s)  # when the last epoch's steps would start
 
-        def end(fraction: float) -> float:
-            return before + pace * fraction * self.last_full_s
-        fraction, lines = None, []
-        if not budget * (1 - 2 * PLAN_MARGIN) <= end(self.fraction) <= budget:
+        def end(cfg: TrainConfig) -> float:
+            return seconds + pace * sum(self._estimates(cfg)[epochs_done:])
+
+        new, lines = None, []
+        if not budget * (1 - 2 * PLAN_MARGIN) <= end(self.now) <= budget:
             target = self.probe_s + (budget - self.probe_s) * (1 - PLAN_MARGIN)
-            parts = math.floor(PARTS * (target - before) / (pace * self.last_full_s) + 1e-9)
-            fraction = min(max(parts, 1), PARTS) / PARTS
-            if fraction == self.fraction:
-                fraction = None
+            rests = [stretch(self.train, k / PARTS) for k in range(epochs_done * PARTS + 1, self.train.epochs * PARTS + 1)]
+            rests = [replace(c, progressive_epochs=min(c.progressive_epochs, self.train.progressive_epochs)) for c in rests]
+            fitting = [c for c in rests if end(c) <= target]
+            new = fitting[-1] if fitting else rests[0]
+            if all(getattr(new, key) == getattr(self.now, key) for key in REPLANNED):
+                new = None
         first = "epoch 1" if epochs_done == 1 else f"epochs 1-{epochs_done}"
-        if fraction is not None:
-            lines.append(f"time budget {budget:g} s: {first} took {pace:.2f}x the estimate; the last epoch now trains "
-                         f"on {fraction:.0%} of its batches ({self.fraction:.0%} planned before), to end after "
-                         f"about {end(fraction):.0f} s")
-            self.fraction = fraction
-        projected = end(self.fraction)
+        if new is not None:
+            lines.append(f"time budget {budget:g} s: {first} took {pace:.2f}x the estimate; the run now ends after "
+                         f"{epochs_text(new)}, at about {end(new):.0f} s (planned before: {epochs_text(self.now)})")
+            self.epoch_s = done + self._estimates(new)[epochs_done:]
+            self.now = new
+        projected = end(self.now)
         if not self.warned and projected > budget * (1 + PACE_SLACK):
             self.warned = True
             lines.append(f"warning: {first} took {pace:.2f}x the estimate; at this pace training ends after about "
                          f"{projected:.0f} s, {projected / budget - 1:.0%} over the time budget of {budget:g} s (the "
-                         f"machine is slower than when its steps were timed; the last epoch is cut to "
-                         f"{self.fraction:.0%} of its batches, the other {len(self.epoch_s) - 1} go on as planned)")
-        return fraction, lines
+                         f"machine is slower than when its steps were timed; the run is already as short as a "
+                         f"re-plan makes it: a twentieth of one more epoch)")
+        return new, lines
 
     def as_dict(self) -> dict:  # run.json's "time_budget"
         return {"seconds": self.train.time_budget, "epochs": self.train.epochs,
-                "last_epoch_fraction": self.train.last_epoch_fraction, "last_epoch_fraction_now": self.fraction,
+                "last_epoch_fraction": self.train.last_epoch_fraction,
                 "estimate_s": round(self.estimate_s, 1), "timing_s": round(self.probe_s, 2),
                 "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
-                "val_pass_s": round(self.eval_s, 2)}
+                "val_pass_s": round(self.eval_s, 2),
+                "replanned": {key: getattr(self.now, key) for key in REPLANNED} if self.now != self.train else None}
 
     def describe(self) -> str:
         t = self.train
@@ -269,5 +280,4 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
             f"epoch takes about {one:.0f} s on this machine; give at least {math.ceil((one + probe_s) / (1 - PLAN_MARGIN))} s "
             "(--time-budget), or train a smaller model")
     epoch_s = epoch_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s)
-    last_full_s = steps_per_epoch * step_s[epoch_sides(chosen, full_side)[-1]]
-    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s, last_full_s)
+    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s, steps_per_epoch, full_side)

@@ -11,7 +11,7 @@ import itertools
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -312,7 +312,9 @@ class FitState:
     bad_epochs: int = 0  # epochs since the last validation-loss improvement
     stopped_early: bool = False
     setup_seconds: float = 0.0  # training time before the first epoch (timing steps for train.time_budget)
-    last_epoch_fraction: float | None = None  # a time budget's re-plan of the last epoch; None: the config's
+    # train settings a time budget's re-plan changed mid-run (cifarlens.budget: epochs,
+    # last_epoch_fraction, progressive_epochs, progressive_res); they override the config's
+    replanned: dict = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -337,7 +339,7 @@ def fit(
     ema: nn.Module | None = None,  # WeightEMA of model: validated and saved instead of model
     tta: bool = False,
 ) -> FitState:
-    """Train from ``state.epoch`` to ``cfg.epochs``; validation drives the plateau
+    """Train from ``state.epoch`` to ``cfg.epochs`` (or a re-plan's, ``state.replanned``); validation drives the plateau
     schedule, early stopping and the choice of the best weights.
 
     ``val_loader`` None (no validation split, ``data.val_fraction: 0``): no validation pass,
@@ -347,7 +349,8 @@ def fit(
         raise CifarlensError("the plateau schedule and early stopping need a validation split (data.val_fraction > 0)")
     train_model = model if train_model is None else train_model  # not `or`: a compiled module has no truth value
     eval_model = ema.module if ema is not None else model
-    for epoch in range(state.epoch, cfg.epochs):
+    while state.epoch < (run_cfg := replace(cfg, **state.replanned) if state.replanned else cfg).epochs:
+        epoch = state.epoch
         start = time.perf_counter()
         set_epoch_seed(train_loader, cfg.seed, epoch)
         set_backbone_frozen(model, epoch < (cfg.freeze_epochs or 0), epoch, log)
@@ -355,10 +358,9 @@ def fit(
         row = {"epoch": epoch + 1}
         row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, ema=ema,
-                               desc=f"epoch {epoch + 1}/{cfg.epochs}", steps=epoch_steps(
-                                   cfg, epoch, len(train_loader), state.last_epoch_fraction),
-                               train_side=functools.partial(progressive_side, epoch=epoch, min_side=cfg.progressive_res,
-                                                            epochs=cfg.progressive_epochs) if cfg.progressive_res else None)
+                               desc=f"epoch {epoch + 1}/{run_cfg.epochs}", steps=epoch_steps(run_cfg, epoch, len(train_loader)),
+                               train_side=functools.partial(progressive_side, epoch=epoch, min_side=run_cfg.progressive_res,
+                                                            epochs=run_cfg.progressive_epochs) if run_cfg.progressive_res else None)
         side = row.pop("train_side")
         val = None if val_loader is None else evaluate(eval_model, val_loader, precision, tta, cfg.tta_translate or 0)
         if val is not None:
@@ -378,7 +380,7 @@ def fit(
             state.bad_epochs += 1
         shown = "no validation split" if val is None else f"val_loss {val['loss']:.4f}  val_acc {val['acc']:.2%}"
         log(
-            f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
+            f"epoch {epoch + 1}/{run_cfg.epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
             f"{shown}  lr {row['lr']:.3g}  {row['seconds']:.1f}s" + (f"  trained at {side} px wide" if side else "")
             + ("  *best*" if improved and val is not None else "")
         )

@@ -5,13 +5,12 @@ training loop (engine), the schedule (recipes) and the time budget's estimates (
 from __future__ import annotations
 
 
-def epoch_steps(cfg, epoch: int, steps_per_epoch: int, last_epoch_fraction: float | None = None) -> int:
+def epoch_steps(cfg, epoch: int, steps_per_epoch: int) -> int:
     """Optimizer steps in epoch ``epoch`` (0-based) of ``cfg`` (a TrainConfig): every batch, but in
-    the last epoch only ``last_epoch_fraction`` of them (default: ``cfg``'s; at least one)."""
+    the last epoch only ``cfg.last_epoch_fraction`` of them (at least one)."""
     if epoch < cfg.epochs - 1:
         return steps_per_epoch
-    fraction = cfg.last_epoch_fraction if last_epoch_fraction is None else last_epoch_fraction
-    return max(1, min(steps_per_epoch, round(fraction * steps_per_epoch)))
+    return max(1, min(steps_per_epoch, round(cfg.last_epoch_fraction * steps_per_epoch)))
 
 
 def progressive_side(full: int, epoch: int, min_side: int, epochs: int) -> int:

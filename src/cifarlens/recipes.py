@@ -334,10 +334,9 @@ class PlateauSchedule(torch.optim.lr_scheduler.ReduceLROnPlateau):
     per_step = False
 
 
-def schedule_steps(cfg: TrainConfig, steps_per_epoch: int, last_epoch_fraction: float | None = None) -> int:
-    """Optimizer steps in all of ``cfg``'s epochs (a partial last epoch counts its batches; see
-    engine.epoch_steps)."""
-    return (cfg.epochs - 1) * steps_per_epoch + epoch_steps(cfg, cfg.epochs - 1, steps_per_epoch, last_epoch_fraction)
+def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps in all of ``cfg``'s epochs (a partial last epoch counts its batches)."""
+    return (cfg.epochs - 1) * steps_per_epoch + epoch_steps(cfg, cfg.epochs - 1, steps_per_epoch)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
