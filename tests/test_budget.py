@@ -207,6 +207,14 @@ def test_a_faster_machine_gets_back_up_to_the_planned_epochs_whole():
     assert run_length(new) == 4 and lines[0].endswith("after 4 epochs, at about 53 s (planned before: 4 epochs, the last on 25% of its batches)")
 
 
+def test_a_faster_machine_gets_more_epochs_at_full_size_up_to_the_most_a_budget_gives():
+    plan = replace(four_epochs_plan(3.25), most_epochs=8)
+    new, lines = plan.replan(1, 5.0 + 12.0)  # 0.6x: 17 + 0.6 x 20 x (length - 1) <= 95.25
+    assert run_length(new) == 7.5 and "the run now ends after 8 epochs, the last on 50% of its batches" in lines[0]
+    new, lines = plan.replan(1, 5.0 + 1.0)  # 0.05x: at most 8 epochs
+    assert run_length(new) == 8
+
+
 def test_a_much_slower_machine_drops_whole_epochs_and_warns_once_when_even_that_overruns():
     plan = four_epochs_plan()
     new, lines = plan.replan(1, 5.0 + 40.0)  # twice as slow: 45 + 40 x (length - 1) <= 95.25

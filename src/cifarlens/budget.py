@@ -19,7 +19,7 @@ have taken from 24 % less to 69 % more than estimated on shared cloud CPUs, a sp
 minutes, docs/benchmarks.md), hence the margin, and a re-plan after each epoch
 (BudgetPlan.replan): when the pace so far puts the end over the budget, or more than twice the
 margin under it, the rest of the run is fitted again the same way (fewer or more twentieths
-of an epoch, up to the planned epochs whole; the ramp in proportion, never longer), and the
+of an epoch, up to MAX_STRETCH x the recipe's epochs; the ramp in proportion, never longer), and the
 learning-rate schedule's end moves with it without a jump (recipes.StepSchedule.retarget). So
 a run is as deterministic as any other while the machine keeps the pace it was timed at; a
 re-plan is logged, saved in the checkpoint (``--resume`` keeps it) and in run.json. The log
@@ -81,11 +81,13 @@ class BudgetPlan:
     epoch_s: list[float]  # estimated seconds of each epoch (after a re-plan: the epochs done, then the new ones)
     steps_per_epoch: int = 0
     full_side: int = 0  # the training images' width
+    most_epochs: int = 0  # a re-plan may lengthen the run up to this many epochs (MAX_STRETCH x the recipe's)
     now: TrainConfig | None = None  # the plan after the re-plans so far (replan); None: train
     warned: bool = False  # replan() has warned of an overrun (it warns once)
 
     def __post_init__(self):
         self.now = self.now or self.train
+        self.most_epochs = max(self.most_epochs, self.train.epochs)
 
     @property
     def estimate_s(self) -> float:  # estimated time of the epochs
@@ -100,8 +102,8 @@ class BudgetPlan:
         training end? Within the budget and not more than 2 x PLAN_MARGIN under it, the plan
         stays. Otherwise the rest of the run becomes the longest that ends within the budget
         but PLAN_MARGIN: the plan stretched to fewer epochs or twentieths of one (as the plan
-        itself was fitted, the ramp in proportion but never longer), at least a twentieth of one
-        more epoch, at most the planned epochs with the last one whole. The caller moves the end
+        itself was fitted, the ramp in proportion but never longer), from a twentieth of one more
+        epoch up to ``most_epochs`` (a faster machine gets more epochs at full size). The caller moves the end
         of the learning-rate schedule with it (StepSchedule.retarget), so the decay still ends
         at the last step. Returns (the new plan or None, lines for the log); one line warns,
         once, when even the shortest rest ends more than PACE_SLACK over the budget."""
@@ -117,7 +119,7 @@ class BudgetPlan:
         new, lines = None, []
         if not budget * (1 - 2 * PLAN_MARGIN) <= end(self.now) <= budget:
             target = self.probe_s + (budget - self.probe_s) * (1 - PLAN_MARGIN)
-            rests = [stretch(self.train, k / PARTS) for k in range(epochs_done * PARTS + 1, self.train.epochs * PARTS + 1)]
+            rests = [stretch(self.train, k / PARTS) for k in range(epochs_done * PARTS + 1, self.most_epochs * PARTS + 1)]
             rests = [replace(c, progressive_epochs=min(c.progressive_epochs, self.train.progressive_epochs)) for c in rests]
             fitting = [c for c in rests if end(c) <= target]
             new = fitting[-1] if fitting else rests[0]
@@ -280,4 +282,4 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
             f"epoch takes about {one:.0f} s on this machine; give at least {math.ceil((one + probe_s) / (1 - PLAN_MARGIN))} s "
             "(--time-budget), or train a smaller model")
     epoch_s = epoch_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s)
-    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s, steps_per_epoch, full_side)
+    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s, steps_per_epoch, full_side, MAX_STRETCH * cfg.epochs)
