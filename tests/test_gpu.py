@@ -128,6 +128,6 @@ def test_a_time_budget_on_cuda_times_synchronised_steps_and_trains_the_epochs_it
                  "--batch-size", "32", "--no-report", "--time-budget", "2m", "--out", str(out), *TINY_FASTNET]) == 0
     meta = json.loads((out / "run.json").read_text())
     plan = meta["time_budget"]
-    assert meta["epochs_done"] == plan["epochs"] >= 1 and meta["status"] == "finished"
+    assert meta["epochs_done"] == (plan["replanned"] or plan)["epochs"] >= 1 and meta["status"] == "finished"
     assert all(ms > 0 for ms in plan["step_ms"].values())
     assert meta["train_seconds"] <= 120  # it kept to its budget (a tiny model: at most 4x the recipe's epochs)
