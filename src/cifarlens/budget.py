@@ -103,9 +103,9 @@ class BudgetPlan:
         stays. Otherwise the rest of the run becomes the longest that ends within the budget
         but PLAN_MARGIN: the plan stretched to fewer epochs or twentieths of one (as the plan
         itself was fitted, the ramp in proportion but never longer), from a twentieth of one more
-        epoch up to ``most_epochs`` (a faster machine gets more epochs at full size). The caller moves the end
-        of the learning-rate schedule with it (StepSchedule.retarget), so the decay still ends
-        at the last step. Returns (the new plan or None, lines for the log); one line warns,
+        epoch up to ``most_epochs`` (a faster machine gets more epochs at full size). The caller
+        moves the end of the learning-rate schedule with it (StepSchedule.retarget), so the
+        decay still ends at the last step. Returns (the new plan or None, lines for the log); one line warns,
         once, when even the shortest rest ends more than PACE_SLACK over the budget."""
         done = self.epoch_s[:epochs_done]
         if not done or epochs_done >= self.now.epochs or not self.steps_per_epoch:
@@ -119,8 +119,10 @@ class BudgetPlan:
         new, lines = None, []
         if not budget * (1 - 2 * PLAN_MARGIN) <= end(self.now) <= budget:
             target = self.probe_s + (budget - self.probe_s) * (1 - PLAN_MARGIN)
-            rests = [stretch(self.train, k / PARTS) for k in range(epochs_done * PARTS + 1, self.most_epochs * PARTS + 1)]
-            rests = [replace(c, progressive_epochs=min(c.progressive_epochs, self.train.progressive_epochs)) for c in rests]
+            ramp = self.train.progressive_epochs  # a longer one would shrink the images again
+            rests = [stretch(self.train, k / PARTS)
+                     for k in range(epochs_done * PARTS + 1, self.most_epochs * PARTS + 1)]
+            rests = [replace(c, progressive_epochs=min(c.progressive_epochs, ramp)) for c in rests]
             fitting = [c for c in rests if end(c) <= target]
             new = fitting[-1] if fitting else rests[0]
             if all(getattr(new, key) == getattr(self.now, key) for key in REPLANNED):
@@ -171,8 +173,9 @@ def stretch(cfg: TrainConfig, length: float) -> TrainConfig:
     ratio = length / run_length(cfg)
     epochs = max(1, math.ceil(length - 1e-9))
     ramp = round(cfg.progressive_epochs * ratio) if cfg.progressive_res else 0
-    return replace(cfg, epochs=epochs, last_epoch_fraction=float(round(length - (epochs - 1), 6)), progressive_epochs=ramp,
-                   progressive_res=cfg.progressive_res if ramp else 0, milestones=[m * ratio for m in cfg.milestones or []])
+    return replace(cfg, epochs=epochs, last_epoch_fraction=float(round(length - (epochs - 1), 6)),
+                   progressive_epochs=ramp, progressive_res=cfg.progressive_res if ramp else 0,
+                   milestones=[m * ratio for m in cfg.milestones or []])
 
 
 def epoch_sides(cfg: TrainConfig, full: int) -> list[int]:
@@ -279,7 +282,8 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
         one = estimate(stretch(cfg, 1))
         raise CifarlensError(
             f"the time budget of {budget:.0f} s is too short for one epoch here: timing took {probe_s:.1f} s and an "
-            f"epoch takes about {one:.0f} s on this machine; give at least {math.ceil((one + probe_s) / (1 - PLAN_MARGIN))} s "
+            f"epoch takes about {one:.0f} s on this machine; give at least "
+            f"{math.ceil((one + probe_s) / (1 - PLAN_MARGIN))} s "
             "(--time-budget), or train a smaller model")
     epoch_s = epoch_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s)
     return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s, steps_per_epoch, full_side, MAX_STRETCH * cfg.epochs)
