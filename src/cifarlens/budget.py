@@ -63,9 +63,10 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _UNITS[unit] for n, unit in re.findall(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|s|m|h)?", text))
 
 
-def epochs_text(cfg: TrainConfig) -> str:
-    """"5 epochs", or with a partial last epoch "5 epochs, the last on 75% of its batches"."""
-    text = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
+def epochs_text(cfg: TrainConfig, detail: str = "") -> str:
+    """"5 epochs", or with a partial last epoch "5 epochs, the last on 75% of its batches";
+    ``detail`` goes after the epochs (" (2 of them growing from 24 px)")."""
+    text = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}{detail}"
     return text if cfg.last_epoch_fraction >= 1 else f"{text}, the last on {cfg.last_epoch_fraction:.0%} of its batches"
 
 
@@ -154,8 +155,7 @@ class BudgetPlan:
         t = self.train
         steps = ", ".join(f"{self.step_s[s] * 1000:.0f} ms at {s} px" for s in sorted(self.step_s))
         ramp = f" ({t.progressive_epochs} of them growing from {t.progressive_res} px)" if t.progressive_res else ""
-        part = f", the last on {t.last_epoch_fraction:.0%} of its batches" if t.last_epoch_fraction < 1 else ""
-        return (f"time budget {t.time_budget:g} s: {t.epochs} epoch{'s' * (t.epochs != 1)}{ramp}{part}, "
+        return (f"time budget {t.time_budget:g} s: {epochs_text(t, ramp)}, "
                 f"estimated {self.estimate_s:.0f} s "
                 f"+ {self.probe_s:.1f} s of timing (a training step: {steps}"
                 + (f"; a validation pass {self.eval_s:.1f} s" if self.eval_s else "") + ")")
