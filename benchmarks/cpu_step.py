@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_step.py [--batch 256] [--compile] [--sides 32,28,24,20,16] [--threads T]
     python benchmarks/cpu_step.py --trace 400 [--threads T]
+    python benchmarks/cpu_step.py --layers [--sides 32] [--batch 256]
 
 Prints, for random CIFAR-shaped batches (the data does not change the cost): the time of one
 forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs; any
@@ -13,6 +14,10 @@ autocast and channels_last as `cifarlens train` uses them on a CPU with native b
 ``--trace STEPS`` shows instead how steady the machine is: the spread of that many consecutive
 32-px steps, and how far the few steps a time budget times (cifarlens.budget) can be from the
 epoch after them. A shared cloud CPU can swing by 2x within a minute (docs/benchmarks.md).
+
+``--layers`` times each 3x3 convolution of fastnet alone, in the training's precision: oneDNN's
+forward, input gradient and weight gradient against the same products over the image patches
+(im2col; cifarlens.models.small_conv), to see on a new CPU where that path would pay.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 import cifarlens.optim as optim
 from cifarlens.device import cpu_has_native_bf16, device_description
 from cifarlens.models import create_model
+from cifarlens.models.small_conv import SmallMapConv2d, _filter_rows, _patches
 
 
 def median_ms(fn, steps: int = 6, warmup: int = 2) -> float:
@@ -93,6 +99,38 @@ def trace(batch: int, steps: int, window: int = 25, probe: int = 4, epoch: int =
               f"median {statistics.median(errors):+.0%}, 95th percentile {e[-1]:+.0%} (negative: an estimate short)")
 
 
+def layers(batch: int, side: int) -> None:
+    """Each 3x3 convolution of fastnet at ``side`` px alone: oneDNN against im2col products."""
+    shapes = []
+    model = fresh_model().eval()
+    for conv in model.modules():
+        if isinstance(conv, SmallMapConv2d):
+            conv.register_forward_hook(lambda mod, args, out: shapes.append((mod.in_channels, mod.out_channels,
+                                                                              args[0].shape[-1])))
+    with torch.no_grad():
+        model(torch.randn(1, 3, side, side))
+    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    conv_backward = torch.ops.aten.convolution_backward
+    for cin, cout, width in shapes:
+        x = torch.randn(batch, cin, width, width, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(cout, cin, 3, 3, dtype=dtype)
+        grad = torch.randn(batch, cout, width, width, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        rows = grad.permute(0, 2, 3, 1).reshape(-1, cout)
+        ms = {
+            "forward": median_ms(lambda: torch.nn.functional.conv2d(x, w, padding=1)),
+            "input grad": median_ms(lambda: conv_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                          [True, False, False])),
+            "weight grad": median_ms(lambda: conv_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                           1, [False, True, False])),
+            "im2col forward": median_ms(lambda: _patches(x) @ _filter_rows(w).T),
+            "im2col weight grad": median_ms(lambda: rows.T @ _patches(x)),
+            "patches alone": median_ms(lambda: _patches(x)),
+        }
+        gflop = 2 * batch * width * width * cin * 9 * cout / 1e9
+        print(f"conv {cin} -> {cout} on {width}x{width} ({gflop:.1f} GFLOP, {str(dtype)[6:]}): "
+              + ", ".join(f"{name} {t:.1f} ms" for name, t in ms.items()))
+
+
 def optimizer_step_ms() -> dict[str, float]:
     params = [p for p in fresh_model().parameters() if p.requires_grad]
     for p in params:
@@ -118,6 +156,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--trace", type=int, metavar="STEPS",
                         help="instead: time STEPS consecutive 32-px steps and show how steady the machine is")
+    parser.add_argument("--layers", action="store_true",
+                        help="instead: time each 3x3 convolution alone, oneDNN against im2col (at the first of --sides)")
     args = parser.parse_args()
     if args.trace is not None and args.trace < 2:
         parser.error("--trace needs at least 2 steps (200 or more for the time-budget line)")
@@ -129,6 +169,9 @@ def main() -> None:
         trace(args.batch, args.trace)
         return
     sides = [int(s) for s in args.sides.split(",")]
+    if args.layers:
+        layers(args.batch, sides[0])
+        return
     first = None  # the first width's step is the reference
     for side in sides:
         ms = train_step_ms(args.batch, side)
