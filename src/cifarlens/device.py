@@ -7,14 +7,18 @@ neither imports the other to get it. ``cifarlens.engine`` re-exports these names
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import platform
 
 import torch
 
 from cifarlens.errors import CifarlensError
 
-__all__ = ["cpu_has_native_bf16", "device_description", "resolve_device"]
+__all__ = ["cpu_has_native_bf16", "device_description", "resolve_device", "retain_freed_memory"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,3 +68,32 @@ def cpu_has_native_bf16() -> bool:
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory PyTorch frees on the CPU, to reuse it, rather than hand
+    it back to the system; True where that was set (Linux with glibc), once per process.
+
+    By default glibc serves each allocation over 32 MiB with a fresh ``mmap`` and unmaps it when
+    freed, so every training step pays again for the kernel to fault in and zero those pages: a
+    fastnet step at 32 px (batch 256) took 66,000 page faults and 178 ms of kernel time on a
+    2-core Intel Xeon VM, none at 24 px, where the tensors are smaller (docs/benchmarks.md,
+    *Page faults*). With mmap off and trimming held back the same step takes ~130 and ~1 ms. The
+    process then keeps its peak memory, as PyTorch's CUDA caching allocator does on a GPU, or
+    jemalloc / tcmalloc (which PyTorch's CPU launcher, ``torch.backends.xeon.run_cpu``, preloads
+    for the same reason). ``CIFARLENS_KEEP_MEMORY=0`` in the environment leaves malloc as it is.
+    Training on a CPU calls it (cifarlens.api.train); it changes no result, only where memory comes from.
+    """
+    if os.environ.get("CIFARLENS_KEEP_MEMORY", "").strip() == "0" or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: another libc's mallopt may take other parameters
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # no mmap for big blocks (they come from the heap, and go back to it), and free memory at the
+    # heap's top is returned to the system only past 2 GiB (mallopt takes an int)
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
