@@ -6,7 +6,8 @@
 
 Prints, for random CIFAR-shaped batches (the data does not change the cost): the time of one
 forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs; any
-widths with --sides), the time of one optimizer step (SGD, and Muon with the Newton-Schulz
+widths with --sides) with its page faults and kernel time (freed memory kept in the process as
+training keeps it; ``CIFARLENS_KEEP_MEMORY=0`` to compare), the time of one optimizer step (SGD, and Muon with the Newton-Schulz
 iterations in fp32 and in bf16), and with --compile the same step under torch.compile. bf16
 autocast and channels_last as `cifarlens train` uses them on a CPU with native bf16. Median of
 6 timed steps after 2 warm-up steps; run it alone on the machine.
@@ -23,13 +24,14 @@ forward, input gradient and weight gradient against the same products over the i
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
 import torch
 
 import cifarlens.optim as optim
-from cifarlens.device import cpu_has_native_bf16, device_description
+from cifarlens.device import cpu_has_native_bf16, device_description, retain_freed_memory
 from cifarlens.models import create_model
 from cifarlens.models.small_conv import SmallMapConv2d, _filter_rows, _patches
 
@@ -69,8 +71,14 @@ def make_step(batch: int, side: int, compiled: bool = False):
     return step
 
 
-def train_step_ms(batch: int, side: int, compiled: bool = False) -> float:
-    return median_ms(make_step(batch, side, compiled))
+def train_step_ms(batch: int, side: int, compiled: bool = False) -> tuple[float, float, float]:
+    """The median step in ms, and the page faults and kernel (system) CPU ms of an average step."""
+    step = make_step(batch, side, compiled)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    ms = median_ms(step)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    steps = 8  # median_ms's warm-up and timed steps
+    return ms, (after.ru_minflt - before.ru_minflt) / steps, 1000 * (after.ru_stime - before.ru_stime) / steps
 
 
 def trace(batch: int, steps: int, window: int = 25, probe: int = 4, epoch: int = 176) -> None:
@@ -163,8 +171,10 @@ def main() -> None:
         parser.error("--trace needs at least 2 steps (200 or more for the time-budget line)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = retain_freed_memory()  # as training does (CIFARLENS_KEEP_MEMORY=0: not)
     print(f"{device_description(torch.device('cpu'))}, torch {torch.__version__}, "
-          f"bf16 autocast {'on' if cpu_has_native_bf16() else 'off (no native bf16)'}, batch {args.batch}")
+          f"bf16 autocast {'on' if cpu_has_native_bf16() else 'off (no native bf16)'}, batch {args.batch}, "
+          f"freed memory {'kept' if kept else 'given back'} (cifarlens.device.retain_freed_memory)")
     if args.trace:
         trace(args.batch, args.trace)
         return
@@ -174,12 +184,13 @@ def main() -> None:
         return
     first = None  # the first width's step is the reference
     for side in sides:
-        ms = train_step_ms(args.batch, side)
+        ms, faults, kernel_ms = train_step_ms(args.batch, side)
         first = first or ms
         print(f"fastnet train step at {side}x{side}: {ms:.0f} ms ({1000 * args.batch / ms:.0f} images/s, "
-              f"{ms / first:.2f}x the {sides[0]}-px step)")
+              f"{ms / first:.2f}x the {sides[0]}-px step; {faults:.0f} page faults and {kernel_ms:.0f} ms of kernel "
+              "CPU time a step)")
     if args.compile:
-        ms = train_step_ms(args.batch, 32, compiled=True)
+        ms = train_step_ms(args.batch, 32, compiled=True)[0]
         print(f"fastnet train step at 32x32, torch.compile: {ms:.0f} ms ({1000 * args.batch / ms:.0f} images/s)")
     for name, ms in optimizer_step_ms().items():
         print(f"optimizer step, {name}: {ms:.1f} ms")
