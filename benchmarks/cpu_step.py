@@ -7,10 +7,10 @@
 Prints, for random CIFAR-shaped batches (the data does not change the cost): the time of one
 forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs; any
 widths with --sides) with its page faults and kernel time (freed memory kept in the process as
-training keeps it; ``CIFARLENS_KEEP_MEMORY=0`` to compare), the time of one optimizer step (SGD, and Muon with the Newton-Schulz
-iterations in fp32 and in bf16), and with --compile the same step under torch.compile. bf16
-autocast and channels_last as `cifarlens train` uses them on a CPU with native bf16. Median of
-6 timed steps after 2 warm-up steps; run it alone on the machine.
+training keeps it; ``CIFARLENS_KEEP_MEMORY=0`` to compare), the time of one optimizer step
+(SGD, and Muon with the Newton-Schulz iterations in fp32 and in bf16), and with --compile the
+same step under torch.compile. bf16 autocast and channels_last as `cifarlens train` uses them on
+a CPU with native bf16. Median of 6 timed steps after 2 warm-up steps; run it alone on the machine.
 
 ``--trace STEPS`` shows instead how steady the machine is: the spread of that many consecutive
 32-px steps, and how far the few steps a time budget times (cifarlens.budget) can be from the
@@ -165,7 +165,8 @@ def main() -> None:
     parser.add_argument("--trace", type=int, metavar="STEPS",
                         help="instead: time STEPS consecutive 32-px steps and show how steady the machine is")
     parser.add_argument("--layers", action="store_true",
-                        help="instead: time each 3x3 convolution alone, oneDNN against im2col (at the first of --sides)")
+                        help="instead: time each 3x3 convolution alone, oneDNN against im2col "
+                             "(at the first of --sides)")
     args = parser.parse_args()
     if args.trace is not None and args.trace < 2:
         parser.error("--trace needs at least 2 steps (200 or more for the time-budget line)")

@@ -77,12 +77,16 @@ def retain_freed_memory() -> bool:
 
     By default glibc serves each allocation over 32 MiB with a fresh ``mmap`` and unmaps it when
     freed, so every training step pays again for the kernel to fault in and zero those pages: a
-    fastnet step at 32 px (batch 256) took 66,000 page faults and 178 ms of kernel time on a
-    2-core Intel Xeon VM, none at 24 px, where the tensors are smaller (docs/benchmarks.md,
-    *Page faults*). With mmap off and trimming held back the same step takes ~130 and ~1 ms. The
-    process then keeps its peak memory, as PyTorch's CUDA caching allocator does on a GPU, or
+    fastnet step at 32 px (batch 256) took 66,000-76,000 page faults and 160-210 ms of kernel CPU
+    time on a 2-core Intel Xeon VM, almost none at 24 px, where the tensors are smaller. With mmap
+    off and trimming held back, the same step after its first few takes at most a few thousand
+    and a few ms (docs/benchmarks.md, *... and page faults (ninth session)*). The process then
+    keeps about its peak memory, as PyTorch's CUDA caching allocator does on a GPU, or
     jemalloc / tcmalloc (which PyTorch's CPU launcher, ``torch.backends.xeon.run_cpu``, preloads
-    for the same reason). ``CIFARLENS_KEEP_MEMORY=0`` in the environment leaves malloc as it is.
+    for the same reason); a fastnet budget run peaked at 2,033 MiB against 1,891 MiB without it. (A
+    loop that only allocates and frees one aligned 64 MiB block held ~950 MiB before glibc reused
+    it; training's mix of sizes showed no such growth.) ``CIFARLENS_KEEP_MEMORY=0`` in the environment
+    leaves malloc as it is.
     Training on a CPU calls it (cifarlens.api.train); it changes no result, only where memory comes from.
     """
     if os.environ.get("CIFARLENS_KEEP_MEMORY", "").strip() == "0" or platform.system() != "Linux":
