@@ -1,4 +1,5 @@
-"""Which device to run on, and what it is: the lowest layer of the engine.
+"""Which device to run on, what it is, and how a CPU process holds its memory for training: the
+lowest layer of the engine.
 
 Both :mod:`cifarlens.distributed` (a torchrun rank picks its GPU) and :mod:`cifarlens.engine`
 (precision, training) need to resolve ``--device``; it lives here, below both of them, so
