@@ -36,7 +36,10 @@ from cifarlens.models import create_model
 from cifarlens.models.small_conv import SmallMapConv2d, _filter_rows, _patches
 
 
-def median_ms(fn, steps: int = 6, warmup: int = 2) -> float:
+STEPS, WARMUP = 6, 2  # timed steps, and untimed ones before them
+
+
+def median_ms(fn, steps: int = STEPS, warmup: int = WARMUP) -> float:
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -77,7 +80,7 @@ def train_step_ms(batch: int, side: int, compiled: bool = False) -> tuple[float,
     before = resource.getrusage(resource.RUSAGE_SELF)
     ms = median_ms(step)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    steps = 8  # median_ms's warm-up and timed steps
+    steps = STEPS + WARMUP  # all that median_ms ran
     return ms, (after.ru_minflt - before.ru_minflt) / steps, 1000 * (after.ru_stime - before.ru_stime) / steps
 
 
@@ -118,7 +121,10 @@ def layers(batch: int, side: int) -> None:
     with torch.no_grad():
         model(torch.randn(1, 3, side, side))
     dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    conv_backward = torch.ops.aten.convolution_backward
+    def backward(grad, x, w, which):  # oneDNN's input (which=0) or weight (1) gradient of a 3x3 "same" conv
+        mask = [which == 0, which == 1, False]
+        return torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+
     for cin, cout, width in shapes:
         x = torch.randn(batch, cin, width, width, dtype=dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(cout, cin, 3, 3, dtype=dtype)
@@ -126,10 +132,8 @@ def layers(batch: int, side: int) -> None:
         rows = grad.permute(0, 2, 3, 1).reshape(-1, cout)
         ms = {
             "forward": median_ms(lambda: torch.nn.functional.conv2d(x, w, padding=1)),
-            "input grad": median_ms(lambda: conv_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                          [True, False, False])),
-            "weight grad": median_ms(lambda: conv_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
-                                                           1, [False, True, False])),
+            "input grad": median_ms(lambda: backward(grad, x, w, 0)),
+            "weight grad": median_ms(lambda: backward(grad, x, w, 1)),
             "im2col forward": median_ms(lambda: _patches(x) @ _filter_rows(w).T),
             "im2col weight grad": median_ms(lambda: rows.T @ _patches(x)),
             "patches alone": median_ms(lambda: _patches(x)),
