@@ -36,12 +36,13 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("text, seconds", [("600", 600), ("600s", 600), ("10m", 600), ("10min", 600),
-                                           ("1.5h", 5400), ("1h30m", 5400), (" 90 s", 90), (".5m", 30)])
+                                           ("1.5h", 5400), ("1h30m", 5400), (" 90 s", 90), (".5m", 30),
+                                           ("1h 2m 3s", 3723), ("2m30s", 150)])
 def test_durations_read_as_a_user_writes_them(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "soon", "-5", "10 minutes", "5d", "m"])
+@pytest.mark.parametrize("text", ["", "soon", "-5", "10 minutes", "5d", "m", "1.5.5", "1m1m", "1h30", "30s1m", "h"])
 def test_a_duration_that_is_not_one_is_refused_with_the_forms_that_work(text):
     with pytest.raises(CifarlensError, match="not a duration.*10m"):
         parse_duration(text)

@@ -549,7 +549,19 @@ def test_channel_stats_hand_computed():
     images[:, 1] = 51  # channel 1: constant 0.2
     mean, std = channel_stats(images)
     assert mean == pytest.approx((0.75, 0.2), abs=1e-12)
-    assert std == pytest.approx((np.sqrt(0.75 * 0.25), 0.0), abs=1e-12)  # population std of {0,1,1,1}
+    # population std of {0,1,1,1}; a constant channel's std is reported as 1.0 (normalising only centres it)
+    assert std == pytest.approx((np.sqrt(0.75 * 0.25), 1.0), abs=1e-12)
+
+
+def test_channel_stats_flat_channel_is_not_blown_up():
+    # one pixel in 10,000 differs by one grey level: std ~0.0004, under FLAT_STD -> 1.0; two grey
+    # levels spread evenly (std 1/255) is kept
+    images = torch.full((100, 2, 10, 10), 100, dtype=torch.uint8)
+    images[0, 0, 0, 0] = 101
+    images[::2, 1] += 2
+    mean, std = channel_stats(images)
+    assert std == pytest.approx((1.0, 1 / 255), abs=1e-12)
+    assert mean[0] == pytest.approx((100 * 9999 + 101) / 10000 / 255, abs=1e-12)
 
 
 def test_channel_stats_matches_float64_for_any_chunk():

@@ -19,6 +19,7 @@ from torch import nn
 
 from cifarlens.api import Run
 from cifarlens.cli import main
+from cifarlens.config import RunConfig
 from cifarlens.data.base import DatasetInfo
 from cifarlens.errors import CifarlensError
 from cifarlens.explain import (
@@ -389,7 +390,7 @@ def test_batch_of_one_and_target_as_int():
 
 def fake_run(tmp_path: Path) -> Run:
     info = DatasetInfo("synthetic", CIFAR10_CLASSES, 3, 32, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
-    return Run(tmp_path, None, info, tiny_model(), torch.device("cpu"))
+    return Run(tmp_path, RunConfig(), info, tiny_model(), torch.device("cpu"))  # no TTA, no temperature
 
 
 def test_explain_run_takes_class_names_files_and_uint8(tmp_path):

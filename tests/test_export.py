@@ -161,3 +161,21 @@ def test_safetensors_export_rebuilds_the_same_model(name, runs, tmp_path):
     x = run.preprocess(torch.from_numpy(data.test_images[:4]))
     with torch.no_grad():
         assert torch.equal(model(x), run.model(x))
+
+
+@pytest.mark.parametrize("opset", [7, 17, 99])
+def test_an_opset_that_cannot_be_written_is_refused_before_any_work(lensnet, tmp_path, opset):
+    """torch's exporter writes opset 18 natively: asked for 7 it once wrote 18 and recorded 7."""
+    run_dir, _ = lensnet
+    with pytest.raises(CifarlensError, match=f"opset {opset} cannot be written here"):
+        export.export_onnx(run_dir, tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_metadata_says_which_test_time_views_predict_averages(exported, tmp_path):
+    run_dir, _, path, _, _ = exported("lensnet")
+
+    run = load_run(run_dir)
+    assert export.onnx_metadata(path)["tta"] == {"flip": run.tta, "translate_px": run.tta_translate}
+    with pytest.raises(CifarlensError, match="is a folder"):
+        export.export_onnx(run_dir, tmp_path)

@@ -4,6 +4,7 @@ the corruption errors (mCE, relative mCE) and the report's reuse of the result."
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -36,6 +37,30 @@ def test_corruption_errors_follow_the_paper():
     assert e["per_corruption"]["gaussian_noise"]["relative_ce"] == pytest.approx(0.5)
     assert e["per_corruption"]["fog"]["relative_ce"] == pytest.approx(0.5)
     assert e["mce"] == pytest.approx(0.5) and e["corruptions"] == ["gaussian_noise", "fog"]
+
+
+def test_a_relative_ce_the_reference_gives_nothing_to_divide_by_is_left_out_and_said_so():
+    """fog does not hurt the reference (its errors equal the clean error): its relative CE is
+    undefined, shown as n/a, and the relative mCE is the mean over the others (not NaN)."""
+    from cifarlens.report.cifar_c import format_result
+
+    ref = table({"gaussian_noise": [0.4, 0.6], "fog": [0.1, 0.1]}, clean_error=0.1)
+    e = corruption_errors(ref, ref)
+    assert math.isnan(e["per_corruption"]["fog"]["relative_ce"])
+    assert e["relative_mce"] == pytest.approx(1.0) and e["mce"] == pytest.approx(1.0)
+    text = format_result(ref, e)
+    assert "relative mCE 100.0%" in text and "n/a" in text and "left out of the relative mCE" in text
+
+
+def test_repeated_severities_and_corruptions_count_once(tiny_run, capsys):
+    """--severities 3,3 once counted each image twice (accuracies up to 200 %)."""
+    base = ["robustness", str(tiny_run), "--images", "20", "--device", "cpu"]
+    assert main([*base, "--severities", "3", "--corruptions", "contrast"]) == 0
+    once = json.loads((tiny_run / RESULT_FILE).read_text())["table"]["rows"]
+    assert main([*base, "--severities", "3,3", "--corruptions", "contrast,contrast"]) == 0
+    twice = json.loads((tiny_run / RESULT_FILE).read_text())["table"]["rows"]
+    assert twice == once and len(once) == 1 and 0 <= once[0]["accuracy"] <= 1
+    capsys.readouterr()
 
 
 def test_corruption_errors_refuse_a_reference_measured_differently():
@@ -135,6 +160,7 @@ def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(
 @pytest.mark.parametrize("flags, message", [
     (["--severities", "0,6"], "--severities must lie in 1..5"),
     (["--severities", "a"], "comma-separated integers"),
+    (["--severities", ","], "comma-separated integers"),
     (["--corruptions", "rain"], "unknown corruption rain"),
     (["--images", "0"], "--images must be >= 1"),
     (["--reference", "/nonexistent"], "no robustness.json"),

@@ -1,23 +1,20 @@
-"""The Python API the CLI, the web app and the tests share: train, calibrate, evaluate, load a run
-(:mod:`cifarlens.inference`), predict."""
+"""The Python API the CLI, the web app and the tests share: train; calibrate and evaluate
+(:mod:`cifarlens.evaluation`), load a run and predict (:mod:`cifarlens.inference`)."""
 
 from __future__ import annotations
 
-import csv
+import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cifarlens import distributed, tracking
-from cifarlens import metrics as M
 from cifarlens.budget import REPLANNED, epochs_text, plan_budget
-from cifarlens.calibration import TemperatureFit, calibration_summary, fit_temperature
 from cifarlens.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict
-from cifarlens.data.base import Split
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_policies
 from cifarlens.device import retain_freed_memory
@@ -28,11 +25,11 @@ from cifarlens.engine import (
     TrainingDiverged,
     WeightEMA,
     fit,
-    predict_logits,
 )
+from cifarlens.epochs import progressive_side
 from cifarlens.errors import CifarlensError
-from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
-from cifarlens.models import model_info, unwrap_model
+from cifarlens.io import atomic_write_json
+from cifarlens.models import check_input_size, model_info, unwrap_model
 from cifarlens.models.registry import forward_flops
 from cifarlens.models.weights import describe_init, input_info, load_initial_weights
 from cifarlens.recipes import (
@@ -45,11 +42,9 @@ from cifarlens.recipes import (
     resolve_train,
     schedule_steps,
 )
+from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401 (re-exported)
 from cifarlens.inference import Prediction, Run, build_model, load_run  # noqa: F401 (re-exported)
-from cifarlens.runs import SPLIT_FILES, RunDir, environment_record, info_to_dict, source_to_dict
-
-EVAL_BATCH_SIZE = 512
-
+from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
 
 def train(
     cfg: RunConfig,
@@ -102,6 +97,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     cfg, why = resolve_choices(cfg, device.type)
     why = {**choices, **why}
     cfg = replace(cfg, train=resolve_train(cfg.train))
+    if not resume:  # saved absolute: evaluate, serve and --resume find the data from any folder
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=os.path.abspath(os.path.expanduser(cfg.data.data_dir))))
     check_policies(cfg.data)  # before a run folder exists
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
@@ -126,6 +123,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     # they expect (ImageNet's for pretrained backbones), written to run.json for evaluate/serve/export
     init = None if resume else load_initial_weights(model, cfg.model)
     info = input_info(cfg.model, info)
+    first = progressive_side(info.image_size, 0, cfg.train.progressive_res, cfg.train.progressive_epochs)
+    check_input_size(model, info.in_channels, {info.image_size, first}, cfg.model.name)  # before the run folder
     precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last, cfg.train.cpu_amp)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -148,6 +147,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         plan = plan_budget(model, train_loader, val_loader, precision, tc, tta=tc.tta and info.hflip)
         cfg, tc, state.setup_seconds = replace(cfg, train=plan.train), plan.train, plan.probe_s
         why["epochs"] = f"time budget {tc.time_budget:g} s"  # the loader starts each epoch afresh: no trace of timing
+    if tc.sync_bn and world.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    ema = make_ema(model, tc.ema_decay)
+    tta = tc.tta and info.hflip
+    optimizer = build_optimizer(param_groups(model, tc), tc)  # head and backbone groups; before the run folder: a bad setting leaves none
+    scheduler = build_scheduler(optimizer, tc, len(train_loader))
     if not resume:
         failed = None
         if world.is_main:
@@ -173,12 +178,6 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             atomic_write_json(run / "environment.json",
                               environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
 
-    if tc.sync_bn and world.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    ema = make_ema(model, tc.ema_decay)
-    tta = tc.tta and info.hflip
-    optimizer = build_optimizer(param_groups(model, tc), tc)  # head and backbone groups
-    scheduler = build_scheduler(optimizer, tc, len(train_loader))
     if resume:
         state = _restore(run, model, optimizer, scheduler, precision, device, ema)
         log(f"resuming {run.path} after epoch {state.epoch}/{replace(tc, **state.replanned).epochs}")
@@ -195,7 +194,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if plan is not None:
             log(plan.describe())
         if not has_val:
-            log("no validation split (data.val_fraction 0): no validation pass, the final weights are kept")
+            why_none = "data.val_fraction 0" if not cfg.data.val_fraction else "too few images for data.val_fraction"
+            log(f"no validation split ({why_none}): no validation pass, the final weights are kept")
         for warning in bundle.source.warnings:
             log(f"warning: {warning}")
         if init is not None:
@@ -314,87 +314,3 @@ def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, dev
         return FitState(**ckpt["state"])
     except (KeyError, TypeError, ValueError) as err:
         raise CifarlensError(f"{run.last_checkpoint} is incomplete ({err}); start the run again with --force") from None
-
-
-def calibrate_run(
-    run_dir: str | Path,
-    *,
-    data_dir: str | None = None,
-    device: str = "auto",
-    bundle: DataBundle | None = None,
-    log: Callable[[str], None] | None = None,
-) -> TemperatureFit | None:
-    """Fit the run's temperature on its validation split (the best weights, with the run's TTA)
-    and record it in run.json (``calibration``), where :func:`load_run` finds it. Returns the
-    fit, or None when the run has no validation images (nothing is recorded then)."""
-    run = RunDir(run_dir)
-    loaded = load_run(run.path, device=device, calibrated=False)
-    val: Split = loaded.data(data_dir, bundle).val
-    say = log or run.log
-    if len(val) == 0:
-        say("calibration skipped: the run has no validation images to fit a temperature on")
-        return None
-    loader = make_loader(val, loaded.info, EVAL_BATCH_SIZE, loaded.device)
-    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta, loaded.tta_translate)
-    fit = fit_temperature(logits, labels)
-    run.write_meta(calibration={**fit.as_dict(), "fitted_on": "val"})
-    say(f"calibration: temperature {fit.temperature:.3f} fitted on {fit.images} validation images "
-        f"(NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}, ECE {fit.ece_before:.2%} -> {fit.ece_after:.2%})")
-    return fit
-
-
-def evaluate_run(
-    run_dir: str | Path,
-    *,
-    split: str = "test",
-    data_dir: str | None = None,
-    device: str = "auto",
-    bundle: DataBundle | None = None,
-    calibrated: bool = True,
-) -> dict:
-    """Evaluate a run's best weights on ``split`` and write metrics, predictions and plots.
-
-    With ``calibrated`` (default) and a fitted temperature, confidences, NLL and the predictions
-    file use calibrated probabilities; ``calibration`` in the result gives ECE and NLL with and
-    without it (accuracy is the same either way)."""
-    if split not in ("test", "val"):
-        raise CifarlensError(f"--split must be test or val, got {split!r}")
-    run = RunDir(run_dir)
-    loaded = load_run(run.path, device=device, calibrated=calibrated)
-    data: Split = getattr(loaded.data(data_dir, bundle), split)
-    if split == "val" and len(data) == 0:
-        raise CifarlensError(f"{run.path} has no validation images (data.val_fraction 0); evaluate --split test")
-    # Normalise with the run's own statistics (for imagefolder they came from its training data).
-    loader = make_loader(data, loaded.info, EVAL_BATCH_SIZE, loaded.device)
-    raw, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta, loaded.tta_translate)
-    logits = loaded.scale(raw)
-    result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
-    if len(labels):
-        result["calibration"] = calibration_summary(raw, labels, loaded.temperature)
-    write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw)
-    return result
-
-
-def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labels: Tensor,
-                     classes: Sequence[str], raw_logits: Tensor | None = None) -> None:
-    """metrics, predictions (with ``raw_logits``, also the top-1 confidence before calibration),
-    a text report and the confusion matrix of one split."""
-    from cifarlens.plots import plot_confusion_matrix
-
-    metrics_file, predictions_file, report_file, cm_file = (run.split_file(p, split) for p in SPLIT_FILES)
-    atomic_write_json(metrics_file, result)
-    probs = logits.softmax(dim=1)
-    confidence, prediction = probs.max(dim=1)
-    raw = (raw_logits if raw_logits is not None else logits).softmax(dim=1).gather(1, prediction[:, None])[:, 0]
-
-    def write_predictions(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["index", "label", "prediction", "confidence", "confidence_uncalibrated"])
-            for i, (y, p, c, r) in enumerate(zip(labels.tolist(), prediction.tolist(), confidence.tolist(), raw.tolist())):
-                writer.writerow([i, classes[y], classes[p], f"{c:.6f}", f"{r:.6f}"])
-
-    atomic_write(predictions_file, write_predictions)
-    atomic_write_text(report_file, M.classification_report_text(result))
-    cm = torch.tensor(result["confusion_matrix"])
-    plot_confusion_matrix(cm, classes, cm_file, title=f"{run.path.name}: {split} ({len(labels)} images)")

@@ -51,16 +51,20 @@ PLAN_MARGIN = 0.05  # the plan fills the budget but this share, for estimates th
 EVAL_BATCHES = 2  # validation batches timed to estimate a validation pass
 PACE_SLACK = 0.05  # warn once when, at the pace of the epochs so far, training would end this far over
 
-_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+# seconds alone ("600"), or hours, minutes, seconds, each at most once and in that order ("1h30m")
+_DURATION = re.compile(rf"\s*{_NUMBER}\s*|\s*(?:{_NUMBER}\s*h\s*)?(?:{_NUMBER}\s*(?:min|m)\s*)?(?:{_NUMBER}\s*s\s*)?")
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in ``"600"``, ``"600s"``, ``"10m"``, ``"1.5h"`` or ``"1h30m"``."""
-    parts = re.fullmatch(r"\s*((?:\d+(?:\.\d*)?|\.\d+)\s*(?:s|min|m|h)?\s*)+", text or "")
-    if parts is None:
+    """Seconds in ``"600"``, ``"600s"``, ``"10m"``, ``"1.5h"`` or ``"1h30m"``; a one-line error
+    for anything else (``"1h30"``, ``"1m1m"``, ``"1.5.5"``)."""
+    match = _DURATION.fullmatch(text or "")
+    if match is None or not any(match.groups()):
         raise CifarlensError(f"{text!r} is not a duration: give seconds (600) or a number with s, m or h "
                              "(600s, 10m, 1.5h, 1h30m)")
-    return sum(float(n) * _UNITS[unit] for n, unit in re.findall(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|s|m|h)?", text))
+    alone, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return alone + 3600 * hours + 60 * minutes + seconds
 
 
 def epochs_text(cfg: TrainConfig, detail: str = "") -> str:

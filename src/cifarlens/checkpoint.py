@@ -33,7 +33,11 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt zip, truncated file, or a pickle that asks for code
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        reason = text.splitlines()[0][:200] if text else type(err).__name__
+        if "WeightsUnpickler error:" in text:  # not torch's advice to load it unsafely: just what was refused
+            detail = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+            reason = f"the safe loader refused it: {detail[0] if detail else 'unsupported content'}"[:200]
         raise CifarlensError(
             f"{path} is corrupt or not a cifarlens checkpoint ({reason}); "
             "start a new run with --force, or restore the file"

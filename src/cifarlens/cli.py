@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 
-from cifarlens.errors import CifarlensError
+from cifarlens.errors import USER_OS_ERRORS, CifarlensError, Terminated
 
 
 def _train_parser(sub) -> None:
@@ -378,16 +379,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    previous = signal.signal(signal.SIGTERM, Terminated.raise_it)  # main() runs in the main thread, as the CLI does
     try:
         return args.func(args)
     except CifarlensError as err:
         print(f"cifarlens: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as err:  # a read-only folder, a full disk: the machine's, not a bug
+        if err.errno not in USER_OS_ERRORS:
+            raise
+        print(f"cifarlens: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
         out = getattr(args, "out", None) or getattr(args, "resume", None)
         hint = f"; continue with: cifarlens train --resume {out}" if isinstance(out, str) else ""
-        print(f"cifarlens: interrupted{hint}", file=sys.stderr)
-        return 130
+        print(f"cifarlens: {'terminated' if isinstance(err, Terminated) else 'interrupted'}{hint}", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -134,11 +134,13 @@ class WeightEMA(AveragedModel):
         self.n_averaged += 1
 
 
+DIVERGED_FIX = "lower --lr (or set train.grad_clip) and start again, or --resume from the last good checkpoint"
+
+
 def _raise_if_diverged(bad_step: Tensor, bad_loss: Tensor, desc: str, num_classes: int) -> None:
     if bad_step < 0:  # a host read
         return
-    loss, fix = bad_loss.item(), ("lower --lr (or set train.grad_clip) and start again, "
-                                  "or --resume from the last good checkpoint")
+    loss, fix = bad_loss.item(), DIVERGED_FIX
     if math.isfinite(loss):
         raise TrainingExploded(
             f"the training loss became {loss:.4g} at step {int(bad_step)} of {desc}, over the divergence limit "
@@ -363,6 +365,9 @@ def fit(
                                                             epochs=run_cfg.progressive_epochs) if run_cfg.progressive_res else None)
         side = row.pop("train_side")
         val = None if val_loader is None else evaluate(eval_model, val_loader, precision, tta, cfg.tta_translate or 0)
+        if val is not None and not math.isfinite(val["loss"]):  # weights blown up while the training loss looked fine
+            raise TrainingDiverged(f"the validation loss became {val['loss']} after epoch {epoch + 1} (training loss "
+                                   f"{float(row['train_loss']):.4g}); {DIVERGED_FIX}")
         if val is not None:
             row |= {"val_loss": val["loss"], "val_acc": val["acc"]}
         row["seconds"] = time.perf_counter() - start

@@ -6,6 +6,22 @@ message that names the problem and the fix. The CLI prints it without a
 traceback; programming errors are left to propagate as usual.
 """
 
+import errno
+
+# OS errors that come from the user's machine or paths, not from a bug (a read-only or full disk,
+# a file where a folder was meant): the CLI prints them in one line
+USER_OS_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
+                            errno.ENOTDIR, errno.EISDIR})
+
 
 class CifarlensError(Exception):
     """An error caused by the user's input, with a message meant for them."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's time limit) while the CLI runs: handled as Ctrl-C is,
+    so a training run is marked interrupted and can be resumed."""
+
+    @staticmethod
+    def raise_it(signum, frame):  # the SIGTERM handler
+        raise Terminated()

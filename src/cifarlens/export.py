@@ -119,9 +119,16 @@ def export_onnx(
     from cifarlens.api import load_run
     from cifarlens.models import unwrap_model
 
+    import onnx
+
     log = log or (lambda line: None)
+    if not DEFAULT_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise CifarlensError(f"opset {opset} cannot be written here: torch's exporter writes opset {DEFAULT_OPSET} "
+                             f"natively, and this onnx knows opsets up to {onnx.defs.onnx_opset_version()}")
     run = load_run(run_dir, device="cpu", calibrated=calibrated)
     out = Path(out) if out is not None else run.path / ONNX_FILE
+    if out.is_dir():
+        raise CifarlensError(f"{out} is a folder; give the file to write, e.g. {out / ONNX_FILE}")
     model = unwrap_model(run.model).eval()
     if run.calibrated:
         model = _Scaled(model, run.temperature).eval()
@@ -135,7 +142,10 @@ def export_onnx(
                real_source: run.preprocess(real).cpu()}
     description = describe_run(run) | {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
                                        "output_is": "logits divided by the temperature" if run.calibrated else "logits",
-                                       "batch_dynamic": batch_dynamic}
+                                       "batch_dynamic": batch_dynamic,
+                                       # one view per image: predict, evaluate and the metrics average these
+                                       # views' outputs (serve --backend onnx does it around the graph)
+                                       "tta": {"flip": run.tta, "translate_px": run.tta_translate}}
 
     def write(tmp: Path) -> None:
         try:

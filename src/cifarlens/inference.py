@@ -8,6 +8,7 @@ predictions do not change. ``load_run(..., calibrated=False)`` gives the raw sof
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -111,7 +112,12 @@ class Run:
     @torch.no_grad()
     def predict_logits(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
         """Raw logits (B, num_classes) on the CPU (with the run's TTA, before any temperature)."""
-        return forward_tta(self.model, self.preprocess(images), self.tta, self.tta_translate).float().cpu()
+        return self.logits_of(self.preprocess(images))
+
+    @torch.no_grad()
+    def logits_of(self, x: Tensor) -> Tensor:
+        """:meth:`predict_logits` of a batch already preprocessed (:meth:`preprocess`)."""
+        return forward_tta(self.model, x, self.tta, self.tta_translate).float().cpu()
 
     @torch.no_grad()
     def predict_proba(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
@@ -119,13 +125,28 @@ class Run:
         temperature when it is calibrated."""
         return self.scale(self.predict_logits(images)).softmax(dim=1)
 
-    def predict(self, images: Sequence[ImageSource] | Tensor, topk: int = 5) -> list[Prediction]:
+    def predict(self, images: Sequence[ImageSource] | ImageSource | Tensor, topk: int = 5) -> list[Prediction]:
+        """The ``topk`` most probable classes of each image (one path, bytes or PIL image counts as a list of one)."""
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise CifarlensError(f"topk must be a whole number >= 1, got {topk!r}")
+        if not isinstance(images, (Tensor, list, tuple)):
+            images = [images]  # a path or bytes alone: not a sequence of characters
+        if len(images) == 0:
+            return []
         probs = self.predict_proba(images)
         values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
         return [
             Prediction([self.classes[i] for i in idx.tolist()], vals.tolist(), idx.tolist())
             for vals, idx in zip(values, indices)
         ]
+
+
+def last_weights(checkpoint: dict) -> dict:
+    """The weights a checkpoint's run validates and saves as its best: the EMA's when it has one."""
+    ema = checkpoint.get("ema")
+    if not ema:
+        return checkpoint["model"]
+    return {key.removeprefix("module."): value for key, value in ema.items() if key.startswith("module.")}
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", *, calibrated: bool = True) -> Run:
@@ -138,8 +159,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, calibrated: bool = Tru
     model = build_model(cfg, info)
     if run.weights.is_file():
         state, source = load_weights(run.weights), run.weights
-    elif run.last_checkpoint.is_file():  # a run stopped before its first improvement was saved
-        state, source = load_checkpoint(run.last_checkpoint)["model"], run.last_checkpoint
+    elif run.last_checkpoint.is_file():  # no best weights saved (or the file was lost): the last epoch's
+        state, source = last_weights(load_checkpoint(run.last_checkpoint)), run.last_checkpoint
+        warnings.warn(f"{run.weights} is missing: using the last epoch's weights from {source}, which may not be "
+                      "the best epoch's", stacklevel=2)
     else:
         raise CifarlensError(f"{run.path} has no trained weights yet (model.safetensors); train it first")
     load_state_into(model, state, source)

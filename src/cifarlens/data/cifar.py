@@ -270,7 +270,8 @@ def _extract(archive: Path, data_dir: Path, layout: CifarLayout) -> None:
             raise CifarlensError(f"archive {archive} does not contain {layout.folder}/; {fix}")
         os.replace(extracted, data_dir / layout.folder)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise CifarlensError(f"could not extract {archive} ({type(e).__name__}: {e}); {fix}") from e
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # tarfile's messages run over several lines
+        raise CifarlensError(f"could not extract {archive} ({type(e).__name__}: {first}); {fix}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

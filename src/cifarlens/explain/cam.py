@@ -321,6 +321,8 @@ def explain_run(run, images, *, method: str = "gradcam", target=None, layer: str
 
     ``images``: file paths, bytes or PIL images (or one of them), or a uint8 tensor (B, C, H, W)
     or (C, H, W). ``target``: None (predicted class), a class name or index, or one per image.
+    ``predictions`` and ``probs`` are the run's own (its TTA, calibrated when it is), as
+    :meth:`Run.predict` gives them; the map is of the plain image.
     """
     from PIL import Image
 
@@ -329,4 +331,11 @@ def explain_run(run, images, *, method: str = "gradcam", target=None, layer: str
     if isinstance(images, Tensor) and images.ndim == 3:
         images = images[None]
     x = run.preprocess(images)  # normalised with the run's own mean/std
-    return explain(run.model, x, method=method, target=resolve_class(target, run.classes), layer=layer)
+    # the prediction and its probability as predict, evaluate and serve give them (the run's TTA and
+    # temperature); the map explains the predicted class of that, unless told another
+    probs = run.scale(run.logits_of(x)).softmax(dim=1)
+    predicted = probs.argmax(dim=1)
+    chosen = resolve_class(target, run.classes)
+    expl = explain(run.model, x, method=method, target=predicted.tolist() if chosen is None else chosen, layer=layer)
+    expl.predictions, expl.probs = predicted, probs
+    return expl

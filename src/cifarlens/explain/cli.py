@@ -118,11 +118,11 @@ def _files(run, paths: list[str]) -> Selection:
     from cifarlens.images import load_image
 
     images = torch.stack([load_image(p, run.info.in_channels, run.info.image_size) for p in paths])
-    names, seen = [], set()
+    names, seen = [], {"gallery", "class_average"}  # the summary figures' names: a panel never overwrites them
     for p in paths:
         stem = Path(p).stem or "image"
         name, k = stem, 2
-        while name in seen:  # two files with one name in different folders
+        while name in seen:  # two files with one name in different folders, or a summary's name
             name, k = f"{stem}-{k}", k + 1
         seen.add(name)
         names.append(name)
@@ -162,8 +162,9 @@ def _confident_mistakes(run, data, n: int) -> Tensor:
     from cifarlens.engine import Precision, predict_logits
 
     loader = make_loader(data, run.info, EVAL_BATCH_SIZE, run.device)
-    logits, labels = predict_logits(run.model, loader, Precision(run.device))
-    confidence, prediction = logits.softmax(dim=1).max(dim=1)
+    # with the run's TTA and temperature: the mistakes evaluate counted, at the confidence predict gives
+    logits, labels = predict_logits(run.model, loader, Precision(run.device), run.tta, run.tta_translate)
+    confidence, prediction = run.scale(logits).softmax(dim=1).max(dim=1)
     wrong = (prediction != labels).nonzero()[:, 0]
     return wrong[confidence[wrong].argsort(descending=True, stable=True)][:n]
 

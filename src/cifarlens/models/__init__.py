@@ -8,6 +8,7 @@ in a module imported below.
 
 from cifarlens.models.registry import (
     MODELS,
+    check_input_size,
     create_model,
     default_model,
     default_recipe,
@@ -21,4 +22,4 @@ from cifarlens.models.registry import (
 from cifarlens.models import fastnet, lensnet, preact_resnet  # noqa: E402,F401  isort: skip
 from cifarlens.models import pretrained, resnet_cifar, wide_resnet  # noqa: E402,F401  isort: skip
 
-__all__ = ["MODELS", "create_model", "default_model", "default_recipe", "list_models", "model_info", "register_model", "unwrap_model"]
+__all__ = ["MODELS", "check_input_size", "create_model", "default_model", "default_recipe", "list_models", "model_info", "register_model", "unwrap_model"]

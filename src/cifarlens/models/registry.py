@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
@@ -98,6 +98,27 @@ def model_info(model: nn.Module) -> dict[str, Any]:
         "in_channels": getattr(m, "in_channels", None),
         "cam_layer": getattr(m, "cam_layer", None),
     }
+
+
+def check_input_size(model: nn.Module, in_channels: int, sides: Iterable[int], name: str) -> None:
+    """Raise :class:`CifarlensError` when ``model`` (``name``) cannot take images of one of these
+    widths, e.g. 8x8 images for a network that halves them four times: one zero image each, in
+    eval mode, so a run can refuse them before it creates its folder."""
+    import torch
+
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    try:
+        for side in sorted(set(sides)):
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, in_channels, side, side, device=device))
+            except RuntimeError as err:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise CifarlensError(f"model {name} cannot take {side}x{side} images ({first}); give larger "
+                                     "images (data.image_size, train.progressive_res) or another model") from None
+    finally:
+        model.train(was_training)
 
 
 def forward_flops(name: str, num_classes: int, in_channels: int, image_size: int, **kwargs: Any) -> int | None:

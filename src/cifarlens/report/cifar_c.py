@@ -64,7 +64,8 @@ def evaluate_files(run, corruptions_dir, *, severities: Sequence[int] = ALL_SEVE
     k = len(run.classes)
     cdir = CorruptionsDir(corruptions_dir, num_classes=k)  # labels beyond the run's classes: a clear error
     present = cdir.check()  # every file's header, before the long part: a truncated file fails now
-    names = list(corruptions) if corruptions is not None else present
+    names = list(dict.fromkeys(corruptions)) if corruptions is not None else present  # each once, in order
+    severities = list(dict.fromkeys(int(s) for s in severities))
     missing = [n for n in names if n not in present]
     if missing or not names:
         raise CifarlensError(f"{corruptions_dir} has no {', '.join(missing) or 'corruption'} .npy file "
@@ -124,8 +125,16 @@ def corruption_errors(table: RobustnessTable, reference: RobustnessTable) -> dic
         ref_err, ref_rel = _summed_errors(reference, name)
         per[name] = {"ce": err / ref_err if ref_err > 0 else float("nan"),
                      "relative_ce": rel / ref_rel if ref_rel > 0 else float("nan")}
-    mean = lambda key: sum(v[key] for v in per.values()) / len(per) if per else float("nan")  # noqa: E731
+    def mean(key: str) -> float:  # over the corruptions where it is defined (the reference's error above 0)
+        defined = [v[key] for v in per.values() if not math.isnan(v[key])]
+        return sum(defined) / len(defined) if defined else float("nan")
+
     return {"per_corruption": per, "mce": mean("ce"), "relative_mce": mean("relative_ce"), "corruptions": shared}
+
+
+def _percent(x: float, width: int = 0) -> str:
+    """A CE as "93.1%", or "n/a" where the reference gives nothing to divide by."""
+    return f"{'n/a' if math.isnan(x) else f'{x:.1%}':>{width}}"
 
 
 def load_reference(path: str | Path) -> RobustnessTable:
@@ -157,13 +166,16 @@ def format_result(table: RobustnessTable, errors: dict | None = None) -> str:
         line += f"{table.mean_accuracy(name):>8.2%}"
         if errors and name in errors["per_corruption"]:
             e = errors["per_corruption"][name]
-            line += f"{e['ce']:>8.1%}{e['relative_ce']:>9.1%}"
+            line += _percent(e["ce"], 8) + _percent(e["relative_ce"], 9)
         lines.append(line)
     lines.append(f"mean corruption accuracy {table.mean_accuracy():.2%} over {len(table.corruptions())} corruptions "
                  f"x {len(sev)} severities")
     if errors:
-        lines.append(f"mCE {errors['mce']:.1%}, relative mCE {errors['relative_mce']:.1%} against the reference "
-                     "(100 % = as robust as the reference; lower is better)")
+        undefined = sum(math.isnan(e["relative_ce"]) for e in errors["per_corruption"].values())
+        lines.append(f"mCE {_percent(errors['mce'])}, relative mCE {_percent(errors['relative_mce'])} against the "
+                     "reference (100 % = as robust as the reference; lower is better)"
+                     + (f"; relative CE n/a for {undefined} corruption{'s' * (undefined > 1)} that did not lower the "
+                        "reference's accuracy, left out of the relative mCE" if undefined else ""))
     worst = _weakest_class(table)
     if worst:
         lines.append(worst)

@@ -30,7 +30,7 @@ def cmd_robustness(args) -> int:
         raise CifarlensError(f"--severities must lie in 1..{cifar_c.MAX_SEVERITY}, got {args.severities}")
     if args.images is not None and args.images < 1:
         raise CifarlensError(f"--images must be >= 1, got {args.images}")
-    names = [n.strip() for n in args.corruptions.split(",")] if args.corruptions else None
+    names = list(dict.fromkeys(n.strip() for n in args.corruptions.split(",") if n.strip())) if args.corruptions else None
     unknown = [n for n in names or [] if n not in cifar_c.list_corruptions()]
     if unknown:
         raise CifarlensError(f"unknown corruption {', '.join(unknown)}; choose from: {', '.join(cifar_c.list_corruptions())}")
@@ -58,9 +58,12 @@ def _int_list(text: str, flag: str) -> list[int]:
     from cifarlens.errors import CifarlensError
 
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = list(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))  # in order, each once
     except ValueError:
-        raise CifarlensError(f"{flag} expects comma-separated integers, e.g. 1,3,5; got {text!r}") from None
+        values = []
+    if not values:
+        raise CifarlensError(f"{flag} expects comma-separated integers, e.g. 1,3,5; got {text!r}")
+    return values
 
 
 def cmd_baselines(args) -> int:

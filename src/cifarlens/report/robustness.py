@@ -245,7 +245,8 @@ def robustness(
     would end after the deadline. Corruptions run on the CPU (some need PIL or numpy); the model
     runs on the run's device.
     """
-    names, unavailable = _names(corruptions)
+    names, unavailable = _names(None if corruptions is None else list(dict.fromkeys(corruptions)))
+    severities = list(dict.fromkeys(int(s) for s in severities))  # each cell once: a repeat would count twice
     _check(split, names, [severities], clean_correct)
     grid = _Grid(run, split, seed, batch_size)
     rounds = [subset_indices(len(split), max_images, seed)] if deadline is None else _rounds(len(split), max_images, seed)

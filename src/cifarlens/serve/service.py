@@ -159,11 +159,10 @@ class Service:
         start = time.perf_counter()
         with self.slots:
             image = self.decode(data, filename)  # (C, H, W) uint8
-            # the prediction and probabilities are the run's own (with its flip TTA, as
+            # explain_run's prediction and probabilities are the run's own (with its TTA, as
             # /api/predict reports them); the map explains that class on the image as given
-            probs = self.run.predict_proba(image[None])[0]
-            predicted = int(probs.argmax())
-            exp = explain_run(self.run, image[None], method=method, target=predicted if target is None else target)
+            exp = explain_run(self.run, image[None], method=method, target=target)
+            probs, predicted = exp.probs[0], int(exp.predictions[0])
             rgb = overlay(image, exp.maps[0])  # (H, W, 3) uint8
         buf = io.BytesIO()
         Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buf, format="PNG")

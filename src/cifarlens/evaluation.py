@@ -1,0 +1,107 @@
+"""Calibrate and evaluate a finished run: its temperature on the validation split, and its
+metrics, predictions and confusion matrix on a split (what ``cifarlens evaluate`` writes)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from cifarlens import metrics as M
+from cifarlens.calibration import TemperatureFit, calibration_summary, fit_temperature
+from cifarlens.data.base import Split
+from cifarlens.data.pipeline import DataBundle, make_loader
+from cifarlens.engine import Precision, predict_logits
+from cifarlens.errors import CifarlensError
+from cifarlens.inference import load_run
+from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
+from cifarlens.runs import SPLIT_FILES, RunDir
+
+EVAL_BATCH_SIZE = 512
+
+
+def calibrate_run(
+    run_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    device: str = "auto",
+    bundle: DataBundle | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TemperatureFit | None:
+    """Fit the run's temperature on its validation split (the best weights, with the run's TTA)
+    and record it in run.json (``calibration``), where :func:`load_run` finds it. Returns the
+    fit, or None when the run has no validation images (nothing is recorded then)."""
+    run = RunDir(run_dir)
+    loaded = load_run(run.path, device=device, calibrated=False)
+    val: Split = loaded.data(data_dir, bundle).val
+    say = log or run.log
+    if len(val) == 0:
+        say("calibration skipped: the run has no validation images to fit a temperature on")
+        return None
+    loader = make_loader(val, loaded.info, EVAL_BATCH_SIZE, loaded.device)
+    logits, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta, loaded.tta_translate)
+    fit = fit_temperature(logits, labels)
+    run.write_meta(calibration={**fit.as_dict(), "fitted_on": "val"})
+    say(f"calibration: temperature {fit.temperature:.3f} fitted on {fit.images} validation images "
+        f"(NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}, ECE {fit.ece_before:.2%} -> {fit.ece_after:.2%})")
+    return fit
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    data_dir: str | None = None,
+    device: str = "auto",
+    bundle: DataBundle | None = None,
+    calibrated: bool = True,
+) -> dict:
+    """Evaluate a run's best weights on ``split`` and write metrics, predictions and plots.
+
+    With ``calibrated`` (default) and a fitted temperature, confidences, NLL and the predictions
+    file use calibrated probabilities; ``calibration`` in the result gives ECE and NLL with and
+    without it (accuracy is the same either way)."""
+    if split not in ("test", "val"):
+        raise CifarlensError(f"--split must be test or val, got {split!r}")
+    run = RunDir(run_dir)
+    loaded = load_run(run.path, device=device, calibrated=calibrated)
+    data: Split = getattr(loaded.data(data_dir, bundle), split)
+    if split == "val" and len(data) == 0:
+        raise CifarlensError(f"{run.path} has no validation images (data.val_fraction 0); evaluate --split test")
+    # Normalise with the run's own statistics (for imagefolder they came from its training data).
+    loader = make_loader(data, loaded.info, EVAL_BATCH_SIZE, loaded.device)
+    raw, labels = predict_logits(loaded.model, loader, Precision(loaded.device), loaded.tta, loaded.tta_translate)
+    logits = loaded.scale(raw)
+    result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
+    if len(labels):
+        result["calibration"] = calibration_summary(raw, labels, loaded.temperature)
+    write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw)
+    return result
+
+
+def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labels: Tensor,
+                     classes: Sequence[str], raw_logits: Tensor | None = None) -> None:
+    """metrics, predictions (with ``raw_logits``, also the top-1 confidence before calibration),
+    a text report and the confusion matrix of one split."""
+    from cifarlens.plots import plot_confusion_matrix
+
+    metrics_file, predictions_file, report_file, cm_file = (run.split_file(p, split) for p in SPLIT_FILES)
+    atomic_write_json(metrics_file, result)
+    probs = logits.softmax(dim=1)
+    confidence, prediction = probs.max(dim=1)
+    raw = (raw_logits if raw_logits is not None else logits).softmax(dim=1).gather(1, prediction[:, None])[:, 0]
+
+    def write_predictions(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "label", "prediction", "confidence", "confidence_uncalibrated"])
+            for i, (y, p, c, r) in enumerate(zip(labels.tolist(), prediction.tolist(), confidence.tolist(), raw.tolist())):
+                writer.writerow([i, classes[y], classes[p], f"{c:.6f}", f"{r:.6f}"])
+
+    atomic_write(predictions_file, write_predictions)
+    atomic_write_text(report_file, M.classification_report_text(result))
+    cm = torch.tensor(result["confusion_matrix"])
+    plot_confusion_matrix(cm, classes, cm_file, title=f"{run.path.name}: {split} ({len(labels)} images)")

@@ -1,0 +1,190 @@
+"""User mistakes and signals around ``cifarlens train``: refused before anything is written,
+recorded as they happened, and never at the cost of an earlier run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlens.api import train
+from cifarlens.cli import main
+from cifarlens.config import RunConfig, merge
+from cifarlens.engine import TrainingDiverged
+from conftest import TINY, make_cifar10, make_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guards")
+    data = make_fashion_mnist(root / "data", n_train=200, n_test=40)
+    out = root / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--no-report", "--out", str(out), *TINY]) == 0
+    return out, data
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recipe", "reference", "--set", "train.optimizer=sgd", "--set", "train.nesterov=true",
+      "--set", "train.momentum=0"], "train.momentum must be in [0, 1), and > 0 with train.nesterov"),
+    (["--set", "train.momentum=-3"], "train.momentum must be in [0, 1)"),
+    (["--recipe", "reference", "--set", "train.plateau_factor=1"], "train.plateau_factor must be in (0, 1)"),
+    (["--lr", "inf"], "train.lr must be > 0 and finite"),
+    (["--set", "data.image_size=4"], "cannot take 4x4 images"),
+])
+def test_a_bad_setting_with_force_leaves_the_finished_run_as_it_was(finished_run, tmp_path, capsys, flags, message):
+    """These settings used to fail after --force had emptied the folder (the optimizer, the schedule
+    or the first forward pass refused them): now they are refused first, and the run stays whole."""
+    out, data = finished_run
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    model = ["--model", "fastnet_cpu", "--set", "model.kwargs={widths: [8, 16]}"] if "image_size" in flags[1] else TINY
+    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--no-report", "--out", str(out), "--force", *model, *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_validation_loss_that_is_not_finite_stops_the_run_as_diverged(tmp_path):
+    """The training loss can stay finite while the weights the run validates have blown up (here:
+    BatchNorm statistics poisoned after epoch 1); the run stops there instead of "finishing"
+    without best weights."""
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=20, n_test=20)
+    cfg = merge(RunConfig(), {
+        "data": {"dataset": "cifar10", "data_dir": str(data.data_dir), "download": False},
+        "model": {"name": "lensnet_light", "kwargs": {"widths": [4], "depths": [1]}},
+        "train": {"recipe": "reference", "batch_size": 32, "epochs": 3},
+    })
+
+    def poison(state, model):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.fill_(math.nan)
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"the validation loss became nan after epoch 2 \(training loss"):
+        train(cfg, run, on_epoch_end=poison, report=False)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "diverged" and meta["epochs_done"] == 1
+    assert (run / "model.safetensors").is_file()  # epoch 1's weights stay the best
+
+
+def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path):
+    data = make_fashion_mnist(tmp_path / "data", n_train=400, n_test=40)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "200",
+            "--no-report", "--out", str(out), *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "history.csv").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (out / "history.csv").is_file(), "no epoch finished"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and "Traceback" not in err
+    assert f"terminated; continue with: cifarlens train --resume {out}" in err
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "interrupted" and meta["epochs_done"] >= 1
+
+
+def test_a_relative_data_dir_is_saved_absolute_so_the_run_works_from_anywhere(tmp_path, monkeypatch):
+    make_fashion_mnist(tmp_path / "here" / "fm", n_train=200, n_test=40)
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", "fm", "--epochs", "1", "--no-report",
+                 "--out", str(tmp_path / "run"), *TINY]) == 0
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"data_dir: {tmp_path / 'here' / 'fm'}" in config
+    monkeypatch.chdir(tmp_path)  # where "fm" is not
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    assert not (tmp_path / "fm").exists()  # nothing was downloaded or created here
+
+
+def test_a_path_the_machine_refuses_gives_one_line(finished_run, tmp_path, capsys):
+    _, data = finished_run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--no-report", "--out", str(blocker / "run"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("cifarlens: error: Not a directory") and str(blocker) in err, err
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """fastnet_cpu with fast_cpu: an EMA of the weights, flip TTA and a fitted temperature."""
+    from conftest import train_tiny_cifar10
+
+    return train_tiny_cifar10(tmp_path_factory.mktemp("ema"), "--set", "model.kwargs={widths: [8, 16]}")
+
+
+def test_explain_gives_the_prediction_and_probability_predict_gives(ema_run):
+    """explain once captioned its maps with a plain softmax of one view, while predict, evaluate and
+    serve use the run's TTA and temperature; --mistakes then picked images evaluate counted right."""
+    from cifarlens.api import load_run
+    from cifarlens.explain import explain_run
+
+    run = load_run(ema_run[0])
+    assert run.tta and run.calibrated
+    images = run.data().test.images[:16]
+    expl = explain_run(run, images)
+    probs = run.predict_proba(images)
+    assert torch.allclose(expl.probs, probs, atol=1e-6)
+    assert torch.equal(expl.predictions, probs.argmax(1)) and torch.equal(expl.targets.cpu(), probs.argmax(1))
+    other = explain_run(run, images, target=3)  # a chosen class: the map changes, the prediction does not
+    assert torch.equal(other.predictions, expl.predictions) and (other.targets == 3).all()
+
+
+def test_a_run_that_lost_its_best_weights_warns_and_uses_the_weights_it_validated(ema_run, tmp_path):
+    import shutil
+
+    from cifarlens.api import load_run
+    from cifarlens.checkpoint import load_weights
+
+    copy = tmp_path / "run"
+    shutil.copytree(ema_run[0], copy)
+    best = load_weights(copy / "model.safetensors")  # 1 epoch: the best epoch is the last
+    (copy / "model.safetensors").unlink()
+    with pytest.warns(UserWarning, match="model.safetensors is missing: using the last epoch's weights"):
+        run = load_run(copy)
+    state = run.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in best.items())  # the EMA's, not the raw model's
+
+
+def test_predict_takes_one_image_alone_and_refuses_a_topk_below_1(ema_run, capsys):
+    from cifarlens.api import load_run
+    from cifarlens.errors import CifarlensError
+    from PIL import Image
+
+    run = load_run(ema_run[0])
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    assert run.predict(image, topk=2)[0].labels == run.predict([image], topk=2)[0].labels
+    assert run.predict([]) == []
+    with pytest.raises(CifarlensError, match="topk must be a whole number >= 1"):
+        run.predict([image], topk=0)
+    path = ema_run[0] / "red.png"
+    image.save(path)
+    assert main(["predict", str(ema_run[0]), str(path), "--topk", "-1"]) == 2
+    assert "topk must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_an_image_named_like_a_summary_figure_keeps_its_own_panel(ema_run, tmp_path, capsys):
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("gallery", "class_average", "ship"):
+        Image.new("RGB", (32, 32), (10, 90, 200)).save(src / f"{name}.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(ema_run[0]), *(str(p) for p in sorted(src.iterdir())), "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert {"gallery.png", "gallery-2.png", "class_average-2.png", "ship.png"} <= set(names), names
