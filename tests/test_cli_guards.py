@@ -188,3 +188,11 @@ def test_an_image_named_like_a_summary_figure_keeps_its_own_panel(ema_run, tmp_p
     assert main(["explain", str(ema_run[0]), *(str(p) for p in sorted(src.iterdir())), "--out", str(out)]) == 0
     names = sorted(p.name for p in out.glob("*.png"))
     assert {"gallery.png", "gallery-2.png", "class_average-2.png", "ship.png"} <= set(names), names
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
+    out, _ = finished_run
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "has finished training: nothing to resume" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -313,6 +313,18 @@ def test_report_options_skip_parts_but_keep_their_headings(reported_run, tmp_pat
     assert "Skipped (--no-gradcam)." in section(page, "gradcam")
 
 
+def test_a_run_killed_without_a_trace_shows_the_epochs_of_its_history(reported_run, tmp_path):
+    """SIGKILL leaves run.json at "running" with no epochs_done; history.csv still has the epochs."""
+    copy = tmp_path / "killed"
+    shutil.copytree(reported_run, copy)
+    meta = json.loads((copy / "run.json").read_text())
+    meta.pop("epochs_done")
+    meta["status"] = "running"
+    (copy / "run.json").write_text(json.dumps(meta))
+    assert main(["report", str(copy), "--device", "cpu", "--no-robustness", "--no-gradcam"]) == 0
+    assert "2 done of 2 planned" in (copy / "report.html").read_text()
+
+
 def test_gallery_shows_no_evidence_for_empty_maps_and_degrades_without_explain(reported_run, monkeypatch):
     from types import SimpleNamespace
 

@@ -89,6 +89,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         run.require_run()
         if not run.last_checkpoint.is_file():
             raise CifarlensError(f"{run.path} has no checkpoints/last.pt to resume from; start it again with --force")
+        if run.meta().get("status") == "finished":
+            raise CifarlensError(f"{run.path} has finished training: nothing to resume (cifarlens evaluate "
+                                 f"{run.path} evaluates it again)")
         device_override = cfg.train.device
         cfg = run.config()
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))

@@ -130,6 +130,15 @@ def _confusion_png(rd, metrics: dict, cm: Tensor, classes: Sequence[str]) -> byt
     return file_png(plot_confusion_matrix, cm, classes, title=f"{rd.path.name}: test ({int(cm.sum())} images)")
 
 
+def _epochs_done(rd, meta: dict) -> int | None:
+    """run.json's count, else (a run killed before it could write one) the epochs in history.csv."""
+    from cifarlens.report.figures import read_history
+
+    if meta.get("epochs_done") is not None:
+        return meta["epochs_done"]
+    return len(read_history(rd / "history.csv")) or None
+
+
 def _curves_png(rd, meta: dict) -> bytes | None:
     """The run's curves.png once training finished (it is drawn then), else drawn from history.csv."""
     from cifarlens.plots import plot_training_curves
@@ -261,7 +270,7 @@ def build_report_data(
             config=to_dict(saved_cfg),  # as the run saved it, not with the --data-dir override
             environment=environment,
             meta=meta,
-            budget=Budget(epochs_done=meta.get("epochs_done"), epochs_planned=saved_cfg.train.epochs,
+            budget=Budget(epochs_done=_epochs_done(rd, meta), epochs_planned=saved_cfg.train.epochs,
                           train_seconds=meta.get("train_seconds"), device=str(environment.get("device", "?")),
                           device_name=str(environment.get("device_name") or ""), status=str(meta.get("status", "")),
                           best_epoch=meta.get("best_epoch")),
