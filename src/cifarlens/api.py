@@ -42,9 +42,10 @@ from cifarlens.recipes import (
     resolve_train,
     schedule_steps,
 )
-from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401 (re-exported)
+from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, load_run  # noqa: F401 (re-exported)
 from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
+
 
 def train(
     cfg: RunConfig,
@@ -150,11 +151,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         plan = plan_budget(model, train_loader, val_loader, precision, tc, tta=tc.tta and info.hflip)
         cfg, tc, state.setup_seconds = replace(cfg, train=plan.train), plan.train, plan.probe_s
         why["epochs"] = f"time budget {tc.time_budget:g} s"  # the loader starts each epoch afresh: no trace of timing
+    # built before the run folder exists (or --force empties it): a setting they refuse leaves none behind
     if tc.sync_bn and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     ema = make_ema(model, tc.ema_decay)
     tta = tc.tta and info.hflip
-    optimizer = build_optimizer(param_groups(model, tc), tc)  # head and backbone groups; before the run folder: a bad setting leaves none
+    optimizer = build_optimizer(param_groups(model, tc), tc)  # head and backbone groups
     scheduler = build_scheduler(optimizer, tc, len(train_loader))
     if not resume:
         failed = None
