@@ -42,6 +42,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
   | tee -a "$OUT/device.txt"
 NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 
+step "CUDA tests"
+# first: they need no data, so a missing copy below still leaves their result
+# the modules that hold them (collecting all of tests/ would import the web, tune and browser test deps)
+"$PY" -m pytest -q -m gpu -rs tests/test_gpu.py tests/test_engine.py tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt" || status=1
+
 step "CIFAR-10 JPEG copy"
 DATA=${CIFAR10_COPY:-}
 if [ -z "$DATA" ]; then
@@ -65,10 +70,6 @@ if [ -n "$SUBSET" ]; then  # a small copy of the copy, for a dry run of the plum
   DATA=$SMALL
 fi
 echo "data: $DATA ($(find "$DATA" -name '*.jpg' | wc -l) images)" | tee "$OUT/data.txt"
-
-step "CUDA tests"
-# the modules that hold them (collecting all of tests/ would import the web, tune and browser test deps)
-"$PY" -m pytest -q -m gpu -rs tests/test_gpu.py tests/test_engine.py tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt" || status=1
 
 step "CIFAR-10 (JPEG copy), fastnet + fast, $SEEDS seeds"
 bench --dataset cifar10 --data-dir "$DATA" --no-download --model fastnet --recipe fast --device "$DEVICE" $EPOCHS \

@@ -315,7 +315,8 @@ def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, dev
             ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        precision.scaler.load_state_dict(ckpt["scaler"])
+        if precision.scaler.is_enabled() and ckpt["scaler"]:  # {} from a run without fp16 (CPU, bf16 GPU)
+            precision.scaler.load_state_dict(ckpt["scaler"])
         return FitState(**ckpt["state"])
     except (KeyError, TypeError, ValueError) as err:
         raise CifarlensError(f"{run.last_checkpoint} is incomplete ({err}); start the run again with --force") from None

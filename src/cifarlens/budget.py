@@ -250,6 +250,7 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
     batches = itertools.chain([first], batches)
     sides = possible_sides(cfg, full_side)
     probe = copy.deepcopy(model)
+    precision = Precision(precision.device, precision.dtype, precision.channels_last)  # its own fp16 loss scale
     optimizer = build_optimizer(param_groups(probe, cfg), cfg)
     for group in optimizer.param_groups:  # the same work at lr 0: no warm-up here, and nothing to diverge
         group["lr"] = 0.0
@@ -271,9 +272,13 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
     step_s = smaller_costs_no_more({side: statistics.median(t) for side, t in times.items()})
     eval_s = 0.0
     if val_loader is not None:
+        some = list(itertools.islice(iter(val_loader), EVAL_BATCHES + 1))
+        evaluated = ema.module if ema is not None else probe
+        evaluate(evaluated, some[:1], precision, tta, cfg.tta_translate or 0)  # untimed: cuDNN/oneDNN set up
+        sync()
+        some = some[1:] or some
         began = time.perf_counter()
-        some = list(itertools.islice(iter(val_loader), EVAL_BATCHES))
-        evaluate(ema.module if ema is not None else probe, some, precision, tta, cfg.tta_translate or 0)
+        evaluate(evaluated, some, precision, tta, cfg.tta_translate or 0)
         sync()
         eval_s = (time.perf_counter() - began) / len(some) * len(val_loader)
     del probe, optimizer, ema

@@ -17,7 +17,7 @@ import torch
 
 from cifarlens.errors import CifarlensError
 
-__all__ = ["cpu_has_native_bf16", "device_description", "resolve_device", "retain_freed_memory"]
+__all__ = ["cpu_has_native_bf16", "device_description", "gpu_has_native_bf16", "resolve_device", "retain_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
@@ -69,6 +69,14 @@ def cpu_has_native_bf16() -> bool:
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@functools.cache
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """Whether this CUDA GPU computes bf16 in hardware (compute capability 8.0 on: A100, RTX 30xx,
+    H100). ``torch.cuda.is_bf16_supported()`` also says yes on older GPUs (V100, T4), where bf16 is
+    emulated and cuDNN has no bf16 convolutions; those train in fp16 with a grad scaler."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @functools.cache

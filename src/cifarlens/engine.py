@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from cifarlens.device import cpu_has_native_bf16, device_description, resolve_device  # noqa: F401  (re-exported)
+from cifarlens.device import cpu_has_native_bf16, device_description, gpu_has_native_bf16, resolve_device  # noqa: F401
 from cifarlens.distributed import all_reduce_sum
 from cifarlens.epochs import epoch_steps, progressive_side
 from cifarlens.errors import CifarlensError
@@ -74,7 +74,7 @@ class Precision:
             return cls(device, torch.bfloat16 if cpu_amp else None, channels_last)
         dtype = None
         if amp:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            dtype = torch.bfloat16 if gpu_has_native_bf16(device) else torch.float16
         return cls(device, dtype, channels_last)
 
     def autocast(self):
@@ -99,18 +99,24 @@ class WeightEMA(AveragedModel):
     The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that short runs on
     small datasets are not left averaging their random initialisation. Unlike
     ``AveragedModel.update_parameters`` (torch 2.14), the update never reads ``n_averaged`` back
-    to the host (it does twice per call there: two GPU pipeline stalls per training step); whether
-    the average has started is kept on the host, and refreshed when a checkpoint is loaded.
+    to the host (it does twice per call there: two GPU pipeline stalls per training step), nor
+    copies it to the GPU (``AveragedModel`` keeps it on the CPU, and a blocking copy from there
+    waits for the GPU too): the count is kept on the host (``updates``), ``n_averaged`` follows it
+    for checkpoints and refreshes it when one is loaded.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         super().__init__(model, use_buffers=True)
         self.decay = decay
-        self.started = False  # False until the first update, which copies the weights
+        self.updates = 0  # the first update copies the weights
+
+    @property
+    def started(self) -> bool:
+        return self.updates > 0
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict, assign)
-        self.started = bool(self.n_averaged > 0)  # one host read, at load time
+        self.updates = int(self.n_averaged)  # one host read, at load time (a CPU tensor)
         return result
 
     @torch.no_grad()
@@ -126,12 +132,12 @@ class WeightEMA(AveragedModel):
             if not self.started or not dtype.is_floating_point:  # integer buffers (BatchNorm's counter) are copied
                 torch._foreach_copy_(averages, currents)
                 continue
-            n = self.n_averaged.to(device, torch.float32)  # a tensor: no host read
-            d = torch.clamp((1 + n) / (10 + n), max=self.decay)
+            n = self.updates
+            d = min((1 + n) / (10 + n), self.decay)  # a host float: nothing read back or copied over
             torch._foreach_mul_(averages, d)
             torch._foreach_add_(averages, torch._foreach_mul(currents, 1 - d))
-        self.started = True
-        self.n_averaged += 1
+        self.updates += 1
+        self.n_averaged += 1  # a CPU tensor (AveragedModel's), for checkpoints
 
 
 DIVERGED_FIX = "lower --lr (or set train.grad_clip) and start again, or --resume from the last good checkpoint"

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from cifarlens.device import cpu_has_native_bf16
+from cifarlens.device import cpu_has_native_bf16, gpu_has_native_bf16
 
 # The quintic iteration's coefficients (a, b, c) and step count from the Muon post: they push
 # every singular value of the normalised matrix towards 1 fast, ending in roughly [0.7, 1.2].
@@ -32,11 +32,13 @@ NS_STEPS = 5
 def orthogonalize(g: Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> Tensor:
     """An approximation of ``U V^T`` for the 2-D ``g = U S V^T``, of ``g``'s shape and dtype.
 
-    Runs in bf16 on CUDA (as the post does) and on CPUs with native bf16 (AVX512-BF16, AMX), in
-    fp32 elsewhere (emulated bf16 is slower). Never reads a value back to the host.
+    Runs in bf16 on GPUs with native bf16 (as the post does) and on CPUs with native bf16
+    (AVX512-BF16, AMX), in fp32 elsewhere (emulated bf16 is slower). Never reads a value back to
+    the host.
     """
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.is_cuda or cpu_has_native_bf16() else torch.float32)
+    native = gpu_has_native_bf16(g.device) if g.is_cuda else cpu_has_native_bf16()
+    x = g.to(torch.bfloat16 if native else torch.float32)
     tall = x.shape[0] > x.shape[1]
     if tall:  # iterate on the wide orientation: its Gram matrix x @ x.T is the smaller one
         x = x.T
