@@ -196,3 +196,12 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, capsy
     assert main(["train", "--resume", str(out)]) == 2
     assert "has finished training: nothing to resume" in capsys.readouterr().err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_time_budget_with_nproc_is_refused_before_torchrun_starts(finished_run, tmp_path, capsys):
+    _, data = finished_run
+    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--time-budget", "1m",
+                 "--nproc", "2", "--no-report", "--out", str(tmp_path / "run"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "drop --nproc" in err and len(err.splitlines()) == 1, err  # no torchrun lines
+    assert not (tmp_path / "run").exists()

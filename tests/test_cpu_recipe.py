@@ -108,7 +108,7 @@ def test_tuning_refuses_a_recipe_without_validation_split(tmp_path):
     from cifarlens.tune.search import Tuner
 
     cfg = merge(RunConfig(), {"train": {"recipe": "fast_cpu_10min", "device": "cpu"}})
-    with pytest.raises(CifarlensError, match="recipe fast_cpu_10min trains without one"):
+    with pytest.raises(CifarlensError, match="set by --set/--config or by recipe fast_cpu_10min"):
         Tuner(cfg, tmp_path / "study", trials=1)
 
 

@@ -211,6 +211,8 @@ def launch_torchrun(args) -> int:
         from cifarlens.recipes import resolve_train
 
         tc = resolve_train(config_from_args(args).train)
+        if tc.time_budget:
+            raise CifarlensError("train.time_budget times single-process steps: drop --nproc, or give --epochs instead")
         check_batch_size(tc.batch_size, World(0, args.nproc))
         if tc.sync_bn and resolve_device(tc.device).type != "cuda":
             raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
@@ -235,8 +237,9 @@ def launch_torchrun(args) -> int:
         raise CifarlensError(f"a training process failed (exit code {', '.join(map(str, codes))}); "
                              "its message is above") from None
     except SignalException as err:  # torchrun stopped the ranks; their last checkpoint stands
-        raise CifarlensError(f"stopped by signal {err.sigval.name}; continue with: cifarlens train --resume "
-                             f"{args.resume if isinstance(args.resume, str) else args.out} --nproc {args.nproc}") from None
+        print(f"cifarlens: stopped by signal {err.sigval.name}; continue with: cifarlens train --resume "
+              f"{args.resume if isinstance(args.resume, str) else args.out} --nproc {args.nproc}", file=sys.stderr)
+        return 128 + int(err.sigval)  # as a shell reports a process a signal ended: 143 for SIGTERM
     return 0
 
 

@@ -88,8 +88,8 @@ class Tuner:
         # a model and recipe left unset are chosen once, for this machine, and fixed for every trial
         base_cfg, _ = resolve_choices(base_cfg, resolve_device(base_cfg.train.device).type)
         if base_cfg.data.val_fraction == 0:
-            raise CifarlensError(f"tuning scores trials on the validation split: set data.val_fraction > 0 (recipe "
-                                 f"{base_cfg.train.recipe} trains without one)")
+            raise CifarlensError("tuning scores trials on the validation split: set data.val_fraction > 0 (it is 0 "
+                                 f"here, set by --set/--config or by recipe {base_cfg.train.recipe})")
         self.base = pin_budget(base_cfg)
         self.out = Path(out_dir)
         self.trials, self.timeout = trials, timeout
