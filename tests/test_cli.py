@@ -28,6 +28,12 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cifarlens.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def interrupted(run: Path) -> None:
+    """Mark a copied run as stopped mid-training, as --resume expects of a run to continue."""
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(meta | {"status": "interrupted"}))
+
+
 TINY_MODELS = {
     "lensnet": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
     "fastnet": {"name": "fastnet_cpu", "kwargs": {"widths": [8, 16]}},
@@ -241,6 +247,7 @@ def test_corrupt_checkpoint_and_weights_are_refused(fashion_run, tmp_path):
     proc = cli("predict", str(broken), "x.png")
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
     (broken / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    interrupted(broken)  # a finished run is not resumed at all
     proc = cli("train", "--resume", str(broken))
     assert proc.returncode == 2 and "last.pt" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -258,6 +265,7 @@ def test_a_pickled_payload_in_a_checkpoint_is_never_executed(fashion_run, tmp_pa
             return (Path.touch, (marker,))
 
     torch.save({"format": "cifarlens-checkpoint", "payload": Exploit()}, evil / "checkpoints" / "last.pt")
+    interrupted(evil)
     proc = cli("train", "--resume", str(evil))
     assert proc.returncode == 2 and "last.pt" in proc.stderr and "safe loader refused it" in proc.stderr
     assert "weights_only" not in proc.stderr  # torch's advice to load it unsafely is not passed on
