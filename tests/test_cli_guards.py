@@ -22,6 +22,11 @@ from cifarlens.engine import TrainingDiverged
 from conftest import TINY, make_cifar10, make_fashion_mnist
 
 
+def files(run: Path) -> dict[Path, bytes]:
+    """Every file of a run folder and its bytes: what a refused command must leave as it was."""
+    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("guards")
@@ -44,13 +49,13 @@ def test_a_bad_setting_with_force_leaves_the_finished_run_as_it_was(finished_run
     """These settings used to fail after --force had emptied the folder (the optimizer, the schedule
     or the first forward pass refused them): now they are refused first, and the run stays whole."""
     out, data = finished_run
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files(out)
     model = ["--model", "fastnet_cpu", "--set", "model.kwargs={widths: [8, 16]}"] if "image_size" in flags[1] else TINY
     code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
                  "--no-report", "--out", str(out), "--force", *model, *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    after = files(out)
     assert after == before
 
 
@@ -192,10 +197,10 @@ def test_an_image_named_like_a_summary_figure_keeps_its_own_panel(ema_run, tmp_p
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
     out, _ = finished_run
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files(out)
     assert main(["train", "--resume", str(out)]) == 2
     assert "has finished training: nothing to resume" in capsys.readouterr().err
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert files(out) == before
 
 
 def test_a_time_budget_with_nproc_is_refused_before_torchrun_starts(finished_run, tmp_path, capsys):
