@@ -9,10 +9,12 @@
 #    torch.compile) on one A100 (Jordan 2024, arXiv:2404.00498). The copy went through JPEG at
 #    quality 75, so it may cap below 94 %: then "not reached" is printed with the best accuracy;
 #    quote it as "CIFAR-10 (JPEG copy)";
-# 3. throughput (images/s) of the same, eager and with torch.compile (bench compiles in an untimed
+# 3. fastnet + fast_cpu_10min (Muon, progressive resizing: issue 16's CPU recipe) at GPU widths, SEEDS
+#    seeds;
+# 4. throughput (images/s) of fastnet + fast, eager and with torch.compile (bench compiles in an untimed
 #    warm-up run first), 1 seed each;
-# 4. a short preact_resnet18 + modern run (EPOCHS_R18 epochs, default 5);
-# 5. with 2+ GPUs, the same fastnet + fast run under DDP/NCCL on every GPU (--nproc).
+# 5. a short preact_resnet18 + modern run (EPOCHS_R18 epochs, default 5);
+# 6. with 2+ GPUs, the same fastnet + fast run under DDP/NCCL on every GPU (--nproc).
 # Every step prints the device; logs and JSON summaries go to OUT_DIR (2 folders deep at most, as
 # the device tool returns them). It runs this checkout's cifarlens (src/ first on PYTHONPATH) and
 # needs its core dependencies and pytest. Where the data comes from, first found:
@@ -75,6 +77,11 @@ step "CIFAR-10 (JPEG copy), fastnet + fast, $SEEDS seeds"
 bench --dataset cifar10 --data-dir "$DATA" --no-download --model fastnet --recipe fast --device "$DEVICE" $EPOCHS \
   --seeds "$SEEDS" --targets 0.90,0.93,0.94 --json "$OUT/c10_fastnet_fast.json" 2>&1 \
   | tee "$OUT/c10_fastnet_fast.txt" || status=1
+
+step "CIFAR-10 (JPEG copy), fastnet + fast_cpu_10min (issue 16's CPU recipe at GPU widths), $SEEDS seeds"
+bench --dataset cifar10 --data-dir "$DATA" --no-download --model fastnet --recipe fast_cpu_10min --device "$DEVICE" \
+  $EPOCHS --seeds "$SEEDS" --targets 0.85,0.88,0.90,0.93 --json "$OUT/c10_fastnet_muon.json" 2>&1 \
+  | tee "$OUT/c10_fastnet_muon.txt" || status=1
 
 step "CIFAR-10 (JPEG copy), fastnet + fast with torch.compile, 1 seed (throughput)"
 bench --dataset cifar10 --data-dir "$DATA" --no-download --model fastnet --recipe fast --device "$DEVICE" $EPOCHS \
