@@ -214,7 +214,11 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                               find_unused_parameters=tc.freeze_epochs > 0 or tc.whiten_bias_epochs > 0)
     if tc.compile:
-        train_model = torch.compile(train_model)
+        # progressive resizing changes the input's width between epochs: by default torch.compile then
+        # recompiles for symbolic sizes, which on an H200 took minutes per width and had not finished
+        # fast_cpu_10min's 8 epochs after 3.5 minutes (eager: 21 s); one static graph per width is what
+        # a few fixed widths want (docs/benchmarks.md, *On a GPU*)
+        train_model = torch.compile(train_model, dynamic=False if tc.progressive_res else None)
 
     eval_model = ema.module if ema is not None else model
 
