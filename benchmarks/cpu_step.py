@@ -3,18 +3,22 @@
     python benchmarks/cpu_step.py [--batch 256] [--compile] [--sides 32,28,24,20,16] [--threads T]
     python benchmarks/cpu_step.py --trace 400 [--threads T]
     python benchmarks/cpu_step.py --layers [--sides 32] [--batch 256]
+    python benchmarks/cpu_step.py --precisions [--sides 32,24]
 
 Prints, for random CIFAR-shaped batches (the data does not change the cost): the time of one
 forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs; any
 widths with --sides) with its page faults and kernel time (freed memory kept in the process as
 training keeps it; ``CIFARLENS_KEEP_MEMORY=0`` to compare), the time of one optimizer step
 (SGD, and Muon with the Newton-Schulz iterations in fp32 and in bf16), and with --compile the
-same step under torch.compile. bf16 autocast and channels_last as `cifarlens train` uses them on
-a CPU with native bf16. Median of 6 timed steps after 2 warm-up steps; run it alone on the machine.
+same step under torch.compile. bf16 autocast (where training uses it) and channels_last, as
+`cifarlens train` runs. Median of 6 timed steps after 2 warm-up steps; run it alone on the machine.
 
 ``--trace STEPS`` shows instead how steady the machine is: the spread of that many consecutive
 32-px steps, and how far the few steps a time budget times (cifarlens.budget) can be from the
 epoch after them. A shared cloud CPU can swing by 2x within a minute (docs/benchmarks.md).
+
+``--precisions`` times the step in bf16 autocast and in fp32, alternately, to see whether bf16
+pays on a new CPU (cifarlens.device.cpu_bf16_pays decides what training uses).
 
 ``--layers`` times each 3x3 convolution of fastnet alone, in the training's precision: oneDNN's
 forward, input gradient and weight gradient against the same products over the image patches
@@ -31,7 +35,7 @@ import time
 import torch
 
 import cifarlens.optim as optim
-from cifarlens.device import cpu_has_native_bf16, device_description, retain_freed_memory
+from cifarlens.device import cpu_bf16_pays, device_description, retain_freed_memory
 from cifarlens.models import create_model
 from cifarlens.models.small_conv import SmallMapConv2d, _filter_rows, _patches
 
@@ -56,8 +60,10 @@ def fresh_model() -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def make_step(batch: int, side: int, compiled: bool = False):
-    """One forward + backward + SGD step of a fresh fastnet on a fixed random batch, as a closure."""
+def make_step(batch: int, side: int, compiled: bool = False, bf16: bool | None = None):
+    """One forward + backward + SGD step of a fresh fastnet on a fixed random batch, as a closure;
+    under bf16 autocast where training uses it (cifarlens.device.cpu_bf16_pays), or as ``bf16`` says."""
+    bf16 = cpu_bf16_pays() if bf16 is None else bf16
     model = fresh_model()
     forward = torch.compile(model) if compiled else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
@@ -65,7 +71,7 @@ def make_step(batch: int, side: int, compiled: bool = False):
     y = torch.randint(0, 10, (batch,))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
@@ -82,6 +88,19 @@ def train_step_ms(batch: int, side: int, compiled: bool = False) -> tuple[float,
     after = resource.getrusage(resource.RUSAGE_SELF)
     steps = STEPS + WARMUP  # all that median_ms ran
     return ms, (after.ru_minflt - before.ru_minflt) / steps, 1000 * (after.ru_stime - before.ru_stime) / steps
+
+
+def precisions(batch: int, sides: list[int], rounds: int = 3) -> None:
+    """The step in bf16 autocast and in fp32, alternately (``rounds`` times each, so that a drift
+    of the machine hits both), at each width: whether bf16 pays on this CPU."""
+    for side in sides:
+        times = {"bf16": [], "fp32": []}
+        for _ in range(rounds):
+            for name in times:
+                times[name].append(median_ms(make_step(batch, side, bf16=name == "bf16")))
+        text = ", ".join(f"{name} {' / '.join(f'{t:.0f}' for t in ms)} ms" for name, ms in times.items())
+        ratio = statistics.median(times["fp32"]) / statistics.median(times["bf16"])
+        print(f"fastnet train step at {side}x{side}: {text} (fp32 / bf16: {ratio:.2f}x)")
 
 
 def trace(batch: int, steps: int, window: int = 25, probe: int = 4, epoch: int = 176) -> None:
@@ -120,7 +139,7 @@ def layers(batch: int, side: int) -> None:
                                                                               args[0].shape[-1])))
     with torch.no_grad():
         model(torch.randn(1, 3, side, side))
-    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    dtype = torch.bfloat16 if cpu_bf16_pays() else torch.float32
     def backward(grad, x, w, which):  # oneDNN's input (which=0) or weight (1) gradient of a 3x3 "same" conv
         mask = [which == 0, which == 1, False]
         return torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
@@ -150,13 +169,13 @@ def optimizer_step_ms() -> dict[str, float]:
     sgd = torch.optim.SGD(params, lr=0.1, momentum=0.85, nesterov=True, weight_decay=5e-4)
     muon = optim.MuonSGD(optim.muon_groups(params, 0.1, 0.2), lr=0.1, momentum=0.85, weight_decay=5e-4)
     out = {"SGD": median_ms(sgd.step)}
-    native = optim.cpu_has_native_bf16
+    native = optim.cpu_bf16_pays
     for name, bf16 in (("Muon, Newton-Schulz in fp32", False), ("Muon, Newton-Schulz in bf16", True)):
-        optim.cpu_has_native_bf16 = lambda bf16=bf16: bf16  # the precision orthogonalize picks
+        optim.cpu_bf16_pays = lambda bf16=bf16: bf16  # the precision orthogonalize picks
         try:
             out[name] = median_ms(muon.step)
         finally:
-            optim.cpu_has_native_bf16 = native
+            optim.cpu_bf16_pays = native
     return out
 
 
@@ -168,6 +187,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--trace", type=int, metavar="STEPS",
                         help="instead: time STEPS consecutive 32-px steps and show how steady the machine is")
+    parser.add_argument("--precisions", action="store_true",
+                        help="instead: the step in bf16 autocast and in fp32, alternately, at each of --sides")
     parser.add_argument("--layers", action="store_true",
                         help="instead: time each 3x3 convolution alone, oneDNN against im2col "
                              "(at the first of --sides)")
@@ -178,12 +199,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     kept = retain_freed_memory()  # as training does (CIFARLENS_KEEP_MEMORY=0: not)
     print(f"{device_description(torch.device('cpu'))}, torch {torch.__version__}, "
-          f"bf16 autocast {'on' if cpu_has_native_bf16() else 'off (no native bf16)'}, batch {args.batch}, "
+          f"bf16 autocast {'on' if cpu_bf16_pays() else 'off (fp32 is faster here)'}, batch {args.batch}, "
           f"freed memory {'kept' if kept else 'given back'} (cifarlens.device.retain_freed_memory)")
     if args.trace:
         trace(args.batch, args.trace)
         return
     sides = [int(s) for s in args.sides.split(",")]
+    if args.precisions:
+        precisions(args.batch, sides)
+        return
     if args.layers:
         layers(args.batch, sides[0])
         return

@@ -17,7 +17,7 @@ import torch
 
 from cifarlens.errors import CifarlensError
 
-__all__ = ["cpu_has_native_bf16", "device_description", "gpu_has_native_bf16", "resolve_device", "retain_freed_memory"]
+__all__ = ["cpu_bf16_pays", "cpu_has_native_bf16", "device_description", "gpu_has_native_bf16", "resolve_device", "retain_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
@@ -50,8 +50,10 @@ def device_description(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    # the instruction set PyTorch's kernels use, and whether bf16 is native: what sets a CPU's speed
-    isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if cpu_has_native_bf16() else "")
+    # the instruction set PyTorch's kernels use, and whether bf16 is native (and used): what sets a
+    # CPU's speed
+    bf16 = ", native bf16" if cpu_bf16_pays() else ", native bf16 unused" if cpu_has_native_bf16() else ""
+    isa = torch.backends.cpu.get_cpu_capability() + bf16
     threads = torch.get_num_threads()
     return f"{cpu} CPU ({isa}), {threads} thread{'s' * (threads != 1)}"
 
@@ -69,6 +71,33 @@ def cpu_has_native_bf16() -> bool:
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@functools.cache
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 is faster than fp32 on this CPU, so that training uses it (``train.cpu_amp``'s
+    default, Muon's Newton-Schulz iterations): native bf16 (:func:`cpu_has_native_bf16`) with AMX,
+    or on an AMD CPU (AVX512-BF16, Zen 4 on). Intel's AVX512-BF16 alone is slower than fp32.
+
+    Measured (docs/benchmarks.md): a 2-core AMD EPYC VM with AVX512-BF16 trained 1.6x faster in
+    bf16 (2,928 against 1,780 images/s); an Intel Xeon VM with AMX multiplied bf16 matrices at
+    420-490 GFLOP/s against fp32's 160; a 2-core Intel Xeon VM showing AVX512-BF16 but not AMX
+    took 1.6x longer in bf16 for a fastnet step at 32 px (1,113-1,160 against 657-733 ms) and
+    for Muon's step (80 against 51 ms), with oneDNN's native bf16 kernels.
+    """
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return cpu_has_native_bf16() and (bool(amx()) or not _intel())
+
+
+def _intel() -> bool:
+    """Whether the CPU is Intel's (/proc/cpuinfo's vendor_id on Linux, else the processor name)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return "GenuineIntel" in line
+    except OSError:
+        pass
+    return "intel" in platform.processor().lower()
 
 
 @functools.cache

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from cifarlens.device import cpu_has_native_bf16, device_description, gpu_has_native_bf16, resolve_device  # noqa: F401
-from cifarlens.distributed import all_reduce_sum
+from cifarlens.device import cpu_bf16_pays, cpu_has_native_bf16, device_description, gpu_has_native_bf16, resolve_device  # noqa: F401
+from cifarlens.distributed import all_reduce_sum, first_divergence
 from cifarlens.epochs import epoch_steps, progressive_side
 from cifarlens.errors import CifarlensError
 from cifarlens.tta import tta_logits
@@ -69,8 +69,9 @@ class Precision:
     @classmethod
     def for_device(cls, device: torch.device, amp: bool, channels_last: bool, cpu_amp: bool = False) -> "Precision":
         if device.type != "cuda":
-            # CPU: fp32 unless asked (train.cpu_amp, on by default where the CPU has native bf16:
-            # ~1.6x faster for FastNet there, slower elsewhere); channels_last helps oneDNN convolutions
+            # CPU: fp32 unless asked (train.cpu_amp, on by default where bf16 is faster: native bf16
+            # with AMX or on AMD, ~1.6x faster for FastNet there; cifarlens.device.cpu_bf16_pays);
+            # channels_last helps oneDNN convolutions
             return cls(device, torch.bfloat16 if cpu_amp else None, channels_last)
         dtype = None
         if amp:
@@ -210,7 +211,7 @@ def train_one_epoch(
         bad_step = torch.where(first_bad, step, bad_step)
         bad_loss = torch.where(first_bad, loss.detach(), bad_loss)
         if (step + 1) % check_every == 0:
-            _raise_if_diverged(bad_step, bad_loss, desc, num_classes)
+            _raise_if_diverged(*first_divergence(bad_step, bad_loss), desc, num_classes)  # all ranks alike
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         if grad_clip > 0:
@@ -227,7 +228,7 @@ def train_one_epoch(
         total_loss += loss.detach() * labels.shape[0]
         total_correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
-    _raise_if_diverged(bad_step, bad_loss, desc, num_classes)
+    _raise_if_diverged(*first_divergence(bad_step, bad_loss), desc, num_classes)
     total_loss, total_correct, seen = all_reduce_sum(total_loss, total_correct, seen)
     return {"train_loss": total_loss / max(seen, 1), "train_acc": total_correct / max(seen, 1),
             "lr": lr, "train_samples": int(seen), "train_side": side}  # lr of the epoch's last step; side: width trained at

@@ -9,7 +9,7 @@ weights by about the same amount, however unevenly the gradient spreads over the
 ``torch.optim.Muon`` (torch 2.14) takes 2-D parameters only, and its Newton-Schulz function
 is private (``torch.optim._muon``) and bf16-only, slow on CPUs without native bf16; hence
 the ~15 lines of :func:`orthogonalize`, written from the post's description, in bf16 where the
-device computes it natively and fp32 elsewhere. (On the 2-core AVX512-BF16 CPU, the Muon step of
+device computes it faster and fp32 elsewhere. (On the 2-core AVX512-BF16 CPU, the Muon step of
 the full-width fastnet took 137 ms in fp32 and 57 ms in bf16, beside ~600 ms of forward and
 backward at batch 256: docs/benchmarks.md, *Toward 90 %*.)
 """
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from cifarlens.device import cpu_has_native_bf16, gpu_has_native_bf16
+from cifarlens.device import cpu_bf16_pays, gpu_has_native_bf16
 
 # The quintic iteration's coefficients (a, b, c) and step count from the Muon post: they push
 # every singular value of the normalised matrix towards 1 fast, ending in roughly [0.7, 1.2].
@@ -32,13 +32,13 @@ NS_STEPS = 5
 def orthogonalize(g: Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> Tensor:
     """An approximation of ``U V^T`` for the 2-D ``g = U S V^T``, of ``g``'s shape and dtype.
 
-    Runs in bf16 on GPUs with native bf16 (as the post does) and on CPUs with native bf16
-    (AVX512-BF16, AMX), in fp32 elsewhere (emulated bf16 is slower). Never reads a value back to
+    Runs in bf16 on GPUs with native bf16 (as the post does) and on CPUs where bf16 is faster
+    (:func:`cifarlens.device.cpu_bf16_pays`), in fp32 elsewhere. Never reads a value back to
     the host.
     """
     a, b, c = NS_COEFFICIENTS
-    native = gpu_has_native_bf16(g.device) if g.is_cuda else cpu_has_native_bf16()
-    x = g.to(torch.bfloat16 if native else torch.float32)
+    bf16 = gpu_has_native_bf16(g.device) if g.is_cuda else cpu_bf16_pays()
+    x = g.to(torch.bfloat16 if bf16 else torch.float32)
     tall = x.shape[0] > x.shape[1]
     if tall:  # iterate on the wide orientation: its Gram matrix x @ x.T is the smaller one
         x = x.T

@@ -13,7 +13,7 @@ from dataclasses import fields, replace
 import torch
 
 from cifarlens.config import RunConfig, TrainConfig, with_data_defaults
-from cifarlens.engine import cpu_has_native_bf16
+from cifarlens.engine import cpu_bf16_pays
 from cifarlens.epochs import epoch_steps
 from cifarlens.errors import CifarlensError
 from cifarlens.optim import NS_STEPS
@@ -190,7 +190,7 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
                              "cifarlens.recipes.resolve_choices(cfg, device_type) first")
     defaults = RECIPES.get(cfg.recipe)
     if cfg.cpu_amp is None:  # a property of the machine, not of the recipe
-        cfg = replace(cfg, cpu_amp=cpu_has_native_bf16())
+        cfg = replace(cfg, cpu_amp=cpu_bf16_pays())
     filled = {f.name: defaults[f.name] for f in fields(cfg) if getattr(cfg, f.name) is None}
     filled = {k: [float(m) for m in v] if k == "milestones" else v for k, v in filled.items()}  # a copy, as floats
     cfg = replace(cfg, **filled)
