@@ -102,6 +102,23 @@ def all_reduce_sum(*values: torch.Tensor | float) -> list[float]:
     return flat.tolist()
 
 
+def first_divergence(bad_step: torch.Tensor, bad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (step, loss) of the first rank whose training loss diverged (step -1: none), as every
+    rank sees it, so that all ranks stop together: a rank that stopped alone would leave the others
+    waiting in their next collective until torchrun ends them, and rank 0 would then record the
+    run as interrupted rather than diverged. The values themselves for one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return bad_step, bad_loss
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    pair = torch.stack([bad_step.to(device, torch.float64), bad_loss.to(device, torch.float64)])
+    gathered = [torch.empty_like(pair) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, pair)
+    for step, loss in gathered:  # rank order; a host read, as the check that follows makes anyway
+        if step >= 0:
+            return step.long(), loss
+    return bad_step, bad_loss
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
