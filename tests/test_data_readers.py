@@ -487,11 +487,26 @@ def test_imagefolder_resize_and_val(tmp_path):
 
 
 def test_imagefolder_all_formats_known():
-    from cifarlens.data.imagefolder import IMG_EXTENSIONS
     from torchvision.datasets.folder import IMG_EXTENSIONS as TV_EXTENSIONS
 
-    assert set(TV_EXTENSIONS) | {".gif"} <= IMG_EXTENSIONS
+    from cifarlens.images import IMAGE_EXTENSIONS
+
+    assert set(TV_EXTENSIONS) | {".gif"} <= IMAGE_EXTENSIONS
     assert len(IMAGE_FORMATS) >= 9
+
+
+def test_imagefolder_follows_linked_subfolders_once_and_survives_a_loop(tmp_path):
+    """A class folder may hold links to folders of images (torchvision's ImageFolder follows them;
+    Path.rglob did not, and their images were left out without a word); a link back up is no loop."""
+    make_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=2, n_test_per_class=1, junk=False)
+    elsewhere = tmp_path / "more_a"
+    for i in range(3):
+        save_image(elsewhere / f"extra{i}", np.full((8, 8, 3), 40 * i, np.uint8), "png")
+    (tmp_path / "data" / "train" / "a" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "again").symlink_to(elsewhere, target_is_directory=True)  # a loop
+    train = load_dataset("imagefolder", tmp_path / "data", image_size=8).train
+    assert train.labels.tolist() == [0] * 5 + [1] * 2  # 2 + 3 linked images of a, and b's 2 once
+    assert train.images[2:5, 0, 0, 0].tolist() == [0, 40, 80]  # the linked ones, by name
 
 
 def test_imagefolder_class_mismatch(tmp_path):

@@ -8,6 +8,7 @@ same way in training and at inference.
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 from typing import Union
@@ -23,6 +24,27 @@ from cifarlens.errors import CifarlensError
 MAX_PIXELS = 40_000_000
 
 ImageSource = Union[str, Path, bytes, Image.Image]
+
+# the files the folder readers take as images: torchvision.datasets.folder.IMG_EXTENSIONS plus .gif
+IMAGE_EXTENSIONS = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (by extension, any depth), sorted; hidden files and folders
+    (a leading dot) left out. Links to folders are followed, as torchvision's ImageFolder follows
+    them (``Path.rglob`` does not before Python 3.13), each real folder once, so a link that loops
+    back cannot recurse."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / f for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(Path(root) / f)]
+    return sorted(found)
 
 
 class ImageTooLarge(CifarlensError):

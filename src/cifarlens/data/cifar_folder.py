@@ -29,9 +29,8 @@ from PIL import Image
 
 from cifarlens.data.base import DataSource, DatasetInfo, Split
 from cifarlens.errors import CifarlensError
-from cifarlens.images import load_image, to_mode
+from cifarlens.images import IMAGE_EXTENSIONS, list_images, load_image, to_mode
 
-IMG_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"})
 LOSSY_EXTENSIONS = frozenset({".jpg", ".jpeg", ".webp"})  # webp may be lossless; counted as lossy to be safe
 NATIVE_SIZE = 32
 
@@ -77,11 +76,6 @@ def _class_folders(split_dir: Path, info: DatasetInfo, title: str, *, need_all: 
     return found
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
 def _decode(path: Path, title: str) -> torch.Tensor:
     """One image -> (3, 32, 32) uint8; a one-line error for a wrong size or an unreadable file.
 
@@ -106,9 +100,9 @@ def _read_split(split_dir: Path, info: DatasetInfo, title: str, *, need_all: boo
     folders = _class_folders(split_dir, info, title, need_all=need_all)
     files: list[tuple[Path, int]] = []
     for label, folder in sorted(folders.items()):
-        found = _files(folder)
+        found = list_images(folder)
         if not found:
-            raise CifarlensError(f"class folder {folder} has no images ({', '.join(sorted(IMG_EXTENSIONS))})")
+            raise CifarlensError(f"class folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files += [(p, label) for p in found]
     images = torch.empty((len(files), 3, NATIVE_SIZE, NATIVE_SIZE), dtype=torch.uint8)  # (N, 3, 32, 32)
     for i, (path, _) in enumerate(files):  # ~22 s for 60k files on 2 cores; threads did not help there

@@ -18,16 +18,10 @@ import torch
 from cifarlens.data.base import DATASETS, DataSource, DatasetInfo, LoadedDataset, Split, check_image_size
 from cifarlens.data.stats import channel_stats
 from cifarlens.errors import CifarlensError
-from cifarlens.images import load_image
+from cifarlens.images import IMAGE_EXTENSIONS, list_images, load_image
 
 DEFAULT_IMAGE_SIZE = 32
-# torchvision.datasets.folder.IMG_EXTENSIONS plus .gif
-IMG_EXTENSIONS = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
 LAYOUT_HINT = "expected DIR/train/<class>/<image> and DIR/test/<class>/<image> (optional DIR/val/<class>/<image>)"
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
@@ -35,16 +29,12 @@ def _class_dirs(split_dir: Path) -> list[Path]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    files = [
-        p
-        for p in class_dir.rglob("*")
-        if p.suffix.lower() in IMG_EXTENSIONS and not _is_hidden(p, class_dir) and p.is_file()
-    ]
+    files = list_images(class_dir)
     if not files:
         raise CifarlensError(
-            f"class folder {class_dir} has no images ({', '.join(sorted(IMG_EXTENSIONS))}); add some or remove the folder"
+            f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder"
         )
-    return sorted(files)
+    return files
 
 
 def _read_split(files: list[tuple[Path, int]], size: int) -> Split:
