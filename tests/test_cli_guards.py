@@ -163,6 +163,16 @@ def test_a_run_that_lost_its_best_weights_warns_and_uses_the_weights_it_validate
         run = load_run(copy)
     state = run.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in best.items())  # the EMA's, not the raw model's
+    # on the command line, one line for the user rather than Python's file, line and source line
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    proc = subprocess.run([sys.executable, "-m", "cifarlens.cli", "predict", str(copy), str(tmp_path / "red.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip()
+    assert proc.stderr.splitlines() == [f"cifarlens: warning: {copy / 'model.safetensors'} is missing: using the last "
+                                        f"epoch's weights from {copy / 'checkpoints' / 'last.pt'}, which may not be "
+                                        "the best epoch's"]
 
 
 def test_predict_takes_one_image_alone_and_refuses_a_topk_below_1(ema_run, capsys):

@@ -13,7 +13,7 @@ import torch
 from conftest import train_tiny_cifar10
 
 from cifarlens.cli import main
-from cifarlens.report.cifar_c import RESULT_FILE, corruption_errors
+from cifarlens.report.cifar_c import RESULT_FILE, corruption_errors, grid_text
 from cifarlens.report.robustness import RobustnessTable
 
 
@@ -196,3 +196,8 @@ def test_frost_is_left_out_with_a_reason_when_its_photographs_are_not_installed(
     # asked for by name, it fails with its own one-line message
     assert main(["robustness", str(tiny_run), "--corruptions", "frost", "--images", "10", "--device", "cpu"]) == 2
     assert "pip install 'cifarlens[corruptions]'" in capsys.readouterr().err
+
+
+def test_the_grid_is_counted_in_words_that_agree_with_the_numbers():
+    assert grid_text(15, 5) == "15 corruptions x 5 severities"
+    assert grid_text(1, 1) == "1 corruption x 1 severity"

@@ -7,9 +7,10 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from cifarlens.errors import USER_OS_ERRORS, CifarlensError, Terminated
+from cifarlens.errors import USER_OS_ERRORS, CifarlensError, Terminated, format_warning
 
 
 def _train_parser(sub) -> None:
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     previous = signal.signal(signal.SIGTERM, Terminated.raise_it)  # main() runs in the main thread, as the CLI does
+    python_format, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         return args.func(args)
     except CifarlensError as err:
@@ -400,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(err, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.formatwarning = python_format
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ traceback; programming errors are left to propagate as usual.
 """
 
 import errno
+import warnings
+from pathlib import Path
 
 # OS errors that come from the user's machine or paths, not from a bug (a read-only or full disk,
 # a file where a folder was meant): the CLI prints them in one line
@@ -25,3 +27,16 @@ class Terminated(KeyboardInterrupt):
     @staticmethod
     def raise_it(signum, frame):  # the SIGTERM handler
         raise Terminated()
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+_python_format = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` for the CLI: cifarlens's own warnings as one line for the user
+    ("cifarlens: warning: ..."), not Python's two (file, line and the source line that warned);
+    the warnings of other libraries as Python formats them."""
+    if str(Path(filename).resolve()).startswith(_PACKAGE):
+        return f"cifarlens: warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)

@@ -173,6 +173,7 @@ def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_
     """(RobustnessTable | None, note for the page). With ``budget_s``, what the report has left of
     it goes to :func:`cifarlens.report.robustness.robustness_within`: the full grid, severity 3
     alone for slow models, or nothing, on a subset grown until the time is spent."""
+    from cifarlens.report.cifar_c import grid_text
     from cifarlens.report.robustness import BUDGET_GRIDS, DEFAULT_MAX_IMAGES, DEFAULT_SEVERITIES
     from cifarlens.report.robustness import robustness as robustness_table
     from cifarlens.report.robustness import robustness_within
@@ -202,7 +203,7 @@ def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_
         if table.num_images < full or tuple(table.severities) != DEFAULT_SEVERITIES:
             note = (f"Sized to this report's time budget ({budget_s:.0f} s). The full grid on {full:,} images: "
                     f"cifarlens report {run.path}")
-    notes.append(f"{len(table.corruptions())} corruptions x {len(table.severities)} severities on "
+    notes.append(f"{grid_text(len(table.corruptions()), len(table.severities))} on "
                  f"{table.num_images} of {table.total_images} images")
     return table, note
 

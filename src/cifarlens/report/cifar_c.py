@@ -132,6 +132,12 @@ def corruption_errors(table: RobustnessTable, reference: RobustnessTable) -> dic
     return {"per_corruption": per, "mce": mean("ce"), "relative_mce": mean("relative_ce"), "corruptions": shared}
 
 
+def grid_text(corruptions: int, severities: int) -> str:
+    """'15 corruptions x 5 severities', '1 corruption x 1 severity'."""
+    return (f"{corruptions} corruption{'s' * (corruptions != 1)} x "
+            f"{severities} severit{'ies' if severities != 1 else 'y'}")
+
+
 def _percent(x: float, width: int = 0) -> str:
     """A CE as "93.1%", or "n/a" where the reference gives nothing to divide by."""
     return f"{'n/a' if math.isnan(x) else f'{x:.1%}':>{width}}"
@@ -168,8 +174,8 @@ def format_result(table: RobustnessTable, errors: dict | None = None) -> str:
             e = errors["per_corruption"][name]
             line += _percent(e["ce"], 8) + _percent(e["relative_ce"], 9)
         lines.append(line)
-    lines.append(f"mean corruption accuracy {table.mean_accuracy():.2%} over {len(table.corruptions())} corruptions "
-                 f"x {len(sev)} severities")
+    lines.append(f"mean corruption accuracy {table.mean_accuracy():.2%} over "
+                 f"{grid_text(len(table.corruptions()), len(sev))}")
     if errors:
         undefined = sum(math.isnan(e["relative_ce"]) for e in errors["per_corruption"].values())
         lines.append(f"mCE {_percent(errors['mce'])}, relative mCE {_percent(errors['relative_mce'])} against the "

@@ -44,8 +44,8 @@ def cmd_robustness(args) -> int:
                                        log=lambda line: print(line, flush=True), **common)
     else:
         n = min(args.images or len(test), len(test))
-        print(f"generating {len(names or cifar_c.list_corruptions())} corruptions x {len(severities)} severities "
-              f"of {n:,} test images (seed {args.seed})", flush=True)
+        grid = cifar_c.grid_text(len(names or cifar_c.list_corruptions()), len(severities))
+        print(f"generating {grid} of {n:,} test images (seed {args.seed})", flush=True)
         table = cifar_c.evaluate_generated(run, test, **common)
     errors = cifar_c.corruption_errors(table, reference) if reference else None
     print(cifar_c.format_result(table, errors), end="")

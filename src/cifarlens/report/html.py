@@ -268,7 +268,8 @@ def _robustness(d: ReportData) -> str:
 def _literature(d: ReportData) -> str:
     b = d.budget
     run_acc = d.metrics["accuracy"] * 100
-    budget = (f"{b.epochs_done if b.epochs_done is not None else '—'} epochs, {duration(b.train_seconds)}, "
+    budget = (f"{b.epochs_done if b.epochs_done is not None else '—'} epoch{'' if b.epochs_done == 1 else 's'}, "
+              f"{duration(b.train_seconds)}, "
               f"{b.device}" + (f" ({b.device_name})" if b.device_name else ""))
     recipe = d.config.get("train", {}).get("recipe") or "?"
     augmentation = describe_augmentation(d.config.get("data", {}))
