@@ -7,6 +7,7 @@ traceback; programming errors are left to propagate as usual.
 """
 
 import errno
+import os
 import warnings
 from pathlib import Path
 
@@ -37,6 +38,6 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
     """``warnings.formatwarning`` for the CLI: cifarlens's own warnings as one line for the user
     ("cifarlens: warning: ..."), not Python's two (file, line and the source line that warned);
     the warnings of other libraries as Python formats them."""
-    if str(Path(filename).resolve()).startswith(_PACKAGE):
+    if str(Path(filename).resolve()).startswith(_PACKAGE + os.sep):
         return f"cifarlens: warning: {message}\n"
     return _python_format(message, category, filename, lineno, line)
