@@ -21,6 +21,7 @@
 #   CIFAR10_COPY=DIR (an extracted copy), CIFAR10_TAR=FILE, .data/cifar10-jpeg.tar.gz (a git-ignored
 #   copy to carry to a device machine), ../shared/data/cifar10-jpeg.tar.gz.
 # Budget: 6 min 9 s on one H200 with SEEDS=3 (2026-12-04; docs/benchmarks.md, *On a GPU*).
+# After it, if device time is left: benchmarks/gpu_recipes.sh (recipe variants toward airbench94).
 # Dry run of the plumbing on a CPU (tiny budgets):
 #   DEVICE=cpu SEEDS=1 EPOCHS=1 EPOCHS_R18=1 SUBSET=1 bash benchmarks/gpu_check.sh /tmp/gpu-check
 set -uo pipefail

@@ -102,7 +102,8 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print)
         # or with progressive resizing the recipe's whole schedule, which trains at every width.
         ramp = bool(resolved.progressive_res)
         warm = replace(cfg.train, time_budget=0.0, epochs=cfg.train.epochs if ramp else 1)
-        what = f"of {resolved.epochs} epochs (every training width)" if ramp else "of one epoch"
+        n = resolved.epochs
+        what = f"of {n} epoch{'s' * (n != 1)} (every training width)" if ramp else "of one epoch"
         paid = [name for name, on in [("CUDA's start and cuDNN's autotuning", device.type == "cuda"),
                                       ("compilation", resolved.compile)] if on]
         log(f"[bench] warm-up run {what}, for {' and '.join(paid)} (not counted)")
