@@ -51,16 +51,7 @@ step "CUDA tests"
 "$PY" -m pytest -q -m gpu -rs tests/test_gpu.py tests/test_engine.py tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt" || status=1
 
 step "CIFAR-10 JPEG copy"
-DATA=${CIFAR10_COPY:-}
-if [ -z "$DATA" ]; then
-  TAR=${CIFAR10_TAR:-}
-  for candidate in .data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do
-    [ -z "$TAR" ] && [ -f "$candidate" ] && TAR=$candidate
-  done
-  [ -n "$TAR" ] || { echo "no CIFAR-10 copy: set CIFAR10_COPY=DIR or CIFAR10_TAR=FILE"; exit 2; }
-  DATA=$(mktemp -d)
-  tar -xzf "$TAR" -C "$DATA" || { echo "could not extract $TAR"; exit 2; }
-fi
+source benchmarks/cifar10_copy.sh  # sets DATA
 if [ -n "$SUBSET" ]; then  # a small copy of the copy, for a dry run of the plumbing
   SMALL=$(mktemp -d)
   for split in train test; do

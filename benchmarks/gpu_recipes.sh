@@ -22,16 +22,7 @@ SEEDS=${SEEDS:-2}
 EPOCHS=${EPOCHS:+--epochs $EPOCHS}  # empty: each variant's own
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
-DATA=${CIFAR10_COPY:-}
-if [ -z "$DATA" ]; then
-  TAR=${CIFAR10_TAR:-}
-  for candidate in .data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do
-    [ -z "$TAR" ] && [ -f "$candidate" ] && TAR=$candidate
-  done
-  [ -n "$TAR" ] || { echo "no CIFAR-10 copy: set CIFAR10_COPY=DIR or CIFAR10_TAR=FILE"; exit 2; }
-  DATA=$(mktemp -d)
-  tar -xzf "$TAR" -C "$DATA" || { echo "could not extract $TAR"; exit 2; }
-fi
+source benchmarks/cifar10_copy.sh  # sets DATA
 status=0
 variant() {  # NAME EPOCHS_FLAG BENCH_FLAGS...: one bench, its summary (the lines after the runs) printed
   local name=$1 epochs=$2; shift 2

@@ -42,14 +42,7 @@ def device_description(device: torch.device) -> str:
     set and threads, e.g. ``AMD EPYC CPU (AVX512, native bf16), 2 threads``."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
     # the instruction set PyTorch's kernels use, and whether bf16 is native (and used): what sets a
     # CPU's speed
     bf16 = ", native bf16" if cpu_bf16_pays() else ", native bf16 unused" if cpu_has_native_bf16() else ""
@@ -91,13 +84,19 @@ def cpu_bf16_pays() -> bool:
 
 def _intel() -> bool:
     """Whether the CPU is Intel's (/proc/cpuinfo's vendor_id on Linux, else the processor name)."""
+    vendor = _cpuinfo("vendor_id")
+    return vendor == "GenuineIntel" if vendor else "intel" in platform.processor().lower()
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of ``field`` in /proc/cpuinfo (Linux), else ''."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("vendor_id"):
-                return "GenuineIntel" in line
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "intel" in platform.processor().lower()
+    return ""
 
 
 @functools.cache
