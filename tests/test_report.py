@@ -555,6 +555,21 @@ def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_p
     assert "config: identical in all runs" in compare_runs([reported_run, reported_run])
 
 
+def test_compare_says_whether_the_ece_is_calibrated(reported_run, tmp_path, capsys):
+    """ECE follows the last test evaluation: calibrated by default, raw after evaluate --no-calibration."""
+    raw = tmp_path / "run-raw"
+    shutil.copytree(reported_run, raw)
+    assert main(["evaluate", str(raw), "--device", "cpu", "--no-calibration"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(reported_run), str(raw)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("run") and "Fashion-MNIST" in line}
+    for run, kind in ((reported_run, "cal."), (raw, "uncal.")):
+        cal = json.loads((run / "metrics.json").read_text())["calibration"]
+        assert cal["calibrated"] is (kind == "cal.")
+        assert rows[run.name].rstrip().endswith(f"{100 * cal['ece']:.2f}% {kind}"), rows[run.name]
+
+
 def test_hostile_class_names_are_escaped(tmp_path):
     hostile = '<script>alert("x")<'
     data = make_imagefolder(tmp_path / "images", classes=(hostile, "cat & dog", "plain"), n_per_class=8,

@@ -1,8 +1,10 @@
 """Several runs side by side: metrics, starting weights, compute budget and the config keys that differ.
 
 Reads only what the runs wrote (config.yaml, run.json, environment.json, metrics.json,
-predictions.csv); nothing is recomputed. ECE comes from predictions.csv, whose
-per-image top-1 confidence and correctness are all that ECE needs.
+predictions.csv); nothing is recomputed. ECE comes from metrics.json's ``calibration``, which
+says whether the last evaluation used the run's temperature; runs written before that field
+get it from predictions.csv, whose per-image top-1 confidence and correctness are all that ECE
+needs (calibrated or not is then unknown).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def ece_from_predictions(path: Path, n_bins: int = 15) -> float | None:
     return reliability_bins_from_confidence(conf, hit, n_bins).ece
 
 
+def ece_of_run(metrics: dict, predictions: Path) -> tuple[float | None, str | None]:
+    """(ECE of the last test evaluation, "cal." / "uncal." / None when unknown): from metrics.json's
+    ``calibration`` (``evaluate --no-calibration`` writes raw probabilities), else predictions.csv."""
+    cal = metrics.get("calibration")
+    if isinstance(cal, dict) and isinstance(cal.get("ece"), (int, float)):
+        return float(cal["ece"]), "cal." if cal.get("calibrated") else "uncal."
+    return ece_from_predictions(predictions), None
+
+
 def _trained_images(history: Path) -> int | None:
     """The images the epochs of history.csv trained on; None without a train_samples column."""
     if not history.is_file():
@@ -75,7 +86,7 @@ def run_summary(run_dir: str | Path) -> dict:
         "train_seconds": meta.get("train_seconds"), "status": meta.get("status"),
         "device": env.get("device"), "device_name": env.get("device_name"),
         "accuracy": metrics.get("accuracy"), "f1_macro": metrics.get("f1_macro"),
-        "ece": ece_from_predictions(rd / "predictions.csv"),
+        **dict(zip(("ece", "ece_kind"), ece_of_run(metrics, rd / "predictions.csv"))),
         # runs written before cifarlens recorded "init" trained from scratch unless their config says otherwise
         "init": describe_init(meta.get("init") or _init_from_config(cfg)),
         "params": model.get("params"), "forward_flops": model.get("forward_flops"), "train_images": images,
@@ -130,7 +141,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
             duration(s["train_seconds"]) if s["train_seconds"] is not None else MISSING, device,
             MISSING if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%",
             num(s["f1_macro"], ".4f"),
-            MISSING if s["ece"] is None else f"{100 * s['ece']:.2f}%",
+            MISSING if s["ece"] is None else f"{100 * s['ece']:.2f}%" + (f" {s['ece_kind']}" if s["ece_kind"] else ""),
         ])
     out = [text_table(["run", "dataset", "model", "recipe", "epochs", "train time", "device", "test acc",
                        "f1_macro", "ECE"], rows, right=(7, 8, 9))]
@@ -153,8 +164,9 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
         out.append("config keys that differ:")
         out.append(text_table(["key", *labels], [[k, *map(str, v)] for k, v in diffs]))
     out.append("")
-    out.append("test acc and f1_macro from metrics.json; ECE (15 bins) from predictions.csv; "
-               f"{MISSING} where a run has not written them (run `cifarlens evaluate RUN_DIR`).")
+    out.append("test acc, f1_macro and ECE (15 bins) from the last test evaluation (metrics.json); ECE cal. = "
+               "with the run's fitted temperature, uncal. = raw softmax (no temperature, or `evaluate "
+               f"--no-calibration`); {MISSING} where a run has not written them (run `cifarlens evaluate RUN_DIR`).")
     out.append("forward / image: FLOPs of one forward pass at the run's input (a multiply-add counts 2, counted "
                "by torch's FlopCounterMode); training compute ~ 3 x that x training images (backward ~ 2 forwards).")
     return "\n".join(out) + "\n"
