@@ -224,6 +224,23 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_would(tmp_pat
         json.loads((cut / "metrics.json").read_text())["accuracy"]
 
 
+def test_resume_remembers_no_report(tmp_path):
+    """A run started with --no-report and interrupted does not write report.html when resumed."""
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+
+    def stop_after_one(state, model):
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(data.data_dir, "lensnet", recipe="modern"), out, on_epoch_end=stop_after_one, report=False)
+    assert json.loads((out / "run.json").read_text())["report"] is False
+    assert main(["train", "--resume", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
+
+
 def test_existing_run_folder_is_not_overwritten_without_force(fashion_run, tmp_path):
     out, data = fashion_run
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -56,7 +56,7 @@ def train(
     on_epoch_end: Callable[[FitState, nn.Module], None] | None = None,
     evaluate_test: bool = True,
     bundle: DataBundle | None = None,
-    report: bool = True,
+    report: bool | None = None,
     choices: dict[str, str] | None = None,
 ) -> dict:
     """Train ``cfg`` into run folder ``out`` (or continue it with ``resume``); return the test metrics.
@@ -64,7 +64,8 @@ def train(
     ``on_epoch_end(state, model)`` is called after every epoch's checkpoint is written, with
     the model that is validated and saved (the EMA when there is one); benchmarks use it to
     time accuracy milestones. ``bundle`` reuses data already read for ``cfg.data``.
-    With ``report``, ``report.html`` is written at the end (see cifarlens.report).
+    With ``report``, ``report.html`` is written at the end (see cifarlens.report); None (default):
+    yes for a new run, and as the run was started when it is resumed.
     A model or recipe left unset in ``cfg`` is chosen for the device and model
     (:func:`cifarlens.recipes.resolve_choices`); ``choices`` says why, for a caller (the CLI)
     that resolved them itself.
@@ -83,7 +84,7 @@ def train(
 
 
 def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, resume: bool, force: bool,
-           on_epoch_end, evaluate_test: bool, bundle: DataBundle | None, report: bool,
+           on_epoch_end, evaluate_test: bool, bundle: DataBundle | None, report: bool | None,
            choices: dict[str, str]) -> dict:
     log = run.log if world.is_main else _quiet
     if resume:
@@ -94,8 +95,10 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             raise CifarlensError(f"{run.path} has finished training: nothing to resume (cifarlens evaluate "
                                  f"{run.path} evaluates it again)")
         device_override = cfg.train.device
+        report = run.meta().get("report", True) if report is None else report  # --no-report is remembered
         cfg = run.config()
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))
+    report = report is not False  # None: yes, for a new run
     tracking.check_available(cfg.track.loggers)  # a missing library stops here, before any run folder exists
     # (on resume this only fills keys that an older cifarlens did not write)
     cfg, why = resolve_choices(cfg, device.type)
@@ -179,7 +182,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                            init=init or {"source": "scratch"},
                            split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
                            chosen=why, **({"time_budget": plan.as_dict()} if plan is not None else {}),
-                           status="running")
+                           report=report, status="running")
             atomic_write_json(run / "environment.json",
                               environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
 

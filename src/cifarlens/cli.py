@@ -21,7 +21,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                    help="continue a stopped run from its last checkpoint (RUN_DIR or --out)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
-    p.add_argument("--no-report", action="store_true", help="skip report.html at the end (saves a little time)")
+    p.add_argument("--no-report", action="store_true", help="skip report.html at the end (saves a little time; a resumed run remembers it)")
     p.add_argument("--logger", action="append", metavar="NAME",
                    help="log params, epochs, test metrics and files to: " + " or ".join(_loggers())
                         + " (repeatable or comma-separated; needs pip install 'cifarlens[tracking]')")
@@ -184,7 +184,7 @@ def cmd_train(args) -> int:
         if args.nproc is not None:
             return launch_torchrun(args)
         cfg = merge(RunConfig(), {"train": {"device": args.device or "auto"}})
-        train(cfg, out, resume=True, report=not args.no_report)
+        train(cfg, out, resume=True, report=False if args.no_report else None)  # None: as the run started
         return 0
     cfg, why = resolve_choices_for(config_from_args(args, resolve=False))
     args.out = args.out or f"runs/{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
