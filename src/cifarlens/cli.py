@@ -74,11 +74,6 @@ def add_config_flags(p) -> None:
                    help="set any config value, e.g. --set train.weight_decay=1e-4 (repeatable)")
 
 
-def add_calibration_flag(p) -> None:
-    p.add_argument("--no-calibration", action="store_true",
-                   help="raw softmax probabilities: ignore the run's fitted temperature")
-
-
 def _loggers():
     from cifarlens.tracking import list_trackers
 
@@ -261,59 +256,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from cifarlens.api import evaluate_run
-
-    result = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir, device=args.device,
-                          calibrated=not args.no_calibration)
-    line = f"{args.split}: accuracy {result['accuracy']:.2%}  f1_macro {result['f1_macro']:.4f}"
-    if "top5_accuracy" in result:
-        line += f"  top5 {result['top5_accuracy']:.2%}"
-    cal = result.get("calibration")
-    if cal:
-        line += (f"  ECE {cal['ece']:.2%} (temperature {cal['temperature']:.3f}; {cal['ece_uncalibrated']:.2%} without)"
-                 if cal["calibrated"] else f"  ECE {cal['ece']:.2%} (uncalibrated)")
-    print(line + f"  ({result['split_size']} images; written to {args.run_dir})")
-    return 0
-
-
-def cmd_calibrate(args) -> int:
-    from cifarlens.api import calibrate_run
-
-    fit = calibrate_run(args.run_dir, data_dir=args.data_dir, device=args.device, log=print)
-    if fit is None:
-        return 1
-    print(f"recorded in {args.run_dir}/run.json; evaluate, predict, serve and export use it "
-          f"(re-evaluate the test split with: cifarlens evaluate {args.run_dir})")
-    return 0
-
-
-def calibration_words(info: dict) -> str:
-    """"calibrated probabilities (temperature 1.234)" or "uncalibrated softmax probabilities"."""
-    if info["calibrated"]:
-        return f"calibrated probabilities (temperature scaling, T = {info['temperature']:.3f})"
-    return "uncalibrated softmax probabilities"
-
-
-def cmd_predict(args) -> int:
-    from cifarlens.api import load_run
-
-    run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
-    results = []
-    for image in args.images:  # one at a time, so one unreadable file names itself
-        results.append((image, run.predict([image], topk=args.topk)[0]))
-    if args.json:
-        print(json.dumps([{"image": image, **pred.as_dict(), **run.calibration_info()} for image, pred in results],
-                         indent=2))
-        return 0
-    print(f"({calibration_words(run.calibration_info())})")
-    for image, pred in results:
-        print(image)
-        for label, prob in zip(pred.labels, pred.probs):
-            print(f"  {prob:7.2%}  {label}")
-    return 0
-
-
 def cmd_list(args) -> int:
     from cifarlens.data import list_datasets
     from cifarlens.models import default_model, default_recipe, list_models
@@ -338,7 +280,7 @@ def cmd_list(args) -> int:
 # Other subcommands live beside the feature they expose; each module has
 # ``add_commands(sub)`` that adds its parsers with ``set_defaults(func=...)``.
 COMMAND_MODULES: tuple[str, ...] = ("cifarlens.serve.cli", "cifarlens.report.cli", "cifarlens.explain.cli",
-                                    "cifarlens.tune.cli")
+                                    "cifarlens.tune.cli", "cifarlens.run_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,29 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(sub)
-
-    p = sub.add_parser("evaluate", help="evaluate a run's best weights on the test (or val) split")
-    p.add_argument("run_dir")
-    p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--data-dir", help="where the dataset is now (default: the run's own data_dir)")
-    p.add_argument("--device", default="auto")
-    add_calibration_flag(p)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("calibrate", help="fit a run's temperature on its validation split (train does it already)")
-    p.add_argument("run_dir")
-    p.add_argument("--data-dir", help="where the dataset is now (default: the run's own data_dir)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_calibrate)
-
-    p = sub.add_parser("predict", help="top-k classes of image files")
-    p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--device", default="cpu")
-    add_calibration_flag(p)
-    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("list", help="registered datasets, models and recipes")
     p.set_defaults(func=cmd_list)
