@@ -74,6 +74,20 @@ def test_cifar10_reads_official_layout(tmp_path, style):
     assert ds.val is None
 
 
+def test_official_files_with_other_counts_are_named_in_a_warning(tmp_path):
+    """A subset saved under the official file names is not the official split: the run's log says so."""
+    from cifarlens.data.cifar_folder import count_warning
+
+    make_cifar10(tmp_path, n_train_per_batch=8, n_test=12)
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    train, test = ds.source.warnings
+    assert "cifar-10-batches-py" in train and "data_batch_1..data_batch_5 has 40 images, the official split 50,000" in train
+    assert "test_batch has 12 images, the official split 10,000" in test
+    balanced = torch.arange(10).repeat(3)
+    assert count_warning("test/", balanced, ds.info, per_class=3) is None
+    assert "airplane 2" in count_warning("test/", balanced[1:], ds.info, per_class=3)
+
+
 def test_cifar10_fixture(cifar10_dir):
     ds = load_dataset("cifar10", cifar10_dir, download=False)
     assert len(ds.train) == 200 and len(ds.test) == 50

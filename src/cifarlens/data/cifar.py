@@ -42,7 +42,7 @@ from cifarlens.data.base import (
     download_file,
     resize_uint8,
 )
-from cifarlens.data.cifar_folder import is_folder_copy, read_folder_copy
+from cifarlens.data.cifar_folder import count_warning, is_folder_copy, read_folder_copy
 from cifarlens.errors import CifarlensError
 
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -318,6 +318,10 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
             _extract(archive, data_dir, layout)
         classes, train, test = _read_folder(folder, layout)
         info = replace(layout.info, classes=classes)
+        # a subset (or a file from somewhere else) under the official names is not the official split
+        counts = (count_warning("..".join(dict.fromkeys([layout.train_files[0], layout.train_files[-1]])), train.labels, info, layout.train_per_class),
+                  count_warning(layout.test_file, test.labels, info, layout.test_per_class))
+        source = replace(source, warnings=tuple(f"{layout.title} files in {folder}: {w}" for w in counts if w))
     if image_size is not None and image_size != info.image_size:
         train = Split(resize_uint8(train.images, image_size), train.labels)
         test = Split(resize_uint8(test.images, image_size), test.labels)

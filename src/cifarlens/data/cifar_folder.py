@@ -111,7 +111,8 @@ def _read_split(split_dir: Path, info: DatasetInfo, title: str, *, need_all: boo
     return Split(images, labels), [p for p, _ in files]
 
 
-def _count_warning(split: str, labels: torch.Tensor, info: DatasetInfo, per_class: int) -> str | None:
+def count_warning(split: str, labels: torch.Tensor, info: DatasetInfo, per_class: int) -> str | None:
+    """What differs from the official split's ``per_class`` images of every class; None: nothing."""
     counts = torch.bincount(labels, minlength=info.num_classes).tolist()
     if all(c == per_class for c in counts):
         return None
@@ -131,9 +132,9 @@ def read_folder_copy(data_dir: Path, info: DatasetInfo, title: str, *, train_per
         val, val_files = _read_split(data_dir / "val", info, title, need_all=False)
     # a val/ carved from the official training set: train + val together should match it
     train_labels = train.labels if val is None else torch.cat([train.labels, val.labels])
-    warnings = [w for w in (_count_warning("train/" + (" + val/" if val is not None else ""), train_labels, info,
+    warnings = [w for w in (count_warning("train/" + (" + val/" if val is not None else ""), train_labels, info,
                                            train_per_class),
-                            _count_warning("test/", test.labels, info, test_per_class)) if w]
+                            count_warning("test/", test.labels, info, test_per_class)) if w]
     suffixes = sorted({p.suffix.lower().lstrip(".") for p in (*train_files, *test_files, *val_files)})
     formats = tuple(sorted({"JPEG" if s in ("jpg", "jpeg") else s.upper() for s in suffixes}))
     source = DataSource(
