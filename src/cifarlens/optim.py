@@ -43,10 +43,34 @@ def orthogonalize(g: Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> Tensor
     if tall:  # iterate on the wide orientation: its Gram matrix x @ x.T is the smaller one
         x = x.T
     x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1: inside the iteration's range
-    for _ in range(steps):
-        gram = x @ x.T  # (rows, rows)
-        x = a * x + (b * gram + c * (gram @ gram)) @ x  # p(x) = a x + b x x^T x + c (x x^T)^2 x
+    rows, cols = x.shape
+    if not bf16 and 2 * cols > 3 * rows:
+        x = _gram_iteration(x, steps)
+    else:
+        for _ in range(steps):
+            gram = x @ x.T  # (rows, rows)
+            x = a * x + (b * gram + c * (gram @ gram)) @ x  # p(x) = a x + b x x^T x + c (x x^T)^2 x
     return (x.T if tall else x).to(g.dtype)
+
+
+def _gram_iteration(x: Tensor, steps: int) -> Tensor:
+    """The same iteration as :func:`orthogonalize`, for a wide fp32 ``x`` (rows, cols), carried
+    out on its (rows, rows) Gram matrix: every iterate is ``Q x`` with ``Q`` a polynomial in
+    ``G = x x^T``, so the products with the long side are the first ``x x^T`` and the last
+    ``Q x`` only. Each step costs 4 rows^3 multiply-adds instead of 2 rows^2 cols + rows^3:
+    fewer once cols > 1.5 rows (2.2x fewer for fastnet's 256 x 2304 filters; the Muon step of
+    the full-width fastnet took about half the time on a 2-core Intel CPU, docs/benchmarks.md).
+    In exact arithmetic the result is the same; in fp32 it agreed to ~1e-6 (relative) in our
+    tests. Used in fp32 only: products of polynomials of G lose accuracy in bf16."""
+    a, b, c = NS_COEFFICIENTS
+    gram = x @ x.T
+    q = None
+    for _ in range(steps):
+        p = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2
+        p.diagonal().add_(a)  # + a I
+        q = p if q is None else p @ q
+        gram = p @ gram @ p  # the Gram matrix of the next iterate p x (p and G commute)
+    return q @ x
 
 
 def muon_groups(params: Iterable, lr: float, muon_lr: float, momentum: float | None = None,
