@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,60 @@ def test_unreadable_image_names_the_file(tmp_path, damage):
 def test_missing_data_mentions_the_copy_layout(tmp_path):
     with pytest.raises(CifarlensError, match=r"image-folder copy \(train/<class>/, test/<class>/\)"):
         load_dataset("cifar10", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("layout", ["no test/", "a split folder"])
+def test_a_partial_copy_is_refused_and_nothing_is_downloaded_into_it(tmp_path, layout, monkeypatch):
+    """Downloading would put the official files into the user's folder and train on them instead."""
+    import cifarlens.data.cifar as cifar
+
+    monkeypatch.setattr(cifar, "_download", lambda *a: pytest.fail("a download was attempted"))
+    write_copy(tmp_path / "copy", n_train=1, n_test=0)
+    data_dir = tmp_path / "copy" if layout == "no test/" else tmp_path / "copy" / "train"
+    before = tree_state(tmp_path)
+    message = r"has train/ but no test/" if layout == "no test/" else r"holds class folders \(airplane, automobile, bird, ...\)"
+    with pytest.raises(CifarlensError, match=message):
+        load_dataset("cifar10", data_dir, download=True)
+    assert tree_state(tmp_path) == before
+
+
+def test_a_run_on_a_copy_checks_its_data_before_using_it(tmp_path, monkeypatch, capsys):
+    """evaluate, calibrate and explain read the run's data again: never a download in place of a
+    moved copy, never a validation split carved from changed training images (it would hold
+    images the run trained on), and a warning for other test images."""
+    import shutil
+
+    import cifarlens.data.cifar as cifar
+
+    monkeypatch.setattr(cifar, "_download", lambda *a: pytest.fail("a download was attempted"))
+    data, out = tmp_path / "copy", tmp_path / "run"
+    write_copy(data, n_train=6, n_test=2)
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--epochs", "1", "--no-report",
+                 "--out", str(out), *TINY]) == 0
+    assert set(json.loads((out / "run.json").read_text())["data_fingerprint"]) == {"train", "test"}
+    assert main(["evaluate", str(out), "--split", "val"]) == 0
+
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"is not in {data} any more (moved or deleted?); pass --data-dir" in err and not data.exists()
+    (tmp_path / "moved").rename(data)
+
+    extra = data / "train" / "cat" / "0000.png"
+    shutil.copy(extra, extra.with_name("extra.png"))
+    for command in (["evaluate", str(out), "--split", "val"], ["calibrate", str(out)],
+                    ["explain", str(out), "--split", "val", "--indices", "0", "--out", str(tmp_path / "cams")]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert "the training images are not those" in err and "61 images now, 60 then" in err, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["evaluate", str(out)]) == 0  # the test split is the run's own: no warning
+
+    shutil.copy(data / "test" / "dog" / "0000.png", data / "test" / "cat" / "0000.png")  # one test image replaced
+    with pytest.warns(UserWarning, match=r"the test images are not those .*\(20 images, as then, but not the same"):
+        assert main(["evaluate", str(out)]) == 0
 
 
 def test_resize_applies_to_every_split_of_a_copy(tmp_path):

@@ -246,11 +246,17 @@ def test_malicious_pickle_is_refused(cifar10_dir, tmp_path, func):
 
 def test_unpickler_allows_numpy_arrays_only():
     array = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    for protocol in (2, 3, 4):  # protocol 5 uses numpy._core.numeric._frombuffer, never in CIFAR files
-        blob = pickle.dumps({b"data": array, "x": np.float64(1.5)}, protocol=protocol)
-        loaded = NumpyOnlyUnpickler(io.BytesIO(blob), encoding="latin1").load()
-        np.testing.assert_array_equal(loaded[b"data"], array)
-        assert loaded["x"] == 1.5
+    # protocol 5 (pickle.HIGHEST_PROTOCOL, a subset re-saved) stores arrays with numpy's _frombuffer,
+    # and protocol 2 an empty one with bytes()
+    for protocol in (2, 3, 4, 5):
+        for data in (array, array[:0]):
+            blob = pickle.dumps({b"data": data, "x": np.float64(1.5)}, protocol=protocol)
+            loaded = NumpyOnlyUnpickler(io.BytesIO(blob), encoding="latin1").load()
+            assert loaded[b"data"].shape == data.shape and loaded[b"data"].dtype == np.uint8
+            np.testing.assert_array_equal(loaded[b"data"], data)
+            assert loaded["x"] == 1.5
+    with pytest.raises(pickle.UnpicklingError, match="builtins.object"):  # what they hold is checked as ever
+        NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(np.array([object()], dtype=object), protocol=5))).load()
     with pytest.raises(pickle.UnpicklingError, match="collections.OrderedDict"):
         NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(__import__("collections").OrderedDict(), protocol=2))).load()
 
@@ -523,10 +529,69 @@ def test_imagefolder_follows_linked_subfolders_once_and_survives_a_loop(tmp_path
     assert train.images[2:5, 0, 0, 0].tolist() == [0, 40, 80]  # the linked ones, by name
 
 
+def test_imagefolder_reads_every_jpeg_name_and_counts_what_it_skips(tmp_path):
+    """.jfif and .jpe are JPEG files as browsers save them; other files are counted in a warning,
+    and a val/ under another name is named, since it is not read."""
+    make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=2, n_test_per_class=1, formats=("png",), junk=False)
+    pixels = np.full((8, 8, 3), 200, np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "train" / "a" / "web.jfif", format="JPEG")
+    Image.fromarray(pixels).save(tmp_path / "train" / "b" / "old.jpe", format="JPEG")
+    (tmp_path / "train" / "a" / "labels.txt").write_text("a")
+    (tmp_path / "train" / "a" / "README").write_text("no extension")
+    (tmp_path / "train" / "loose.png").write_bytes((tmp_path / "train" / "a" / "web.jfif").read_bytes())
+    (tmp_path / "valid" / "a").mkdir(parents=True)
+    ds = load_dataset("imagefolder", tmp_path, image_size=8)
+    assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ds.source.formats == ("JPEG", "PNG") and ds.source.lossy
+    skipped, other = ds.source.warnings
+    assert "3 file(s) under" in skipped and ".txt 1" in skipped and "no extension 1" in skipped and ".png 1" in skipped
+    assert "valid/" in other and "rename it val/" in other
+
+
+def test_imagefolder_refuses_a_link_to_a_folder_above_the_class(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=2, n_test_per_class=1, junk=False)
+    (tmp_path / "train" / "a" / "up").symlink_to(tmp_path / "train", target_is_directory=True)
+    with pytest.raises(CifarlensError, match=r"a folder above .*train/a: the images there would be counted again"):
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_imagefolder_names_a_folder_it_cannot_read(tmp_path, monkeypatch):
+    """(Tests run as root, whom chmod 000 does not stop: the refusal is the operating system's
+    PermissionError, raised where os.walk lists the folder.)"""
+    make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=2, n_test_per_class=1, junk=False)
+    locked = tmp_path / "train" / "a" / "locked"
+    locked.mkdir()
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(CifarlensError, match=rf"cannot read the folder {locked} \(Permission denied\)"):
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_imagefolder_class_names_in_either_unicode_form_and_not_text(tmp_path):
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    make_imagefolder(tmp_path / "ok", classes=(nfc, "b"), n_per_class=2, n_test_per_class=1, junk=False)
+    (tmp_path / "ok" / "test" / nfc).rename(tmp_path / "ok" / "test" / nfd)  # as copied from a Mac
+    ds = load_dataset("imagefolder", tmp_path / "ok")
+    assert ds.info.classes == ("b", nfc) and sorted(ds.test.labels.tolist()) == [0, 1]
+    bad = tmp_path / "bad"
+    make_imagefolder(bad, classes=("a", "b"), n_per_class=2, n_test_per_class=1, junk=False)
+    os.rename(bytes(bad / "train" / "a"), bytes(bad / "train") + b"/caf\xe9")  # Latin-1 bytes, not UTF-8
+    with pytest.raises(CifarlensError, match=r"class folder name 'caf\\udce9' .* is not valid UTF-8"):
+        load_dataset("imagefolder", bad)
+
+
 def test_imagefolder_class_mismatch(tmp_path):
     make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=2, n_test_per_class=1, junk=False)
     save_image(tmp_path / "test" / "c" / "x", np.zeros((8, 8, 3), np.uint8), "png")
-    with pytest.raises(CifarlensError, match=r"test has classes that train/ lacks: c"):
+    with pytest.raises(CifarlensError, match=r"test has classes that train/ lacks: 'c'"):
         load_dataset("imagefolder", tmp_path)
 
 

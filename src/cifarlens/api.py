@@ -43,7 +43,7 @@ from cifarlens.recipes import (
     schedule_steps,
 )
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
-from cifarlens.inference import Prediction, Run, build_model, load_run  # noqa: F401 (re-exported)
+from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
 from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
 
 
@@ -116,6 +116,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
 
     if bundle is None:
         bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
+    if resume:  # the data the run started on: other training images would change its splits
+        for split in ("train", "test"):
+            check_same_data(run.meta(), bundle, split, run.path)
     info = bundle.info
     has_val = len(bundle.val) > 0  # data.val_fraction 0: no validation split (fixed-budget recipes)
     if not has_val and (cfg.train.schedule == "plateau" or cfg.train.early_stopping):
@@ -181,6 +184,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                                                               "forward_flops": flops},
                            init=init or {"source": "scratch"},
                            split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
+                           data_fingerprint=bundle.fingerprints,
                            chosen=why, **({"time_budget": plan.as_dict()} if plan is not None else {}),
                            report=report, status="running")
             atomic_write_json(run / "environment.json",

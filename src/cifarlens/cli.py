@@ -298,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(out) -> str:
+    """What an interrupted ``train`` can do next, from what its run folder holds."""
+    from cifarlens.runs import RunDir
+
+    if not isinstance(out, str):
+        return ""
+    run = RunDir(out)
+    if run.last_checkpoint.is_file():
+        return f"; continue with: cifarlens train --resume {out}"
+    if (run.path / "run.json").is_file():
+        return f"; no epoch had finished: start it again with --force (--out {out})"
+    return "; nothing was written"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -315,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifarlens: error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        out = getattr(args, "out", None) or getattr(args, "resume", None)
-        hint = f"; continue with: cifarlens train --resume {out}" if isinstance(out, str) else ""
+        hint = _resume_hint(getattr(args, "out", None) or getattr(args, "resume", None))
         print(f"cifarlens: {'terminated' if isinstance(err, Terminated) else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     finally:

@@ -240,9 +240,12 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict:
     if not path.is_file():
         raise CifarlensError(f"{what} {path} not found")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise CifarlensError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:  # e.g. UTF-16, as PowerShell's > writes
+        raise CifarlensError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+                             ) from None
     return values or {}
 
 

@@ -36,7 +36,7 @@ def calibrate_run(
     fit, or None when the run has no validation images (nothing is recorded then)."""
     run = RunDir(run_dir)
     loaded = load_run(run.path, device=device, calibrated=False)
-    val: Split = loaded.data(data_dir, bundle).val
+    val: Split = loaded.split("val", data_dir, bundle)
     say = log or run.log
     if len(val) == 0:
         say("calibration skipped: the run has no validation images to fit a temperature on")
@@ -68,7 +68,7 @@ def evaluate_run(
         raise CifarlensError(f"--split must be test or val, got {split!r}")
     run = RunDir(run_dir)
     loaded = load_run(run.path, device=device, calibrated=calibrated)
-    data: Split = getattr(loaded.data(data_dir, bundle), split)
+    data: Split = loaded.split(split, data_dir, bundle)
     if split == "val" and len(data) == 0:
         raise CifarlensError(f"{run.path} has no validation images (data.val_fraction 0); evaluate --split test")
     # Normalise with the run's own statistics (for imagefolder they came from its training data).

@@ -25,26 +25,65 @@ MAX_PIXELS = 40_000_000
 
 ImageSource = Union[str, Path, bytes, Image.Image]
 
-# the files the folder readers take as images: torchvision.datasets.folder.IMG_EXTENSIONS plus .gif
-IMAGE_EXTENSIONS = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
+# the files the folder readers take as images: torchvision.datasets.folder.IMAGE_EXTENSIONS plus GIF,
+# the other names of JPEG files (.jpe, .jfif: web downloads), AVIF, APNG, Netpbm and TGA, all of which
+# Pillow reads (AVIF since Pillow 11.2)
+JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
+IMAGE_EXTENSIONS = JPEG_EXTENSIONS | frozenset(
+    {".apng", ".avif", ".bmp", ".gif", ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tga", ".tif", ".tiff", ".webp"})
+LOSSY_EXTENSIONS = JPEG_EXTENSIONS | frozenset({".webp", ".avif"})  # WebP and AVIF may be lossless: lossy to be safe
 
 
-def list_images(folder: Path) -> list[Path]:
+def format_names(suffixes) -> tuple[str, ...]:
+    """("JPEG", "PNG") for the file suffixes {".jpg", ".png", ".jpeg"}: what a run records as its data's formats."""
+    return tuple(sorted({"JPEG" if s.lower() in JPEG_EXTENSIONS else s.lstrip(".").upper() for s in suffixes}))
+
+
+def list_images(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
     """The image files under ``folder`` (by extension, any depth), sorted; hidden files and folders
-    (a leading dot) left out. Links to folders are followed, as torchvision's ImageFolder follows
-    them (``Path.rglob`` does not before Python 3.13), each real folder once, so a link that loops
-    back cannot recurse."""
+    (a leading dot) left out, other files appended to ``skipped`` when given. Links to folders are
+    followed, as torchvision's ImageFolder follows them (``Path.rglob`` does not before Python
+    3.13), each real folder once, so a link that loops back cannot recurse; a link to a folder
+    above ``folder`` (it would bring other classes' images in) and a folder that cannot be read
+    are one-line errors."""
+    top = os.path.realpath(folder)
+
+    def unreadable(err: OSError):
+        raise CifarlensError(f"cannot read the folder {err.filename} ({err.strerror}); fix its permissions "
+                             "or move it out of the dataset")
+
     found, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
             continue
+        if real != top and top.startswith(real.rstrip(os.sep) + os.sep):
+            raise CifarlensError(f"{root} links to {real}, a folder above {folder}: the images there would be "
+                                 "counted again, in this class; remove the link")
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root) / f for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(Path(root) / f)]
+        for f in files:
+            path = Path(root) / f
+            if f.startswith(".") or not os.path.isfile(path):
+                continue
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(path)
+            elif skipped is not None:
+                skipped.append(path)
     return sorted(found)
+
+
+def skipped_warning(where: Path, skipped: list[Path]) -> str | None:
+    """"7 files under DIR are not read (not an image extension: .txt 4, .heic 3)", or None."""
+    if not skipped:
+        return None
+    counts: dict[str, int] = {}
+    for path in skipped:
+        counts[path.suffix.lower() or "no extension"] = counts.get(path.suffix.lower() or "no extension", 0) + 1
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
+    return (f"{len(skipped):,} file(s) under {where} are not read (not an image extension: {kinds}; "
+            f"read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
 
 class ImageTooLarge(CifarlensError):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights
 from cifarlens.config import RunConfig
 from cifarlens.data.augment import normalize
-from cifarlens.data.base import DatasetInfo
+from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.pipeline import DataBundle, prepare_data
 from cifarlens.engine import forward_tta, resolve_device
 from cifarlens.errors import CifarlensError
@@ -92,9 +92,17 @@ class Run:
 
     def data(self, data_dir: str | None = None, bundle: DataBundle | None = None) -> DataBundle:
         """The run's dataset with its own seeded train/val split, read from ``data_dir``
-        (default: where it was trained from); refuses data with other classes."""
+        (default: where it was trained from); refuses data with other classes. Downloads only
+        when the run was trained on the downloadable official files (never over a copy's place).
+        :meth:`split` also checks that the images are the run's own."""
         cfg = self.config.data if data_dir is None else replace(self.config.data, data_dir=data_dir)
         if bundle is None:
+            source = RunDir(self.path).meta().get("source") or {}
+            if source.get("kind", "official files") != "official files":
+                cfg = replace(cfg, download=False)
+                if not Path(cfg.data_dir).is_dir():
+                    raise CifarlensError(f"the data of {self.path} is not in {cfg.data_dir} any more (moved or "
+                                         "deleted?); pass --data-dir where it is now")
             bundle = prepare_data(cfg, self.config.train.seed)
         if tuple(bundle.info.classes) != tuple(self.classes):
             raise CifarlensError(
@@ -102,6 +110,13 @@ class Run:
                 f"trained on {list(self.classes)[:5]}...; point --data-dir at the run's dataset"
             )
         return bundle
+
+    def split(self, name: str, data_dir: str | None = None, bundle: DataBundle | None = None) -> Split:
+        """The run's ``name`` split ("train", "val" or "test") of :meth:`data`, after checking the
+        images against those the run recorded (:func:`check_same_data`)."""
+        bundle = self.data(data_dir, bundle)
+        check_same_data(RunDir(self.path).meta(), bundle, name, self.path)
+        return getattr(bundle, name)
 
     def preprocess(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
         """Images (paths, bytes, PIL images) or a uint8 (B, C, H, W) tensor -> normalised float batch."""
@@ -139,6 +154,34 @@ class Run:
             Prediction([self.classes[i] for i in idx.tolist()], vals.tolist(), idx.tolist())
             for vals, idx in zip(values, indices)
         ]
+
+
+def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) -> None:
+    """Compare ``bundle`` with the fingerprints a run recorded at training (run.json's
+    ``data_fingerprint``; runs from before it are not checked). The validation split is carved
+    from the training images by seed, so when they changed (images added, removed or replaced)
+    it would now hold images the run trained on: an error for "train" and "val". Other test
+    images than the run's give a warning: the figures are then about those images."""
+    recorded, now = meta.get("data_fingerprint") or {}, bundle.fingerprints
+    key = "test" if split == "test" else "train"
+    if not recorded.get(key) or not now.get(key) or recorded[key] == now[key]:
+        return
+    sizes = meta.get("split_sizes") or {}
+
+    def counts(now: int, then) -> str:
+        return f"{now:,} images now, {then:,} then" if isinstance(then, int) and then != now else \
+            f"{now:,} images, as then, but not the same ones"
+
+    if key == "test":
+        warnings.warn(f"the test images are not those {run_path} was evaluated on at training "
+                      f"({counts(len(bundle.test), sizes.get('test'))}): the figures are about these images",
+                      stacklevel=3)
+        return
+    then = sizes["train"] + sizes["val"] if {"train", "val"} <= set(sizes) else None
+    raise CifarlensError(
+        f"the training images are not those {run_path} was trained on ({counts(len(bundle.train) + len(bundle.val), then)}"
+        f"): its validation split, carved from them, would now hold images it trained on; point --data-dir at "
+        "the run's data as it was, or train a new run")
 
 
 def last_weights(checkpoint: dict) -> dict:

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cifarlens.data.base import DataSource, DatasetInfo, Split
 from cifarlens.errors import CifarlensError
-from cifarlens.images import IMAGE_EXTENSIONS, list_images, load_image, to_mode
+from cifarlens.images import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, format_names, list_images, load_image, skipped_warning, to_mode
 
-LOSSY_EXTENSIONS = frozenset({".jpg", ".jpeg", ".webp"})  # webp may be lossless; counted as lossy to be safe
 NATIVE_SIZE = 32
 
 
@@ -40,7 +39,7 @@ def is_folder_copy(data_dir: Path) -> bool:
     return (data_dir / "train").is_dir() and (data_dir / "test").is_dir()
 
 
-def _key(name: str) -> str:
+def class_key(name: str) -> str:
     """Folder names match class names case-insensitively, with '-' or ' ' for '_' ("Aquarium Fish")."""
     return re.sub(r"[\s\-]+", "_", name.strip().lower())
 
@@ -50,7 +49,7 @@ def _class_folders(split_dir: Path, info: DatasetInfo, title: str, *, need_all: 
     expected = ", ".join(info.classes)
     folders = sorted((d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
                      key=lambda d: d.name)
-    by_name = {_key(c): i for i, c in enumerate(info.classes)}
+    by_name = {class_key(c): i for i, c in enumerate(info.classes)}
     # folders named 0..K-1 (some dumps use the label index): taken as the official label order
     numeric = bool(folders) and all(d.name.isdigit() for d in folders)
     found: dict[int, Path] = {}
@@ -58,7 +57,7 @@ def _class_folders(split_dir: Path, info: DatasetInfo, title: str, *, need_all: 
         if numeric:
             label = int(d.name) if int(d.name) < info.num_classes else None
         else:
-            label = by_name.get(_key(d.name))
+            label = by_name.get(class_key(d.name))
         if label is None:
             raise CifarlensError(f"{split_dir}: folder {d.name!r} is not a {title} class, so this is not a {title} "
                                  f"copy; expected the {info.num_classes} official class folders: {expected} "
@@ -83,7 +82,8 @@ def _decode(path: Path, title: str) -> torch.Tensor:
     resizing and EXIF steps, which a 32x32 copy never needs: ~1.4x faster on 60k files.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as opened:
+            im = ImageOps.exif_transpose(opened)  # as load_image (predict, the web app) turns it
             if im.size != (NATIVE_SIZE, NATIVE_SIZE):
                 raise CifarlensError(
                     f"{path} is {im.size[0]}x{im.size[1]} pixels, but {title} images are 32x32; a resized copy "
@@ -96,11 +96,13 @@ def _decode(path: Path, title: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def _read_split(split_dir: Path, info: DatasetInfo, title: str, *, need_all: bool) -> tuple[Split, list[Path]]:
+def _read_split(split_dir: Path, info: DatasetInfo, title: str, *, need_all: bool,
+                skipped: list[Path]) -> tuple[Split, list[Path]]:
     folders = _class_folders(split_dir, info, title, need_all=need_all)
     files: list[tuple[Path, int]] = []
+    skipped += [f for f in split_dir.iterdir() if f.is_file() and not f.name.startswith(".")]
     for label, folder in sorted(folders.items()):
-        found = list_images(folder)
+        found = list_images(folder, skipped)
         if not found:
             raise CifarlensError(f"class folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files += [(p, label) for p in found]
@@ -125,21 +127,22 @@ def count_warning(split: str, labels: torch.Tensor, info: DatasetInfo, per_class
 def read_folder_copy(data_dir: Path, info: DatasetInfo, title: str, *, train_per_class: int, test_per_class: int
                      ) -> tuple[Split, Split, Split | None, DataSource]:
     """Read a CIFAR image-folder copy: train, test, val (None without ``val/``) and its source record."""
-    train, train_files = _read_split(data_dir / "train", info, title, need_all=True)
-    test, test_files = _read_split(data_dir / "test", info, title, need_all=True)
+    skipped: list[Path] = []
+    train, train_files = _read_split(data_dir / "train", info, title, need_all=True, skipped=skipped)
+    test, test_files = _read_split(data_dir / "test", info, title, need_all=True, skipped=skipped)
     val, val_files = None, []
     if (data_dir / "val").is_dir():
-        val, val_files = _read_split(data_dir / "val", info, title, need_all=False)
+        val, val_files = _read_split(data_dir / "val", info, title, need_all=False, skipped=skipped)
     # a val/ carved from the official training set: train + val together should match it
     train_labels = train.labels if val is None else torch.cat([train.labels, val.labels])
     warnings = [w for w in (count_warning("train/" + (" + val/" if val is not None else ""), train_labels, info,
                                            train_per_class),
                             count_warning("test/", test.labels, info, test_per_class)) if w]
-    suffixes = sorted({p.suffix.lower().lstrip(".") for p in (*train_files, *test_files, *val_files)})
-    formats = tuple(sorted({"JPEG" if s in ("jpg", "jpeg") else s.upper() for s in suffixes}))
+    suffixes = {p.suffix.lower() for p in (*train_files, *test_files, *val_files)}
+    warnings += [w for w in (skipped_warning(data_dir, skipped),) if w]
     source = DataSource(
-        kind="image folder copy", path=str(data_dir), formats=formats,
-        lossy=any("." + s in LOSSY_EXTENSIONS for s in suffixes),
+        kind="image folder copy", path=str(data_dir), formats=format_names(suffixes),
+        lossy=bool(suffixes & LOSSY_EXTENSIONS),
         warnings=tuple(f"{title} copy {data_dir}: {w}" for w in warnings),
     )
     return train, test, val, source

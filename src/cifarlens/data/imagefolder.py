@@ -2,7 +2,8 @@
 
 Classes are the sorted subfolder names of ``train/``; ``test/`` and ``val/`` may hold a
 subset of them but no others. Class folders are searched recursively; hidden files and
-folders and files without an image extension are ignored. Each image is decoded with PIL
+folders are ignored, and other files without an image extension are counted in a warning in
+the run's log. Each image is decoded with PIL
 (first frame, EXIF orientation applied), converted to RGB and resized to
 ``image_size`` x ``image_size`` (default 32; aspect ratio is not kept) with bilinear
 filtering, which PIL antialiases when shrinking. Mean/std are computed from the resized
@@ -11,6 +12,7 @@ training images.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -18,9 +20,10 @@ import torch
 from cifarlens.data.base import DATASETS, DataSource, DatasetInfo, LoadedDataset, Split, check_image_size
 from cifarlens.data.stats import channel_stats
 from cifarlens.errors import CifarlensError
-from cifarlens.images import IMAGE_EXTENSIONS, list_images, load_image
+from cifarlens.images import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, format_names, list_images, load_image, skipped_warning
 
 DEFAULT_IMAGE_SIZE = 32
+OTHER_SPLIT_NAMES = ("valid", "validation", "dev", "eval")  # other datasets' names for val/
 LAYOUT_HINT = "expected DIR/train/<class>/<image> and DIR/test/<class>/<image> (optional DIR/val/<class>/<image>)"
 
 
@@ -28,8 +31,19 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted((d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    files = list_images(class_dir)
+def class_name(folder: Path) -> str:
+    """The class a folder names: its name in Unicode NFC (macOS writes names decomposed, NFD, so "café"
+    copied from a Mac matches "café" typed elsewhere); a name that is not text is a one-line error."""
+    try:
+        folder.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CifarlensError(f"the class folder name {folder.name!r} in {folder.parent} is not valid UTF-8 "
+                             "(a zip from another system?); rename the folder") from None
+    return unicodedata.normalize("NFC", folder.name)
+
+
+def _image_files(class_dir: Path, skipped: list[Path]) -> list[Path]:
+    files = list_images(class_dir, skipped)
     if not files:
         raise CifarlensError(
             f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder"
@@ -45,23 +59,30 @@ def _read_split(files: list[tuple[Path, int]], size: int) -> Split:
     return Split(images, labels)
 
 
-def _list_split(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
-    """(class names, [(file, label)]) of one split; ``classes`` None means this is train."""
+def _list_split(split_dir: Path, classes: list[str] | None, skipped: list[Path]
+                ) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(file, label)]) of one split; ``classes`` None means this is train. Files
+    that are not read (other extensions, files beside the class folders) go to ``skipped``."""
     dirs = _class_dirs(split_dir)
     if not dirs:
         raise CifarlensError(f"{split_dir} has no class subfolders; {LAYOUT_HINT}")
-    names = [d.name for d in dirs]
+    names = [class_name(d) for d in dirs]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise CifarlensError(f"{split_dir} has two folders for the class {twice[0]!r} (the same name in two "
+                             "Unicode forms); merge them")
     if classes is None:
         classes = names
     else:
         unknown = [n for n in names if n not in classes]
         if unknown:
             raise CifarlensError(
-                f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}; "
-                f"rename or remove them, or add them to train/ (train classes: {', '.join(classes)})"
+                f"{split_dir} has classes that train/ lacks: {', '.join(map(repr, unknown))}; "
+                f"rename or remove them, or add them to train/ (train classes: {', '.join(map(repr, classes))})"
             )
     index = {name: i for i, name in enumerate(classes)}
-    files = [(p, index[d.name]) for d in dirs for p in _image_files(d)]
+    skipped += [f for f in split_dir.iterdir() if f.is_file() and not f.name.startswith(".")]
+    files = [(p, index[name]) for d, name in zip(dirs, names) for p in _image_files(d, skipped)]
     return classes, files
 
 
@@ -76,11 +97,12 @@ def imagefolder(data_dir: Path, *, download: bool, image_size: int | None) -> Lo
     for required in ("train", "test"):
         if not (data_dir / required).is_dir():
             raise CifarlensError(f"no {required}/ folder in {data_dir}; {LAYOUT_HINT}")
-    classes, train_files = _list_split(data_dir / "train", None)
+    skipped: list[Path] = []
+    classes, train_files = _list_split(data_dir / "train", None, skipped)
     if len(classes) < 2:
         raise CifarlensError(f"{data_dir / 'train'} has only the class {classes[0]!r}; a classifier needs at least 2 classes")
-    _, test_files = _list_split(data_dir / "test", classes)
-    val_files = _list_split(data_dir / "val", classes)[1] if (data_dir / "val").is_dir() else None
+    _, test_files = _list_split(data_dir / "test", classes, skipped)
+    val_files = _list_split(data_dir / "val", classes, skipped)[1] if (data_dir / "val").is_dir() else None
 
     train = _read_split(train_files, size)
     mean, std = channel_stats(train.images)  # of the resized training images
@@ -95,10 +117,13 @@ def imagefolder(data_dir: Path, *, download: bool, image_size: int | None) -> Lo
         title="image folder",
     )
     suffixes = {p.suffix.lower() for p, _ in (*train_files, *test_files, *(val_files or ()))}
-    source = DataSource(kind="image folder", path=str(data_dir),
-                        formats=tuple(sorted({"JPEG" if s in (".jpg", ".jpeg") else s.lstrip(".").upper()
-                                              for s in suffixes})),
-                        lossy=bool(suffixes & {".jpg", ".jpeg", ".webp"}))
+    others = [d.name + "/" for d in data_dir.iterdir() if d.is_dir() and d.name in OTHER_SPLIT_NAMES]
+    warnings = [w for w in (skipped_warning(data_dir, skipped),) if w]
+    if others:
+        warnings.append(f"{data_dir} has {', '.join(others)}, which is not read: only train/, test/ and val/ are "
+                        "(rename it val/ to use it as the validation split)")
+    source = DataSource(kind="image folder", path=str(data_dir), formats=format_names(suffixes),
+                        lossy=bool(suffixes & LOSSY_EXTENSIONS), warnings=tuple(warnings))
     return LoadedDataset(
         info=info,
         train=train,

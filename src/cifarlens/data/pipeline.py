@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -28,6 +29,19 @@ class DataBundle:
     val: Split
     test: Split
     source: DataSource = DataSource()  # official files or a copy; recorded in run.json
+    # {"train": ..., "test": ...}: fingerprint() of the training images (the validation split's too,
+    # which is carved from them) and of the test images; recorded in run.json
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+def fingerprint(*splits: Split) -> str:
+    """SHA-256 (first 16 hex digits) of the splits' images and labels, in order: whether the data
+    a run is evaluated on is still the data it was trained on (~0.1 s for CIFAR-10's 50,000)."""
+    digest = hashlib.sha256()
+    for split in splits:
+        for tensor in (split.images, split.labels.to(torch.int64)):
+            digest.update(tensor.detach().cpu().contiguous().numpy())  # a buffer: hashed without a copy
+    return digest.hexdigest()[:16]
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
@@ -36,10 +50,13 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
     The test split is returned untouched; only final evaluation may look at it.
     """
     ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
+    if len(ds.test) == 0:
+        raise CifarlensError(f"the test split of {cfg.data_dir} has no images: a run could not be evaluated")
+    prints = {"train": fingerprint(ds.train, *([ds.val] if ds.val is not None else [])), "test": fingerprint(ds.test)}
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
-        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source)
+        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints)
     train_index, val_index = stratified_split(ds.train.labels, with_data_defaults(cfg).val_fraction, seed)
-    return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source)
+    return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source, prints)
 
 
 def eval_transform(info: DatasetInfo):

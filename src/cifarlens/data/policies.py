@@ -216,6 +216,7 @@ def check_policies(cfg: DataConfig) -> None:
         (0.0 <= cfg.cutmix_prob <= 1.0, f"data.cutmix_prob must be in [0, 1], got {cfg.cutmix_prob}"),
         (cfg.noise_std > 0, f"data.noise_std must be > 0, got {cfg.noise_std}"),
         (0.0 <= cfg.noise_prob <= 1.0, f"data.noise_prob must be in [0, 1], got {cfg.noise_prob}"),
+        (cfg.workers >= 0, f"data.workers must be >= 0 (0: load in the main process), got {cfg.workers}"),
     ]
     for ok, message in checks:
         if not ok:

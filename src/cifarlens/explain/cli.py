@@ -131,7 +131,7 @@ def _files(run, paths: list[str]) -> Selection:
 
 def _from_split(run, args) -> Selection:
     split = args.split or "test"
-    data = getattr(run.data(args.data_dir), split)
+    data = run.split(split, args.data_dir)
     if args.indices is not None:
         index = _parse_indices(args.indices, len(data))
         what = f"{len(index)} image(s) of {split}"

@@ -243,7 +243,7 @@ def build_report_data(
     saved_cfg = rd.config()
     with clock.part("test data") as notes:
         notes.append("already in memory" if bundle is not None else "read from disk")
-        test = run.data(data_dir, bundle).test
+        test = run.split("test", data_dir, bundle)
     with clock.part("test predictions") as notes:
         preds = saved_predictions(rd, test.labels, run.classes, run.temperature)
         if preds is None:

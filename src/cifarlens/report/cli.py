@@ -36,7 +36,7 @@ def cmd_robustness(args) -> int:
         raise CifarlensError(f"unknown corruption {', '.join(unknown)}; choose from: {', '.join(cifar_c.list_corruptions())}")
     reference = cifar_c.load_reference(args.reference) if args.reference else None  # before the long part
     run = load_run(args.run_dir, device=args.device)
-    test = run.data(args.data_dir).test
+    test = run.split("test", args.data_dir)
     common = dict(severities=severities, corruptions=names, max_images=args.images, seed=args.seed)
     if args.corruptions_dir:
         print(f"reading the CIFAR-C files in {args.corruptions_dir}", flush=True)
