@@ -19,7 +19,7 @@ from cifarlens.api import train
 from cifarlens.cli import main
 from cifarlens.config import RunConfig, merge
 from cifarlens.engine import TrainingDiverged
-from conftest import TINY, make_cifar10, make_fashion_mnist
+from conftest import TINY, make_cifar10, make_fashion_mnist, make_imagefolder
 
 
 def files(run: Path) -> dict[Path, bytes]:
@@ -220,3 +220,14 @@ def test_a_time_budget_with_nproc_is_refused_before_torchrun_starts(finished_run
     err = capsys.readouterr().err.strip()
     assert code == 2 and "drop --nproc" in err and len(err.splitlines()) == 1, err  # no torchrun lines
     assert not (tmp_path / "run").exists()
+
+
+def test_too_few_images_for_a_validation_split_is_said_so(tmp_path, capsys):
+    """One image per class leaves none for validation, whatever data.val_fraction says."""
+    data = make_imagefolder(tmp_path / "one", classes=("a", "b"), n_per_class=1, n_test_per_class=1, junk=False)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data.data_dir), "--recipe", "reference",
+                 "--epochs", "1", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the 2 training images are too few for data.val_fraction 0.1" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

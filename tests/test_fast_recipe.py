@@ -370,7 +370,7 @@ def test_plateau_or_early_stopping_without_validation_is_an_error_before_any_run
                      "fastnet_cpu", "--epochs", "1", "--device", "cpu", "--out", str(out),
                      "--set", "data.val_fraction=0", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "need a validation split" in err[0]
+        assert len(err) == 1 and "need a validation split, and data.val_fraction is 0" in err[0]
         assert not out.exists()
 
 

@@ -93,10 +93,12 @@ def test_classification_metrics_zero_division_hand_example():
     assert [r["recall"] for r in m["per_class"]] == [1.0, 0.0, 0.0]
     assert [r["f1"] for r in m["per_class"]] == [approx(Fr(2, 3)), 0.0, 0.0]
     assert m["accuracy"] == approx(Fr(1, 2))
-    # macro averages include the absent class
-    assert m["precision_macro"] == approx(Fr(1, 6))
-    assert m["recall_macro"] == approx(Fr(1, 3))
-    assert m["f1_macro"] == approx(Fr(2, 9))
+    # macro averages over the classes present (in labels or predictions): frog is left out, as by
+    # scikit-learn's default; counted as 0 it would give 1/6, 1/3 and 2/9
+    assert m["classes_absent"] == ["frog"]
+    assert m["precision_macro"] == approx(Fr(1, 4))
+    assert m["recall_macro"] == approx(Fr(1, 2))
+    assert m["f1_macro"] == approx(Fr(1, 3))
     assert m["precision_weighted"] == approx(Fr(1, 4))
     assert m["recall_weighted"] == approx(Fr(1, 2))
     assert m["f1_weighted"] == approx(Fr(1, 3))
@@ -162,7 +164,7 @@ def test_summarize_keys_and_values():
     m10 = summarize(logits10, labels10, [f"c{i}" for i in range(10)])
     assert m10["top5_accuracy"] == topk_accuracy(logits10.float(), labels10, 5)
     assert m10["nll"] == pytest.approx(F.cross_entropy(logits10.float(), labels10).item(), rel=1e-5)
-    assert all(isinstance(v, float) for k, v in m10.items() if k not in ("per_class", "confusion_matrix", "num_samples"))
+    assert all(isinstance(v, float) for k, v in m10.items() if k not in ("per_class", "confusion_matrix", "num_samples", "classes_absent"))
     with pytest.raises(ValueError):
         summarize(logits3, labels3, ["a", "b"])
 
@@ -218,10 +220,10 @@ def test_against_sklearn_random(seed):
     assert [r["f1"] for r in m["per_class"]] == pytest.approx(f1.tolist())
     assert [r["support"] for r in m["per_class"]] == sup.tolist()
     assert m["per_class"][5]["support"] == 0 and m["per_class"][3]["precision"] == 0.0
+    # averages over the classes in the labels or predictions: scikit-learn's default (labels=None)
+    assert m["classes_absent"] == ([] if 5 in p else ["c5"])
     for avg in ("macro", "weighted"):
-        p_, r_, f_, _ = sklearn_metrics.precision_recall_fscore_support(
-            y, p, labels=all_labels, zero_division=0, average=avg
-        )
+        p_, r_, f_, _ = sklearn_metrics.precision_recall_fscore_support(y, p, zero_division=0, average=avg)
         assert m[f"precision_{avg}"] == pytest.approx(p_)
         assert m[f"recall_{avg}"] == pytest.approx(r_)
         assert m[f"f1_{avg}"] == pytest.approx(f_)

@@ -14,7 +14,7 @@ from torch import nn
 from cifarlens import distributed, tracking
 from cifarlens.budget import REPLANNED, epochs_text, plan_budget
 from cifarlens.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_weights
-from cifarlens.config import RunConfig, to_dict
+from cifarlens.config import RunConfig, to_dict, with_data_defaults
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_policies
 from cifarlens.device import retain_freed_memory
@@ -122,8 +122,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     info = bundle.info
     has_val = len(bundle.val) > 0  # data.val_fraction 0: no validation split (fixed-budget recipes)
     if not has_val and (cfg.train.schedule == "plateau" or cfg.train.early_stopping):
-        raise CifarlensError("train.schedule plateau and train.early_stopping need a validation split; "
-                             "set data.val_fraction > 0, or another schedule and early_stopping 0")
+        why = ("data.val_fraction is 0" if not with_data_defaults(cfg.data).val_fraction else
+               f"the {len(bundle.train) + len(bundle.val)} training images are too few for data.val_fraction "
+               f"{with_data_defaults(cfg.data).val_fraction:g} to leave one of a class out")
+        raise CifarlensError(f"train.schedule plateau and train.early_stopping need a validation split, and {why}; "
+                             "add training images or raise data.val_fraction, or use another schedule and "
+                             "early_stopping 0")
     if cfg.data.augment is None:  # resolved, so the saved config says what ran
         cfg = replace(cfg, data=replace(cfg.data, augment=info.augment))
     torch.manual_seed(cfg.train.seed)  # model initialisation

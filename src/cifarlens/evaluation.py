@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from cifarlens import metrics as M
-from cifarlens.calibration import TemperatureFit, calibration_summary, fit_temperature
+from cifarlens.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE, TemperatureFit, calibration_summary, fit_temperature
 from cifarlens.data.base import Split
 from cifarlens.data.pipeline import DataBundle, make_loader
 from cifarlens.engine import Precision, predict_logits
@@ -19,6 +19,9 @@ from cifarlens.errors import CifarlensError
 from cifarlens.inference import load_run
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 from cifarlens.runs import SPLIT_FILES, RunDir
+
+# fewer validation images than this give an unreliable temperature (a warning says so)
+FEW_CALIBRATION_IMAGES = 100
 
 EVAL_BATCH_SIZE = 512
 
@@ -47,6 +50,12 @@ def calibrate_run(
     run.write_meta(calibration={**fit.as_dict(), "fitted_on": "val"})
     say(f"calibration: temperature {fit.temperature:.3f} fitted on {fit.images} validation images "
         f"(NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}, ECE {fit.ece_before:.2%} -> {fit.ece_after:.2%})")
+    doubt = (f"only {fit.images} validation images" if fit.images < FEW_CALIBRATION_IMAGES else
+             f"the temperature stopped at its limit {fit.temperature:g}"
+             if fit.temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE) else None)
+    if doubt:
+        say(f"warning: calibration: {doubt}, an unreliable fit (--no-calibration gives the raw probabilities, "
+            "--set train.calibrate=false skips the fit)")
     return fit
 
 

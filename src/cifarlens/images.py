@@ -126,7 +126,8 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
         limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
         if im.width * im.height > limit:
             raise ImageTooLarge(
-                f"refusing to decode {name}: {im.width}x{im.height} pixels is over the limit of {limit:,}"
+                f"refusing to decode {name}: {im.width}x{im.height} pixels is over the limit of {limit:,} "
+                "(a guard against decompression bombs); shrink it first, e.g. to 4000 pixels on its long side"
             )
         im.seek(0)  # first frame of GIF/WebP/TIFF animations and multi-page files
         im = ImageOps.exif_transpose(im)

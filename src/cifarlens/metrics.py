@@ -90,11 +90,20 @@ def classification_metrics(cm: Tensor, class_names: Sequence[str]) -> dict[str, 
         }
         for i, name in enumerate(class_names)
     ]
+    # Macro averages run over the classes present, in the labels or the predictions, as
+    # scikit-learn's do by default: a class with no images in the split and never predicted has
+    # no precision or recall to average (counted as 0 it would pull the average down for nothing)
+    present = (support > 0) | (predicted > 0)
+
+    def macro(x: Tensor) -> float:
+        return float(x[present].mean()) if present.any() else 0.0
+
     return {
         "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
+        "precision_macro": macro(precision),
+        "recall_macro": macro(recall),
+        "f1_macro": macro(f1),
+        "classes_absent": [str(name) for i, name in enumerate(class_names) if not present[i]],
         "precision_weighted": weighted(precision),
         "recall_weighted": weighted(recall),
         "f1_weighted": weighted(f1),
@@ -209,4 +218,9 @@ def classification_report_text(metrics: dict[str, Any], digits: int = 4, max_nam
                 n,
             )
         )
+    absent = metrics.get("classes_absent") or []
+    if absent:
+        shown = ", ".join(absent[:10]) + (f", ... ({len(absent)} classes)" if len(absent) > 10 else "")
+        rows.append("")
+        rows.append(f"macro avg over the classes present; no images of, nor predictions for: {shown}")
     return "\n".join(rows) + "\n"
