@@ -88,6 +88,19 @@ def test_official_files_with_other_counts_are_named_in_a_warning(tmp_path):
     assert "airplane 2" in count_warning("test/", balanced[1:], ds.info, per_class=3)
 
 
+def test_official_names_in_another_order_warn_and_float_labels_are_refused(tmp_path):
+    make_cifar10(tmp_path, n_train_per_batch=2, n_test=2, classes=tuple(reversed(cifar.CIFAR10_INFO.classes)))
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.info.classes[0] == "truck"  # the labels follow the file
+    assert any("batches.meta lists the CIFAR-10 classes in another order" in w for w in ds.source.warnings)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    d = pickle.loads(batch.read_bytes(), encoding="latin1")
+    d["labels"] = [1.7] * len(d["labels"])
+    write_cifar_pickle(batch, d, "str")
+    with pytest.raises(CifarlensError, match=r"'labels' is not a list of integers"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
 def test_cifar10_fixture(cifar10_dir):
     ds = load_dataset("cifar10", cifar10_dir, download=False)
     assert len(ds.train) == 200 and len(ds.test) == 50

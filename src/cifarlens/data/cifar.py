@@ -225,7 +225,10 @@ def _read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray
         desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise corrupt(f"'data' should be an (N, 3072) uint8 array, found {desc}")
     try:
-        labels = np.asarray(labels, dtype=np.int64)
+        raw = np.asarray(labels)
+        labels = raw.astype(np.int64)
+        if raw.dtype.kind not in "iub" and not np.array_equal(labels, raw):  # 1.7 would become 1
+            raise ValueError
     except (TypeError, ValueError, OverflowError):
         raise corrupt(f"{layout.label_key!r} is not a list of integers") from None
     if labels.shape != (data.shape[0],):
@@ -341,9 +344,13 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
             _extract(archive, data_dir, layout)
         classes, train, test = _read_folder(folder, layout)
         info = replace(layout.info, classes=classes)
+        reordered = classes != layout.info.classes and sorted(classes) == sorted(layout.info.classes)
         # a subset (or a file from somewhere else) under the official names is not the official split
         counts = (count_warning("..".join(dict.fromkeys([layout.train_files[0], layout.train_files[-1]])), train.labels, info, layout.train_per_class),
                   count_warning(layout.test_file, test.labels, info, layout.test_per_class))
+        if reordered:  # the labels follow the file, so every figure names other classes than the literature's
+            counts += (f"{layout.meta_file} lists the {layout.title} classes in another order than the official "
+                       f"one ({', '.join(classes[:3])}, ... instead of {', '.join(layout.info.classes[:3])}, ...)",)
         source = replace(source, warnings=tuple(f"{layout.title} files in {folder}: {w}" for w in counts if w))
     if image_size is not None and image_size != info.image_size:
         train = Split(resize_uint8(train.images, image_size), train.labels)
