@@ -101,6 +101,34 @@ def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path):
     assert meta["status"] == "interrupted" and meta["epochs_done"] >= 1
 
 
+def test_a_run_folder_in_use_is_refused_to_force_and_resume(tmp_path, capsys):
+    """A second train --force, or a --resume, beside a running training would mix two runs' files."""
+    data = make_fashion_mnist(tmp_path / "data", n_train=400, n_test=40)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--no-report", "--out", str(out),
+            *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", *args, "--epochs", "200"], stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "history.csv").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (out / "history.csv").is_file(), "no epoch finished"
+        config = (out / "config.yaml").read_bytes()
+        capsys.readouterr()
+        for command in ([*args, "--epochs", "1", "--force"], ["train", "--resume", str(out)]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert f"run folder {out} is in use by another cifarlens process" in err, err
+        assert (out / "config.yaml").read_bytes() == config and proc.poll() is None  # the running one goes on
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert main(["train", "--resume", str(out), "--set", "x=1"]) == 2  # (flags are refused as ever)
+    capsys.readouterr()
+
+
 def test_a_relative_data_dir_is_saved_absolute_so_the_run_works_from_anywhere(tmp_path, monkeypatch):
     make_fashion_mnist(tmp_path / "here" / "fm", n_train=200, n_test=40)
     monkeypatch.chdir(tmp_path / "here")

@@ -75,11 +75,13 @@ def train(
     the test metrics (the other ranks return ``{}``).
     """
     world, device, started = distributed.init(cfg.train.device)
+    run = RunDir(out)
     try:
-        return _train(cfg, RunDir(out), world, device, resume=resume, force=force, on_epoch_end=on_epoch_end,
+        return _train(cfg, run, world, device, resume=resume, force=force, on_epoch_end=on_epoch_end,
                       evaluate_test=evaluate_test, bundle=bundle, report=report,
                       choices=choices or {})
     finally:
+        run.unlock()
         distributed.shutdown(started)
 
 
@@ -89,6 +91,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     log = run.log if world.is_main else _quiet
     if resume:
         run.require_run()
+        if world.is_main:
+            run.lock()  # no other process trains it meanwhile
         if not run.last_checkpoint.is_file():
             raise CifarlensError(f"{run.path} has no checkpoints/last.pt to resume from; start it again with --force")
         if run.meta().get("status") == "finished":
@@ -288,16 +292,33 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         log(f"time budget {tc.time_budget:g} s: trained {epochs_text(trained)}{',' * (trained.last_epoch_fraction < 1)} "
             f"in {train_seconds:.0f} s "
             f"({train_seconds / tc.time_budget - 1:+.1%})")
-    run.write_meta(status="finished", epochs_done=state.epoch, best_epoch=state.best_epoch,
+    # "finished" once evaluated: a run stopped before that is resumed, and only evaluates
+    run.write_meta(epochs_done=state.epoch, best_epoch=state.best_epoch,
                    best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,
                    train_seconds=train_seconds, **({"time_budget": plan.as_dict()} if plan is not None else {}))
+    try:
+        result = _evaluate(run, cfg, state, device, bundle, tracker, evaluate_test=evaluate_test, report=report,
+                           has_val=has_val)
+    except BaseException as err:
+        status = "failed" if isinstance(err, CifarlensError) else "interrupted"
+        run.write_meta(status=status)
+        tracker.close(status)
+        raise
+    run.write_meta(status="finished")
+    return result | {"train_seconds": train_seconds}
+
+
+def _evaluate(run: RunDir, cfg: RunConfig, state: FitState, device: torch.device, bundle: DataBundle, tracker, *,
+              evaluate_test: bool, report: bool, has_val: bool) -> dict:
+    """After the last epoch: curves, the temperature, the test evaluation and the report."""
     from cifarlens.plots import plot_training_curves
 
     plot_training_curves(state.history, run / "curves.png")
+    train_seconds = state.seconds
     if not evaluate_test:
         tracker.finish(run, None, train_seconds, state.epoch)
-        return {"train_seconds": train_seconds}
-    if tc.calibrate:
+        return {}
+    if cfg.train.calibrate:
         calibrate_run(run.path, device=str(device), bundle=bundle, log=run.log)
     result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
     if report:
@@ -309,7 +330,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     tracker.finish(run, result, train_seconds, state.epoch)
     kept = f"best epoch {state.best_epoch}, val_loss {state.best_val_loss:.4f}" if has_val else "final weights"
     run.log(f"test accuracy {result['accuracy']:.2%} ({kept}); results in {run.path}")
-    return result | {"train_seconds": train_seconds}
+    return result
 
 
 def _quiet(line: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -68,6 +69,31 @@ class RunDir:
         return (self.path / "config.yaml").is_file() and (self.path / "run.json").is_file()
 
     # -- creating -------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Claim the run folder for this process (an exclusive ``flock`` on the folder, released
+        when the process ends or :meth:`unlock` is called): a second ``train`` on the same folder,
+        a ``--force`` or a ``--resume`` beside a running one, is refused instead of mixing two
+        runs' files. Nothing is claimed where the folder does not exist yet, nor without fcntl."""
+        try:
+            import fcntl
+        except ImportError:  # not on POSIX
+            return
+        if getattr(self, "_lock_fd", None) is not None or not self.path.is_dir():
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CifarlensError(f"run folder {self.path} is in use by another cifarlens process (a training or "
+                                 "--resume of it is running); wait for it to end, or stop it first") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
     def create(self, *, force: bool) -> None:
         """Make a fresh run folder; refuse to touch an existing one unless ``force``."""
         if self.path.exists() and not self.path.is_dir():
@@ -82,8 +108,10 @@ class RunDir:
                     f"run folder {self.path} already exists; use --resume to continue it, "
                     "--force to overwrite it, or another --out"
                 )
+            self.lock()  # before anything is removed
             self._remove_run_files()
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.lock()
 
     def _remove_run_files(self) -> None:
         for name in RUN_FILES:
