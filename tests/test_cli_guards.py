@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,3 +260,98 @@ def test_too_few_images_for_a_validation_split_is_said_so(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "the 2 training images are too few for data.val_fraction 0.1" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    """A run stopped after its first of 3 epochs, and its data."""
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    cfg = merge(RunConfig(), {"data": {"dataset": "fashion-mnist", "data_dir": str(data.data_dir), "download": False},
+                              "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+                              "train": {"batch_size": 32, "epochs": 3}})
+
+    def stop(state, model):
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, on_epoch_end=stop, report=False)
+    return out, data
+
+
+def test_resume_takes_a_moved_data_dir_and_refuses_an_edited_config(stopped_run, tmp_path, capsys):
+    out, data = stopped_run
+    (out / "report.html").write_text("<p>the run after epoch 1</p>")
+    config = (out / "config.yaml").read_text()
+    edited = re.sub(r"(?m)^  lr: ", "  lr: 1", config, count=1)  # e.g. 0.1 -> 10.1
+    assert edited != config
+    (out / "config.yaml").write_text(edited)
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml of" in err and "was changed after the run started (train.lr: " in err, err
+    (out / "config.yaml").write_text(config)
+
+    assert main(["train", "--resume", str(out), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert f"drop --out {tmp_path / 'elsewhere'}" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    data.data_dir.rename(moved)
+    assert main(["train", "--resume", str(out), "--data-dir", str(moved)]) == 0
+    assert f"data_dir: {moved}" in (out / "config.yaml").read_text()
+    assert (out / "config.yaml").read_text().splitlines()[0] == config.splitlines()[0]  # its notes kept
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert not (out / "report.html").exists()  # it described the run after epoch 1
+    assert "removed report.html" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("run.json", "[]", "holds a list, not a JSON object"),
+    ("run.json", "{}", 'has no usable "dataset" record'),
+    ("run.json", b"\xff\xfe\x00", "is unreadable"),
+    ("config.yaml", "", "is empty or damaged"),
+])
+def test_a_damaged_run_folder_is_one_line(finished_run, tmp_path, capsys, name, text, message):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    (out / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cifarlens: error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("text", ['{"accuracy": "high"}', "[1, 2]"])
+def test_compare_names_a_damaged_metrics_file(finished_run, tmp_path, capsys, text):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    (out / "metrics.json").write_text(text)
+    capsys.readouterr()
+    assert main(["compare", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{out / 'metrics.json'} is damaged" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_file(tmp_path, monkeypatch, capsys):
+    """torch's zip writer reports a failed write as a RuntimeError ("unexpected pos", as on a full
+    disk; with less than 1 MiB free that is the full disk's one-line error, checked by hand on a
+    2 MiB tmpfs: "No space left on device: RUN/model.safetensors")."""
+    import cifarlens.checkpoint as checkpoint
+
+    def full(payload, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--no-report", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"cifarlens: error: could not write {out / 'checkpoints' / 'last.pt'} ([enforce fail at " \
+                  "inline_container.cc:672] . unexpected pos 64 vs 0)"
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert list((out / "checkpoints").iterdir()) == []  # no partial file left

@@ -115,6 +115,18 @@ def test_a_mismatching_export_is_refused_and_not_written(lensnet, tmp_path, monk
     assert not out.exists() and not list(tmp_path.iterdir())  # no temp file left either
 
 
+@pytest.mark.parametrize("fmt, name", [("onnx", "run.json"), ("onnx", "checkpoints/last.pt"),
+                                       ("safetensors", "model.safetensors"), ("safetensors", "run.safetensors")])
+def test_an_export_never_replaces_the_runs_own_files(lensnet, fmt, name, capsys):
+    """(run.safetensors would put its description in run.json, beside it.)"""
+    run_dir, _ = lensnet
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(run_dir / name)]) == 2
+    err = capsys.readouterr().err
+    assert "is one of the run's own files; choose another file" in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_new_weights_make_the_onnx_file_stale(exported, tmp_path):
     run_dir = exported("lensnet")[0]
     copy = tmp_path / "run"

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,22 @@ def test_an_unusable_mlflow_store_is_one_line_and_marks_the_run_failed(data_dir,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"cifarlens: error: MLflow at sqlite:///{bad}: ")
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_line_before_any_run_folder(data_dir, tmp_path, capsys):
+    """A real closed port on localhost: MLflow would retry for minutes, then fail in a run folder."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    start = time.monotonic()
+    assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri",
+                      f"http://127.0.0.1:{port}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"cifarlens: error: the MLflow server http://127.0.0.1:{port} does not answer (")
+    assert not out.exists() and time.monotonic() - start < 60
 
 
 def test_a_logger_failing_during_training_is_reported_and_training_goes_on(data_dir, store, tmp_path, monkeypatch):

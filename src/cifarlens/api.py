@@ -13,7 +13,7 @@ from torch import nn
 
 from cifarlens import distributed, tracking
 from cifarlens.budget import REPLANNED, epochs_text, plan_budget
-from cifarlens.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_weights
+from cifarlens.checkpoint import save_checkpoint, save_weights
 from cifarlens.config import RunConfig, to_dict, with_data_defaults
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_policies
@@ -44,6 +44,7 @@ from cifarlens.recipes import (
 )
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
+from cifarlens.resume import restore, resumed_data
 from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
 
 
@@ -58,6 +59,7 @@ def train(
     bundle: DataBundle | None = None,
     report: bool | None = None,
     choices: dict[str, str] | None = None,
+    data_dir: str | None = None,
 ) -> dict:
     """Train ``cfg`` into run folder ``out`` (or continue it with ``resume``); return the test metrics.
 
@@ -65,7 +67,8 @@ def train(
     the model that is validated and saved (the EMA when there is one); benchmarks use it to
     time accuracy milestones. ``bundle`` reuses data already read for ``cfg.data``.
     With ``report``, ``report.html`` is written at the end (see cifarlens.report); None (default):
-    yes for a new run, and as the run was started when it is resumed.
+    yes for a new run, and as the run was started when it is resumed. ``data_dir``, with
+    ``resume``: where the run's data is now (it must be the same images; config.yaml follows).
     A model or recipe left unset in ``cfg`` is chosen for the device and model
     (:func:`cifarlens.recipes.resolve_choices`); ``choices`` says why, for a caller (the CLI)
     that resolved them itself.
@@ -79,7 +82,7 @@ def train(
     try:
         return _train(cfg, run, world, device, resume=resume, force=force, on_epoch_end=on_epoch_end,
                       evaluate_test=evaluate_test, bundle=bundle, report=report,
-                      choices=choices or {})
+                      choices=choices or {}, data_dir=data_dir)
     finally:
         run.unlock()
         distributed.shutdown(started)
@@ -87,7 +90,7 @@ def train(
 
 def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, resume: bool, force: bool,
            on_epoch_end, evaluate_test: bool, bundle: DataBundle | None, report: bool | None,
-           choices: dict[str, str]) -> dict:
+           choices: dict[str, str], data_dir: str | None = None) -> dict:
     log = run.log if world.is_main else _quiet
     if resume:
         run.require_run()
@@ -102,8 +105,11 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         report = run.meta().get("report", True) if report is None else report  # --no-report is remembered
         cfg = run.config()
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))
+        cfg = resumed_data(run, cfg, data_dir)
     report = report is not False  # None: yes, for a new run
     tracking.check_available(cfg.track.loggers)  # a missing library stops here, before any run folder exists
+    if world.is_main:
+        tracking.check_reachable(cfg.track.loggers, cfg.track.tracking_uri)  # as does a server that is not there
     # (on resume this only fills keys that an older cifarlens did not write)
     cfg, why = resolve_choices(cfg, device.type)
     why = {**choices, **why}
@@ -123,6 +129,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if resume:  # the data the run started on: other training images would change its splits
         for split in ("train", "test"):
             check_same_data(run.meta(), bundle, split, run.path)
+        if world.is_main and run.config().data.data_dir != cfg.data.data_dir:  # --data-dir: the same images, moved
+            log(f"the run's data is now read from {cfg.data.data_dir} (config.yaml updated)")
+            run.update_config(replace(run.config(), data=replace(run.config().data, data_dir=cfg.data.data_dir)))
     info = bundle.info
     has_val = len(bundle.val) > 0  # data.val_fraction 0: no validation split (fixed-budget recipes)
     if not has_val and (cfg.train.schedule == "plateau" or cfg.train.early_stopping):
@@ -199,10 +208,14 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                               environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
 
     if resume:
-        state = _restore(run, model, optimizer, scheduler, precision, device, ema)
+        state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema)
         log(f"resuming {run.path} after epoch {state.epoch}/{replace(tc, **state.replanned).epochs}")
         if world.is_main:
             run.write_meta(status="running")
+            if (run / "report.html").is_file():  # it describes the run as it was (`cifarlens report` of it)
+                (run / "report.html").unlink()
+                log("removed report.html, written before the run went on; " + (
+                    "a new one is written at the end" if report else f"`cifarlens report {run.path}` writes a new one"))
     else:
         log(f"run folder {run.path}: {describe_choice(cfg.model.name, why, 'model')} on {bundle.source.label(info)} "
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
@@ -341,18 +354,3 @@ def make_ema(model: nn.Module, decay: float) -> nn.Module | None:
     """An exponential moving average of the weights and buffers, or None when ``decay`` is 0
     (see :class:`cifarlens.engine.WeightEMA`)."""
     return WeightEMA(model, decay) if decay > 0 else None
-
-
-def _restore(run: RunDir, model, optimizer, scheduler, precision: Precision, device, ema) -> FitState:
-    ckpt = load_checkpoint(run.last_checkpoint, map_location=device)
-    try:
-        load_state_into(unwrap_model(model), ckpt["model"], run.last_checkpoint)
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if precision.scaler.is_enabled() and ckpt["scaler"]:  # {} from a run without fp16 (CPU, bf16 GPU)
-            precision.scaler.load_state_dict(ckpt["scaler"])
-        return FitState(**ckpt["state"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CifarlensError(f"{run.last_checkpoint} is incomplete ({err}); start the run again with --force") from None

@@ -7,7 +7,10 @@ Weights meant to be shared or served are safetensors, which hold nothing but ten
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +26,25 @@ VERSION = 1
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # closed even when the disk fills up, so the partial file's space is freed
+            torch.save(payload, f)
+
+    _written(path, write)
+
+
+def _written(path: Path, write) -> None:
+    """``atomic_write(path, write)``; a writer's failure on a full disk (torch's zip writer says
+    only "unexpected pos", safetensors "os error 28") becomes the OSError the CLI names in one
+    line, and any other failure of theirs a one-line error naming the file."""
+    try:
+        atomic_write(Path(path), write)
+    except (RuntimeError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        if "os error 28" in first or shutil.disk_usage(Path(path).parent).free < 2**20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise CifarlensError(f"could not write {path} ({first})") from None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -53,7 +74,7 @@ def save_weights(state_dict: dict, path: Path, metadata: dict | None = None) -> 
     # safetensors wants contiguous tensors that share no storage
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     meta = {"format": "cifarlens-weights", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    _written(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_weights(path: Path, device="cpu") -> dict:

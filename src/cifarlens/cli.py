@@ -168,8 +168,10 @@ def cmd_train(args) -> int:
         out = args.out if args.resume is True else args.resume
         if out is None:
             raise CifarlensError("--resume needs the run folder: --resume RUN_DIR (or --out RUN_DIR)")
+        if args.resume is not True and args.out is not None and Path(args.out) != Path(args.resume):
+            raise CifarlensError(f"--resume {args.resume} continues that run folder; drop --out {args.out}")
         given = [f"--{f.replace('_', '-')}" for f in [*FLAG_KEYS, "time_budget"]
-                 if f != "device" and getattr(args, f) is not None]
+                 if f not in ("device", "data_dir") and getattr(args, f) is not None]
         if given or args.config or args.set or args.force:
             raise CifarlensError(
                 f"--resume continues a run with its own config; drop {' '.join(given + (['--config'] if args.config else []) + (['--set'] if args.set else []) + (['--force'] if args.force else []))}"
@@ -179,7 +181,8 @@ def cmd_train(args) -> int:
         if args.nproc is not None:
             return launch_torchrun(args)
         cfg = merge(RunConfig(), {"train": {"device": args.device or "auto"}})
-        train(cfg, out, resume=True, report=False if args.no_report else None)  # None: as the run started
+        train(cfg, out, resume=True, report=False if args.no_report else None,  # None: as the run started
+              data_dir=args.data_dir)
         return 0
     cfg, why = resolve_choices_for(config_from_args(args, resolve=False))
     args.out = args.out or f"runs/{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a read-only folder, a full disk: the machine's, not a bug
         if err.errno not in USER_OS_ERRORS:
             raise
-        print(f"cifarlens: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        print(f"cifarlens: error: {err.strerror}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         hint = _resume_hint(getattr(args, "out", None) or getattr(args, "resume", None))

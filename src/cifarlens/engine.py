@@ -141,7 +141,7 @@ class WeightEMA(AveragedModel):
         self.n_averaged += 1  # a CPU tensor (AveragedModel's), for checkpoints
 
 
-DIVERGED_FIX = "lower --lr (or set train.grad_clip) and start again, or --resume from the last good checkpoint"
+DIVERGED_FIX = "lower --lr (or set train.grad_clip) and start again with --force (a resumed run keeps its lr)"
 
 
 def _raise_if_diverged(bad_step: Tensor, bad_loss: Tensor, desc: str, num_classes: int) -> None:

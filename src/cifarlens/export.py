@@ -127,6 +127,7 @@ def export_onnx(
                              f"natively, and this onnx knows opsets up to {onnx.defs.onnx_opset_version()}")
     run = load_run(run_dir, device="cpu", calibrated=calibrated)
     out = Path(out) if out is not None else run.path / ONNX_FILE
+    RunDir(run.path).refuse_own_file(out)
     if out.is_dir():
         raise CifarlensError(f"{out} is a folder; give the file to write, e.g. {out / ONNX_FILE}")
     model = unwrap_model(run.model).eval()
@@ -274,6 +275,8 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
     out = Path(out) if out is not None else run.path / "export" / "model.safetensors"
     if out.suffix != ".safetensors":
         raise CifarlensError(f"--out {out} should end in .safetensors")
+    for path in (out, out.with_suffix(".json")):  # the weights and their description beside them
+        RunDir(run.path).refuse_own_file(path)
     description = describe_run(run) | {"weights": out.name}
     save_weights(unwrap_model(run.model).state_dict(), out, description)
     atomic_write_json(out.with_suffix(".json"), description)

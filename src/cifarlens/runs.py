@@ -94,6 +94,19 @@ class RunDir:
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the flock
 
+    def refuse_own_file(self, path: Path, flag: str = "--out") -> None:
+        """A one-line error when ``path`` is one of the files this run folder keeps (its config,
+        run.json, weights, checkpoints, metrics, ...): an export or a figure must not replace them.
+        ``model.onnx`` and the ``export/`` folder are where exports go, and are allowed."""
+        rel = Path(os.path.relpath(Path(path).resolve(), self.path.resolve()))
+        if rel.parts and rel.parts[0] == "..":
+            return
+        own = {*RUN_FILES, *(pattern.format(split_suffix(s)) for pattern in SPLIT_FILES for s in ("test", "val"))}
+        if (len(rel.parts) == 1 and rel.name in own - {"model.onnx"}) or \
+                (len(rel.parts) > 1 and rel.parts[0] in set(RUN_DIRS) - {"export"}):
+            raise CifarlensError(f"{flag} {path} is one of the run's own files; choose another file (default: "
+                                 f"{self.path / 'model.onnx'}, or a file under {self.path / 'export'})")
+
     def create(self, *, force: bool) -> None:
         """Make a fresh run folder; refuse to touch an existing one unless ``force``."""
         if self.path.exists() and not self.path.is_dir():
@@ -130,18 +143,30 @@ class RunDir:
             raise CifarlensError(f"{self.path} is not a cifarlens run folder (no config.yaml / run.json)")
 
     def config(self) -> RunConfig:
-        return from_dict(load_yaml(self.path / "config.yaml"))
+        values = load_yaml(self.path / "config.yaml", "run config")
+        if not values or not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+            raise CifarlensError(f"{self.path / 'config.yaml'} is empty or damaged (no model section); the run "
+                                 "folder is damaged")
+        return from_dict(values)
 
     def meta(self) -> dict:
         try:
-            return json.loads((self.path / "run.json").read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            meta = json.loads((self.path / "run.json").read_text())
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise CifarlensError(f"{self.path / 'run.json'} is unreadable ({err}); the run folder is damaged") from None
+        if not isinstance(meta, dict):
+            raise CifarlensError(f"{self.path / 'run.json'} holds a {type(meta).__name__}, not a JSON object; the run "
+                                 "folder is damaged")
+        return meta
 
     def info(self) -> DatasetInfo:
-        values = self.meta()["dataset"]
-        return DatasetInfo(**{**values, "classes": tuple(values["classes"]), "mean": tuple(values["mean"]),
-                              "std": tuple(values["std"])})
+        values = self.meta().get("dataset")
+        try:
+            return DatasetInfo(**{**values, "classes": tuple(values["classes"]), "mean": tuple(values["mean"]),
+                                  "std": tuple(values["std"])})
+        except (TypeError, KeyError) as err:
+            raise CifarlensError(f"{self.path / 'run.json'} has no usable \"dataset\" record ({type(err).__name__}: "
+                                 f"{err}); the run folder is damaged") from None
 
     def data_label(self) -> str:
         """What the run trained on, as a report prints it: "CIFAR-10 (JPEG copy)", "CIFAR-10", ..."""
@@ -153,6 +178,12 @@ class RunDir:
         """config.yaml; ``notes`` ({"recipe": "fast_cpu (default for fastnet_cpu on a CPU)"}) become
         comments at its top, saying which values cifarlens chose and why."""
         save_yaml(cfg, self.path / "config.yaml", header="".join(f"# {k}: {v}\n" for k, v in (notes or {}).items()))
+
+    def update_config(self, cfg: RunConfig) -> None:
+        """Rewrite config.yaml with ``cfg``, keeping the notes at its top (see :meth:`write_config`)."""
+        lines = (self.path / "config.yaml").read_text().splitlines(keepends=True)
+        notes = "".join(line for line in lines[: next((i for i, l in enumerate(lines) if not l.startswith("#")), 0)])
+        save_yaml(cfg, self.path / "config.yaml", header=notes)
 
     def write_meta(self, **values) -> None:
         meta = self.meta() if (self.path / "run.json").is_file() else {}

@@ -66,6 +66,26 @@ def check_available(names: Iterable[str]) -> None:
                                  f"{INSTALL}") from None
 
 
+def check_reachable(names: Iterable[str], tracking_uri: str | None, timeout: float = 5.0) -> None:
+    """An MLflow server (http/https URI) that does not answer is one error, before any run folder
+    exists; MLflow itself retries a refused connection for minutes before it gives up."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if "mlflow" not in names or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()  # noqa: S310 (http(s) only)
+    except urllib.error.HTTPError:
+        return  # it answered (an older server without /health, or one behind a login)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise CifarlensError(f"the MLflow server {uri} does not answer ({reason}); start it, fix --tracking-uri, "
+                             "or drop --logger mlflow") from None
+
+
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
     """``{"train": {"lr": 0.1}, "model": {"kwargs": {"widths": [8]}}}``
     -> ``{"train.lr": "0.1", "model.kwargs.widths": "[8]"}`` (MLflow params are strings)."""

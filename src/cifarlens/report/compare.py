@@ -29,11 +29,18 @@ __all__ = ["compare_runs", "config_differences", "run_summary"]
 MISSING = "—"
 
 
-def _json(path: Path) -> dict:
+def _json(path: Path, numbers: tuple[str, ...] = ()) -> dict:
+    """A run's JSON object ({} when the file is absent), its ``numbers`` checked to be numbers."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as err:
+        values = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as err:  # not JSON, or not text
         raise CifarlensError(f"{path} is not valid JSON ({err}); the run folder is damaged") from None
+    wrong = [key for key in numbers if key in values and not isinstance(values[key], (int, float))] \
+        if isinstance(values, dict) else ["the whole file"]
+    if wrong:
+        raise CifarlensError(f"{path} is damaged ({', '.join(wrong)}: not a number); run `cifarlens evaluate "
+                             f"{path.parent}` to write it again")
+    return values
 
 
 def ece_from_predictions(path: Path, n_bins: int = 15) -> float | None:
@@ -55,6 +62,8 @@ def ece_of_run(metrics: dict, predictions: Path) -> tuple[float | None, str | No
     cal = metrics.get("calibration")
     if isinstance(cal, dict) and isinstance(cal.get("ece"), (int, float)):
         return float(cal["ece"]), "cal." if cal.get("calibrated") else "uncal."
+    if not metrics:  # predictions.csv without the metrics it was written with: not shown
+        return None, None
     return ece_from_predictions(predictions), None
 
 
@@ -72,7 +81,8 @@ def run_summary(run_dir: str | Path) -> dict:
     rd = RunDir(run_dir)
     rd.require_run()
     cfg = rd.config()
-    meta, env, metrics = rd.meta(), _json(rd / "environment.json"), _json(rd / "metrics.json")
+    meta, env = rd.meta(), _json(rd / "environment.json")
+    metrics = _json(rd / "metrics.json", numbers=("accuracy", "f1_macro"))
     model = meta.get("model") or {}
     train_size = (meta.get("split_sizes") or {}).get("train")
     epochs_done = meta.get("epochs_done")

@@ -1,0 +1,60 @@
+"""Continuing a stopped run (``train --resume``): its data, its config as it started, its checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from cifarlens.checkpoint import load_checkpoint, load_state_into
+from cifarlens.config import RunConfig, to_dict
+from cifarlens.engine import FitState, Precision
+from cifarlens.errors import CifarlensError
+from cifarlens.models import unwrap_model
+from cifarlens.runs import RunDir
+
+
+def resumed_data(run: RunDir, cfg: RunConfig, data_dir: str | None) -> RunConfig:
+    """The data settings of a resumed run: its own, or those of ``data_dir`` (checked to be the
+    same images); never a download in place of a copy that moved."""
+    source = run.meta().get("source") or {}
+    if data_dir is not None:
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=os.path.abspath(os.path.expanduser(data_dir))))
+    if source.get("kind", "official files") != "official files":
+        cfg = replace(cfg, data=replace(cfg.data, download=False))
+        if not os.path.isdir(cfg.data.data_dir):
+            raise CifarlensError(f"the data of {run.path} is not in {cfg.data.data_dir} any more (moved or deleted?); "
+                                 f"pass --data-dir where it is now")
+    return cfg
+
+
+def edited_keys(saved: dict, now: dict) -> list[str]:
+    """"train.lr: 0.8 -> 0.05" for each setting of the checkpoint's config that config.yaml now
+    gives otherwise (where the data is, and the device, may change on resume)."""
+    out = []
+    for section, values in saved.items():
+        current = now.get(section)
+        if isinstance(values, dict) and isinstance(current, dict):
+            out += [f"{section}.{key}: {value} -> {current[key]}" for key, value in values.items()
+                    if key in current and current[key] != value and f"{section}.{key}" not in ("train.device", "data.data_dir")]
+    return out
+
+
+def restore(run: RunDir, cfg: RunConfig, model, optimizer, scheduler, precision: Precision, device, ema
+             ) -> FitState:
+    ckpt = load_checkpoint(run.last_checkpoint, map_location=device)
+    edited = edited_keys(ckpt.get("config") or {}, to_dict(cfg))
+    if edited:
+        raise CifarlensError(f"config.yaml of {run.path} was changed after the run started ({'; '.join(edited)}); "
+                             "a resumed run goes on with the config it started with: undo the change, or train a "
+                             "new run (another --out, or --force)")
+    try:
+        load_state_into(unwrap_model(model), ckpt["model"], run.last_checkpoint)
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if precision.scaler.is_enabled() and ckpt["scaler"]:  # {} from a run without fp16 (CPU, bf16 GPU)
+            precision.scaler.load_state_dict(ckpt["scaler"])
+        return FitState(**ckpt["state"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CifarlensError(f"{run.last_checkpoint} is incomplete ({err}); start the run again with --force") from None
