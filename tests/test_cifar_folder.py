@@ -194,7 +194,7 @@ def test_a_run_on_a_copy_checks_its_data_before_using_it(tmp_path, monkeypatch, 
     write_copy(data, n_train=6, n_test=2)
     assert main(["train", "--dataset", "cifar10", "--data-dir", str(data), "--epochs", "1", "--no-report",
                  "--out", str(out), *TINY]) == 0
-    assert set(json.loads((out / "run.json").read_text())["data_fingerprint"]) == {"train", "test"}
+    assert set(json.loads((out / "run.json").read_text())["data_fingerprint"]) == {"train", "train_labels", "test", "test_labels"}
     assert main(["evaluate", str(out), "--split", "val"]) == 0
 
     data.rename(tmp_path / "moved")
@@ -218,6 +218,13 @@ def test_a_run_on_a_copy_checks_its_data_before_using_it(tmp_path, monkeypatch, 
     shutil.copy(data / "test" / "dog" / "0000.png", data / "test" / "cat" / "0000.png")  # one test image replaced
     with pytest.warns(UserWarning, match=r"the test images are not those .*\(20 images, as then, but not the same"):
         assert main(["evaluate", str(out)]) == 0
+
+    # the same labels over other pixels (a file replaced, or another decoder): the validation split
+    # holds the same places, so a warning, not a refusal
+    extra.with_name("extra.png").unlink()
+    shutil.copy(data / "train" / "cat" / "0001.png", extra)
+    with pytest.warns(UserWarning, match=r"the training images are not those .*same labels: files replaced"):
+        assert main(["evaluate", str(out), "--split", "val"]) == 0
 
 
 def test_resize_applies_to_every_split_of_a_copy(tmp_path):

@@ -159,29 +159,30 @@ class Run:
 def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) -> None:
     """Compare ``bundle`` with the fingerprints a run recorded at training (run.json's
     ``data_fingerprint``; runs from before it are not checked). The validation split is carved
-    from the training images by seed, so when they changed (images added, removed or replaced)
-    it would now hold images the run trained on: an error for "train" and "val". Other test
-    images than the run's give a warning: the figures are then about those images."""
+    from the training labels by seed, so when they changed (images added, removed, relabelled)
+    it would now hold images the run trained on: an error for "train" and "val". The same labels
+    over other pixels (files replaced, or decoded by another Pillow) and other test images give
+    a warning: the figures are then about those images."""
     recorded, now = meta.get("data_fingerprint") or {}, bundle.fingerprints
     key = "test" if split == "test" else "train"
     if not recorded.get(key) or not now.get(key) or recorded[key] == now[key]:
         return
     sizes = meta.get("split_sizes") or {}
-
-    def counts(now: int, then) -> str:
-        return f"{now:,} images now, {then:,} then" if isinstance(then, int) and then != now else \
-            f"{now:,} images, as then, but not the same ones"
-
-    if key == "test":
-        warnings.warn(f"the test images are not those {run_path} was evaluated on at training "
-                      f"({counts(len(bundle.test), sizes.get('test'))}): the figures are about these images",
-                      stacklevel=3)
-        return
-    then = sizes["train"] + sizes["val"] if {"train", "val"} <= set(sizes) else None
-    raise CifarlensError(
-        f"the training images are not those {run_path} was trained on ({counts(len(bundle.train) + len(bundle.val), then)}"
-        f"): its validation split, carved from them, would now hold images it trained on; point --data-dir at "
-        "the run's data as it was, or train a new run")
+    then = sizes.get("test") if key == "test" else \
+        sizes["train"] + sizes["val"] if {"train", "val"} <= set(sizes) else None
+    count = len(bundle.test) if key == "test" else len(bundle.train) + len(bundle.val)
+    what = f"{count:,} images now, {then:,} then" if isinstance(then, int) and then != count else \
+        f"{count:,} images, as then, but not the same ones"
+    labels_changed = recorded.get(f"{key}_labels") != now.get(f"{key}_labels")
+    if key == "train" and labels_changed:
+        raise CifarlensError(
+            f"the training images are not those {run_path} was trained on ({what}): its validation split, carved "
+            "from them, would now hold images it trained on; point --data-dir at the run's data as it was, or "
+            "train a new run")
+    kind = "test" if key == "test" else "training"
+    warnings.warn(f"the {kind} images are not those {run_path} was trained and evaluated on ({what}"
+                  + ("" if labels_changed else ", with the same labels: files replaced, or decoded otherwise")
+                  + "): the figures are about these images", stacklevel=3)
 
 
 def last_weights(checkpoint: dict) -> dict:

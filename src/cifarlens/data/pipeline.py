@@ -34,14 +34,24 @@ class DataBundle:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
-def fingerprint(*splits: Split) -> str:
-    """SHA-256 (first 16 hex digits) of the splits' images and labels, in order: whether the data
-    a run is evaluated on is still the data it was trained on (~0.1 s for CIFAR-10's 50,000)."""
+def fingerprint(*splits: Split, labels_only: bool = False) -> str:
+    """SHA-256 (first 16 hex digits) of the splits' images and labels (or their labels alone),
+    in order: whether the data a run is evaluated on is still the data it was trained on (~0.1 s
+    for CIFAR-10's 50,000)."""
     digest = hashlib.sha256()
     for split in splits:
-        for tensor in (split.images, split.labels.to(torch.int64)):
+        for tensor in ((split.labels.to(torch.int64),) if labels_only else (split.images, split.labels.to(torch.int64))):
             digest.update(tensor.detach().cpu().contiguous().numpy())  # a buffer: hashed without a copy
     return digest.hexdigest()[:16]
+
+
+def fingerprints(train: Split, val: Split | None, test: Split) -> dict[str, str]:
+    """A DataBundle's ``fingerprints``: of the training images (with a shipped val/) and of the
+    test images, and of their labels alone ("train_labels", "test_labels": the seeded validation
+    split depends on these only, so when they are the same it holds the same images' places)."""
+    trained = (train, *([val] if val is not None else []))
+    return {"train": fingerprint(*trained), "train_labels": fingerprint(*trained, labels_only=True),
+            "test": fingerprint(test), "test_labels": fingerprint(test, labels_only=True)}
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
@@ -52,7 +62,7 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
     ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
     if len(ds.test) == 0:
         raise CifarlensError(f"the test split of {cfg.data_dir} has no images: a run could not be evaluated")
-    prints = {"train": fingerprint(ds.train, *([ds.val] if ds.val is not None else [])), "test": fingerprint(ds.test)}
+    prints = fingerprints(ds.train, ds.val, ds.test)
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
         return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints)
     train_index, val_index = stratified_split(ds.train.labels, with_data_defaults(cfg).val_fraction, seed)
