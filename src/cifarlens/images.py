@@ -139,8 +139,10 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
         raise
     except FileNotFoundError:
         raise CifarlensError(f"image {name} not found") from None
-    except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"refusing to decode {name}: {err}") from None
+    except Image.DecompressionBombError:  # PIL's own guard, at twice its limit, fires at open() already
+        raise ImageTooLarge(f"refusing to decode {name}: more pixels than the limit of {MAX_PIXELS:,} (a guard "
+                            "against decompression bombs); shrink it first, e.g. to 4000 pixels on its long side"
+                            ) from None
     except UnidentifiedImageError:
         raise CifarlensError(f"cannot read image {name}: not a recognised image format") from None
     except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
