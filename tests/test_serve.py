@@ -486,9 +486,12 @@ def test_serving_without_calibration_gives_the_raw_softmax(trained, client):
     assert a["top"][0]["prob"] == pytest.approx(want, abs=1e-5)
 
 
-def test_serve_refuses_a_busy_port_and_bad_flags(trained, capsys):
+def test_serve_refuses_a_busy_port_and_bad_flags(trained, capsys, monkeypatch):
+    import cifarlens.serve.app as app
+
     run_dir, _ = trained
-    with socket.create_server(("127.0.0.1", 0)) as busy:
+    with socket.create_server(("127.0.0.1", 0)) as busy, monkeypatch.context() as patch:
+        patch.setattr(app, "create_app", lambda *a, **k: pytest.fail("the model was loaded before the port"))
         port = busy.getsockname()[1]
         assert main(["serve", str(run_dir), "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

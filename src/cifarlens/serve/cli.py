@@ -49,15 +49,20 @@ def cmd_serve(args) -> int:
         raise CifarlensError(f"--port must be in 0..65535, got {args.port}")
     if not args.max_upload_mb > 0:
         raise CifarlensError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    app = create_app(args.run_dir, backend=args.backend, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     topk=args.topk, device=args.device, calibrated=not args.no_calibration)
-    # Bind before handing over to uvicorn, so a busy port is a one-line error, not a log and exit(1).
+    # Bind before handing over to uvicorn, so a busy port is a one-line error, not a log and exit(1),
+    # and before the model is loaded and warmed up, so that it comes at once
     try:
         sock = socket.create_server((args.host, args.port),
                                     family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     except (OSError, OverflowError) as err:
         raise CifarlensError(f"cannot listen on {args.host}:{args.port} ({getattr(err, 'strerror', None) or err}); "
                              "is another server using it? choose another --port") from None
+    try:
+        app = create_app(args.run_dir, backend=args.backend, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                         topk=args.topk, device=args.device, calibrated=not args.no_calibration)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     if args.host not in LOOPBACK:
         print(f"warning: listening on {args.host}, so other machines can reach this server; "
