@@ -264,6 +264,30 @@ def test_a_diverging_trial_is_pruned_with_its_reason(data_dir, tmp_path):
     assert summary["best"] is None and not (tmp_path / "out" / "best.yaml").exists()
 
 
+def test_ctrl_c_in_a_trial_stops_the_worker_without_a_nan_warning(data_dir, tmp_path, monkeypatch, capsys, caplog):
+    """Optuna records the interrupted trial as FAIL from a NaN value; its warning about that NaN
+    read like a diverged loss, so it is not shown; the trial is named as interrupted instead."""
+    import cifarlens.api as api
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the trial's training
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "train", interrupted)
+    level = optuna.logging.get_verbosity()
+    optuna.logging.enable_propagation()  # Optuna's own handler writes to the stderr of its import time
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_tune(base_cfg(data_dir), tmp_path / "out", trials=2,
+                     space=parse_space({"train.lr": {"choices": [0.1]}}, "test space"))
+    finally:
+        optuna.logging.disable_propagation()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("optuna") and r.levelname == "WARNING"]
+    assert "trial 0 interrupted: recorded as failed" in capsys.readouterr().out
+    (trial,) = load(tmp_path / "out").trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == "interrupted"
+    assert optuna.logging.get_verbosity() == level  # restored
+
+
 def test_trials_that_keep_failing_stop_the_worker_with_the_reason(data_dir, tmp_path):
     # three stages of widths for two stages of depths: LensNet refuses every trial
     space = parse_space({"model.kwargs.widths": {"choices": [[8, 16, 32], [4, 8, 16]]}}, "test space")

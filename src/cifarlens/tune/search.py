@@ -104,6 +104,7 @@ class Tuner:
         self._bundles: dict[tuple, Any] = {}
         self._failures_in_a_row, self._last_error = 0, ""
         self._interrupted = False
+        self._verbosity = optuna.logging.get_verbosity()  # restored after an interrupted trial
 
     # -- opening ---------------------------------------------------------------------------
     def open(self) -> Self:
@@ -205,6 +206,7 @@ class Tuner:
             finally:
                 claim.release()
             if self._interrupted:
+                optuna.logging.set_verbosity(self._verbosity)
                 raise KeyboardInterrupt
             if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
                 raise CifarlensError(f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last: {self._last_error}")
@@ -261,9 +263,13 @@ class Tuner:
         except CifarlensError as err:
             return self._failed(trial, err)
         except KeyboardInterrupt:
-            # a FAIL without Optuna's traceback; work() re-raises once the trial is recorded
+            # a FAIL without Optuna's traceback; work() re-raises once the trial is recorded, and
+            # Optuna's warning for a NaN value ("The value nan is not acceptable", which reads like a
+            # diverged loss) is silenced until then
             self._interrupted = True
             trial.set_user_attr("error", "interrupted")
+            self.log(f"trial {trial.number} interrupted: recorded as failed; a continued study runs it again")
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
             return float("nan")
         state = seen["state"]
         self._record(trial, state)
