@@ -87,6 +87,9 @@ class RunDir:
             os.close(fd)
             raise CifarlensError(f"run folder {self.path} is in use by another cifarlens process (a training or "
                                  "--resume of it is running); wait for it to end, or stop it first") from None
+        except OSError:  # a file system without locks (some network mounts): train unguarded, as before
+            os.close(fd)
+            return
         self._lock_fd = fd
 
     def unlock(self) -> None:
