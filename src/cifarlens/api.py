@@ -44,7 +44,7 @@ from cifarlens.recipes import (
 )
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
-from cifarlens.resume import restore, resumed_data
+from cifarlens.resume import restore
 from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
 
 
@@ -105,7 +105,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         report = run.meta().get("report", True) if report is None else report  # --no-report is remembered
         cfg = run.config()
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))
-        cfg = resumed_data(run, cfg, data_dir)
+        cfg = replace(cfg, data=run.data_settings(cfg.data, data_dir))  # same images, checked below
     report = report is not False  # None: yes, for a new run
     tracking.check_available(cfg.track.loggers)  # a missing library stops here, before any run folder exists
     if world.is_main:

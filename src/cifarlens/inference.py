@@ -97,12 +97,7 @@ class Run:
         :meth:`split` also checks that the images are the run's own."""
         cfg = self.config.data if data_dir is None else replace(self.config.data, data_dir=data_dir)
         if bundle is None:
-            source = RunDir(self.path).meta().get("source") or {}
-            if source.get("kind", "official files") != "official files":
-                cfg = replace(cfg, download=False)
-                if not Path(cfg.data_dir).is_dir():
-                    raise CifarlensError(f"the data of {self.path} is not in {cfg.data_dir} any more (moved or "
-                                         "deleted?); pass --data-dir where it is now")
+            cfg = RunDir(self.path).data_settings(self.config.data, data_dir)
             bundle = prepare_data(cfg, self.config.train.seed)
         if tuple(bundle.info.classes) != tuple(self.classes):
             raise CifarlensError(

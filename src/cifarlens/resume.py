@@ -1,9 +1,6 @@
-"""Continuing a stopped run (``train --resume``): its data, its config as it started, its checkpoint."""
+"""Continuing a stopped run (``train --resume``): its config as it started, its checkpoint."""
 
 from __future__ import annotations
-
-import os
-from dataclasses import replace
 
 from cifarlens.checkpoint import load_checkpoint, load_state_into
 from cifarlens.config import RunConfig, to_dict
@@ -11,20 +8,6 @@ from cifarlens.engine import FitState, Precision
 from cifarlens.errors import CifarlensError
 from cifarlens.models import unwrap_model
 from cifarlens.runs import RunDir
-
-
-def resumed_data(run: RunDir, cfg: RunConfig, data_dir: str | None) -> RunConfig:
-    """The data settings of a resumed run: its own, or those of ``data_dir`` (checked to be the
-    same images); never a download in place of a copy that moved."""
-    source = run.meta().get("source") or {}
-    if data_dir is not None:
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=os.path.abspath(os.path.expanduser(data_dir))))
-    if source.get("kind", "official files") != "official files":
-        cfg = replace(cfg, data=replace(cfg.data, download=False))
-        if not os.path.isdir(cfg.data.data_dir):
-            raise CifarlensError(f"the data of {run.path} is not in {cfg.data.data_dir} any more (moved or deleted?); "
-                                 f"pass --data-dir where it is now")
-    return cfg
 
 
 def edited_keys(saved: dict, now: dict) -> list[str]:

@@ -23,12 +23,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from cifarlens.config import RunConfig, from_dict, load_yaml, save_yaml
+from cifarlens.config import DataConfig, RunConfig, from_dict, load_yaml, save_yaml
 from cifarlens.data.base import DataSource, DatasetInfo
 from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
@@ -170,6 +170,19 @@ class RunDir:
         except (TypeError, KeyError) as err:
             raise CifarlensError(f"{self.path / 'run.json'} has no usable \"dataset\" record ({type(err).__name__}: "
                                  f"{err}); the run folder is damaged") from None
+
+    def data_settings(self, data: DataConfig, data_dir: str | None = None) -> DataConfig:
+        """The run's ``data`` settings to read its images again with (evaluate, calibrate, explain,
+        --resume): from ``data_dir`` (made absolute) when given; a run trained on a copy never
+        downloads the official files in its place, and a copy that is gone says where to point."""
+        if data_dir is not None:
+            data = replace(data, data_dir=os.path.abspath(os.path.expanduser(data_dir)))
+        if (self.meta().get("source") or {}).get("kind", "official files") != "official files":
+            data = replace(data, download=False)
+            if not os.path.isdir(data.data_dir):
+                raise CifarlensError(f"the data of {self.path} is not in {data.data_dir} any more (moved or "
+                                     "deleted?); pass --data-dir where it is now")
+        return data
 
     def data_label(self) -> str:
         """What the run trained on, as a report prints it: "CIFAR-10 (JPEG copy)", "CIFAR-10", ..."""
