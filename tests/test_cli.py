@@ -95,6 +95,33 @@ def test_evaluate_reproduces_test_metrics_and_writes_val(fashion_run):
     assert (out / "confusion_matrix_val.png").is_file()
 
 
+def test_evaluate_on_a_folder_it_cannot_write_shows_the_figures_and_says_what_was_not_saved(
+        fashion_run, monkeypatch, capsys):
+    """(Tests run as root, whom a read-only folder does not stop: the writer raises as the
+    operating system would.)"""
+    import errno
+
+    from cifarlens import evaluation
+
+    out, _ = fashion_run
+    before = (out / "metrics_val.json").read_bytes() if (out / "metrics_val.json").exists() else None
+
+    def read_only(path, obj):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(evaluation, "atomic_write_json", read_only)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--split", "val", "--device", "cpu"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out.startswith("val: accuracy ") and "(40 images)" in printed.out
+    assert printed.err.strip() == (f"cifarlens: error: results not saved in {out}: Permission denied: "
+                                   f"{out / 'metrics_val.json'}")
+    assert ((out / "metrics_val.json").read_bytes() if (out / "metrics_val.json").exists() else None) == before
+    # the Python API and train's own evaluation still raise
+    with pytest.raises(PermissionError):
+        evaluation.evaluate_run(out, split="val", device="cpu")
+
+
 def test_predict_cli_and_python_api(fashion_run, tmp_path, capsys):
     out, data = fashion_run
     paths = []

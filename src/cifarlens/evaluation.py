@@ -15,7 +15,7 @@ from cifarlens.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE, TemperatureF
 from cifarlens.data.base import Split
 from cifarlens.data.pipeline import DataBundle, make_loader
 from cifarlens.engine import Precision, predict_logits
-from cifarlens.errors import CifarlensError
+from cifarlens.errors import USER_OS_ERRORS, CifarlensError
 from cifarlens.inference import load_run
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 from cifarlens.runs import SPLIT_FILES, RunDir
@@ -67,12 +67,15 @@ def evaluate_run(
     device: str = "auto",
     bundle: DataBundle | None = None,
     calibrated: bool = True,
+    must_write: bool = True,
 ) -> dict:
     """Evaluate a run's best weights on ``split`` and write metrics, predictions and plots.
 
     With ``calibrated`` (default) and a fitted temperature, confidences, NLL and the predictions
     file use calibrated probabilities; ``calibration`` in the result gives ECE and NLL with and
-    without it (accuracy is the same either way)."""
+    without it (accuracy is the same either way). Where the run folder cannot be written (read
+    only, full disk), the error is raised, or with ``must_write=False`` the result says why in
+    ``not_written``."""
     if split not in ("test", "val"):
         raise CifarlensError(f"--split must be test or val, got {split!r}")
     run = RunDir(run_dir)
@@ -87,7 +90,12 @@ def evaluate_run(
     result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
     if len(labels):
         result["calibration"] = calibration_summary(raw, labels, loaded.temperature)
-    write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw)
+    try:
+        write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw)
+    except OSError as err:  # a read-only run folder, a full disk: the figures are still worth showing
+        if must_write or err.errno not in USER_OS_ERRORS:
+            raise
+        result["not_written"] = err.strerror + (f": {err.filename}" if err.filename else "")
     return result
 
 

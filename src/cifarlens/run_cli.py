@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_calibration_flag(p) -> None:
@@ -39,7 +40,7 @@ def cmd_evaluate(args) -> int:
     from cifarlens.api import evaluate_run
 
     result = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir, device=args.device,
-                          calibrated=not args.no_calibration)
+                          calibrated=not args.no_calibration, must_write=False)
     line = f"{args.split}: accuracy {result['accuracy']:.2%}  f1_macro {result['f1_macro']:.4f}"
     if "top5_accuracy" in result:
         line += f"  top5 {result['top5_accuracy']:.2%}"
@@ -47,6 +48,10 @@ def cmd_evaluate(args) -> int:
     if cal:
         line += (f"  ECE {cal['ece']:.2%} (temperature {cal['temperature']:.3f}; {cal['ece_uncalibrated']:.2%} without)"
                  if cal["calibrated"] else f"  ECE {cal['ece']:.2%} (uncalibrated)")
+    if "not_written" in result:  # the figures are shown; the error says what was not saved
+        print(line + f"  ({result['split_size']} images)")
+        print(f"cifarlens: error: results not saved in {args.run_dir}: {result['not_written']}", file=sys.stderr)
+        return 2
     print(line + f"  ({result['split_size']} images; written to {args.run_dir})")
     return 0
 
