@@ -581,9 +581,37 @@ def test_cli_warns_in_one_line_for_a_2x2_layer(tmp_path, capsys):
     ([], "nothing to explain"),
     (["x.png", "--mistakes", "2"], "not both"),
     (["--indices", "0,500"], "--indices must lie in 0..49"),
+    (["--mistakes", "2", "--target", "10"], "class index 10 out of range: the model has 10 classes (0..9)"),
+    (["--mistakes", "2", "--layer", ""], "--layer needs a layer name"),
 ])
 def test_cli_errors_are_one_line(cifar_run, capsys, args, message):
     run_dir, _ = cifar_run
     assert main(["explain", str(run_dir), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0, err
+
+
+def test_cli_repeated_indices_count_once_and_an_out_file_is_refused(cifar_run, tmp_path, capsys):
+    run_dir, _ = cifar_run
+    assert main(["explain", str(run_dir), "--indices", "3,3,3", "--out", str(tmp_path / "ex")]) == 0
+    assert "for 1 image(s) of test" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "ex").glob("test_*.png")) == ["test_00003.png"]
+    (tmp_path / "taken.jpg").write_bytes(b"a photo")
+    assert main(["explain", str(run_dir), "--indices", "0", "--out", str(tmp_path / "taken.jpg")]) == 2
+    assert "is a file; explain writes a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken.jpg").read_bytes() == b"a photo"
+
+
+def test_cli_val_split_of_a_run_without_one_is_a_one_line_error(cifar_run, tmp_path, capsys):
+    """--mistakes crashed in torch.cat on the empty split; --indices said 'must lie in 0..-1'."""
+    from cifarlens.api import train
+    from cifarlens.config import merge
+    from cifarlens.runs import RunDir
+
+    run_dir, _ = cifar_run
+    cfg = merge(RunDir(run_dir).config(), {"data": {"val_fraction": 0.0}, "train": {"epochs": 1}})
+    train(cfg, tmp_path / "noval", evaluate_test=False)
+    for flags in (["--mistakes", "3"], ["--indices", "0"]):
+        assert main(["explain", str(tmp_path / "noval"), "--split", "val", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().endswith("has no val images (data.val_fraction 0); explain --split test"), err

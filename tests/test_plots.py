@@ -44,6 +44,14 @@ def test_confusion_matrix_small(tmp_path):
     assert plt.get_fignums() == []
 
 
+def test_dollar_signs_in_class_and_run_names_are_text_not_mathtext(tmp_path):
+    """A class folder named like this, or a run folder 'lr_$1_vs_$2', crashed train and evaluate
+    after the training (matplotlib's mathtext parser)."""
+    cm = torch.tensor([[3, 1], [0, 2]])
+    path = plot_confusion_matrix(cm, [r"$\frac{a}{$", "$5 coin"], tmp_path / "cm.png", title="lr_$1_vs_$2: test")
+    open_png(path)
+
+
 def test_confusion_matrix_100_classes_long_names(tmp_path):
     g = torch.Generator().manual_seed(0)
     # CIFAR-100-like names, a few of them long (rendering cost grows with characters)

@@ -259,6 +259,7 @@ def reported_run(tmp_path_factory):
     out = root / "run"
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "2",
                  "--out", str(out), *TINY]) == 0
+    shutil.copy(out / "report.html", root / "train_report.html")  # train's own, before the full report
     assert main(["report", str(out), "--device", "cpu"]) == 0
     return out
 
@@ -360,7 +361,8 @@ def test_report_of_a_missing_run_is_a_clean_error(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--budget", "0"], ["--robustness-images", "-1"]])
+@pytest.mark.parametrize("flags", [["--budget", "0"], ["--budget", "inf"], ["--budget", "nan"],
+                                   ["--robustness-images", "-1"]])
 def test_report_rejects_bad_budget_flags_in_one_line(reported_run, flags, capsys):
     assert main(["report", str(reported_run), *flags]) == 2
     err = capsys.readouterr().err
@@ -374,6 +376,33 @@ def test_training_writes_a_budgeted_report_logging_each_part(reported_run):
     # train's evaluation is reused, not repeated; the budget is the 60 s floor for a run this short
     assert "read from metrics.json and predictions.csv" in log
     assert re.search(r"^report: written to .*report\.html in \d+\.\d s \(budget 60 s\)$", log, re.MULTILINE)
+
+
+def test_the_report_train_writes_shows_the_run_finished(reported_run):
+    """It showed "status running": the report was written before run.json said finished."""
+    page = (reported_run.parent / "train_report.html").read_text()
+    assert re.search(r"<td>status</td><td>finished</td>", page), re.findall(r"<td>status</td><td>[^<]*</td>", page)
+
+
+def test_damaged_metrics_or_predictions_are_recomputed_or_left_out(reported_run, tmp_path, capsys):
+    from cifarlens.api import load_run
+    from cifarlens.report import build_report_data
+
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(reported_run, run_dir)
+    (run_dir / "metrics.json").write_text("[1, 2]")  # valid JSON, not a run's metrics: recomputed
+    data = build_report_data(load_run(run_dir), gradcam=False, robustness=False)
+    assert sum(map(sum, data.metrics["confusion_matrix"])) == 50 and data.metrics_source.startswith("computed in this report")
+    rows = (reported_run / "predictions.csv").read_text().splitlines()
+    (run_dir / "predictions.csv").write_text("\n".join([rows[0], "0,a,b,high,0.5"] + rows[2:]) + "\n")
+    shutil.copy(reported_run / "metrics.json", run_dir / "metrics.json")
+    json_metrics = json.loads((run_dir / "metrics.json").read_text())
+    json_metrics.pop("calibration", None)  # ECE from predictions.csv, which is damaged: left out
+    (run_dir / "metrics.json").write_text(json.dumps(json_metrics))
+    capsys.readouterr()
+    assert main(["compare", str(run_dir)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("damaged"))
+    assert not row.rstrip().endswith("%")  # no ECE, no traceback
 
 
 def test_report_reuses_the_runs_evaluation_only_while_it_is_current(reported_run, tmp_path):

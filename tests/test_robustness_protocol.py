@@ -201,3 +201,96 @@ def test_frost_is_left_out_with_a_reason_when_its_photographs_are_not_installed(
 def test_the_grid_is_counted_in_words_that_agree_with_the_numbers():
     assert grid_text(15, 5) == "15 corruptions x 5 severities"
     assert grid_text(1, 1) == "1 corruption x 1 severity"
+
+
+def test_a_reference_of_another_protocol_is_refused_before_the_evaluation(tiny_run, tmp_path, monkeypatch, capsys):
+    """It was refused only after the whole evaluation, whose result was then thrown away."""
+    from cifarlens.report import cifar_c
+
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"table": table({"contrast": [0.2, 0.3]}, 0.1, source=cifar_c.GENERATED).as_dict()}))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated before the reference was checked")
+
+    monkeypatch.setattr(cifar_c, "evaluate_generated", must_not_run)
+    base = ["robustness", str(tiny_run), "--device", "cpu", "--severities", "1,2", "--reference", str(reference)]
+    assert main([*base, "--images", "30"]) == 2  # the reference has 100 images
+    assert "evaluated differently" in capsys.readouterr().err
+    assert main([*base, "--images", "100", "--corruptions", "fog"]) == 2  # 50 test images: 50 of them
+    assert "evaluated differently" in capsys.readouterr().err
+    bigger = table({"contrast": [0.2, 0.3]}, 0.1, source=cifar_c.GENERATED)
+    bigger.num_images = 50
+    reference.write_text(json.dumps({"table": bigger.as_dict()}))
+    assert main([*base, "--corruptions", "fog"]) == 2  # no corruption in common
+    assert "none of the corruptions asked for (fog; it has contrast)" in capsys.readouterr().err
+
+
+def test_the_mce_says_when_it_covers_only_the_corruptions_both_runs_share():
+    from cifarlens.report.cifar_c import format_result
+
+    ours = table({"gaussian_noise": [0.4, 0.6], "brightness": [0.2, 0.2]}, 0.1)
+    ref = table({"gaussian_noise": [0.4, 0.6], "contrast": [0.3, 0.3]}, 0.1)
+    text = format_result(ours, corruption_errors(ours, ref))
+    assert "mCE 100.0%, relative mCE 100.0% against the reference over the 1 corruption both runs were evaluated " \
+           "on (gaussian_noise)" in text
+    assert "over the" not in format_result(ref, corruption_errors(ref, ref))
+
+
+def test_the_largest_drop_leaves_out_classes_without_images_and_classes_that_lost_nothing():
+    from cifarlens.report.cifar_c import _weakest_class
+    from cifarlens.report.figures import robustness_class_heatmap
+
+    t = table({"fog": [0.5, 0.5]}, 0.2, classes=["cat", "dog", "owl"], class_counts=[0, 3, 2],
+              clean_per_class=[0.0, 1.0, 0.5])
+    for row in t.rows:
+        row["per_class"] = [0.0, 0.8, 0.5]  # cat: no images; dog loses 20 points; owl nothing
+    assert _weakest_class(t) == ("largest drop: class dog, 100.00% clean -> 80.00% under corruption (3 images; "
+                                 "per-class accuracies in robustness.json)")
+    for row in t.rows:
+        row["per_class"] = [0.0, 1.0, 0.5]
+    assert _weakest_class(t) == ""  # nobody lost anything: no "largest drop" of 0 points
+    assert robustness_class_heatmap(t)[:8] == b"\x89PNG\r\n\x1a\n"  # the absent class drawn blank, not at 0
+
+
+def test_official_files_refuse_a_run_that_takes_other_images(tmp_path):
+    """A Fashion-MNIST run (1 x 28 x 28) fed the 32 x 32 RGB files crashed in its first convolution."""
+    from types import SimpleNamespace
+
+    from cifarlens.errors import CifarlensError
+    from cifarlens.report.cifar_c import official_files
+
+    folder = tmp_path / "c10c"
+    write_official(folder, np.zeros((4, 32, 32, 3), np.uint8), np.arange(4), {"fog": lambda x, s: x})
+    run = SimpleNamespace(path=tmp_path / "fm", classes=[str(k) for k in range(10)],
+                          info=SimpleNamespace(in_channels=1, image_size=28))
+    with pytest.raises(CifarlensError, match=r"takes 1 x 28 x 28 images; the CIFAR-C files hold 3 x 32 x 32"):
+        official_files(run, folder)
+    run.info = SimpleNamespace(in_channels=3, image_size=32)
+    assert official_files(run, folder) == (f"official files in {folder}", 4)
+
+
+def test_files_that_are_not_the_runs_test_set_say_so_and_write_json_without_nan(tiny_run, tmp_path, capsys):
+    from cifarlens.api import load_run
+    from cifarlens.report.cifar_c import load_reference
+
+    test = load_run(tiny_run).data().test
+    folder = tmp_path / "c10c"
+    shuffled = np.roll(test.labels.numpy(), 1)  # valid labels, not the test split's order
+    write_official(folder, test.images.permute(0, 2, 3, 1).numpy(), shuffled, {"fog": lambda x, s: x})
+    assert main(["robustness", str(tiny_run), "--corruptions-dir", str(folder), "--severities", "1",
+                 "--device", "cpu"]) == 0
+    assert "clean accuracy not measured (the files' labels are not the run's test labels in order" in \
+        capsys.readouterr().out
+    text = (tiny_run / RESULT_FILE).read_text()
+    assert "NaN" not in text and json.loads(text)["table"]["clean_accuracy"] is None  # standard JSON
+    assert math.isnan(load_reference(tiny_run).clean_accuracy)  # and it reads back
+    (folder / "labels.npy").write_text("hello world")
+    assert main(["robustness", str(tiny_run), "--corruptions-dir", str(folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not a .npy file (no NumPy header)" in err and "allow_pickle" not in err
+
+
+def test_an_empty_corruption_list_is_refused_before_the_evaluation(tiny_run, capsys):
+    assert main(["robustness", str(tiny_run), "--corruptions", ",", "--device", "cpu"]) == 2
+    assert "--corruptions expects comma-separated names" in capsys.readouterr().err

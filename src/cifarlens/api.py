@@ -334,6 +334,7 @@ def _evaluate(run: RunDir, cfg: RunConfig, state: FitState, device: torch.device
     if cfg.train.calibrate:
         calibrate_run(run.path, device=str(device), bundle=bundle, log=run.log)
     result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
+    run.write_meta(status="finished")  # evaluated: the report below shows it so
     if report:
         from cifarlens.report import default_budget, write_report
 

@@ -14,7 +14,7 @@ from pathlib import Path
 # OS errors that come from the user's machine or paths, not from a bug (a read-only or full disk,
 # a file where a folder was meant): the CLI prints them in one line
 USER_OS_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
-                            errno.ENOTDIR, errno.EISDIR})
+                            errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 
 
 class CifarlensError(Exception):

@@ -8,7 +8,8 @@ state, touches the filesystem or plots.
 Zero-division convention (same as scikit-learn's ``zero_division=0``): a class
 that is never predicted has precision 0, a class with no true samples has
 recall 0, and F1 is 0 when precision + recall is 0. Macro averages run over
-*all* classes, including those absent from the data.
+the classes present in the labels or the predictions (scikit-learn's default
+``labels``): a class with neither has no precision or recall to average.
 """
 
 from __future__ import annotations

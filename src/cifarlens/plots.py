@@ -116,13 +116,14 @@ def plot_confusion_matrix(
         ax.set_title(subtitle, fontsize=10)
     centers = np.arange(n) + 0.5  # heatmap cell i spans [i, i + 1]
     for ax in axes:
-        ax.set_xticks(centers, names, rotation=90, fontsize=tick_fs)  # every name, never thinned
-        ax.set_yticks(centers, names, rotation=0, fontsize=tick_fs)
+        # every name, never thinned; parse_math off: a "$" in a name is text, not mathtext
+        ax.set_xticks(centers, names, rotation=90, fontsize=tick_fs, parse_math=False)
+        ax.set_yticks(centers, names, rotation=0, fontsize=tick_fs, parse_math=False)
         ax.tick_params(axis="both", length=0 if n > 20 else 3)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, parse_math=False)  # it names the run folder
     return save_figure(fig, path)
 
 

@@ -22,9 +22,14 @@ IMAGE_SHAPE = (32, 32, 3)
 def _open(path: Path, expected: str) -> np.ndarray:
     """np.load(mmap) with every failure turned into a one-line CifarlensError naming the file."""
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # numpy would call any other file "pickled data" and suggest unpickling it
+            raise CifarlensError(f"{path}: not a .npy file (no NumPy header); expected {expected}")
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        reason = " ".join(str(e).split())
+        reason = ("it holds Python objects, which are never unpickled" if "allow_pickle" in str(e)
+                  else " ".join(str(e).split()))
         raise CifarlensError(f"{path}: not a readable .npy file ({reason}); expected {expected}") from None
 
 

@@ -307,6 +307,9 @@ def _class_index(target, classes: Sequence[str]) -> int:
             return list(classes).index(target)
         if target.strip().lstrip("-").isdigit() and 0 <= int(target) < len(classes):
             return int(target)  # numeric class names were matched above; this is an index
+        if target.strip().lstrip("-").isdigit():
+            raise CifarlensError(f"class index {target.strip()} out of range: the model has {len(classes)} classes "
+                                 f"(0..{len(classes) - 1}), and none is named {target!r}")
         close = difflib.get_close_matches(target, list(classes), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
         listed = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")

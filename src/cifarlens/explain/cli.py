@@ -72,6 +72,8 @@ def cmd_explain(args) -> int:
         print(f"cifarlens: warning: {args.method} gives the same map for every class; --target changes only "
               "the captions", file=sys.stderr)
 
+    if args.layer is not None and not args.layer.strip():
+        raise CifarlensError("--layer needs a layer name (leave it out for the model's default layer)")
     run = load_run(args.run_dir, device=args.device)
     target = resolve_class(args.target, run.classes)
     layer = args.layer or default_layer(run.model)
@@ -81,6 +83,8 @@ def cmd_explain(args) -> int:
         print(f"nothing to explain: {selection.what}")
         return 0
     out = Path(args.out) if args.out else run.path / "explain" / args.method
+    if out.exists() and not out.is_dir():
+        raise CifarlensError(f"--out {out} is a file; explain writes a folder of figures")
 
     explanation = _explain_all(run, selection.images, args.method, target, layer)
     written = write_explanations(out, run.classes, selection, explanation, save_maps=args.save_maps)
@@ -132,6 +136,9 @@ def _files(run, paths: list[str]) -> Selection:
 def _from_split(run, args) -> Selection:
     split = args.split or "test"
     data = run.split(split, args.data_dir)
+    if len(data) == 0:
+        raise CifarlensError(f"{run.path} has no {split} images" + (
+            " (data.val_fraction 0); explain --split test" if split == "val" else ""))
     if args.indices is not None:
         index = _parse_indices(args.indices, len(data))
         what = f"{len(index)} image(s) of {split}"
@@ -147,7 +154,7 @@ def _from_split(run, args) -> Selection:
 
 def _parse_indices(text: str, size: int) -> Tensor:
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+        values = list(dict.fromkeys(int(v) for v in text.replace(" ", "").split(",") if v))  # in order, each once
     except ValueError:
         raise CifarlensError(f"--indices takes comma-separated integers, e.g. 1,5,9; got {text!r}") from None
     bad = [v for v in values if not 0 <= v < size]
@@ -233,7 +240,11 @@ def _write_faithfulness(out: Path, run, selection: Selection, target, layer: str
         result = faithfulness(run.model, x, ex, random_repeats=3 if random is None else 0)
         random = random or result["random"]
         results[method] = {k: v for k, v in result.items() if k not in ("per_image", "random")}
-    report = {"images": len(x), "layer": chosen.layer, "baseline": "mean", "steps": results[chosen.method]["steps"],
+    classes = run.classes
+    target_names = (None if target is None else classes[target] if isinstance(target, int)
+                    else [classes[int(t)] for t in target])
+    report = {"images": len(x), "layer": chosen.layer, "target": target_names or "predicted class",
+              "baseline": "mean", "steps": results[chosen.method]["steps"],
               "how_to_read": "deletion_auc: lower is better; insertion_auc: higher is better; score = insertion - "
                              "deletion, higher is better; compare with 'random' (random smooth maps)",
               "methods": results, "random": random}

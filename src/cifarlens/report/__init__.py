@@ -123,10 +123,11 @@ def _confusion_png(rd, metrics: dict, cm: Tensor, classes: Sequence[str]) -> byt
     saved, png = rd / "metrics.json", rd / "confusion_matrix.png"
     if saved.is_file() and png.is_file():
         try:
-            if json.loads(saved.read_text()).get("confusion_matrix") == metrics["confusion_matrix"]:
-                return png.read_bytes()
-        except json.JSONDecodeError:
-            pass  # a damaged metrics.json: draw the matrix afresh
+            kept = json.loads(saved.read_text())
+        except (ValueError, OSError):
+            kept = None  # a damaged metrics.json: draw the matrix afresh
+        if isinstance(kept, dict) and kept.get("confusion_matrix") == metrics["confusion_matrix"]:
+            return png.read_bytes()
     return file_png(plot_confusion_matrix, cm, classes, title=f"{rd.path.name}: test ({int(cm.sum())} images)")
 
 
@@ -199,8 +200,9 @@ def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_
             return None, (f"Skipped: it does not fit in this report's time budget ({budget_s:.0f} s) at {speed}. "
                           f"The full report: cifarlens report {run.path}")
         full = min(len(test), DEFAULT_MAX_IMAGES)
+        asked = min(len(test), max_images or len(test))  # what --robustness-images left, before the budget
         note = ""
-        if table.num_images < full or tuple(table.severities) != DEFAULT_SEVERITIES:
+        if table.num_images < asked or tuple(table.severities) != grid:
             note = (f"Sized to this report's time budget ({budget_s:.0f} s). The full grid on {full:,} images: "
                     f"cifarlens report {run.path}")
     notes.append(f"{grid_text(len(table.corruptions()), len(table.severities))} on "

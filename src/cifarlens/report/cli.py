@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 
 def cmd_report(args) -> int:
     from cifarlens.api import load_run
     from cifarlens.errors import CifarlensError
     from cifarlens.report import write_report
 
-    if args.budget is not None and args.budget <= 0:
+    if args.budget is not None and not 0 < args.budget < math.inf:  # nan and inf too
         raise CifarlensError(f"--budget must be a number of seconds > 0, got {args.budget:g}")
     if args.robustness_images is not None and args.robustness_images < 0:
         raise CifarlensError(f"--robustness-images must be >= 0 (0: every test image), got {args.robustness_images}")
@@ -30,7 +32,12 @@ def cmd_robustness(args) -> int:
         raise CifarlensError(f"--severities must lie in 1..{cifar_c.MAX_SEVERITY}, got {args.severities}")
     if args.images is not None and args.images < 1:
         raise CifarlensError(f"--images must be >= 1, got {args.images}")
-    names = list(dict.fromkeys(n.strip() for n in args.corruptions.split(",") if n.strip())) if args.corruptions else None
+    names = None
+    if args.corruptions is not None:
+        names = list(dict.fromkeys(n.strip() for n in args.corruptions.split(",") if n.strip()))
+        if not names:
+            raise CifarlensError(f"--corruptions expects comma-separated names (all of them without the flag); "
+                                 f"got {args.corruptions!r}")
     unknown = [n for n in names or [] if n not in cifar_c.list_corruptions()]
     if unknown:
         raise CifarlensError(f"unknown corruption {', '.join(unknown)}; choose from: {', '.join(cifar_c.list_corruptions())}")
@@ -38,6 +45,11 @@ def cmd_robustness(args) -> int:
     run = load_run(args.run_dir, device=args.device)
     test = run.split("test", args.data_dir)
     common = dict(severities=severities, corruptions=names, max_images=args.images, seed=args.seed)
+    source, available = (cifar_c.official_files(run, args.corruptions_dir) if args.corruptions_dir
+                         else (cifar_c.GENERATED, len(test)))  # files the model cannot take: an error now
+    if reference is not None:  # the same protocol, or the long part would be thrown away
+        cifar_c.check_reference(reference, source=source, num_images=min(args.images or available, available),
+                                severities=severities, seed=args.seed, corruptions=names)
     if args.corruptions_dir:
         print(f"reading the CIFAR-C files in {args.corruptions_dir}", flush=True)
         table = cifar_c.evaluate_files(run, args.corruptions_dir, clean_split=test,

@@ -51,7 +51,10 @@ def ece_from_predictions(path: Path, n_bins: int = 15) -> float | None:
         rows = list(csv.DictReader(f))
     if not rows or not {"label", "prediction", "confidence"} <= set(rows[0]):
         return None
-    conf = torch.tensor([float(r["confidence"]) for r in rows], dtype=torch.float64)
+    try:
+        conf = torch.tensor([float(r["confidence"]) for r in rows], dtype=torch.float64)
+    except (TypeError, ValueError):  # a damaged file: no ECE rather than a traceback
+        return None
     hit = torch.tensor([r["label"] == r["prediction"] for r in rows])
     return reliability_bins_from_confidence(conf, hit, n_bins).ece
 

@@ -2,8 +2,8 @@
 
 Same house pattern as :mod:`cifarlens.plots`: ``matplotlib.figure.Figure`` with its own
 Agg canvas, never pyplot, so nothing is left open and no backend is ever selected. Class
-names never go into matplotlib text here (mathtext would interpret a ``$`` in them);
-captions are HTML, escaped by :mod:`cifarlens.report.html`.
+names go into matplotlib text only with ``parse_math=False`` (mathtext would interpret a ``$``
+in them); captions are HTML, escaped by :mod:`cifarlens.report.html`.
 """
 
 from __future__ import annotations
@@ -116,14 +116,17 @@ def robustness_class_heatmap(table: RobustnessTable) -> bytes | None:
         return None
     grid = np.array([table.clean_per_class] + [table.class_accuracy(n) for n in names]).T * 100  # (K, 1 + C)
     k = len(table.classes)
+    absent = [i for i, n in enumerate(table.class_counts) if n == 0]  # no image of it in the subset
+    grid[absent] = np.nan  # drawn blank: not an accuracy of 0
     fig = _figure(max(6.0, 0.45 * len(names) + 2.5), max(3.0, 0.3 * k + 1.5))
     ax = fig.subplots()
     im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(names) + 1), ["clean"] + [n.replace("_", " ") for n in names], rotation=60, ha="right",
                   fontsize=8)
-    ax.set_yticks(range(k), table.classes if k <= 30 else [""] * k, fontsize=8)
+    labels = [f"{c} (no images)" if i in absent else c for i, c in enumerate(table.classes)]
+    ax.set_yticks(range(k), labels if k <= 30 else [""] * k, fontsize=8, parse_math=False)
     if k <= 20:  # numbers in the cells while they stay legible
-        for i in range(k):
+        for i in set(range(k)) - set(absent):
             for j in range(len(names) + 1):
                 ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6,
                         color="white" if grid[i, j] < 55 else "black")

@@ -218,8 +218,9 @@ def _gradcam(d: ReportData) -> str:
     g = d.gallery
     if g is not None:
         parts.append(f"<p>Each tile: the test image, then the {esc(g.method)} map of the predicted class over "
-                     "it (red = more evidence). Correct predictions are the most confident ones; mistakes are "
-                     "the most confident mistakes.</p>")
+                     "it (red = more evidence). Each row shows the most confident predictions of as many "
+                     "different true classes as it can (one per class, the most confident first, then the rest "
+                     "by confidence): correct ones, then mistakes.</p>")
         parts.append("<h3>Correct predictions</h3>" + (_tiles(g.correct) if g.correct else note("none")))
         parts.append("<h3>Mistakes</h3>" + (_tiles(g.mistakes) if g.mistakes else note("No mistakes to show.")))
     return "".join(parts)
@@ -257,7 +258,9 @@ def _robustness(d: ReportData) -> str:
     if d.robustness_classes_png:
         per_class = ("<h3>Per-class accuracy under each corruption</h3>"
                      + note("Mean over the severities above; the clean column first. A class that breaks first "
-                            "shows as a dark row.") + img(d.robustness_classes_png, "per-class accuracy heatmap", "wide"))
+                            "shows as a dark row"
+                            + ("; a class without images in this subset is left blank." if 0 in t.class_counts else ".")
+                            ) + img(d.robustness_classes_png, "per-class accuracy heatmap", "wide"))
     return (f"<p>Accuracy on {subset}: clean <b>{pct(t.clean_accuracy)}</b>, mean over all corruptions and "
             f"severities <b>{pct(t.mean_accuracy())}</b>. {how}</p>"
             + (note(d.robustness_note) if d.robustness_note else "") + left_out

@@ -74,6 +74,8 @@ def saved_predictions(rd, labels: Tensor, classes, run_temperature: float | None
                if rows and "confidence_uncalibrated" in rows[0] else None)
     except (OSError, ValueError, KeyError, TypeError):  # damaged or foreign files: recompute
         return None
+    if not isinstance(metrics, dict):  # valid JSON, but not the metrics this run wrote
+        return None
     if metrics.get("split", "test") != "test" or true.shape != labels.shape or not torch.equal(true, labels.cpu()):
         return None
     # the metrics were computed from these very predictions (not, e.g., from another data folder)

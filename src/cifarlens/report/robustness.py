@@ -94,7 +94,10 @@ class RobustnessTable:
     def from_dict(cls, d: dict) -> "RobustnessTable":
         keys = ("clean_accuracy", "num_images", "total_images", "severities", "rows", "seed", "classes",
                 "class_counts", "clean_per_class", "source", "unavailable")
-        return cls(**{k: d[k] for k in keys if k in d})
+        table = cls(**{k: d[k] for k in keys if k in d})
+        if table.clean_accuracy is None:  # written as null where it was not measured (JSON has no NaN)
+            table.clean_accuracy = float("nan")
+        return table
 
 
 def per_class(hits: Tensor, counts: Tensor) -> list[float]:
