@@ -355,3 +355,51 @@ def test_a_checkpoint_that_cannot_be_written_names_the_file(tmp_path, monkeypatc
                   "inline_container.cc:672] . unexpected pos 64 vs 0)"
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert list((out / "checkpoints").iterdir()) == []  # no partial file left
+
+
+def test_predict_reads_folders_goes_on_past_an_unreadable_file_and_says_so(ema_run, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "a.png")
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(folder / "more" / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    capsys.readouterr()
+    assert main(["predict", str(ema_run[0]), str(folder), str(broken), "--json", "--topk", "2"]) == 1
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
+    assert [r["image"] for r in result] == [str(folder / "a.png"), str(folder / "more" / "b.jpg"), str(broken)]
+    assert len(result[0]["top"]) == 2 and "cannot read image" in result[2]["error"]
+    assert "1 file(s) under" in printed.err and "1 of 3 images could not be read" in printed.err
+    # one image alone that cannot be read: its error is the answer, as before
+    assert main(["predict", str(ema_run[0]), str(broken)]) == 2
+    assert main(["predict", str(ema_run[0]), str(tmp_path / "empty")]) == 2  # neither a file nor a folder
+    (tmp_path / "void").mkdir()
+    assert main(["predict", str(ema_run[0]), str(tmp_path / "void")]) == 2
+    assert "is a folder without image files" in capsys.readouterr().err
+
+
+def test_predict_says_when_a_run_has_not_finished(ema_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    from PIL import Image
+
+    copy = tmp_path / "unfinished"
+    shutil.copytree(ema_run[0], copy)
+    meta = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps(meta | {"status": "interrupted", "epochs_done": 1}))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    capsys.readouterr()
+    assert main(["predict", str(copy), str(image)]) == 0
+    assert capsys.readouterr().err.strip() == (f"cifarlens: warning: {copy} was interrupted after 1 epoch(s): these "
+                                               "are its weights so far, without a test evaluation or a fitted "
+                                               "temperature")
+    assert main(["predict", str(ema_run[0]), str(image)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -153,3 +153,55 @@ def test_multistep_lr_at_its_milestone_epochs():
 def test_multistep_settings_are_checked(train, message):
     with pytest.raises(CifarlensError, match=message):
         resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", **train}}).train)
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error_and_merge_keys_still_work(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a second lr further down won unseen."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")
+    with pytest.raises(CifarlensError, match=r"'lr' is given twice \(line 4\)"):
+        load_yaml(twice)
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text("base: &b {lr: 0.1, epochs: 3}\ntrain: {<<: *b, lr: 0.2}\n")
+    assert load_yaml(anchors)["train"] == {"lr": 0.2, "epochs": 3}  # a merged key may be overridden
+
+
+@pytest.mark.parametrize("epochs, milestones", [(2, r"\[1,1\.5\]"), (1, r"\[0\.5,0\.75\]")])
+def test_the_milestones_suggested_for_few_epochs_are_themselves_accepted(epochs, milestones):
+    """For --epochs 2 the hint said milestones=[1,1], which the same check refused."""
+    with pytest.raises(CifarlensError, match=f"milestones={milestones}") as err:
+        resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", "epochs": epochs}}).train)
+    suggested = [float(m) for m in str(err.value).rsplit("=", 1)[1].strip("[]").split(",")]
+    resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", "epochs": epochs, "milestones": suggested}}).train)
+
+
+@pytest.mark.parametrize("key, value", [("grad_clip", -1.0), ("grad_clip", float("nan")),
+                                        ("warmup_epochs", float("inf")), ("backbone_lr_scale", float("inf")),
+                                        ("weight_decay", float("nan"))])
+def test_values_that_would_silently_misbehave_are_refused(key, value):
+    with pytest.raises(CifarlensError, match=f"train.{key} must be"):
+        resolve_train(merge(RunConfig(), {"train": {"recipe": "modern", key: value}}).train)
+
+
+def test_model_options_of_the_wrong_kind_are_one_line_errors():
+    from cifarlens.models import create_model
+
+    with pytest.raises(CifarlensError, match="FastNet widths must be a list of positive integers"):
+        create_model("fastnet", 10, widths=32)
+    with pytest.raises(CifarlensError, match="FastNet whiten_eps must be a finite number > 0"):
+        create_model("fastnet", 10, whiten_eps=-1)
+    with pytest.raises(CifarlensError, match="FastNet logit_scale must be a finite number > 0"):
+        create_model("fastnet", 10, logit_scale=float("nan"))
+    with pytest.raises(CifarlensError, match="model 'lensnet' cannot be built with the options"):
+        create_model("lensnet", 10, widths=32)
+
+
+def test_epochs_beside_a_time_budget_from_a_config_file_is_refused(tmp_path, capsys):
+    from cifarlens.cli import main
+
+    config = tmp_path / "budget.yaml"
+    config.write_text("train:\n  time_budget: 30\n")
+    assert main(["train", "--config", str(config), "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "--epochs 1 and train.time_budget 30 s (from --config or --set) both set" in capsys.readouterr().err
+    assert main(["train", "--set", "train.time_budget=30", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()

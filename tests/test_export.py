@@ -191,3 +191,33 @@ def test_the_metadata_says_which_test_time_views_predict_averages(exported, tmp_
     assert export.onnx_metadata(path)["tta"] == {"flip": run.tta, "translate_px": run.tta_translate}
     with pytest.raises(CifarlensError, match="is a folder"):
         export.export_onnx(run_dir, tmp_path)
+
+
+def test_opset_0_is_refused_and_the_safetensors_description_names_the_tta(exported, tmp_path, capsys):
+    """--opset 0 silently became 18; model.json lacked the views predict averages."""
+    import json
+
+    from cifarlens.cli import main
+
+    run_dir, _, _, _, _ = exported("lensnet")
+    assert main(["export", str(run_dir), "--format", "onnx", "--opset", "0", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "opset 0 cannot be written here" in capsys.readouterr().err
+    path = export.export_safetensors(run_dir, tmp_path / "w.safetensors")
+    run = load_run(run_dir)
+    assert json.loads(path.with_suffix(".json").read_text())["tta"] == {"flip": run.tta, "translate_px": run.tta_translate}
+
+
+def test_an_opset_the_exporter_cannot_convert_to_names_the_model_not_a_temp_file(exported, tmp_path, monkeypatch):
+    run_dir, _, _, _, _ = exported("lensnet")
+
+    def unloadable(path):
+        raise CifarlensError(f"{path} is not a loadable ONNX model (No Op registered for Gelu with domain_version of 18)")
+
+    monkeypatch.setattr(export, "onnx_session", unloadable)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(CifarlensError) as err:
+        export.export_onnx(run_dir, out, opset=export.DEFAULT_OPSET + 1)
+    message = str(err.value)
+    assert message.startswith(f"torch's exporter did not write a loadable lensnet at opset {export.DEFAULT_OPSET + 1} "
+                              "(No Op registered for Gelu")
+    assert f"not writing {out}" in message and ".tmp" not in message and not out.exists()

@@ -207,7 +207,7 @@ def test_explain_returns_an_overlay_png(client, trained):
     r = client.post("/api/explain", files=upload(image), data={"target": "2"})
     assert r.status_code == 200 and r.headers["x-explained-index"] == "2"
 
-    for fields, fragment in [({"target": "dragon"}, "unknown class"), ({"target": "10"}, "unknown class"),
+    for fields, fragment in [({"target": "dragon"}, "unknown class"), ({"target": "10"}, "class index 10 out of range"),
                              ({"target": "x" * 5000}, "unknown class"), ({"method": "magic"}, "unknown explanation")]:
         r = client.post("/api/explain", files=upload(image), data=fields)
         assert r.status_code == 422 and fragment in r.json()["error"], (fields, r.text[:200])
@@ -438,6 +438,23 @@ def test_onnx_backend_predicts_what_torch_predicts(onnx_server, server, trained)
         assert onnx.post("/api/predict", files=upload(b"junk")).status_code == 400
 
 
+def test_the_onnx_backend_without_calibration_leaves_the_calibrated_export_alone(onnx_server):
+    """It exported raw logits over the calibrated model.onnx that `export` wrote."""
+    from cifarlens.export import onnx_metadata
+
+    run_dir = onnx_server.run_dir
+    calibrated = (run_dir / "model.onnx").read_bytes()
+    assert onnx_metadata(run_dir / "model.onnx")["calibration"]["calibrated"]
+    log: list[str] = []
+    create_app(run_dir, backend="onnx", calibrated=False, log=log.append)
+    assert (run_dir / "model.onnx").read_bytes() == calibrated
+    raw = run_dir / "model.uncalibrated.onnx"
+    assert onnx_metadata(raw)["calibration"]["calibrated"] is False and str(raw) in log[0]
+    log.clear()
+    create_app(run_dir, backend="onnx", calibrated=False, log=log.append)  # current now: not exported again
+    assert not any("exporting" in line for line in log)
+
+
 
 def test_serve_command(onnx_server):
     """The real ``cifarlens serve`` in a subprocess: binds 127.0.0.1, reuses a current model.onnx, stops on Ctrl+C."""
@@ -608,3 +625,60 @@ def test_page_in_a_real_browser(browser, server, trained, tmp_path):
     assert resources and all(u.startswith(server.url) or u.startswith("blob:") for u in resources), resources
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", browser.page_source)
     assert "default-src 'none'" in httpx.get(server.url + "/").headers["content-security-policy"]
+
+
+def test_several_images_in_one_request_and_a_non_ascii_digit_target_are_422(client, trained):
+    """Two 'file' parts were answered for the last one alone; target '²' (str.isdigit) was a 500."""
+    _, data = trained
+    good, other = encode(rgb(data, 0), "png"), encode(rgb(data, 1), "png")
+    for path in ("/api/predict", "/api/explain"):
+        r = client.post(path, files=[("file", ("a.png", good, "image/png")), ("file", ("b.png", other, "image/png"))])
+        assert r.status_code == 422 and "one image per request" in r.json()["error"], r.text
+    r = client.post("/api/explain", files=upload(good), data={"target": "\u00b2"})
+    assert r.status_code == 422 and "unknown class" in r.json()["error"], r.text
+
+
+def test_serve_flags_outside_their_range_are_one_line_errors(trained, capsys):
+    run_dir, _ = trained
+    for flags, message in ((["--max-upload-mb", "inf"], "--max-upload-mb must be in (0, 1024]"),
+                           (["--max-upload-mb", "nan"], "--max-upload-mb must be in (0, 1024]"),
+                           (["--topk", "0"], "--topk must be at least 1"),
+                           (["--host", "192.0.2.1"], "is --host an address of this machine?")):
+        assert main(["serve", str(run_dir), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def numeric_classes_run(tmp_path_factory):
+    """An image folder whose classes are '1', 'cat' and 'dog': the class named '1' sorts first (index 0)."""
+    from conftest import make_imagefolder
+
+    root = tmp_path_factory.mktemp("numeric")
+    data = make_imagefolder(root / "images", classes=("1", "cat", "dog"), n_per_class=12, sizes=((32, 32),))
+    cfg = merge(RunConfig(), {
+        "data": {"dataset": "imagefolder", "data_dir": str(data.data_dir), "download": False},
+        "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+        "train": {"batch_size": 16, "epochs": 1},
+    })
+    train(cfg, root / "run", evaluate_test=False)
+    return root / "run"
+
+
+def test_the_page_explains_the_class_chosen_when_class_names_are_numbers(browser, numeric_classes_run, tmp_path):
+    """The page sent the chosen class's index ("1" for cat), which the API read as the class named "1"."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(image)
+    wait = WebDriverWait(browser, 60)
+    with LiveServer(create_app(numeric_classes_run, max_upload_bytes=LIMIT)) as live:
+        browser.get(live.url + "/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#target option"))
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        wait.until(lambda d: "gradcam" in d.find_element(By.ID, "explain-note").text)
+        for name in ("cat", "1", "dog"):
+            browser.execute_script("document.getElementById('explain-note').textContent = ''")  # a new answer only
+            Select(browser.find_element(By.ID, "target")).select_by_visible_text(name)
+            wait.until(lambda d: f"\u201c{name}\u201d" in d.find_element(By.ID, "explain-note").text)

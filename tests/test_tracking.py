@@ -193,14 +193,17 @@ def test_unknown_loggers_and_wrong_types_are_clear_errors(data_dir, tmp_path, ca
     assert "drop --logger" in capsys.readouterr().err
 
 
-def test_an_unusable_mlflow_store_is_one_line_and_marks_the_run_failed(data_dir, tmp_path, capsys):
+def test_an_unusable_mlflow_store_is_one_line_and_leaves_no_run_folder(data_dir, tmp_path, capsys):
+    """The new run folder goes (nothing was trained into it), so the same command runs again without
+    --force; it was left behind, marked failed."""
     out = tmp_path / "run"
     bad = tmp_path / "not-a-database.db"
     bad.write_text("this is not SQLite")
-    assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri", f"sqlite:///{bad}")) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"cifarlens: error: MLflow at sqlite:///{bad}: ")
-    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    for _ in range(2):
+        assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri", f"sqlite:///{bad}")) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"cifarlens: error: MLflow at sqlite:///{bad}: ")
+        assert not out.exists()
 
 
 def test_an_mlflow_server_that_does_not_answer_is_one_line_before_any_run_folder(data_dir, tmp_path, capsys):
@@ -216,6 +219,14 @@ def test_an_mlflow_server_that_does_not_answer_is_one_line_before_any_run_folder
                       f"http://127.0.0.1:{port}")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"cifarlens: error: the MLflow server http://127.0.0.1:{port} does not answer (")
+    assert not out.exists() and time.monotonic() - start < 60
+    # a PostgreSQL store on that port: one line, the password hidden (MLflow retried for about 2 minutes)
+    start = time.monotonic()
+    assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri",
+                      f"postgresql+psycopg://me:secret@127.0.0.1:{port}/mlflow")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"cifarlens: error: the MLflow database postgresql+psycopg://me:***@127.0.0.1:{port}/mlflow "
+                              "does not answer (") and "secret" not in err[-1]
     assert not out.exists() and time.monotonic() - start < 60
 
 
@@ -270,3 +281,14 @@ def test_data_parallel_runs_log_once_from_rank_zero(store, tmp_path):
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_acc")] == [1, 2]
     assert len(list((out / "tensorboard").iterdir())) == 1  # one writer
     assert [e.step for e in scalars(out).Scalars("train_loss")] == [1, 2]
+
+
+def test_an_empty_tracking_uri_or_experiment_is_one_line_before_any_run_folder(data_dir, tmp_path, capsys):
+    """--tracking-uri "" fell back to the default store unseen; an empty experiment crashed in MLflow."""
+    out = tmp_path / "run"
+    for flags, message in ((["--tracking-uri", ""], "--tracking-uri is empty"),
+                           (["--set", "track.experiment=''"], "track.experiment must name an MLflow experiment")):
+        assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", *flags)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("cifarlens: error: ") and message in err[-1]
+        assert not out.exists()

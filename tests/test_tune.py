@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -103,6 +104,8 @@ def test_a_tiny_study_prunes_some_trials_and_completes_others(tiny_study):
         meta = json.loads((run / "run.json").read_text())
         assert meta["status"] == ("pruned" if t.state == TrialState.PRUNED else "finished")
         assert set(t.intermediate_values) == set(range(1, t.user_attrs["epochs"] + 1))
+        if t.state == TrialState.PRUNED:  # never after its last epoch, where pruning saves nothing
+            assert t.user_attrs["epochs"] < 2
         cfg = load_yaml(run / "config.yaml")  # the trial trained what was sampled
         key = "train.lr[train.optimizer=sgd]" if t.params["train.optimizer"] == "sgd" else \
             "train.lr[train.optimizer=adam]"
@@ -255,6 +258,51 @@ def test_a_dead_workers_running_trial_is_failed_and_replaced(data_dir, tmp_path)
     assert summary["trials"]["FAIL"] == 1
 
 
+def test_a_worker_that_died_unwaited_counts_as_gone():
+    """A worker process this one started stays a zombie until waited for; os.kill(pid, 0) still
+    succeeds on it, so its trial was taken for running until the session ended."""
+    from cifarlens.tune.search import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while _alive(child.pid):
+            assert time.monotonic() < deadline, "a finished, unwaited child still counts as alive"
+            time.sleep(0.05)
+    finally:
+        child.wait()
+    assert _alive(os.getppid())  # a live process is alive
+
+
+def test_a_storage_lost_mid_study_is_recognised_behind_optunas_own_errors():
+    """PostgreSQL stopped mid-study: psycopg's error, wrapped by Optuna, then an UnboundLocalError
+    raised while Optuna handled it; the CLI turns it into one line."""
+    import sqlalchemy
+
+    from cifarlens.tune.cli import _storage_failure
+
+    def optuna_losing_its_database():
+        try:
+            try:
+                raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("server closed the connection"))
+            except sqlalchemy.exc.OperationalError as err:
+                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from err
+        except optuna.exceptions.StorageInternalError:
+            raise UnboundLocalError("cannot access local variable 'updated_state'")
+
+    with pytest.raises(UnboundLocalError) as caught:
+        optuna_losing_its_database()
+    assert _storage_failure(caught.value) == "server closed the connection"
+    assert _storage_failure(ValueError("a bug")) is None
+
+
+def test_a_time_budget_is_refused_by_tune(data_dir, tmp_path, capsys):
+    """Each trial timed and planned its own epochs, while the banner said they all trained the same."""
+    line = run_cli_error(capsys, ["tune", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--no-download",
+                                  *TINY, "--time-budget", "20s", "--out", str(tmp_path / "o")])
+    assert "drop --time-budget" in line and not (tmp_path / "o").exists()
+
+
 def test_a_diverging_trial_is_pruned_with_its_reason(data_dir, tmp_path):
     space = parse_space({"train.lr": {"choices": [1.0e30]}}, "test space")
     summary = run_tune(base_cfg(data_dir), tmp_path / "out", trials=1, space=space)
@@ -343,6 +391,9 @@ BAD_SPACES = {
     "option the model lacks": ("model.kwargs.bn_momentum: {float: [0.1, 0.9]}", "has no option 'bn_momentum'"),
     "not a mapping": ("- train.lr", "must be a non-empty mapping"),
     "invalid YAML": ("train.lr: {float: [0.01", "is not valid YAML"),
+    "a zero validation split": ("data.val_fraction: {choices: [0.1, 0.0]}", "data.val_fraction must stay above 0"),
+    "an infinite bound": ("train.warmup_epochs: {float: [0, .inf]}", "is not a finite number"),
+    "a key given twice": ("train.lr: {float: [0.01, 0.1]}\ntrain.lr: {float: [0.1, 0.5]}", "'train.lr' is given twice"),
 }
 
 

@@ -107,7 +107,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         cfg = replace(cfg, train=replace(cfg.train, device=device_override))
         cfg = replace(cfg, data=run.data_settings(cfg.data, data_dir))  # same images, checked below
     report = report is not False  # None: yes, for a new run
-    tracking.check_available(cfg.track.loggers)  # a missing library stops here, before any run folder exists
+    tracking.check_available(cfg.track.loggers, cfg.track)  # a missing library stops here, before any run folder exists
     if world.is_main:
         tracking.check_reachable(cfg.track.loggers, cfg.track.tracking_uri)  # as does a server that is not there
     # (on resume this only fills keys that an older cifarlens did not write)
@@ -278,8 +278,16 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if on_epoch_end is not None:
             on_epoch_end(state, eval_model)
 
-    tracker = (tracking.start(cfg, run, resume=resume, first_epoch=state.epoch + 1, log=log) if world.is_main
-               else tracking.Trackers())
+    try:
+        tracker = (tracking.start(cfg, run, resume=resume, first_epoch=state.epoch + 1, log=log) if world.is_main
+                   else tracking.Trackers())
+    except BaseException as err:  # a store that refuses or hangs (Ctrl-C): nothing trained yet
+        if world.is_main:
+            if resume:
+                run.write_meta(status="failed" if isinstance(err, CifarlensError) else "interrupted")
+            else:
+                run.discard()
+        raise
     try:
         state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
                     on_improvement=save_best, on_epoch_end=end_epoch, log=log, train_model=train_model,

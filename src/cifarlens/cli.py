@@ -150,6 +150,9 @@ def config_from_args(args, *, resolve: bool = True):
     cfg = merge(cfg, overrides)
     for assignment in args.set:
         cfg = merge(cfg, parse_assignment(assignment))
+    if getattr(args, "epochs", None) is not None and cfg.train.time_budget and getattr(args, "time_budget", None) is None:
+        raise CifarlensError(f"--epochs {args.epochs} and train.time_budget {cfg.train.time_budget:g} s (from --config or "
+                             "--set) both set the training's length: drop --epochs, or --set train.time_budget=0")
     return resolve_choices_for(cfg)[0] if resolve else cfg
 
 

@@ -234,13 +234,32 @@ def merge(cfg: RunConfig, values: dict) -> RunConfig:
     return replace(cfg, **updates)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last
+    silently, so a second ``lr:`` further down a file would win unseen."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path, what: str = "config file") -> dict:
     """The YAML file at ``path`` ({} when empty); a missing or malformed file is one error naming ``what``."""
     path = Path(path)
     if not path.is_file():
         raise CifarlensError(f"{what} {path} not found")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.constructor.ConstructorError as err:
+        raise CifarlensError(f"{what} {path}: {err.problem}") from None
     except yaml.YAMLError as err:
         raise CifarlensError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except UnicodeDecodeError as err:  # e.g. UTF-16, as PowerShell's > writes

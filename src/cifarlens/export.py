@@ -36,6 +36,7 @@ DEFAULT_OPSET = 18
 # float32 kernels differ in summation order (measured ~1e-6 on our models).
 ONNX_TOLERANCE = 1e-4
 ONNX_FILE = "model.onnx"
+UNCALIBRATED_ONNX_FILE = "model.uncalibrated.onnx"  # serve --backend onnx --no-calibration of a calibrated run
 METADATA_KEY = "cifarlens"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 CHECK_BATCH = 8  # images per verification batch
@@ -76,8 +77,11 @@ def describe_run(run) -> dict:
     info = model_info(run.model)
     metrics_file = run.path / "metrics.json"
     test_metrics = None
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    except ValueError:
+        metrics = None  # damaged: the export describes the weights without it
+    if isinstance(metrics, dict):
         test_metrics = {k: metrics[k] for k in ("accuracy", "top5_accuracy", "f1_macro", "split_size") if k in metrics}
     return {
         "format": "cifarlens-export",
@@ -88,6 +92,9 @@ def describe_run(run) -> dict:
         "preprocessing": PREPROCESSING,
         "test_metrics": test_metrics,
         "calibration": run.calibration_info(),
+        # the graph and the weights give one view per image: predict, evaluate and the metrics average
+        # these views' outputs (serve --backend onnx does it around the graph)
+        "tta": {"flip": run.tta, "translate_px": run.tta_translate},
         "weights_sha256": weights_digest(run.path),
     }
 
@@ -143,10 +150,7 @@ def export_onnx(
                real_source: run.preprocess(real).cpu()}
     description = describe_run(run) | {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
                                        "output_is": "logits divided by the temperature" if run.calibrated else "logits",
-                                       "batch_dynamic": batch_dynamic,
-                                       # one view per image: predict, evaluate and the metrics average these
-                                       # views' outputs (serve --backend onnx does it around the graph)
-                                       "tta": {"flip": run.tta, "translate_px": run.tta_translate}}
+                                       "batch_dynamic": batch_dynamic}
 
     def write(tmp: Path) -> None:
         try:
@@ -158,7 +162,13 @@ def export_onnx(
         except Exception as err:  # the exporter raises many types; the user needs one line and the model name
             raise CifarlensError(f"ONNX export of {run.config.model.name} failed ({type(err).__name__}: "
                                  f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''})") from err
-        session = onnx_session(tmp)
+        try:
+            session = onnx_session(tmp)
+        except CifarlensError as err:  # e.g. an op the exporter could not convert to this opset
+            raise CifarlensError(f"torch's exporter did not write a loadable {run.config.model.name} at opset {opset} "
+                                 f"({str(err).split(' (', 1)[-1].rstrip(')')[:200]}); not writing {out}"
+                                 + (f"; the default --opset {DEFAULT_OPSET} is its native one" if opset != DEFAULT_OPSET
+                                    else "")) from None
         worst, tol_used = 0.0, ONNX_TOLERANCE
         for what, x in batches.items():
             with torch.no_grad():

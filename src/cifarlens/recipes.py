@@ -206,15 +206,18 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
         (cfg.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}"),
         (cfg.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}"),
         (0.0 <= cfg.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
-        (cfg.weight_decay >= 0, "train.weight_decay must be >= 0"),
-        (cfg.warmup_epochs >= 0, "train.warmup_epochs must be >= 0"),
+        (0 <= cfg.weight_decay < math.inf, "train.weight_decay must be >= 0 and finite"),
+        (0 <= cfg.warmup_epochs < math.inf, "train.warmup_epochs must be >= 0 and finite"),
+        (0 <= cfg.grad_clip < math.inf, "train.grad_clip must be >= 0 and finite (0 = off)"),
         (cfg.early_stopping >= 0, "train.early_stopping must be >= 0 (0 = off)"),
         (0.0 <= cfg.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = off)"),
         (cfg.freeze_epochs >= 0, "train.freeze_epochs must be >= 0 (0 = off)"),
-        (cfg.backbone_lr_scale > 0, "train.backbone_lr_scale must be > 0 (1 = the same lr as the head)"),
-        (cfg.gamma > 0, "train.gamma must be > 0 (the lr factor at each milestone; 0.1 divides by 10)"),
+        (0 < cfg.backbone_lr_scale < math.inf, "train.backbone_lr_scale must be > 0 and finite (1 = the same lr as "
+                                                "the head)"),
+        (0 < cfg.gamma < math.inf, "train.gamma must be > 0 and finite (the lr factor at each milestone; 0.1 divides "
+                                   "by 10)"),
         (cfg.tta_translate >= 0, "train.tta_translate must be >= 0 pixels (0 = flip TTA only)"),
-        (cfg.muon_lr >= 0, "train.muon_lr must be >= 0 (0 = train.lr)"),
+        (0 <= cfg.muon_lr < math.inf, "train.muon_lr must be >= 0 and finite (0 = train.lr)"),
         (0 <= cfg.muon_momentum < 1, "train.muon_momentum must be in [0, 1) (0 = train.momentum)"),
         (cfg.muon_ns_steps >= 1, "train.muon_ns_steps must be >= 1 (Newton-Schulz iterations per Muon update)"),
         (0 <= cfg.time_budget < math.inf, "train.time_budget must be >= 0 seconds (0 = off, the recipe's epochs)"),
@@ -231,7 +234,7 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
             (len(ms) > 0, "train.schedule multistep needs train.milestones, e.g. --set train.milestones=[82,123]"),
             (all(a < b for a, b in zip([0.0] + ms, ms + [cfg.epochs])),  # 0 < m1 < m2 < ... < epochs
              f"train.milestones {ms} must be increasing epochs between 0 and train.epochs ({cfg.epochs}); "
-             f"set them for this number of epochs, e.g. --set train.milestones=[{cfg.epochs // 2},{cfg.epochs * 3 // 4}]"),
+             f"set them for this number of epochs, e.g. --set train.milestones=[{cfg.epochs / 2:g},{cfg.epochs * 3 / 4:g}]"),
         ]
     for ok, message in checks:
         if not ok:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
+from cifarlens.errors import CifarlensError
+
+PREDICT_BATCH = 64  # images per forward pass of predict
+
 
 def add_calibration_flag(p) -> None:
     p.add_argument("--no-calibration", action="store_true",
@@ -28,7 +32,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, or folders of them (read in sorted order, any depth)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--device", default="cpu")
@@ -76,18 +80,65 @@ def calibration_words(info: dict) -> str:
 
 def cmd_predict(args) -> int:
     from cifarlens.api import load_run
+    from cifarlens.runs import RunDir
 
+    if args.topk < 1:
+        raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
+    paths = _image_paths(args.images)
     run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
-    results = []
-    for image in args.images:  # one at a time, so one unreadable file names itself
-        results.append((image, run.predict([image], topk=args.topk)[0]))
+    unfinished = RunDir(run.path).unfinished_warning()
+    if unfinished:
+        print(f"cifarlens: warning: {unfinished}", file=sys.stderr)
+    results, failed = [], 0
+    for start in range(0, len(paths), PREDICT_BATCH):
+        chunk = paths[start : start + PREDICT_BATCH]
+        try:
+            results += [(image, pred, None) for image, pred in zip(chunk, run.predict(chunk, topk=args.topk))]
+            continue
+        except CifarlensError:
+            if len(paths) == 1:
+                raise  # one image: its error is the answer
+        for image in chunk:  # one of them is unreadable: each alone, so that it names itself and the rest go on
+            try:
+                results.append((image, run.predict([image], topk=args.topk)[0], None))
+            except CifarlensError as err:
+                failed += 1
+                results.append((image, None, str(err)))
+                print(f"cifarlens: error: {err}", file=sys.stderr)
     if args.json:
-        print(json.dumps([{"image": image, **pred.as_dict(), **run.calibration_info()} for image, pred in results],
-                         indent=2))
-        return 0
-    print(f"({calibration_words(run.calibration_info())})")
-    for image, pred in results:
-        print(image)
-        for label, prob in zip(pred.labels, pred.probs):
-            print(f"  {prob:7.2%}  {label}")
+        print(json.dumps([{"image": image, "error": error} if error else
+                          {"image": image, **pred.as_dict(), **run.calibration_info()}
+                          for image, pred, error in results], indent=2))
+    else:
+        print(f"({calibration_words(run.calibration_info())})")
+        for image, pred, error in results:
+            if error is None:
+                print(image)
+                for label, prob in zip(pred.labels, pred.probs):
+                    print(f"  {prob:7.2%}  {label}")
+    if failed:
+        print(f"cifarlens: {failed} of {len(paths)} images could not be read (named above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _image_paths(items: list[str]) -> list[str]:
+    """The files given, with each folder replaced by the image files under it."""
+    from pathlib import Path
+
+    from cifarlens.images import list_images, skipped_warning
+
+    paths = []
+    for item in items:
+        if not Path(item).is_dir():
+            paths.append(item)
+            continue
+        skipped: list[Path] = []
+        found = list_images(Path(item), skipped)
+        warning = skipped_warning(Path(item), skipped)
+        if warning:
+            print(f"cifarlens: warning: {warning}", file=sys.stderr)
+        if not found:
+            raise CifarlensError(f"{item} is a folder without image files")
+        paths += [str(f) for f in found]
+    return paths

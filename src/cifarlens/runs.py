@@ -15,6 +15,7 @@ A run folder holds everything needed to repeat, evaluate and serve the run::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -36,7 +37,7 @@ from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
     "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
-    "curves.png", "report.html", "model.onnx",
+    "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx",
 )
 RUN_DIRS = ("checkpoints", "explain", "export", "tensorboard")  # folders a run writes; --force removes them
 SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
@@ -105,7 +106,7 @@ class RunDir:
         if rel.parts and rel.parts[0] == "..":
             return
         own = {*RUN_FILES, *(pattern.format(split_suffix(s)) for pattern in SPLIT_FILES for s in ("test", "val"))}
-        if (len(rel.parts) == 1 and rel.name in own - {"model.onnx"}) or \
+        if (len(rel.parts) == 1 and rel.name in own - {"model.onnx", "model.uncalibrated.onnx"}) or \
                 (len(rel.parts) > 1 and rel.parts[0] in set(RUN_DIRS) - {"export"}):
             raise CifarlensError(f"{flag} {path} is one of the run's own files; choose another file (default: "
                                  f"{self.path / 'model.onnx'}, or a file under {self.path / 'export'})")
@@ -137,6 +138,15 @@ class RunDir:
                 self.split_file(pattern, split).unlink(missing_ok=True)
         for name in RUN_DIRS:
             shutil.rmtree(self.path / name, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove a run folder just made, before anything was trained into it (a logger that could
+        not start): nothing is lost, and the same command can run again without --force. The folder
+        itself goes only when nothing else is left in it."""
+        self._remove_run_files()
+        self.unlock()
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
     # -- reading --------------------------------------------------------------------------
     def require_run(self) -> None:
@@ -200,6 +210,19 @@ class RunDir:
         lines = (self.path / "config.yaml").read_text().splitlines(keepends=True)
         notes = "".join(line for line in lines[: next((i for i, l in enumerate(lines) if not l.startswith("#")), 0)])
         save_yaml(cfg, self.path / "config.yaml", header=notes)
+
+    def unfinished_warning(self) -> str | None:
+        """A line for commands that use a run's weights (predict, serve) when the run has not
+        finished: its weights are the best so far and its figures are missing; None otherwise."""
+        meta = self.meta()
+        status = meta.get("status", "finished")
+        if status == "finished":
+            return None
+        what = {"running": "is still training (or was killed without a trace)", "interrupted": "was interrupted",
+                "failed": "failed", "diverged": "diverged"}.get(status, f"has status {status!r}")
+        done = meta.get("epochs_done")
+        return (f"{self.path} {what}" + (f" after {done} epoch(s)" if done is not None else "")
+                + ": these are its weights so far, without a test evaluation or a fitted temperature")
 
     def write_meta(self, **values) -> None:
         meta = self.meta() if (self.path / "run.json").is_file() else {}

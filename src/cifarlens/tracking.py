@@ -55,8 +55,15 @@ def list_trackers() -> list[str]:
     return TRACKERS.names()
 
 
-def check_available(names: Iterable[str]) -> None:
-    """Refuse unknown logger names and loggers whose library is not installed (one line each)."""
+def check_available(names: Iterable[str], track: TrackConfig | None = None) -> None:
+    """Refuse unknown logger names, loggers whose library is not installed, and (with ``track``)
+    an empty tracking URI or experiment name (one line each)."""
+    if track is not None and "mlflow" in names:
+        if track.tracking_uri is not None and not str(track.tracking_uri).strip():
+            raise CifarlensError("--tracking-uri is empty: give a store (e.g. sqlite:///mlflow.db or "
+                                 "http://HOST:5000), or leave the flag out for MLflow's default")
+        if not isinstance(track.experiment, str) or not track.experiment.strip():
+            raise CifarlensError(f"track.experiment must name an MLflow experiment, got {track.experiment!r}")
     for name in names:
         package = TRACKERS.get(name).package
         try:
@@ -74,6 +81,8 @@ def check_reachable(names: Iterable[str], tracking_uri: str | None, timeout: flo
     import urllib.request
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if "mlflow" in names and uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql"):
+        _check_database(uri, timeout)
     if "mlflow" not in names or not uri.startswith(("http://", "https://")):
         return
     try:
@@ -84,6 +93,28 @@ def check_reachable(names: Iterable[str], tracking_uri: str | None, timeout: flo
         reason = getattr(err, "reason", err)
         raise CifarlensError(f"the MLflow server {uri} does not answer ({reason}); start it, fix --tracking-uri, "
                              "or drop --logger mlflow") from None
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """One connection to an MLflow database store, given ``timeout`` seconds: MLflow retries a
+    database that does not answer for about two minutes."""
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+        shown = url.render_as_string(hide_password=True)
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": max(1, int(timeout))})
+    except Exception as err:  # a malformed URL, a driver that is not installed
+        raise CifarlensError(f"MLflow store {uri.split('@')[-1]}: {type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}") from None
+    try:
+        engine.connect().close()
+    except Exception as err:  # sqlalchemy.exc.OperationalError and the driver's own
+        first = str(getattr(err, "orig", err)).strip().splitlines()
+        raise CifarlensError(f"the MLflow database {shown} does not answer ({first[0][:200] if first else err}); start "
+                             "it, fix --tracking-uri, or drop --logger mlflow") from None
+    finally:
+        engine.dispose()
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
@@ -153,12 +184,9 @@ def start(cfg: RunConfig, run: RunDir, *, resume: bool, first_epoch: int,
           log: Callable[[str], None] = print) -> Trackers:
     """The loggers ``cfg.track`` asks for, started for ``run``, training from ``first_epoch``;
     a new run logs its params (a resumed one did, and MLflow refuses to change them).
-    A logger that cannot start (e.g. an unreachable server) marks the run failed."""
-    try:
-        trackers = Trackers(create_trackers(cfg.track.loggers, run, cfg.track, first_epoch=first_epoch, log=log), log)
-    except CifarlensError:
-        run.write_meta(status="failed")
-        raise
+    A logger that cannot start (e.g. an unreachable server) raises; the caller decides what
+    becomes of the run folder."""
+    trackers = Trackers(create_trackers(cfg.track.loggers, run, cfg.track, first_epoch=first_epoch, log=log), log)
     if not resume:
         trackers.log_params(flatten(to_dict(cfg)))
     return trackers

@@ -41,6 +41,7 @@ method and :func:`explain` itself.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,9 +306,10 @@ def _class_index(target, classes: Sequence[str]) -> int:
     if isinstance(target, str):
         if target in classes:
             return list(classes).index(target)
-        if target.strip().lstrip("-").isdigit() and 0 <= int(target) < len(classes):
+        number = re.fullmatch(r"\s*-?[0-9]+\s*", target)  # ASCII digits: "²".isdigit() is true, int("²") fails
+        if number and 0 <= int(target) < len(classes):
             return int(target)  # numeric class names were matched above; this is an index
-        if target.strip().lstrip("-").isdigit():
+        if number:
             raise CifarlensError(f"class index {target.strip()} out of range: the model has {len(classes)} classes "
                                  f"(0..{len(classes) - 1}), and none is named {target!r}")
         close = difflib.get_close_matches(target, list(classes), n=3, cutoff=0.6)

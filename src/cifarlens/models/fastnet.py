@@ -24,6 +24,8 @@ before training (``cifarlens.api.train`` does it for any model that has it).
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -97,7 +99,14 @@ class FastNet(ClassifierBase):
                  bn_momentum: float = 0.4, logit_scale: float = 1 / 9, whiten_eps: float = WHITEN_EPS):
         super().__init__(num_classes, in_channels)
         self.whiten_eps = whiten_eps  # added to the eigenvalues before 1/sqrt: bounds the gain of faint directions
+        if not isinstance(widths, (list, tuple)):
+            raise CifarlensError(f"FastNet widths must be a list of positive integers, e.g. [32, 64, 128]; got {widths!r}")
         widths = tuple(widths)
+        for name, value in (("whiten_eps", whiten_eps), ("logit_scale", logit_scale), ("bn_momentum", bn_momentum)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise CifarlensError(f"FastNet {name} must be a finite number > 0, got {value!r}")
+        if bn_momentum >= 1:
+            raise CifarlensError(f"FastNet bn_momentum must be below 1, got {bn_momentum!r}")
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise CifarlensError(f"FastNet widths must be a non-empty list of positive integers, got {widths!r}")
         whiten_out = 2 * in_channels * WHITEN_KERNEL**2  # +/- pairs of every eigenvector

@@ -70,7 +70,13 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
                 f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"its options are: {', '.join(options) or '(none)'}"
             )
-    return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    try:
+        return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except (TypeError, ValueError) as err:
+        if not kwargs:  # no option of the user's in play: a bug, with its traceback
+            raise
+        raise CifarlensError(f"model {name!r} cannot be built with the options {kwargs} ({type(err).__name__}: "
+                             f"{err}); its options and their defaults are in docs/models-and-recipes.md") from None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

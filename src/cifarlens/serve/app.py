@@ -108,8 +108,9 @@ def create_app(
     """
     if backend not in BACKENDS:
         raise CifarlensError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if max_upload_bytes < 1 or topk < 1 or max_concurrency < 1:
-        raise CifarlensError("max_upload_bytes, topk and max_concurrency must be positive")
+    for name, value in (("max_upload_bytes", max_upload_bytes), ("topk", topk), ("max_concurrency", max_concurrency)):
+        if value < 1:
+            raise CifarlensError(f"{name} must be at least 1, got {value}")
     run = load_run(run_dir, device=device, calibrated=calibrated)  # the run's temperature, unless told not to
     chosen: Backend = onnx_backend(run, log) if backend == "onnx" else TorchBackend(run)
     service = Service(run, chosen, topk, max_upload_bytes, max_concurrency)
@@ -146,27 +147,36 @@ def create_app(
         return service.description
 
     @app.post("/api/predict", response_model=PredictResponse)
-    async def predict(file: UploadFile = File(..., description="the image"),
+    async def predict(request: Request, file: UploadFile = File(..., description="the image"),
                       topk: int = Form(service.topk, ge=1, le=1000, description="how many classes")) -> dict:
+        await _one_file(request)
         data = await file.read()
         return await run_in_threadpool(service.predict, data, file.filename, topk)
 
     @app.post("/api/explain", response_class=Response,
               responses={200: {"content": {"image/png": {}},
                                "description": "the overlay at the model's input size; X-* headers describe it"}})
-    async def explain(file: UploadFile = File(..., description="the image"),
+    async def explain(request: Request, file: UploadFile = File(..., description="the image"),
                       method: str = Form(service.default_method, description=f"one of {service.methods}"),
                       target: str | None = Form(None, description="class name or index; default the prediction"),
                       ) -> Response:
         if method not in service.methods:
             raise ApiError(422, f"unknown explanation method {method[:40]!r}; choose one of: "
                                 f"{', '.join(service.methods)}")
+        await _one_file(request)
         index = service.resolve_target(target)
         data = await file.read()
         png, headers = await run_in_threadpool(service.explain, data, file.filename, method, index)
         return Response(png, media_type="image/png", headers=headers)
 
     return app
+
+
+async def _one_file(request: Request) -> None:
+    """422 for a form with several ``file`` parts: answering for one of them would be half an answer
+    (FastAPI keeps the last). The form is parsed once; this reads FastAPI's parsed copy."""
+    if len((await request.form()).getlist("file")) > 1:
+        raise ApiError(422, "one image per request: the form has several 'file' fields")
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from cifarlens.errors import CifarlensError
 from cifarlens.serve.backends import BACKENDS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_UPLOAD_MB = 1024  # a bound on --max-upload-mb: an upload is read into memory
 
 
 def add_commands(sub) -> None:
@@ -43,20 +45,26 @@ def add_commands(sub) -> None:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from cifarlens.runs import RunDir
     from cifarlens.serve.app import create_app
 
     if not 0 <= args.port <= 65535:
         raise CifarlensError(f"--port must be in 0..65535, got {args.port}")
-    if not args.max_upload_mb > 0:
-        raise CifarlensError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if not 0 < args.max_upload_mb <= MAX_UPLOAD_MB:  # nan and inf too: every upload is bounded
+        raise CifarlensError(f"--max-upload-mb must be in (0, {MAX_UPLOAD_MB}], got {args.max_upload_mb}")
+    if args.topk < 1:
+        raise CifarlensError(f"--topk must be at least 1, got {args.topk}")
     # Bind before handing over to uvicorn, so a busy port is a one-line error, not a log and exit(1),
     # and before the model is loaded and warmed up, so that it comes at once
     try:
         sock = socket.create_server((args.host, args.port),
                                     family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     except (OSError, OverflowError) as err:
+        busy = isinstance(err, OSError) and err.errno == errno.EADDRINUSE
+        hint = ("another server is using it: choose another --port" if busy else
+                "is --host an address of this machine? (127.0.0.1 for this machine only, 0.0.0.0 for all)")
         raise CifarlensError(f"cannot listen on {args.host}:{args.port} ({getattr(err, 'strerror', None) or err}); "
-                             "is another server using it? choose another --port") from None
+                             f"{hint}") from None
     try:
         app = create_app(args.run_dir, backend=args.backend, max_upload_bytes=int(args.max_upload_mb * 2**20),
                          topk=args.topk, device=args.device, calibrated=not args.no_calibration)
@@ -64,6 +72,9 @@ def cmd_serve(args) -> int:
         sock.close()
         raise
     host, port = sock.getsockname()[:2]
+    unfinished = RunDir(app.state.service.run.path).unfinished_warning()  # the page shows it too (/api/model)
+    if unfinished:
+        print(f"warning: {unfinished}", flush=True)
     if args.host not in LOOPBACK:
         print(f"warning: listening on {args.host}, so other machines can reach this server; "
               "use --host 127.0.0.1 to keep it local", flush=True)
@@ -83,7 +94,7 @@ def cmd_export(args) -> int:
     from cifarlens import export
 
     if args.format == "onnx":
-        opset = args.opset or export.DEFAULT_OPSET
+        opset = export.DEFAULT_OPSET if args.opset is None else args.opset  # --opset 0 is refused, not 18
         path, diff = export.export_onnx(args.run_dir, args.out, opset=opset, images=args.images, log=print,
                                         calibrated=not args.no_calibration)
         cal = export.onnx_metadata(path).get("calibration") or {}

@@ -141,7 +141,11 @@ async function loadModel() {
     opt.value = String(i); opt.textContent = name;
     $("target").appendChild(opt);
   });
-  $("backend-note").textContent = "Predictions: " + model.backend + " backend. Explanations: " +
+  const trained = model.trained || {};
+  const unfinished = trained.status && trained.status !== "finished" ? "This run had not finished when the " +
+    "server started (status " + trained.status + ", " + (trained.epochs_done ?? "?") + " epochs): its weights " +
+    "so far, without a test evaluation. " : "";
+  $("backend-note").textContent = unfinished + "Predictions: " + model.backend + " backend. Explanations: " +
     model.explain_backend + " model" + (model.backend !== model.explain_backend ?
     " (Grad-CAM needs gradients, which onnxruntime does not give)" : "") + ". " +
     (model.probabilities.calibrated ? "Probabilities are calibrated (temperature scaling, T = " +
@@ -182,7 +186,8 @@ async function predict() {
 async function explain() {
   if (!current) return;
   const fields = { method: $("method").value };
-  if ($("target").value !== "") fields.target = $("target").value;
+  // the class by name: a name always means itself, where an index "1" would mean a class named "1"
+  if ($("target").value !== "") fields.target = model.dataset.classes[Number($("target").value)];
   const [response, ms] = await call("/api/explain", { method: "POST", body: form(fields) });
   const blob = await response.blob();
   if (overlayUrl) URL.revokeObjectURL(overlayUrl);

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifarlens.errors import CifarlensError
+from cifarlens.errors import CifarlensError, Terminated
 
 
 def add_commands(sub) -> None:
@@ -81,13 +81,42 @@ def cmd_tune(args) -> int:
             failed = _wait(workers, stop=False)
         if not args.no_summary:
             tuner.finish()
-    except KeyboardInterrupt:
-        print(f"cifarlens: interrupted; run the same command again to continue study {study} "
+    except KeyboardInterrupt as err:
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"cifarlens: {what}; run the same command again to continue study {study} "
               f"({time.monotonic() - start:.0f} s)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
+    except CifarlensError:
+        raise
+    except Exception as err:
+        lost = _storage_failure(err) if tuner.study is not None else None  # opened, then lost
+        if lost is None:
+            raise
+        where = tuner.storage.display
+        raise CifarlensError(f"lost the study's storage {where} ({lost}); run the same command again once it is "
+                             f"back to continue study {study}") from None
     if failed:
         raise CifarlensError("; ".join(failed))
     return 0
+
+
+def _storage_failure(err: BaseException) -> str | None:
+    """The first line of the database error behind ``err`` (Optuna wraps it, and may raise another
+    error while handling it), or None when no storage error is in its chain."""
+    import optuna
+    import sqlalchemy
+
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    database = [e for e in chain if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))]
+    if database:  # the driver's own words
+        lines = str(database[0].orig).strip().splitlines()
+        return lines[0][:200] if lines else type(database[0].orig).__name__
+    storage = [e for e in chain if isinstance(e, optuna.exceptions.StorageInternalError)]
+    return (str(storage[0]).strip().splitlines() or ["storage error"])[0][:200] if storage else None
 
 
 @contextlib.contextmanager

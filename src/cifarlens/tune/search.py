@@ -87,6 +87,9 @@ class Tuner:
 
         # a model and recipe left unset are chosen once, for this machine, and fixed for every trial
         base_cfg, _ = resolve_choices(base_cfg, resolve_device(base_cfg.train.device).type)
+        if base_cfg.train.time_budget:
+            raise CifarlensError("tune compares trials after the same epochs, and a time budget would time and plan "
+                                 "each trial on its own: drop --time-budget (train.time_budget) and set --epochs")
         if base_cfg.data.val_fraction == 0:
             raise CifarlensError("tuning scores trials on the validation split: set data.val_fraction > 0 (it is 0 "
                                  f"here, set by --set/--config or by recipe {base_cfg.train.recipe})")
@@ -176,6 +179,7 @@ class Tuner:
                 with contextlib.suppress(ValueError, RuntimeError):  # another worker was faster
                     self.study.tell(t.number, state=TrialState.FAIL)
                     self.log(f"trial {t.number}: its worker (process {pid}) is gone; marked failed")
+                    _mark_killed(t.user_attrs.get("run_dir"))
 
     def _wants_more(self) -> bool:
         self._fail_dead_trials()
@@ -235,6 +239,8 @@ class Tuner:
         if cfg.data.augment is None:  # resolved, as train() would, so the stored config says what ran
             cfg = replace(cfg, data=replace(cfg.data, augment=bundle.info.augment))
         run_dir = self.out / "trials" / f"{trial.number:04d}"
+        # best.yaml is trained from any folder: the data folder absolute, as train() records it
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=os.path.abspath(os.path.expanduser(cfg.data.data_dir))))
         trial.set_user_attr("run_dir", str(run_dir.absolute()))
         trial.set_user_attr("config", json.loads(json.dumps(to_dict(cfg))))
         self.log(f"trial {trial.number}: {format_values(values)} -> {run_dir}")
@@ -244,7 +250,7 @@ class Tuner:
             seen["state"] = state
             val_acc = state.history[-1]["val_acc"]
             trial.report(val_acc, state.epoch)
-            if trial.should_prune():
+            if state.epoch < cfg.train.epochs and trial.should_prune():  # after the last epoch it saves nothing
                 raise optuna.TrialPruned(f"val_acc {val_acc:.2%} after epoch {state.epoch} is below the "
                                          f"{self.pruner_name} pruner's bar")
 
@@ -256,7 +262,7 @@ class Tuner:
             self._failures_in_a_row = 0
             raise
         except TrainingDiverged as err:
-            trial.set_user_attr("pruned_reason", str(err))
+            trial.set_user_attr("pruned_reason", str(err).split(";")[0])  # without train's hint (--force ...)
             self._record(trial, seen.get("state"))
             self._failures_in_a_row = 0
             raise optuna.TrialPruned(f"training diverged: {str(err).split(';')[0]}") from None
@@ -268,7 +274,7 @@ class Tuner:
             # diverged loss) is silenced until then
             self._interrupted = True
             trial.set_user_attr("error", "interrupted")
-            self.log(f"trial {trial.number} interrupted: recorded as failed; a continued study runs it again")
+            self.log(f"trial {trial.number} interrupted: recorded as failed; a continued study runs a new trial in its place")
             optuna.logging.set_verbosity(optuna.logging.ERROR)
             return float("nan")
         state = seen["state"]
@@ -362,4 +368,18 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a worker this process started stays a zombie until it is waited for: dead all the same
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (macOS): os.kill's answer
+        return True
+
+
+def _mark_killed(run_dir: str | None) -> None:
+    """A dead worker's trial folder says "interrupted" (its run.json was left at "running")."""
+    from cifarlens.runs import RunDir
+
+    if run_dir and (Path(run_dir) / "run.json").is_file():
+        with contextlib.suppress(CifarlensError, OSError):
+            run = RunDir(run_dir)
+            if run.meta().get("status") == "running":
+                run.write_meta(status="interrupted")

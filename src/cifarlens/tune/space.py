@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,9 @@ class SearchSpace:
                                              f"choose one of: {', '.join(AUGMENT_LEVELS)}")
                     MODELS.get(cfg.model.name)
                     _check_dataset(cfg.data.dataset)
+                    if cfg.data.val_fraction == 0:
+                        raise CifarlensError("tuning scores trials on the validation split, so data.val_fraction "
+                                             "must stay above 0")
                 except CifarlensError as err:
                     raise CifarlensError(f"search space {self.source}: {p.key} = {value!r}: {err}") from None
             if p.key.startswith("model.kwargs."):
@@ -243,14 +247,17 @@ def _number(value: Any, integer: bool, where: str) -> int | float:
         if isinstance(value, int):
             return value
         raise CifarlensError(f"{where}: {value!r} is not an integer")
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        number = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    raise CifarlensError(f"{where}: {value!r} is not a number")
+    if number is None or not math.isfinite(number):  # .inf and .nan: Optuna cannot sample them
+        raise CifarlensError(f"{where}: {value!r} is not a finite number")
+    return number
 
 
 def parse_space(data: Any, source: str = "<space>") -> SearchSpace:

@@ -10,8 +10,10 @@ in the study when it is created; a worker with a different one is refused.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -111,6 +113,8 @@ def open_storage(url: str) -> Storage:
                                  "cannot share and which is lost at exit; give a file: sqlite:///FILE.db")
         path = Path(parsed.database)
         _require_folder(path, display)
+        with contextlib.suppress(OSError):  # made as open() makes files (0666 less the umask): SQLite's own is 0644
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
         lock_path = _lock_path(path)
     else:
