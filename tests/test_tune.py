@@ -473,3 +473,27 @@ def test_conditional_entries_are_sampled_only_when_their_condition_holds():
         study.tell(trial, 0.0)
     assert seen == {"sgd", "adam"}
     assert parse_space(yaml.safe_load(space.to_yaml())).params == space.params  # the file form round-trips
+
+
+@pytest.mark.parametrize("mask, mode", [(0o002, 0o664), (0o077, 0o600)])
+def test_the_sqlite_study_file_follows_the_umask(tmp_path, mask, mode):
+    """SQLite makes its file 0644 whatever the umask: a group-shared study was not group-writable."""
+    old = os.umask(mask)
+    try:
+        open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "study.db").stat().st_mode & 0o777 == mode
+
+
+def test_sigterm_ends_tune_with_143_as_train_does(data_dir, tmp_path, monkeypatch, capsys):
+    """Job schedulers read 143 as "stopped by SIGTERM"; tune said 130 (Ctrl-C) and "interrupted"."""
+    from cifarlens.errors import Terminated
+    from cifarlens.tune.search import Tuner
+
+    def stopped(self):
+        raise Terminated()
+
+    monkeypatch.setattr(Tuner, "work", stopped)
+    assert main(["tune", *base_args(data_dir), "--trials", "1", "--out", str(tmp_path / "o")]) == 143
+    assert capsys.readouterr().err.startswith("cifarlens: terminated; run the same command again to continue study")
