@@ -403,3 +403,26 @@ def test_predict_says_when_a_run_has_not_finished(ema_run, tmp_path, capsys):
                                                "temperature")
     assert main(["predict", str(ema_run[0]), str(image)]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_resuming_with_another_number_of_processes_says_so(tmp_path):
+    """A 2-process run resumed without --nproc went on with one process, silently."""
+    data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=40)
+    out = tmp_path / "run"
+    cfg = merge(RunConfig(), {
+        "data": {"dataset": "fashion-mnist", "data_dir": str(data.data_dir), "download": False},
+        "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+        "train": {"batch_size": 32, "epochs": 2},
+    })
+
+    def stop(state, model):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, on_epoch_end=stop, report=False)
+    env = json.loads((out / "environment.json").read_text())
+    (out / "environment.json").write_text(json.dumps(env | {"world_size": 2}))  # as a --nproc 2 run writes it
+    assert main(["train", "--resume", str(out)]) == 0
+    log = (out / "train.log").read_text()
+    assert (f"warning: {out} trained on 2 process(es) and goes on with 1: the global batch is the same, but the "
+            "result will differ from an uninterrupted run (resume with --nproc 2 to match it)") in log

@@ -44,7 +44,7 @@ from cifarlens.recipes import (
 )
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
-from cifarlens.resume import restore
+from cifarlens.resume import restore, world_size_note
 from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
 
 
@@ -210,6 +210,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if resume:
         state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema)
         log(f"resuming {run.path} after epoch {state.epoch}/{replace(tc, **state.replanned).epochs}")
+        moved = world_size_note(run, world.world_size)
+        if moved:
+            log(f"warning: {moved}")
         if world.is_main:
             run.write_meta(status="running")
             if (run / "report.html").is_file():  # it describes the run as it was (`cifarlens report` of it)

@@ -41,3 +41,20 @@ def restore(run: RunDir, cfg: RunConfig, model, optimizer, scheduler, precision:
         return FitState(**ckpt["state"])
     except (KeyError, TypeError, ValueError) as err:
         raise CifarlensError(f"{run.last_checkpoint} is incomplete ({err}); start the run again with --force") from None
+
+
+def world_size_note(run: RunDir, world_size: int) -> str | None:
+    """A warning when a run goes on with another number of processes than it started with
+    (environment.json's ``world_size``): the global batch stays, but BatchNorm statistics and the
+    data order per process differ from an uninterrupted run. None when they match or are unknown."""
+    import json
+
+    try:
+        started = json.loads((run.path / "environment.json").read_text()).get("world_size", 1)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(started, int) or started == world_size:
+        return None
+    how = f"--nproc {started}" if started > 1 else "without --nproc"
+    return (f"{run.path} trained on {started} process(es) and goes on with {world_size}: the global batch is the same, "
+            f"but the result will differ from an uninterrupted run (resume with {how} to match it)")
