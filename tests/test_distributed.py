@@ -107,6 +107,8 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(runs, tmp_
         pytest.skip("the run finished before it could be killed (machine too fast for this test)")
     assert json.loads((cut / "run.json").read_text())["status"] == "interrupted"  # rank 0 recorded it
     assert proc.returncode == 143 and "continue with: cifarlens train --resume" in stderr, stderr[-2000:]
+    # one such line (the launcher's, with --nproc); the ranks printed theirs too, without it
+    assert stderr.count("continue with:") == 1 and f"--resume {cut} --nproc 2" in stderr, stderr[-2000:]
     assert "Traceback" not in stderr
 
     resumed = cli("train", "--resume", str(cut), "--nproc", "2")

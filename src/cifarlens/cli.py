@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -11,6 +12,8 @@ import warnings
 from pathlib import Path
 
 from cifarlens.errors import USER_OS_ERRORS, CifarlensError, Terminated, format_warning
+
+LAUNCHED = "CIFARLENS_NPROC_LAUNCHER"  # set for the ranks that `train --nproc N` starts under torchrun
 
 
 def _train_parser(sub) -> None:
@@ -197,8 +200,6 @@ def cmd_train(args) -> int:
 
 def launch_torchrun(args) -> int:
     """``--nproc N``: run this same command under torchrun on N local processes, and wait."""
-    import os
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -232,6 +233,7 @@ def launch_torchrun(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     launch = ["--standalone", f"--nproc_per_node={args.nproc}", "-m", "cifarlens.cli", *argv]
     print("cifarlens: torchrun " + " ".join(launch), file=sys.stderr, flush=True)
+    os.environ[LAUNCHED] = "1"  # the ranks leave the "interrupted; continue with ..." line to this process
     try:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as err:
@@ -242,6 +244,8 @@ def launch_torchrun(args) -> int:
         print(f"cifarlens: stopped by signal {err.sigval.name}; continue with: cifarlens train --resume "
               f"{args.resume if isinstance(args.resume, str) else args.out} --nproc {args.nproc}", file=sys.stderr)
         return 128 + int(err.sigval)  # as a shell reports a process a signal ended: 143 for SIGTERM
+    finally:
+        os.environ.pop(LAUNCHED, None)
     return 0
 
 
@@ -312,7 +316,8 @@ def _resume_hint(out) -> str:
         return ""
     run = RunDir(out)
     if run.last_checkpoint.is_file():
-        return f"; continue with: cifarlens train --resume {out}"
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # under torchrun: resume on as many processes
+        return f"; continue with: cifarlens train --resume {out}" + (f" --nproc {world}" if world > 1 else "")
     if (run.path / "run.json").is_file():
         return f"; no epoch had finished: start it again with --force (--out {out})"
     return "; nothing was written"
@@ -335,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifarlens: error: {err.strerror}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
+        code = 143 if isinstance(err, Terminated) else 130
+        if os.environ.get("RANK", "0") != "0" or os.environ.get(LAUNCHED):
+            return code  # one line for the run: rank 0's, or the --nproc launcher's (with --nproc)
         hint = _resume_hint(getattr(args, "out", None) or getattr(args, "resume", None))
         print(f"cifarlens: {'terminated' if isinstance(err, Terminated) else 'interrupted'}{hint}", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return code
     finally:
         signal.signal(signal.SIGTERM, previous)
         warnings.formatwarning = python_format
