@@ -267,7 +267,8 @@ def test_official_files_refuse_a_run_that_takes_other_images(tmp_path):
     with pytest.raises(CifarlensError, match=r"takes 1 x 28 x 28 images; the CIFAR-C files hold 3 x 32 x 32"):
         official_files(run, folder)
     run.info = SimpleNamespace(in_channels=3, image_size=32)
-    assert official_files(run, folder) == (f"official files in {folder}", 4)
+    source, cdir = official_files(run, folder)
+    assert source == f"official files in {folder}" and cdir.per_severity == 4
 
 
 def test_files_that_are_not_the_runs_test_set_say_so_and_write_json_without_nan(tiny_run, tmp_path, capsys):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -14,7 +13,7 @@ from torch import nn
 from cifarlens import distributed, tracking
 from cifarlens.budget import REPLANNED, epochs_text, plan_budget
 from cifarlens.checkpoint import save_checkpoint, save_weights
-from cifarlens.config import RunConfig, to_dict, with_data_defaults
+from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_policies
 from cifarlens.device import retain_freed_memory
@@ -115,7 +114,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     why = {**choices, **why}
     cfg = replace(cfg, train=resolve_train(cfg.train))
     if not resume:  # saved absolute: evaluate, serve and --resume find the data from any folder
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=os.path.abspath(os.path.expanduser(cfg.data.data_dir))))
+        cfg = replace(cfg, data=absolute_data_dir(cfg.data))
     check_policies(cfg.data)  # before a run folder exists
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")

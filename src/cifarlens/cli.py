@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from cifarlens.errors import USER_OS_ERRORS, CifarlensError, Terminated, format_warning
+from cifarlens.errors import CifarlensError, Terminated, format_warning, user_os_error
 
 LAUNCHED = "CIFARLENS_NPROC_LAUNCHER"  # set for the ranks that `train --nproc N` starts under torchrun
 
@@ -335,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifarlens: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a read-only folder, a full disk: the machine's, not a bug
-        if err.errno not in USER_OS_ERRORS:
+        text = user_os_error(err)
+        if text is None:
             raise
-        print(f"cifarlens: error: {err.strerror}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
+        print(f"cifarlens: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         code = 143 if isinstance(err, Terminated) else 130

@@ -11,6 +11,7 @@ repeated from its own files.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field, replace
@@ -213,6 +214,12 @@ def _overlay(section: Any, values: dict, section_name: str) -> Any:
             )
         updates[key] = _check_type(value, known[key], f"{section_name}.{key}")
     return replace(section, **updates)
+
+
+def absolute_data_dir(data: DataConfig, data_dir: str | None = None) -> DataConfig:
+    """``data`` with its folder (or ``data_dir``, when given) absolute, ``~`` expanded: what a run
+    records, so that evaluate, serve, --resume and a tune study's best.yaml work from any folder."""
+    return dataclasses.replace(data, data_dir=os.path.abspath(os.path.expanduser(data_dir or data.data_dir)))
 
 
 def merge(cfg: RunConfig, values: dict) -> RunConfig:

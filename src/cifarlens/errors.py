@@ -17,6 +17,14 @@ USER_OS_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC
                             errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 
 
+def user_os_error(err: OSError) -> str | None:
+    """"Permission denied: PATH" for an OS error of :data:`USER_OS_ERRORS`; None for any other
+    (a bug, left to its traceback)."""
+    if err.errno not in USER_OS_ERRORS:
+        return None
+    return str(err.strerror) + (f": {err.filename}" if err.filename else "")
+
+
 class CifarlensError(Exception):
     """An error caused by the user's input, with a message meant for them."""
 

@@ -15,7 +15,7 @@ from cifarlens.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE, TemperatureF
 from cifarlens.data.base import Split
 from cifarlens.data.pipeline import DataBundle, make_loader
 from cifarlens.engine import Precision, predict_logits
-from cifarlens.errors import USER_OS_ERRORS, CifarlensError
+from cifarlens.errors import CifarlensError, user_os_error
 from cifarlens.inference import load_run
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 from cifarlens.runs import SPLIT_FILES, RunDir
@@ -93,9 +93,10 @@ def evaluate_run(
     try:
         write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw)
     except OSError as err:  # a read-only run folder, a full disk: the figures are still worth showing
-        if must_write or err.errno not in USER_OS_ERRORS:
+        text = user_os_error(err)
+        if must_write or text is None:
             raise
-        result["not_written"] = err.strerror + (f": {err.filename}" if err.filename else "")
+        result["not_written"] = text
     return result
 
 

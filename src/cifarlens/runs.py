@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from cifarlens.config import DataConfig, RunConfig, from_dict, load_yaml, save_yaml
+from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict, load_yaml, save_yaml
 from cifarlens.data.base import DataSource, DatasetInfo
 from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
@@ -186,7 +186,7 @@ class RunDir:
         --resume): from ``data_dir`` (made absolute) when given; a run trained on a copy never
         downloads the official files in its place, and a copy that is gone says where to point."""
         if data_dir is not None:
-            data = replace(data, data_dir=os.path.abspath(os.path.expanduser(data_dir)))
+            data = absolute_data_dir(data, data_dir)
         if (self.meta().get("source") or {}).get("kind", "official files") != "official files":
             data = replace(data, download=False)
             if not os.path.isdir(data.data_dir):

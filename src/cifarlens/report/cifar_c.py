@@ -53,9 +53,10 @@ def evaluate_generated(run, split, *, severities: Sequence[int] = ALL_SEVERITIES
     return table
 
 
-def official_files(run, corruptions_dir) -> tuple[str, int]:
-    """(the table's source, images per severity) of the official files in ``corruptions_dir``,
-    after checking that the run's model takes their 32 x 32 RGB images (a Fashion-MNIST run does not)."""
+def official_files(run, corruptions_dir):
+    """(the table's source, the opened :class:`CorruptionsDir`) of the official files in
+    ``corruptions_dir``, after checking that the run's model takes their 32 x 32 RGB images (a
+    Fashion-MNIST run does not)."""
     from cifarlens.corruptions.npy import IMAGE_SHAPE, CorruptionsDir
 
     size, channels = IMAGE_SHAPE[0], IMAGE_SHAPE[2]
@@ -65,7 +66,8 @@ def official_files(run, corruptions_dir) -> tuple[str, int]:
             f"{run.path} takes {info.in_channels} x {info.image_size} x {info.image_size} images; the CIFAR-C files hold "
             f"{channels} x {size} x {size} RGB ones made from the CIFAR test set: use a run trained on CIFAR, or "
             "leave out --corruptions-dir to corrupt the run's own test images")
-    return f"official files in {corruptions_dir}", CorruptionsDir(corruptions_dir, num_classes=len(run.classes)).per_severity
+    # labels beyond the run's classes: a clear error
+    return f"official files in {corruptions_dir}", CorruptionsDir(corruptions_dir, num_classes=len(run.classes))
 
 
 def evaluate_files(run, corruptions_dir, *, severities: Sequence[int] = ALL_SEVERITIES,
@@ -75,11 +77,8 @@ def evaluate_files(run, corruptions_dir, *, severities: Sequence[int] = ALL_SEVE
     holds the same test images in the same order, so the same seeded subset is taken from every
     (corruption, severity). The clean row is ``clean_split`` (the run's test split, which the
     files were made from) on that subset, when given and its labels are the files' labels."""
-    from cifarlens.corruptions.npy import CorruptionsDir
-
     k = len(run.classes)
-    source, _ = official_files(run, corruptions_dir)
-    cdir = CorruptionsDir(corruptions_dir, num_classes=k)  # labels beyond the run's classes: a clear error
+    source, cdir = official_files(run, corruptions_dir)
     present = cdir.check()  # every file's header, before the long part: a truncated file fails now
     names = list(dict.fromkeys(corruptions)) if corruptions is not None else present  # each once, in order
     severities = list(dict.fromkeys(int(s) for s in severities))

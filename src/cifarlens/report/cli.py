@@ -45,8 +45,11 @@ def cmd_robustness(args) -> int:
     run = load_run(args.run_dir, device=args.device)
     test = run.split("test", args.data_dir)
     common = dict(severities=severities, corruptions=names, max_images=args.images, seed=args.seed)
-    source, available = (cifar_c.official_files(run, args.corruptions_dir) if args.corruptions_dir
-                         else (cifar_c.GENERATED, len(test)))  # files the model cannot take: an error now
+    if args.corruptions_dir:  # files the model cannot take: an error now
+        source, cdir = cifar_c.official_files(run, args.corruptions_dir)
+        available = cdir.per_severity
+    else:
+        source, available = cifar_c.GENERATED, len(test)
     if reference is not None:  # the same protocol, or the long part would be thrown away
         cifar_c.check_reference(reference, source=source, num_images=min(args.images or available, available),
                                 severities=severities, seed=args.seed, corruptions=names)

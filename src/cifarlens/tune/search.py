@@ -32,7 +32,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from cifarlens.config import RunConfig, save_yaml, to_dict
+from cifarlens.config import RunConfig, absolute_data_dir, save_yaml, to_dict
 from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write_json, atomic_write_text
 from cifarlens.tune.results import (  # noqa: F401  (re-exported: they lived here)
@@ -240,7 +240,7 @@ class Tuner:
             cfg = replace(cfg, data=replace(cfg.data, augment=bundle.info.augment))
         run_dir = self.out / "trials" / f"{trial.number:04d}"
         # best.yaml is trained from any folder: the data folder absolute, as train() records it
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=os.path.abspath(os.path.expanduser(cfg.data.data_dir))))
+        cfg = replace(cfg, data=absolute_data_dir(cfg.data))
         trial.set_user_attr("run_dir", str(run_dir.absolute()))
         trial.set_user_attr("config", json.loads(json.dumps(to_dict(cfg))))
         self.log(f"trial {trial.number}: {format_values(values)} -> {run_dir}")
