@@ -470,3 +470,13 @@ def test_the_command_line_does_not_import_torchvision_until_a_backbone_is_built(
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "invalid int value: 'abc'" in result.stderr
+
+
+def test_output_cut_short_by_its_reader_ends_quietly():
+    """``cifarlens list | head -1``: the reader closes the pipe; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `head` does once it has its line: every write from now on hits a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""

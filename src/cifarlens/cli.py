@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     except CifarlensError as err:
         print(f"cifarlens: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cifarlens list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is quiet too
+        return 141  # 128 + SIGPIPE, as a shell command ends
     except OSError as err:  # a read-only folder, a full disk: the machine's, not a bug
         text = user_os_error(err)
         if text is None:
