@@ -376,6 +376,21 @@ def test_predict_reads_folders_goes_on_past_an_unreadable_file_and_says_so(ema_r
     assert [r["image"] for r in result] == [str(folder / "a.png"), str(folder / "more" / "b.jpg"), str(broken)]
     assert len(result[0]["top"]) == 2 and "cannot read image" in result[2]["error"]
     assert "1 file(s) under" in printed.err and "1 of 3 images could not be read" in printed.err
+    # the same as a CSV file, one row per image; a folder, or one of the images, is refused as the CSV
+    table = tmp_path / "predictions.csv"
+    assert main(["predict", str(ema_run[0]), str(folder), str(broken), "--topk", "2", "--csv", str(table)]) == 1
+    import csv
+    rows = list(csv.DictReader(table.open()))
+    assert [r["image"] for r in rows] == [r["image"] for r in result]
+    assert [r["label_1"] for r in rows[:2]] == [r["top"][0]["label"] for r in result[:2]]
+    assert [float(r["prob_2"]) for r in rows[:2]] == pytest.approx([r["top"][1]["prob"] for r in result[:2]], abs=1e-6)
+    assert rows[2]["label_1"] == "" and "cannot read image" in rows[2]["error"] and rows[0]["error"] == ""
+    capsys.readouterr()
+    assert main(["predict", str(ema_run[0]), str(folder), "--csv", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["predict", str(ema_run[0]), str(folder), "--csv", str(folder / "a.png")]) == 2
+    assert "is one of the images" in capsys.readouterr().err
+    assert (folder / "a.png").read_bytes()[:4] == b"\x89PNG"
     # one image alone that cannot be read: its error is the answer, as before
     assert main(["predict", str(ema_run[0]), str(broken)]) == 2
     assert main(["predict", str(ema_run[0]), str(tmp_path / "empty")]) == 2  # neither a file nor a folder

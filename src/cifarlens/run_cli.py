@@ -35,6 +35,8 @@ def add_commands(sub) -> None:
     p.add_argument("images", nargs="+", help="image files, or folders of them (read in sorted order, any depth)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--csv", metavar="FILE", help="also write one row per image to FILE: image, label_1, prob_1, "
+                   "..., label_K, prob_K, error (for a spreadsheet or pandas)")
     p.add_argument("--device", default="cpu")
     add_calibration_flag(p)
     p.set_defaults(func=cmd_predict)
@@ -85,6 +87,7 @@ def cmd_predict(args) -> int:
     if args.topk < 1:
         raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
     paths = _image_paths(args.images)
+    csv_path = _csv_target(args.csv, paths) if args.csv else None
     run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
     unfinished = RunDir(run.path).unfinished_warning()
     if unfinished:
@@ -116,6 +119,8 @@ def cmd_predict(args) -> int:
                 print(image)
                 for label, prob in zip(pred.labels, pred.probs):
                     print(f"  {prob:7.2%}  {label}")
+    if csv_path:
+        _write_csv(csv_path, results, run.calibration_info())
     if failed:
         print(f"cifarlens: {failed} of {len(paths)} images could not be read (named above)", file=sys.stderr)
         return 1
@@ -142,3 +147,39 @@ def _image_paths(items: list[str]) -> list[str]:
             raise CifarlensError(f"{item} is a folder without image files")
         paths += [str(f) for f in found]
     return paths
+
+
+def _csv_target(name: str, images: list[str]):
+    """The CSV file to write, checked before any prediction: not a folder, not one of the images,
+    in a folder that exists."""
+    import os
+    from pathlib import Path
+
+    path = Path(name)
+    if path.is_dir():
+        raise CifarlensError(f"--csv {name} is a folder; name a file, e.g. {path / 'predictions.csv'}")
+    if path.exists() and any(os.path.samefile(path, image) for image in images if Path(image).exists()):
+        raise CifarlensError(f"--csv {name} is one of the images to predict; name another file")
+    if not path.parent.is_dir():
+        raise CifarlensError(f"--csv {name}: no folder {path.parent}")
+    return path
+
+
+def _write_csv(path, results, calibration: dict) -> None:
+    """One row per image, its classes in order of probability, then the run's temperature (empty:
+    raw softmax probabilities); an image that could not be read has only its error."""
+    import csv
+    import io
+
+    from cifarlens.io import atomic_write_text
+
+    k = max((len(pred.labels) for _, pred, _ in results if pred is not None), default=0)
+    temperature = f"{calibration['temperature']:.6g}" if calibration.get("calibrated") else ""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["image", *(f"{name}_{i}" for i in range(1, k + 1) for name in ("label", "prob")),
+                     "temperature", "error"])
+    for image, pred, error in results:
+        cells = [] if pred is None else [c for label, p in zip(pred.labels, pred.probs) for c in (label, f"{p:.6f}")]
+        writer.writerow([image, *cells, *[""] * (2 * k - len(cells)), temperature, error or ""])
+    atomic_write_text(path, text.getvalue())
