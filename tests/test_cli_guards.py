@@ -304,6 +304,23 @@ def test_resume_takes_a_moved_data_dir_and_refuses_an_edited_config(stopped_run,
     assert "removed report.html" in (out / "train.log").read_text()
 
 
+def test_a_stopped_run_on_an_image_folder_resumes(tmp_path):
+    """A copy never downloads (data.download is set to false for it): not an edit of config.yaml."""
+    data = make_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=20, n_test_per_class=4)
+    out = tmp_path / "run"
+    cfg = merge(RunConfig(), {"data": {"dataset": "imagefolder", "data_dir": str(data.data_dir)},  # download: default
+                              "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+                              "train": {"batch_size": 16, "epochs": 2}})
+
+    def stop(state, model):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, on_epoch_end=stop, report=False)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("run.json", "[]", "holds a list, not a JSON object"),
     ("run.json", "{}", 'has no usable "dataset" record'),

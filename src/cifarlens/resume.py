@@ -10,15 +10,19 @@ from cifarlens.models import unwrap_model
 from cifarlens.runs import RunDir
 
 
+FREE_ON_RESUME = ("train.device", "data.data_dir", "data.download")
+
+
 def edited_keys(saved: dict, now: dict) -> list[str]:
     """"train.lr: 0.8 -> 0.05" for each setting of the checkpoint's config that config.yaml now
-    gives otherwise (where the data is, and the device, may change on resume)."""
+    gives otherwise (where the data is, whether it may be downloaded, and the device may change on
+    resume: none of them changes what is trained)."""
     out = []
     for section, values in saved.items():
         current = now.get(section)
         if isinstance(values, dict) and isinstance(current, dict):
             out += [f"{section}.{key}: {value} -> {current[key]}" for key, value in values.items()
-                    if key in current and current[key] != value and f"{section}.{key}" not in ("train.device", "data.data_dir")]
+                    if key in current and current[key] != value and f"{section}.{key}" not in FREE_ON_RESUME]
     return out
 
 
