@@ -480,3 +480,20 @@ def test_output_cut_short_by_its_reader_ends_quietly():
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
     assert err == ""
+
+
+def test_a_wrong_data_dir_for_a_run_on_official_files_is_an_error_not_a_download(fashion_run, tmp_path, capsys):
+    """The run may download (it did not need to), but a --data-dir says where the data is now:
+    nothing is fetched into it, nothing written there, and the run's figures stay."""
+    out, _ = fashion_run
+    metrics = (out / "metrics.json").read_bytes()
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    for command in (["evaluate", str(out)], ["calibrate", str(out)]):
+        capsys.readouterr()
+        assert main([*command, "--data-dir", str(empty)]) == 2
+        assert "Fashion-MNIST not found" in capsys.readouterr().err
+        assert list(empty.iterdir()) == []
+        assert main([*command, "--data-dir", str(tmp_path / "missing")]) == 2
+        assert f"no folder {tmp_path / 'missing'}" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists() and (out / "metrics.json").read_bytes() == metrics

@@ -183,10 +183,13 @@ class RunDir:
 
     def data_settings(self, data: DataConfig, data_dir: str | None = None) -> DataConfig:
         """The run's ``data`` settings to read its images again with (evaluate, calibrate, explain,
-        --resume): from ``data_dir`` (made absolute) when given; a run trained on a copy never
-        downloads the official files in its place, and a copy that is gone says where to point."""
+        --resume): from ``data_dir`` (made absolute) when given, and then never downloaded into (it
+        says where the data is: a wrong folder is an error, not a download); a run trained on a copy
+        never downloads the official files in its place, and a copy that is gone says where to point."""
         if data_dir is not None:
-            data = absolute_data_dir(data, data_dir)
+            data = replace(absolute_data_dir(data, data_dir), download=False)
+            if not os.path.isdir(data.data_dir):
+                raise CifarlensError(f"no folder {data.data_dir} (given as the data's folder, --data-dir)")
         if (self.meta().get("source") or {}).get("kind", "official files") != "official files":
             data = replace(data, download=False)
             if not os.path.isdir(data.data_dir):
