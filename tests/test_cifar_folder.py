@@ -215,16 +215,43 @@ def test_a_run_on_a_copy_checks_its_data_before_using_it(tmp_path, monkeypatch, 
         warnings.simplefilter("error")
         assert main(["evaluate", str(out)]) == 0  # the test split is the run's own: no warning
 
-    shutil.copy(data / "test" / "dog" / "0000.png", data / "test" / "cat" / "0000.png")  # one test image replaced
-    with pytest.warns(UserWarning, match=r"the test images are not those .*\(20 images, as then, but not the same"):
-        assert main(["evaluate", str(out)]) == 0
-
-    # the same labels over other pixels (a file replaced, or another decoder): the validation split
-    # holds the same places, so a warning, not a refusal
     extra.with_name("extra.png").unlink()
-    shutil.copy(data / "train" / "cat" / "0001.png", extra)
-    with pytest.warns(UserWarning, match=r"the training images are not those .*same labels: files replaced"):
-        assert main(["evaluate", str(out), "--split", "val"]) == 0
+    # the same images decoded otherwise (here: a pixel of each changed by one grey level): the run's own
+    import numpy as np
+    from PIL import Image
+
+    originals = {path: path.read_bytes() for path in sorted(data.glob("*/*/*.png"))}
+    for path in originals:
+        pixels = np.array(Image.open(path))
+        pixels[0, 0, 0] = pixels[0, 0, 0] + 1 if pixels[0, 0, 0] < 255 else 254
+        Image.fromarray(pixels).save(path)
+    for split in ("val", "test"):
+        with pytest.warns(UserWarning, match=r"the (training|test) images' pixels differ a little .* decoded otherwise"):
+            assert main(["evaluate", str(out), "--split", split]) == 0
+    assert not (out / "other-data").exists()
+    for path, content in originals.items():
+        path.write_bytes(content)
+
+    # another test set of the same classes (here: one test image replaced): its figures apart
+    metrics = (out / "metrics.json").read_bytes()
+    shutil.copy(data / "test" / "dog" / "0000.png", data / "test" / "cat" / "0000.png")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"the test images are not those .*\(1 of the 20 images are others\)"):
+        assert main(["evaluate", str(out)]) == 0
+    assert "not the run's own test images: written to " in capsys.readouterr().out
+    assert (out / "metrics.json").read_bytes() == metrics
+    (other,) = (out / "other-data").iterdir()
+    assert json.loads((other / "metrics.json").read_text())["data_dir"] == str(data)
+    assert {p.name for p in other.iterdir()} == {"metrics.json", "predictions.csv", "classification_report.txt",
+                                                  "confusion_matrix.png"}
+
+    # the same labels over other images (files replaced or reordered within a class): the validation
+    # split would hold training images of the run: refused; other training images only outside it: fine
+    for path in sorted((data / "train" / "cat").glob("*.png")):
+        shutil.copy(data / "train" / "dog" / path.name, path)
+    for command in (["evaluate", str(out), "--split", "val"], ["calibrate", str(out)]):
+        assert main(command) == 2, command
+        assert "1 of the validation split's 10 images are not those it held" in capsys.readouterr().err
 
 
 def test_resize_applies_to_every_split_of_a_copy(tmp_path):

@@ -14,6 +14,7 @@ from cifarlens import distributed, tracking
 from cifarlens.budget import REPLANNED, epochs_text, plan_budget
 from cifarlens.checkpoint import save_checkpoint, save_weights
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
+from cifarlens.data.fingerprint import MEANS_FILE, save_means
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_policies
 from cifarlens.device import retain_freed_memory
@@ -205,6 +206,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                            report=report, status="running")
             atomic_write_json(run / "environment.json",
                               environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
+            save_means(run / MEANS_FILE, bundle.means)  # to tell its images from others later (inference)
 
     if resume:
         state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema)

@@ -18,7 +18,7 @@ from cifarlens.engine import Precision, predict_logits
 from cifarlens.errors import CifarlensError, user_os_error
 from cifarlens.inference import load_run
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
-from cifarlens.runs import SPLIT_FILES, RunDir
+from cifarlens.runs import OTHER_DATA, SPLIT_FILES, RunDir
 
 # fewer validation images than this give an unreliable temperature (a warning says so)
 FEW_CALIBRATION_IMAGES = 100
@@ -33,14 +33,19 @@ def calibrate_run(
     device: str = "auto",
     bundle: DataBundle | None = None,
     log: Callable[[str], None] | None = None,
+    require_images: bool = False,
 ) -> TemperatureFit | None:
     """Fit the run's temperature on its validation split (the best weights, with the run's TTA)
     and record it in run.json (``calibration``), where :func:`load_run` finds it. Returns the
-    fit, or None when the run has no validation images (nothing is recorded then)."""
+    fit, or None when the run has no validation images (nothing is recorded then; an error with
+    ``require_images``)."""
     run = RunDir(run_dir)
     loaded = load_run(run.path, device=device, calibrated=False)
     val: Split = loaded.split("val", data_dir, bundle)
     say = log or run.log
+    if len(val) == 0 and require_images:
+        raise CifarlensError(f"{run.path} has no validation images (data.val_fraction 0): no temperature can be "
+                             "fitted; its probabilities stay the raw softmax")
     if len(val) == 0:
         say("calibration skipped: the run has no validation images to fit a temperature on")
         return None
@@ -80,7 +85,7 @@ def evaluate_run(
         raise CifarlensError(f"--split must be test or val, got {split!r}")
     run = RunDir(run_dir)
     loaded = load_run(run.path, device=device, calibrated=calibrated)
-    data: Split = loaded.split(split, data_dir, bundle)
+    data, own = loaded.checked_split(split, data_dir, bundle)
     if split == "val" and len(data) == 0:
         raise CifarlensError(f"{run.path} has no validation images (data.val_fraction 0); evaluate --split test")
     # Normalise with the run's own statistics (for imagefolder they came from its training data).
@@ -90,8 +95,15 @@ def evaluate_run(
     result = M.summarize(logits, labels, loaded.info.classes) | {"split": split, "split_size": len(data)}
     if len(labels):
         result["calibration"] = calibration_summary(raw, labels, loaded.temperature)
+    folder = None
+    if not own:  # other test images (another test set of the same classes): its figures apart, the run's kept
+        bundle = loaded.data(data_dir, bundle)
+        digest = bundle.fingerprints["test" if split == "test" else "train"]
+        folder = run.path / OTHER_DATA / f"{split}-{digest}"
+        result |= {"data_dir": str(Path(data_dir or loaded.config.data.data_dir).resolve()), "fingerprint": digest}
+        result["written_to"] = str(folder)
     try:
-        write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw)
+        write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw, folder=folder)
     except OSError as err:  # a read-only run folder, a full disk: the figures are still worth showing
         text = user_os_error(err)
         if must_write or text is None:
@@ -101,12 +113,16 @@ def evaluate_run(
 
 
 def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labels: Tensor,
-                     classes: Sequence[str], raw_logits: Tensor | None = None) -> None:
+                     classes: Sequence[str], raw_logits: Tensor | None = None, folder: Path | None = None) -> None:
     """metrics, predictions (with ``raw_logits``, also the top-1 confidence before calibration),
-    a text report and the confusion matrix of one split."""
+    a text report and the confusion matrix of one split: in the run folder, or in ``folder`` (made)."""
     from cifarlens.plots import plot_confusion_matrix
 
-    metrics_file, predictions_file, report_file, cm_file = (run.split_file(p, split) for p in SPLIT_FILES)
+    if folder is None:
+        metrics_file, predictions_file, report_file, cm_file = (run.split_file(p, split) for p in SPLIT_FILES)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        metrics_file, predictions_file, report_file, cm_file = (folder / p.format("") for p in SPLIT_FILES)
     atomic_write_json(metrics_file, result)
     probs = logits.softmax(dim=1)
     confidence, prediction = probs.max(dim=1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +21,7 @@ from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights
 from cifarlens.config import RunConfig
 from cifarlens.data.augment import normalize
 from cifarlens.data.base import DatasetInfo, Split
+from cifarlens.data.fingerprint import MEAN_TOLERANCE, MEANS_FILE, changed_positions, load_means
 from cifarlens.data.pipeline import DataBundle, prepare_data
 from cifarlens.engine import forward_tta, resolve_device
 from cifarlens.errors import CifarlensError
@@ -109,9 +111,14 @@ class Run:
     def split(self, name: str, data_dir: str | None = None, bundle: DataBundle | None = None) -> Split:
         """The run's ``name`` split ("train", "val" or "test") of :meth:`data`, after checking the
         images against those the run recorded (:func:`check_same_data`)."""
+        return self.checked_split(name, data_dir, bundle)[0]
+
+    def checked_split(self, name: str, data_dir: str | None = None, bundle: DataBundle | None = None
+                      ) -> tuple[Split, bool]:
+        """:meth:`split`, and whether its images are the run's own (False: others, with a warning)."""
         bundle = self.data(data_dir, bundle)
-        check_same_data(RunDir(self.path).meta(), bundle, name, self.path)
-        return getattr(bundle, name)
+        own = check_same_data(RunDir(self.path).meta(), bundle, name, self.path)
+        return getattr(bundle, name), own
 
     def preprocess(self, images: Sequence[ImageSource] | Tensor) -> Tensor:
         """Images (paths, bytes, PIL images) or a uint8 (B, C, H, W) tensor -> normalised float batch."""
@@ -151,33 +158,55 @@ class Run:
         ]
 
 
-def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) -> None:
-    """Compare ``bundle`` with the fingerprints a run recorded at training (run.json's
-    ``data_fingerprint``; runs from before it are not checked). The validation split is carved
-    from the training labels by seed, so when they changed (images added, removed, relabelled)
-    it would now hold images the run trained on: an error for "train" and "val". The same labels
-    over other pixels (files replaced, or decoded by another Pillow) and other test images give
-    a warning: the figures are then about those images."""
+def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) -> bool:
+    """Compare ``bundle`` with what a run recorded at training (run.json's ``data_fingerprint``,
+    and the images' means in :data:`MEANS_FILE`; runs from before them are not checked that way)
+    and say whether ``split``'s images are the run's own.
+
+    The validation split is carved from the training labels by seed, so when they changed
+    (images added, removed, relabelled) it would now hold images the run trained on: an error for
+    "train" and "val"; so is a validation split with other images in its places (files replaced
+    or reordered). The same images decoded otherwise (every image's mean and spread within
+    :data:`MEAN_TOLERANCE`)
+    are the run's own, with a warning; other training or test images give a warning and False:
+    the figures are then about those images."""
     recorded, now = meta.get("data_fingerprint") or {}, bundle.fingerprints
     key = "test" if split == "test" else "train"
     if not recorded.get(key) or not now.get(key) or recorded[key] == now[key]:
-        return
+        return True
     sizes = meta.get("split_sizes") or {}
     then = sizes.get("test") if key == "test" else \
         sizes["train"] + sizes["val"] if {"train", "val"} <= set(sizes) else None
     count = len(bundle.test) if key == "test" else len(bundle.train) + len(bundle.val)
-    what = f"{count:,} images now, {then:,} then" if isinstance(then, int) and then != count else \
-        f"{count:,} images, as then, but not the same ones"
     labels_changed = recorded.get(f"{key}_labels") != now.get(f"{key}_labels")
+    changed = None if labels_changed or bundle.means.get(key) is None else \
+        changed_positions((load_means(run_path / MEANS_FILE) or {}).get(key), bundle.means[key])
+    what = f"{count:,} images now, {then:,} then" if isinstance(then, int) and then != count else \
+        f"{len(changed):,} of the {count:,} images are others" if changed is not None else \
+        f"{count:,} images, as then, but not the same ones"
     if key == "train" and labels_changed:
         raise CifarlensError(
             f"the training images are not those {run_path} was trained on ({what}): its validation split, carved "
             "from them, would now hold images it trained on; point --data-dir at the run's data as it was, or "
             "train a new run")
     kind = "test" if key == "test" else "training"
+    if changed is not None and len(changed) == 0:
+        warnings.warn(f"the {kind} images' pixels differ a little from those {run_path} was trained and evaluated "
+                      f"on, but each image's mean and spread are within {MEAN_TOLERANCE:g} grey level of its own: "
+                      "the same images, decoded otherwise; the figures may differ slightly", stacklevel=3)
+        return True
+    if split == "val" and changed is not None and bundle.val_positions is not None:
+        others = int(np.isin(bundle.val_positions, changed).sum())
+        if others:
+            raise CifarlensError(
+                f"{others:,} of the validation split's {len(bundle.val):,} images are not those it held when "
+                f"{run_path} was trained (files replaced or reordered): it may now hold images the run trained on; point "
+                "--data-dir at the run's data as it was, or train a new run")
+        return True  # other training images only: the validation images are the run's own
     warnings.warn(f"the {kind} images are not those {run_path} was trained and evaluated on ({what}"
-                  + ("" if labels_changed else ", with the same labels: files replaced, or decoded otherwise")
-                  + "): the figures are about these images", stacklevel=3)
+                  + ("" if labels_changed or changed is not None else ", with the same labels: files replaced, or "
+                     "decoded otherwise") + "): the figures are about these images", stacklevel=3)
+    return False
 
 
 def last_weights(checkpoint: dict) -> dict:

@@ -58,16 +58,18 @@ def cmd_evaluate(args) -> int:
         print(line + f"  ({result['split_size']} images)")
         print(f"cifarlens: error: results not saved in {args.run_dir}: {result['not_written']}", file=sys.stderr)
         return 2
-    print(line + f"  ({result['split_size']} images; written to {args.run_dir})")
+    if "written_to" in result:
+        print(line + f"  ({result['split_size']} images; not the run's own {args.split} images: written to "
+              f"{result['written_to']}, the run's own figures kept)")
+    else:
+        print(line + f"  ({result['split_size']} images; written to {args.run_dir})")
     return 0
 
 
 def cmd_calibrate(args) -> int:
     from cifarlens.api import calibrate_run
 
-    fit = calibrate_run(args.run_dir, data_dir=args.data_dir, device=args.device, log=print)
-    if fit is None:
-        return 1
+    calibrate_run(args.run_dir, data_dir=args.data_dir, device=args.device, log=print, require_images=True)
     print(f"recorded in {args.run_dir}/run.json; evaluate, predict, serve and export use it "
           f"(re-evaluate the test split with: cifarlens evaluate {args.run_dir})")
     return 0

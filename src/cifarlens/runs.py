@@ -31,15 +31,18 @@ import torch
 
 from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict, load_yaml, save_yaml
 from cifarlens.data.base import DataSource, DatasetInfo
+from cifarlens.data.fingerprint import MEANS_FILE
 from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
     "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
-    "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx",
+    "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx", MEANS_FILE,
 )
-RUN_DIRS = ("checkpoints", "explain", "export", "tensorboard")  # folders a run writes; --force removes them
+# evaluate's results on other images than the run's own (another test set): OTHER_DATA/test-<fingerprint>/
+OTHER_DATA = "other-data"
+RUN_DIRS = ("checkpoints", "explain", "export", "tensorboard", OTHER_DATA)  # folders a run writes; --force removes them
 SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_samples")
 

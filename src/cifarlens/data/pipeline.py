@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 
 from cifarlens.config import DataConfig, with_data_defaults
 from cifarlens.data import load_dataset
 from cifarlens.data.augment import BatchAugment, normalize
 from cifarlens.data.base import DataSource, DatasetInfo, Split
+from cifarlens.data.fingerprint import fingerprints, image_means
 from cifarlens.data.loader import TensorLoader
 from cifarlens.data.policies import build_policies
 from cifarlens.data.split import stratified_split
@@ -32,26 +33,10 @@ class DataBundle:
     # {"train": ..., "test": ...}: fingerprint() of the training images (the validation split's too,
     # which is carved from them) and of the test images; recorded in run.json
     fingerprints: dict[str, str] = field(default_factory=dict)
-
-
-def fingerprint(*splits: Split, labels_only: bool = False) -> str:
-    """SHA-256 (first 16 hex digits) of the splits' images and labels (or their labels alone),
-    in order: whether the data a run is evaluated on is still the data it was trained on (~0.1 s
-    for CIFAR-10's 50,000)."""
-    digest = hashlib.sha256()
-    for split in splits:
-        for tensor in ((split.labels.to(torch.int64),) if labels_only else (split.images, split.labels.to(torch.int64))):
-            digest.update(tensor.detach().cpu().contiguous().numpy())  # a buffer: hashed without a copy
-    return digest.hexdigest()[:16]
-
-
-def fingerprints(train: Split, val: Split | None, test: Split) -> dict[str, str]:
-    """A DataBundle's ``fingerprints``: of the training images (with a shipped val/) and of the
-    test images, and of their labels alone ("train_labels", "test_labels": the seeded validation
-    split depends on these only, so when they are the same it holds the same images' places)."""
-    trained = (train, *([val] if val is not None else []))
-    return {"train": fingerprint(*trained), "train_labels": fingerprint(*trained, labels_only=True),
-            "test": fingerprint(test), "test_labels": fingerprint(test, labels_only=True)}
+    # the same images' means, in the same order (data.fingerprint.image_means), and where the
+    # validation images are in the training images' order: recorded in the run folder
+    means: dict[str, np.ndarray] = field(default_factory=dict)
+    val_positions: np.ndarray | None = None
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
@@ -63,10 +48,13 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
     if len(ds.test) == 0:
         raise CifarlensError(f"the test split of {cfg.data_dir} has no images: a run could not be evaluated")
     prints = fingerprints(ds.train, ds.val, ds.test)
+    means = {"train": image_means(ds.train, *([ds.val] if ds.val is not None else [])), "test": image_means(ds.test)}
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
-        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints)
+        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints, means,
+                          np.arange(len(ds.train), len(ds.train) + len(ds.val)))
     train_index, val_index = stratified_split(ds.train.labels, with_data_defaults(cfg).val_fraction, seed)
-    return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source, prints)
+    return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source, prints,
+                      means, val_index.numpy())
 
 
 def eval_transform(info: DatasetInfo):
