@@ -24,7 +24,7 @@ from cifarlens.data.base import Split
 from cifarlens.data.loader import TensorLoader
 from cifarlens.data.pipeline import shard
 from cifarlens.distributed import World
-from conftest import make_cifar10
+from conftest import make_cifar10, make_cifar_archive
 
 # A tiny LensNet with the modern recipe (no EMA, so the two runs differ only in how the
 # batches were split and augmented): 900 training images, 2 epochs.
@@ -49,12 +49,14 @@ def history(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same training on one process (in-process) and on two (torchrun, gloo)."""
+    """The same training on one process (in-process) and on two (torchrun, gloo); the two start
+    from the official archive alone, which one of them extracts (both at once failed)."""
     root = tmp_path_factory.mktemp("ddp")
     data = make_cifar10(root / "data", n_train_per_batch=200, n_test=200)
     common = [*FLAGS, "--data-dir", str(data.data_dir), "--epochs", "2"]
     assert main(["train", *common, "--out", str(root / "one")]) == 0
-    proc = cli("train", *common, "--out", str(root / "two"), "--nproc", "2")
+    archive = make_cifar_archive(root / "archive", n_train_per_batch=200, n_test=200)  # the same images
+    proc = cli("train", *common, "--data-dir", str(archive.data_dir), "--out", str(root / "two"), "--nproc", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, data, proc
 

@@ -48,6 +48,22 @@ from cifarlens.resume import restore, world_size_note
 from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
 
 
+def _prepare_data(cfg: RunConfig, world: World) -> DataBundle:
+    """:func:`prepare_data` on every rank, rank 0 first: it alone downloads or extracts what is
+    missing (all at once, the ranks raced for the same files), then the others read its files."""
+    if not world.distributed:
+        return prepare_data(cfg.data, cfg.train.seed)
+    bundle, failed = None, None
+    if world.is_main:
+        try:
+            bundle = prepare_data(cfg.data, cfg.train.seed)
+        except CifarlensError as err:
+            failed = err
+    if distributed.all_reduce_sum(failed is not None)[0]:  # the others wait here for rank 0
+        raise failed or CifarlensError("rank 0 could not read the data (see its message)")
+    return bundle if bundle is not None else prepare_data(cfg.data, cfg.train.seed)
+
+
 def train(
     cfg: RunConfig,
     out: str | Path,
@@ -125,7 +141,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                              "or give --epochs instead")
 
     if bundle is None:
-        bundle = prepare_data(cfg.data, cfg.train.seed)  # errors here leave no run folder behind
+        bundle = _prepare_data(cfg, world)  # errors here leave no run folder behind
     if resume:  # the data the run started on: other training images would change its splits
         for split in ("train", "test"):
             check_same_data(run.meta(), bundle, split, run.path)
