@@ -102,6 +102,9 @@ def test_per_image_path_matches_the_batched_path_without_augmentation():
     order_e = torch.argsort(expected.flatten(1).sum(1))
     assert torch.allclose(x[order_x], expected[order_e], atol=1e-5)
     assert sorted(y.tolist()) == sorted(split.labels.tolist())
+    # a split smaller than one batch is one batch, as on the batched path (it was none: no step trained)
+    small = PerImageLoader(split, info, 16, "none", 4, device=torch.device("cpu"), num_workers=0)
+    assert len(small) == 1 and [len(b[1]) for b in small] == [10]
 
 
 def test_alternating_flip_mirrors_each_image_every_other_epoch():

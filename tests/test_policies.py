@@ -255,6 +255,20 @@ def test_bad_policy_settings_are_one_line_errors(bad, message):
         check_policies(DataConfig(**bad))
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"crop_padding": -3}, "data.crop_padding must be a whole number of pixels >= 0, got -3"),
+    ({"crop_padding": 32}, "data.crop_padding 32 is not smaller than the 32-pixel images"),
+    ({"policies": ["cutout"], "cutout_size": 32}, "data.cutout_size 32 is not smaller than the 32-pixel images"),
+])
+def test_a_crop_or_cutout_that_could_leave_no_image_is_refused(bad, message):
+    """A negative padding crashed the per-image loader mid-run and did nothing on the batched one;
+    padding or Cutout as large as the image trained on black images."""
+    with pytest.raises(CifarlensError, match=message):
+        check_policies(DataConfig(**bad), image_size=32)
+    check_policies(DataConfig(crop_padding=31, policies=["cutout"], cutout_size=31), image_size=32)
+    check_policies(DataConfig(cutout_size=64), image_size=32)  # no Cutout asked for: its size is not used
+
+
 def test_the_per_image_loader_refuses_policies():
     split = Split(*cifar_batch(16))
     with pytest.raises(CifarlensError, match="need the batched loader"):

@@ -149,6 +149,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             log(f"the run's data is now read from {cfg.data.data_dir} (config.yaml updated)")
             run.update_config(replace(run.config(), data=replace(run.config().data, data_dir=cfg.data.data_dir)))
     info = bundle.info
+    check_policies(cfg.data, info.image_size)  # crop padding and Cutout against the images' side
     has_val = len(bundle.val) > 0  # data.val_fraction 0: no validation split (fixed-budget recipes)
     if not has_val and (cfg.train.schedule == "plateau" or cfg.train.early_stopping):
         why = ("data.val_fraction is 0" if not with_data_defaults(cfg.data).val_fraction else

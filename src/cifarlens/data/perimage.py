@@ -56,7 +56,10 @@ class PerImageLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset) // self.global_batch  # drop_last, as the batched path does
+        # the last partial batch is dropped, as the batched path drops it: when there is a full one
+        # (a split smaller than one batch trains on it whole, rather than for no step at all)
+        n = len(self.dataset)
+        return n // self.global_batch if n >= self.global_batch else int(n > 0)
 
     def __iter__(self):
         # This rank's slice of each global batch of a shared permutation, as TensorLoader does.

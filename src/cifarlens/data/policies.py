@@ -200,8 +200,10 @@ def list_policies() -> list[str]:
     return POLICIES.names()
 
 
-def check_policies(cfg: DataConfig) -> None:
-    """One-line errors for unknown or repeated policies and parameters out of range."""
+def check_policies(cfg: DataConfig, image_size: int | None = None) -> None:
+    """One-line errors for unknown or repeated policies and parameters out of range; with
+    ``image_size`` (the side of the images, once read), also for a crop padding or a Cutout
+    square that could leave no image at all."""
     for name in cfg.policies:
         POLICIES.get(name)
     repeated = sorted({name for name in cfg.policies if cfg.policies.count(name) > 1})
@@ -218,6 +220,16 @@ def check_policies(cfg: DataConfig) -> None:
         (0.0 <= cfg.noise_prob <= 1.0, f"data.noise_prob must be in [0, 1], got {cfg.noise_prob}"),
         (cfg.workers >= 0, f"data.workers must be >= 0 (0: load in the main process), got {cfg.workers}"),
     ]
+    padding = cfg.crop_padding
+    if padding is not None:
+        checks.append((isinstance(padding, int) and padding >= 0,
+                       f"data.crop_padding must be a whole number of pixels >= 0, got {padding!r}"))
+    if image_size and isinstance(padding, int) and padding >= image_size:
+        checks.append((False, f"data.crop_padding {padding} is not smaller than the {image_size}-pixel images: a "
+                              "random crop could hold no image at all (4 is usual for 32 pixels)"))
+    if image_size and "cutout" in cfg.policies and cfg.cutout_size >= image_size:
+        checks.append((False, f"data.cutout_size {cfg.cutout_size} is not smaller than the {image_size}-pixel "
+                              "images: Cutout could blank a whole image (16 is usual for 32 pixels)"))
     for ok, message in checks:
         if not ok:
             raise CifarlensError(message)
