@@ -74,6 +74,18 @@ def test_cifar10_reads_official_layout(tmp_path, style):
     assert ds.val is None
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_the_extracted_folder_itself_is_read(tmp_path, dataset, monkeypatch):
+    """--data-dir .../cifar-10-batches-py (not the folder above it) fell through to a download,
+    which would have nested the official files inside the user's folder."""
+    monkeypatch.setattr(cifar, "_download", lambda *a: pytest.fail("a download was attempted"))
+    make, name = (make_cifar10, "cifar-10-batches-py") if dataset == "cifar10" else (make_cifar100, "cifar-100-python")
+    data = make(tmp_path)
+    ds = load_dataset(dataset, tmp_path / name, download=True)
+    assert_split(ds.test, data.test_images, data.test_labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_official_files_with_other_counts_are_named_in_a_warning(tmp_path):
     """A subset saved under the official file names is not the official split: the run's log says so."""
     from cifarlens.data.cifar_folder import count_warning
@@ -354,6 +366,8 @@ def test_fashion_mnist_layouts(tmp_path, gz, layout):
     assert_split(ds.train, data.train_images, data.train_labels)
     assert_split(ds.test, data.test_images, data.test_labels)
     assert ds.info.classes == FASHION_CLASSES and ds.info.in_channels == 1 and ds.info.image_size == 28
+    if layout == "torchvision":  # torchvision's FashionMNIST/ itself as the data folder
+        assert len(load_dataset("fashion-mnist", tmp_path / "FashionMNIST", download=False).test) == 20
 
 
 def test_fashion_fixture_and_pixel_position(fashion_dir):

@@ -316,10 +316,13 @@ def _refuse_partial_copy(data_dir: Path, layout: CifarLayout) -> None:
 
 
 def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_size: int | None) -> LoadedDataset:
-    """Read one CIFAR variant from data_dir (folder, else archive, else image-folder copy, else download)."""
+    """Read one CIFAR variant from data_dir (its extracted folder, or that folder itself, else the
+    archive, else an image-folder copy, else download)."""
     check_image_size(image_size)
     data_dir = Path(data_dir)
     folder = data_dir / layout.folder
+    if not folder.is_dir() and (data_dir / layout.meta_file).is_file() and (data_dir / layout.test_file).is_file():
+        folder = data_dir  # the extracted cifar-10-batches-py/ itself (a download would nest a copy inside it)
     archive = data_dir / layout.archive
     if data_dir.exists() and not data_dir.is_dir():
         raise CifarlensError(f"data dir {data_dir} is a file; pass the folder that holds {layout.folder}/ or {layout.archive}")

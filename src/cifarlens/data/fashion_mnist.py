@@ -1,7 +1,8 @@
 """Fashion-MNIST from the four official IDX files (``.gz`` or uncompressed).
 
-Looked for in ``data_dir``, ``data_dir/FashionMNIST/raw/`` (torchvision's layout) and
-``data_dir/fashion-mnist/``; the first folder holding all four files wins. With
+Looked for in ``data_dir``, ``data_dir/FashionMNIST/raw/`` (torchvision's layout; ``data_dir/raw/``
+when ``data_dir`` is its ``FashionMNIST/``) and ``data_dir/fashion-mnist/``; the first folder
+holding all four files wins. With
 ``download=True`` and no complete set, the files are downloaded into
 ``data_dir/FashionMNIST/raw/`` from torchvision's mirrors, checked against its md5s.
 
@@ -65,7 +66,8 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-SEARCH_DIRS = (".", "FashionMNIST/raw", "fashion-mnist")  # relative to data_dir, in order
+SEARCH_DIRS = (".", "FashionMNIST/raw", "raw", "fashion-mnist")  # relative to data_dir, in order ("raw":
+# data_dir is torchvision's FashionMNIST/ itself)
 DOWNLOAD_DIR = "FashionMNIST/raw"
 
 
