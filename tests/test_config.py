@@ -7,11 +7,13 @@ from cifarlens.recipes import RECIPES, lr_factor, resolve_train
 
 def test_yaml_overlay_and_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  dataset: fashion-mnist\ntrain:\n  lr: 1e-3\n  epochs: 3\nmodel:\n  kwargs: {widths: [8, 16]}\n")
+    path.write_text("data:\n  dataset: fashion-mnist\n  data_dir: '1e3'\ntrain:\n  lr: 1e-3\n  epochs: 3\n"
+                    "model:\n  kwargs: {widths: [8, 16], whiten_eps: 5e-4}\n")
     cfg = merge(RunConfig(), load_yaml(path))
     assert cfg.data.dataset == "fashion-mnist"
-    assert cfg.train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; we accept it as a float
-    assert cfg.model.kwargs == {"widths": [8, 16]}
+    assert cfg.train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; we read it as a float
+    assert cfg.model.kwargs == {"widths": [8, 16], "whiten_eps": 0.0005}  # untyped: it stayed a string
+    assert cfg.data.data_dir == "1e3"  # a folder so named stays a string when written and read back
     save_yaml(cfg, tmp_path / "out.yaml")
     assert from_dict(load_yaml(tmp_path / "out.yaml")) == cfg
 
@@ -40,6 +42,7 @@ def test_missing_and_invalid_yaml(tmp_path):
 def test_set_assignments():
     cfg = merge(RunConfig(), parse_assignment("train.weight_decay=5e-4"))
     assert cfg.train.weight_decay == 5e-4
+    assert parse_assignment('model.kwargs={"whiten_eps": 5e-4}') == {"model": {"kwargs": {"whiten_eps": 0.0005}}}
     with pytest.raises(CifarlensError, match="SECTION.KEY=VALUE"):
         parse_assignment("weight_decay")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, replace
@@ -258,6 +259,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump, quoting the strings that :class:`_UniqueKeyLoader` would read as numbers."""
+
+
+# YAML 1.1 (PyYAML) reads 5e-4 and 1e3 as strings: it wants a dot in a float. They are numbers,
+# as in YAML 1.2 and Python, everywhere a config is read (model.kwargs are not typed, so nothing
+# turned them into numbers later), and a string such as a folder named 1e3 is written quoted
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (_UniqueKeyLoader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def dump_yaml(values, **options) -> str:
+    """``values`` as YAML that :func:`load_yaml` reads back the same (options as yaml.safe_dump's)."""
+    return yaml.dump(values, Dumper=_Dumper, **options)
+
+
 def load_yaml(path: str | Path, what: str = "config file") -> dict:
     """The YAML file at ``path`` ({} when empty); a missing or malformed file is one error naming ``what``."""
     path = Path(path)
@@ -282,7 +300,7 @@ def parse_assignment(text: str) -> dict:
     if not sep or not dot or not name:
         raise CifarlensError(f"--set expects SECTION.KEY=VALUE (e.g. train.weight_decay=5e-4), got {text!r}")
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError:
         raise CifarlensError(f"--set {text!r}: value is not valid YAML") from None
     return {section: {name: value}}
@@ -300,4 +318,4 @@ def save_yaml(cfg: RunConfig, path: Path, header: str = "") -> None:
     """Write ``cfg`` as YAML, after ``header`` (comment lines, e.g. why a value was chosen)."""
     from cifarlens.io import atomic_write_text
 
-    atomic_write_text(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, header + dump_yaml(to_dict(cfg), sort_keys=False))

@@ -29,10 +29,9 @@ from typing import Any, Self
 
 import numpy as np
 import optuna
-import yaml
 from optuna.trial import TrialState
 
-from cifarlens.config import RunConfig, absolute_data_dir, save_yaml, to_dict
+from cifarlens.config import RunConfig, absolute_data_dir, dump_yaml, save_yaml, to_dict
 from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write_json, atomic_write_text
 from cifarlens.tune.results import (  # noqa: F401  (re-exported: they lived here)
@@ -327,7 +326,7 @@ class Tuner:
                       f"(epoch {best.user_attrs.get('best_epoch')}); reproduce with:\n"
                       f"#   cifarlens train --config {self.out / 'best.yaml'}\n")
             atomic_write_text(self.out / "best.yaml",
-                              header + yaml.safe_dump(best.user_attrs["config"], sort_keys=False))
+                              header + dump_yaml(best.user_attrs["config"], sort_keys=False))
             files["best_config"] = str(self.out / "best.yaml")
         files |= write_plots(self.study, self.out, self.log)
         counts = {state.name: sum(t.state == state for t in trials) for state in TrialState}

@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cifarlens.config import RunConfig, load_yaml, merge
+from cifarlens.config import RunConfig, dump_yaml, load_yaml, merge
 from cifarlens.errors import CifarlensError
 
 FORMS = ("float", "int", "choices")
@@ -193,7 +191,7 @@ class SearchSpace:
 
 
 def _flow(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1000).strip()
+    return dump_yaml(value, default_flow_style=True, sort_keys=False, width=1000).strip()
 
 
 def _check_dataset(name: str) -> None:
