@@ -497,3 +497,31 @@ def test_a_wrong_data_dir_for_a_run_on_official_files_is_an_error_not_a_download
         assert main([*command, "--data-dir", str(tmp_path / "missing")]) == 2
         assert f"no folder {tmp_path / 'missing'}" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists() and (out / "metrics.json").read_bytes() == metrics
+
+
+def test_an_interrupted_bench_still_shows_the_seeds_it_finished(monkeypatch, capsys):
+    import cifarlens.bench as bench
+    from cifarlens.config import RunConfig
+
+    def one(cfg, seed, targets, log):  # two seeds measured, the third interrupted (Ctrl-C)
+        if seed == 2:
+            raise KeyboardInterrupt
+        return bench.SeedResult(seed, 0.90 + seed / 100, 400.0 + 100 * seed, 1302.0 + 1500 * seed, {0.9: 300.0}, {0.9: 6})
+
+    monkeypatch.setattr(bench, "bench_one", one)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(RunConfig(), [0, 1, 2], [0.9])
+    out = capsys.readouterr().out
+    assert "interrupted during seed 2; the 2 finished seed(s):" in out
+    assert "2 seed(s): [0, 1]; mean ± sample standard deviation over them" in out
+    assert "test accuracy (best-on-validation weights): 90.50 ± 0.71 %" in out
+    assert "throughput 2052 ± 1061 images/s" in out  # not 2.1e+03 ± 1.1e+03
+
+
+def test_bench_checks_where_its_json_goes_before_training(tmp_path, capsys):
+    """It trained every seed first, then failed naming a hidden temporary file."""
+    missing = tmp_path / "data-that-is-not-there"  # never read: the check comes first
+    for target, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "b.json", f"no folder {tmp_path / 'no'}")):
+        assert main(["bench", "--dataset", "imagefolder", "--data-dir", str(missing), "--json", str(target)]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

@@ -406,7 +406,7 @@ def test_predict_reads_folders_goes_on_past_an_unreadable_file_and_says_so(ema_r
     assert main(["predict", str(ema_run[0]), str(folder), "--csv", str(folder)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert main(["predict", str(ema_run[0]), str(folder), "--csv", str(folder / "a.png")]) == 2
-    assert "is one of the images" in capsys.readouterr().err
+    assert "is one of the files it reads" in capsys.readouterr().err
     assert (folder / "a.png").read_bytes()[:4] == b"\x89PNG"
     # one image alone that cannot be read: its error is the answer, as before
     assert main(["predict", str(ema_run[0]), str(broken)]) == 2

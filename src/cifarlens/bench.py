@@ -82,9 +82,13 @@ def bench_one(cfg: RunConfig, seed: int, targets: list[float], log=print) -> See
 
 
 def mean_std(values: list[float]) -> str:
+    """"90.15 ± 0.13": the mean and the sample standard deviation, to the same decimal place
+    (about 4 significant digits of the mean: 427.3 ± 23.1, 1302 ± 1688)."""
     if len(values) == 1:
         return f"{values[0]:.4g}"
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    places = max(0, 4 - len(str(int(abs(mean)))))
+    return f"{mean:.{places}f} ± {std:.{places}f}"
 
 
 def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print) -> dict:
@@ -108,7 +112,22 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print)
                                       ("compilation", resolved.compile)] if on]
         log(f"[bench] warm-up run {what}, for {' and '.join(paid)} (not counted)")
         bench_one(replace(cfg, train=warm), seeds[0], [], log)
-    results = [bench_one(cfg, seed, targets, log) for seed in seeds]
+    results: list[SeedResult] = []
+    try:
+        for seed in seeds:
+            results.append(bench_one(cfg, seed, targets, log))
+    except KeyboardInterrupt:  # what the finished seeds measured is not lost with the one running
+        if results:
+            log(f"\n[bench] interrupted during seed {seeds[len(results)]}; the {len(results)} finished seed(s):")
+            summarize(results, cfg, device, targets, start, log)
+        raise
+    return summarize(results, cfg, device, targets, start, log)
+
+
+def summarize(results: list[SeedResult], cfg: RunConfig, device: torch.device, targets: list[float], start: float,
+              log=print) -> dict:
+    """The summary of the seeds' results, printed and returned (what ``--json`` writes)."""
+    seeds = [r.seed for r in results]
     summary = {
         "device": device_description(device),
         "torch": torch.__version__,
@@ -126,7 +145,8 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print)
     }
     log("")
     log(f"device: {summary['device']}, torch {torch.__version__}")
-    log(f"{cfg.data.dataset} / {cfg.model.name} / recipe {cfg.train.recipe}, {len(seeds)} seed(s): {seeds}")
+    log(f"{cfg.data.dataset} / {cfg.model.name} / recipe {cfg.train.recipe}, {len(seeds)} seed(s): {seeds}"
+        + ("; mean ± sample standard deviation over them" if len(seeds) > 1 else ""))
     kept = "final weights: no validation split" if cfg.data.val_fraction == 0 else "best-on-validation weights"
     log(f"test accuracy ({kept}): {mean_std([100 * a for a in summary['test_acc']])} %")
     log(f"training time: {mean_std(summary['train_seconds'])} s; throughput {mean_std(summary['images_per_second'])} "

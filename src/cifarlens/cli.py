@@ -251,7 +251,7 @@ def launch_torchrun(args) -> int:
 
 def cmd_bench(args) -> int:
     from cifarlens.bench import run_bench
-    from cifarlens.io import atomic_write_json
+    from cifarlens.io import atomic_write_json, check_output_file
 
     try:
         targets = [float(t) for t in args.targets.split(",") if t.strip()]
@@ -259,10 +259,11 @@ def cmd_bench(args) -> int:
         raise CifarlensError(f"--targets must be comma-separated accuracies like 0.90,0.93, got {args.targets!r}") from None
     if args.seeds < 1 or not targets or not all(0 < t <= 1 for t in targets):
         raise CifarlensError("--seeds must be >= 1 and --targets fractions in (0, 1]")
+    out = check_output_file(args.json, "--json") if args.json else None  # before the trainings, not after
     first = args.seed if args.seed is not None else 0  # e.g. --seed 1 --seeds 2: seeds 1 and 2
     summary = run_bench(config_from_args(args, resolve=False), list(range(first, first + args.seeds)), targets)
-    if args.json:
-        atomic_write_json(Path(args.json), summary)
+    if out:
+        atomic_write_json(out, summary)
     return 0
 
 

@@ -7,7 +7,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def _create_temp(folder: Path, name: str) -> Path:
@@ -42,7 +42,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         # writes a new 0600 file over it; give it back the mode open() gives
         if stat.S_IMODE(os.stat(tmp).st_mode) != wanted:
             os.chmod(tmp, wanted)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # e.g. the target is a folder: name it, not the hidden temporary file
+            raise type(err)(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -54,3 +57,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_output_file(name: str, flag: str, inputs: Iterable[str] = ()) -> Path:
+    """The file a user asked a command to write (``flag`` FILE), checked before the command's
+    work rather than after it: not a folder, in a folder that exists (none is made for it), and
+    not one of the ``inputs`` it reads."""
+    from cifarlens.errors import CifarlensError
+
+    path = Path(name)
+    if path.is_dir():
+        raise CifarlensError(f"{flag} {name} is a folder; name a file in it")
+    if not path.parent.is_dir():
+        raise CifarlensError(f"{flag} {name}: no folder {path.parent}")
+    if path.exists() and any(Path(item).exists() and os.path.samefile(path, item) for item in inputs):
+        raise CifarlensError(f"{flag} {name} is one of the files it reads; name another file")
+    return path

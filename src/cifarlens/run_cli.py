@@ -6,6 +6,7 @@ import json
 import sys
 
 from cifarlens.errors import CifarlensError
+from cifarlens.io import check_output_file
 
 PREDICT_BATCH = 64  # images per forward pass of predict
 
@@ -89,7 +90,7 @@ def cmd_predict(args) -> int:
     if args.topk < 1:
         raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
     paths = _image_paths(args.images)
-    csv_path = _csv_target(args.csv, paths) if args.csv else None
+    csv_path = check_output_file(args.csv, "--csv", paths) if args.csv else None
     run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
     unfinished = RunDir(run.path).unfinished_warning()
     if unfinished:
@@ -149,22 +150,6 @@ def _image_paths(items: list[str]) -> list[str]:
             raise CifarlensError(f"{item} is a folder without image files")
         paths += [str(f) for f in found]
     return paths
-
-
-def _csv_target(name: str, images: list[str]):
-    """The CSV file to write, checked before any prediction: not a folder, not one of the images,
-    in a folder that exists."""
-    import os
-    from pathlib import Path
-
-    path = Path(name)
-    if path.is_dir():
-        raise CifarlensError(f"--csv {name} is a folder; name a file, e.g. {path / 'predictions.csv'}")
-    if path.exists() and any(os.path.samefile(path, image) for image in images if Path(image).exists()):
-        raise CifarlensError(f"--csv {name} is one of the images to predict; name another file")
-    if not path.parent.is_dir():
-        raise CifarlensError(f"--csv {name}: no folder {path.parent}")
-    return path
 
 
 def _write_csv(path, results, calibration: dict) -> None:
