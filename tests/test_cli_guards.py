@@ -425,7 +425,9 @@ def test_predict_says_when_a_run_has_not_finished(ema_run, tmp_path, capsys):
     copy = tmp_path / "unfinished"
     shutil.copytree(ema_run[0], copy)
     meta = json.loads((copy / "run.json").read_text())
+    meta.pop("calibration", None)
     (copy / "run.json").write_text(json.dumps(meta | {"status": "interrupted", "epochs_done": 1}))
+    (copy / "metrics.json").unlink()
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
     capsys.readouterr()
@@ -433,6 +435,11 @@ def test_predict_says_when_a_run_has_not_finished(ema_run, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"cifarlens: warning: {copy} was interrupted after 1 epoch(s): these "
                                                "are its weights so far, without a test evaluation or a fitted "
                                                "temperature")
+    # evaluate says it too, and afterwards the run lacks no test evaluation any more
+    assert main(["evaluate", str(copy)]) == 0
+    assert f"warning: {copy} was interrupted after 1 epoch(s)" in capsys.readouterr().err
+    assert main(["predict", str(copy), str(image)]) == 0
+    assert capsys.readouterr().err.strip().endswith("these are its weights so far, without a fitted temperature")
     assert main(["predict", str(ema_run[0]), str(image)]) == 0
     assert "warning" not in capsys.readouterr().err
 

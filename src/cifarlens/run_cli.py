@@ -46,6 +46,7 @@ def add_commands(sub) -> None:
 def cmd_evaluate(args) -> int:
     from cifarlens.api import evaluate_run
 
+    _warn_if_unfinished(args.run_dir)
     result = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir, device=args.device,
                           calibrated=not args.no_calibration, must_write=False)
     line = f"{args.split}: accuracy {result['accuracy']:.2%}  f1_macro {result['f1_macro']:.4f}"
@@ -70,6 +71,7 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from cifarlens.api import calibrate_run
 
+    _warn_if_unfinished(args.run_dir)
     calibrate_run(args.run_dir, data_dir=args.data_dir, device=args.device, log=print, require_images=True)
     print(f"recorded in {args.run_dir}/run.json; evaluate, predict, serve and export use it "
           f"(re-evaluate the test split with: cifarlens evaluate {args.run_dir})")
@@ -85,16 +87,13 @@ def calibration_words(info: dict) -> str:
 
 def cmd_predict(args) -> int:
     from cifarlens.api import load_run
-    from cifarlens.runs import RunDir
 
     if args.topk < 1:
         raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
     paths = _image_paths(args.images)
     csv_path = check_output_file(args.csv, "--csv", paths) if args.csv else None
     run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
-    unfinished = RunDir(run.path).unfinished_warning()
-    if unfinished:
-        print(f"cifarlens: warning: {unfinished}", file=sys.stderr)
+    _warn_if_unfinished(run.path)
     results, failed = [], 0
     for start in range(0, len(paths), PREDICT_BATCH):
         chunk = paths[start : start + PREDICT_BATCH]
@@ -128,6 +127,16 @@ def cmd_predict(args) -> int:
         print(f"cifarlens: {failed} of {len(paths)} images could not be read (named above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _warn_if_unfinished(run_dir) -> None:
+    from cifarlens.runs import RunDir
+
+    run = RunDir(run_dir)
+    if run.is_run():  # else the command's own error says what is wrong
+        unfinished = run.unfinished_warning()
+        if unfinished:
+            print(f"cifarlens: warning: {unfinished}", file=sys.stderr)
 
 
 def _image_paths(items: list[str]) -> list[str]:

@@ -218,8 +218,10 @@ class RunDir:
         save_yaml(cfg, self.path / "config.yaml", header=notes)
 
     def unfinished_warning(self) -> str | None:
-        """A line for commands that use a run's weights (predict, serve) when the run has not
-        finished: its weights are the best so far and its figures are missing; None otherwise."""
+        """A line for commands that use a run's weights (predict, serve, evaluate, calibrate) when
+        the run has not finished: its weights are the best so far, and what it lacks yet (a test
+        evaluation, a temperature: either may have been made since by evaluate or calibrate);
+        None otherwise."""
         meta = self.meta()
         status = meta.get("status", "finished")
         if status == "finished":
@@ -227,8 +229,10 @@ class RunDir:
         what = {"running": "is still training (or was killed without a trace)", "interrupted": "was interrupted",
                 "failed": "failed", "diverged": "diverged"}.get(status, f"has status {status!r}")
         done = meta.get("epochs_done")
+        lacks = [what for what, there in (("a test evaluation", (self.path / "metrics.json").is_file()),
+                                           ("a fitted temperature", bool(meta.get("calibration")))) if not there]
         return (f"{self.path} {what}" + (f" after {done} epoch(s)" if done is not None else "")
-                + ": these are its weights so far, without a test evaluation or a fitted temperature")
+                + ": these are its weights so far" + (f", without {' or '.join(lacks)}" if lacks else ""))
 
     def write_meta(self, **values) -> None:
         meta = self.meta() if (self.path / "run.json").is_file() else {}
