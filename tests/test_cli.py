@@ -315,8 +315,15 @@ def test_force_overwrites_a_run(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--out", str(out), *TINY]
     assert main([*args, "--epochs", "2"]) == 0
+    # what commands wrote about the old model goes with it (robustness.json was left: a later
+    # --reference to the run took the old model's figures); the user's own files stay
+    for name in ("robustness.json", "other-data/test-0123/metrics.json", "notes.txt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("{}")
     assert main([*args, "--epochs", "1", "--force"]) == 0
     assert len(list(csv.DictReader((out / "history.csv").open()))) == 1
+    assert not (out / "robustness.json").exists() and not (out / "other-data").exists()
+    assert (out / "notes.txt").read_text() == "{}"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -327,6 +334,7 @@ def test_force_overwrites_a_run(tmp_path):
     (["train", "--dataset", "fashion-mnist", "--data-dir", "{data}", "--device", "cuda:7"], "cuda"),
     (["evaluate", "{missing}"], "not found"),
     (["predict", "{run}", "{data}/nope.png"], "nope.png"),
+    (["train", "--resume", ""], "--resume is empty"),  # it started a new default training, downloading CIFAR-10
 ])
 def test_user_mistakes_get_one_line_errors(args, message, tmp_path, fashion_run):
     if "cuda" in args and torch.cuda.is_available():

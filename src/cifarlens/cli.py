@@ -170,6 +170,9 @@ def resolve_choices_for(cfg):
 def cmd_train(args) -> int:
     from cifarlens.api import train
 
+    for flag in ("resume", "out", "data_dir", "config", "weights"):  # e.g. --resume "$RUN" with RUN unset
+        if getattr(args, flag, None) == "":
+            raise CifarlensError(f"--{flag.replace('_', '-')} is empty; give a path")
     if args.resume:
         out = args.out if args.resume is True else args.resume
         if out is None:

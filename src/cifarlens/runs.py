@@ -38,7 +38,7 @@ from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
     "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
-    "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx", MEANS_FILE,
+    "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx", MEANS_FILE, "robustness.json",
 )
 # evaluate's results on other images than the run's own (another test set): OTHER_DATA/test-<fingerprint>/
 OTHER_DATA = "other-data"
