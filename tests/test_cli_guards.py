@@ -82,6 +82,8 @@ def test_a_validation_loss_that_is_not_finite_stops_the_run_as_diverged(tmp_path
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "diverged" and meta["epochs_done"] == 1
     assert (run / "model.safetensors").is_file()  # epoch 1's weights stay the best
+    last = (run / "train.log").read_text().splitlines()[-1]  # the log said nothing of why it stopped
+    assert last.startswith("diverged after 1 epoch(s): the validation loss became nan after epoch 2"), last
 
 
 def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path):

@@ -250,6 +250,11 @@ class RunDir:
 
     def log(self, line: str) -> None:
         print(line, flush=True)
+        self.note(line)
+
+    def note(self, line: str) -> None:
+        """``line`` in train.log only (what the command line shows otherwise, e.g. the error that
+        stopped the run)."""
         with (self.path / "train.log").open("a") as f:
             f.write(line + "\n")
 
