@@ -47,18 +47,45 @@ def _written(path: Path, write) -> None:
         raise CifarlensError(f"could not write {path} ({first})") from None
 
 
+class UnreadableFile(Exception):
+    """:func:`torch_load_safely` could not load a file; the message is one line saying why."""
+
+
+# torch's generic lines around what its safe unpickler refused (advice to load the file unsafely)
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation of torch.load")
+
+
+def torch_load_safely(path: Path, map_location="cpu"):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, a pickle that asks
+    for code is refused and never run. A failure raises :class:`UnreadableFile` with the reason
+    in one line: what the safe loader refused ("unsupported GLOBAL posix.system ..."), not torch's
+    advice to load the file unsafely; else the error's first line."""
+    import warnings
+
+    with warnings.catch_warnings():  # a pickle of another protocol: the failure below says enough
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # corrupt zip, truncated file, or a pickle that asks for code
+            text = str(err).strip()
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            if "WeightsUnpickler error:" in text:  # "Unsupported global: GLOBAL getattr ...", "Unsupported operand 33"
+                detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n")[0].split(" Please use")[0]
+            elif lines and lines[0].startswith(_TORCH_BOILERPLATE[0]):  # "... unsupported GLOBAL posix.system ..."
+                detail = next((line for line in lines if not line.startswith(_TORCH_BOILERPLATE)), "")
+            else:
+                raise UnreadableFile((lines[0] if lines else type(err).__name__)[:200]) from None
+            raise UnreadableFile(f"the safe loader refused it: {detail.strip() or 'unsupported content'}"[:200]) from None
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CifarlensError(f"checkpoint {path} not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # corrupt zip, truncated file, or a pickle that asks for code
-        text = str(err).strip()
-        reason = text.splitlines()[0][:200] if text else type(err).__name__
-        if "WeightsUnpickler error:" in text:  # not torch's advice to load it unsafely: just what was refused
-            detail = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
-            reason = f"the safe loader refused it: {detail[0] if detail else 'unsupported content'}"[:200]
+        payload = torch_load_safely(path, map_location)
+    except UnreadableFile as err:
+        reason = str(err)
         raise CifarlensError(
             f"{path} is corrupt or not a cifarlens checkpoint ({reason}); "
             "start a new run with --force, or restore the file"

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cifarlens.checkpoint import load_weights
+from cifarlens.checkpoint import UnreadableFile, load_weights, torch_load_safely
 from cifarlens.errors import CifarlensError
 from cifarlens.models.pretrained import BACKBONES, PretrainedClassifier, imagenet_stats, list_pretrained
 
@@ -112,9 +112,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
         return load_weights(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, or a pickle that asks for code (refused, never run)
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        payload = torch_load_safely(path)
+    except UnreadableFile as reason:  # corrupt file, or a pickle that asks for code (refused, never run)
         raise CifarlensError(
             f"{path} is neither a safetensors file nor a PyTorch state dict that loads safely ({reason}); "
             "save the weights with torch.save(model.state_dict(), FILE) or as safetensors"
