@@ -388,6 +388,37 @@ def test_cli_grey_data_uses_the_mean_imagenet_statistics(tmp_path, resnet18_file
     assert dataset["std"] == pytest.approx([sum(IMAGENET_STD) / 3])
 
 
+def test_a_start_from_a_cifarlens_run_normalises_as_that_run_did(tmp_path):
+    """Its inputs were normalised with the source run's statistics (here: those of other images);
+    the new run used its own data's (and a pretrained backbone's, ImageNet's)."""
+    from conftest import make_imagefolder
+
+    from cifarlens.api import train
+    from cifarlens.checkpoint import load_weights
+
+    common = {"model": {"name": "lensnet_light", "kwargs": {"widths": [8], "depths": [1]}},
+              "train": {"epochs": 1, "batch_size": 16}}
+    stats = {}
+    for name, seed in (("source", 0), ("other", 5)):
+        data = make_imagefolder(tmp_path / f"{name}-data", classes=("a", "b"), n_per_class=12, n_test_per_class=2,
+                                seed=seed, junk=False)
+        cfg = merge(RunConfig(), {**common, "data": {"dataset": "imagefolder", "data_dir": str(data.data_dir)}})
+        train(cfg, tmp_path / name, report=False)
+        stats[name] = json.loads((tmp_path / name / "run.json").read_text())["dataset"]["mean"]
+    assert stats["source"] != stats["other"]
+    source = tmp_path / "source" / "model.safetensors"
+    older = tmp_path / "older" / "model.safetensors"  # a run's file from before the metadata had them
+    older.parent.mkdir()
+    save_weights(load_weights(source), older)
+    (older.parent / "run.json").write_text((tmp_path / "source" / "run.json").read_text())
+    for start in (source, older):
+        out = tmp_path / f"from-{start.parent.name}"
+        cfg = merge(RunConfig(), {**common, "data": {"dataset": "imagefolder", "data_dir": str(tmp_path / "other-data")},
+                                  "model": {**common["model"], "weights": str(start)}})
+        train(cfg, out, report=False)
+        assert json.loads((out / "run.json").read_text())["dataset"]["mean"] == pytest.approx(stats["source"])
+
+
 @pytest.mark.parametrize("case", ["other-architecture", "other-classes", "missing"])
 def test_cli_rejects_weights_that_do_not_fit_in_one_line(tmp_path, tiny_cifar, capsys, case):
     if case == "other-architecture":

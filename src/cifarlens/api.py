@@ -173,7 +173,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     # leaves none behind (on resume the checkpoint holds the weights); and the input normalisation
     # they expect (ImageNet's for pretrained backbones), written to run.json for evaluate/serve/export
     init = None if resume else load_initial_weights(model, cfg.model)
-    info = input_info(cfg.model, info)
+    # resumed: the statistics it started with (its weights file may have moved since)
+    info = replace(info, mean=run.info().mean, std=run.info().std) if resume else input_info(cfg.model, info)
     first = progressive_side(info.image_size, 0, cfg.train.progressive_res, cfg.train.progressive_epochs)
     check_input_size(model, info.in_channels, {info.image_size, first}, cfg.model.name)  # before the run folder
     precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last, cfg.train.cpu_amp)
@@ -281,8 +282,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     def save_best(state: FitState) -> None:
         if not world.is_main:
             return
-        save_weights(unwrap_model(eval_model).state_dict(), run.weights,
-                     {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name})
+        save_weights(unwrap_model(eval_model).state_dict(), run.weights,  # mean/std: for a --weights start from it
+                     {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name,
+                      "mean": list(info.mean), "std": list(info.std)})
 
     def end_epoch(state: FitState) -> None:
         if plan is not None:  # before the checkpoint, which saves the re-plan with the schedule

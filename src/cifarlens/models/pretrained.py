@@ -67,13 +67,6 @@ def list_pretrained() -> list[str]:
     return sorted(BACKBONES)
 
 
-def imagenet_stats(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """ImageNet mean/std for ``in_channels``: RGB as is, other counts the mean of the three values."""
-    if in_channels == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    return (sum(IMAGENET_MEAN) / 3,) * in_channels, (sum(IMAGENET_STD) / 3,) * in_channels
-
-
 def _stride(module: nn.Module) -> int:
     """How much ``module`` downsamples: the largest stride of its convs and pools (1 if none)."""
     strides = [1]

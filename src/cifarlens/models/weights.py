@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import pickle
 import socket
@@ -33,11 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from cifarlens.checkpoint import UnreadableFile, load_weights, torch_load_safely
 from cifarlens.errors import CifarlensError
-from cifarlens.models.pretrained import BACKBONES, PretrainedClassifier, imagenet_stats, list_pretrained
+from cifarlens.models.pretrained import (
+    BACKBONES, IMAGENET_MEAN, IMAGENET_STD, PretrainedClassifier, list_pretrained,
+)
 
 SHOW_KEYS = 5  # keys named per kind of problem in an error message
 NESTED = ("state_dict", "model", "model_state_dict")  # where checkpoints of other tools keep the weights
@@ -50,11 +54,39 @@ def uses_imagenet_input(model_cfg) -> bool:
 
 
 def input_info(model_cfg, info):
-    """``info`` (a DatasetInfo) with the mean/std the model's starting weights expect."""
-    if not uses_imagenet_input(model_cfg):
+    """``info`` (a DatasetInfo) with the mean/std the model's starting weights expect: those a
+    cifarlens weights file was trained with, ImageNet's for a pretrained backbone, else the data's."""
+    stats = file_input_stats(model_cfg.weights) if model_cfg.weights else None
+    if stats is None and not uses_imagenet_input(model_cfg):
         return info
-    mean, std = imagenet_stats(info.in_channels)
-    return replace(info, mean=mean, std=std)
+    mean, std = stats or (IMAGENET_MEAN, IMAGENET_STD)
+    if len(mean) != info.in_channels:  # e.g. RGB statistics for grey images: their mean per channel
+        mean, std = (sum(mean) / len(mean),) * info.in_channels, (sum(std) / len(std),) * info.in_channels
+    return replace(info, mean=tuple(mean), std=tuple(std))
+
+
+def file_input_stats(path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input mean/std a cifarlens weights file was trained with: from its metadata (a run's
+    model.safetensors, or ``export``'s), else the run.json beside a run's model.safetensors (runs
+    from before the metadata had them); None for other files (torchvision's, timm's)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        values = json.loads(meta["dataset"]) if "dataset" in meta else \
+            {key: json.loads(meta[key]) for key in ("mean", "std") if key in meta}
+    except (SafetensorError, OSError, ValueError, TypeError):  # not safetensors, or other metadata
+        values = {}
+    if not {"mean", "std"} <= set(values) and path.name == "model.safetensors" and (path.parent / "run.json").is_file():
+        try:
+            values = json.loads((path.parent / "run.json").read_text()).get("dataset") or {}
+        except (OSError, ValueError, AttributeError):
+            values = {}
+    try:
+        mean, std = tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (mean, std) if mean and len(mean) == len(std) else None
 
 
 def load_initial_weights(model: nn.Module, model_cfg) -> dict | None:
