@@ -102,3 +102,19 @@ def test_fit_ramps_the_size_over_the_epochs_and_logs_it():
 def test_bad_settings_are_refused_with_the_fix(train, message):
     with pytest.raises(CifarlensError, match=message):
         train_cfg(**train)
+
+
+@pytest.mark.parametrize("epochs, sides", [
+    (4, [24, 28, 32, 32]),  # fast_cpu_10min's ramp of 4 of 8 epochs kept whole trained 24, 24, 28, 28 and never 32
+    (2, [24, 32]),
+    (1, [32]),
+    (8, [24, 24, 28, 28, 32, 32, 32, 32]),  # the recipe's own
+])
+def test_epochs_given_for_a_growing_recipe_scale_its_ramp(epochs, sides):
+    from cifarlens.budget import epoch_sides
+    from cifarlens.config import TrainConfig
+
+    assert epoch_sides(resolve_train(TrainConfig(recipe="fast_cpu_10min", epochs=epochs)), 32) == sides
+    # a ramp the user set stays as set
+    kept = resolve_train(TrainConfig(recipe="fast_cpu_10min", epochs=epochs, progressive_epochs=1))
+    assert kept.progressive_epochs == 1 and kept.progressive_res == 24
