@@ -119,6 +119,26 @@ def test_a_retargeted_schedule_goes_on_without_a_jump_to_its_new_end_and_resumes
         later.retarget(60)
 
 
+def test_a_retargeted_multistep_schedule_moves_the_milestones_ahead_in_proportion():
+    """A time budget's re-plan from 376 to 156 epochs dropped the lr at one of wrn2016's three milestones."""
+    import torch
+
+    from cifarlens.recipes import StepSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = StepSchedule(opt, 100, 0, "multistep", (10, 50, 75), 0.1)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    sched.retarget(60)  # 80 steps left become 40: a milestone passed stays, those ahead halve their distance
+    assert sched.milestones == (10, 35, 48)
+    assert sched._factor(34) == pytest.approx(0.1) and sched._factor(35) == pytest.approx(0.01)
+    assert sched._factor(59) == pytest.approx(0.001)
+    resumed = StepSchedule(opt, 100, 0, "multistep", (10, 50, 75), 0.1)
+    resumed.load_state_dict(sched.state_dict())  # the checkpoint keeps them
+    assert resumed.milestones == (10, 35, 48)
+
+
 def test_multistep_factor_drops_by_gamma_from_each_milestone_step():
     assert lr_factor(9, 100, 0, "multistep", (10, 20), 0.1) == 1.0
     assert lr_factor(10, 100, 0, "multistep", (10, 20), 0.1) == pytest.approx(0.1)
