@@ -738,3 +738,23 @@ def test_serve_predicts_and_explains_a_finetuned_run(finetuned):
         assert r.status_code == 200 and len(r.json()["top"]) == 5 and r.json()["model"] == "resnet18"
         r = c.post("/api/explain", files=upload)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+def test_freezing_a_model_from_scratch_or_for_every_epoch_is_warned(tmp_path):
+    """The head trained on random features (loss 8.9 in an exploratory run), without a word."""
+    from conftest import make_imagefolder
+
+    from cifarlens.api import train
+
+    data = make_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=12, n_test_per_class=2, junk=False)
+    model = {"name": "lensnet_light", "kwargs": {"widths": [8], "depths": [1]}}
+    base = {"data": {"dataset": "imagefolder", "data_dir": str(data.data_dir)}, "model": model,
+            "train": {"epochs": 2, "batch_size": 16, "freeze_epochs": 1}}
+    train(merge(RunConfig(), base), tmp_path / "scratch", report=False)
+    assert "warning: train.freeze_epochs 1 with a model from scratch" in (tmp_path / "scratch" / "train.log").read_text()
+    start = tmp_path / "scratch" / "model.safetensors"
+    probe = merge(RunConfig(), {**base, "model": {**model, "weights": str(start)},
+                                "train": {**base["train"], "freeze_epochs": 2}})
+    train(probe, tmp_path / "probe", report=False)
+    log = (tmp_path / "probe" / "train.log").read_text()
+    assert "train.freeze_epochs 2 of 2 epochs: the backbone never trains" in log and "from scratch" not in log

@@ -262,6 +262,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             log(f"warning: {warning}")
         if init is not None:
             log(f"starting weights: {describe_init(init)}; input normalised with mean {info.mean}, std {info.std}")
+        frozen = tc.freeze_epochs if hasattr(unwrap_model(model), "freeze_backbone") else 0
+        if frozen and init is None:
+            log(f"warning: train.freeze_epochs {frozen} with a model from scratch: its first epochs train the head on "
+                "random features (freezing is for a pretrained or --weights start; --set train.freeze_epochs=0)")
+        elif frozen >= tc.epochs:
+            log(f"warning: train.freeze_epochs {frozen} of {tc.epochs} epochs: the backbone never trains (a linear probe)")
     train_model = model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
