@@ -104,10 +104,15 @@ def _augment_spec(text: str) -> tuple[str | None, list[str]]:
             level = part
         elif part in _policies() and part not in policies:
             policies.append(part)
+        elif part in policies:
+            raise argparse.ArgumentTypeError(f"{part!r} is named twice")
+        elif part in _augment_levels():
+            raise argparse.ArgumentTypeError(f"two levels, {level!r} and {part!r}: give one level "
+                                             f"({', '.join(_augment_levels())}), then policies")
         else:
             raise argparse.ArgumentTypeError(
                 f"{part!r} is not an augmentation level ({', '.join(_augment_levels())}) or policy "
-                f"({', '.join(_policies())}), or is named twice")
+                f"({', '.join(_policies())})")
     return level, policies
 
 

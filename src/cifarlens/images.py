@@ -78,12 +78,15 @@ def skipped_warning(where: Path, skipped: list[Path]) -> str | None:
     """"7 files under DIR are not read (not an image extension: .txt 4, .heic 3)", or None."""
     if not skipped:
         return None
+    loose = sum(path.suffix.lower() in IMAGE_EXTENSIONS for path in skipped)  # images a reader left: in no class
     counts: dict[str, int] = {}
     for path in skipped:
-        counts[path.suffix.lower() or "no extension"] = counts.get(path.suffix.lower() or "no extension", 0) + 1
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            counts[path.suffix.lower() or "no extension"] = counts.get(path.suffix.lower() or "no extension", 0) + 1
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
-    return (f"{len(skipped):,} file(s) under {where} are not read (not an image extension: {kinds}; "
-            f"read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    reasons = ([f"{loose:,} beside the class folders, in no class"] if loose else []) + \
+        ([f"not an image extension: {kinds}; read: {', '.join(sorted(IMAGE_EXTENSIONS))}"] if counts else [])
+    return f"{len(skipped):,} file(s) under {where} are not read ({'; '.join(reasons)})"
 
 
 class ImageTooLarge(CifarlensError):
