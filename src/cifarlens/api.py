@@ -156,7 +156,6 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             log(f"the run's data is now read from {cfg.data.data_dir} (config.yaml updated)")
             run.update_config(replace(run.config(), data=replace(run.config().data, data_dir=cfg.data.data_dir)))
     info = bundle.info
-    check_policies(cfg.data, info.image_size)  # crop padding and Cutout against the images' side
     has_val = len(bundle.val) > 0  # data.val_fraction 0: no validation split (fixed-budget recipes)
     if not has_val and (cfg.train.schedule == "plateau" or cfg.train.early_stopping):
         why = ("data.val_fraction is 0" if not with_data_defaults(cfg.data).val_fraction else
@@ -177,6 +176,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     info = replace(info, mean=run.info().mean, std=run.info().std) if resume else input_info(cfg.model, info)
     first = progressive_side(info.image_size, 0, cfg.train.progressive_res, cfg.train.progressive_epochs)
     check_input_size(model, info.in_channels, {info.image_size, first}, cfg.model.name)  # before the run folder
+    check_policies(cfg.data, info.image_size)  # crop padding and Cutout against the images' side
     precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last, cfg.train.cpu_amp)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
