@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from cifarlens import api
 from cifarlens.api import train
@@ -55,3 +56,30 @@ def test_training_on_the_cpu_keeps_freed_memory(tmp_path, monkeypatch):
     data = make_cifar10(tmp_path / "data", n_train_per_batch=8, n_test=8).data_dir
     train(tiny_fastnet_cfg(data, epochs=1), tmp_path / "run", report=False)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("cpu:1", "the CPU has no numbered devices; use --device cpu"),  # it was accepted and recorded as cpu:1
+    ("garbage", "unknown device 'garbage'"),
+    ("mps", "unsupported device 'mps'"),
+])
+def test_a_device_this_machine_cannot_be_is_one_line(name, message):
+    from cifarlens.device import resolve_device
+    from cifarlens.errors import CifarlensError
+
+    with pytest.raises(CifarlensError, match=message):
+        resolve_device(name)
+    assert resolve_device("cpu:0") == torch.device("cpu:0") and resolve_device("cpu").type == "cpu"
+
+
+def test_a_gpu_that_is_not_there_is_named(monkeypatch):
+    from cifarlens.device import resolve_device
+    from cifarlens.errors import CifarlensError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(CifarlensError, match="--device cuda:1 was asked for but CUDA is not available"):
+            resolve_device("cuda:1")  # it said "--device cuda", not the device asked for
+        return
+    count = torch.cuda.device_count()
+    with pytest.raises(CifarlensError, match=f"this machine has {count} GPU"):
+        resolve_device(f"cuda:{count}")

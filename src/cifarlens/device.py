@@ -31,9 +31,14 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise CifarlensError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CifarlensError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+        raise CifarlensError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise CifarlensError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
     if device.type not in ("cpu", "cuda"):
         raise CifarlensError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):  # recorded as cpu:1, and nothing else changed
+        raise CifarlensError(f"--device {name}: the CPU has no numbered devices; use --device cpu")
     return device
 
 
