@@ -333,6 +333,7 @@ def test_force_overwrites_a_run(tmp_path):
     (["train", "--dataset", "fashion-mnist", "--data-dir", "{data}", "--config", "{missing}.yaml"], "not found"),
     (["train", "--dataset", "fashion-mnist", "--data-dir", "{data}", "--device", "cuda:7"], "cuda"),
     (["evaluate", "{missing}"], "not found"),
+    (["evaluate", "{run}/model.safetensors"], "model.safetensors is a file; a run is the folder"),  # "not found"
     (["predict", "{run}", "{data}/nope.png"], "nope.png"),
     (["train", "--resume", ""], "--resume is empty"),  # it started a new default training, downloading CIFAR-10
 ])

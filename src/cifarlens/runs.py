@@ -153,6 +153,9 @@ class RunDir:
 
     # -- reading --------------------------------------------------------------------------
     def require_run(self) -> None:
+        if self.path.is_file():
+            raise CifarlensError(f"{self.path} is a file; a run is the folder that holds config.yaml and run.json"
+                                 + (f" ({self.path.parent}?)" if RunDir(self.path.parent).is_run() else ""))
         if not self.path.is_dir():
             raise CifarlensError(f"run folder {self.path} not found")
         if not self.is_run():
