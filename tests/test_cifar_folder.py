@@ -277,6 +277,8 @@ def test_train_on_a_jpeg_copy_is_cifar10_in_the_run_and_report(tmp_path, capsys)
     literature = re.search(r'<section id="literature">(.*?)</section>', page, re.DOTALL).group(1)
     assert "test accuracy on CIFAR-10 (JPEG copy)" in literature and "Deep Residual Learning" in literature
     assert "lossy compression (JPEG)" in literature
+    # a copy of 60 training images is not the published split: the report says so beside those rows
+    assert "What was read is not the official data as published: CIFAR-10 copy" in literature
     capsys.readouterr()
     assert main(["compare", str(out), str(out)]) == 0
     assert "CIFAR-10 (JPEG copy)" in capsys.readouterr().out

@@ -354,6 +354,27 @@ def test_compare_names_a_damaged_metrics_file(finished_run, tmp_path, capsys, te
     assert f"{out / 'metrics.json'} is damaged" in err and len(err.splitlines()) == 1, err
 
 
+def test_a_shipped_val_folder_is_the_validation_split_and_the_log_says_so(tmp_path):
+    """data.val_fraction was ignored without a word when the data has its own val/."""
+    data = make_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=8, n_test_per_class=2,
+                            n_val_per_class=3, junk=False)
+    cfg = merge(RunConfig(), {"data": {"dataset": "imagefolder", "data_dir": str(data.data_dir), "val_fraction": 0.5},
+                              "model": {"name": "lensnet_light", "kwargs": {"widths": [8], "depths": [1]}},
+                              "train": {"batch_size": 8, "epochs": 1}})
+    train(cfg, tmp_path / "run", report=False)
+    assert "validation split: the data's own val/ (6 images); data.val_fraction is not used" in \
+        (tmp_path / "run" / "train.log").read_text()
+
+
+def test_compare_shows_how_far_an_unfinished_run_got(stopped_run, capsys):
+    """compare collected the status but showed neither it nor the epochs' time ("—")."""
+    out, _ = stopped_run
+    capsys.readouterr()
+    assert main(["compare", str(out)]) == 0
+    row = capsys.readouterr().out.splitlines()[2]  # the header, its rule, then the run
+    assert "1/3 interrupted" in row and re.search(r"\d+(\.\d+)?\s*s so far", row), row
+
+
 def test_a_checkpoint_that_cannot_be_written_names_the_file(tmp_path, monkeypatch, capsys):
     """torch's zip writer reports a failed write as a RuntimeError ("unexpected pos", as on a full
     disk; with less than 1 MiB free that is the full disk's one-line error, checked by hand on a

@@ -253,6 +253,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             + (f", {world.world_size} processes" if world.distributed else ""))
         if "data" in why:
             log(f"data settings of the recipe: {why['data']}")
+        if bundle.shipped_val:
+            log(f"validation split: the data's own val/ ({len(bundle.val)} images); data.val_fraction is not used")
         if plan is not None:
             log(plan.describe())
         if not has_val:

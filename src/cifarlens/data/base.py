@@ -167,11 +167,13 @@ def download_file(url: str, root: Path, filename: str, md5: str | None, *, what:
     """Download ``url`` to ``root/filename`` with torchvision, checking ``md5``; return the path.
 
     The file is written as ``filename + ".part"`` and renamed only once its checksum matches,
-    so an interrupted download never looks like a finished one. Any failure raises
+    so an interrupted download never looks like a finished one; folders made for it are removed
+    again when it fails (and nothing else is in them). Any failure raises
     ``CifarlensError("could not download {what} (<reason>); {fix}")`` within seconds when offline.
     """
     from torchvision.datasets.utils import download_url  # lazy: only needed when downloading
 
+    created = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
     root.mkdir(parents=True, exist_ok=True)
     target = root / filename
     part = root / (filename + ".part")
@@ -183,6 +185,11 @@ def download_file(url: str, root: Path, filename: str, md5: str | None, *, what:
         os.replace(part, target)
     except (OSError, RuntimeError, ValueError, http.client.HTTPException) as e:
         part.unlink(missing_ok=True)
+        for folder in created:  # the folders made for it, left empty: nothing is left behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
         raise CifarlensError(f"could not download {what} ({_one_line(reason)}); {fix}") from e
     finally:

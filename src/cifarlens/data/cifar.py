@@ -342,8 +342,7 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
                         f"{data_dir} (from {HOMEPAGE}), or an image-folder copy (train/<class>/, test/<class>/), "
                         "or allow downloading"
                     )
-                data_dir.mkdir(parents=True, exist_ok=True)
-                archive = _download(data_dir, layout)
+                archive = _download(data_dir, layout)  # makes data_dir (removed again if it fails)
             _extract(archive, data_dir, layout)
         classes, train, test = _read_folder(folder, layout)
         info = replace(layout.info, classes=classes)

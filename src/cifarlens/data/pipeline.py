@@ -37,6 +37,7 @@ class DataBundle:
     # validation images are in the training images' order: recorded in the run folder
     means: dict[str, np.ndarray] = field(default_factory=dict)
     val_positions: np.ndarray | None = None
+    shipped_val: bool = False  # the validation split is the data's own val/ (data.val_fraction unused)
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
@@ -51,7 +52,7 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
     means = {"train": image_means(ds.train, *([ds.val] if ds.val is not None else [])), "test": image_means(ds.test)}
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
         return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints, means,
-                          np.arange(len(ds.train), len(ds.train) + len(ds.val)))
+                          np.arange(len(ds.train), len(ds.train) + len(ds.val)), shipped_val=True)
     train_index, val_index = stratified_split(ds.train.labels, with_data_defaults(cfg).val_fraction, seed)
     return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source, prints,
                       means, val_index.numpy())

@@ -70,13 +70,22 @@ def ece_of_run(metrics: dict, predictions: Path) -> tuple[float | None, str | No
     return ece_from_predictions(predictions), None
 
 
-def _trained_images(history: Path) -> int | None:
-    """The images the epochs of history.csv trained on; None without a train_samples column."""
-    if not history.is_file():
-        return None
-    with history.open(newline="") as f:
-        counts = [row.get("train_samples") for row in csv.DictReader(f)]
-    return sum(int(c) for c in counts) if counts and all(counts) else None
+def _history_totals(history: Path) -> tuple[int | None, float | None]:
+    """The images the epochs of history.csv trained on, and their seconds; None for a column it
+    lacks (runs from before it) or a file that cannot be read."""
+    try:
+        with history.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None, None
+
+    def total(key: str, kind):
+        try:
+            return sum(kind(row[key]) for row in rows) if rows and all(row.get(key) for row in rows) else None
+        except (TypeError, ValueError):
+            return None
+
+    return total("train_samples", int), total("seconds", float)
 
 
 def run_summary(run_dir: str | Path) -> dict:
@@ -89,14 +98,16 @@ def run_summary(run_dir: str | Path) -> dict:
     model = meta.get("model") or {}
     train_size = (meta.get("split_sizes") or {}).get("train")
     epochs_done = meta.get("epochs_done")
-    images = _trained_images(rd / "history.csv")  # a partial last epoch (time budgets) counts its batches
+    images, seconds = _history_totals(rd / "history.csv")  # a partial last epoch (time budgets) counts its batches
     if images is None and epochs_done is not None and train_size is not None:  # runs from before the column
         images = epochs_done * train_size
+    status = meta.get("status")
     return {
         "path": str(rd.path), "name": rd.path.name, "config": to_dict(cfg),
         "dataset": (meta.get("source") or {}).get("label") or cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,
         "epochs_done": meta.get("epochs_done"), "epochs_planned": cfg.train.epochs,
-        "train_seconds": meta.get("train_seconds"), "status": meta.get("status"),
+        # a run that did not finish its epochs has no train_seconds: the epochs' own, so far
+        "train_seconds": meta.get("train_seconds"), "seconds_so_far": seconds, "status": status,
         "device": env.get("device"), "device_name": env.get("device_name"),
         "accuracy": metrics.get("accuracy"), "f1_macro": metrics.get("f1_macro"),
         **dict(zip(("ece", "ece_kind"), ece_of_run(metrics, rd / "predictions.csv"))),
@@ -143,6 +154,15 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
     def num(x, fmt: str) -> str:
         return MISSING if x is None else format(x, fmt)
 
+    def train_time(s: dict) -> str:
+        if s["train_seconds"] is not None:
+            return duration(s["train_seconds"])
+        return MISSING if s["seconds_so_far"] is None else f"{duration(s['seconds_so_far'])} so far"
+
+    def epochs(s: dict) -> str:
+        done = f"{num(s['epochs_done'], 'd')}/{num(s['epochs_planned'], 'd')}"
+        return done if s["status"] in (None, "finished") else f"{done} {s['status']}"
+
     rows = []
     for label, s in zip(labels, summaries):
         device = s["device"] or MISSING
@@ -150,8 +170,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
             device += f" ({s['device_name']})"
         rows.append([
             label, s["dataset"], s["model"], s["recipe"],
-            f"{num(s['epochs_done'], 'd')}/{num(s['epochs_planned'], 'd')}",
-            duration(s["train_seconds"]) if s["train_seconds"] is not None else MISSING, device,
+            epochs(s), train_time(s), device,
             MISSING if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%",
             num(s["f1_macro"], ".4f"),
             MISSING if s["ece"] is None else f"{100 * s['ece']:.2f}%" + (f" {s['ece_kind']}" if s["ece_kind"] else ""),
@@ -162,8 +181,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
     out.append("starting weights and compute:")
     compute = [[label, s["init"], params_text(s["params"]), flops_text(s["forward_flops"]),
                 MISSING if s["train_images"] is None else f"{s['train_images']:,}",
-                flops_text(training_flops(s["forward_flops"], s["train_images"])),
-                duration(s["train_seconds"]) if s["train_seconds"] is not None else MISSING]
+                flops_text(training_flops(s["forward_flops"], s["train_images"])), train_time(s)]
                for label, s in zip(labels, summaries)]
     out.append(text_table(["run", "initial weights", "params", "forward / image", "training images",
                            "training compute (3x fwd)", "train time"], compute, right=(2, 3, 4, 5)))

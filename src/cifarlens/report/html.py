@@ -283,6 +283,9 @@ def _literature(d: ReportData) -> str:
         intro += note("This run's images went through lossy compression (JPEG), so they are not the official "
                       "files the published rows used: expect its accuracy to differ somewhat from the same "
                       "training on the official data.")
+    data_warnings = [str(w) for w in (d.meta.get("source") or {}).get("warnings") or []]
+    if data_warnings:  # e.g. a subset under the official names: not the split the published rows used
+        intro += note("What was read is not the official data as published: " + "; ".join(data_warnings))
     if d.dataset not in DATASETS:
         return intro + note(f"No published results are recorded for dataset {d.dataset!r}; "
                             f"cifarlens keeps them for {', '.join(DATASETS)} (see `cifarlens baselines`).")
