@@ -48,13 +48,6 @@ from cifarlens.resume import restore, world_size_note
 from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
 
 
-def _stop_line(status: str, err: BaseException, epochs: int) -> str:
-    """What stopped a run, for its train.log (the command line prints the error itself)."""
-    why = "Ctrl-C or SIGTERM" if isinstance(err, KeyboardInterrupt) else \
-        str(err) if isinstance(err, CifarlensError) else f"{type(err).__name__}: {err}"
-    return f"{status} after {epochs} epoch(s): {why}"
-
-
 def _prepare_data(cfg: RunConfig, world: World) -> DataBundle:
     """:func:`prepare_data` on every rank, rank 0 first: it alone downloads or extracts what is
     missing (all at once, the ranks raced for the same files), then the others read its files."""
@@ -337,7 +330,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             status = ("diverged" if isinstance(err, TrainingDiverged) else
                       "failed" if isinstance(err, CifarlensError) else "interrupted")
             run.write_meta(status=status, epochs_done=state.epoch)  # fit updates state in place
-            run.note(_stop_line(status, err, state.epoch))
+            run.note_stop(status, err, state.epoch)
             tracker.close(status)
         if tc.compile and isinstance(err, torch._dynamo.exc.TorchDynamoException):  # e.g. no C++ compiler on CPU
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
@@ -362,7 +355,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     except BaseException as err:
         status = "failed" if isinstance(err, CifarlensError) else "interrupted"
         run.write_meta(status=status)
-        run.note(_stop_line(status, err, state.epoch))
+        run.note_stop(status, err, state.epoch)
         tracker.close(status)
         raise
     run.write_meta(status="finished")

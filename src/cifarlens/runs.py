@@ -255,6 +255,13 @@ class RunDir:
         print(line, flush=True)
         self.note(line)
 
+    def note_stop(self, status: str, err: BaseException, epochs: int) -> None:
+        """What stopped a run that did not finish, as train.log's last line (the command line
+        prints the error itself)."""
+        why = "Ctrl-C or SIGTERM" if isinstance(err, KeyboardInterrupt) else \
+            str(err) if isinstance(err, CifarlensError) else f"{type(err).__name__}: {err}"
+        self.note(f"{status} after {epochs} epoch(s): {why}")
+
     def note(self, line: str) -> None:
         """``line`` in train.log only (what the command line shows otherwise, e.g. the error that
         stopped the run)."""
