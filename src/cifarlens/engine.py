@@ -141,7 +141,8 @@ class WeightEMA(AveragedModel):
         self.n_averaged += 1  # a CPU tensor (AveragedModel's), for checkpoints
 
 
-DIVERGED_FIX = "lower --lr (or set train.grad_clip) and start again with --force (a resumed run keeps its lr)"
+DIVERGED_FIX = ("lower --lr, lengthen the warm-up (train.warmup_epochs: on a few hundred images an epoch is a few "
+                "steps) or set train.grad_clip, and start again with --force (a resumed run keeps its lr)")
 
 
 def _raise_if_diverged(bad_step: Tensor, bad_loss: Tensor, desc: str, num_classes: int) -> None:
