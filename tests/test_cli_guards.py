@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def test_a_validation_loss_that_is_not_finite_stops_the_run_as_diverged(tmp_path
     assert meta["status"] == "diverged" and meta["epochs_done"] == 1
     assert (run / "model.safetensors").is_file()  # epoch 1's weights stay the best
     last = (run / "train.log").read_text().splitlines()[-1]  # the log said nothing of why it stopped
-    assert last.startswith("diverged after 1 epoch(s): the validation loss became nan after epoch 2"), last
+    assert last.startswith("diverged (1 epoch(s) finished): the validation loss became nan after epoch 2"), last
 
 
 def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path):
@@ -296,6 +297,18 @@ def test_resume_takes_a_moved_data_dir_and_refuses_an_edited_config(stopped_run,
 
     assert main(["train", "--resume", str(out), "--out", str(tmp_path / "elsewhere")]) == 2
     assert f"drop --out {tmp_path / 'elsewhere'}" in capsys.readouterr().err
+    # a --data-dir with the same labels over other training images: refused before any training, the
+    # config kept (it went on training on them, then failed at the end with config.yaml changed)
+    from conftest import write_idx
+
+    other = tmp_path / "other"
+    shutil.copytree(data.data_dir, other)
+    images = data.train_images[:, 0].copy()
+    images[:] = 255 - images  # the same labels, other pixels
+    write_idx(other / "train-images-idx3-ubyte", images, gz=True)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--data-dir", str(other)]) == 2
+    assert "are not those" in capsys.readouterr().err and (out / "config.yaml").read_text() == config
     moved = tmp_path / "moved"
     data.data_dir.rename(moved)
     assert main(["train", "--resume", str(out), "--data-dir", str(moved)]) == 0

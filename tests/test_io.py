@@ -77,3 +77,28 @@ def test_a_training_run_writes_files_the_group_can_read(umask, tmp_path):
     assert {name: oct(mode(run / name)) for name in written} == {name: oct(0o640) for name in written}
     every_file = [p for p in run.rglob("*") if p.is_file()]  # nothing the list above forgot is private
     assert every_file and {oct(mode(p)) for p in every_file} == {oct(0o640)}
+
+
+def test_a_file_the_user_names_keeps_what_it_is(tmp_path):
+    """predict --csv /dev/null (as root) replaced the device with a plain file; a link was replaced
+    by a file and what it pointed to left as it was."""
+    import threading
+
+    from cifarlens.io import write_output_text
+
+    real = tmp_path / "real.csv"
+    real.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    write_output_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+
+    fifo = tmp_path / "pipe"  # not a regular file, as /dev/null or /dev/stdout: written into, not replaced
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    write_output_text(fifo, "through the pipe")
+    reader.join(timeout=10)
+    assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe", "real.csv"]  # no temporary file left

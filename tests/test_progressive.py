@@ -118,3 +118,8 @@ def test_epochs_given_for_a_growing_recipe_scale_its_ramp(epochs, sides):
     # a ramp the user set stays as set
     kept = resolve_train(TrainConfig(recipe="fast_cpu_10min", epochs=epochs, progressive_epochs=1))
     assert kept.progressive_epochs == 1 and kept.progressive_res == 24
+    off = resolve_train(TrainConfig(recipe="fast_cpu_10min", epochs=epochs, progressive_epochs=0))  # "0 = off" (refused)
+    assert (off.progressive_epochs, off.progressive_res) == (0, 0)
+    if epochs == 4:  # a first width of your own, the ramp still in proportion
+        assert epoch_sides(resolve_train(TrainConfig(recipe="fast_cpu_10min", epochs=4, progressive_res=28)), 32) == \
+            [28, 28, 32, 32]

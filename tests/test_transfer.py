@@ -411,12 +411,18 @@ def test_a_start_from_a_cifarlens_run_normalises_as_that_run_did(tmp_path):
     older.parent.mkdir()
     save_weights(load_weights(source), older)
     (older.parent / "run.json").write_text((tmp_path / "source" / "run.json").read_text())
-    for start in (source, older):
-        out = tmp_path / f"from-{start.parent.name}"
+    exported = tmp_path / "exported.safetensors"
+    assert main(["export", str(tmp_path / "source"), "--format", "safetensors", "--out", str(exported)]) == 0
+    nonsense = tmp_path / "nonsense.safetensors"  # statistics no image has: not used (std 0 gave a NaN loss)
+    save_weights(load_weights(source), nonsense, {"mean": [0, 0, 0], "std": [0, 0, 0]})
+    last = tmp_path / "source" / "checkpoints" / "last.pt"
+    for start, expected in ((source, "source"), (older, "source"), (exported, "source"), (last, "source"),
+                            (nonsense, "other")):
+        out = tmp_path / f"from-{start.stem}-{start.parent.name}"
         cfg = merge(RunConfig(), {**common, "data": {"dataset": "imagefolder", "data_dir": str(tmp_path / "other-data")},
                                   "model": {**common["model"], "weights": str(start)}})
         train(cfg, out, report=False)
-        assert json.loads((out / "run.json").read_text())["dataset"]["mean"] == pytest.approx(stats["source"])
+        assert json.loads((out / "run.json").read_text())["dataset"]["mean"] == pytest.approx(stats[expected]), start
 
 
 @pytest.mark.parametrize("case", ["other-architecture", "other-classes", "missing"])

@@ -14,7 +14,7 @@ from cifarlens import distributed, tracking
 from cifarlens.budget import REPLANNED, epochs_text, plan_budget
 from cifarlens.checkpoint import save_checkpoint, save_weights
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
-from cifarlens.data.fingerprint import MEANS_FILE, save_means
+from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_policies
 from cifarlens.device import retain_freed_memory
@@ -142,9 +142,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
 
     if bundle is None:
         bundle = _prepare_data(cfg, world)  # errors here leave no run folder behind
-    if resume:  # the data the run started on: other training images would change its splits
-        for split in ("train", "test"):
-            check_same_data(run.meta(), bundle, split, run.path)
+    if resume:  # the data the run started on: it goes on training, validating and testing on the same images
+        others = [split for split in ("train", "val", "test") if not check_same_data(run.meta(), bundle, split, run.path)]
+        if others:
+            raise CifarlensError(f"the {' and '.join(others)} images in {cfg.data.data_dir} are not those {run.path} "
+                                 "started on (see the warning): a resumed run goes on with its own data; point "
+                                 "--data-dir at it, or train a new run")
         if world.is_main and run.config().data.data_dir != cfg.data.data_dir:  # --data-dir: the same images, moved
             log(f"the run's data is now read from {cfg.data.data_dir} (config.yaml updated)")
             run.update_config(replace(run.config(), data=replace(run.config().data, data_dir=cfg.data.data_dir)))
@@ -224,7 +227,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                            report=report, status="running")
             atomic_write_json(run / "environment.json",
                               environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
-            save_means(run / MEANS_FILE, bundle.means)  # to tell its images from others later (inference)
+            save_signatures(run / SIGNATURES_FILE, bundle.signatures)  # to tell its images from others later (inference)
 
     if resume:
         state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema)

@@ -175,9 +175,6 @@ def resolve_choices_for(cfg):
 def cmd_train(args) -> int:
     from cifarlens.api import train
 
-    for flag in ("resume", "out", "data_dir", "config", "weights"):  # e.g. --resume "$RUN" with RUN unset
-        if getattr(args, flag, None) == "":
-            raise CifarlensError(f"--{flag.replace('_', '-')} is empty; give a path")
     if args.resume:
         out = args.out if args.resume is True else args.resume
         if out is None:
@@ -259,7 +256,7 @@ def launch_torchrun(args) -> int:
 
 def cmd_bench(args) -> int:
     from cifarlens.bench import run_bench
-    from cifarlens.io import atomic_write_json, check_output_file
+    from cifarlens.io import check_output_file, write_output_text
 
     try:
         targets = [float(t) for t in args.targets.split(",") if t.strip()]
@@ -267,11 +264,11 @@ def cmd_bench(args) -> int:
         raise CifarlensError(f"--targets must be comma-separated accuracies like 0.90,0.93, got {args.targets!r}") from None
     if args.seeds < 1 or not targets or not all(0 < t <= 1 for t in targets):
         raise CifarlensError("--seeds must be >= 1 and --targets fractions in (0, 1]")
-    out = check_output_file(args.json, "--json") if args.json else None  # before the trainings, not after
+    out = check_output_file(args.json, "--json") if args.json is not None else None  # before the trainings
     first = args.seed if args.seed is not None else 0  # e.g. --seed 1 --seeds 2: seeds 1 and 2
     summary = run_bench(config_from_args(args, resolve=False), list(range(first, first + args.seeds)), targets)
     if out:
-        atomic_write_json(out, summary)
+        write_output_text(out, json.dumps(summary, indent=2) + "\n")
     return 0
 
 
@@ -332,6 +329,11 @@ def _resume_hint(out) -> str:
     return "; nothing was written"
 
 
+# the flags, of any command, that name a file or folder (an empty one is refused)
+PATH_FLAGS = ("resume", "out", "data_dir", "config", "weights", "csv", "json", "reference", "corruptions_dir",
+              "space", "storage", "tracking_uri")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -339,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, Terminated.raise_it)  # main() runs in the main thread, as the CLI does
     python_format, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
+        for name in PATH_FLAGS:  # e.g. --resume "$RUN" with RUN unset: not the current folder, nor "none given"
+            if getattr(args, name, None) == "":
+                raise CifarlensError(f"--{name.replace('_', '-')} is empty; give a path")
         return args.func(args)
     except CifarlensError as err:
         print(f"cifarlens: error: {err}", file=sys.stderr)

@@ -202,7 +202,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     else:  # pragma: no cover - only our own annotations reach here
         raise TypeError(f"unsupported annotation {hint!r} for {key}")
     name = getattr(hint, "__name__", str(hint))
-    raise CifarlensError(f"config key {key!r} must be {name}, got {value!r}")
+    quote = " (YAML read it as a number: quote it, e.g. '1e3')" if hint is str and isinstance(value, (int, float)) else ""
+    raise CifarlensError(f"config key {key!r} must be {name}, got {value!r}{quote}")
 
 
 def _overlay(section: Any, values: dict, section_name: str) -> Any:

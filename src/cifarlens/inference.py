@@ -21,7 +21,7 @@ from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights
 from cifarlens.config import RunConfig
 from cifarlens.data.augment import normalize
 from cifarlens.data.base import DatasetInfo, Split
-from cifarlens.data.fingerprint import MEAN_TOLERANCE, MEANS_FILE, changed_positions, load_means
+from cifarlens.data.fingerprint import SIGNATURE_TOLERANCE, SIGNATURES_FILE, changed_positions, load_signatures
 from cifarlens.data.pipeline import DataBundle, prepare_data
 from cifarlens.engine import forward_tta, resolve_device
 from cifarlens.errors import CifarlensError
@@ -160,14 +160,14 @@ class Run:
 
 def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) -> bool:
     """Compare ``bundle`` with what a run recorded at training (run.json's ``data_fingerprint``,
-    and the images' means in :data:`MEANS_FILE`; runs from before them are not checked that way)
+    and the images' signatures in :data:`SIGNATURES_FILE`; runs from before them are not checked that way)
     and say whether ``split``'s images are the run's own.
 
     The validation split is carved from the training labels by seed, so when they changed
     (images added, removed, relabelled) it would now hold images the run trained on: an error for
     "train" and "val"; so is a validation split with other images in its places (files replaced
-    or reordered). The same images decoded otherwise (every image's mean and spread within
-    :data:`MEAN_TOLERANCE`)
+    or reordered). The same images decoded otherwise (every image's signature within
+    :data:`SIGNATURE_TOLERANCE`)
     are the run's own, with a warning; other training or test images give a warning and False:
     the figures are then about those images."""
     recorded, now = meta.get("data_fingerprint") or {}, bundle.fingerprints
@@ -179,8 +179,8 @@ def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) 
         sizes["train"] + sizes["val"] if {"train", "val"} <= set(sizes) else None
     count = len(bundle.test) if key == "test" else len(bundle.train) + len(bundle.val)
     labels_changed = recorded.get(f"{key}_labels") != now.get(f"{key}_labels")
-    changed = None if labels_changed or bundle.means.get(key) is None else \
-        changed_positions((load_means(run_path / MEANS_FILE) or {}).get(key), bundle.means[key])
+    changed = None if labels_changed or bundle.signatures.get(key) is None else \
+        changed_positions((load_signatures(run_path / SIGNATURES_FILE) or {}).get(key), bundle.signatures[key])
     what = f"{count:,} images now, {then:,} then" if isinstance(then, int) and then != count else \
         f"{len(changed):,} of the {count:,} images are others" if changed is not None else \
         f"{count:,} images, as then, but not the same ones"
@@ -192,7 +192,7 @@ def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) 
     kind = "test" if key == "test" else "training"
     if changed is not None and len(changed) == 0:
         warnings.warn(f"the {kind} images' pixels differ a little from those {run_path} was trained and evaluated "
-                      f"on, but each image's mean and spread are within {MEAN_TOLERANCE:g} grey level of its own: "
+                      f"on, but each image's signature is within {SIGNATURE_TOLERANCE:g} grey level of its own: "
                       "the same images, decoded otherwise; the figures may differ slightly", stacklevel=3)
         return True
     if split == "val" and changed is not None and bundle.val_positions is not None:
@@ -202,6 +202,9 @@ def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) 
                 f"{others:,} of the validation split's {len(bundle.val):,} images are not those it held when "
                 f"{run_path} was trained (files replaced or reordered): it may now hold images the run trained on; point "
                 "--data-dir at the run's data as it was, or train a new run")
+        warnings.warn(f"{len(changed):,} of the training images are not those {run_path} was trained on, but none "
+                      "in its validation split, whose images are its own (each within "
+                      f"{SIGNATURE_TOLERANCE:g} grey level; their pixels may differ a little)", stacklevel=3)
         return True  # other training images only: the validation images are the run's own
     warnings.warn(f"the {kind} images are not those {run_path} was trained and evaluated on ({what}"
                   + ("" if labels_changed or changed is not None else ", with the same labels: files replaced, or "

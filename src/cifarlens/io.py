@@ -65,6 +65,8 @@ def check_output_file(name: str, flag: str, inputs: Iterable[str] = ()) -> Path:
     not one of the ``inputs`` it reads."""
     from cifarlens.errors import CifarlensError
 
+    if not name:
+        raise CifarlensError(f"{flag} is empty; give a file name")
     path = Path(name)
     if path.is_dir():
         raise CifarlensError(f"{flag} {name} is a folder; name a file in it")
@@ -73,3 +75,15 @@ def check_output_file(name: str, flag: str, inputs: Iterable[str] = ()) -> Path:
     if path.exists() and any(Path(item).exists() and os.path.samefile(path, item) for item in inputs):
         raise CifarlensError(f"{flag} {name} is one of the files it reads; name another file")
     return path
+
+
+def write_output_text(path: Path, text: str) -> None:
+    """Write a file the user named (see :func:`check_output_file`): atomically for a regular file,
+    where a link leads (the link stays); straight into anything else, such as /dev/null, /dev/stdout
+    or a named pipe (a rename would replace the device itself)."""
+    path = Path(path)
+    if path.exists() and not path.resolve().is_file():
+        with path.open("w") as f:
+            f.write(text)
+        return
+    atomic_write_text(path.resolve(), text)

@@ -189,12 +189,15 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
         raise CifarlensError("train.recipe is unset: resolve the run config with "
                              "cifarlens.recipes.resolve_choices(cfg, device_type) first")
     defaults = RECIPES.get(cfg.recipe)
-    if cfg.epochs is not None and cfg.progressive_epochs is None and defaults["progressive_res"] \
-            and cfg.progressive_res in (None, defaults["progressive_res"]) and cfg.epochs != defaults["epochs"]:
+    if cfg.progressive_epochs == 0 and cfg.progressive_res is None:  # "0 = off", for a recipe that grows its images
+        cfg = replace(cfg, progressive_res=0)
+    if cfg.epochs is not None and cfg.progressive_epochs is None and defaults["progressive_epochs"] \
+            and cfg.progressive_res != 0 and cfg.epochs != defaults["epochs"]:
         # --epochs N of a recipe that grows its images: the ramp in proportion, as a time budget scales
         # it (fast_cpu_10min's 4 of 8 epochs kept at --epochs 4 never trained at full size)
         ramp = round(defaults["progressive_epochs"] * cfg.epochs / defaults["epochs"])
-        cfg = replace(cfg, progressive_epochs=ramp, progressive_res=defaults["progressive_res"] if ramp else 0)
+        res = defaults["progressive_res"] if cfg.progressive_res is None else cfg.progressive_res
+        cfg = replace(cfg, progressive_epochs=ramp, progressive_res=res if ramp else 0)
     if cfg.cpu_amp is None:  # a property of the machine, not of the recipe
         cfg = replace(cfg, cpu_amp=cpu_bf16_pays())
     filled = {f.name: defaults[f.name] for f in fields(cfg) if getattr(cfg, f.name) is None}

@@ -37,7 +37,7 @@ def add_commands(sub) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--csv", metavar="FILE", help="also write one row per image to FILE: image, label_1, prob_1, "
-                   "..., label_K, prob_K, error (for a spreadsheet or pandas)")
+                   "..., label_K, prob_K, temperature (empty: uncalibrated), error (for a spreadsheet or pandas)")
     p.add_argument("--device", default="cpu")
     add_calibration_flag(p)
     p.set_defaults(func=cmd_predict)
@@ -91,7 +91,7 @@ def cmd_predict(args) -> int:
     if args.topk < 1:
         raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
     paths = _image_paths(args.images)
-    csv_path = check_output_file(args.csv, "--csv", paths) if args.csv else None
+    csv_path = check_output_file(args.csv, "--csv", paths) if args.csv is not None else None
     run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
     _warn_if_unfinished(run.path)
     results, failed = [], 0
@@ -110,6 +110,8 @@ def cmd_predict(args) -> int:
                 failed += 1
                 results.append((image, None, str(err)))
                 print(f"cifarlens: error: {err}", file=sys.stderr)
+    if csv_path:  # before printing: a reader that stops early (| head) ends the printing, not the file
+        _write_csv(csv_path, results, run.calibration_info())
     if args.json:
         print(json.dumps([{"image": image, "error": error} if error else
                           {"image": image, **pred.as_dict(), **run.calibration_info()}
@@ -121,8 +123,6 @@ def cmd_predict(args) -> int:
                 print(image)
                 for label, prob in zip(pred.labels, pred.probs):
                     print(f"  {prob:7.2%}  {label}")
-    if csv_path:
-        _write_csv(csv_path, results, run.calibration_info())
     if failed:
         print(f"cifarlens: {failed} of {len(paths)} images could not be read (named above)", file=sys.stderr)
         return 1
@@ -167,7 +167,7 @@ def _write_csv(path, results, calibration: dict) -> None:
     import csv
     import io
 
-    from cifarlens.io import atomic_write_text
+    from cifarlens.io import write_output_text
 
     k = max((len(pred.labels) for _, pred, _ in results if pred is not None), default=0)
     temperature = f"{calibration['temperature']:.6g}" if calibration.get("calibrated") else ""
@@ -178,4 +178,4 @@ def _write_csv(path, results, calibration: dict) -> None:
     for image, pred, error in results:
         cells = [] if pred is None else [c for label, p in zip(pred.labels, pred.probs) for c in (label, f"{p:.6f}")]
         writer.writerow([image, *cells, *[""] * (2 * k - len(cells)), temperature, error or ""])
-    atomic_write_text(path, text.getvalue())
+    write_output_text(path, text.getvalue())

@@ -31,14 +31,14 @@ import torch
 
 from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict, load_yaml, save_yaml
 from cifarlens.data.base import DataSource, DatasetInfo
-from cifarlens.data.fingerprint import MEANS_FILE
+from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
 
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
     "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
-    "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx", MEANS_FILE, "robustness.json",
+    "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx", SIGNATURES_FILE, "robustness.json",
 )
 # evaluate's results on other images than the run's own (another test set): OTHER_DATA/test-<fingerprint>/
 OTHER_DATA = "other-data"
@@ -154,8 +154,9 @@ class RunDir:
     # -- reading --------------------------------------------------------------------------
     def require_run(self) -> None:
         if self.path.is_file():
+            above = next((p for p in self.path.parents[:2] if RunDir(p).is_run()), None)  # RUN/x or RUN/checkpoints/x
             raise CifarlensError(f"{self.path} is a file; a run is the folder that holds config.yaml and run.json"
-                                 + (f" ({self.path.parent}?)" if RunDir(self.path.parent).is_run() else ""))
+                                 + (f" ({above}?)" if above else ""))
         if not self.path.is_dir():
             raise CifarlensError(f"run folder {self.path} not found")
         if not self.is_run():
@@ -260,7 +261,7 @@ class RunDir:
         prints the error itself)."""
         why = "Ctrl-C or SIGTERM" if isinstance(err, KeyboardInterrupt) else \
             str(err) if isinstance(err, CifarlensError) else f"{type(err).__name__}: {err}"
-        self.note(f"{status} after {epochs} epoch(s): {why}")
+        self.note(f"{status} ({epochs} epoch(s) finished): {why}")
 
     def note(self, line: str) -> None:
         """``line`` in train.log only (what the command line shows otherwise, e.g. the error that

@@ -12,7 +12,7 @@ from cifarlens.config import DataConfig, with_data_defaults
 from cifarlens.data import load_dataset
 from cifarlens.data.augment import BatchAugment, normalize
 from cifarlens.data.base import DataSource, DatasetInfo, Split
-from cifarlens.data.fingerprint import fingerprints, image_means
+from cifarlens.data.fingerprint import fingerprints, image_signatures
 from cifarlens.data.loader import TensorLoader
 from cifarlens.data.policies import build_policies
 from cifarlens.data.split import stratified_split
@@ -33,9 +33,9 @@ class DataBundle:
     # {"train": ..., "test": ...}: fingerprint() of the training images (the validation split's too,
     # which is carved from them) and of the test images; recorded in run.json
     fingerprints: dict[str, str] = field(default_factory=dict)
-    # the same images' means, in the same order (data.fingerprint.image_means), and where the
+    # the same images' signatures, in the same order (data.fingerprint.image_signatures), and where the
     # validation images are in the training images' order: recorded in the run folder
-    means: dict[str, np.ndarray] = field(default_factory=dict)
+    signatures: dict[str, np.ndarray] = field(default_factory=dict)
     val_positions: np.ndarray | None = None
     shipped_val: bool = False  # the validation split is the data's own val/ (data.val_fraction unused)
 
@@ -49,13 +49,14 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
     if len(ds.test) == 0:
         raise CifarlensError(f"the test split of {cfg.data_dir} has no images: a run could not be evaluated")
     prints = fingerprints(ds.train, ds.val, ds.test)
-    means = {"train": image_means(ds.train, *([ds.val] if ds.val is not None else [])), "test": image_means(ds.test)}
+    signatures = {"train": image_signatures(ds.train, *([ds.val] if ds.val is not None else [])),
+                  "test": image_signatures(ds.test)}
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
-        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints, means,
+        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints, signatures,
                           np.arange(len(ds.train), len(ds.train) + len(ds.val)), shipped_val=True)
     train_index, val_index = stratified_split(ds.train.labels, with_data_defaults(cfg).val_fraction, seed)
     return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source, prints,
-                      means, val_index.numpy())
+                      signatures, val_index.numpy())
 
 
 def eval_transform(info: DatasetInfo):

@@ -66,27 +66,36 @@ def input_info(model_cfg, info):
 
 
 def file_input_stats(path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The input mean/std a cifarlens weights file was trained with: from its metadata (a run's
-    model.safetensors, or ``export``'s), else the run.json beside a run's model.safetensors (runs
-    from before the metadata had them); None for other files (torchvision's, timm's)."""
+    """The input mean/std a cifarlens weights file was trained with: from the metadata of a file
+    cifarlens wrote (a run's model.safetensors, or ``export``'s), else from the run.json of the
+    run folder it is in (model.safetensors from before the metadata had them, checkpoints/*.pt);
+    None for other files (torchvision's, timm's) or values that are not statistics of [0, 1] pixels."""
     path = Path(path)
+    values: dict = {}
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        values = json.loads(meta["dataset"]) if "dataset" in meta else \
-            {key: json.loads(meta[key]) for key in ("mean", "std") if key in meta}
+        kind = meta.get("format") or ""
+        kind = json.loads(kind) if kind.startswith('"') else kind  # export's metadata values are JSON
+        if kind in ("cifarlens-weights", "cifarlens-export"):
+            values = json.loads(meta["dataset"]) if "dataset" in meta else \
+                {key: json.loads(meta[key]) for key in ("mean", "std") if key in meta}
     except (SafetensorError, OSError, ValueError, TypeError):  # not safetensors, or other metadata
         values = {}
-    if not {"mean", "std"} <= set(values) and path.name == "model.safetensors" and (path.parent / "run.json").is_file():
+    run_json = path.parent / "run.json" if path.name == "model.safetensors" else \
+        path.parent.parent / "run.json" if path.parent.name == "checkpoints" else None
+    if not (isinstance(values, dict) and {"mean", "std"} <= set(values)) and run_json and run_json.is_file():
         try:
-            values = json.loads((path.parent / "run.json").read_text()).get("dataset") or {}
+            values = json.loads(run_json.read_text()).get("dataset") or {}
         except (OSError, ValueError, AttributeError):
             values = {}
     try:
         mean, std = tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"])
     except (KeyError, TypeError, ValueError):
         return None
-    return (mean, std) if mean and len(mean) == len(std) else None
+    if not mean or len(mean) != len(std) or not all(0 <= m <= 1 for m in mean) or not all(0 < v <= 1 for v in std):
+        return None
+    return mean, std
 
 
 def load_initial_weights(model: nn.Module, model_cfg) -> dict | None:

@@ -245,7 +245,11 @@ def build_report_data(
     saved_cfg = rd.config()
     with clock.part("test data") as notes:
         notes.append("already in memory" if bundle is not None else "read from disk")
-        test = run.split("test", data_dir, bundle)
+        test, own = run.checked_split("test", data_dir, bundle)
+        if not own:  # a page about other images would mix them with the run's own figures, under its name
+            raise CifarlensError(f"the test images in {data_dir or saved_cfg.data.data_dir} are not {rd.path}'s own (see "
+                                 f"the warning): a report is about the run on its own test images; `cifarlens evaluate "
+                                 f"{rd.path} --data-dir DIR` evaluates other images, apart from its own figures")
     with clock.part("test predictions") as notes:
         preds = saved_predictions(rd, test.labels, run.classes, run.temperature)
         if preds is None:
