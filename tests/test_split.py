@@ -34,3 +34,27 @@ def test_fraction_zero_means_no_validation_split():
 def test_bad_fraction(fraction):
     with pytest.raises(CifarlensError, match="val_fraction"):
         stratified_split(torch.tensor([0, 1]), fraction, seed=0)
+
+
+def test_an_image_signature_tells_other_images_from_the_same_decoded_otherwise():
+    """One mean and spread per image took a mirrored, rotated or channel-swapped image for itself."""
+    import numpy as np
+
+    from cifarlens.data.base import Split
+    from cifarlens.data.fingerprint import changed_positions, image_signatures
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (1, 3, 32, 32), generator=g, dtype=torch.uint8)
+    base[:, 0, :, :16] //= 2  # a darker left half of red: not symmetric
+    noise = torch.randint(-2, 3, base.shape, generator=g)  # what another JPEG decoder changes
+    variants = {
+        "decoded otherwise": (base.int() + noise).clamp(0, 255).to(torch.uint8),
+        "mirrored": base.flip(3), "rotated": base.rot90(1, (2, 3)), "channels swapped": base[:, [2, 1, 0]],
+    }
+    recorded = image_signatures(Split(base, torch.zeros(1, dtype=torch.int64)))
+    assert recorded.shape == (1, 3 + 4 + 1)
+    for name, images in variants.items():
+        now = image_signatures(Split(images, torch.zeros(1, dtype=torch.int64)))
+        expected = [] if name == "decoded otherwise" else [0]
+        assert changed_positions(recorded, now).tolist() == expected, name
+    assert changed_positions(recorded, np.zeros((2, 8), np.float32)) is None  # another number of images: unknown
