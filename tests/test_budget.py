@@ -244,6 +244,28 @@ def test_a_recut_ramp_never_grows_and_never_shrinks_the_images_again():
     assert run_length(new) < 4.5 and "planned before" in lines[0]
 
 
+def test_a_ramp_cut_by_a_slow_spell_does_not_grow_back_in_a_fast_one():
+    """The cap was the first plan's ramp: cut to fit a slow spell, then lengthened again when the
+    machine sped up, a ramp put epochs at 28 px after one at 32 (found by driving replan with a
+    first epoch 4x over its estimate, then 5x under)."""
+    from cifarlens.budget import epoch_seconds
+
+    cfg = replace(stretch(recipe_cfg(), 12.8), time_budget=150.0)
+    step_s, steps = {24: 1.5, 28: 2.1, 32: 3.5}, 4
+    plan = BudgetPlan(cfg, probe_s=40.0, step_s=step_s, eval_s=0.0, epoch_s=epoch_seconds(cfg, 32, steps, step_s, 0.0),
+                      steps_per_epoch=steps, full_side=32, most_epochs=32)
+    trained, seconds, ramps = [], 40.0, [cfg.progressive_epochs]
+    while len(trained) < plan.now.epochs:
+        epoch = len(trained)
+        now = plan.now
+        trained.append(epoch_sides(now, 32)[epoch])  # this epoch trains as the plan now says
+        seconds += (4.0 if epoch == 0 else 0.2) * epoch_seconds(now, 32, steps, step_s, 0.0)[epoch]
+        plan.replan(epoch + 1, seconds)
+        ramps.append(plan.now.progressive_epochs)
+    assert trained == sorted(trained), trained  # was [24, 32, 28, 28, 28, 28, 32, ...]
+    assert ramps == sorted(ramps, reverse=True), ramps  # cut, and never lengthened again
+
+
 def estimate_seconds_each(cfg, step_s):
     from cifarlens.budget import epoch_seconds
 

@@ -124,7 +124,7 @@ class BudgetPlan:
         new, lines = None, []
         if not budget * (1 - 2 * PLAN_MARGIN) <= end(self.now) <= budget:
             target = self.probe_s + (budget - self.probe_s) * (1 - PLAN_MARGIN)
-            ramp = self.train.progressive_epochs  # a longer one would shrink the images again
+            ramp = self.now.progressive_epochs  # the current plan's: a longer one would shrink the images again
             rests = [stretch(self.train, k / PARTS)
                      for k in range(epochs_done * PARTS + 1, self.most_epochs * PARTS + 1)]
             rests = [replace(c, progressive_epochs=min(c.progressive_epochs, ramp)) for c in rests]
