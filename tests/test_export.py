@@ -221,3 +221,19 @@ def test_an_opset_the_exporter_cannot_convert_to_names_the_model_not_a_temp_file
     assert message.startswith(f"torch's exporter did not write a loadable lensnet at opset {export.DEFAULT_OPSET + 1} "
                               "(No Op registered for Gelu")
     assert f"not writing {out}" in message and ".tmp" not in message and not out.exists()
+
+
+def test_an_opset_the_converter_cannot_reach_is_one_line_without_its_traceback(tmp_path, capsys):
+    """FastNet's GELU has no adapter to opset 26: onnxscript logged its whole traceback first, and
+    the error named the hidden temporary file."""
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=8, n_test=20)
+    cfg = merge(RunConfig(), {"data": {"dataset": "cifar10", "data_dir": str(data.data_dir), "download": False},
+                              "model": {"name": "fastnet_cpu", "kwargs": {"widths": [8, 8, 8]}},
+                              "train": {"batch_size": 16, "epochs": 1}})
+    train(cfg, tmp_path / "run", evaluate_test=False, report=False)
+    capsys.readouterr()
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--opset", "26", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "did not write a loadable fastnet_cpu at opset 26" in err and ".tmp" not in err and not out.exists()

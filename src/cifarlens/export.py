@@ -15,8 +15,11 @@ description (``calibration``); the weights themselves are the raw model's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -66,6 +69,19 @@ class _Scaled(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) / self.temperature
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """onnxscript's opset converter logs a failed conversion with its whole traceback (then writes
+    the model unconverted, which the load check below names in one line): kept off the terminal."""
+    logger = logging.getLogger("onnxscript")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def describe_run(run) -> dict:
@@ -156,17 +172,19 @@ def export_onnx(
         try:
             # optimize=False halves the export time; onnxruntime runs its own graph optimisations
             # (constant folding, Conv+BatchNorm fusion) when it loads the model anyway.
-            torch.onnx.export(model, (example,), str(tmp), dynamo=True, optimize=False, external_data=False,
-                              verbose=False, opset_version=opset, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes)
+            with _quiet_converter():
+                torch.onnx.export(model, (example,), str(tmp), dynamo=True, optimize=False, external_data=False,
+                                  verbose=False, opset_version=opset, input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes)
         except Exception as err:  # the exporter raises many types; the user needs one line and the model name
             raise CifarlensError(f"ONNX export of {run.config.model.name} failed ({type(err).__name__}: "
                                  f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''})") from err
         try:
             session = onnx_session(tmp)
         except CifarlensError as err:  # e.g. an op the exporter could not convert to this opset
+            why = re.sub(r"Load model from \S+ failed: ?", "", str(err).split(" (", 1)[-1].rstrip(")"))  # not the temp file
             raise CifarlensError(f"torch's exporter did not write a loadable {run.config.model.name} at opset {opset} "
-                                 f"({str(err).split(' (', 1)[-1].rstrip(')')[:200]}); not writing {out}"
+                                 f"({why[:200]}); not writing {out}"
                                  + (f"; the default --opset {DEFAULT_OPSET} is its native one" if opset != DEFAULT_OPSET
                                     else "")) from None
         worst, tol_used = 0.0, ONNX_TOLERANCE
