@@ -534,3 +534,17 @@ def test_bench_checks_where_its_json_goes_before_training(tmp_path, capsys):
         assert main(["bench", "--dataset", "imagefolder", "--data-dir", str(missing), "--json", str(target)]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def test_a_training_whose_output_reader_leaves_goes_on(fashion_run, tmp_path):
+    """`cifarlens train ... | head -1` stopped the run (BrokenPipeError at its next log line)."""
+    _, data = fashion_run
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", "train", "--dataset", "fashion-mnist",
+                             "--data-dir", str(data.data_dir), "--epochs", "3", "--no-report", "--out", str(out),
+                             *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # the first line, as `head -1` reads it, then the reader is gone
+    proc.stdout.close()
+    proc.wait(timeout=300)
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert "epoch 3/3" in (out / "train.log").read_text()

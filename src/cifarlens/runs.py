@@ -253,7 +253,10 @@ class RunDir:
         atomic_write(self.path / "history.csv", write)
 
     def log(self, line: str) -> None:
-        print(line, flush=True)
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:  # `cifarlens train ... | head`: the reader left; the run goes on, into train.log
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         self.note(line)
 
     def note_stop(self, status: str, err: BaseException, epochs: int) -> None:
