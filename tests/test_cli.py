@@ -508,7 +508,7 @@ def test_a_wrong_data_dir_for_a_run_on_official_files_is_an_error_not_a_download
     assert not (tmp_path / "missing").exists() and (out / "metrics.json").read_bytes() == metrics
 
 
-def test_an_interrupted_bench_still_shows_the_seeds_it_finished(monkeypatch, capsys):
+def test_an_interrupted_bench_still_shows_the_seeds_it_finished(monkeypatch, capsys, tmp_path):
     import cifarlens.bench as bench
     from cifarlens.config import RunConfig
 
@@ -519,7 +519,9 @@ def test_an_interrupted_bench_still_shows_the_seeds_it_finished(monkeypatch, cap
 
     monkeypatch.setattr(bench, "bench_one", one)
     with pytest.raises(KeyboardInterrupt):
-        bench.run_bench(RunConfig(), [0, 1, 2], [0.9])
+        bench.run_bench(RunConfig(), [0, 1, 2], [0.9], json_out=tmp_path / "bench.json")
+    saved = json.loads((tmp_path / "bench.json").read_text())  # --json keeps them too
+    assert saved["seeds"] == [0, 1] and saved["interrupted_during_seed"] == 2
     out = capsys.readouterr().out
     assert "interrupted during seed 2; the 2 finished seed(s):" in out
     assert "2 seed(s): [0, 1]; mean ± sample standard deviation over them" in out

@@ -16,17 +16,20 @@ which visits every width.
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from cifarlens.config import RunConfig
 from cifarlens.data.pipeline import make_loader, prepare_data
 from cifarlens.engine import Precision, device_description, evaluate, resolve_device
+from cifarlens.io import write_output_text
 from cifarlens.models.weights import input_info
 from cifarlens.recipes import describe_choice, resolve_choices, resolve_train
 
@@ -91,7 +94,10 @@ def mean_std(values: list[float]) -> str:
     return f"{mean:.{places}f} ± {statistics.stdev(values):.{places}f}"
 
 
-def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print) -> dict:
+def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print, json_out: Path | None = None
+              ) -> dict:
+    """Train ``cfg`` once per seed and summarise (see :func:`summarize`); the summary also goes to
+    ``json_out``, that of the finished seeds when Ctrl-C stops it."""
     device = resolve_device(cfg.train.device)
     cfg, why = resolve_choices(cfg, device.type)
     chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe}
@@ -119,9 +125,14 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print)
     except KeyboardInterrupt:  # what the finished seeds measured is not lost with the one running
         if results:
             log(f"\n[bench] interrupted during seed {seeds[len(results)]}; the {len(results)} finished seed(s):")
-            summarize(results, cfg, device, targets, start, log)
+            summary = summarize(results, cfg, device, targets, start, log) | {"interrupted_during_seed": seeds[len(results)]}
+            if json_out is not None:
+                write_output_text(json_out, json.dumps(summary, indent=2) + "\n")
         raise
-    return summarize(results, cfg, device, targets, start, log)
+    summary = summarize(results, cfg, device, targets, start, log)
+    if json_out is not None:
+        write_output_text(json_out, json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def summarize(results: list[SeedResult], cfg: RunConfig, device: torch.device, targets: list[float], start: float,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -32,14 +31,15 @@ def _train_parser(sub) -> None:
                    "else MLflow's default: ./mlflow.db and ./mlruns/ in the working directory)")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel training on N processes of this machine (GPUs, or CPU with gloo) via "
-                        "torchrun; for several machines call torchrun yourself (see README)")
+                        "torchrun; for several machines call torchrun yourself (see docs/distributed.md)")
 
     p = sub.add_parser("bench", help="N seeded trainings: mean ± std accuracy, time to target, throughput",
                        description="Benchmark a dataset/model/recipe over several seeds (see cifarlens.bench).")
     add_config_flags(p)
     p.add_argument("--seeds", type=int, default=3,
-                   help="number of seeded runs: seeds S..S+N-1, S = --seed (default 0)")
-    p.add_argument("--targets", default="0.90,0.92,0.93", help="test accuracies to time, comma-separated")
+                   help="number of seeded runs (default 3): seeds S..S+N-1, S = --seed (default 0)")
+    p.add_argument("--targets", default="0.90,0.92,0.93",
+                   help="test accuracies to time, comma-separated (default 0.90,0.92,0.93)")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -256,7 +256,7 @@ def launch_torchrun(args) -> int:
 
 def cmd_bench(args) -> int:
     from cifarlens.bench import run_bench
-    from cifarlens.io import check_output_file, write_output_text
+    from cifarlens.io import check_output_file
 
     try:
         targets = [float(t) for t in args.targets.split(",") if t.strip()]
@@ -266,9 +266,7 @@ def cmd_bench(args) -> int:
         raise CifarlensError("--seeds must be >= 1 and --targets fractions in (0, 1]")
     out = check_output_file(args.json, "--json") if args.json is not None else None  # before the trainings
     first = args.seed if args.seed is not None else 0  # e.g. --seed 1 --seeds 2: seeds 1 and 2
-    summary = run_bench(config_from_args(args, resolve=False), list(range(first, first + args.seeds)), targets)
-    if out:
-        write_output_text(out, json.dumps(summary, indent=2) + "\n")
+    run_bench(config_from_args(args, resolve=False), list(range(first, first + args.seeds)), targets, json_out=out)
     return 0
 
 

@@ -99,7 +99,8 @@ def add_commands(sub) -> None:
     from cifarlens.report.baselines import DATASETS
 
     p = sub.add_parser("report", help="write a self-contained report.html into a run folder",
-                       description="Recompute the test predictions of a run and write RUN_DIR/report.html: config, "
+                       description="Write RUN_DIR/report.html (from the run's saved test predictions when they are up to date, "
+                                   "else predicted again): config, "
                                    "curves, metrics, calibration, Grad-CAM gallery, robustness and the "
                                    "published results table.")
     p.add_argument("run_dir")

@@ -82,7 +82,7 @@ class Tuner:
         if pruner not in PRUNERS:
             raise CifarlensError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
         from cifarlens.device import resolve_device
-        from cifarlens.recipes import resolve_choices
+        from cifarlens.recipes import RECIPES, resolve_choices
 
         # a model and recipe left unset are chosen once, for this machine, and fixed for every trial
         base_cfg, _ = resolve_choices(base_cfg, resolve_device(base_cfg.train.device).type)
@@ -91,7 +91,9 @@ class Tuner:
                                  "each trial on its own: drop --time-budget (train.time_budget) and set --epochs")
         if base_cfg.data.val_fraction == 0:
             raise CifarlensError("tuning scores trials on the validation split: set data.val_fraction > 0 (it is 0 "
-                                 f"here, set by --set/--config or by recipe {base_cfg.train.recipe})")
+                                 "here, from --set/--config" + (f" or recipe {base_cfg.train.recipe}" if
+                                 RECIPES.get(base_cfg.train.recipe).get("data", {}).get("val_fraction") == 0 else "")
+                                 + ")")
         self.base = pin_budget(base_cfg)
         self.out = Path(out_dir)
         self.trials, self.timeout = trials, timeout
