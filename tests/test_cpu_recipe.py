@@ -108,8 +108,12 @@ def test_tuning_refuses_a_recipe_without_validation_split(tmp_path):
     from cifarlens.tune.search import Tuner
 
     cfg = merge(RunConfig(), {"train": {"recipe": "fast_cpu_10min", "device": "cpu"}})
-    with pytest.raises(CifarlensError, match="set by --set/--config or by recipe fast_cpu_10min"):
+    with pytest.raises(CifarlensError, match="from --set/--config or recipe fast_cpu_10min"):
         Tuner(cfg, tmp_path / "study", trials=1)
+    # a recipe that sets no val_fraction is not blamed for a 0 from --set
+    cfg = merge(RunConfig(), {"train": {"recipe": "fast_cpu", "device": "cpu"}, "data": {"val_fraction": 0.0}})
+    with pytest.raises(CifarlensError, match=r"it is 0 here, from --set/--config\)"):
+        Tuner(cfg, tmp_path / "study2", trials=1)
 
 
 def test_a_run_of_the_recipe_trains_small_then_full_size_on_every_image(tmp_path):
