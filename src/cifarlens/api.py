@@ -144,7 +144,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         bundle = _prepare_data(cfg, world)  # errors here leave no run folder behind
     if resume:  # the data the run started on: it goes on training, validating and testing on the same images
         others = [split for split in ("train", "val", "test") if not check_same_data(run.meta(), bundle, split, run.path)]
-        if others:
+        if others and (run / SIGNATURES_FILE).is_file():  # without it (older runs), other pixels may be a decoder's
             raise CifarlensError(f"the {' and '.join(others)} images in {cfg.data.data_dir} are not those {run.path} "
                                  "started on (see the warning): a resumed run goes on with its own data; point "
                                  "--data-dir at it, or train a new run")
