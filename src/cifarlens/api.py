@@ -227,7 +227,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                            report=report, status="running")
             atomic_write_json(run / "environment.json",
                               environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
-            save_signatures(run / SIGNATURES_FILE, bundle.signatures)  # to tell its images from others later (inference)
+            save_signatures(run / SIGNATURES_FILE, {key: bundle.signatures(key) for key in ("train", "test")})
 
     if resume:
         state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema)

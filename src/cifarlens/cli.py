@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from cifarlens.errors import CifarlensError, Terminated, format_warning, user_os_error
+from cifarlens.io import stdout_to_devnull
 
 LAUNCHED = "CIFARLENS_NPROC_LAUNCHER"  # set for the ranks that `train --nproc N` starts under torchrun
 
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifarlens: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `cifarlens list | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is quiet too
+        stdout_to_devnull()
         return 141  # 128 + SIGPIPE, as a shell command ends
     except OSError as err:  # a read-only folder, a full disk: the machine's, not a bug
         text = user_os_error(err)

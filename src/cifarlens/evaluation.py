@@ -85,6 +85,7 @@ def evaluate_run(
         raise CifarlensError(f"--split must be test or val, got {split!r}")
     run = RunDir(run_dir)
     loaded = load_run(run.path, device=device, calibrated=calibrated)
+    bundle = loaded.data(data_dir, bundle)  # read once: its fingerprint names other images' folder below
     data, own = loaded.checked_split(split, data_dir, bundle)
     if split == "val" and len(data) == 0:
         raise CifarlensError(f"{run.path} has no validation images (data.val_fraction 0); evaluate --split test")
@@ -97,7 +98,6 @@ def evaluate_run(
         result["calibration"] = calibration_summary(raw, labels, loaded.temperature)
     folder = None
     if not own:  # other test images (another test set of the same classes): its figures apart, the run's kept
-        bundle = loaded.data(data_dir, bundle)
         digest = bundle.fingerprints["test" if split == "test" else "train"]
         folder = run.path / OTHER_DATA / f"{split}-{digest}"
         result |= {"data_dir": str(Path(data_dir or loaded.config.data.data_dir).resolve()), "fingerprint": digest}

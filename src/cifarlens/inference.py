@@ -179,8 +179,8 @@ def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) 
         sizes["train"] + sizes["val"] if {"train", "val"} <= set(sizes) else None
     count = len(bundle.test) if key == "test" else len(bundle.train) + len(bundle.val)
     labels_changed = recorded.get(f"{key}_labels") != now.get(f"{key}_labels")
-    changed = None if labels_changed or bundle.signatures.get(key) is None else \
-        changed_positions((load_signatures(run_path / SIGNATURES_FILE) or {}).get(key), bundle.signatures[key])
+    recorded_signatures = None if labels_changed else (load_signatures(run_path / SIGNATURES_FILE) or {}).get(key)
+    changed = None if recorded_signatures is None else changed_positions(recorded_signatures, bundle.signatures(key))
     what = f"{count:,} images now, {then:,} then" if isinstance(then, int) and then != count else \
         f"{len(changed):,} of the {count:,} images are others" if changed is not None else \
         f"{count:,} images, as then, but not the same ones"

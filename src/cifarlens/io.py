@@ -87,3 +87,11 @@ def write_output_text(path: Path, text: str) -> None:
             f.write(text)
         return
     atomic_write_text(path.resolve(), text)
+
+
+def stdout_to_devnull() -> None:
+    """After a BrokenPipeError on stdout (``cifarlens ... | head``: the reader left): point it at
+    /dev/null, so that later prints and the flush at exit write nowhere instead of failing again."""
+    import sys
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -33,7 +33,7 @@ from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict
 from cifarlens.data.base import DataSource, DatasetInfo
 from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.errors import CifarlensError
-from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
+from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text, stdout_to_devnull
 
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
@@ -256,7 +256,7 @@ class RunDir:
         try:
             print(line, flush=True)
         except BrokenPipeError:  # `cifarlens train ... | head`: the reader left; the run goes on, into train.log
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            stdout_to_devnull()
         self.note(line)
 
     def note_stop(self, status: str, err: BaseException, epochs: int) -> None:

@@ -33,11 +33,25 @@ class DataBundle:
     # {"train": ..., "test": ...}: fingerprint() of the training images (the validation split's too,
     # which is carved from them) and of the test images; recorded in run.json
     fingerprints: dict[str, str] = field(default_factory=dict)
-    # the same images' signatures, in the same order (data.fingerprint.image_signatures), and where the
-    # validation images are in the training images' order: recorded in the run folder
-    signatures: dict[str, np.ndarray] = field(default_factory=dict)
+    # where the training and validation images were in the training images as read (the order
+    # of the fingerprint and of signatures("train"))
+    train_positions: np.ndarray | None = None
     val_positions: np.ndarray | None = None
     shipped_val: bool = False  # the validation split is the data's own val/ (data.val_fraction unused)
+    _signatures: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def signatures(self, key: str) -> np.ndarray:
+        """data.fingerprint.image_signatures of the training images (train and val, in the order
+        read) or of the test images (``key`` "test"). Computed on first use (about 1 s for CIFAR-10's
+        60,000 on a 2-core CPU), which is when a run is written or a fingerprint differs."""
+        if key not in self._signatures:
+            if key == "test":
+                self._signatures[key] = image_signatures(self.test)
+            else:
+                found = image_signatures(self.train, self.val)
+                self._signatures[key] = found[np.argsort(np.concatenate([self.train_positions, self.val_positions]),
+                                                         kind="stable")]
+        return self._signatures[key]
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
@@ -49,14 +63,13 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
     if len(ds.test) == 0:
         raise CifarlensError(f"the test split of {cfg.data_dir} has no images: a run could not be evaluated")
     prints = fingerprints(ds.train, ds.val, ds.test)
-    signatures = {"train": image_signatures(ds.train, *([ds.val] if ds.val is not None else [])),
-                  "test": image_signatures(ds.test)}
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
-        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints, signatures,
-                          np.arange(len(ds.train), len(ds.train) + len(ds.val)), shipped_val=True)
+        n, m = len(ds.train), len(ds.val)
+        return DataBundle(ds.info, ds.train, ds.val, ds.test, ds.source, prints, np.arange(n), np.arange(n, n + m),
+                          shipped_val=True)
     train_index, val_index = stratified_split(ds.train.labels, with_data_defaults(cfg).val_fraction, seed)
     return DataBundle(ds.info, ds.train.subset(train_index), ds.train.subset(val_index), ds.test, ds.source, prints,
-                      signatures, val_index.numpy())
+                      train_index.numpy(), val_index.numpy())
 
 
 def eval_transform(info: DatasetInfo):
