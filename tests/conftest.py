@@ -429,7 +429,7 @@ def fast_epoch_parts(device, batches: int, batch_size: int, widths: Sequence[int
     batches: (model, loader with batched strong augmentation, optimizer, scheduler, EMA, cfg)."""
     import torch
 
-    from cifarlens.api import make_ema
+    from cifarlens.ema import make_ema
     from cifarlens.config import RunConfig, merge
     from cifarlens.data.augment import BatchAugment
     from cifarlens.data.base import Split

@@ -316,7 +316,7 @@ def test_patch_whitening_decorrelates_training_patches():
 
 
 def test_ema_tracks_the_weights_with_its_decay():
-    from cifarlens.api import make_ema
+    from cifarlens.ema import make_ema
 
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)

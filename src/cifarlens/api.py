@@ -17,13 +17,13 @@ from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_de
 from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_policies
+from cifarlens.ema import make_ema
 from cifarlens.device import retain_freed_memory
 from cifarlens.distributed import World
 from cifarlens.engine import (
     FitState,
     Precision,
     TrainingDiverged,
-    WeightEMA,
     fit,
 )
 from cifarlens.epochs import progressive_side
@@ -44,7 +44,7 @@ from cifarlens.recipes import (
 )
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
-from cifarlens.resume import restore, world_size_note
+from cifarlens.resume import check_resumed_data, restore, resumed_config, world_size_note
 from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
 
 
@@ -109,19 +109,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
            choices: dict[str, str], data_dir: str | None = None) -> dict:
     log = run.log if world.is_main else _quiet
     if resume:
-        run.require_run()
-        if world.is_main:
-            run.lock()  # no other process trains it meanwhile
-        if not run.last_checkpoint.is_file():
-            raise CifarlensError(f"{run.path} has no checkpoints/last.pt to resume from; start it again with --force")
-        if run.meta().get("status") == "finished":
-            raise CifarlensError(f"{run.path} has finished training: nothing to resume (cifarlens evaluate "
-                                 f"{run.path} evaluates it again)")
-        device_override = cfg.train.device
-        report = run.meta().get("report", True) if report is None else report  # --no-report is remembered
-        cfg = run.config()
-        cfg = replace(cfg, train=replace(cfg.train, device=device_override))
-        cfg = replace(cfg, data=run.data_settings(cfg.data, data_dir))  # same images, checked below
+        cfg, report = resumed_config(run, cfg.train.device, report, data_dir, lock=world.is_main)
     report = report is not False  # None: yes, for a new run
     tracking.check_available(cfg.track.loggers, cfg.track)  # a missing library stops here, before any run folder exists
     if world.is_main:
@@ -143,14 +131,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if bundle is None:
         bundle = _prepare_data(cfg, world)  # errors here leave no run folder behind
     if resume:  # the data the run started on: it goes on training, validating and testing on the same images
-        others = [split for split in ("train", "val", "test") if not check_same_data(run.meta(), bundle, split, run.path)]
-        if others and (run / SIGNATURES_FILE).is_file():  # without it (older runs), other pixels may be a decoder's
-            raise CifarlensError(f"the {' and '.join(others)} images in {cfg.data.data_dir} are not those {run.path} "
-                                 "started on (see the warning): a resumed run goes on with its own data; point "
-                                 "--data-dir at it, or train a new run")
-        if world.is_main and run.config().data.data_dir != cfg.data.data_dir:  # --data-dir: the same images, moved
-            log(f"the run's data is now read from {cfg.data.data_dir} (config.yaml updated)")
-            run.update_config(replace(run.config(), data=replace(run.config().data, data_dir=cfg.data.data_dir)))
+        check_resumed_data(run, cfg, bundle, log=log, write=world.is_main)
     info = bundle.info
     has_val = len(bundle.val) > 0  # data.val_fraction 0: no validation split (fixed-budget recipes)
     if not has_val and (cfg.train.schedule == "plateau" or cfg.train.early_stopping):
@@ -394,8 +375,3 @@ def _evaluate(run: RunDir, cfg: RunConfig, state: FitState, device: torch.device
 def _quiet(line: str) -> None:
     """The log of ranks other than 0: they train silently."""
 
-
-def make_ema(model: nn.Module, decay: float) -> nn.Module | None:
-    """An exponential moving average of the weights and buffers, or None when ``decay`` is 0
-    (see :class:`cifarlens.engine.WeightEMA`)."""
-    return WeightEMA(model, decay) if decay > 0 else None

@@ -40,7 +40,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from cifarlens.config import TrainConfig
-from cifarlens.engine import Precision, WeightEMA, evaluate, train_one_epoch
+from cifarlens.ema import WeightEMA
+from cifarlens.engine import Precision, evaluate, train_one_epoch
 from cifarlens.epochs import epoch_steps, progressive_side
 from cifarlens.errors import CifarlensError
 

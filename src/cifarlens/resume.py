@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Callable
+
 from cifarlens.checkpoint import load_checkpoint, load_state_into
 from cifarlens.config import RunConfig, to_dict
+from cifarlens.data.fingerprint import SIGNATURES_FILE
+from cifarlens.data.pipeline import DataBundle
 from cifarlens.engine import FitState, Precision
 from cifarlens.errors import CifarlensError
+from cifarlens.inference import check_same_data
 from cifarlens.models import unwrap_model
 from cifarlens.runs import RunDir
 
 
 FREE_ON_RESUME = ("train.device", "data.data_dir", "data.download")
+
+
+def resumed_config(run: RunDir, device: str, report: bool | None, data_dir: str | None, *, lock: bool
+                   ) -> tuple[RunConfig, bool | None]:
+    """The config a stopped run goes on with (its own, on ``device``, its data perhaps moved to
+    ``data_dir``) and whether it ends with a report (None: as it was started, --no-report is
+    remembered). With ``lock`` (rank 0), no other process may train the run meanwhile."""
+    run.require_run()
+    if lock:
+        run.lock()
+    if not run.last_checkpoint.is_file():
+        raise CifarlensError(f"{run.path} has no checkpoints/last.pt to resume from; start it again with --force")
+    if run.meta().get("status") == "finished":
+        raise CifarlensError(f"{run.path} has finished training: nothing to resume (cifarlens evaluate "
+                             f"{run.path} evaluates it again)")
+    report = run.meta().get("report", True) if report is None else report
+    cfg = run.config()
+    cfg = replace(cfg, train=replace(cfg.train, device=device))
+    return replace(cfg, data=run.data_settings(cfg.data, data_dir)), report  # same images: check_resumed_data
+
+
+def check_resumed_data(run: RunDir, cfg: RunConfig, bundle: DataBundle, *, log: Callable[[str], None],
+                       write: bool) -> None:
+    """Refuse other images than those the run started on (it goes on training, validating and
+    testing on its own); the same images moved (--data-dir) update config.yaml when ``write``."""
+    others = [split for split in ("train", "val", "test") if not check_same_data(run.meta(), bundle, split, run.path)]
+    if others and (run / SIGNATURES_FILE).is_file():  # without it (older runs), other pixels may be a decoder's
+        raise CifarlensError(f"the {' and '.join(others)} images in {cfg.data.data_dir} are not those {run.path} "
+                             "started on (see the warning): a resumed run goes on with its own data; point "
+                             "--data-dir at it, or train a new run")
+    if write and run.config().data.data_dir != cfg.data.data_dir:
+        log(f"the run's data is now read from {cfg.data.data_dir} (config.yaml updated)")
+        run.update_config(replace(run.config(), data=replace(run.config().data, data_dir=cfg.data.data_dir)))
 
 
 def edited_keys(saved: dict, now: dict) -> list[str]:
