@@ -61,6 +61,8 @@ def test_png_copy_reads_as_cifar10_with_official_facts(tmp_path):
         np.testing.assert_array_equal(got.images.numpy(), written[split][0])  # exact pixels, channel order kept
         np.testing.assert_array_equal(got.labels.numpy(), written[split][1])
         assert got.images.dtype == torch.uint8 and got.labels.dtype == torch.int64
+        assert len(got.files) == len(got) and all((tmp_path / f).is_file() for f in got.files)  # for predictions.csv
+        assert {f.split("/")[0] for f in got.files} == {split}
     assert ds.source.kind == "image folder copy" and ds.source.formats == ("PNG",) and not ds.source.lossy
     assert ds.source.label(ds.info) == "CIFAR-10 (PNG copy)"
     # 3+1 train/val and 2 test images per class are far from 5,000 / 1,000: warned, with the counts
@@ -259,6 +261,7 @@ def test_resize_applies_to_every_split_of_a_copy(tmp_path):
     ds = load_dataset("cifar10", tmp_path, download=False, image_size=40)
     assert ds.info.image_size == 40
     assert {tuple(s.images.shape[1:]) for s in (ds.train, ds.val, ds.test)} == {(3, 40, 40)}
+    assert all(len(s.files) == len(s) for s in (ds.train, ds.val, ds.test))  # the file names stay
 
 
 def test_train_on_a_jpeg_copy_is_cifar10_in_the_run_and_report(tmp_path, capsys):

@@ -427,9 +427,17 @@ def test_train_on_every_dataset(dataset, fixture, request, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     meta = json.loads((out / "run.json").read_text())
     assert len(metrics["per_class"]) == len(meta["dataset"]["classes"]) == (100 if dataset == "cifar100" else 10)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
     if dataset == "imagefolder":  # statistics computed from its own training images, not CIFAR's
         assert meta["dataset"]["mean"] != [0.4914, 0.4822, 0.4465]
         assert all(0 < s < 1 for s in meta["dataset"]["std"])
+        # each prediction names its file, below the data folder, in the class folder of its label
+        assert list(rows[0])[:3] == ["index", "file", "label"] and len(rows) == 50
+        assert all((data_dir / r["file"]).is_file() and r["file"].split("/")[:2] == ["test", r["label"]]
+                   for r in rows)
+        assert len({r["file"] for r in rows}) == 50
+    else:  # the official files: the index is the image's place in the test batch
+        assert "file" not in rows[0]
 
 
 def test_bench_reports_mean_and_std_over_seeds(tmp_path, capsys):

@@ -458,6 +458,19 @@ def test_imagefolder_labels_follow_sorted_classes(tmp_path):
     np.testing.assert_array_equal(ds.test.labels.numpy(), data.test_labels)
 
 
+def test_imagefolder_names_each_image_and_a_subset_keeps_the_names(tmp_path):
+    make_imagefolder(tmp_path, classes=("zebra", "ant"), n_per_class=3, n_test_per_class=2, n_val_per_class=1)
+    ds = load_dataset("imagefolder", tmp_path)
+    for split, folder in ((ds.train, "train"), (ds.test, "test"), (ds.val, "val")):
+        assert len(split.files) == len(split)
+        assert [f.split("/")[:2] for f in split.files] == [[folder, ds.info.classes[y]] for y in split.labels.tolist()]
+        assert all((tmp_path / f).is_file() for f in split.files)
+    picked = ds.train.subset(torch.tensor([4, 0]))
+    assert picked.files == (ds.train.files[4], ds.train.files[0]) and picked.labels.tolist() == [1, 0]
+    assert load_dataset("fashion-mnist", make_fashion_mnist(tmp_path / "fm", n_train=20, n_test=10).data_dir,
+                        download=False).test.files is None  # the official files: an image's place is its name
+
+
 def _one_image_per_class(root: Path, images: dict[str, tuple[np.ndarray, str]]) -> None:
     """root/{train,test}/<class>/img.<fmt> for each class -> (rgb array, format)."""
     for split in ("train", "test"):

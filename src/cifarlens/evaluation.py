@@ -103,7 +103,7 @@ def evaluate_run(
         result |= {"data_dir": str(Path(data_dir or loaded.config.data.data_dir).resolve()), "fingerprint": digest}
         result["written_to"] = str(folder)
     try:
-        write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw, folder=folder)
+        write_evaluation(run, split, result, logits, labels, loaded.info.classes, raw, folder=folder, files=data.files)
     except OSError as err:  # a read-only run folder, a full disk: the figures are still worth showing
         text = user_os_error(err)
         if must_write or text is None:
@@ -113,9 +113,11 @@ def evaluate_run(
 
 
 def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labels: Tensor,
-                     classes: Sequence[str], raw_logits: Tensor | None = None, folder: Path | None = None) -> None:
-    """metrics, predictions (with ``raw_logits``, also the top-1 confidence before calibration),
-    a text report and the confusion matrix of one split: in the run folder, or in ``folder`` (made)."""
+                     classes: Sequence[str], raw_logits: Tensor | None = None, folder: Path | None = None,
+                     files: Sequence[str] | None = None) -> None:
+    """metrics, predictions (with ``raw_logits``, also the top-1 confidence before calibration;
+    with ``files``, each image's file), a text report and the confusion matrix of one split: in
+    the run folder, or in ``folder`` (made)."""
     from cifarlens.plots import plot_confusion_matrix
 
     if folder is None:
@@ -131,9 +133,10 @@ def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labe
     def write_predictions(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "label", "prediction", "confidence", "confidence_uncalibrated"])
+            named = files is not None and len(files) == len(labels)  # the folder datasets: which file it was
+            writer.writerow(["index", *["file"] * named, "label", "prediction", "confidence", "confidence_uncalibrated"])
             for i, (y, p, c, r) in enumerate(zip(labels.tolist(), prediction.tolist(), confidence.tolist(), raw.tolist())):
-                writer.writerow([i, classes[y], classes[p], f"{c:.6f}", f"{r:.6f}"])
+                writer.writerow([i, *([files[i]] if named else []), classes[y], classes[p], f"{c:.6f}", f"{r:.6f}"])
 
     atomic_write(predictions_file, write_predictions)
     atomic_write_text(report_file, M.classification_report_text(result))

@@ -76,12 +76,16 @@ class DataSource:
 class Split:
     images: torch.Tensor  # (N, C, H, W) uint8
     labels: torch.Tensor  # (N,) int64
+    # where each image was read from, relative to the data folder ("test/cat/0001.jpg"), for the
+    # folder datasets; None for the official files, whose position is the image's name
+    files: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index])
+        files = None if self.files is None else tuple(self.files[i] for i in index.tolist())
+        return Split(self.images[index], self.labels[index], files)
 
 
 @dataclass
@@ -116,6 +120,12 @@ def check_image_size(image_size: int | None) -> None:
     """Raise CifarlensError unless image_size is None or a positive int."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise CifarlensError(f"image size must be a positive integer, got {image_size!r}")
+
+
+def relative_names(paths: list[Path], root: Path) -> tuple[str, ...]:
+    """Each file's path below ``root`` with forward slashes ("test/cat/0001.jpg"): the names a
+    predictions file gives, the same on any system and wherever the folder moves."""
+    return tuple(path.relative_to(root).as_posix() for path in paths)
 
 
 def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:

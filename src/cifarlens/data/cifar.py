@@ -355,9 +355,9 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
                        f"one ({', '.join(classes[:3])}, ... instead of {', '.join(layout.info.classes[:3])}, ...)",)
         source = replace(source, warnings=tuple(f"{layout.title} files in {folder}: {w}" for w in counts if w))
     if image_size is not None and image_size != info.image_size:
-        train = Split(resize_uint8(train.images, image_size), train.labels)
-        test = Split(resize_uint8(test.images, image_size), test.labels)
-        val = Split(resize_uint8(val.images, image_size), val.labels) if val is not None else None
+        train = replace(train, images=resize_uint8(train.images, image_size))
+        test = replace(test, images=resize_uint8(test.images, image_size))
+        val = replace(val, images=resize_uint8(val.images, image_size)) if val is not None else None
         info = replace(info, image_size=image_size)
     return LoadedDataset(info=info, train=train, test=test, val=val, source=source)
 

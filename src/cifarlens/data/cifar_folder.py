@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cifarlens.data.base import DataSource, DatasetInfo, Split
+from cifarlens.data.base import DataSource, DatasetInfo, Split, relative_names
 from cifarlens.errors import CifarlensError
 from cifarlens.images import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, format_names, list_images, load_image, skipped_warning, to_mode
 
@@ -110,7 +110,7 @@ def _read_split(split_dir: Path, info: DatasetInfo, title: str, *, need_all: boo
     for i, (path, _) in enumerate(files):  # ~22 s for 60k files on 2 cores; threads did not help there
         images[i] = _decode(path, title)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return Split(images, labels), [p for p, _ in files]
+    return Split(images, labels, relative_names([p for p, _ in files], split_dir.parent)), [p for p, _ in files]
 
 
 def count_warning(split: str, labels: torch.Tensor, info: DatasetInfo, per_class: int) -> str | None:

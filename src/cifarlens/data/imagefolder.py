@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from cifarlens.data.base import DATASETS, DataSource, DatasetInfo, LoadedDataset, Split, check_image_size
+from cifarlens.data.base import (
+    DATASETS,
+    DataSource,
+    DatasetInfo,
+    LoadedDataset,
+    Split,
+    check_image_size,
+    relative_names,
+)
 from cifarlens.data.stats import channel_stats
 from cifarlens.errors import CifarlensError
 from cifarlens.images import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, format_names, list_images, load_image, skipped_warning
@@ -51,12 +59,12 @@ def _image_files(class_dir: Path, skipped: list[Path]) -> list[Path]:
     return files
 
 
-def _read_split(files: list[tuple[Path, int]], size: int) -> Split:
+def _read_split(files: list[tuple[Path, int]], size: int, root: Path) -> Split:
     images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)  # (N, 3, S, S)
     for i, (path, _) in enumerate(files):
         images[i] = load_image(path, 3, size)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return Split(images, labels)
+    return Split(images, labels, relative_names([p for p, _ in files], root))
 
 
 def _list_split(split_dir: Path, classes: list[str] | None, skipped: list[Path]
@@ -104,7 +112,7 @@ def imagefolder(data_dir: Path, *, download: bool, image_size: int | None) -> Lo
     _, test_files = _list_split(data_dir / "test", classes, skipped)
     val_files = _list_split(data_dir / "val", classes, skipped)[1] if (data_dir / "val").is_dir() else None
 
-    train = _read_split(train_files, size)
+    train = _read_split(train_files, size, data_dir)
     mean, std = channel_stats(train.images)  # of the resized training images
     info = DatasetInfo(
         name="imagefolder",
@@ -127,7 +135,7 @@ def imagefolder(data_dir: Path, *, download: bool, image_size: int | None) -> Lo
     return LoadedDataset(
         info=info,
         train=train,
-        test=_read_split(test_files, size),
-        val=_read_split(val_files, size) if val_files is not None else None,
+        test=_read_split(test_files, size, data_dir),
+        val=_read_split(val_files, size, data_dir) if val_files is not None else None,
         source=source,
     )
