@@ -313,6 +313,32 @@ def test_a_run_that_falls_behind_its_budget_cuts_its_last_epoch_and_the_schedule
     assert all(torch.equal(a[k], b[k]) for k in a)  # the cut last epoch and its schedule, as uninterrupted
 
 
+def test_a_replanned_multistep_run_records_where_its_lr_now_drops(tmp_path, monkeypatch):
+    import cifarlens.api
+
+    def slowed_down(*args, **kwargs):  # as in the test above: the re-plan after epoch 1 cuts the run
+        plan = plan_budget(*args, **kwargs)
+        plan.train = replace(plan.train, time_budget=0.1)
+        return plan
+
+    monkeypatch.setattr(cifarlens.api, "plan_budget", slowed_down)
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=48, n_test=20).data_dir  # 240 images: 8 steps an epoch
+    cfg = tiny_fastnet_cfg(data, epochs=1, progressive_res=0, progressive_epochs=0, time_budget=1e5,
+                           optimizer="sgd", schedule="multistep", milestones=[0.75], warmup_epochs=0)
+    train(cfg, tmp_path / "run", report=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    replanned = meta["time_budget"]["replanned"]
+    assert saved["epochs"] == 4 and saved["milestones"] == [3.0]  # the plan: 4 epochs, the drop at 3 of them
+    # cut to 2 epochs (7 steps each), the last on one step, after the first: the drop, 14 steps ahead of
+    # the 7 taken, moves into the one step left (it was rounded onto the end, where it never came)
+    assert replanned["epochs"] == 2 and replanned["milestones"] == [1.0]  # from step 7 of steps 0-7
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "the learning rate now drops after epochs 1" in log
+    history = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert float(history[-1]["lr"]) == pytest.approx(0.1 * float(history[0]["lr"]))  # it dropped: gamma 0.1
+
+
 def test_budget_mistakes_are_refused_before_any_run_folder_exists(tmp_path, capsys):
     data = make_cifar10(tmp_path / "data", n_train_per_batch=24, n_test=20).data_dir
     base = ["train", "--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--model", "fastnet_cpu",

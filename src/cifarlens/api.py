@@ -278,6 +278,10 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 state.replanned = {key: getattr(new, key) for key in REPLANNED}
                 if isinstance(scheduler, StepSchedule):
                     scheduler.retarget(schedule_steps(new, len(train_loader)))
+                    if scheduler.milestones:  # they moved with the steps left: recorded in epochs, as configured
+                        state.replanned["milestones"] = [round(m / len(train_loader), 3) for m in scheduler.milestones]
+                        lines.append(f"the learning rate now drops after epochs "
+                                     f"{', '.join(f'{m:g}' for m in state.replanned['milestones'])}")
             for line in lines:
                 log(line)
         if world.is_main:
@@ -332,7 +336,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     # "finished" once evaluated: a run stopped before that is resumed, and only evaluates
     run.write_meta(epochs_done=state.epoch, best_epoch=state.best_epoch,
                    best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,
-                   train_seconds=train_seconds, **({"time_budget": plan.as_dict()} if plan is not None else {}))
+                   train_seconds=train_seconds, **({"time_budget": plan.as_dict(state.replanned.get("milestones"))} if plan is not None else {}))
     try:
         result = _evaluate(run, cfg, state, device, bundle, tracker, evaluate_test=evaluate_test, report=report,
                            has_val=has_val)

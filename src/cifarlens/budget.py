@@ -148,13 +148,17 @@ class BudgetPlan:
                          f"re-plan makes it: a twentieth of one more epoch)")
         return new, lines
 
-    def as_dict(self) -> dict:  # run.json's "time_budget"
+    def as_dict(self, milestones: list[float] | None = None) -> dict:
+        """run.json's "time_budget"; ``milestones``: where a multistep lr drops after the re-plans."""
+        replanned = {key: getattr(self.now, key) for key in REPLANNED} if self.now != self.train else None
+        if replanned and milestones:
+            replanned["milestones"] = milestones
         return {"seconds": self.train.time_budget, "epochs": self.train.epochs,
                 "last_epoch_fraction": self.train.last_epoch_fraction,
                 "estimate_s": round(self.estimate_s, 1), "timing_s": round(self.probe_s, 2),
                 "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
                 "val_pass_s": round(self.eval_s, 2),
-                "replanned": {key: getattr(self.now, key) for key in REPLANNED} if self.now != self.train else None}
+                "replanned": replanned}
 
     def describe(self) -> str:
         t = self.train

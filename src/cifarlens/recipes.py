@@ -337,16 +337,21 @@ class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
         """End the schedule at ``total_steps`` instead, from the next step on, without a jump: the
         decay goes on from where it is to its end over the steps now left (a time budget's re-plan
         of the last epoch, cifarlens.budget). Multistep milestones still ahead move in proportion
-        to the steps left (a run re-planned from 376 to 156 epochs dropped its lr once of three);
-        warm-up is not moved."""
+        to the steps left (a run re-planned from 376 to 156 epochs dropped its lr once of three),
+        and stay before the new end (a drop rounded onto it would never come); warm-up is not moved."""
         step = max(self.last_epoch, self.warmup_steps)  # LambdaLR's count of steps taken
         if total_steps <= step:
             raise ValueError(f"cannot end the schedule at step {total_steps}: {step} steps are taken")
         if self.total_steps > step:
             ratio = (total_steps - step) / (self.total_steps - step)
-            self.milestones = tuple(m if m <= step else step + max(1, round((m - step) * ratio)) for m in self.milestones)
+            self.milestones = tuple(m if m <= step else min(step + max(1, round((m - step) * ratio)), total_steps - 1)
+                                    for m in self.milestones)
         progress = decay_progress(step, self.total_steps, self.warmup_steps, self.retargeted)
         self.retargeted, self.total_steps = (step, progress), total_steps
+        # the lr of the next step was set before: set it again (the same, but where a milestone moved onto it)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self._factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 class PlateauSchedule(torch.optim.lr_scheduler.ReduceLROnPlateau):
