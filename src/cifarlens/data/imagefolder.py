@@ -17,15 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cifarlens.data.base import (
-    DATASETS,
-    DataSource,
-    DatasetInfo,
-    LoadedDataset,
-    Split,
-    check_image_size,
-    relative_names,
-)
+from cifarlens.data.base import DATASETS, DataSource, DatasetInfo, LoadedDataset, Split, check_image_size, relative_names
 from cifarlens.data.stats import channel_stats
 from cifarlens.errors import CifarlensError
 from cifarlens.images import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, format_names, list_images, load_image, skipped_warning
