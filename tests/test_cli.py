@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -487,6 +488,25 @@ def test_the_command_line_does_not_import_torchvision_until_a_backbone_is_built(
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "invalid int value: 'abc'" in result.stderr
+
+
+def test_list_shows_each_recipes_own_settings_by_their_set_names(capsys):
+    from cifarlens.recipes import RECIPES, list_recipes
+
+    assert main(["list"]) == 0
+    lines = {line.split(":")[0].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert set(list_recipes()) <= set(lines)
+    ten = lines["fast_cpu_10min"]
+    assert "optimizer=muon" in ten and "muon_lr=0.2" in ten and "progressive_res=24" in ten
+    assert ten.endswith("; data: val_fraction=0.0, crop_padding=2, flip=alternating")
+    assert "muon_lr" not in lines["fast_cpu"] and "progressive_res" not in lines["modern"]  # off: not shown
+    reference = lines["reference"]  # Adam on a plateau schedule: no momentum, no milestones
+    assert "plateau_patience=2" in reference and "momentum" not in reference and "milestones" not in reference
+    assert "milestones=[60, 120, 160], gamma=0.2" in lines["wrn2016"] and "plateau" not in lines["wrn2016"]
+    for name in list_recipes():  # every value shown is the recipe's own
+        settings = lines[name].split(": ", 1)[1].split("; data:")[0]
+        for key, value in re.findall(r"(\w+)=(\[[^\]]*\]|[^,]+)", settings):
+            assert str(RECIPES.get(name)[key]) == value, (name, key, value)
 
 
 def test_output_cut_short_by_its_reader_ends_quietly():

@@ -275,7 +275,7 @@ def cmd_list(args) -> int:
     from cifarlens.data import list_datasets
     from cifarlens.models import default_model, default_recipe, list_models
     from cifarlens.models.pretrained import list_pretrained
-    from cifarlens.recipes import RECIPES, list_recipes
+    from cifarlens.recipes import describe_recipe, list_recipes
 
     print("datasets:", ", ".join(list_datasets()))
     print(f"models (default: {default_model('cpu')} on a CPU, {default_model('cuda')} on a GPU), "
@@ -286,9 +286,10 @@ def cmd_list(args) -> int:
     print("pretrained (ImageNet weights with --pretrained):", ", ".join(list_pretrained()))
     print("augmentation levels (--augment):", ", ".join(_augment_levels()),
           "| policies (--augment LEVEL+POLICY+..., or data.policies):", ", ".join(_policies()))
-    print("recipes: ")
+    print("recipes (--recipe NAME; each fills the train.* settings not given, --set train.KEY=VALUE changes one; "
+          "the settings a recipe leaves off are not shown):")
     for name in list_recipes():
-        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in RECIPES.get(name).items()))
+        print(f"  {name}: {describe_recipe(name)}")
     return 0
 
 

@@ -143,6 +143,21 @@ def list_recipes() -> list[str]:
     return RECIPES.names()
 
 
+def describe_recipe(name: str) -> str:
+    """A recipe's settings on one line, as ``--set`` names them ("train." omitted), in TrainConfig's
+    order, without those it leaves off (Muon's, progressive resizing, grad_clip 0...) or that its
+    optimizer or schedule does not read; then the data settings it brings."""
+    recipe, off = RECIPES.get(name), {**OFF, "early_stopping": 0, "grad_clip": 0.0, "ema_decay": 0.0,
+                                      "freeze_epochs": 0, "backbone_lr_scale": 1.0}
+    unread = {"plateau_factor", "plateau_patience"} if recipe["schedule"] != "plateau" else set()
+    unread |= {"milestones", "gamma"} if recipe["schedule"] != "multistep" else set()
+    unread |= {"momentum", "nesterov"} if recipe["optimizer"] == "adam" else set()
+    shown = [f"{f.name}={recipe[f.name]}" for f in fields(TrainConfig) if f.name in recipe
+             and f.name not in unread and not (f.name in off and recipe[f.name] == off[f.name])]
+    data = recipe.get("data") or {}
+    return ", ".join(shown) + (f"; data: {', '.join(f'{k}={v}' for k, v in data.items())}" if data else "")
+
+
 def resolve_choices(cfg: RunConfig, device_type: str) -> tuple[RunConfig, dict[str, str]]:
     """Fill ``model.name``, ``train.recipe`` and the data settings a recipe may set where they were left unset.
 
