@@ -444,6 +444,11 @@ def test_predict_reads_folders_goes_on_past_an_unreadable_file_and_says_so(ema_r
     assert main(["predict", str(ema_run[0]), str(folder), "--csv", str(folder / "a.png")]) == 2
     assert "is one of the files it reads" in capsys.readouterr().err
     assert (folder / "a.png").read_bytes()[:4] == b"\x89PNG"
+    for own in ("model.safetensors", "predictions.csv", "run.json"):  # nor the run's own files (a weights file)
+        before = (ema_run[0] / own).read_bytes()
+        assert main(["predict", str(ema_run[0]), str(folder), "--csv", str(ema_run[0] / own)]) == 2
+        assert "is one of the run's own files" in capsys.readouterr().err
+        assert (ema_run[0] / own).read_bytes() == before
     # one image alone that cannot be read: its error is the answer, as before
     assert main(["predict", str(ema_run[0]), str(broken)]) == 2
     assert main(["predict", str(ema_run[0]), str(tmp_path / "empty")]) == 2  # neither a file nor a folder

@@ -532,6 +532,18 @@ def test_imagefolder_16bit_extremes(tmp_path):
     assert img[:, 0].tolist() == [[0, 1, 128, 255]] * 3
 
 
+def test_32bit_integer_images_with_8bit_values_are_not_darkened(tmp_path):
+    """A TIFF of int32 0..255 values (8-bit grey saved wider) read as 16-bit came out black."""
+    from cifarlens.images import load_image
+
+    values = np.array([[0, 1, 128, 255]], dtype=np.int32).repeat(4, axis=0)
+    Image.fromarray(values).save(tmp_path / "eight.tiff")
+    Image.fromarray(values * 257).save(tmp_path / "sixteen.tiff")  # 16-bit values in 32-bit integers
+    for name in ("eight.tiff", "sixteen.tiff"):
+        assert Image.open(tmp_path / name).mode == "I"
+        assert load_image(tmp_path / name, 1, 4)[0, 0].tolist() == [0, 1, 128, 255], name
+
+
 def test_imagefolder_resize_and_val(tmp_path):
     data = make_imagefolder(
         tmp_path, classes=("a", "b"), n_per_class=4, n_test_per_class=2, n_val_per_class=3, sizes=((64, 48), (20, 30))

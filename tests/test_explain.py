@@ -600,6 +600,11 @@ def test_cli_repeated_indices_count_once_and_an_out_file_is_refused(cifar_run, t
     assert main(["explain", str(run_dir), "--indices", "0", "--out", str(tmp_path / "taken.jpg")]) == 2
     assert "is a file; explain writes a folder" in capsys.readouterr().err
     assert (tmp_path / "taken.jpg").read_bytes() == b"a photo"
+    # nor the run folder itself: an image named curves.jpg would replace the run's curves.png
+    curves = (run_dir / "curves.png").read_bytes()
+    Image.new("RGB", (8, 8)).save(tmp_path / "curves.jpg")
+    assert main(["explain", str(run_dir), str(tmp_path / "curves.jpg"), "--out", str(run_dir)]) == 2
+    assert "is the run folder itself" in capsys.readouterr().err and (run_dir / "curves.png").read_bytes() == curves
 
 
 def test_cli_val_split_of_a_run_without_one_is_a_one_line_error(cifar_run, tmp_path, capsys):

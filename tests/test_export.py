@@ -124,7 +124,42 @@ def test_an_export_never_replaces_the_runs_own_files(lensnet, fmt, name, capsys)
     assert main(["export", str(run_dir), "--format", fmt, "--out", str(run_dir / name)]) == 2
     err = capsys.readouterr().err
     assert "is one of the run's own files; choose another file" in err and len(err.strip().splitlines()) == 1, err
+    default = "model.onnx" if fmt == "onnx" else "export/model.safetensors"  # where this format goes by default
+    assert f"(default: {run_dir / default}" in err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_the_docs_onnxruntime_example_gives_predicts_probabilities(exported, tmp_path):
+    """The snippet of docs/serving-and-export.md, run as a user would, on photos as cameras save
+    them (EXIF-rotated), 16-bit grey and RGBA: it disagreed with predict on the first two."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "serving-and-export.md").read_text()
+    snippet = re.search(r"With onnxruntime alone:\n\n```python\n(.*?)```", docs, re.S).group(1)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    rotated = Image.fromarray(pixels)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees to view
+    images = {"rotated.jpg": lambda p: rotated.save(p, exif=exif, quality=95),
+              "grey16.png": lambda p: Image.fromarray(rng.integers(0, 65536, (30, 30)).astype(np.uint16)).save(p),
+              "rgba.png": lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8)).save(p)}
+    for name in ("lensnet", "resnet20"):
+        run_dir, _, onnx_path, _, _ = exported(name)
+        run = load_run(run_dir)
+        for image, write in images.items():
+            write(tmp_path / image)
+            script = snippet.replace("RUN_DIR/model.onnx", str(onnx_path)).replace("cat.jpg", str(tmp_path / image))
+            done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            label, prob = done.stdout.strip().rsplit(" ", 1)  # (class names may hold spaces: "Ankle boot")
+            top = run.predict([tmp_path / image], topk=1)[0]
+            assert (label, float(prob)) == (top.labels[0], pytest.approx(top.probs[0], abs=1e-5)), (name, image)
 
 
 def test_new_weights_make_the_onnx_file_stale(exported, tmp_path):

@@ -304,7 +304,7 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
     if out.suffix != ".safetensors":
         raise CifarlensError(f"--out {out} should end in .safetensors")
     for path in (out, out.with_suffix(".json")):  # the weights and their description beside them
-        RunDir(run.path).refuse_own_file(path)
+        RunDir(run.path).refuse_own_file(path, default=str(run.path / "export" / "model.safetensors"))
     description = describe_run(run) | {"weights": out.name}
     save_weights(unwrap_model(run.model).state_dict(), out, description)
     atomic_write_json(out.with_suffix(".json"), description)

@@ -97,12 +97,15 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode -> "RGB" (channels=3) or "L" (channels=1).
 
     High-bit-depth grey is scaled, not clipped: 16-bit 0..65535 -> 0..255 by x/257;
-    32-bit float is taken as [0, 1] when it fits there, else as [0, 255]. Alpha is
-    dropped, as torchvision's default loader does.
+    32-bit integers ("I", also older Pillows' 16-bit PNGs) likewise, unless they fit in
+    0..255 (8-bit values saved wider, which x/257 would turn black); 32-bit float is taken
+    as [0, 1] when it fits there, else as [0, 255]. Alpha is dropped, as torchvision's
+    default loader does.
     """
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         a = np.asarray(im).astype(np.float64)
-        im = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8))
+        wide = im.mode != "I" or np.max(a, initial=0.0) > 255.0
+        im = Image.fromarray(np.clip(np.rint(a / 257.0 if wide else a), 0, 255).astype(np.uint8))
     elif im.mode == "F":
         a = np.asarray(im).astype(np.float64)
         if np.nanmax(a, initial=0.0) <= 1.0:

@@ -101,18 +101,20 @@ class RunDir:
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the flock
 
-    def refuse_own_file(self, path: Path, flag: str = "--out") -> None:
+    def refuse_own_file(self, path: Path, flag: str = "--out", default: str | None = None) -> None:
         """A one-line error when ``path`` is one of the files this run folder keeps (its config,
-        run.json, weights, checkpoints, metrics, ...): an export or a figure must not replace them.
-        ``model.onnx`` and the ``export/`` folder are where exports go, and are allowed."""
+        run.json, weights, checkpoints, metrics, ...): an export, a table or a figure must not
+        replace them. ``model.onnx`` and the ``export/`` folder are where exports go, and are
+        allowed. ``default``: where the command writes without ``flag`` (ONNX's by default)."""
         rel = Path(os.path.relpath(Path(path).resolve(), self.path.resolve()))
         if rel.parts and rel.parts[0] == "..":
             return
         own = {*RUN_FILES, *(pattern.format(split_suffix(s)) for pattern in SPLIT_FILES for s in ("test", "val"))}
         if (len(rel.parts) == 1 and rel.name in own - {"model.onnx", "model.uncalibrated.onnx"}) or \
                 (len(rel.parts) > 1 and rel.parts[0] in set(RUN_DIRS) - {"export"}):
+            default = default or f"{self.path / 'model.onnx'}, or a file under {self.path / 'export'}"
             raise CifarlensError(f"{flag} {path} is one of the run's own files; choose another file (default: "
-                                 f"{self.path / 'model.onnx'}, or a file under {self.path / 'export'})")
+                                 f"{default})")
 
     def create(self, *, force: bool) -> None:
         """Make a fresh run folder; refuse to touch an existing one unless ``force``."""

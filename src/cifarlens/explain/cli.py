@@ -33,7 +33,7 @@ def add_commands(sub) -> None:
     p.add_argument("--method", default="gradcam", help=f"one of: {', '.join(list_methods())} (default gradcam)")
     p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the prediction")
     p.add_argument("--layer", help="target layer, a dotted module name (default: the model's cam_layer)")
-    p.add_argument("--save-maps", action="store_true", help="also write maps/NAME.npy (float32, input resolution)")
+    p.add_argument("--save-maps", action="store_true", help="also write maps/NAME.npy (float32 in [0, 1], at the model's input size, e.g. 32x32, not the image file's)")
     p.add_argument("--faithfulness", action="store_true",
                    help="score every method by deletion/insertion AUC against random maps (faithfulness.json)")
     p.add_argument("--out", help="output folder (default RUN_DIR/explain/METHOD)")
@@ -85,6 +85,9 @@ def cmd_explain(args) -> int:
     out = Path(args.out) if args.out else run.path / "explain" / args.method
     if out.exists() and not out.is_dir():
         raise CifarlensError(f"--out {out} is a file; explain writes a folder of figures")
+    if out.resolve() == run.path.resolve():  # an image named curves.jpg would replace the run's curves.png
+        raise CifarlensError(f"--out {out} is the run folder itself; explain writes a folder of figures of its "
+                             f"own (default: {run.path / 'explain' / args.method})")
 
     explanation = _explain_all(run, selection.images, args.method, target, layer)
     written = write_explanations(out, run.classes, selection, explanation, save_maps=args.save_maps)
