@@ -607,6 +607,22 @@ def test_cli_repeated_indices_count_once_and_an_out_file_is_refused(cifar_run, t
     assert "is the run folder itself" in capsys.readouterr().err and (run_dir / "curves.png").read_bytes() == curves
 
 
+def test_cli_a_folder_of_images_is_explained_as_predict_reads_it(cifar_run, tmp_path, capsys):
+    run_dir, _ = cifar_run
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.png")
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(folder / "more" / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["explain", str(run_dir), str(folder), "--out", str(tmp_path / "ex")]) == 0
+    printed = capsys.readouterr()
+    assert "for 2 image file(s)" in printed.out and "notes.txt" not in printed.out and "1 file(s)" in printed.err
+    assert sorted(p.name for p in (tmp_path / "ex").glob("*.png")) == ["a.png", "b.png", "gallery.png"]
+    (tmp_path / "empty").mkdir()
+    assert main(["explain", str(run_dir), str(tmp_path / "empty")]) == 2
+    assert "is a folder without image files" in capsys.readouterr().err
+
+
 def test_cli_val_split_of_a_run_without_one_is_a_one_line_error(cifar_run, tmp_path, capsys):
     """--mistakes crashed in torch.cat on the empty split; --indices said 'must lie in 0..-1'."""
     from cifarlens.api import train

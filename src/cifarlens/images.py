@@ -93,6 +93,23 @@ class ImageTooLarge(CifarlensError):
     """The image has more pixels than MAX_PIXELS (a decompression-bomb guard)."""
 
 
+def expand_folders(items: list[str]) -> tuple[list[str], list[str]]:
+    """The files given, with each folder replaced by the image files under it (sorted, any depth);
+    and a warning for each folder with other files in it. A folder without images is an error."""
+    paths, warnings = [], []
+    for item in items:
+        if not Path(item).is_dir():
+            paths.append(item)
+            continue
+        skipped: list[Path] = []
+        found = list_images(Path(item), skipped)
+        warnings += [w for w in (skipped_warning(Path(item), skipped),) if w]
+        if not found:
+            raise CifarlensError(f"{item} is a folder without image files")
+        paths += [str(f) for f in found]
+    return paths, warnings
+
+
 def to_mode(im: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode -> "RGB" (channels=3) or "L" (channels=1).
 

@@ -143,24 +143,12 @@ def _warn_if_unfinished(run_dir) -> None:
 
 
 def _image_paths(items: list[str]) -> list[str]:
-    """The files given, with each folder replaced by the image files under it."""
-    from pathlib import Path
+    """The files given, with each folder replaced by the image files under it (warnings on stderr)."""
+    from cifarlens.images import expand_folders
 
-    from cifarlens.images import list_images, skipped_warning
-
-    paths = []
-    for item in items:
-        if not Path(item).is_dir():
-            paths.append(item)
-            continue
-        skipped: list[Path] = []
-        found = list_images(Path(item), skipped)
-        warning = skipped_warning(Path(item), skipped)
-        if warning:
-            print(f"cifarlens: warning: {warning}", file=sys.stderr)
-        if not found:
-            raise CifarlensError(f"{item} is a folder without image files")
-        paths += [str(f) for f in found]
+    paths, warnings = expand_folders(items)
+    for warning in warnings:
+        print(f"cifarlens: warning: {warning}", file=sys.stderr)
     return paths
 
 

@@ -25,7 +25,7 @@ def add_commands(sub) -> None:
                     "selection: --mistakes N, --per-class N or --indices I,J,... (on --split, default test).",
     )
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to explain")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, or folders of them, to explain")
     p.add_argument("--split", choices=["test", "val"], help="split to draw images from (default test)")
     p.add_argument("--mistakes", type=int, metavar="N", help="the N most confident mistakes on the split")
     p.add_argument("--per-class", type=int, metavar="N", help="the first N images of each class")
@@ -121,9 +121,12 @@ def _explain_all(run, images: Tensor, method: str, target, layer: str, *, warn: 
     return Explanation.cat(parts)
 
 
-def _files(run, paths: list[str]) -> Selection:
-    from cifarlens.images import load_image
+def _files(run, items: list[str]) -> Selection:
+    from cifarlens.images import expand_folders, load_image
 
+    paths, notes = expand_folders(items)  # a folder: the images under it, as predict reads it
+    for note in notes:
+        print(f"cifarlens: warning: {note}", file=sys.stderr)
     images = torch.stack([load_image(p, run.info.in_channels, run.info.image_size) for p in paths])
     names, seen = [], {"gallery", "class_average"}  # the summary figures' names: a panel never overwrites them
     for p in paths:
