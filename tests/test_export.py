@@ -162,6 +162,30 @@ def test_the_docs_onnxruntime_example_gives_predicts_probabilities(exported, tmp
             assert (label, float(prob)) == (top.labels[0], pytest.approx(top.probs[0], abs=1e-5)), (name, image)
 
 
+def test_an_export_or_a_table_never_replaces_another_runs_files(runs, tmp_path, capsys):
+    source, (other, _) = runs("lensnet")[0], runs("resnet20")
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28)).save(image)
+    attempts = [(["export", str(source), "--format", "onnx", "--out", str(other / "model.safetensors")],
+                 "is one of the run's own files"),
+                (["export", str(source), "--format", "onnx", "--out", str(tmp_path / "model.safetensors")],
+                 "should end in .onnx"),
+                (["export", str(source), "--format", "onnx", "--out", str(other / "checkpoints" / "x.onnx")],
+                 "is one of the run's own files"),
+                (["export", str(source), "--format", "safetensors", "--out", str(other / "model.safetensors")],
+                 "is one of the run's own files"),
+                (["predict", str(source), str(image), "--csv", str(other / "predictions.csv")],
+                 "is one of the run's own files")]
+    for args, message in attempts:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
 def test_new_weights_make_the_onnx_file_stale(exported, tmp_path):
     run_dir = exported("lensnet")[0]
     copy = tmp_path / "run"

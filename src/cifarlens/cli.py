@@ -266,6 +266,10 @@ def cmd_bench(args) -> int:
     if args.seeds < 1 or not targets or not all(0 < t <= 1 for t in targets):
         raise CifarlensError("--seeds must be >= 1 and --targets fractions in (0, 1]")
     out = check_output_file(args.json, "--json") if args.json is not None else None  # before the trainings
+    if out is not None:
+        from cifarlens.runs import refuse_runs_file
+
+        refuse_runs_file(out, "--json", default="no file, the summary printed")
     first = args.seed if args.seed is not None else 0  # e.g. --seed 1 --seeds 2: seeds 1 and 2
     run_bench(config_from_args(args, resolve=False), list(range(first, first + args.seeds)), targets, json_out=out)
     return 0

@@ -29,7 +29,7 @@ import torch
 from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource
 from cifarlens.io import atomic_write, atomic_write_json
-from cifarlens.runs import RunDir, info_to_dict
+from cifarlens.runs import RunDir, info_to_dict, refuse_runs_file
 
 # The torch.export-based exporter (torch >= 2.9's default; needs onnxscript) emits opset 18
 # natively. Asking it for 17 runs a version converter that has no Pad adapter (ResNets) and
@@ -150,7 +150,9 @@ def export_onnx(
                              f"natively, and this onnx knows opsets up to {onnx.defs.onnx_opset_version()}")
     run = load_run(run_dir, device="cpu", calibrated=calibrated)
     out = Path(out) if out is not None else run.path / ONNX_FILE
-    RunDir(run.path).refuse_own_file(out)
+    refuse_runs_file(out, "--out", default=str(run.path / ONNX_FILE))
+    if out.suffix.lower() != ".onnx" and not out.is_dir():  # model.safetensors, last.pt: surely a slip
+        raise CifarlensError(f"--out {out} should end in .onnx (or give --format safetensors)")
     if out.is_dir():
         raise CifarlensError(f"{out} is a folder; give the file to write, e.g. {out / ONNX_FILE}")
     model = unwrap_model(run.model).eval()
@@ -304,7 +306,7 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
     if out.suffix != ".safetensors":
         raise CifarlensError(f"--out {out} should end in .safetensors")
     for path in (out, out.with_suffix(".json")):  # the weights and their description beside them
-        RunDir(run.path).refuse_own_file(path, default=str(run.path / "export" / "model.safetensors"))
+        refuse_runs_file(path, "--out", default=str(run.path / "export" / "model.safetensors"))
     description = describe_run(run) | {"weights": out.name}
     save_weights(unwrap_model(run.model).state_dict(), out, description)
     atomic_write_json(out.with_suffix(".json"), description)

@@ -87,14 +87,14 @@ def calibration_words(info: dict) -> str:
 
 def cmd_predict(args) -> int:
     from cifarlens.api import load_run
-    from cifarlens.runs import RunDir
+    from cifarlens.runs import refuse_runs_file
 
     if args.topk < 1:
         raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
     paths = _image_paths(args.images)
     csv_path = check_output_file(args.csv, "--csv", paths) if args.csv is not None else None
-    if csv_path is not None:  # e.g. RUN/predictions.csv, the run's own evaluation: not replaced
-        RunDir(args.run_dir).refuse_own_file(csv_path, "--csv", default="no table, the predictions printed")
+    if csv_path is not None:  # e.g. RUN/predictions.csv, a run's own evaluation: not replaced
+        refuse_runs_file(csv_path, "--csv", default="no table, the predictions printed")
     run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
     _warn_if_unfinished(run.path)
     results, failed = [], 0

@@ -332,3 +332,12 @@ def _git_revision() -> str | None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
+
+
+def refuse_runs_file(path: str | Path, flag: str, default: str | None = None) -> None:
+    """:meth:`RunDir.refuse_own_file` of any run folder that holds ``path`` (RUN/x,
+    RUN/checkpoints/x, RUN/other-data/test-.../x): a table or an export written for one run must
+    not replace another run's files either."""
+    for folder in Path(path).resolve().parents[:3]:
+        if RunDir(folder).is_run():
+            RunDir(folder).refuse_own_file(Path(path), flag, default)
