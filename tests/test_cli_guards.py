@@ -120,11 +120,16 @@ def test_a_run_folder_in_use_is_refused_to_force_and_resume(tmp_path, capsys):
         assert (out / "history.csv").is_file(), "no epoch finished"
         config = (out / "config.yaml").read_bytes()
         capsys.readouterr()
-        for command in ([*args, "--epochs", "1", "--force"], ["train", "--resume", str(out)]):
+        # nor evaluate, calibrate or report, whose figures, from the weights so far, would stay in the
+        # finished run (written after its own final evaluation)
+        for command in ([*args, "--epochs", "1", "--force"], ["train", "--resume", str(out)], ["evaluate", str(out)],
+                        ["calibrate", str(out)], ["report", str(out)], ["robustness", str(out), "--images", "8"]):
             assert main(command) == 2
             err = capsys.readouterr().err
             assert f"run folder {out} is in use by another cifarlens process" in err, err
         assert (out / "config.yaml").read_bytes() == config and proc.poll() is None  # the running one goes on
+        assert not {"metrics.json", "report.html", "robustness.json"} & {p.name for p in out.iterdir()}
+        assert "calibration" not in json.loads((out / "run.json").read_text())
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)

@@ -18,7 +18,7 @@ from cifarlens.engine import Precision, predict_logits
 from cifarlens.errors import CifarlensError, user_os_error
 from cifarlens.inference import load_run
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
-from cifarlens.runs import OTHER_DATA, SPLIT_FILES, RunDir
+from cifarlens.runs import OTHER_DATA, SPLIT_FILES, RunDir, claims_run
 
 # fewer validation images than this give an unreliable temperature (a warning says so)
 FEW_CALIBRATION_IMAGES = 100
@@ -26,6 +26,7 @@ FEW_CALIBRATION_IMAGES = 100
 EVAL_BATCH_SIZE = 512
 
 
+@claims_run
 def calibrate_run(
     run_dir: str | Path,
     *,
@@ -64,6 +65,7 @@ def calibrate_run(
     return fit
 
 
+@claims_run
 def evaluate_run(
     run_dir: str | Path,
     *,

@@ -16,6 +16,7 @@ A run folder holds everything needed to repeat, evaluate and serve the run::
 from __future__ import annotations
 
 import contextlib
+import functools
 import csv
 import json
 import os
@@ -51,6 +52,9 @@ def split_suffix(split: str) -> str:
     return "" if split == "test" else f"_{split}"
 
 
+_CLAIMED: dict[str, list[int]] = {}  # real path of a run folder this process has locked -> [fd, claims]
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -76,30 +80,52 @@ class RunDir:
     def lock(self) -> None:
         """Claim the run folder for this process (an exclusive ``flock`` on the folder, released
         when the process ends or :meth:`unlock` is called): a second ``train`` on the same folder,
-        a ``--force`` or a ``--resume`` beside a running one, is refused instead of mixing two
-        runs' files. Nothing is claimed where the folder does not exist yet, nor without fcntl."""
+        a ``--force``, a ``--resume``, an ``evaluate`` or a ``calibrate`` beside a running one is
+        refused instead of mixing two runs' files (an evaluate of the weights before a resume's
+        last epoch wrote its figures over the finished run's). A process claims a folder once:
+        its own nested claims (train's final evaluation) go through. Nothing is claimed where the
+        folder does not exist yet, nor without fcntl."""
         try:
             import fcntl
         except ImportError:  # not on POSIX
             return
-        if getattr(self, "_lock_fd", None) is not None or not self.path.is_dir():
+        if getattr(self, "_lock_key", None) is not None or not self.path.is_dir():
+            return
+        key = os.path.realpath(self.path)
+        if key in _CLAIMED:  # this process holds it already
+            _CLAIMED[key][1] += 1
+            self._lock_key = key
             return
         fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise CifarlensError(f"run folder {self.path} is in use by another cifarlens process (a training or "
-                                 "--resume of it is running); wait for it to end, or stop it first") from None
-        except OSError:  # a file system without locks (some network mounts): train unguarded, as before
+            raise CifarlensError(f"run folder {self.path} is in use by another cifarlens process (a training, "
+                                 "--resume, evaluate or calibrate of it is running); wait for it to end, or stop "
+                                 "it first") from None
+        except OSError:  # a file system without locks (some network mounts): go on unguarded, as before
             os.close(fd)
             return
-        self._lock_fd = fd
+        _CLAIMED[key] = [fd, 1]
+        self._lock_key = key
 
     def unlock(self) -> None:
-        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
+        key, self._lock_key = getattr(self, "_lock_key", None), None
+        if key is None or key not in _CLAIMED:
+            return
+        _CLAIMED[key][1] -= 1
+        if _CLAIMED[key][1] == 0:
+            os.close(_CLAIMED.pop(key)[0])  # closing the descriptor releases the flock
+
+    @contextlib.contextmanager
+    def claimed(self):
+        """:meth:`lock` for the length of a ``with`` block (evaluate, calibrate, report)."""
+        self.lock()
+        try:
+            yield self
+        finally:
+            self.unlock()
 
     def refuse_own_file(self, path: Path, flag: str = "--out", default: str | None = None) -> None:
         """A one-line error when ``path`` is one of the files this run folder keeps (its config,
@@ -341,3 +367,14 @@ def refuse_runs_file(path: str | Path, flag: str, default: str | None = None) ->
     for folder in Path(path).resolve().parents[:3]:
         if RunDir(folder).is_run():
             RunDir(folder).refuse_own_file(Path(path), flag, default)
+
+
+def claims_run(func):
+    """Run ``func(run_dir, ...)`` with the run folder claimed (:meth:`RunDir.lock`): it writes
+    figures or the temperature from the weights it loads, which a training beside it would change."""
+    @functools.wraps(func)
+    def claiming(run_dir, *args, **kwargs):
+        with RunDir(run_dir).claimed():
+            return func(run_dir, *args, **kwargs)
+
+    return claiming

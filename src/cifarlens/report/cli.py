@@ -9,15 +9,17 @@ def cmd_report(args) -> int:
     from cifarlens.api import load_run
     from cifarlens.errors import CifarlensError
     from cifarlens.report import write_report
+    from cifarlens.runs import RunDir
 
     if args.budget is not None and not 0 < args.budget < math.inf:  # nan and inf too
         raise CifarlensError(f"--budget must be a number of seconds > 0, got {args.budget:g}")
     if args.robustness_images is not None and args.robustness_images < 0:
         raise CifarlensError(f"--robustness-images must be >= 0 (0: every test image), got {args.robustness_images}")
-    path = write_report(load_run(args.run_dir, device=args.device), data_dir=args.data_dir,
-                        robustness=not args.no_robustness, gradcam=not args.no_gradcam,
-                        max_robustness_images=args.robustness_images, budget_s=args.budget,
-                        log=lambda line: print(line, flush=True))
+    with RunDir(args.run_dir).claimed():  # no training beside it changes the weights it describes
+        path = write_report(load_run(args.run_dir, device=args.device), data_dir=args.data_dir,
+                            robustness=not args.no_robustness, gradcam=not args.no_gradcam,
+                            max_robustness_images=args.robustness_images, budget_s=args.budget,
+                            log=lambda line: print(line, flush=True))
     print(f"report written to {path}")
     return 0
 
@@ -26,6 +28,7 @@ def cmd_robustness(args) -> int:
     from cifarlens.api import load_run
     from cifarlens.errors import CifarlensError
     from cifarlens.report import cifar_c
+    from cifarlens.runs import RunDir
 
     severities = _int_list(args.severities, "--severities")
     if any(not 1 <= s <= cifar_c.MAX_SEVERITY for s in severities):
@@ -42,30 +45,31 @@ def cmd_robustness(args) -> int:
     if unknown:
         raise CifarlensError(f"unknown corruption {', '.join(unknown)}; choose from: {', '.join(cifar_c.list_corruptions())}")
     reference = cifar_c.load_reference(args.reference) if args.reference else None  # before the long part
-    run = load_run(args.run_dir, device=args.device)
-    test = run.split("test", args.data_dir)
-    common = dict(severities=severities, corruptions=names, max_images=args.images, seed=args.seed)
-    if args.corruptions_dir:  # files the model cannot take: an error now
-        source, cdir = cifar_c.official_files(run, args.corruptions_dir)
-        available = cdir.per_severity
-    else:
-        source, available = cifar_c.GENERATED, len(test)
-    if reference is not None:  # the same protocol, or the long part would be thrown away
-        cifar_c.check_reference(reference, source=source, num_images=min(args.images or available, available),
-                                severities=severities, seed=args.seed, corruptions=names)
-    if args.corruptions_dir:
-        print(f"reading the CIFAR-C files in {args.corruptions_dir}", flush=True)
-        table = cifar_c.evaluate_files(run, args.corruptions_dir, clean_split=test,
-                                       log=lambda line: print(line, flush=True), **common)
-    else:
-        n = min(args.images or len(test), len(test))
-        grid = cifar_c.grid_text(len(names or cifar_c.list_corruptions()), len(severities))
-        print(f"generating {grid} of {n:,} test images (seed {args.seed})", flush=True)
-        table = cifar_c.evaluate_generated(run, test, **common)
-    errors = cifar_c.corruption_errors(table, reference) if reference else None
-    print(cifar_c.format_result(table, errors), end="")
-    path = cifar_c.write_result(run.path, table, errors, args.reference)
-    print(f"written to {path}")
+    with RunDir(args.run_dir).claimed():  # its robustness.json describes the weights it loads
+        run = load_run(args.run_dir, device=args.device)
+        test = run.split("test", args.data_dir)
+        common = dict(severities=severities, corruptions=names, max_images=args.images, seed=args.seed)
+        if args.corruptions_dir:  # files the model cannot take: an error now
+            source, cdir = cifar_c.official_files(run, args.corruptions_dir)
+            available = cdir.per_severity
+        else:
+            source, available = cifar_c.GENERATED, len(test)
+        if reference is not None:  # the same protocol, or the long part would be thrown away
+            cifar_c.check_reference(reference, source=source, num_images=min(args.images or available, available),
+                                    severities=severities, seed=args.seed, corruptions=names)
+        if args.corruptions_dir:
+            print(f"reading the CIFAR-C files in {args.corruptions_dir}", flush=True)
+            table = cifar_c.evaluate_files(run, args.corruptions_dir, clean_split=test,
+                                           log=lambda line: print(line, flush=True), **common)
+        else:
+            n = min(args.images or len(test), len(test))
+            grid = cifar_c.grid_text(len(names or cifar_c.list_corruptions()), len(severities))
+            print(f"generating {grid} of {n:,} test images (seed {args.seed})", flush=True)
+            table = cifar_c.evaluate_generated(run, test, **common)
+        errors = cifar_c.corruption_errors(table, reference) if reference else None
+        print(cifar_c.format_result(table, errors), end="")
+        path = cifar_c.write_result(run.path, table, errors, args.reference)
+        print(f"written to {path}")
     return 0
 
 
