@@ -169,6 +169,26 @@ def ema_run(tmp_path_factory):
     return train_tiny_cifar10(tmp_path_factory.mktemp("ema"), "--set", "model.kwargs={widths: [8, 16]}")
 
 
+def test_settings_lost_from_config_yaml_are_the_ones_the_run_trained_with(ema_run, tmp_path, capsys):
+    """A deleted `tta: true` line turned TTA off in evaluate and predict, silently, and evaluate
+    wrote the other figures over the run's."""
+    import shutil
+
+    from cifarlens.api import load_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(ema_run[0], run_dir)
+    before = json.loads((run_dir / "metrics.json").read_text())
+    text = (run_dir / "config.yaml").read_text()
+    assert "  tta: true\n" in text
+    (run_dir / "config.yaml").write_text(text.replace("  tta: true\n", "").replace("  ema_decay:", "  #ema_decay:"))
+    with pytest.warns(UserWarning, match=r"config.yaml lacks train.ema_decay, train.tta \(damaged or edited\)"):
+        assert main(["evaluate", str(run_dir)]) == 0
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert after["accuracy"] == before["accuracy"] and after["confusion_matrix"] == before["confusion_matrix"]
+    assert load_run(run_dir, calibrated=False).tta
+
+
 def test_explain_gives_the_prediction_and_probability_predict_gives(ema_run):
     """explain once captioned its maps with a plain softmax of one view, while predict, evaluate and
     serve use the run's TTA and temperature; --mistakes then picked images evaluate counted right."""

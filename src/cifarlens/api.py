@@ -45,7 +45,8 @@ from cifarlens.recipes import (
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
 from cifarlens.resume import check_resumed_data, restore, resumed_config, world_size_note
-from cifarlens.runs import RunDir, environment_record, info_to_dict, source_to_dict
+from cifarlens.environment import environment_record
+from cifarlens.runs import RunDir, info_to_dict, source_to_dict
 
 
 def _prepare_data(cfg: RunConfig, world: World) -> DataBundle:

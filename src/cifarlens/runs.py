@@ -16,21 +16,15 @@ A run folder holds everything needed to repeat, evaluate and serve the run::
 from __future__ import annotations
 
 import contextlib
-import functools
 import csv
+import functools
 import json
 import os
-import platform
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
-from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict, load_yaml, save_yaml
+from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict, load_yaml, save_yaml, to_dict
 from cifarlens.data.base import DataSource, DatasetInfo
 from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.errors import CifarlensError
@@ -195,7 +189,29 @@ class RunDir:
         if not values or not isinstance(values, dict) or not isinstance(values.get("model"), dict):
             raise CifarlensError(f"{self.path / 'config.yaml'} is empty or damaged (no model section); the run "
                                  "folder is damaged")
-        return from_dict(values)
+        return from_dict(self._fill_lost_keys(values))
+
+    def _fill_lost_keys(self, values: dict) -> dict:
+        """Settings config.yaml lacks (cut short, or lines deleted) that the checkpoint's config has:
+        the values the run trained with, and a warning (a lost ``train.tta`` turned TTA off and
+        changed every figure). Keys neither has are an older cifarlens's: their defaults, silently."""
+        template = to_dict(RunConfig())
+        lost = [(s, k) for s, keys in template.items() if isinstance(keys, dict)
+                for k in keys if k not in (values.get(s) if isinstance(values.get(s), dict) else {})]
+        if not lost or not self.last_checkpoint.is_file():
+            return values
+        from cifarlens.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(self.last_checkpoint).get("config") or {}
+        found = [(s, k) for s, k in lost if k in (saved.get(s) or {})]
+        for s, k in found:
+            values[s] = {**(values.get(s) if isinstance(values.get(s), dict) else {}), k: saved[s][k]}
+        if found:
+            import warnings
+
+            warnings.warn(f"{self.path / 'config.yaml'} lacks {', '.join(f'{s}.{k}' for s, k in found)} (damaged or "
+                          "edited): using the values the run trained with, from checkpoints/last.pt; restore the file")
+        return values
 
     def meta(self) -> dict:
         try:
@@ -308,52 +324,6 @@ def info_to_dict(info: DatasetInfo) -> dict:
 def source_to_dict(source: DataSource, info: DatasetInfo) -> dict:
     """run.json's ``source``: the data's origin, and the label a report prints for it."""
     return {**asdict(source), "label": source.label(info)}
-
-
-def environment_record(device: torch.device, seed: int) -> dict:
-    import numpy
-
-    from cifarlens.engine import device_description
-
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torchvision": _package_version("torchvision"),  # not imported for this: that takes ~2 s
-        "numpy": numpy.__version__,
-        "cifarlens": _package_version("cifarlens"),
-        "git_revision": _git_revision(),
-        "device": str(device),
-        "device_name": device_description(device),  # the GPU, or the CPU's model name and threads
-        "cuda": torch.version.cuda,
-        "seed": seed,
-    }
-
-
-def _package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _git_revision() -> str | None:
-    """The revision of the cifarlens source tree, when it is a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,0 +1,57 @@
+"""What a run was made with (environment.json): versions, machine, device, command, git revision."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cifarlens.device import device_description
+
+
+def environment_record(device: torch.device, seed: int) -> dict:
+    import numpy
+
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": _package_version("torchvision"),  # not imported for this: that takes ~2 s
+        "numpy": numpy.__version__,
+        "cifarlens": _package_version("cifarlens"),
+        "git_revision": _git_revision(),
+        "device": str(device),
+        "device_name": device_description(device),  # the GPU, or the CPU's model name and threads
+        "cuda": torch.version.cuda,
+        "seed": seed,
+    }
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _git_revision() -> str | None:
+    """The revision of the cifarlens source tree, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
