@@ -46,6 +46,54 @@ def test_atomic_writes_follow_the_umask(umask, tmp_path, mask):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
+def test_a_rewritten_file_keeps_its_mode(umask, tmp_path):
+    """A metrics.json a user made private (chmod 600) became 644 when evaluate wrote it again."""
+    umask(0o022)
+    target = tmp_path / "metrics.json"
+    atomic_write_json(target, {"a": 1})
+    assert mode(target) == 0o644
+    target.chmod(0o600)
+    atomic_write_json(target, {"a": 2})
+    save_checkpoint(tmp_path / "last.pt", {"model": {}})
+    (tmp_path / "last.pt").chmod(0o640)
+    save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.ones(1)}})
+    assert (mode(target), mode(tmp_path / "last.pt")) == (0o600, 0o640) and '"a": 2' in target.read_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs at tmp_path/small (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a small file system")
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_a_full_disk_or_a_read_only_one_is_named_so_with_the_target_not_a_temp_file(small_disk):
+    """torch's zip writer says only "unexpected pos" on a full disk; the free space was measured after the
+    partial file was removed, so a checkpoint larger than what was left was not called a full disk."""
+    import errno
+    import subprocess
+
+    atomic_write(small_disk / "filler", lambda tmp: tmp.write_bytes(b"x" * 2_600_000))  # 1.5 MiB left
+    target = small_disk / "checkpoints" / "last.pt"
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(target, {"model": {"w": torch.ones(500_000)}})  # 2 MB: more than is left
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert list(target.parent.iterdir()) == []  # no partial file left
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(OSError) as caught:
+        atomic_write_json(small_disk / "metrics.json", {})
+    assert caught.value.errno == errno.EROFS and caught.value.filename == str(small_disk / "metrics.json")
+
+
 def test_an_overwrite_is_atomic_and_a_failed_write_leaves_the_old_file(umask, tmp_path):
     umask(0o022)
     target = tmp_path / "f.txt"

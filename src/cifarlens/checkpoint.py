@@ -38,13 +38,17 @@ def _written(path: Path, write) -> None:
     """``atomic_write(path, write)``; a writer's failure on a full disk (torch's zip writer says
     only "unexpected pos", safetensors "os error 28") becomes the OSError the CLI names in one
     line, and any other failure of theirs a one-line error naming the file."""
-    try:
-        atomic_write(Path(path), write)
-    except (RuntimeError, SafetensorError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        if "os error 28" in first or shutil.disk_usage(Path(path).parent).free < 2**20:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        raise CifarlensError(f"could not write {path} ({first})") from None
+    def checked(tmp: Path) -> None:
+        try:
+            write(tmp)
+        except (RuntimeError, SafetensorError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            # measured while the partial file still fills the disk (once it is removed, the space is back)
+            if "os error 28" in first or shutil.disk_usage(tmp.parent).free < 2**20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            raise CifarlensError(f"could not write {path} ({first})") from None
+
+    atomic_write(Path(path), checked)
 
 
 class UnreadableFile(Exception):

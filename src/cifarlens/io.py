@@ -30,14 +30,24 @@ def _create_temp(folder: Path, name: str) -> Path:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic).
 
-    The file ends up with the mode ``open()`` would give it: 0666 less the umask.
+    The file ends up with the mode ``open()`` would give it: 0666 less the umask, or, when it
+    replaces a file, that file's mode (a metrics.json made private stays private). An OSError
+    names ``path``, not the hidden temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path.parent, path.name)
-    wanted = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
-        write(tmp)
+        tmp = _create_temp(path.parent, path.name)
+    except OSError as err:  # a read-only folder, a full disk
+        raise type(err)(err.errno, err.strerror, str(path)) from None
+    wanted = stat.S_IMODE(os.stat(path).st_mode) if path.is_file() else stat.S_IMODE(os.stat(tmp).st_mode)
+    try:
+        try:
+            write(tmp)
+        except OSError as err:
+            if err.filename is None or Path(err.filename) != tmp:
+                raise
+            raise type(err)(err.errno, err.strerror, str(path)) from None
         # some writers replace the file with one of their own: safetensors' save_file (0.8)
         # writes a new 0600 file over it; give it back the mode open() gives
         if stat.S_IMODE(os.stat(tmp).st_mode) != wanted:
