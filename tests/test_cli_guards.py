@@ -61,6 +61,66 @@ def test_a_bad_setting_with_force_leaves_the_finished_run_as_it_was(finished_run
     assert after == before
 
 
+def test_a_run_folder_is_never_made_inside_another(finished_run, capsys):
+    """--out RUN/checkpoints/inner was accepted, and RUN's --force then deleted it."""
+    out, data = finished_run
+    for inner in (out / "checkpoints" / "inner", out / "sub"):
+        assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                     "--no-report", "--out", str(inner), *TINY]) == 2
+        assert f"is inside the run folder {out}; choose another --out" in capsys.readouterr().err
+        assert not inner.exists()
+
+
+def test_a_start_that_fails_leaves_nothing_that_blocks_the_same_command(tmp_path, monkeypatch, capsys):
+    """A full disk as the run folder was made left checkpoints/ behind, and the same command, even
+    with --force, was refused: 'a non-empty folder that is not a cifarlens run'."""
+    import errno
+
+    import cifarlens.api
+
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1", "--no-report",
+            "--out", str(out), *TINY]
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "environment.json"))
+
+    with monkeypatch.context() as m:
+        m.setattr(cifarlens.api, "environment_record", full)
+        assert main(args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)  # as an older cifarlens left it
+    (out / ".config.yaml.0123456789ab.tmp").write_text("half")  # and a write killed half-way
+    assert main(args) == 0 and (out / "model.safetensors").is_file()
+
+
+def test_a_force_that_fails_half_way_leaves_a_run_the_next_force_may_replace(finished_run, tmp_path, monkeypatch):
+    """config.yaml and run.json went first: a file that could not be removed then left a folder every
+    later --force refused as another program's."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    from cifarlens.runs import RunDir
+
+    real_unlink = Path.unlink
+
+    def stuck(self, missing_ok=False):
+        if self.name == "metrics.json":
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", stuck)
+        with pytest.raises(PermissionError):
+            RunDir(out).create(force=True)
+    assert RunDir(out).is_run()  # still a run folder, which --force may empty once the file can go
+    RunDir(out).create(force=True)
+    assert not (out / "metrics.json").exists() and not RunDir(out).is_run()
+
+
 def test_a_validation_loss_that_is_not_finite_stops_the_run_as_diverged(tmp_path):
     """The training loss can stay finite while the weights the run validates have blown up (here:
     BatchNorm statistics poisoned after epoch 1); the run stops there instead of "finishing"

@@ -194,22 +194,26 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if distributed.all_reduce_sum(failed is not None)[0]:  # every rank stops, not only rank 0
             raise failed or CifarlensError("rank 0 could not create the run folder (see its message)")
         if world.is_main:
-            # "data" has its reason only; "epochs" has one when a time budget chose them
-            chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe, "epochs": str(tc.epochs)}
-            run.write_config(cfg, notes={key: describe_choice(chosen[key], why, key) if key in chosen else reason
-                                         for key, reason in why.items()})
-            flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
-                                  **cfg.model.kwargs)
-            run.write_meta(dataset=info_to_dict(info), source=source_to_dict(bundle.source, info), model={"name": cfg.model.name, **model_info(model),
-                                                              "forward_flops": flops},
-                           init=init or {"source": "scratch"},
-                           split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
-                           data_fingerprint=bundle.fingerprints,
-                           chosen=why, **({"time_budget": plan.as_dict()} if plan is not None else {}),
-                           report=report, status="running")
-            atomic_write_json(run / "environment.json",
-                              environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
-            save_signatures(run / SIGNATURES_FILE, {key: bundle.signatures(key) for key in ("train", "test")})
+            try:
+                # "data" has its reason only; "epochs" has one when a time budget chose them
+                chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe, "epochs": str(tc.epochs)}
+                run.write_config(cfg, notes={key: describe_choice(chosen[key], why, key) if key in chosen else reason
+                                             for key, reason in why.items()})
+                flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
+                                      **cfg.model.kwargs)
+                run.write_meta(dataset=info_to_dict(info), source=source_to_dict(bundle.source, info),
+                               model={"name": cfg.model.name, **model_info(model), "forward_flops": flops},
+                               init=init or {"source": "scratch"},
+                               split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
+                               data_fingerprint=bundle.fingerprints,
+                               chosen=why, **({"time_budget": plan.as_dict()} if plan is not None else {}),
+                               report=report, status="running")
+                atomic_write_json(run / "environment.json",
+                                  environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
+                save_signatures(run / SIGNATURES_FILE, {key: bundle.signatures(key) for key in ("train", "test")})
+            except BaseException:  # e.g. a full disk: no half-made run folder blocks the same command again
+                run.discard()
+                raise
 
     if resume:
         state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema)

@@ -140,7 +140,10 @@ class RunDir:
         """Make a fresh run folder; refuse to touch an existing one unless ``force``."""
         if self.path.exists() and not self.path.is_dir():
             raise CifarlensError(f"--out {self.path} is a file, not a folder; choose another --out")
-        if self.path.is_dir() and any(self.path.iterdir()):
+        above = next((p for p in self.path.resolve().parents if RunDir(p).is_run()), None)
+        if above is not None:  # that run's --force would delete it with its own files
+            raise CifarlensError(f"--out {self.path} is inside the run folder {above}; choose another --out")
+        if self.path.is_dir() and any(p for p in self.path.iterdir() if not self._leftover(p)):
             if not self.is_run():
                 raise CifarlensError(
                     f"--out {self.path} is a non-empty folder that is not a cifarlens run; choose another --out"
@@ -155,14 +158,29 @@ class RunDir:
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.lock()
 
+    def _leftover(self, path: Path) -> bool:
+        """What a start that failed (a full disk) or a killed write leaves: an empty checkpoints/,
+        a hidden temporary file. Neither makes a folder another program's."""
+        if path.name == "checkpoints" and path.is_dir():
+            return not any(path.iterdir())
+        return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
     def _remove_run_files(self) -> None:
+        # config.yaml and run.json last: a removal that fails half-way leaves a run folder, which
+        # the next --force may remove, not a folder refused as another program's
+        last = ("config.yaml", "run.json")
         for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
+            if name not in last:
+                (self.path / name).unlink(missing_ok=True)
         for split in ("test", "val"):
             for pattern in SPLIT_FILES:
                 self.split_file(pattern, split).unlink(missing_ok=True)
         for name in RUN_DIRS:
             shutil.rmtree(self.path / name, ignore_errors=True)
+        for tmp in self.path.glob(".*.tmp"):  # a write killed half-way (atomic_write's temporary)
+            tmp.unlink(missing_ok=True)
+        for name in last:
+            (self.path / name).unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Remove a run folder just made, before anything was trained into it (a logger that could
