@@ -3,6 +3,7 @@ recorded as they happened, and never at the cost of an earlier run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -119,6 +120,32 @@ def test_a_force_that_fails_half_way_leaves_a_run_the_next_force_may_replace(fin
     assert RunDir(out).is_run()  # still a run folder, which --force may empty once the file can go
     RunDir(out).create(force=True)
     assert not (out / "metrics.json").exists() and not RunDir(out).is_run()
+
+
+def test_a_stop_while_an_epoch_is_saved_records_the_epoch_it_goes_on_from(tmp_path, monkeypatch):
+    """A SIGTERM after history.csv but before the checkpoint recorded 2 epochs done, and train.log
+    said so, where the checkpoint (and --resume) hold 1."""
+    import cifarlens.api
+
+    real, calls = cifarlens.api.save_checkpoint, []
+
+    def stopped_at_the_second(path, payload):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, payload)
+
+    monkeypatch.setattr(cifarlens.api, "save_checkpoint", stopped_at_the_second)
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "3",
+                 "--no-report", "--out", str(out), *TINY]) == 130
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "interrupted" and meta["epochs_done"] == 1
+    assert (out / "train.log").read_text().splitlines()[-1].startswith("interrupted (1 epoch(s) finished)")
+    monkeypatch.setattr(cifarlens.api, "save_checkpoint", real)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert [int(r["epoch"]) for r in csv.DictReader((out / "history.csv").open())] == [1, 2, 3]
 
 
 def test_a_validation_loss_that_is_not_finite_stops_the_run_as_diverged(tmp_path):

@@ -276,6 +276,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                      {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name,
                       "mean": list(info.mean), "std": list(info.std)})
 
+    checkpointed = [state.epoch]  # the last epoch whose checkpoint is written: what a stop records
+
     def end_epoch(state: FitState) -> None:
         if plan is not None:  # before the checkpoint, which saves the re-plan with the schedule
             new, lines = plan.replan(state.epoch, state.seconds)
@@ -298,6 +300,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 "ema": ema.state_dict() if ema is not None else None, "state": vars(state),
                 "config": to_dict(cfg),
             })
+        checkpointed[0] = state.epoch
         distributed.barrier()  # a checkpoint is complete before any rank goes on (resume reads it)
         if on_epoch_end is not None:
             on_epoch_end(state, eval_model)
@@ -322,8 +325,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             # interrupted: Ctrl-C, SIGTERM or a crash (resume it)
             status = ("diverged" if isinstance(err, TrainingDiverged) else
                       "failed" if isinstance(err, CifarlensError) else "interrupted")
-            run.write_meta(status=status, epochs_done=state.epoch)  # fit updates state in place
-            run.note_stop(status, err, state.epoch)
+            # (fit counts an epoch before its checkpoint is written: a stop in between goes on from the one before)
+            run.write_meta(status=status, epochs_done=checkpointed[0])
+            run.note_stop(status, err, checkpointed[0])
             tracker.close(status)
         if tc.compile and isinstance(err, torch._dynamo.exc.TorchDynamoException):  # e.g. no C++ compiler on CPU
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
