@@ -431,6 +431,20 @@ def test_resume_takes_a_moved_data_dir_and_refuses_an_edited_config(stopped_run,
     assert "removed report.html" in (out / "train.log").read_text()
 
 
+def test_an_export_of_a_stopped_run_says_so_and_a_resume_removes_it(stopped_run, capsys):
+    """An export of epoch 1's weights said nothing, recorded nothing, and stayed beside the
+    finished run's weights after the resume."""
+    out, _ = stopped_run
+    assert main(["export", str(out), "--format", "safetensors"]) == 0
+    assert f"{out} was interrupted after 1 epoch(s): these are its weights so far" in capsys.readouterr().err
+    described = json.loads((out / "export" / "model.json").read_text())
+    assert described["run_status"] == {"status": "interrupted", "epochs_done": 1}
+    assert main(["export", str(out), "--format", "onnx"]) == 0 and (out / "model.onnx").is_file()
+    assert main(["train", "--resume", str(out), "--no-report"]) == 0
+    assert not (out / "model.onnx").exists() and not (out / "export").exists()
+    assert "removed model.onnx, export, exported before the run went on" in (out / "train.log").read_text()
+
+
 def test_a_stopped_run_on_an_image_folder_resumes(tmp_path):
     """A copy never downloads (data.download is set to false for it): not an edit of config.yaml."""
     data = make_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=20, n_test_per_class=4)

@@ -44,7 +44,7 @@ from cifarlens.recipes import (
 )
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
-from cifarlens.resume import check_resumed_data, restore, resumed_config, world_size_note
+from cifarlens.resume import check_resumed_data, remove_stale_outputs, restore, resumed_config, world_size_note
 from cifarlens.environment import environment_record
 from cifarlens.runs import RunDir, info_to_dict, source_to_dict
 
@@ -223,10 +223,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             log(f"warning: {moved}")
         if world.is_main:
             run.write_meta(status="running")
-            if (run / "report.html").is_file():  # it describes the run as it was (`cifarlens report` of it)
-                (run / "report.html").unlink()
-                log("removed report.html, written before the run went on; " + (
-                    "a new one is written at the end" if report else f"`cifarlens report {run.path}` writes a new one"))
+            remove_stale_outputs(run, report, log)
     else:
         log(f"run folder {run.path}: {describe_choice(cfg.model.name, why, 'model')} on {bundle.source.label(info)} "
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "

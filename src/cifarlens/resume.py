@@ -52,6 +52,23 @@ def check_resumed_data(run: RunDir, cfg: RunConfig, bundle: DataBundle, *, log: 
         run.update_config(replace(run.config(), data=replace(run.config().data, data_dir=cfg.data.data_dir)))
 
 
+def remove_stale_outputs(run: RunDir, report: bool, log: Callable[[str], None]) -> None:
+    """What describes the run's weights as they were before it went on: report.html, and the
+    exports in their default places (model.onnx, export/), which predict no more as the run does."""
+    import shutil
+
+    if (run / "report.html").is_file():  # `cifarlens report` of it
+        (run / "report.html").unlink()
+        log("removed report.html, written before the run went on; " + (
+            "a new one is written at the end" if report else f"`cifarlens report {run.path}` writes a new one"))
+    stale = [name for name in ("model.onnx", "model.uncalibrated.onnx", "export") if (run / name).exists()]
+    for name in stale:
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    if stale:
+        log(f"removed {', '.join(stale)}, exported before the run went on (`cifarlens export {run.path}` "
+            "exports the new weights; serve --backend onnx does it itself)")
+
+
 def edited_keys(saved: dict, now: dict) -> list[str]:
     """"train.lr: 0.8 -> 0.05" for each setting of the checkpoint's config that config.yaml now
     gives otherwise (where the data is, whether it may be downloaded, and the device may change on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 from cifarlens.errors import CifarlensError
 from cifarlens.serve.backends import BACKENDS
@@ -92,7 +93,12 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     from cifarlens import export
+    from cifarlens.runs import RunDir
 
+    run = RunDir(args.run_dir)
+    unfinished = run.unfinished_warning() if run.is_run() else None  # else export's own error says what is wrong
+    if unfinished:
+        print(f"cifarlens: warning: {unfinished}", file=sys.stderr)
     if args.format == "onnx":
         opset = export.DEFAULT_OPSET if args.opset is None else args.opset  # --opset 0 is refused, not 18
         path, diff = export.export_onnx(args.run_dir, args.out, opset=opset, images=args.images, log=print,
