@@ -480,6 +480,25 @@ def test_a_damaged_run_folder_is_one_line(finished_run, tmp_path, capsys, name, 
     assert err.startswith("cifarlens: error: ") and message in err and len(err.splitlines()) == 1, err
 
 
+def test_nonsense_in_a_run_json_is_one_line_not_a_traceback_nor_a_silent_change(finished_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    meta = json.loads((out / "run.json").read_text())
+    for key, value, message in (("mean", "abc", "mean ['a', 'b', 'c'] is not 1 number(s)"),
+                                ("std", [-0.3], "std [-0.3] is not 1 number(s) > 0"),
+                                ("image_size", 0, "image_size 0 is not a width in pixels")):
+        (out / "run.json").write_text(json.dumps({**meta, "dataset": {**meta["dataset"], key: value}}))
+        assert main(["evaluate", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "the run folder" not in err and len(err.splitlines()) == 1, err
+    for temperature in (0, -1, "x"):  # a temperature that is no temperature: the raw softmax, said so
+        (out / "run.json").write_text(json.dumps({**meta, "calibration": {"temperature": temperature}}))
+        with pytest.warns(UserWarning, match=f"temperature {temperature!r} is not a number > 0"):
+            assert main(["predict", str(out), str(out / "curves.png")]) == 0
+
+
 @pytest.mark.parametrize("text", ['{"accuracy": "high"}', "[1, 2]"])
 def test_compare_names_a_damaged_metrics_file(finished_run, tmp_path, capsys, text):
     import shutil

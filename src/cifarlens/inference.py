@@ -37,8 +37,15 @@ def build_model(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
 
 def run_temperature(meta: dict) -> float | None:
     """The temperature recorded in a run's run.json (``calibration.temperature``), or None."""
-    t = (meta.get("calibration") or {}).get("temperature")
-    return float(t) if isinstance(t, (int, float)) and t > 0 else None
+    calibration = meta.get("calibration") or {}
+    t = calibration.get("temperature") if isinstance(calibration, dict) else calibration
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        warnings.warn(f"run.json's calibration temperature {t!r} is not a number > 0 (damaged or edited): the raw "
+                      "softmax is used; `cifarlens calibrate RUN` fits it again")
+        return None
+    return float(t)
 
 
 @dataclass

@@ -244,11 +244,21 @@ class RunDir:
     def info(self) -> DatasetInfo:
         values = self.meta().get("dataset")
         try:
-            return DatasetInfo(**{**values, "classes": tuple(values["classes"]), "mean": tuple(values["mean"]),
+            info = DatasetInfo(**{**values, "classes": tuple(values["classes"]), "mean": tuple(values["mean"]),
                                   "std": tuple(values["std"])})
         except (TypeError, KeyError) as err:
             raise CifarlensError(f"{self.path / 'run.json'} has no usable \"dataset\" record ({type(err).__name__}: "
                                  f"{err}); the run folder is damaged") from None
+        problems = [f"{key} {list(stats)} is not {info.in_channels} number(s)" + " > 0" * (key == "std")
+                    for key, stats in (("mean", info.mean), ("std", info.std))
+                    if len(stats) != info.in_channels or not all(type(v) in (int, float) for v in stats)
+                    or (key == "std" and not all(v > 0 for v in stats))]
+        if type(info.image_size) is not int or info.image_size < 1:
+            problems.append(f"image_size {info.image_size!r} is not a width in pixels")
+        if problems:
+            raise CifarlensError(f"{self.path / 'run.json'}'s \"dataset\" record is damaged ({'; '.join(problems)}); "
+                                 "restore the file")
+        return info
 
     def data_settings(self, data: DataConfig, data_dir: str | None = None) -> DataConfig:
         """The run's ``data`` settings to read its images again with (evaluate, calibrate, explain,
