@@ -326,6 +326,29 @@ def test_a_run_killed_without_a_trace_shows_the_epochs_of_its_history(reported_r
     assert "2 done of 2 planned" in (copy / "report.html").read_text()
 
 
+def test_compare_tells_a_killed_run_from_a_running_one(reported_run, tmp_path, capsys):
+    """A SIGKILLed run showed as '—/2 running' for ever; no process holds its folder's lock."""
+    import fcntl
+    import os
+
+    copy = tmp_path / "killed"
+    shutil.copytree(reported_run, copy)
+    meta = json.loads((copy / "run.json").read_text())
+    meta.pop("epochs_done")
+    (copy / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    capsys.readouterr()
+    assert main(["compare", str(copy)]) == 0
+    assert "2/2 killed?" in capsys.readouterr().out
+    fd = os.open(copy, os.O_RDONLY)  # as a training holds it (another open file: another holder)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert main(["compare", str(copy)]) == 0
+        row = capsys.readouterr().out
+        assert "2/2 running" in row and "killed?" not in row
+    finally:
+        os.close(fd)
+
+
 def test_gallery_shows_no_evidence_for_empty_maps_and_degrades_without_explain(reported_run, monkeypatch):
     from types import SimpleNamespace
 

@@ -24,6 +24,7 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from cifarlens import folderlock
 from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict, load_yaml, save_yaml, to_dict
 from cifarlens.data.base import DataSource, DatasetInfo
 from cifarlens.data.fingerprint import SIGNATURES_FILE
@@ -44,9 +45,6 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 
 def split_suffix(split: str) -> str:
     return "" if split == "test" else f"_{split}"
-
-
-_CLAIMED: dict[str, list[int]] = {}  # real path of a run folder this process has locked -> [fd, claims]
 
 
 class RunDir:
@@ -72,45 +70,22 @@ class RunDir:
 
     # -- creating -------------------------------------------------------------------------
     def lock(self) -> None:
-        """Claim the run folder for this process (an exclusive ``flock`` on the folder, released
-        when the process ends or :meth:`unlock` is called): a second ``train`` on the same folder,
-        a ``--force``, a ``--resume``, an ``evaluate`` or a ``calibrate`` beside a running one is
+        """Claim the run folder for this process (:mod:`cifarlens.folderlock`, released when the
+        process ends or :meth:`unlock` is called): a second ``train`` on the same folder, a
+        ``--force``, a ``--resume``, an ``evaluate`` or a ``calibrate`` beside a running one is
         refused instead of mixing two runs' files (an evaluate of the weights before a resume's
-        last epoch wrote its figures over the finished run's). A process claims a folder once:
-        its own nested claims (train's final evaluation) go through. Nothing is claimed where the
-        folder does not exist yet, nor without fcntl."""
-        try:
-            import fcntl
-        except ImportError:  # not on POSIX
-            return
-        if getattr(self, "_lock_key", None) is not None or not self.path.is_dir():
-            return
-        key = os.path.realpath(self.path)
-        if key in _CLAIMED:  # this process holds it already
-            _CLAIMED[key][1] += 1
-            self._lock_key = key
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CifarlensError(f"run folder {self.path} is in use by another cifarlens process (a training, "
-                                 "--resume, evaluate or calibrate of it is running); wait for it to end, or stop "
-                                 "it first") from None
-        except OSError:  # a file system without locks (some network mounts): go on unguarded, as before
-            os.close(fd)
-            return
-        _CLAIMED[key] = [fd, 1]
-        self._lock_key = key
+        last epoch wrote its figures over the finished run's). Nothing is claimed where the
+        folder does not exist yet."""
+        if getattr(self, "_lock_key", None) is None and self.path.is_dir():
+            self._lock_key = folderlock.claim(self.path)
 
     def unlock(self) -> None:
         key, self._lock_key = getattr(self, "_lock_key", None), None
-        if key is None or key not in _CLAIMED:
-            return
-        _CLAIMED[key][1] -= 1
-        if _CLAIMED[key][1] == 0:
-            os.close(_CLAIMED.pop(key)[0])  # closing the descriptor releases the flock
+        folderlock.release(key)
+
+    def in_use(self) -> bool | None:
+        """Whether another process holds the run folder (a training of it runs); None: unknown."""
+        return folderlock.held_elsewhere(self.path)
 
     @contextlib.contextmanager
     def claimed(self):

@@ -340,7 +340,7 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
                     raise CifarlensError(
                         f"{layout.title} not found: put {layout.archive} or the extracted {layout.folder}/ into "
                         f"{data_dir} (from {HOMEPAGE}), or an image-folder copy (train/<class>/, test/<class>/), "
-                        "or allow downloading"
+                        "or, for a new run, leave out --no-download to download it"
                     )
                 archive = _download(data_dir, layout)  # makes data_dir (removed again if it fails)
             _extract(archive, data_dir, layout)

@@ -70,14 +70,14 @@ def ece_of_run(metrics: dict, predictions: Path) -> tuple[float | None, str | No
     return ece_from_predictions(predictions), None
 
 
-def _history_totals(history: Path) -> tuple[int | None, float | None]:
-    """The images the epochs of history.csv trained on, and their seconds; None for a column it
-    lacks (runs from before it) or a file that cannot be read."""
+def _history_totals(history: Path) -> tuple[int | None, float | None, int | None]:
+    """The images the epochs of history.csv trained on, their seconds and their number; None for
+    a column it lacks (runs from before it) or a file that cannot be read."""
     try:
         with history.open(newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error):
-        return None, None
+        return None, None, None
 
     def total(key: str, kind):
         try:
@@ -85,7 +85,7 @@ def _history_totals(history: Path) -> tuple[int | None, float | None]:
         except (TypeError, ValueError):
             return None
 
-    return total("train_samples", int), total("seconds", float)
+    return total("train_samples", int), total("seconds", float), len(rows)
 
 
 def run_summary(run_dir: str | Path) -> dict:
@@ -98,14 +98,18 @@ def run_summary(run_dir: str | Path) -> dict:
     model = meta.get("model") or {}
     train_size = (meta.get("split_sizes") or {}).get("train")
     epochs_done = meta.get("epochs_done")
-    images, seconds = _history_totals(rd / "history.csv")  # a partial last epoch (time budgets) counts its batches
+    images, seconds, logged = _history_totals(rd / "history.csv")  # a partial last epoch (time budgets) counts its batches
+    status = meta.get("status")
+    if status == "running":  # epochs_done is written when a run stops: so far, its history's
+        epochs_done = logged
+        if rd.in_use() is False:  # no process holds its lock: killed (SIGKILL, a power cut), resumable
+            status = "killed?"
     if images is None and epochs_done is not None and train_size is not None:  # runs from before the column
         images = epochs_done * train_size
-    status = meta.get("status")
     return {
         "path": str(rd.path), "name": rd.path.name, "config": to_dict(cfg),
         "dataset": (meta.get("source") or {}).get("label") or cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,
-        "epochs_done": meta.get("epochs_done"), "epochs_planned": cfg.train.epochs,
+        "epochs_done": epochs_done, "epochs_planned": cfg.train.epochs,
         # a run that did not finish its epochs has no train_seconds: the epochs' own, so far
         "train_seconds": meta.get("train_seconds"), "seconds_so_far": seconds, "status": status,
         "device": env.get("device"), "device_name": env.get("device_name"),
