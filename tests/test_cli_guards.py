@@ -148,6 +148,25 @@ def test_a_stop_while_an_epoch_is_saved_records_the_epoch_it_goes_on_from(tmp_pa
     assert [int(r["epoch"]) for r in csv.DictReader((out / "history.csv").open())] == [1, 2, 3]
 
 
+def test_a_run_stopped_in_its_report_is_finished_and_says_how_to_write_the_report(tmp_path, monkeypatch, capsys):
+    """Its status went back to interrupted though it was evaluated, and --resume then pointed at evaluate."""
+    import cifarlens.report
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cifarlens.report, "write_report", stopped)
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--out", str(out), *TINY]) == 130
+    assert f"`cifarlens report {out}` writes its report" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["status"] == "finished" and (out / "metrics.json").is_file()
+    assert (out / "train.log").read_text().splitlines()[-1].startswith("finished, the report not written")
+    assert main(["train", "--resume", str(out)]) == 2
+    assert f"cifarlens report {out} writes the report it lacks" in capsys.readouterr().err
+
+
 def test_a_validation_loss_that_is_not_finite_stops_the_run_as_diverged(tmp_path):
     """The training loss can stay finite while the weights the run validates have blown up (here:
     BatchNorm statistics poisoned after epoch 1); the run stops there instead of "finishing"

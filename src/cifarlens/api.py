@@ -348,8 +348,11 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                            has_val=has_val)
     except BaseException as err:
         status = "failed" if isinstance(err, CifarlensError) else "interrupted"
-        run.write_meta(status=status)
-        run.note_stop(status, err, state.epoch)
+        if run.meta().get("status") == "finished":  # evaluated: only its report is missing
+            run.note_stop("finished, the report not written", err, state.epoch)
+        else:
+            run.write_meta(status=status)
+            run.note_stop(status, err, state.epoch)
         tracker.close(status)
         raise
     run.write_meta(status="finished")

@@ -325,6 +325,9 @@ def _resume_hint(out) -> str:
     if not isinstance(out, str):
         return ""
     run = RunDir(out)
+    finished = run.is_run() and run.meta().get("status") == "finished"
+    if finished:  # stopped in its report, after the evaluation
+        return f"; the run has finished and is evaluated: `cifarlens report {out}` writes its report"
     if run.last_checkpoint.is_file():
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # under torchrun: resume on as many processes
         return f"; continue with: cifarlens train --resume {out}" + (f" --nproc {world}" if world > 1 else "")

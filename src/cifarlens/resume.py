@@ -30,8 +30,10 @@ def resumed_config(run: RunDir, device: str, report: bool | None, data_dir: str 
     if not run.last_checkpoint.is_file():
         raise CifarlensError(f"{run.path} has no checkpoints/last.pt to resume from; start it again with --force")
     if run.meta().get("status") == "finished":
+        missing = run.meta().get("report", True) and not (run / "report.html").is_file()
         raise CifarlensError(f"{run.path} has finished training: nothing to resume (cifarlens evaluate "
-                             f"{run.path} evaluates it again)")
+                             f"{run.path} evaluates it again" + (f"; cifarlens report {run.path} writes the report "
+                                                                  "it lacks" if missing else "") + ")")
     report = run.meta().get("report", True) if report is None else report
     cfg = run.config()
     cfg = replace(cfg, train=replace(cfg.train, device=device))
