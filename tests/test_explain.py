@@ -521,6 +521,16 @@ def test_cli_mistakes_with_maps(cifar_run, capsys):
         cam = np.load(out / "maps" / f"{name}.npy")
         assert cam.shape == (32, 32) and cam.dtype == np.float32 and 0.0 <= cam.min() and cam.max() <= 1.0
     assert (out / "gallery.png").is_file() and (out / "class_average.png").is_file()
+    import csv  # what each panel shows, for the user's own analysis
+
+    rows = list(csv.DictReader((out / "explanations.csv").open()))
+    classes = load_run(run_dir).classes
+    assert [r["panel"] for r in rows] == [f"{n}.png" for n in expected]
+    assert [r["source"] for r in rows] == [f"test #{int(n[5:])}" for n in expected]
+    for r, i in zip(rows, (int(n[5:]) for n in expected)):
+        assert r["label"] == classes[data.test_labels[i]] and r["prediction"] == classes[int(prediction[i])] != r["label"]
+        assert float(r["confidence"]) == pytest.approx(float(confidence[i]), abs=1e-5)
+        assert r["explained"] == r["prediction"]  # no --target: the predicted class
 
 
 def test_cli_per_class(cifar_run, tmp_path, capsys):
@@ -618,6 +628,11 @@ def test_cli_a_folder_of_images_is_explained_as_predict_reads_it(cifar_run, tmp_
     printed = capsys.readouterr()
     assert "for 2 image file(s)" in printed.out and "notes.txt" not in printed.out and "1 file(s)" in printed.err
     assert sorted(p.name for p in (tmp_path / "ex").glob("*.png")) == ["a.png", "b.png", "gallery.png"]
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "ex" / "explanations.csv").open()))
+    assert [(r["panel"], r["source"], r["label"]) for r in rows] == [("a.png", str(folder / "a.png"), ""),
+                                                                     ("b.png", str(folder / "more" / "b.jpg"), "")]
     (tmp_path / "empty").mkdir()
     assert main(["explain", str(run_dir), str(tmp_path / "empty")]) == 2
     assert "is a folder without image files" in capsys.readouterr().err

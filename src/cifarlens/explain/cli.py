@@ -48,6 +48,7 @@ class Selection:
     labels: Tensor | None  # (N,) int64, None for image files
     names: list[str]  # file stems for the outputs
     what: str  # for messages, e.g. "5 most confident mistakes on test"
+    sources: list[str] | None = None  # where each image came from: its file, or "test #12" (explanations.csv)
 
 
 def cmd_explain(args) -> int:
@@ -136,7 +137,7 @@ def _files(run, items: list[str]) -> Selection:
             name, k = f"{stem}-{k}", k + 1
         seen.add(name)
         names.append(name)
-    return Selection(images, None, names, f"{len(paths)} image file(s)")
+    return Selection(images, None, names, f"{len(paths)} image file(s)", [str(p) for p in paths])
 
 
 def _from_split(run, args) -> Selection:
@@ -154,8 +155,9 @@ def _from_split(run, args) -> Selection:
     else:
         index = _confident_mistakes(run, data, args.mistakes)
         what = f"the {len(index)} most confident mistake(s) on {split}"
-    index = index.long()
-    return Selection(data.images[index], data.labels[index], [f"{split}_{i:05d}" for i in index.tolist()], what)
+    index = index.long().tolist()
+    sources = [f"{split} #{i}" + (f" ({data.files[i]})" if data.files else "") for i in index]
+    return Selection(data.images[index], data.labels[index], [f"{split}_{i:05d}" for i in index], what, sources)
 
 
 def _parse_indices(text: str, size: int) -> Tensor:
@@ -214,12 +216,26 @@ def write_explanations(out: Path, classes, selection: Selection, explanation, *,
         plot_class_averages(averages, counts, classes, out / "class_average.png",
                             title=f"average {ex.method} map per explained class ({selection.what})")
         written.append("class_average.png")
+    rows = [[f"{name}.png", (selection.sources or selection.names)[i], "" if labels is None else classes[int(labels[i])],
+             classes[int(ex.predictions[i])], f"{float(ex.confidence[i]):.6f}", classes[int(ex.targets[i])],
+             int(bool(ex.empty[i]))] for i, name in enumerate(selection.names)]
+    atomic_write(out / "explanations.csv", lambda tmp: _write_rows(tmp, rows))
+    written.append("explanations.csv (each panel: its image's source, label, prediction, the class explained)")
     if save_maps:
         for i, name in enumerate(selection.names):
             cam = ex.maps[i].numpy().astype(np.float32)  # (H, W) at input resolution, in [0, 1]
             atomic_write(out / "maps" / f"{name}.npy", lambda tmp, cam=cam: _save_npy(tmp, cam))
         written.append(f"maps/*.npy ({len(selection.names)} float32 arrays of {tuple(ex.maps.shape[1:])})")
     return written
+
+
+def _write_rows(path: Path, rows: list[list]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["panel", "source", "label", "prediction", "confidence", "explained", "empty_map"])
+        writer.writerows(rows)
 
 
 def _save_npy(path: Path, array) -> None:
