@@ -47,6 +47,9 @@ def finished_run(tmp_path_factory):
     (["--recipe", "reference", "--set", "train.plateau_factor=1"], "train.plateau_factor must be in (0, 1)"),
     (["--lr", "inf"], "train.lr must be > 0 and finite"),
     (["--set", "data.image_size=4"], "cannot take 4x4 images"),
+    (["--set", "model.kwargs={num_classes: 5}"], "model.kwargs cannot set num_classes: it comes from the dataset"),
+    (["--set", "train.tta=true", "--set", "train.tta_translate=40"],
+     "train.tta_translate 40 is not smaller than the 28-pixel images"),
 ])
 def test_a_bad_setting_with_force_leaves_the_finished_run_as_it_was(finished_run, tmp_path, capsys, flags, message):
     """These settings used to fail after --force had emptied the folder (the optimizer, the schedule

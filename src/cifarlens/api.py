@@ -155,6 +155,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     first = progressive_side(info.image_size, 0, cfg.train.progressive_res, cfg.train.progressive_epochs)
     check_input_size(model, info.in_channels, {info.image_size, first}, cfg.model.name)  # before the run folder
     check_policies(cfg.data, info.image_size)  # crop padding and Cutout against the images' side
+    if cfg.train.tta and cfg.train.tta_translate >= info.image_size:  # it failed after the first epoch
+        raise CifarlensError(f"train.tta_translate {cfg.train.tta_translate} is not smaller than the "
+                             f"{info.image_size}-pixel images (1 or 2 is usual for 32 pixels)")
     precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last, cfg.train.cpu_amp)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -27,10 +27,12 @@ from cifarlens.engine import forward_tta, resolve_device
 from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource, load_image
 from cifarlens.models import create_model
+from cifarlens.models.registry import check_options
 from cifarlens.runs import RunDir
 
 
 def build_model(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
+    check_options(cfg.model.kwargs)
     return create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                         **cfg.model.kwargs)
 

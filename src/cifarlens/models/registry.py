@@ -57,6 +57,15 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
+def check_options(kwargs: dict) -> None:
+    """model.kwargs may not set what create_model passes itself (Python refused the call with
+    "got multiple values for keyword argument", a traceback)."""
+    reserved = sorted(set(kwargs) & set(_ALWAYS))
+    if reserved:
+        raise CifarlensError(f"model.kwargs cannot set {', '.join(reserved)}: it comes from the dataset "
+                             "(its classes, its images' channels)")
+
+
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Build a registered model; ``kwargs`` are the factory's options (e.g. ``depths`` for LensNet)."""
     factory = MODELS.get(name)
