@@ -339,11 +339,25 @@ def test_pretrained_reads_torchvisions_cache_without_network(tmp_path, monkeypat
     state = torchvision_state("resnet18", seed=5)
     torch.save(state, cache / Path(weights.url).name)
     model = create_model("resnet18", 10, stem="native")
+    # a file of that name that is not the published one (this one: random weights) is refused, as torch
+    # refuses a download whose SHA-256 does not start with the hash in the name (it took any cached file)
+    with pytest.raises(CifarlensError, match=r"are not the published file .*f37072fd.*delete it"):
+        load_initial_weights(model, ModelConfig(name="resnet18", pretrained=True))
+    (cache / "junk").write_text("junk")  # nor a damaged one
+    (cache / "junk").replace(cache / Path(weights.url).name)
+    with pytest.raises(CifarlensError, match="are not the published file"):
+        load_initial_weights(model, ModelConfig(name="resnet18", pretrained=True))
+    torch.save(state, cache / Path(weights.url).name)  # taken as the published file (its hash, stood in for)
+    published = "f37072fd" + "0" * 56
+    import cifarlens.models.weights as weights_module
+
+    monkeypatch.setattr(weights_module, "_sha256", lambda path: published)
     record = load_initial_weights(model, ModelConfig(name="resnet18", pretrained=True))
     assert record == {
         "source": "imagenet",
         "weights": "ResNet18_Weights.IMAGENET1K_V1",
         "url": weights.url,
+        "sha256": published,
         "layout": "torchvision",
     }
     assert_same_backbone(model.state_dict(), state)

@@ -21,10 +21,9 @@ Anything missing, unexpected or of another shape is a :class:`CifarlensError` na
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
-import pickle
+import re
 import socket
 import sys
 import urllib.error
@@ -113,13 +112,14 @@ def load_initial_weights(model: nn.Module, model_cfg) -> dict | None:
                 f"{', '.join(list_pretrained())} (or start any model from a file with --weights FILE)"
             )
         weights = model.weights_enum()
-        state = _download(weights)
+        state, digest = _download(weights)
         source = f"torchvision {type(weights).__name__}.{weights.name}"
         layout = fit_weights(model, state, source, model_cfg.name)
         return {
             "source": "imagenet",
             "weights": f"{type(weights).__name__}.{weights.name}",
             "url": weights.url,
+            "sha256": digest,
             "layout": layout,
         }
     if model_cfg.weights:
@@ -183,19 +183,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download(weights) -> dict[str, Tensor]:
-    """torchvision's own download (hash-checked, into the torch hub cache), failing fast offline."""
+def _download(weights) -> tuple[dict[str, Tensor], str]:
+    """torchvision's own download (hash-checked, into the torch hub cache), failing fast offline;
+    the state dict and the file's SHA-256. A file already in the cache (perhaps copied there by
+    hand, as the offline advice says) is checked against the hash its name carries, as torch
+    checks a download: torch would take any file of that name."""
     from cifarlens.data.base import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, _check_reachable
 
     url = weights.url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(url).path)
+    named = re.search(r"-([a-f0-9]{6,})\.", cached.name)  # torch.hub's HASH_REGEX: resnet18-f37072fd.pth
+    if cached.is_file() and named and not _sha256(cached).startswith(named.group(1)):
+        raise CifarlensError(f"the cached ImageNet weights {cached} are not the published file (their SHA-256 does "
+                             f"not start with {named.group(1)}, as the name says): delete it and run again online, "
+                             "or pass the weights with --weights FILE")
     old_timeout = socket.getdefaulttimeout()
     try:
         if not cached.is_file():
             _check_reachable(url, CONNECT_TIMEOUT_S)  # seconds, not minutes, when offline
             socket.setdefaulttimeout(READ_TIMEOUT_S)
-        return weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True, weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, http.client.HTTPException) as err:
+        state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True, weights_only=True)
+        return state, _sha256(cached)
+    except Exception as err:  # offline, a refused download, a file the safe unpickler cannot read (KeyError)
         reason = err.reason if isinstance(err, urllib.error.URLError) else err
         reason = " ".join(str(reason).split())[:200] or type(err).__name__
         raise CifarlensError(
