@@ -278,6 +278,11 @@ def test_missing_and_unreadable_files(tmp_path):
     torch.save({"lr": 0.1, "epochs": 3}, tmp_path / "not-weights.pt")
     with pytest.raises(CifarlensError, match="does not hold a state dict"):
         read_state_dict(tmp_path / "not-weights.pt")
+    (tmp_path / "notes.pt").write_text("hello, these are no weights\n")  # the safe unpickler's KeyError: 104
+    with pytest.raises(CifarlensError, match=r"loads safely \(not a PyTorch file: KeyError \d+\)"):
+        read_state_dict(tmp_path / "notes.pt")
+    with pytest.raises(CifarlensError, match="is a folder; give the file"):
+        read_state_dict(tmp_path)
 
 
 def test_a_pickled_payload_is_refused_and_never_executed(tmp_path):

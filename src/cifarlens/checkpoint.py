@@ -77,6 +77,8 @@ def torch_load_safely(path: Path, map_location="cpu"):
                 detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n")[0].split(" Please use")[0]
             elif lines and lines[0].startswith(_TORCH_BOILERPLATE[0]):  # "... unsupported GLOBAL posix.system ..."
                 detail = next((line for line in lines if not line.startswith(_TORCH_BOILERPLATE)), "")
+            elif isinstance(err, KeyError) or len(text) < 12:  # the unpickler lost in bytes that are no pickle: "101"
+                raise UnreadableFile(f"not a PyTorch file: {type(err).__name__} {text}".strip()[:200]) from None
             else:
                 raise UnreadableFile((lines[0] if lines else type(err).__name__)[:200]) from None
             raise UnreadableFile(f"the safe loader refused it: {detail.strip() or 'unsupported content'}"[:200]) from None

@@ -146,6 +146,8 @@ def describe_init(record: dict | None) -> str:
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """A flat name -> tensor dict from a safetensors file or a PyTorch state dict (safely)."""
     path = Path(path)
+    if path.is_dir():
+        raise CifarlensError(f"weights file {path} is a folder; give the file (e.g. {path / 'model.safetensors'})")
     if not path.is_file():
         raise CifarlensError(f"weights file {path} not found")
     with path.open("rb") as f:
