@@ -389,6 +389,11 @@ def test_the_run_predicts_with_its_translation_tta_and_old_configs_mean_none(fix
     cfg = yaml.safe_load((old / "config.yaml").read_text())
     del cfg["train"]["tta_translate"]
     (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    from cifarlens.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(old / "checkpoints" / "last.pt")  # its checkpoint lacks it too (else it is taken from there)
+    del ckpt["config"]["train"]["tta_translate"]
+    save_checkpoint(old / "checkpoints" / "last.pt", ckpt)
     assert load_run(old).tta_translate == 0
 
 
