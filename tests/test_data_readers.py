@@ -88,7 +88,7 @@ def test_the_extracted_folder_itself_is_read(tmp_path, dataset, monkeypatch):
 
 def test_official_files_with_other_counts_are_named_in_a_warning(tmp_path):
     """A subset saved under the official file names is not the official split: the run's log says so."""
-    from cifarlens.data.cifar_folder import count_warning
+    from cifarlens.data.base import count_warning
 
     make_cifar10(tmp_path, n_train_per_batch=8, n_test=12)
     ds = load_dataset("cifar10", tmp_path, download=False)
@@ -387,10 +387,24 @@ def test_fashion_resize(fashion_dir):
     assert ds.train.images.shape == (200, 1, 32, 32) and ds.info.image_size == 32
 
 
-def test_fashion_missing_file(fashion_dir):
+def test_fashion_missing_file(fashion_dir, monkeypatch):
     (fashion_dir / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(CifarlensError, match=r"t10k-labels-idx1-ubyte\[.gz\] missing .*apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", fashion_dir, download=False)
+    # with downloads allowed, the user's files are not joined by the official ones (a run trained on those)
+    import cifarlens.data.fashion_mnist as fashion
+
+    monkeypatch.setattr(fashion, "download_file", lambda *a, **k: pytest.fail("must not download beside them"))
+    with pytest.raises(CifarlensError, match=r"is incomplete: t10k-labels-idx1-ubyte\[.gz\] missing; add it"):
+        load_dataset("fashion-mnist", fashion_dir, download=True)
+    assert not (fashion_dir / "FashionMNIST").exists()
+
+
+def test_a_fashion_subset_under_the_official_names_is_said_so(fashion_dir):
+    ds = load_dataset("fashion-mnist", fashion_dir, download=False)
+    assert len(ds.source.warnings) == 2
+    assert "train-images-idx3-ubyte.gz has 200 images, the official split 60,000" in ds.source.warnings[0]
+    assert "t10k-images-idx3-ubyte.gz has 50 images, the official split 10,000" in ds.source.warnings[1]
 
 
 def test_fashion_bad_magic(fashion_dir):

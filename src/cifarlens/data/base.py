@@ -122,6 +122,17 @@ def check_image_size(image_size: int | None) -> None:
         raise CifarlensError(f"image size must be a positive integer, got {image_size!r}")
 
 
+def count_warning(split: str, labels: torch.Tensor, info: DatasetInfo, per_class: int) -> str | None:
+    """What differs from the official split's ``per_class`` images of every class; None: nothing."""
+    counts = torch.bincount(labels, minlength=info.num_classes).tolist()
+    if all(c == per_class for c in counts):
+        return None
+    differ = [f"{info.classes[i]} {c:,}" for i, c in enumerate(counts) if c != per_class]
+    shown = ", ".join(differ[:5]) + (f", ... ({len(differ)} classes differ)" if len(differ) > 5 else "")
+    return (f"{split} has {sum(counts):,} images, the official split {per_class * info.num_classes:,} "
+            f"({per_class:,} per class; here {shown})")
+
+
 def relative_names(paths: list[Path], root: Path) -> tuple[str, ...]:
     """Each file's path below ``root`` with forward slashes ("test/cat/0001.jpg"): the names a
     predictions file gives, the same on any system and wherever the folder moves."""

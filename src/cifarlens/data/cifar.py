@@ -39,10 +39,11 @@ from cifarlens.data.base import (
     LoadedDataset,
     Split,
     check_image_size,
+    count_warning,
     download_file,
     resize_uint8,
 )
-from cifarlens.data.cifar_folder import class_key, count_warning, is_folder_copy, read_folder_copy
+from cifarlens.data.cifar_folder import class_key, is_folder_copy, read_folder_copy
 from cifarlens.errors import CifarlensError
 
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"

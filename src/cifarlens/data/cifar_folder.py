@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cifarlens.data.base import DataSource, DatasetInfo, Split, relative_names
+from cifarlens.data.base import DataSource, DatasetInfo, Split, count_warning, relative_names
 from cifarlens.errors import CifarlensError
 from cifarlens.images import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, format_names, list_images, load_image, skipped_warning, to_mode
 
@@ -111,17 +111,6 @@ def _read_split(split_dir: Path, info: DatasetInfo, title: str, *, need_all: boo
         images[i] = _decode(path, title)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return Split(images, labels, relative_names([p for p, _ in files], split_dir.parent)), [p for p, _ in files]
-
-
-def count_warning(split: str, labels: torch.Tensor, info: DatasetInfo, per_class: int) -> str | None:
-    """What differs from the official split's ``per_class`` images of every class; None: nothing."""
-    counts = torch.bincount(labels, minlength=info.num_classes).tolist()
-    if all(c == per_class for c in counts):
-        return None
-    differ = [f"{info.classes[i]} {c:,}" for i, c in enumerate(counts) if c != per_class]
-    shown = ", ".join(differ[:5]) + (f", ... ({len(differ)} classes differ)" if len(differ) > 5 else "")
-    return (f"{split} has {sum(counts):,} images, the official split {per_class * info.num_classes:,} "
-            f"({per_class:,} per class; here {shown})")
 
 
 def read_folder_copy(data_dir: Path, info: DatasetInfo, title: str, *, train_per_class: int, test_per_class: int

@@ -27,10 +27,12 @@ import torch
 
 from cifarlens.data.base import (
     DATASETS,
+    DataSource,
     DatasetInfo,
     LoadedDataset,
     Split,
     check_image_size,
+    count_warning,
     download_file,
     resize_uint8,
 )
@@ -69,6 +71,7 @@ FILES = {
 SEARCH_DIRS = (".", "FashionMNIST/raw", "raw", "fashion-mnist")  # relative to data_dir, in order ("raw":
 # data_dir is torchvision's FashionMNIST/ itself)
 DOWNLOAD_DIR = "FashionMNIST/raw"
+TRAIN_PER_CLASS, TEST_PER_CLASS = 6000, 1000  # the official split's images of each class
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
@@ -171,6 +174,11 @@ def fashion_mnist(data_dir: Path, *, download: bool, image_size: int | None) -> 
     check_image_size(image_size)
     data_dir = Path(data_dir)
     files, folder, missing = _find_files(data_dir)
+    if files is None and download and len(missing) < len(FILES) and folder != data_dir / DOWNLOAD_DIR:
+        # some of the user's own files: a download would put the official ones beside them and train on those
+        raise CifarlensError(f"Fashion-MNIST in {folder} is incomplete: {', '.join(missing)} missing; add "
+                             f"{'it' if len(missing) == 1 else 'them'} (from {HOMEPAGE}); nothing is downloaded "
+                             "over your files")
     if files is None and download:
         _download(data_dir)
         files, folder, missing = _find_files(data_dir)
@@ -184,8 +192,12 @@ def fashion_mnist(data_dir: Path, *, download: bool, image_size: int | None) -> 
     train = _split(files["train_images"], files["train_labels"])
     test = _split(files["test_images"], files["test_labels"])
     info = INFO
+    # a subset (or other files) under the official names is not the official split: said in the run's log and report
+    counts = (count_warning(files["train_images"].name, train.labels, info, TRAIN_PER_CLASS),
+              count_warning(files["test_images"].name, test.labels, info, TEST_PER_CLASS))
+    source = DataSource(path=str(folder), warnings=tuple(f"Fashion-MNIST files in {folder}: {w}" for w in counts if w))
     if image_size is not None and image_size != info.image_size:
-        train = Split(resize_uint8(train.images, image_size), train.labels)
-        test = Split(resize_uint8(test.images, image_size), test.labels)
+        train = replace(train, images=resize_uint8(train.images, image_size))
+        test = replace(test, images=resize_uint8(test.images, image_size))
         info = replace(info, image_size=image_size)
-    return LoadedDataset(info=info, train=train, test=test)
+    return LoadedDataset(info=info, train=train, test=test, source=source)
