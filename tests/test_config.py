@@ -169,7 +169,8 @@ def test_multistep_lr_at_its_milestone_epochs():
 
 @pytest.mark.parametrize("train, message", [
     ({"milestones": [137, 91]}, r"train.milestones \[137.0, 91.0\] must be increasing epochs between 0 and"),
-    ({"epochs": 100}, r"must be increasing epochs between 0 and train.epochs \(100\).*milestones=\[50,75\]"),
+    ({"epochs": 100, "milestones": [91, 137]},
+     r"must be increasing epochs between 0 and train.epochs \(100\).*milestones=\[50,75\]"),
     ({"milestones": []}, "train.schedule multistep needs train.milestones"),
     ({"gamma": 0.0}, "train.gamma must be > 0"),
 ])
@@ -193,9 +194,20 @@ def test_a_key_given_twice_in_a_config_file_is_an_error_and_merge_keys_still_wor
 def test_the_milestones_suggested_for_few_epochs_are_themselves_accepted(epochs, milestones):
     """For --epochs 2 the hint said milestones=[1,1], which the same check refused."""
     with pytest.raises(CifarlensError, match=f"milestones={milestones}") as err:
-        resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", "epochs": epochs}}).train)
+        resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", "epochs": epochs, "milestones": [91, 137]}}).train)
     suggested = [float(m) for m in str(err.value).rsplit("=", 1)[1].strip("[]").split(",")]
     resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", "epochs": epochs, "milestones": suggested}}).train)
+
+
+def test_epochs_of_a_multistep_recipe_keep_its_drops_at_the_same_shares_of_the_run():
+    """he2016 --epochs 20 was refused (its drops at epochs 91 and 137 lay beyond the run)."""
+    he = resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", "epochs": 20}}).train)
+    assert he.milestones == [10.0, 15.055]  # 91 and 137 of 182 epochs
+    wrn = resolve_train(merge(RunConfig(), {"train": {"recipe": "wrn2016", "epochs": 10}}).train)
+    assert wrn.milestones == [3.0, 6.0, 8.0]  # 60, 120 and 160 of 200
+    own = resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016", "epochs": 20, "milestones": [5, 9]}}).train)
+    assert own.milestones == [5.0, 9.0]  # the user's own are kept
+    assert resolve_train(merge(RunConfig(), {"train": {"recipe": "he2016"}}).train).milestones == [91.0, 137.0]
 
 
 @pytest.mark.parametrize("key, value", [("grad_clip", -1.0), ("grad_clip", float("nan")),

@@ -213,6 +213,10 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
         ramp = round(defaults["progressive_epochs"] * cfg.epochs / defaults["epochs"])
         res = defaults["progressive_res"] if cfg.progressive_res is None else cfg.progressive_res
         cfg = replace(cfg, progressive_epochs=ramp, progressive_res=res if ramp else 0)
+    if cfg.epochs is not None and cfg.milestones is None and defaults["milestones"] and cfg.epochs != defaults["epochs"]:
+        # --epochs N of a multistep recipe: its lr drops at the same shares of the run (he2016's 91 and 137 of
+        # 182 epochs lay beyond --epochs 20, which was refused), as a time budget scales them
+        cfg = replace(cfg, milestones=[round(m * cfg.epochs / defaults["epochs"], 3) for m in defaults["milestones"]])
     if cfg.cpu_amp is None:  # a property of the machine, not of the recipe
         cfg = replace(cfg, cpu_amp=cpu_bf16_pays())
     filled = {f.name: defaults[f.name] for f in fields(cfg) if getattr(cfg, f.name) is None}
