@@ -167,6 +167,24 @@ def test_multistep_lr_at_its_milestone_epochs():
     assert lrs[::4] == pytest.approx([0.025, 0.1, 0.1, 0.02, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
 
 
+def test_a_warm_up_takes_at_most_half_of_the_run():
+    """modern --epochs 1 (1 epoch of warm-up) rose to its peak lr on the last step and never decayed."""
+    import torch
+
+    from cifarlens.recipes import build_optimizer, build_scheduler
+
+    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "modern", "epochs": 1}}).train)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # up over 5 of the 10 steps
+    assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] < 0.03  # then down
+
+
 @pytest.mark.parametrize("train, message", [
     ({"milestones": [137, 91]}, r"train.milestones \[137.0, 91.0\] must be increasing epochs between 0 and"),
     ({"epochs": 100, "milestones": [91, 137]},

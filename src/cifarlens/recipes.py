@@ -388,7 +388,8 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.schedule == "plateau":
         return PlateauSchedule(optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     total = schedule_steps(cfg, steps_per_epoch)
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
+    # at most half the run: a one-epoch run of modern (1 epoch of warm-up) ended at its peak lr, never decaying
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total // 2)
     milestones = tuple(int(round(m * steps_per_epoch)) for m in cfg.milestones or ())
     return StepSchedule(optimizer, total, warmup, cfg.schedule, milestones, cfg.gamma)
 
