@@ -168,6 +168,22 @@ def test_cifar_archive_is_extracted(tmp_path, dataset):
     assert_split(ds.test, data.test_images, data.test_labels)
 
 
+def test_cifar_archive_extracts_with_the_users_umask_not_the_archives_modes(tmp_path):
+    import os
+    import stat
+
+    make_cifar_archive(tmp_path, "cifar10", n_train_per_batch=4, n_test=6)  # its members are 0644
+    old = os.umask(0o077)
+    try:
+        load_dataset("cifar10", tmp_path, download=False)
+    finally:
+        os.umask(old)
+    folder = tmp_path / CIFAR10.folder
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+    assert modes[CIFAR10.folder] == 0o700 and modes[CIFAR10.test_file] == 0o600, modes
+    assert set(modes.values()) <= {0o700, 0o600}
+
+
 def test_cifar_archive_names_match_torchvision():
     import torchvision.datasets as tvd
 

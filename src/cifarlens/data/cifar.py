@@ -265,6 +265,14 @@ def _read_folder(folder: Path, layout: CifarLayout) -> tuple[tuple[str, ...], Sp
 # ---------------------------------------------------------------------------
 
 
+def _safe_member(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+    """tarfile's "data" filter (no absolute paths, no links or files outside the folder, no devices),
+    and no modes from the archive: the files get those open() gives, as the user's umask says (the
+    archive's 0644 made them readable by all under umask 077)."""
+    member = tarfile.data_filter(member, path)
+    return member.replace(mode=None, deep=False) if member is not None else None
+
+
 def _extract(archive: Path, data_dir: Path, layout: CifarLayout) -> None:
     """Extract the official archive into data_dir/<folder>, via a temporary folder so an
     interrupted extraction never leaves a half-written folder that looks complete."""
@@ -272,8 +280,7 @@ def _extract(archive: Path, data_dir: Path, layout: CifarLayout) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{layout.folder}-extract-", dir=data_dir))
     try:
         with tarfile.open(archive, "r:*") as tar:
-            # "data" filter: no absolute paths, no links or files outside tmp, no devices.
-            tar.extractall(tmp, filter="data")
+            tar.extractall(tmp, filter=_safe_member)
         extracted = tmp / layout.folder
         if not extracted.is_dir():
             raise CifarlensError(f"archive {archive} does not contain {layout.folder}/; {fix}")
