@@ -237,7 +237,9 @@ def make_cifar100(
 ) -> SyntheticData:
     """Write ``root/cifar-100-python/`` (train, test, meta); coarse label = fine // 5."""
     rng = np.random.default_rng(seed)
-    classes = tuple(classes) if classes is not None else tuple(f"fine_{k:02d}" for k in range(100))
+    from cifarlens.data.cifar import CIFAR100_INFO
+
+    classes = tuple(classes) if classes is not None else CIFAR100_INFO.classes  # the official names
     folder = Path(root) / "cifar-100-python"
     train_labels = balanced_labels(n_train, 100, rng)
     train_images = synthetic_images(train_labels, 3, 32, 32, rng)

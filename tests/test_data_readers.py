@@ -100,6 +100,18 @@ def test_official_files_with_other_counts_are_named_in_a_warning(tmp_path):
     assert "airplane 2" in count_warning("test/", balanced[1:], ds.info, per_class=3)
 
 
+def test_a_cifar100_layout_with_other_class_names_is_said_to_be_another_dataset(tmp_path):
+    """It was labelled CIFAR-100 in every figure and set beside the literature, silently."""
+    make_cifar100(tmp_path, n_train=200, n_test=100, classes=tuple(f"thing{k}" for k in range(100)))
+    ds = load_dataset("cifar100", tmp_path, download=False)
+    assert ds.info.classes[99] == "thing99"
+    assert any("meta names 100 class(es) the official CIFAR-100 does not have (thing0, thing1, thing2, ...): this is "
+               "not CIFAR-100" in w for w in ds.source.warnings), ds.source.warnings
+    official = load_dataset("cifar100", make_cifar100(tmp_path / "official", n_train=200, n_test=100).data_dir,
+                            download=False)
+    assert not any("does not have" in w for w in official.source.warnings)
+
+
 def test_official_names_in_another_order_warn_and_float_labels_are_refused(tmp_path):
     make_cifar10(tmp_path, n_train_per_batch=2, n_test=2, classes=tuple(reversed(cifar.CIFAR10_INFO.classes)))
     ds = load_dataset("cifar10", tmp_path, download=False)

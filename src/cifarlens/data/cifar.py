@@ -361,6 +361,10 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
         if reordered:  # the labels follow the file, so every figure names other classes than the literature's
             counts += (f"{layout.meta_file} lists the {layout.title} classes in another order than the official "
                        f"one ({', '.join(classes[:3])}, ... instead of {', '.join(layout.info.classes[:3])}, ...)",)
+        elif classes != layout.info.classes:  # other names: another dataset in the official layout
+            other = [c for c in classes if c not in layout.info.classes]
+            counts += (f"{layout.meta_file} names {len(other)} class(es) the official {layout.title} does not have "
+                       f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): this is not {layout.title}",)
         source = replace(source, warnings=tuple(f"{layout.title} files in {folder}: {w}" for w in counts if w))
     if image_size is not None and image_size != info.image_size:
         train = replace(train, images=resize_uint8(train.images, image_size))
