@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -488,6 +489,22 @@ def test_the_command_line_does_not_import_torchvision_until_a_backbone_is_built(
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "invalid int value: 'abc'" in result.stderr
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["--dataset", "cifar-10"], "argument --dataset: unknown dataset 'cifar-10' (did you mean cifar10?); choose one of"),
+    (["--dataset", "Fashion_MNIST"], "(did you mean fashion-mnist?)"),
+    (["--model", "resnet2"], "unknown model 'resnet2' (did you mean resnet32 or resnet20?)"),
+    (["--recipe", "fastcpu"], "(did you mean fast_cpu?)"),
+    (["--set", "model.name=resnt20"], "unknown model 'resnt20' (did you mean resnet20 or resnet50?)"),
+])
+def test_a_misspelt_name_is_answered_with_the_closest_ones(args, hint, tmp_path, capsys):
+    with pytest.raises(SystemExit) if args[0] != "--set" else contextlib.nullcontext():
+        code = main(["train", *args, "--out", str(tmp_path / "run")])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert hint in err.strip().splitlines()[-1], err  # (argparse prints its usage above)
+    assert not (tmp_path / "run").exists()
 
 
 def test_list_shows_each_recipes_own_settings_by_their_set_names(capsys):

@@ -52,30 +52,50 @@ def add_config_flags(p) -> None:
     from cifarlens.recipes import list_recipes
 
     p.add_argument("--config", metavar="FILE.yaml", help="YAML with sections data/model/train/track")
-    p.add_argument("--dataset", choices=list_datasets())
+    p.add_argument("--dataset", type=_one_of("dataset", list_datasets()), metavar=_braced(list_datasets()),
+                   help="default cifar10")
     p.add_argument("--data-dir", help="folder holding (or receiving) the dataset (default ./data)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not there")
-    p.add_argument("--model", choices=list_models())
+    p.add_argument("--model", type=_one_of("model", list_models()), metavar=_braced(list_models()),
+                   help="default: fastnet_cpu on a CPU, fastnet on a GPU (cifarlens list: each model's recipe)")
     # default None, not False: a --config file's model.pretrained is then not overridden
     p.add_argument("--pretrained", action="store_true", default=None,
                    help="start from torchvision's ImageNet weights (downloaded; resnet18, resnet50, efficientnet_b0)")
     p.add_argument("--weights", metavar="FILE",
                    help="start from a weights file: safetensors or a PyTorch state dict (works offline)")
-    p.add_argument("--recipe", choices=list_recipes())
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--recipe", type=_one_of("recipe", list_recipes()), metavar=_braced(list_recipes()),
+                   help="default: the model's own (cifarlens list shows them and their settings)")
+    p.add_argument("--epochs", type=int, help="default: the recipe's")
     p.add_argument("--time-budget", metavar="DURATION",
                    help="train as many epochs of the recipe as fit in this time on this machine, e.g. 10m, 600, "
                         "1.5h (steps are timed first; sets train.time_budget in seconds; not with --epochs)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--augment", type=_augment_spec, metavar="LEVEL[+POLICY...]",
                    help=f"a level ({', '.join(_augment_levels())}) and/or policies added to it "
                         f"({', '.join(_policies())}), e.g. standard+cutout+autoaugment; sets data.augment "
                         "and data.policies (no policy named: none)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="default 0 (data split, initialisation, augmentation)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config value, e.g. --set train.weight_decay=1e-4 (repeatable)")
+
+
+def _one_of(kind: str, names: list[str]):
+    """An argparse type: one of ``names``, else argparse's one-line error with the closest names."""
+    def check(text: str) -> str:
+        from cifarlens.registry import unknown_name
+
+        if text not in names:
+            raise argparse.ArgumentTypeError(unknown_name(kind, text, names))
+        return text
+
+    check.__name__ = kind  # argparse names the type in some messages
+    return check
+
+
+def _braced(names: list[str]) -> str:
+    return "{" + ",".join(names) + "}"
 
 
 def _loggers():

@@ -33,9 +33,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise CifarlensError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
-            ) from None
+            raise CifarlensError(unknown_name(self.kind, name, self.names())) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -45,3 +43,17 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def unknown_name(kind: str, name: object, names: list[str]) -> str:
+    """"unknown model 'resnet2' (did you mean resnet20?); choose one of: ...": the closest names
+    by spelling, and those equal but for case and separators ("cifar-10" is cifar10)."""
+    import difflib
+
+    def plain(text: str) -> str:
+        return "".join(c for c in text.lower() if c.isalnum())
+
+    text = str(name)
+    close = [n for n in names if plain(n) == plain(text)] or difflib.get_close_matches(text, names, n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"unknown {kind} {name!r}{hint}; choose one of: {', '.join(names)}"
