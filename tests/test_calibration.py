@@ -137,6 +137,24 @@ def test_calibrate_command_refits_an_existing_run(calibrated_run, capsys):
     assert after["temperature"] == pytest.approx(before["temperature"], rel=1e-6)  # same weights, same data
 
 
+def test_calibrate_says_when_the_runs_onnx_holds_another_temperature(calibrated_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import shutil
+
+    from cifarlens.cli import main
+    from cifarlens.export import export_onnx
+
+    out = tmp_path / "run"
+    shutil.copytree(calibrated_run[0], out)
+    export_onnx(out, out / "model.onnx", images=[], calibrated=False)  # a graph without the temperature
+    assert main(["calibrate", str(out), "--device", "cpu"]) == 0
+    assert f"note: {out / 'model.onnx'} holds the temperature before" in capsys.readouterr().out
+    export_onnx(out, images=[])  # with it: nothing to say
+    assert main(["calibrate", str(out), "--device", "cpu"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_training_with_calibration_off_records_none(tmp_path):
     from conftest import train_tiny_cifar10
 

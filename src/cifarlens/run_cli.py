@@ -72,9 +72,16 @@ def cmd_calibrate(args) -> int:
     from cifarlens.api import calibrate_run
 
     _warn_if_unfinished(args.run_dir)
-    calibrate_run(args.run_dir, data_dir=args.data_dir, device=args.device, log=print, require_images=True)
+    fit = calibrate_run(args.run_dir, data_dir=args.data_dir, device=args.device, log=print, require_images=True)
     print(f"recorded in {args.run_dir}/run.json; evaluate, predict, serve and export use it "
           f"(re-evaluate the test split with: cifarlens evaluate {args.run_dir})")
+    from pathlib import Path
+
+    from cifarlens.export import ONNX_FILE, onnx_is_current
+
+    if (Path(args.run_dir) / ONNX_FILE).is_file() and not onnx_is_current(args.run_dir, temperature=fit.temperature):
+        print(f"note: {Path(args.run_dir) / ONNX_FILE} holds the temperature before (it is in its graph): "
+              f"`cifarlens export {args.run_dir}` writes it again (serve --backend onnx does it itself)")
     return 0
 
 
