@@ -130,7 +130,7 @@ def cmd_predict(args) -> int:
         print(f"({calibration_words(run.calibration_info())})")
         for image, pred, error in results:
             if error is None:
-                print(image)
+                print(image if str(image).isprintable() else repr(str(image)))  # a newline in a name: one line
                 for label, prob in zip(pred.labels, pred.probs):
                     print(f"  {prob:7.2%}  {label}")
     if failed:
