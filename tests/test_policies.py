@@ -17,7 +17,8 @@ from conftest import make_cifar10, synthetic_images
 from test_engine import HostReads
 
 from cifarlens import engine
-from cifarlens.cli import build_parser, config_from_args, main
+from cifarlens.cli import build_parser, main
+from cifarlens.config_flags import config_from_args
 from cifarlens.config import DataConfig, RunConfig, merge
 from cifarlens.data.autoaugment import CIFAR10_POLICY, UNIFORM_OPS, AutoAugment, apply_ops, magnitude_space
 from cifarlens.data.base import DatasetInfo, Split

@@ -465,7 +465,8 @@ def test_cli_rejects_weights_that_do_not_fit_in_one_line(tmp_path, tiny_cifar, c
 
 
 def test_config_file_pretrained_is_not_overridden_by_absent_flag(tmp_path):
-    from cifarlens.cli import build_parser, config_from_args
+    from cifarlens.cli import build_parser
+    from cifarlens.config_flags import config_from_args
 
     config = tmp_path / "c.yaml"
     config.write_text("model: {name: resnet50, pretrained: true}\n")

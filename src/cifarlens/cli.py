@@ -10,6 +10,14 @@ import time
 import warnings
 from pathlib import Path
 
+from cifarlens.config_flags import (
+    add_config_flags,
+    augment_levels,
+    config_from_args,
+    loggers,
+    policy_names,
+    resolve_choices_for,
+)
 from cifarlens.errors import CifarlensError, Terminated, format_warning, user_os_error
 from cifarlens.io import stdout_to_devnull
 
@@ -26,7 +34,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html at the end (saves a little time; a resumed run remembers it)")
     p.add_argument("--logger", action="append", metavar="NAME",
-                   help="log params, epochs, test metrics and files to: " + " or ".join(_loggers())
+                   help="log params, epochs, test metrics and files to: " + " or ".join(loggers())
                         + " (repeatable or comma-separated; needs pip install 'cifarlens[tracking]')")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow server or store (default: $MLFLOW_TRACKING_URI, "
                    "else MLflow's default: ./mlflow.db and ./mlruns/ in the working directory)")
@@ -43,154 +51,6 @@ def _train_parser(sub) -> None:
                    help="test accuracies to time, comma-separated (default 0.90,0.92,0.93)")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     p.set_defaults(func=cmd_bench)
-
-
-def add_config_flags(p) -> None:
-    """The flags that build a RunConfig (train and bench)."""
-    from cifarlens.data import list_datasets
-    from cifarlens.models import list_models
-    from cifarlens.recipes import list_recipes
-
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML with sections data/model/train/track")
-    p.add_argument("--dataset", type=_one_of("dataset", list_datasets()), metavar=_braced(list_datasets()),
-                   help="default cifar10")
-    p.add_argument("--data-dir", help="folder holding (or receiving) the dataset (default ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not there")
-    p.add_argument("--model", type=_one_of("model", list_models()), metavar=_braced(list_models()),
-                   help="default: fastnet_cpu on a CPU, fastnet on a GPU (cifarlens list: each model's recipe)")
-    # default None, not False: a --config file's model.pretrained is then not overridden
-    p.add_argument("--pretrained", action="store_true", default=None,
-                   help="start from torchvision's ImageNet weights (downloaded; resnet18, resnet50, efficientnet_b0)")
-    p.add_argument("--weights", metavar="FILE",
-                   help="start from a weights file: safetensors or a PyTorch state dict (works offline)")
-    p.add_argument("--recipe", type=_one_of("recipe", list_recipes()), metavar=_braced(list_recipes()),
-                   help="default: the model's own (cifarlens list shows them and their settings)")
-    p.add_argument("--epochs", type=int, help="default: the recipe's")
-    p.add_argument("--time-budget", metavar="DURATION",
-                   help="train as many epochs of the recipe as fit in this time on this machine, e.g. 10m, 600, "
-                        "1.5h (steps are timed first; sets train.time_budget in seconds; not with --epochs)")
-    p.add_argument("--batch-size", type=int, help="default: the recipe's")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--augment", type=_augment_spec, metavar="LEVEL[+POLICY...]",
-                   help=f"a level ({', '.join(_augment_levels())}) and/or policies added to it "
-                        f"({', '.join(_policies())}), e.g. standard+cutout+autoaugment; sets data.augment "
-                        "and data.policies (no policy named: none)")
-    p.add_argument("--seed", type=int, help="default 0 (data split, initialisation, augmentation)")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="set any config value, e.g. --set train.weight_decay=1e-4 (repeatable)")
-
-
-def _one_of(kind: str, names: list[str]):
-    """An argparse type: one of ``names``, else argparse's one-line error with the closest names."""
-    def check(text: str) -> str:
-        from cifarlens.registry import unknown_name
-
-        if text not in names:
-            raise argparse.ArgumentTypeError(unknown_name(kind, text, names))
-        return text
-
-    check.__name__ = kind  # argparse names the type in some messages
-    return check
-
-
-def _braced(names: list[str]) -> str:
-    return "{" + ",".join(names) + "}"
-
-
-def _loggers():
-    from cifarlens.tracking import list_trackers
-
-    return list_trackers()
-
-
-def _augment_levels():
-    from cifarlens.data.augment import AUGMENT_LEVELS
-
-    return list(AUGMENT_LEVELS)
-
-
-def _policies():
-    from cifarlens.data.policies import list_policies
-
-    return list_policies()
-
-
-def _augment_spec(text: str) -> tuple[str | None, list[str]]:
-    """``--augment standard+cutout+autoaugment`` -> ("standard", ["cutout", "autoaugment"]);
-    without a level, None (the dataset's default level)."""
-    level, policies = None, []
-    for part in filter(None, (p.strip() for p in text.split("+"))):
-        if part in _augment_levels() and level is None:
-            level = part
-        elif part in _policies() and part not in policies:
-            policies.append(part)
-        elif part in policies:
-            raise argparse.ArgumentTypeError(f"{part!r} is named twice")
-        elif part in _augment_levels():
-            raise argparse.ArgumentTypeError(f"two levels, {level!r} and {part!r}: give one level "
-                                             f"({', '.join(_augment_levels())}), then policies")
-        else:
-            raise argparse.ArgumentTypeError(
-                f"{part!r} is not an augmentation level ({', '.join(_augment_levels())}) or policy "
-                f"({', '.join(_policies())})")
-    return level, policies
-
-
-# flag -> (section, key) of the config
-FLAG_KEYS = {
-    "dataset": ("data", "dataset"), "data_dir": ("data", "data_dir"), "augment": ("data", "augment"),
-    "model": ("model", "name"), "recipe": ("train", "recipe"), "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "seed": ("train", "seed"),
-    "device": ("train", "device"), "pretrained": ("model", "pretrained"), "weights": ("model", "weights"),
-    "logger": ("track", "loggers"), "tracking_uri": ("track", "tracking_uri"),  # train only
-}
-
-
-def config_from_args(args, *, resolve: bool = True):
-    """The run config the flags describe; with ``resolve``, a model and recipe left unset are
-    chosen for the device (see :func:`cifarlens.recipes.resolve_choices`)."""
-    from cifarlens.config import RunConfig, load_yaml, merge, parse_assignment
-
-    cfg = RunConfig()
-    if args.config:
-        cfg = merge(cfg, load_yaml(args.config))
-    overrides: dict = {}
-    for flag, (section, key) in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if flag == "logger" and value is not None:  # --logger a --logger b,c -> [a, b, c]
-            value = [name.strip() for part in value for name in part.split(",") if name.strip()]
-        if flag == "augment" and value is not None:  # LEVEL+POLICY+...: the policies, and the level if named
-            value, policies = value
-            overrides.setdefault("data", {})["policies"] = policies
-        if value is not None:
-            overrides.setdefault(section, {})[key] = value
-    if args.no_download:
-        overrides.setdefault("data", {})["download"] = False
-    if getattr(args, "time_budget", None) is not None:
-        from cifarlens.budget import parse_duration
-
-        if args.epochs is not None:
-            raise CifarlensError("--time-budget chooses the number of epochs: drop --epochs (or --time-budget)")
-        seconds = parse_duration(args.time_budget)
-        if seconds <= 0:
-            raise CifarlensError(f"--time-budget must be longer than 0 seconds, got {args.time_budget!r}")
-        overrides.setdefault("train", {})["time_budget"] = seconds
-    cfg = merge(cfg, overrides)
-    for assignment in args.set:
-        cfg = merge(cfg, parse_assignment(assignment))
-    if getattr(args, "epochs", None) is not None and cfg.train.time_budget and getattr(args, "time_budget", None) is None:
-        raise CifarlensError(f"--epochs {args.epochs} and train.time_budget {cfg.train.time_budget:g} s (from --config or "
-                             "--set) both set the training's length: drop --epochs, or --set train.time_budget=0")
-    return resolve_choices_for(cfg)[0] if resolve else cfg
-
-
-def resolve_choices_for(cfg):
-    """``resolve_choices`` on the device ``cfg.train.device`` names."""
-    from cifarlens.device import resolve_device
-    from cifarlens.recipes import resolve_choices
-
-    return resolve_choices(cfg, resolve_device(cfg.train.device).type)
 
 
 def cmd_train(args) -> int:
@@ -308,8 +168,8 @@ def cmd_list(args) -> int:
         cpu, gpu = default_recipe(name, "cpu"), default_recipe(name, "cuda")
         print(f"  {name}: {cpu}" + (f" / {gpu}" if gpu != cpu else ""))
     print("pretrained (ImageNet weights with --pretrained):", ", ".join(list_pretrained()))
-    print("augmentation levels (--augment):", ", ".join(_augment_levels()),
-          "| policies (--augment LEVEL+POLICY+..., or data.policies):", ", ".join(_policies()))
+    print("augmentation levels (--augment):", ", ".join(augment_levels()),
+          "| policies (--augment LEVEL+POLICY+..., or data.policies):", ", ".join(policy_names()))
     print("recipes (--recipe NAME; each fills the train.* settings not given, --set train.KEY=VALUE changes one; "
           "the settings a recipe leaves off are not shown):")
     for name in list_recipes():

@@ -14,7 +14,7 @@ from cifarlens.errors import CifarlensError, Terminated
 
 
 def add_commands(sub) -> None:
-    from cifarlens.cli import add_config_flags
+    from cifarlens.config_flags import add_config_flags
 
     p = sub.add_parser(
         "tune", help="hyperparameter search with Optuna (TPE sampler, pruning on validation accuracy)",
@@ -48,7 +48,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_tune(args) -> int:
-    from cifarlens.cli import config_from_args
+    from cifarlens.config_flags import config_from_args
     from cifarlens.tune.space import default_space, load_space
 
     cfg = config_from_args(args)
