@@ -249,7 +249,8 @@ def test_a_logger_failing_during_training_is_reported_and_training_goes_on(data_
     result = train(cfg, out, on_epoch_end=break_the_store, report=False)
     assert result["accuracy"] >= 0  # finished, with test metrics
     warnings = [line for line in (out / "train.log").read_text().splitlines()
-                if line.startswith("warning:") and "calibration:" not in line]  # (a tiny validation split)
+                if line.startswith("warning:") and "calibration:" not in line  # (a tiny validation split)
+                and "Fashion-MNIST files in" not in line]  # (a subset under the official names)
     assert len(warnings) == 1 and warnings[0].startswith("warning: MlflowTracker failed (")
     assert warnings[0].endswith("training goes on without it")
     assert json.loads((out / "run.json").read_text())["status"] == "finished"

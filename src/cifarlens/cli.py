@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from cifarlens.config_flags import (
+    FLAG_KEYS,
     add_config_flags,
     augment_levels,
     config_from_args,
