@@ -297,6 +297,9 @@ def test_settings_lost_from_config_yaml_are_the_ones_the_run_trained_with(ema_ru
     assert after["accuracy"] == before["accuracy"] and after["confusion_matrix"] == before["confusion_matrix"]
     with pytest.warns(UserWarning, match="lacks train.ema_decay, train.tta"):  # every time, until it is restored
         assert load_run(run_dir, calibrated=False).tta
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"damaged")  # the weights file still serves, said so
+    with pytest.warns(UserWarning, match="and the checkpoint that would hold them cannot be read"):
+        assert not load_run(run_dir, calibrated=False).tta
 
 
 def test_explain_gives_the_prediction_and_probability_predict_gives(ema_run):

@@ -195,13 +195,19 @@ class RunDir:
             return values
         from cifarlens.checkpoint import load_checkpoint
 
-        saved = load_checkpoint(self.last_checkpoint).get("config") or {}
+        import warnings
+
+        try:
+            saved = load_checkpoint(self.last_checkpoint).get("config") or {}
+        except CifarlensError as err:  # the weights file may still serve: the defaults, said so
+            warnings.warn(f"{self.path / 'config.yaml'} lacks {', '.join(f'{s}.{k}' for s, k in lost[:5])}"
+                          f"{', ...' if len(lost) > 5 else ''}, and the checkpoint that would hold them cannot be "
+                          f"read ({err}): their defaults are used; restore the file")
+            return values
         found = [(s, k) for s, k in lost if k in (saved.get(s) or {})]
         for s, k in found:
             values[s] = {**(values.get(s) if isinstance(values.get(s), dict) else {}), k: saved[s][k]}
         if found:
-            import warnings
-
             warnings.warn(f"{self.path / 'config.yaml'} lacks {', '.join(f'{s}.{k}' for s, k in found)} (damaged or "
                           "edited): using the values the run trained with, from checkpoints/last.pt; restore the file")
         return values
