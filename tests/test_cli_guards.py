@@ -98,6 +98,10 @@ def test_a_start_that_fails_leaves_nothing_that_blocks_the_same_command(tmp_path
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)  # as an older cifarlens left it
     (out / ".config.yaml.0123456789ab.tmp").write_text("half")  # and a write killed half-way
     assert main(args) == 0 and (out / "model.safetensors").is_file()
+    (out / ".my-draft.tmp").write_text("the user's")  # not a temporary of ours: --force keeps it
+    (out / ".metrics.json.0123456789ab.tmp").write_text("half")
+    assert main([*args, "--force"]) == 0
+    assert (out / ".my-draft.tmp").is_file() and not (out / ".metrics.json.0123456789ab.tmp").exists()
 
 
 def test_a_force_that_fails_half_way_leaves_a_run_the_next_force_may_replace(finished_run, tmp_path, monkeypatch):
@@ -469,6 +473,23 @@ def test_an_export_of_a_stopped_run_says_so_and_a_resume_removes_it(stopped_run,
     assert main(["train", "--resume", str(out), "--no-report"]) == 0
     assert not (out / "model.onnx").exists() and not (out / "export").exists()
     assert "removed model.onnx, export, exported before the run went on" in (out / "train.log").read_text()
+
+
+def test_a_resumed_run_of_an_older_cifarlens_completes_its_config_yaml(stopped_run, recwarn):
+    """Its checkpoints, written now, hold every setting; config.yaml did not, and every later command
+    warned of settings lost."""
+    from cifarlens.checkpoint import load_checkpoint, save_checkpoint
+
+    out, _ = stopped_run
+    config = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(re.sub(r"(?m)^  tta_translate: .*\n", "", config))
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    del ckpt["config"]["train"]["tta_translate"]  # as an older cifarlens wrote it
+    save_checkpoint(out / "checkpoints" / "last.pt", ckpt)
+    assert main(["train", "--resume", str(out), "--no-report"]) == 0
+    assert "  tta_translate: null\n" in (out / "config.yaml").read_text()  # (the recipe's, as the run had it)
+    assert main(["evaluate", str(out)]) == 0
+    assert not [w for w in recwarn if "lacks" in str(w.message)]
 
 
 def test_a_stopped_run_on_an_image_folder_resumes(tmp_path):

@@ -112,6 +112,14 @@ def test_a_cifar100_layout_with_other_class_names_is_said_to_be_another_dataset(
     assert not any("does not have" in w for w in official.source.warnings)
 
 
+def test_a_class_named_twice_in_the_meta_file_is_refused(tmp_path):
+    names = list(cifar.CIFAR100_INFO.classes)
+    names[99] = names[0]
+    make_cifar100(tmp_path, n_train=200, n_test=100, classes=tuple(names))
+    with pytest.raises(CifarlensError, match="the class 'apple' is named twice"):
+        load_dataset("cifar100", tmp_path, download=False)
+
+
 def test_official_names_in_another_order_warn_and_float_labels_are_refused(tmp_path):
     make_cifar10(tmp_path, n_train_per_batch=2, n_test=2, classes=tuple(reversed(cifar.CIFAR10_INFO.classes)))
     ds = load_dataset("cifar10", tmp_path, download=False)

@@ -614,7 +614,17 @@ def test_cli_repeated_indices_count_once_and_an_out_file_is_refused(cifar_run, t
     curves = (run_dir / "curves.png").read_bytes()
     Image.new("RGB", (8, 8)).save(tmp_path / "curves.jpg")
     assert main(["explain", str(run_dir), str(tmp_path / "curves.jpg"), "--out", str(run_dir)]) == 2
-    assert "is the run folder itself" in capsys.readouterr().err and (run_dir / "curves.png").read_bytes() == curves
+    assert "is the run folder " in capsys.readouterr().err and (run_dir / "curves.png").read_bytes() == curves
+    # nor another run's folder, nor a folder of a run's own other than explain/
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    for out in (other, other / "other-data" / "test-x", other / "checkpoints"):
+        assert main(["explain", str(run_dir), str(tmp_path / "curves.jpg"), "--out", str(out)]) == 2
+        assert "explain writes a folder of figures of its own" in capsys.readouterr().err
+    assert (other / "curves.png").read_bytes() == curves and not (other / "other-data").exists()
+    assert main(["explain", str(run_dir), str(tmp_path / "curves.jpg"), "--out", str(other / "explain" / "mine")]) == 0
 
 
 def test_cli_a_folder_of_images_is_explained_as_predict_reads_it(cifar_run, tmp_path, capsys):

@@ -178,7 +178,11 @@ def test_an_export_or_a_table_never_replaces_another_runs_files(runs, tmp_path, 
                 (["export", str(source), "--format", "safetensors", "--out", str(other / "model.safetensors")],
                  "is one of the run's own files"),
                 (["predict", str(source), str(image), "--csv", str(other / "predictions.csv")],
-                 "is one of the run's own files")]
+                 "is one of the run's own files"),
+                (["export", str(source), "--format", "onnx", "--out", str(other / "model.onnx")],
+                 "is an export of the run"),
+                (["export", str(source), "--format", "safetensors", "--out", str(other / "export" / "m.safetensors")],
+                 "is an export of the run")]
     for args, message in attempts:
         assert main(args) == 2, args
         err = capsys.readouterr().err

@@ -152,7 +152,7 @@ def export_onnx(
                              f"natively, and this onnx knows opsets up to {onnx.defs.onnx_opset_version()}")
     run = load_run(run_dir, device="cpu", calibrated=calibrated)
     out = Path(out) if out is not None else run.path / ONNX_FILE
-    refuse_runs_file(out, "--out", default=str(run.path / ONNX_FILE))
+    refuse_runs_file(out, "--out", default=str(run.path / ONNX_FILE), source=run.path)
     if out.suffix.lower() != ".onnx" and not out.is_dir():  # model.safetensors, last.pt: surely a slip
         raise CifarlensError(f"--out {out} should end in .onnx (or give --format safetensors)")
     if out.is_dir():
@@ -308,7 +308,7 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
     if out.suffix != ".safetensors":
         raise CifarlensError(f"--out {out} should end in .safetensors")
     for path in (out, out.with_suffix(".json")):  # the weights and their description beside them
-        refuse_runs_file(path, "--out", default=str(run.path / "export" / "model.safetensors"))
+        refuse_runs_file(path, "--out", default=str(run.path / "export" / "model.safetensors"), source=run.path)
     description = describe_run(run) | {"weights": out.name}
     save_weights(unwrap_model(run.model).state_dict(), out, description)
     atomic_write_json(out.with_suffix(".json"), description)

@@ -34,7 +34,8 @@ def claim(folder: Path) -> str | None:
     except BlockingIOError:
         os.close(fd)
         raise CifarlensError(f"run folder {folder} is in use by another cifarlens process (a training, --resume, "
-                             "evaluate or calibrate of it is running); wait for it to end, or stop it first") from None
+                             "evaluate, calibrate, report or robustness of it is running); wait for it to end, or "
+                             "stop it first") from None
     except OSError:  # a file system without locks: go on unguarded, as before
         os.close(fd)
         return None

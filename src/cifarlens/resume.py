@@ -36,6 +36,8 @@ def resumed_config(run: RunDir, device: str, report: bool | None, data_dir: str 
                                                                   "it lacks" if missing else "") + ")")
     report = run.meta().get("report", True) if report is None else report
     cfg = run.config()
+    if lock and run.lacks_settings():  # an older cifarlens's file: completed with the values it runs with,
+        run.update_config(cfg)  # as the checkpoints it writes now have them (else every command warned of a loss)
     cfg = replace(cfg, train=replace(cfg.train, device=device))
     return replace(cfg, data=run.data_settings(cfg.data, data_dir)), report  # same images: check_resumed_data
 
@@ -67,7 +69,7 @@ def remove_stale_outputs(run: RunDir, report: bool, log: Callable[[str], None]) 
     for name in stale:
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
     if stale:
-        log(f"removed {', '.join(stale)}, exported before the run went on (`cifarlens export {run.path}` "
+        log(f"removed {', '.join(stale)}, exported before the run went on (`cifarlens export {run.path} --format onnx` "
             "exports the new weights; serve --backend onnx does it itself)")
 
 

@@ -81,7 +81,7 @@ def cmd_calibrate(args) -> int:
 
     if (Path(args.run_dir) / ONNX_FILE).is_file() and not onnx_is_current(args.run_dir, temperature=fit.temperature):
         print(f"note: {Path(args.run_dir) / ONNX_FILE} holds the temperature before (it is in its graph): "
-              f"`cifarlens export {args.run_dir}` writes it again (serve --backend onnx does it itself)")
+              f"`cifarlens export {args.run_dir} --format onnx` writes it again (serve --backend onnx does it itself)")
     return 0
 
 

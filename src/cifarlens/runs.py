@@ -19,7 +19,9 @@ import contextlib
 import csv
 import functools
 import json
+import math
 import os
+import re
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -138,7 +140,7 @@ class RunDir:
         a hidden temporary file. Neither makes a folder another program's."""
         if path.name == "checkpoints" and path.is_dir():
             return not any(path.iterdir())
-        return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+        return re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", path.name) is not None and path.is_file()
 
     def _remove_run_files(self) -> None:
         # config.yaml and run.json last: a removal that fails half-way leaves a run folder, which
@@ -152,8 +154,9 @@ class RunDir:
                 self.split_file(pattern, split).unlink(missing_ok=True)
         for name in RUN_DIRS:
             shutil.rmtree(self.path / name, ignore_errors=True)
-        for tmp in self.path.glob(".*.tmp"):  # a write killed half-way (atomic_write's temporary)
-            tmp.unlink(missing_ok=True)
+        for tmp in self.path.glob(".*.tmp"):  # a write killed half-way (atomic_write's temporaries, only)
+            if re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", tmp.name):
+                tmp.unlink(missing_ok=True)
         for name in last:
             (self.path / name).unlink(missing_ok=True)
 
@@ -184,13 +187,16 @@ class RunDir:
                                  "folder is damaged")
         return from_dict(self._fill_lost_keys(values))
 
+    def lacks_settings(self) -> list[tuple[str, str]]:
+        """(section, key) of each setting config.yaml does not hold (an older cifarlens's, or lost)."""
+        values = load_yaml(self.path / "config.yaml", "run config")
+        return _lost_keys(values) if isinstance(values, dict) else []
+
     def _fill_lost_keys(self, values: dict) -> dict:
         """Settings config.yaml lacks (cut short, or lines deleted) that the checkpoint's config has:
         the values the run trained with, and a warning (a lost ``train.tta`` turned TTA off and
         changed every figure). Keys neither has are an older cifarlens's: their defaults, silently."""
-        template = to_dict(RunConfig())
-        lost = [(s, k) for s, keys in template.items() if isinstance(keys, dict)
-                for k in keys if k not in (values.get(s) if isinstance(values.get(s), dict) else {})]
+        lost = _lost_keys(values)
         if not lost or not self.last_checkpoint.is_file():
             return values
         from cifarlens.checkpoint import load_checkpoint
@@ -232,9 +238,10 @@ class RunDir:
                                  f"{err}); the run folder is damaged") from None
         problems = [f"{key} {list(stats)} is not {info.in_channels} number(s)" + " > 0" * (key == "std")
                     for key, stats in (("mean", info.mean), ("std", info.std))
-                    if len(stats) != info.in_channels or not all(type(v) in (int, float) for v in stats)
+                    if len(stats) != info.in_channels or not all(type(v) in (int, float) and math.isfinite(v)
+                                                                  for v in stats)
                     or (key == "std" and not all(v > 0 for v in stats))]
-        if type(info.image_size) is not int or info.image_size < 1:
+        if type(info.image_size) is not int or not 1 <= info.image_size <= 4096:  # (4096: a 2 GB batch of one)
             problems.append(f"image_size {info.image_size!r} is not a width in pixels")
         if problems:
             raise CifarlensError(f"{self.path / 'run.json'}'s \"dataset\" record is damaged ({'; '.join(problems)}); "
@@ -326,6 +333,12 @@ class RunDir:
             f.write(line + "\n")
 
 
+def _lost_keys(values: dict) -> list[tuple[str, str]]:
+    template = to_dict(RunConfig())
+    return [(s, k) for s, keys in template.items() if isinstance(keys, dict)
+            for k in keys if k not in (values.get(s) if isinstance(values.get(s), dict) else {})]
+
+
 def info_to_dict(info: DatasetInfo) -> dict:
     return asdict(info)
 
@@ -339,13 +352,19 @@ def write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def refuse_runs_file(path: str | Path, flag: str, default: str | None = None) -> None:
+def refuse_runs_file(path: str | Path, flag: str, default: str | None = None, source: Path | None = None) -> None:
     """:meth:`RunDir.refuse_own_file` of any run folder that holds ``path`` (RUN/x,
     RUN/checkpoints/x, RUN/other-data/test-.../x): a table or an export written for one run must
-    not replace another run's files either."""
+    not replace another run's files either, exports in their default places included (only the
+    ``source`` run's own, for an export of it, may be written again)."""
     for folder in Path(path).resolve().parents[:3]:
         if RunDir(folder).is_run():
             RunDir(folder).refuse_own_file(Path(path), flag, default)
+            rel = Path(path).resolve().relative_to(folder)
+            other = source is None or folder != Path(source).resolve()
+            if other and (rel.parts[0] == "export" or rel.name in ("model.onnx", "model.uncalibrated.onnx")):
+                raise CifarlensError(f"{flag} {path} is an export of the run {folder}; choose another file "
+                                     f"(default: {default})")
 
 
 def claims_run(func):

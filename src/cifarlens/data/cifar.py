@@ -210,7 +210,12 @@ def _read_names(path: Path, layout: CifarLayout) -> tuple[str, ...]:
             f"corrupt {layout.title} file {path}: {layout.names_key!r} should list {expected} class names; "
             f"replace it with the official file from {HOMEPAGE}"
         )
-    return tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+    names = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # two classes of one name: every figure would mix them up
+        raise CifarlensError(f"corrupt {layout.title} file {path}: the class {twice[0]!r} is named twice; replace it "
+                             f"with the official file from {HOMEPAGE}")
+    return names
 
 
 def _read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:

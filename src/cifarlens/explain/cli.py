@@ -53,6 +53,7 @@ class Selection:
 
 def cmd_explain(args) -> int:
     from cifarlens.api import load_run
+    from cifarlens.runs import RunDir
     from cifarlens.explain.cam import METHODS, default_layer, get_layer, resolve_class
 
     selectors = [f for f in ("mistakes", "per_class", "indices") if getattr(args, f) is not None]
@@ -86,9 +87,11 @@ def cmd_explain(args) -> int:
     out = Path(args.out) if args.out else run.path / "explain" / args.method
     if out.exists() and not out.is_dir():
         raise CifarlensError(f"--out {out} is a file; explain writes a folder of figures")
-    if out.resolve() == run.path.resolve():  # an image named curves.jpg would replace the run's curves.png
-        raise CifarlensError(f"--out {out} is the run folder itself; explain writes a folder of figures of its "
-                             f"own (default: {run.path / 'explain' / args.method})")
+    for folder in (out.resolve(), *out.resolve().parents[:3]):  # an image named curves.jpg would replace curves.png
+        if RunDir(folder).is_run() and out.resolve().relative_to(folder).parts[:1] != ("explain",):
+            raise CifarlensError(f"--out {out} is {'the run folder ' if folder == out.resolve() else 'in the run '}"
+                                 f"{folder}; explain writes a folder of figures of its own (default: "
+                                 f"{run.path / 'explain' / args.method}, or any folder outside a run)")
 
     explanation = _explain_all(run, selection.images, args.method, target, layer)
     written = write_explanations(out, run.classes, selection, explanation, save_maps=args.save_maps)
