@@ -147,40 +147,34 @@ def test_multistep_factor_drops_by_gamma_from_each_milestone_step():
     assert lr_factor(0, 100, 5, "multistep", (10, 20), 0.1) == pytest.approx(0.2)  # linear warm-up first
 
 
-def test_multistep_lr_at_its_milestone_epochs():
-    """wrn2016's schedule shape in 10 epochs of 4 steps, after one epoch of warm-up: the lr an
-    epoch's first step uses drops by gamma exactly at the milestone epochs."""
+def step_lrs(train: dict, steps_per_epoch: int) -> list[float]:
+    """The lr each optimizer step of the run ``train`` describes uses."""
     import torch
 
     from cifarlens.recipes import build_optimizer, build_scheduler
 
-    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "wrn2016", "epochs": 10, "milestones": [3, 6, 8],
-                                                      "warmup_epochs": 1}}).train)
+    cfg = resolve_train(merge(RunConfig(), {"train": train}).train)
     optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=4)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for _ in range(40):
+    for _ in range(cfg.epochs * steps_per_epoch):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_multistep_lr_at_its_milestone_epochs():
+    """wrn2016's schedule shape in 10 epochs of 4 steps, after one epoch of warm-up: the lr an
+    epoch's first step uses drops by gamma exactly at the milestone epochs."""
+    lrs = step_lrs({"recipe": "wrn2016", "epochs": 10, "milestones": [3, 6, 8], "warmup_epochs": 1}, 4)
     assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # warm-up
     assert lrs[::4] == pytest.approx([0.025, 0.1, 0.1, 0.02, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
 
 
 def test_a_warm_up_takes_at_most_half_of_the_run():
     """modern --epochs 1 (1 epoch of warm-up) rose to its peak lr on the last step and never decayed."""
-    import torch
-
-    from cifarlens.recipes import build_optimizer, build_scheduler
-
-    cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "modern", "epochs": 1}}).train)
-    optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
-    lrs = []
-    for _ in range(10):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = step_lrs({"recipe": "modern", "epochs": 1}, 10)
     assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # up over 5 of the 10 steps
     assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] < 0.03  # then down
 
