@@ -10,6 +10,7 @@ Where locks cannot be taken (no fcntl, some network file systems), nothing is gu
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from cifarlens.errors import CifarlensError
@@ -28,9 +29,19 @@ def claim(folder: Path) -> str | None:
     if key in _CLAIMED:  # this process holds it already
         _CLAIMED[key][1] += 1
         return key
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened to read (mode 0311): unguarded; the command says what fails
+        return None
+    try:
+        for attempt in range(5):  # a moment's grace: held_elsewhere's probe (compare) holds it for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.05)
     except BlockingIOError:
         os.close(fd)
         raise CifarlensError(f"run folder {folder} is in use by another cifarlens process (a training, --resume, "
