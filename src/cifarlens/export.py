@@ -113,7 +113,7 @@ def describe_run(run) -> dict:
         "tta": {"flip": run.tta, "translate_px": run.tta_translate},
         "weights_sha256": weights_digest(run.path),
         # "finished", or the weights of a run still training / stopped ("interrupted" after epochs_done)
-        "run_status": {key: RunDir(run.path).meta().get(key) for key in ("status", "epochs_done")},
+        "run_status": {key: meta.get(key) for meta in (RunDir(run.path).meta(),) for key in ("status", "epochs_done")},
     }
 
 
