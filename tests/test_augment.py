@@ -142,7 +142,7 @@ def test_alternating_flip_is_a_config_choice_of_the_batched_loader():
     split = Split(ramp_images(b=64, c=1), torch.zeros(64, dtype=torch.long))
     loader = make_loader(split, info, 16, torch.device("cpu"), train_cfg=DataConfig(augment="flip", flip="alternating"))
     assert loader.flip_base is not None and loader.flip_base.shape == (64,)
-    with pytest.raises(CifarlensError, match="data.flip must be one of random, alternating"):
+    with pytest.raises(CifarlensError, match="unknown data.flip .*choose one of: random, alternating"):
         make_loader(split, info, 16, torch.device("cpu"), train_cfg=DataConfig(flip="sometimes"))
     with pytest.raises(CifarlensError, match="needs the batched loader"):
         make_loader(split, info, 16, torch.device("cpu"), train_cfg=DataConfig(flip="alternating", loader="perimage"))

@@ -498,14 +498,42 @@ def test_the_command_line_does_not_import_torchvision_until_a_backbone_is_built(
     (["--model", "resnet2"], "unknown model 'resnet2' (did you mean resnet32 or resnet20?)"),
     (["--recipe", "fastcpu"], "(did you mean fast_cpu?)"),
     (["--set", "model.name=resnt20"], "unknown model 'resnt20' (did you mean resnet20 or resnet50?)"),
+    (["--augment", "standard+cutot"], "(did you mean cutout?)"),
+    (["--set", "train.optimzer=muon"], "unknown config key 'train.optimzer' (did you mean train.optimizer?)"),
+    (["--set", "train.schedule=cosin"], "unknown train.schedule 'cosin' (did you mean cosine?)"),
+    # data settings: refused before any data is read (the folder below holds none)
+    (["--set", "data.flip=alternatin"], "unknown data.flip 'alternatin' (did you mean alternating?)"),
+    (["--set", "data.loader=perimag"], "(did you mean perimage?)"),  # was silently the batched loader
+    (["--set", "data.augment=standrd"], "unknown augmentation level 'standrd' (did you mean standard?)"),
+    (["--set", "data.val_fraction=1.5"], "data.val_fraction must be in [0, 1)"),
 ])
 def test_a_misspelt_name_is_answered_with_the_closest_ones(args, hint, tmp_path, capsys):
     with pytest.raises(SystemExit) if args[0] != "--set" else contextlib.nullcontext():
-        code = main(["train", *args, "--out", str(tmp_path / "run")])
+        code = main(["train", *args, "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "none"),
+                     "--no-download"])
         assert code == 2
     err = capsys.readouterr().err
     assert hint in err.strip().splitlines()[-1], err  # (argparse prints its usage above)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["bench", "--set", "data.loader=perimag"], "(did you mean perimage?)"),
+    (["tune", "--trials", "1", "--set", "data.flip=alternatin"], "(did you mean alternating?)"),
+    (["baselines", "--dataset", "cifar1"], "unknown dataset 'cifar1' (did you mean cifar10 or cifar100?)"),
+    (["robustness", "RUN", "--corruptions", "fog,gausian_noise"], "unknown corruption 'gausian_noise' (did you mean "
+                                                                   "gaussian_noise"),
+])
+def test_other_commands_name_the_closest_choice_before_reading_data(argv, hint, tmp_path, capsys):
+    argv = [str(tmp_path) if a == "RUN" else a for a in argv]
+    if argv[0] in ("bench", "tune"):
+        argv += ["--data-dir", str(tmp_path / "none"), "--no-download"]
+        argv += ["--json", str(tmp_path / "out")] if argv[0] == "bench" else ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) if argv[0] == "baselines" else contextlib.nullcontext():
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert hint in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_list_shows_each_recipes_own_settings_by_their_set_names(capsys):

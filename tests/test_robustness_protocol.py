@@ -161,7 +161,7 @@ def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(
     (["--severities", "0,6"], "--severities must lie in 1..5"),
     (["--severities", "a"], "comma-separated integers"),
     (["--severities", ","], "comma-separated integers"),
-    (["--corruptions", "rain"], "unknown corruption rain"),
+    (["--corruptions", "rain"], "unknown corruption 'rain'"),
     (["--images", "0"], "--images must be >= 1"),
     (["--reference", "/nonexistent"], "no robustness.json"),
 ])

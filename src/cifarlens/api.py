@@ -16,7 +16,7 @@ from cifarlens.checkpoint import save_checkpoint, save_weights
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
 from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
-from cifarlens.data.policies import check_policies
+from cifarlens.data.policies import check_settings
 from cifarlens.ema import make_ema
 from cifarlens.device import retain_freed_memory
 from cifarlens.distributed import World
@@ -127,7 +127,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     cfg = replace(cfg, train=resolve_train(cfg.train))
     if not resume:  # saved absolute: evaluate, serve and --resume find the data from any folder
         cfg = replace(cfg, data=absolute_data_dir(cfg.data))
-    check_policies(cfg.data)  # before a run folder exists
+    check_settings(cfg.data)  # before a run folder exists
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
     if cfg.train.time_budget and not resume and (world.distributed or cfg.train.compile):
@@ -160,7 +160,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     info = replace(info, mean=run.info().mean, std=run.info().std) if resume else input_info(cfg.model, info)
     first = progressive_side(info.image_size, 0, cfg.train.progressive_res, cfg.train.progressive_epochs)
     check_input_size(model, info.in_channels, {info.image_size, first}, cfg.model.name)  # before the run folder
-    check_policies(cfg.data, info.image_size)  # crop padding and Cutout against the images' side
+    check_settings(cfg.data, info.image_size)  # crop padding and Cutout against the images' side
     if cfg.train.tta and cfg.train.tta_translate >= info.image_size:  # it failed after the first epoch
         raise CifarlensError(f"train.tta_translate {cfg.train.tta_translate} is not smaller than the "
                              f"{info.image_size}-pixel images (1 or 2 is usual for 32 pixels)")

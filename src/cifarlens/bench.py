@@ -28,6 +28,7 @@ import torch
 
 from cifarlens.config import RunConfig
 from cifarlens.data.pipeline import make_loader, prepare_data
+from cifarlens.data.policies import check_settings
 from cifarlens.engine import Precision, device_description, evaluate, resolve_device
 from cifarlens.io import write_output_text
 from cifarlens.models.weights import input_info
@@ -105,6 +106,7 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print,
         log(f"[bench] {key}: {describe_choice(chosen[key], why, key) if key in chosen else reason}")
     start = time.perf_counter()
     resolved = resolve_train(cfg.train)
+    check_settings(cfg.data)  # before the data is read
     if resolved.compile or device.type == "cuda":
         # The first run of a process pays for what later runs find ready: CUDA's lazy start and
         # cuDNN's autotuning of each input shape (3.5 s of the first 10-s run on an H200) and

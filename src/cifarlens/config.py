@@ -11,6 +11,7 @@ repeated from its own files.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -27,6 +28,7 @@ from cifarlens.errors import CifarlensError
 # What DataConfig's None fields mean where no recipe sets them (a recipe's "data" dict may, e.g. the
 # fixed-budget fast_cpu_10min: see cifarlens.recipes.resolve_choices).
 DATA_DEFAULTS = {"val_fraction": 0.1, "crop_padding": 4, "flip": "random"}
+LOADERS = ("batched", "perimage")  # DataConfig.loader
 
 
 @dataclass(frozen=True)
@@ -211,8 +213,10 @@ def _overlay(section: Any, values: dict, section_name: str) -> Any:
     updates = {}
     for key, value in values.items():
         if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(f'{section_name}.{k}' for k in close)}?)" if close else ""
             raise CifarlensError(
-                f"unknown config key '{section_name}.{key}'; known keys: {', '.join(sorted(known))}"
+                f"unknown config key '{section_name}.{key}'{hint}; known keys: {', '.join(sorted(known))}"
             )
         updates[key] = _check_type(value, known[key], f"{section_name}.{key}")
     return replace(section, **updates)

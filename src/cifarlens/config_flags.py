@@ -4,6 +4,7 @@ checks, and the config they describe (recipe defaults < --config FILE < flags < 
 from __future__ import annotations
 
 import argparse
+import difflib
 
 from cifarlens.errors import CifarlensError
 
@@ -15,18 +16,18 @@ def add_config_flags(p) -> None:
     from cifarlens.recipes import list_recipes
 
     p.add_argument("--config", metavar="FILE.yaml", help="YAML with sections data/model/train/track")
-    p.add_argument("--dataset", type=_one_of("dataset", list_datasets()), metavar=_braced(list_datasets()),
+    p.add_argument("--dataset", type=one_of("dataset", list_datasets()), metavar=braced(list_datasets()),
                    help="default cifar10")
     p.add_argument("--data-dir", help="folder holding (or receiving) the dataset (default ./data)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not there")
-    p.add_argument("--model", type=_one_of("model", list_models()), metavar=_braced(list_models()),
+    p.add_argument("--model", type=one_of("model", list_models()), metavar=braced(list_models()),
                    help="default: fastnet_cpu on a CPU, fastnet on a GPU (cifarlens list: each model's recipe)")
     # default None, not False: a --config file's model.pretrained is then not overridden
     p.add_argument("--pretrained", action="store_true", default=None,
                    help="start from torchvision's ImageNet weights (downloaded; resnet18, resnet50, efficientnet_b0)")
     p.add_argument("--weights", metavar="FILE",
                    help="start from a weights file: safetensors or a PyTorch state dict (works offline)")
-    p.add_argument("--recipe", type=_one_of("recipe", list_recipes()), metavar=_braced(list_recipes()),
+    p.add_argument("--recipe", type=one_of("recipe", list_recipes()), metavar=braced(list_recipes()),
                    help="default: the model's own (cifarlens list shows them and their settings)")
     p.add_argument("--epochs", type=int, help="default: the recipe's")
     p.add_argument("--time-budget", metavar="DURATION",
@@ -44,7 +45,7 @@ def add_config_flags(p) -> None:
                    help="set any config value, e.g. --set train.weight_decay=1e-4 (repeatable)")
 
 
-def _one_of(kind: str, names: list[str]):
+def one_of(kind: str, names: list[str]):
     """An argparse type: one of ``names``, else argparse's one-line error with the closest names."""
     def check(text: str) -> str:
         from cifarlens.registry import unknown_name
@@ -57,7 +58,7 @@ def _one_of(kind: str, names: list[str]):
     return check
 
 
-def _braced(names: list[str]) -> str:
+def braced(names: list[str]) -> str:
     return "{" + ",".join(names) + "}"
 
 
@@ -94,9 +95,11 @@ def _augment_spec(text: str) -> tuple[str | None, list[str]]:
             raise argparse.ArgumentTypeError(f"two levels, {level!r} and {part!r}: give one level "
                                              f"({', '.join(augment_levels())}), then policies")
         else:
+            close = difflib.get_close_matches(part, augment_levels() + policy_names(), n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise argparse.ArgumentTypeError(
                 f"{part!r} is not an augmentation level ({', '.join(augment_levels())}) or policy "
-                f"({', '.join(policy_names())})")
+                f"({', '.join(policy_names())}){hint}")
     return level, policies
 
 

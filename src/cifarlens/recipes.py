@@ -17,7 +17,7 @@ from cifarlens.engine import cpu_bf16_pays
 from cifarlens.epochs import epoch_steps
 from cifarlens.errors import CifarlensError
 from cifarlens.optim import NS_STEPS
-from cifarlens.registry import Registry
+from cifarlens.registry import Registry, unknown_name
 
 RECIPES: Registry[dict] = Registry("recipe")
 
@@ -231,8 +231,8 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
          "train.momentum must be in [0, 1), and > 0 with train.nesterov (or set train.nesterov=false)"),
         (0 < cfg.plateau_factor < 1, "train.plateau_factor must be in (0, 1): the lr is multiplied by it on a plateau"),
         (cfg.plateau_patience >= 0, "train.plateau_patience must be >= 0 epochs"),
-        (cfg.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}"),
-        (cfg.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}"),
+        (cfg.optimizer in OPTIMIZERS, unknown_name("train.optimizer", cfg.optimizer, list(OPTIMIZERS))),
+        (cfg.schedule in SCHEDULES, unknown_name("train.schedule", cfg.schedule, list(SCHEDULES))),
         (0.0 <= cfg.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (0 <= cfg.weight_decay < math.inf, "train.weight_decay must be >= 0 and finite"),
         (0 <= cfg.warmup_epochs < math.inf, "train.warmup_epochs must be >= 0 and finite"),

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cifarlens.errors import CifarlensError
+from cifarlens.registry import unknown_name
 
 # level -> which transforms run (crop = random crop with padding; jitter = colour jitter)
 AUGMENT_LEVELS: dict[str, dict[str, bool]] = {
@@ -23,6 +24,8 @@ AUGMENT_LEVELS: dict[str, dict[str, bool]] = {
     "standard": {"crop": True, "flip": True, "jitter": False},
     "strong": {"crop": True, "flip": True, "jitter": True},
 }
+FLIPS = ("random", "alternating")  # data.flip: see alternating_flips
+
 # each level in the words of the literature table (cifarlens.report.baselines: "standard crop+flip")
 LEVEL_WORDS = {"none": "none", "flip": "random flip", "standard": "standard crop+flip",
                "strong": "standard crop+flip + colour jitter"}
@@ -127,9 +130,7 @@ class BatchAugment:
 
     def __post_init__(self):
         if self.level not in AUGMENT_LEVELS:
-            raise CifarlensError(
-                f"unknown augmentation level {self.level!r}; choose one of: {', '.join(AUGMENT_LEVELS)}"
-            )
+            raise CifarlensError(unknown_name("augmentation level", self.level, list(AUGMENT_LEVELS)))
 
     def __call__(self, images: Tensor, generator: torch.Generator, flip: Tensor | None = None) -> Tensor:
         """``flip`` (B,) bool: which images to mirror (alternating flip); random when None."""

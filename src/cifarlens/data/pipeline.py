@@ -14,13 +14,11 @@ from cifarlens.data.augment import BatchAugment, normalize
 from cifarlens.data.base import DataSource, DatasetInfo, Split
 from cifarlens.data.fingerprint import fingerprints, image_signatures
 from cifarlens.data.loader import TensorLoader
-from cifarlens.data.policies import build_policies
+from cifarlens.data.policies import build_policies, check_settings
 from cifarlens.data.split import stratified_split
 from cifarlens.distributed import SINGLE, World, check_batch_size
 from cifarlens.errors import CifarlensError
 
-
-FLIPS = ("random", "alternating")
 
 
 @dataclass
@@ -84,8 +82,7 @@ def train_transform(info: DatasetInfo, cfg: DataConfig) -> BatchAugment:
     """The level and the image/tensor policies of ``cfg`` (MixUp/CutMix need the labels: see
     :func:`make_loader`)."""
     cfg = with_data_defaults(cfg)
-    if cfg.flip not in FLIPS:
-        raise CifarlensError(f"data.flip must be one of {', '.join(FLIPS)}, got {cfg.flip!r}")
+    check_settings(cfg)
     image_policies, tensor_policies, _ = build_policies(cfg, info)
     return BatchAugment(cfg.augment or info.augment, info.mean, info.std, hflip=info.hflip, padding=cfg.crop_padding,
                         alternating_flip=cfg.flip == "alternating", image_policies=image_policies,

@@ -24,12 +24,12 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from cifarlens.config import DataConfig
+from cifarlens.config import LOADERS, DataConfig
 from cifarlens.data.autoaugment import AutoAugment, RandAugment, TrivialAugmentWide
-from cifarlens.data.augment import LEVEL_WORDS, channel_constant
+from cifarlens.data.augment import AUGMENT_LEVELS, FLIPS, LEVEL_WORDS, channel_constant
 from cifarlens.data.base import DatasetInfo
 from cifarlens.errors import CifarlensError
-from cifarlens.registry import Registry
+from cifarlens.registry import Registry, unknown_name
 
 
 def _box_mask(h: int, w: int, top: Tensor, left: Tensor, bottom: Tensor, right: Tensor) -> Tensor:
@@ -235,6 +235,19 @@ def check_policies(cfg: DataConfig, image_size: int | None = None) -> None:
             raise CifarlensError(message)
     if "randaugment" in cfg.policies:
         RandAugment(cfg.randaugment_n, cfg.randaugment_m)  # checks N and M
+
+
+def check_settings(cfg: DataConfig, image_size: int | None = None) -> None:
+    """:func:`check_policies`, and the level, flip, loader and validation share, each named with
+    the closest valid choice when misspelt: what a run checks before it reads (or downloads) data."""
+    check_policies(cfg, image_size)
+    choices = [("augmentation level", cfg.augment, list(AUGMENT_LEVELS)), ("data.flip", cfg.flip, list(FLIPS)),
+               ("data.loader", cfg.loader, list(LOADERS))]
+    for kind, value, names in choices:
+        if value is not None and value not in names:
+            raise CifarlensError(unknown_name(kind, value, names))
+    if cfg.val_fraction is not None and not 0 <= cfg.val_fraction < 1:
+        raise CifarlensError(f"data.val_fraction must be in [0, 1) (0 = no validation split), got {cfg.val_fraction}")
 
 
 def build_policies(cfg: DataConfig, info: DatasetInfo) -> tuple[tuple, tuple, MixCut | None]:

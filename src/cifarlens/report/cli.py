@@ -43,7 +43,9 @@ def cmd_robustness(args) -> int:
                                  f"got {args.corruptions!r}")
     unknown = [n for n in names or [] if n not in cifar_c.list_corruptions()]
     if unknown:
-        raise CifarlensError(f"unknown corruption {', '.join(unknown)}; choose from: {', '.join(cifar_c.list_corruptions())}")
+        from cifarlens.registry import unknown_name
+
+        raise CifarlensError(unknown_name("corruption", unknown[0], cifar_c.list_corruptions()))
     reference = cifar_c.load_reference(args.reference) if args.reference else None  # before the long part
     with RunDir(args.run_dir).claimed():  # its robustness.json describes the weights it loads
         run = load_run(args.run_dir, device=args.device)
@@ -100,6 +102,7 @@ def cmd_compare(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from cifarlens.config_flags import braced, one_of
     from cifarlens.report.baselines import DATASETS
 
     p = sub.add_parser("report", help="write a self-contained report.html into a run folder",
@@ -139,7 +142,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_robustness)
 
     p = sub.add_parser("baselines", help="published test accuracies (with citations) for the built-in datasets")
-    p.add_argument("--dataset", choices=list(DATASETS), help="only this dataset (default: all)")
+    p.add_argument("--dataset", type=one_of("dataset", list(DATASETS)), metavar=braced(list(DATASETS)),
+                   help="only this dataset (default: all)")
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("compare", help="several runs side by side: metrics, budget, config differences")

@@ -112,10 +112,12 @@ class Tuner:
 
     # -- opening ---------------------------------------------------------------------------
     def open(self) -> Self:
+        from cifarlens.data.policies import check_settings
         from cifarlens.engine import resolve_device
         from cifarlens.recipes import resolve_train
 
         resolve_train(self.base.train)  # a bad base config fails here, not in every trial
+        check_settings(self.base.data)
         resolve_device(self.base.train.device)
         self.space.check(self.base)
         created = not self.out.exists()
