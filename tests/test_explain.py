@@ -648,6 +648,22 @@ def test_cli_a_folder_of_images_is_explained_as_predict_reads_it(cifar_run, tmp_
     assert "is a folder without image files" in capsys.readouterr().err
 
 
+def test_cli_an_unreadable_file_is_named_and_the_others_are_explained(cifar_run, tmp_path, capsys):
+    run_dir, _ = cifar_run
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "good.png")
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(tmp_path / "two\nlines.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    files = [str(tmp_path / n) for n in ("good.png", "broken.png", "two\nlines.png")]
+    assert main(["explain", str(run_dir), *files, "--out", str(tmp_path / "ex")]) == 1  # as predict: 1, the rest done
+    printed = capsys.readouterr()
+    assert "broken.png" in printed.err and "1 of 3 images could not be read" in printed.err
+    assert "for 2 image file(s)" in printed.out
+    assert sorted(p.name for p in (tmp_path / "ex").glob("*.png")) == ["gallery.png", "good.png", "two_lines.png"]
+    assert all("lines.png" not in line or "two_lines" in line for line in printed.out.splitlines())
+    assert main(["explain", str(run_dir), files[1], "--out", str(tmp_path / "ex2")]) == 2  # alone: its own error
+    assert "broken.png" in capsys.readouterr().err and not (tmp_path / "ex2").exists()
+
+
 def test_cli_val_split_of_a_run_without_one_is_a_one_line_error(cifar_run, tmp_path, capsys):
     """--mistakes crashed in torch.cat on the empty split; --indices said 'must lie in 0..-1'."""
     from cifarlens.api import train

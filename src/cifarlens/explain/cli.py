@@ -49,6 +49,7 @@ class Selection:
     names: list[str]  # file stems for the outputs
     what: str  # for messages, e.g. "5 most confident mistakes on test"
     sources: list[str] | None = None  # where each image came from: its file, or "test #12" (explanations.csv)
+    unreadable: int = 0  # image files left out, each named on stderr
 
 
 def cmd_explain(args) -> int:
@@ -102,6 +103,10 @@ def cmd_explain(args) -> int:
           f"{int(explanation.empty.sum())} empty; written to {out}:")
     for line in written:
         print(f"  {line}")
+    if selection.unreadable:
+        print(f"cifarlens: {selection.unreadable} of {selection.unreadable + len(selection.images)} images could "
+              "not be read (named above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -131,16 +136,29 @@ def _files(run, items: list[str]) -> Selection:
     paths, notes = expand_folders(items)  # a folder: the images under it, as predict reads it
     for note in notes:
         print(f"cifarlens: warning: {note}", file=sys.stderr)
-    images = torch.stack([load_image(p, run.info.in_channels, run.info.image_size) for p in paths])
+    loaded, readable = [], []
+    for p in paths:  # an unreadable file is named and left out, as predict does; one file alone: its error
+        try:
+            loaded.append(load_image(p, run.info.in_channels, run.info.image_size))
+            readable.append(p)
+        except CifarlensError as err:
+            if len(paths) == 1:
+                raise
+            print(f"cifarlens: error: {err}", file=sys.stderr)
+    if paths and not loaded:
+        raise CifarlensError(f"none of the {len(paths)} image files could be read (named above)")
+    unreadable, paths = len(paths) - len(readable), readable
+    images = torch.stack(loaded) if loaded else torch.empty(0, run.info.in_channels, 1, 1, dtype=torch.uint8)
     names, seen = [], {"gallery", "class_average"}  # the summary figures' names: a panel never overwrites them
     for p in paths:
-        stem = Path(p).stem or "image"
+        # a file name's control characters (a newline) would split the listing's lines
+        stem = "".join(c if c.isprintable() else "_" for c in Path(p).stem) or "image"
         name, k = stem, 2
         while name in seen:  # two files with one name in different folders, or a summary's name
             name, k = f"{stem}-{k}", k + 1
         seen.add(name)
         names.append(name)
-    return Selection(images, None, names, f"{len(paths)} image file(s)", [str(p) for p in paths])
+    return Selection(images, None, names, f"{len(paths)} image file(s)", [str(p) for p in paths], unreadable)
 
 
 def _from_split(run, args) -> Selection:
