@@ -107,9 +107,11 @@ def test_a_cifar100_layout_with_other_class_names_is_said_to_be_another_dataset(
     assert ds.info.classes[99] == "thing99"
     assert any("meta names 100 class(es) the official CIFAR-100 does not have (thing0, thing1, thing2, ...): this is "
                "not CIFAR-100" in w for w in ds.source.warnings), ds.source.warnings
+    assert ds.source.label(ds.info) == "another dataset in the CIFAR-100 layout"  # what the log and report call it
     official = load_dataset("cifar100", make_cifar100(tmp_path / "official", n_train=200, n_test=100).data_dir,
                             download=False)
     assert not any("does not have" in w for w in official.source.warnings)
+    assert official.source.label(official.info) == "CIFAR-100"
 
 
 def test_a_class_named_twice_in_the_meta_file_is_refused(tmp_path):

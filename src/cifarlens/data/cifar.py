@@ -370,6 +370,7 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
             other = [c for c in classes if c not in layout.info.classes]
             counts += (f"{layout.meta_file} names {len(other)} class(es) the official {layout.title} does not have "
                        f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): this is not {layout.title}",)
+            info = replace(info, title=f"another dataset in the {layout.title} layout")  # the log's, the report's name
         source = replace(source, warnings=tuple(f"{layout.title} files in {folder}: {w}" for w in counts if w))
     if image_size is not None and image_size != info.image_size:
         train = replace(train, images=resize_uint8(train.images, image_size))
