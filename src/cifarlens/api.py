@@ -42,27 +42,11 @@ from cifarlens.recipes import (
     resolve_train,
     schedule_steps,
 )
-from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, write_evaluation  # noqa: F401
+from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, finish_training, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
 from cifarlens.resume import check_resumed_data, remove_stale_outputs, restore, resumed_config, world_size_note
 from cifarlens.environment import environment_record
 from cifarlens.runs import RunDir, info_to_dict, source_to_dict
-
-
-def _prepare_data(cfg: RunConfig, world: World) -> DataBundle:
-    """:func:`prepare_data` on every rank, rank 0 first: it alone downloads or extracts what is
-    missing (all at once, the ranks raced for the same files), then the others read its files."""
-    if not world.distributed:
-        return prepare_data(cfg.data, cfg.train.seed)
-    bundle, failed = None, None
-    if world.is_main:
-        try:
-            bundle = prepare_data(cfg.data, cfg.train.seed)
-        except CifarlensError as err:
-            failed = err
-    if distributed.all_reduce_sum(failed is not None)[0]:  # the others wait here for rank 0
-        raise failed or CifarlensError("rank 0 could not read the data (see its message)")
-    return bundle if bundle is not None else prepare_data(cfg.data, cfg.train.seed)
 
 
 def train(
@@ -136,7 +120,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                              "or give --epochs instead")
 
     if bundle is None:
-        bundle = _prepare_data(cfg, world)  # errors here leave no run folder behind
+        bundle = prepare_data(cfg.data, cfg.train.seed, world)  # errors here leave no run folder behind
     if resume:  # the data the run started on: it goes on training, validating and testing on the same images
         check_resumed_data(run, cfg, bundle, log=log, write=world.is_main)
     info = bundle.info
@@ -353,8 +337,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                    best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,
                    train_seconds=train_seconds, **({"time_budget": plan.as_dict(state.replanned.get("milestones"))} if plan is not None else {}))
     try:
-        result = _evaluate(run, cfg, state, device, bundle, tracker, evaluate_test=evaluate_test, report=report,
-                           has_val=has_val)
+        result = finish_training(run, cfg, state, device, bundle, tracker, evaluate_test=evaluate_test,
+                                 report=report, has_val=has_val)
     except BaseException as err:
         status = "failed" if isinstance(err, CifarlensError) else "interrupted"
         if run.meta().get("status") == "finished":  # evaluated: only its report is missing
@@ -366,32 +350,6 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         raise
     run.write_meta(status="finished")
     return result | {"train_seconds": train_seconds}
-
-
-def _evaluate(run: RunDir, cfg: RunConfig, state: FitState, device: torch.device, bundle: DataBundle, tracker, *,
-              evaluate_test: bool, report: bool, has_val: bool) -> dict:
-    """After the last epoch: curves, the temperature, the test evaluation and the report."""
-    from cifarlens.plots import plot_training_curves
-
-    plot_training_curves(state.history, run / "curves.png")
-    train_seconds = state.seconds
-    if not evaluate_test:
-        tracker.finish(run, None, train_seconds, state.epoch)
-        return {}
-    if cfg.train.calibrate:
-        calibrate_run(run.path, device=str(device), bundle=bundle, log=run.log)
-    result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
-    run.write_meta(status="finished")  # evaluated: the report below shows it so
-    if report:
-        from cifarlens.report import default_budget, write_report
-
-        # a quick report, within ~10 % of the training time; `cifarlens report RUN` writes the full one
-        write_report(load_run(run.path, device=str(device)), bundle=bundle, budget_s=default_budget(train_seconds),
-                     log=run.log)
-    tracker.finish(run, result, train_seconds, state.epoch)
-    kept = f"best epoch {state.best_epoch}, val_loss {state.best_val_loss:.4f}" if has_val else "final weights"
-    run.log(f"test accuracy {result['accuracy']:.2%} ({kept}); results in {run.path}")
-    return result
 
 
 def _quiet(line: str) -> None:

@@ -12,9 +12,10 @@ from torch import Tensor
 
 from cifarlens import metrics as M
 from cifarlens.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE, TemperatureFit, calibration_summary, fit_temperature
+from cifarlens.config import RunConfig
 from cifarlens.data.base import Split
 from cifarlens.data.pipeline import DataBundle, make_loader
-from cifarlens.engine import Precision, predict_logits
+from cifarlens.engine import FitState, Precision, predict_logits
 from cifarlens.errors import CifarlensError, user_os_error
 from cifarlens.inference import load_run
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
@@ -144,3 +145,29 @@ def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labe
     atomic_write_text(report_file, M.classification_report_text(result))
     cm = torch.tensor(result["confusion_matrix"])
     plot_confusion_matrix(cm, classes, cm_file, title=f"{run.path.name}: {split} ({len(labels)} images)")
+
+
+def finish_training(run: RunDir, cfg: RunConfig, state: FitState, device: torch.device, bundle: DataBundle, tracker, *,
+                    evaluate_test: bool, report: bool, has_val: bool) -> dict:
+    """After the last epoch: curves, the temperature, the test evaluation and the report."""
+    from cifarlens.plots import plot_training_curves
+
+    plot_training_curves(state.history, run / "curves.png")
+    train_seconds = state.seconds
+    if not evaluate_test:
+        tracker.finish(run, None, train_seconds, state.epoch)
+        return {}
+    if cfg.train.calibrate:
+        calibrate_run(run.path, device=str(device), bundle=bundle, log=run.log)
+    result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
+    run.write_meta(status="finished")  # evaluated: the report below shows it so
+    if report:
+        from cifarlens.report import default_budget, write_report
+
+        # a quick report, within ~10 % of the training time; `cifarlens report RUN` writes the full one
+        write_report(load_run(run.path, device=str(device)), bundle=bundle, budget_s=default_budget(train_seconds),
+                     log=run.log)
+    tracker.finish(run, result, train_seconds, state.epoch)
+    kept = f"best epoch {state.best_epoch}, val_loss {state.best_val_loss:.4f}" if has_val else "final weights"
+    run.log(f"test accuracy {result['accuracy']:.2%} ({kept}); results in {run.path}")
+    return result
