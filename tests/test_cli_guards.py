@@ -73,6 +73,13 @@ def test_a_run_folder_is_never_made_inside_another(finished_run, capsys):
                      "--no-report", "--out", str(inner), *TINY]) == 2
         assert f"is inside the run folder {out}; choose another --out" in capsys.readouterr().err
         assert not inner.exists()
+    # said before the data is read (it was refused only once a download or a long read had been done)
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(out / "nowhere"), "--no-download",
+                 "--epochs", "1", "--out", str(out / "sub")]) == 2
+    assert f"is inside the run folder {out}" in capsys.readouterr().err
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(out / "nowhere"), "--no-download",
+                 "--epochs", "1", "--out", str(out)]) == 2  # an existing run without --force: likewise
+    assert f"run folder {out} already exists" in capsys.readouterr().err
 
 
 def test_a_start_that_fails_leaves_nothing_that_blocks_the_same_command(tmp_path, monkeypatch, capsys):

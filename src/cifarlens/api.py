@@ -119,6 +119,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         raise CifarlensError(f"train.time_budget times single-process steps without torch.compile: drop {drop}, "
                              "or give --epochs instead")
 
+    if not resume:  # an --out that run.create would refuse: said before the data is read
+        distributed.on_rank0(world, lambda: run.check_new(force=force), "use the run folder")
     if bundle is None:
         bundle = prepare_data(cfg.data, cfg.train.seed, world)  # errors here leave no run folder behind
     if resume:  # the data the run started on: it goes on training, validating and testing on the same images
@@ -178,14 +180,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     optimizer = build_optimizer(param_groups(model, tc), tc)  # head and backbone groups
     scheduler = build_scheduler(optimizer, tc, len(train_loader))
     if not resume:
-        failed = None
-        if world.is_main:
-            try:
-                run.create(force=force)
-            except CifarlensError as err:
-                failed = err
-        if distributed.all_reduce_sum(failed is not None)[0]:  # every rank stops, not only rank 0
-            raise failed or CifarlensError("rank 0 could not create the run folder (see its message)")
+        distributed.on_rank0(world, lambda: run.create(force=force), "create the run folder")
         if world.is_main:
             try:
                 # "data" has its reason only; "epochs" has one when a time budget chose them

@@ -102,6 +102,21 @@ def all_reduce_sum(*values: torch.Tensor | float) -> list[float]:
     return flat.tolist()
 
 
+def on_rank0(world: "World", fn, what: str):
+    """``fn()`` on rank 0 alone, its result there (None elsewhere); a :class:`CifarlensError` it
+    raises stops every rank, the others with "rank 0 could not WHAT", not rank 0 alone (the
+    others would wait in their next collective until torchrun ended them)."""
+    result, failed = None, None
+    if world.is_main:
+        try:
+            result = fn()
+        except CifarlensError as err:
+            failed = err
+    if all_reduce_sum(failed is not None)[0]:
+        raise failed or CifarlensError(f"rank 0 could not {what} (see its message)")
+    return result
+
+
 def first_divergence(bad_step: torch.Tensor, bad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The (step, loss) of the first rank whose training loss diverged (step -1: none), as every
     rank sees it, so that all ranks stop together: a rank that stopped alone would leave the others

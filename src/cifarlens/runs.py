@@ -115,6 +115,15 @@ class RunDir:
 
     def create(self, *, force: bool) -> None:
         """Make a fresh run folder; refuse to touch an existing one unless ``force``."""
+        if self.check_new(force=force):
+            self.lock()  # before anything is removed
+            self._remove_run_files()
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.lock()
+
+    def check_new(self, *, force: bool) -> bool:
+        """What :meth:`create` refuses, checked without touching anything (a run checks it before it
+        reads its data, and again when it creates the folder); True: an old run ``--force`` replaces."""
         if self.path.exists() and not self.path.is_dir():
             raise CifarlensError(f"--out {self.path} is a file, not a folder; choose another --out")
         above = next((p for p in self.path.resolve().parents if RunDir(p).is_run()), None)
@@ -130,10 +139,8 @@ class RunDir:
                     f"run folder {self.path} already exists; use --resume to continue it, "
                     "--force to overwrite it, or another --out"
                 )
-            self.lock()  # before anything is removed
-            self._remove_run_files()
-        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self.lock()
+            return True
+        return False
 
     def _leftover(self, path: Path) -> bool:
         """What a start that failed (a full disk) or a killed write leaves: an empty checkpoints/,

@@ -16,7 +16,7 @@ from cifarlens.data.fingerprint import fingerprints, image_signatures
 from cifarlens.data.loader import TensorLoader
 from cifarlens.data.policies import build_policies, check_settings
 from cifarlens.data.split import stratified_split
-from cifarlens.distributed import SINGLE, World, all_reduce_sum, check_batch_size
+from cifarlens.distributed import SINGLE, World, check_batch_size, on_rank0
 from cifarlens.errors import CifarlensError
 
 
@@ -59,15 +59,8 @@ def prepare_data(cfg: DataConfig, seed: int, world: World = SINGLE) -> DataBundl
     training every rank reads it, rank 0 first: it alone downloads or extracts what is missing (all
     at once, the ranks raced for the same files), then the others read its files.
     """
-    if world.distributed:
-        bundle, failed = None, None
-        if world.is_main:
-            try:
-                bundle = prepare_data(cfg, seed)
-            except CifarlensError as err:
-                failed = err
-        if all_reduce_sum(failed is not None)[0]:  # the others wait here for rank 0
-            raise failed or CifarlensError("rank 0 could not read the data (see its message)")
+    if world.distributed:  # the others wait in on_rank0 for rank 0
+        bundle = on_rank0(world, lambda: prepare_data(cfg, seed), "read the data")
         return bundle if bundle is not None else prepare_data(cfg, seed)
     ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
     if len(ds.test) == 0:
