@@ -273,22 +273,22 @@ def test_resume_remembers_no_report(tmp_path):
 def test_a_run_stopped_before_its_evaluation_is_resumed_and_only_evaluates(tmp_path, monkeypatch):
     """run.json says "finished" only once the test metrics are written; before that, --resume
     evaluates (the docs' promise), without training again."""
-    import cifarlens.api as api
+    import cifarlens.evaluation as evaluation
 
     data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
     out = tmp_path / "run"
-    calibrate = api.calibrate_run
+    calibrate = evaluation.calibrate_run
 
     def stopped(*args, **kwargs):  # Ctrl-C while the temperature is fitted
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "calibrate_run", stopped)
+    monkeypatch.setattr(evaluation, "calibrate_run", stopped)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(data.data_dir, "lensnet", recipe="modern", epochs=2), out, report=False)
     meta = json.loads((out / "run.json").read_text())
     assert meta["status"] == "interrupted" and meta["epochs_done"] == 2 and not (out / "metrics.json").exists()
     history = (out / "history.csv").read_text()
-    monkeypatch.setattr(api, "calibrate_run", calibrate)
+    monkeypatch.setattr(evaluation, "calibrate_run", calibrate)
     assert main(["train", "--resume", str(out)]) == 0
     assert json.loads((out / "run.json").read_text())["status"] == "finished" and (out / "metrics.json").is_file()
     assert (out / "history.csv").read_text() == history  # no epoch trained again

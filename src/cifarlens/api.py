@@ -331,9 +331,16 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     run.write_meta(epochs_done=state.epoch, best_epoch=state.best_epoch,
                    best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,
                    train_seconds=train_seconds, **({"time_budget": plan.as_dict(state.replanned.get("milestones"))} if plan is not None else {}))
+
+    def quick_report() -> None:  # within ~10 % of the training time; `cifarlens report RUN` writes the full one
+        from cifarlens.report import default_budget, write_report
+
+        write_report(load_run(run.path, device=str(device)), bundle=bundle, budget_s=default_budget(train_seconds),
+                     log=run.log)
+
     try:
         result = finish_training(run, cfg, state, device, bundle, tracker, evaluate_test=evaluate_test,
-                                 report=report, has_val=has_val)
+                                 has_val=has_val, report=quick_report if report else None)
     except BaseException as err:
         status = "failed" if isinstance(err, CifarlensError) else "interrupted"
         if run.meta().get("status") == "finished":  # evaluated: only its report is missing

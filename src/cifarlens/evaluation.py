@@ -148,8 +148,9 @@ def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labe
 
 
 def finish_training(run: RunDir, cfg: RunConfig, state: FitState, device: torch.device, bundle: DataBundle, tracker, *,
-                    evaluate_test: bool, report: bool, has_val: bool) -> dict:
-    """After the last epoch: curves, the temperature, the test evaluation and the report."""
+                    evaluate_test: bool, has_val: bool, report: Callable[[], None] | None = None) -> dict:
+    """After the last epoch: curves, the temperature, the test evaluation and ``report()`` (the
+    caller's: the report sits above this layer)."""
     from cifarlens.plots import plot_training_curves
 
     plot_training_curves(state.history, run / "curves.png")
@@ -161,12 +162,8 @@ def finish_training(run: RunDir, cfg: RunConfig, state: FitState, device: torch.
         calibrate_run(run.path, device=str(device), bundle=bundle, log=run.log)
     result = evaluate_run(run.path, split="test", device=str(device), bundle=bundle)
     run.write_meta(status="finished")  # evaluated: the report below shows it so
-    if report:
-        from cifarlens.report import default_budget, write_report
-
-        # a quick report, within ~10 % of the training time; `cifarlens report RUN` writes the full one
-        write_report(load_run(run.path, device=str(device)), bundle=bundle, budget_s=default_budget(train_seconds),
-                     log=run.log)
+    if report is not None:
+        report()
     tracker.finish(run, result, train_seconds, state.epoch)
     kept = f"best epoch {state.best_epoch}, val_loss {state.best_val_loss:.4f}" if has_val else "final weights"
     run.log(f"test accuracy {result['accuracy']:.2%} ({kept}); results in {run.path}")
