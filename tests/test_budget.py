@@ -64,6 +64,7 @@ def test_stretching_keeps_the_ramps_share_of_the_run_and_scales_milestones():
     resolve_train(one)  # still a valid config
     he = recipe_cfg("he2016")
     assert stretch(he, 91).milestones == [45.5, 68.5]  # 91 and 137 of 182 epochs
+    assert stretch(he, 10.01).milestones == [5.005, 7.535]  # rounded as a re-plan's are (was 7.534999999999999)
     resolve_train(stretch(he, 91))
 
 

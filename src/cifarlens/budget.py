@@ -184,7 +184,7 @@ def stretch(cfg: TrainConfig, length: float) -> TrainConfig:
     ramp = round(cfg.progressive_epochs * ratio) if cfg.progressive_res else 0
     return replace(cfg, epochs=epochs, last_epoch_fraction=float(round(length - (epochs - 1), 6)),
                    progressive_epochs=ramp, progressive_res=cfg.progressive_res if ramp else 0,
-                   milestones=[m * ratio for m in cfg.milestones or []])
+                   milestones=[round(m * ratio, 3) for m in cfg.milestones or []])
 
 
 def epoch_sides(cfg: TrainConfig, full: int) -> list[int]:
