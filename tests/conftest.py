@@ -437,7 +437,8 @@ def fast_epoch_parts(device, batches: int, batch_size: int, widths: Sequence[int
     from cifarlens.data.base import Split
     from cifarlens.data.loader import TensorLoader
     from cifarlens.models import create_model
-    from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
+    from cifarlens.recipes import resolve_train
+    from cifarlens.schedules import build_optimizer, build_scheduler
 
     cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": recipe, "epochs": 1, "batch_size": batch_size}}).train)
     model = create_model("fastnet", 10, 3, widths=list(widths)).to(device)

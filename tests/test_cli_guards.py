@@ -65,6 +65,21 @@ def test_a_bad_setting_with_force_leaves_the_finished_run_as_it_was(finished_run
     assert after == before
 
 
+def test_settings_the_run_does_not_read_are_said_so(finished_run, tmp_path, capsys):
+    """--set train.milestones=[1] under a one-cycle schedule changed nothing, silently."""
+    _, data = finished_run
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--no-report", "--out", str(out), "--recipe", "modern", "--set", "train.milestones=[1]",
+                 "--set", "train.muon_lr=0.1", "--set", "train.gamma=0.1", "--set", "train.momentum=0.8",
+                 *TINY]) == 0
+    log = (out / "train.log").read_text()
+    assert "warning: train.milestones=[1.0] is not used (schedule onecycle; they are multistep's)" in log
+    assert "warning: train.muon_lr=0.1 is not used (optimizer sgd; they are muon's)" in log
+    assert "train.gamma" not in log and "train.momentum" not in log  # the recipe's value / a setting it reads
+    assert "train.muon_lr=0.1 is not used" in capsys.readouterr().out
+
+
 def test_a_run_folder_is_never_made_inside_another(finished_run, capsys):
     """--out RUN/checkpoints/inner was accepted, and RUN's --force then deleted it."""
     out, data = finished_run

@@ -2,7 +2,8 @@ import pytest
 
 from cifarlens.config import RunConfig, from_dict, load_yaml, merge, parse_assignment, save_yaml, to_dict
 from cifarlens.errors import CifarlensError
-from cifarlens.recipes import RECIPES, lr_factor, resolve_train
+from cifarlens.recipes import RECIPES, resolve_train
+from cifarlens.schedules import lr_factor
 
 
 def test_yaml_overlay_and_round_trip(tmp_path):
@@ -79,7 +80,7 @@ def test_lr_schedules():
 def test_a_retargeted_schedule_goes_on_without_a_jump_to_its_new_end_and_resumes_so(schedule):
     import torch
 
-    from cifarlens.recipes import StepSchedule
+    from cifarlens.schedules import StepSchedule
 
     def scheduler():
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -123,7 +124,7 @@ def test_a_retargeted_multistep_schedule_moves_the_milestones_ahead_in_proportio
     """A time budget's re-plan from 376 to 156 epochs dropped the lr at one of wrn2016's three milestones."""
     import torch
 
-    from cifarlens.recipes import StepSchedule
+    from cifarlens.schedules import StepSchedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = StepSchedule(opt, 100, 0, "multistep", (10, 50, 75), 0.1)
@@ -151,7 +152,7 @@ def step_lrs(train: dict, steps_per_epoch: int) -> list[float]:
     """The lr each optimizer step of the run ``train`` describes uses."""
     import torch
 
-    from cifarlens.recipes import build_optimizer, build_scheduler
+    from cifarlens.schedules import build_optimizer, build_scheduler
 
     cfg = resolve_train(merge(RunConfig(), {"train": train}).train)
     optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg)

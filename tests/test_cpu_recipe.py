@@ -8,7 +8,8 @@ from cifarlens.config import RunConfig, merge
 from cifarlens.errors import CifarlensError
 from cifarlens.models import create_model
 from cifarlens.optim import MuonSGD, muon_groups
-from cifarlens.recipes import build_optimizer, param_groups, resolve_train
+from cifarlens.recipes import resolve_train
+from cifarlens.schedules import build_optimizer, param_groups
 
 
 def train_cfg(**train):
@@ -145,7 +146,7 @@ def test_the_recipes_step_never_waits_for_the_device():
     from test_engine import HostReads
 
     from cifarlens.engine import Precision, train_one_epoch
-    from cifarlens.recipes import build_scheduler
+    from cifarlens.schedules import build_scheduler
 
     cpu = torch.device("cpu")
 

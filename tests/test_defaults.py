@@ -16,7 +16,8 @@ from cifarlens.config import RunConfig, merge
 from cifarlens.engine import exploded_loss_limit
 from cifarlens.models import MODELS, create_model, default_model, default_recipe, list_models
 from cifarlens.models.registry import forward_flops
-from cifarlens.recipes import RECIPES, build_optimizer, build_scheduler, param_groups, resolve_choices, resolve_train
+from cifarlens.recipes import RECIPES, resolve_choices, resolve_train
+from cifarlens.schedules import build_optimizer, build_scheduler, param_groups
 
 TORCHVISION = {"resnet18", "resnet50", "efficientnet_b0"}
 

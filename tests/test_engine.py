@@ -18,7 +18,8 @@ from cifarlens.data.loader import TensorLoader
 from cifarlens.engine import FitState, Precision, cpu_bf16_pays, cpu_has_native_bf16, fit, resolve_device
 from cifarlens.errors import CifarlensError
 from cifarlens.models import create_model
-from cifarlens.recipes import build_optimizer, build_scheduler, resolve_train
+from cifarlens.recipes import resolve_train
+from cifarlens.schedules import build_optimizer, build_scheduler
 from conftest import fast_epoch_parts
 
 

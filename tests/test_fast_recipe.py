@@ -30,12 +30,8 @@ from cifarlens.engine import (
 from cifarlens.errors import CifarlensError
 from cifarlens.models import create_model
 from cifarlens.optim import MuonSGD, orthogonalize
-from cifarlens.recipes import (
-    build_optimizer,
-    build_scheduler,
-    param_groups,
-    resolve_train,
-)
+from cifarlens.recipes import resolve_train
+from cifarlens.schedules import build_optimizer, build_scheduler, param_groups
 from cifarlens.tta import tta_views
 
 CPU = torch.device("cpu")

@@ -27,7 +27,8 @@ from cifarlens.data.policies import POLICIES, MixCut, build_policies, check_poli
 from cifarlens.engine import Precision
 from cifarlens.errors import CifarlensError
 from cifarlens.models import create_model
-from cifarlens.recipes import build_optimizer, build_scheduler, param_groups, resolve_train
+from cifarlens.recipes import resolve_train
+from cifarlens.schedules import build_optimizer, build_scheduler, param_groups
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 INFO = DatasetInfo("cifar10", tuple("abcdefghij"), 3, 32, MEAN, STD)

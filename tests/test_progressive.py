@@ -11,7 +11,8 @@ from cifarlens.data.loader import TensorLoader
 from cifarlens.engine import FitState, Precision, fit, train_one_epoch
 from cifarlens.epochs import progressive_side
 from cifarlens.errors import CifarlensError
-from cifarlens.recipes import build_optimizer, build_scheduler, param_groups, resolve_train
+from cifarlens.recipes import resolve_train
+from cifarlens.schedules import build_optimizer, build_scheduler, param_groups
 
 CPU = torch.device("cpu")
 

@@ -34,7 +34,8 @@ from cifarlens.explain import default_layer
 from cifarlens.models import create_model
 from cifarlens.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, list_pretrained
 from cifarlens.models.weights import load_initial_weights, read_state_dict
-from cifarlens.recipes import build_optimizer, param_groups, resolve_train
+from cifarlens.recipes import resolve_train
+from cifarlens.schedules import build_optimizer, param_groups
 
 NATIVE = "model.kwargs={stem: native}"
 

@@ -32,16 +32,8 @@ from cifarlens.io import atomic_write_json
 from cifarlens.models import check_input_size, model_info, unwrap_model
 from cifarlens.models.registry import forward_flops
 from cifarlens.models.weights import describe_init, input_info, load_initial_weights
-from cifarlens.recipes import (
-    StepSchedule,
-    build_optimizer,
-    build_scheduler,
-    describe_choice,
-    param_groups,
-    resolve_choices,
-    resolve_train,
-    schedule_steps,
-)
+from cifarlens.recipes import describe_choice, resolve_choices, resolve_train, unread_given
+from cifarlens.schedules import StepSchedule, build_optimizer, build_scheduler, param_groups, schedule_steps
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, finish_training, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
 from cifarlens.resume import check_resumed_data, remove_stale_outputs, restore, resumed_config, world_size_note
@@ -108,7 +100,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     # (on resume this only fills keys that an older cifarlens did not write)
     cfg, why = resolve_choices(cfg, device.type)
     why = {**choices, **why}
-    cfg = replace(cfg, train=resolve_train(cfg.train))
+    given, cfg = cfg.train, replace(cfg, train=resolve_train(cfg.train))
     if not resume:  # saved absolute: evaluate, serve and --resume find the data from any folder
         cfg = replace(cfg, data=absolute_data_dir(cfg.data))
     check_settings(cfg.data)  # before a run folder exists
@@ -227,7 +219,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if not has_val:
             why_none = "data.val_fraction 0" if not cfg.data.val_fraction else "too few images for data.val_fraction"
             log(f"no validation split ({why_none}): no validation pass, the final weights are kept")
-        for warning in bundle.source.warnings:
+        for warning in [*bundle.source.warnings, *unread_given(given, cfg.train)]:
             log(f"warning: {warning}")
         if init is not None:
             log(f"starting weights: {describe_init(init)}; input normalised with mean {info.mean}, std {info.std}")

@@ -32,7 +32,7 @@ from cifarlens.data.policies import check_settings
 from cifarlens.engine import Precision, device_description, evaluate, resolve_device
 from cifarlens.io import write_output_text
 from cifarlens.models.weights import input_info
-from cifarlens.recipes import describe_choice, resolve_choices, resolve_train
+from cifarlens.recipes import describe_choice, resolve_choices, resolve_train, unread_given
 
 
 @dataclass
@@ -106,6 +106,8 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print,
         log(f"[bench] {key}: {describe_choice(chosen[key], why, key) if key in chosen else reason}")
     start = time.perf_counter()
     resolved = resolve_train(cfg.train)
+    for warning in unread_given(cfg.train, resolved):
+        log(f"[bench] warning: {warning}")
     check_settings(cfg.data)  # before the data is read
     if resolved.compile or device.type == "cuda":
         # The first run of a process pays for what later runs find ready: CUDA's lazy start and

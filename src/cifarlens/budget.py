@@ -20,7 +20,7 @@ minutes, docs/benchmarks.md), hence the margin, and a re-plan after each epoch
 (BudgetPlan.replan): when the pace so far puts the end over the budget, or more than twice the
 margin under it, the rest of the run is fitted again the same way (fewer or more twentieths
 of an epoch, up to MAX_STRETCH x the recipe's epochs; the ramp in proportion, never longer), and the
-learning-rate schedule's end moves with it without a jump (recipes.StepSchedule.retarget). So
+learning-rate schedule's end moves with it without a jump (schedules.StepSchedule.retarget). So
 a run is as deterministic as any other while the machine keeps the pace it was timed at; a
 re-plan is logged, saved in the checkpoint (``--resume`` keeps it) and in run.json. The log
 warns once when even the shortest rest ends over the budget, and says at the end how the run
@@ -44,6 +44,7 @@ from cifarlens.ema import WeightEMA
 from cifarlens.engine import Precision, evaluate, train_one_epoch
 from cifarlens.epochs import epoch_steps, progressive_side
 from cifarlens.errors import CifarlensError
+from cifarlens.schedules import build_optimizer, param_groups
 
 TIMED_STEPS = 4  # per image width, after one untimed step (oneDNN / cuDNN set themselves up on a new shape)
 MAX_STRETCH = 4  # a budget may give at most 4x the recipe's epochs
@@ -245,8 +246,6 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
     """Time training steps (and a validation pass) of ``model`` on this machine and choose the
     epochs for ``cfg.time_budget`` seconds. ``cfg``: resolved, its epochs the recipe's. Raises
     :class:`CifarlensError` when not even one epoch fits."""
-    from cifarlens.recipes import build_optimizer, param_groups  # recipes builds on this layer's engine
-
     start = time.perf_counter()
     budget, steps_per_epoch = cfg.time_budget, len(train_loader)
     batches = iter(train_loader)

@@ -75,7 +75,7 @@ def _gram_iteration(x: Tensor, steps: int) -> Tensor:
 
 def muon_groups(params: Iterable, lr: float, muon_lr: float, momentum: float | None = None,
                 renorm: bool = False) -> list[dict]:
-    """Split parameters (or parameter groups, e.g. :func:`cifarlens.recipes.param_groups`) into
+    """Split parameters (or parameter groups, e.g. :func:`cifarlens.schedules.param_groups`) into
     ``muon: False`` groups (everything but convolution filters) and, after each, a ``muon: True``
     group of its 4-D filters (``NAME.muon``), whose lr is the group's lr times ``muon_lr / lr``,
     with its own ``momentum`` when given and ``renorm`` (see :class:`MuonSGD`).

@@ -1,5 +1,5 @@
-"""Training recipes: named sets of defaults for :class:`TrainConfig`, plus the
-optimizer and learning-rate schedule they describe.
+"""Training recipes: named sets of defaults for :class:`TrainConfig` (the optimizer and
+learning-rate schedule they describe are built by :mod:`cifarlens.schedules`).
 
 A recipe only fills the ``TrainConfig`` fields the user left at ``None``; every
 value can still be set from YAML or flags.
@@ -10,14 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import fields, replace
 
-import torch
-
 from cifarlens.config import RunConfig, TrainConfig, with_data_defaults
 from cifarlens.engine import cpu_bf16_pays
-from cifarlens.epochs import epoch_steps
 from cifarlens.errors import CifarlensError
 from cifarlens.optim import NS_STEPS
 from cifarlens.registry import Registry, unknown_name
+from cifarlens.schedules import OPTIMIZERS, SCHEDULES
 
 RECIPES: Registry[dict] = Registry("recipe")
 
@@ -135,10 +133,6 @@ RECIPES.register("wrn2016")(
     )
 )
 
-OPTIMIZERS = ("adam", "sgd", "muon")  # muon: Muon on convolution filters, Nesterov SGD on the rest
-SCHEDULES = ("plateau", "onecycle", "cosine", "constant", "multistep")
-
-
 def list_recipes() -> list[str]:
     return RECIPES.names()
 
@@ -149,13 +143,45 @@ def describe_recipe(name: str) -> str:
     optimizer or schedule does not read; then the data settings it brings."""
     recipe, off = RECIPES.get(name), {**OFF, "early_stopping": 0, "grad_clip": 0.0, "ema_decay": 0.0,
                                       "freeze_epochs": 0, "backbone_lr_scale": 1.0}
-    unread = {"plateau_factor", "plateau_patience"} if recipe["schedule"] != "plateau" else set()
-    unread |= {"milestones", "gamma"} if recipe["schedule"] != "multistep" else set()
-    unread |= {"momentum", "nesterov"} if recipe["optimizer"] == "adam" else set()
+    unread = unread_settings(recipe)
     shown = [f"{f.name}={recipe[f.name]}" for f in fields(TrainConfig) if f.name in recipe
              and f.name not in unread and not (f.name in off and recipe[f.name] == off[f.name])]
     data = recipe.get("data") or {}
     return ", ".join(shown) + (f"; data: {', '.join(f'{k}={v}' for k, v in data.items())}" if data else "")
+
+
+def unread_settings(train: dict) -> dict[str, str]:
+    """The train settings that ``train`` (a recipe, or a resolved TrainConfig as a dict) does not
+    read, given its optimizer, schedule, TTA and resizing, each with why."""
+    schedule, optimizer, unread = train["schedule"], train["optimizer"], {}
+    if schedule != "plateau":
+        unread |= dict.fromkeys(("plateau_factor", "plateau_patience"), f"schedule {schedule}; they are plateau's")
+    else:
+        unread["warmup_epochs"] = "schedule plateau; warm-up is the step-wise schedules'"
+    if schedule != "multistep":
+        unread |= dict.fromkeys(("milestones", "gamma"), f"schedule {schedule}; they are multistep's")
+    if optimizer == "adam":
+        unread |= dict.fromkeys(("momentum", "nesterov"), "optimizer adam")
+    if optimizer != "muon":
+        unread |= dict.fromkeys(("muon_lr", "muon_momentum", "muon_renorm", "muon_ns_steps"),
+                                f"optimizer {optimizer}; they are muon's")
+    if not train["tta"]:
+        unread["tta_translate"] = "train.tta is off"
+    if not train["progressive_res"]:
+        unread["progressive_epochs"] = "train.progressive_res is 0"
+    elif not train["progressive_epochs"]:
+        unread["progressive_res"] = "train.progressive_epochs is 0"
+    return unread
+
+
+def unread_given(given: TrainConfig, resolved: TrainConfig) -> list[str]:
+    """Warnings for the settings given (``given``: before :func:`resolve_train`) at other values than
+    the recipe's that ``resolved`` does not read: ``--set train.milestones=[30,60]`` under a
+    one-cycle schedule changed nothing, silently."""
+    recipe = RECIPES.get(resolved.recipe)
+    return [f"train.{key}={getattr(given, key)} is not used ({why})"
+            for key, why in unread_settings(vars(resolved)).items()
+            if getattr(given, key) is not None and getattr(given, key) != recipe.get(key)]
 
 
 def resolve_choices(cfg: RunConfig, device_type: str) -> tuple[RunConfig, dict[str, str]]:
@@ -268,128 +294,3 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
         if not ok:
             raise CifarlensError(message)
     return cfg
-
-
-def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """The trainable parameters as two named groups: ``head`` at ``lr``, ``backbone`` at
-    ``lr * backbone_lr_scale`` (head first: logs report the head's lr). The schedules scale
-    both alike. A frozen backbone's parameters are in their group too: they get no gradient
-    (``grad`` None), so SGD/AdamW skip them and create no state until they are unfrozen."""
-    from cifarlens.models import unwrap_model
-
-    net = unwrap_model(model)
-    frozen = set(getattr(net, "_frozen_by_us", ()))
-    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad or n in frozen]
-    head = [p for n, p in trainable if n.startswith("head.")]
-    backbone = [p for n, p in trainable if not n.startswith("head.")]
-    return [{"name": "head", "params": head, "lr": cfg.lr},
-            {"name": "backbone", "params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale}]
-
-
-def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``params``: parameters, or parameter groups such as :func:`param_groups` gives. ``muon``:
-    :class:`cifarlens.optim.MuonSGD`, with each group's convolution filters in a Muon group of
-    their own at ``muon_lr`` (0: ``lr``; times ``backbone_lr_scale`` in the backbone)."""
-    if cfg.optimizer == "muon":
-        from cifarlens.optim import MuonSGD, muon_groups
-
-        groups = muon_groups(params, cfg.lr, cfg.muon_lr or cfg.lr, cfg.muon_momentum or None, cfg.muon_renorm)
-        return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                       ns_steps=cfg.muon_ns_steps)
-    if cfg.optimizer == "adam":
-        # AdamW: decoupled weight decay (identical to Adam when weight_decay == 0).
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
-
-
-def decay_progress(step: int, total_steps: int, warmup_steps: int,
-                   retargeted: tuple[int, float] | None = None) -> float:
-    """How far (0 to 1) the decay after warm-up is at step ``step`` (``retargeted``: see lr_factor)."""
-    if retargeted is not None and step >= retargeted[0]:
-        at, done = retargeted
-        progress = done + (1.0 - done) * (step - at) / max(1, total_steps - at)
-    else:
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min(max(progress, 0.0), 1.0)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
-              milestones: tuple[int, ...] = (), gamma: float = 0.1,
-              retargeted: tuple[int, float] | None = None) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based) for step-wise schedules;
-    ``milestones`` (multistep) are optimizer steps: from each one on, the lr is ``gamma`` times lower.
-    ``retargeted`` (step s, progress p): the decay had reached p at step s when its end moved to
-    ``total_steps``; from s on it covers the rest, 1 - p, in the steps left (StepSchedule.retarget)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps  # linear warm-up, never exactly 0
-    if schedule == "constant":
-        return 1.0
-    if schedule == "multistep":
-        return gamma ** sum(step >= m for m in milestones)
-    progress = decay_progress(step, total_steps, warmup_steps, retargeted)
-    if schedule == "onecycle":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(schedule)
-
-
-class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
-    """Warm-up + decay, stepped after every optimizer step (multistep too: its milestones,
-    given in epochs, become steps, so a drop lands at the first step of its epoch)."""
-
-    per_step = True
-
-    def __init__(self, optimizer, total_steps: int, warmup_steps: int, schedule: str,
-                 milestones: tuple[int, ...] = (), gamma: float = 0.1):
-        self.total_steps, self.warmup_steps, self.schedule = total_steps, warmup_steps, schedule
-        self.milestones, self.gamma = tuple(milestones), gamma
-        self.retargeted: tuple[int, float] | None = None  # saved with the rest of __dict__ (state_dict)
-        super().__init__(optimizer, self._factor)
-
-    def _factor(self, step: int) -> float:
-        return lr_factor(step, self.total_steps, self.warmup_steps, self.schedule, self.milestones, self.gamma,
-                         self.retargeted)
-
-    def retarget(self, total_steps: int) -> None:
-        """End the schedule at ``total_steps`` instead, from the next step on, without a jump: the
-        decay goes on from where it is to its end over the steps now left (a time budget's re-plan
-        of the last epoch, cifarlens.budget). Multistep milestones still ahead move in proportion
-        to the steps left (a run re-planned from 376 to 156 epochs dropped its lr once of three),
-        and stay before the new end (a drop rounded onto it would never come); warm-up is not moved."""
-        step = max(self.last_epoch, self.warmup_steps)  # LambdaLR's count of steps taken
-        if total_steps <= step:
-            raise ValueError(f"cannot end the schedule at step {total_steps}: {step} steps are taken")
-        if self.total_steps > step:
-            ratio = (total_steps - step) / (self.total_steps - step)
-            self.milestones = tuple(m if m <= step else min(step + max(1, round((m - step) * ratio)), total_steps - 1)
-                                    for m in self.milestones)
-        progress = decay_progress(step, self.total_steps, self.warmup_steps, self.retargeted)
-        self.retargeted, self.total_steps = (step, progress), total_steps
-        # the lr of the next step was set before: set it again (the same, but where a milestone moved onto it)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self._factor(self.last_epoch)
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-class PlateauSchedule(torch.optim.lr_scheduler.ReduceLROnPlateau):
-    """ReduceLROnPlateau on validation loss, stepped once per epoch."""
-
-    per_step = False
-
-
-def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps in all of ``cfg``'s epochs (a partial last epoch counts its batches)."""
-    return (cfg.epochs - 1) * steps_per_epoch + epoch_steps(cfg, cfg.epochs - 1, steps_per_epoch)
-
-
-def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    if cfg.schedule == "plateau":
-        return PlateauSchedule(optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
-    total = schedule_steps(cfg, steps_per_epoch)
-    # at most half the run: a one-epoch run of modern (1 epoch of warm-up) ended at its peak lr, never decaying
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total // 2)
-    milestones = tuple(int(round(m * steps_per_epoch)) for m in cfg.milestones or ())
-    return StepSchedule(optimizer, total, warmup, cfg.schedule, milestones, cfg.gamma)
-
