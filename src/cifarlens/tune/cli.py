@@ -75,10 +75,10 @@ def cmd_tune(args) -> int:
             workers = [_start_worker(tuner, k, threads) for k in range(1, args.workers)]
             try:
                 tuner.work()
-            except BaseException:
+                failed = _wait(workers, stop=False)
+            except BaseException:  # SIGTERM while waiting for them too: the workers end with this one
                 _wait(workers, stop=True)
                 raise
-            failed = _wait(workers, stop=False)
         if not args.no_summary:
             tuner.finish()
     except KeyboardInterrupt as err:
