@@ -344,6 +344,18 @@ def test_trials_that_keep_failing_stop_the_worker_with_the_reason(data_dir, tmp_
     assert [t.state for t in load(tmp_path / "out").trials] == [TrialState.FAIL] * 3
 
 
+def test_a_sampled_dataset_that_cannot_be_read_fails_its_trials_with_the_reason(data_dir, tmp_path, capsys):
+    """It printed Optuna's traceback and ended the study at the first trial, the reason unrecorded."""
+    space = parse_space({"data.dataset": {"choices": ["cifar10"]}}, "test space")
+    base = base_cfg(data_dir)  # no download: the data folder holds Fashion-MNIST only
+    with pytest.raises(CifarlensError, match="3 trials in a row failed; the last: trial 2: CIFAR-10 not found"):
+        run_tune(base, tmp_path / "out", trials=5, space=space)
+    trials = load(tmp_path / "out").trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all("CIFAR-10 not found" in t.user_attrs["error"] for t in trials)
+    assert "Traceback" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one line, exit code 2, before any training
 # ---------------------------------------------------------------------------

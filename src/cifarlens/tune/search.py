@@ -233,12 +233,12 @@ class Tuner:
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
         values = self.space.sample(trial)
-        try:
+        try:  # a sampled value may be refused, or name data that cannot be read (data.dataset: cifar10)
             cfg = self.space.apply(self.base, values)
             cfg = replace(cfg, train=resolve_train(cfg.train))
+            bundle = self._bundle(cfg)
         except CifarlensError as err:
             return self._failed(trial, err)
-        bundle = self._bundle(cfg)
         if cfg.data.augment is None:  # resolved, as train() would, so the stored config says what ran
             cfg = replace(cfg, data=replace(cfg.data, augment=bundle.info.augment))
         run_dir = self.out / "trials" / f"{trial.number:04d}"
