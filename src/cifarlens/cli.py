@@ -151,8 +151,9 @@ def cmd_bench(args) -> int:
         from cifarlens.runs import refuse_runs_file
 
         refuse_runs_file(out, "--json", default="no file, the summary printed")
-    first = args.seed if args.seed is not None else 0  # e.g. --seed 1 --seeds 2: seeds 1 and 2
-    run_bench(config_from_args(args, resolve=False), list(range(first, first + args.seeds)), targets, json_out=out)
+    cfg = config_from_args(args, resolve=False)
+    first = cfg.train.seed  # --seed, --set train.seed or --config's; e.g. --seed 1 --seeds 2: seeds 1 and 2
+    run_bench(cfg, list(range(first, first + args.seeds)), targets, json_out=out)
     return 0
 
 
