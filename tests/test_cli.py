@@ -511,6 +511,9 @@ def test_the_command_line_does_not_import_torchvision_until_a_backbone_is_built(
     (["--set", "data.loader=perimag"], "(did you mean perimage?)"),  # was silently the batched loader
     (["--set", "data.augment=standrd"], "unknown augmentation level 'standrd' (did you mean standard?)"),
     (["--set", "data.val_fraction=1.5"], "data.val_fraction must be in [0, 1)"),
+    # numbers too large to hold: were tracebacks (an overflow, a failed allocation)
+    (["--seed", "99999999999999999999999"], "train.seed must be a whole number from 0 to 2**63 - 1"),
+    (["--set", "data.image_size=100000000000"], "image size must be a whole number of pixels from 1 to 4096"),
 ])
 def test_a_misspelt_name_is_answered_with_the_closest_ones(args, hint, tmp_path, capsys):
     with pytest.raises(SystemExit) if args[0] != "--set" else contextlib.nullcontext():

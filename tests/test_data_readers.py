@@ -772,3 +772,18 @@ def test_channel_stats_matches_float64_for_any_chunk():
         assert std == pytest.approx(tuple(x.std(1, correction=0).tolist()), abs=1e-12)
     with pytest.raises(ValueError):
         channel_stats(images.float())
+
+
+def test_images_too_large_for_memory_are_a_clear_error(tmp_path, monkeypatch):
+    """--set data.image_size=20000 on an image folder ended in torch's allocator error, a traceback."""
+    import torch
+
+    from cifarlens.data.base import DATASETS
+
+    def reader(data_dir, *, download, image_size):  # what holding every image at that size asks for
+        torch.empty(2**52, dtype=torch.uint8)
+
+    monkeypatch.setitem(DATASETS._items, "imagefolder", reader)
+    with pytest.raises(CifarlensError, match="not enough memory to hold the imagefolder images at 4000x4000: choose "
+                                             "a smaller data.image_size"):
+        load_dataset("imagefolder", tmp_path, download=False, image_size=4000)

@@ -252,6 +252,7 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
         (cfg.epochs >= 1, "train.epochs must be >= 1"),
         (0 < cfg.last_epoch_fraction <= 1, "train.last_epoch_fraction must be in (0, 1] (1 = the whole last epoch)"),
         (cfg.batch_size >= 1, "train.batch_size must be >= 1"),
+        (0 <= cfg.seed < 2**63, f"train.seed must be a whole number from 0 to 2**63 - 1, got {cfg.seed}"),
         (0 < cfg.lr < math.inf, "train.lr must be > 0 and finite"),
         (0 <= cfg.momentum < 1 and (cfg.momentum > 0 or not cfg.nesterov or cfg.optimizer != "sgd"),
          "train.momentum must be in [0, 1), and > 0 with train.nesterov (or set train.nesterov=false)"),

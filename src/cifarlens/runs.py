@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cifarlens import folderlock
 from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict, load_yaml, save_yaml, to_dict
-from cifarlens.data.base import DataSource, DatasetInfo
+from cifarlens.data.base import MAX_IMAGE_SIZE, DataSource, DatasetInfo
 from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text, stdout_to_devnull
@@ -248,7 +248,7 @@ class RunDir:
                     if len(stats) != info.in_channels or not all(type(v) in (int, float) and math.isfinite(v)
                                                                   for v in stats)
                     or (key == "std" and not all(v > 0 for v in stats))]
-        if type(info.image_size) is not int or not 1 <= info.image_size <= 4096:  # (4096: a 2 GB batch of one)
+        if type(info.image_size) is not int or not 1 <= info.image_size <= MAX_IMAGE_SIZE:
             problems.append(f"image_size {info.image_size!r} is not a width in pixels")
         if problems:
             raise CifarlensError(f"{self.path / 'run.json'}'s \"dataset\" record is damaged ({'; '.join(problems)}); "

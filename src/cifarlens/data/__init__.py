@@ -12,6 +12,7 @@ from pathlib import Path
 from cifarlens.data import cifar, fashion_mnist, imagefolder  # noqa: F401  (registers the readers)
 from cifarlens.data.base import DATASETS, DatasetInfo, LoadedDataset, Split, check_image_size
 from cifarlens.data.stats import channel_stats
+from cifarlens.errors import CifarlensError
 
 __all__ = ["DATASETS", "DatasetInfo", "LoadedDataset", "Split", "channel_stats", "list_datasets", "load_dataset"]
 
@@ -31,4 +32,11 @@ def load_dataset(
     """
     reader = DATASETS.get(name)
     check_image_size(image_size)
-    return reader(Path(data_dir).expanduser(), download=download, image_size=image_size)
+    try:
+        return reader(Path(data_dir).expanduser(), download=download, image_size=image_size)
+    except (MemoryError, RuntimeError) as err:  # every image is held in memory, as uint8
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        size = f"{image_size}x{image_size}" if image_size else "their own size"
+        raise CifarlensError(f"not enough memory to hold the {name} images at {size}: choose a smaller "
+                             "data.image_size") from None

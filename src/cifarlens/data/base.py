@@ -116,10 +116,15 @@ CONNECT_TIMEOUT_S = 5.0  # deadline for DNS + TCP connect before a download star
 READ_TIMEOUT_S = 30.0  # per socket operation while downloading (not a total limit)
 
 
+MAX_IMAGE_SIZE = 4096  # pixels a side: one 3 x 4096 x 4096 float image is 200 MB; CIFAR-sized models want 32
+
+
 def check_image_size(image_size: int | None) -> None:
-    """Raise CifarlensError unless image_size is None or a positive int."""
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise CifarlensError(f"image size must be a positive integer, got {image_size!r}")
+    """Raise CifarlensError unless image_size is None or a positive int up to MAX_IMAGE_SIZE."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):
+        raise CifarlensError(f"image size must be a whole number of pixels from 1 to {MAX_IMAGE_SIZE}, "
+                             f"got {image_size!r}")
 
 
 def count_warning(split: str, labels: torch.Tensor, info: DatasetInfo, per_class: int) -> str | None:

@@ -27,7 +27,7 @@ from torch import Tensor
 from cifarlens.config import LOADERS, DataConfig
 from cifarlens.data.autoaugment import AutoAugment, RandAugment, TrivialAugmentWide
 from cifarlens.data.augment import AUGMENT_LEVELS, FLIPS, LEVEL_WORDS, channel_constant
-from cifarlens.data.base import DatasetInfo
+from cifarlens.data.base import DatasetInfo, check_image_size
 from cifarlens.errors import CifarlensError
 from cifarlens.registry import Registry, unknown_name
 
@@ -241,6 +241,7 @@ def check_settings(cfg: DataConfig, image_size: int | None = None) -> None:
     """:func:`check_policies`, and the level, flip, loader and validation share, each named with
     the closest valid choice when misspelt: what a run checks before it reads (or downloads) data."""
     check_policies(cfg, image_size)
+    check_image_size(cfg.image_size)
     choices = [("augmentation level", cfg.augment, list(AUGMENT_LEVELS)), ("data.flip", cfg.flip, list(FLIPS)),
                ("data.loader", cfg.loader, list(LOADERS))]
     for kind, value, names in choices:
