@@ -405,6 +405,11 @@ BAD_SPACES = {
     "invalid YAML": ("train.lr: {float: [0.01", "is not valid YAML"),
     "a zero validation split": ("data.val_fraction: {choices: [0.1, 0.0]}", "data.val_fraction must stay above 0"),
     "an infinite bound": ("train.warmup_epochs: {float: [0, .inf]}", "is not a finite number"),
+    # refused before any trial (each was 3 failed trials, and the study then tied to the space)
+    "a value the model refuses": ("model.kwargs.widths: {choices: [[8, 16], [0, 0]]}",
+                                  "widths must be a non-empty list of positive integers, got [0, 0]"),
+    "a time budget": ("train.time_budget: {float: [10, 60]}", "not a setting to tune: trials are compared after"),
+    "a machine's setting": ("train.device: {choices: [cpu]}", "not a setting to tune: it describes this machine"),
     "a key given twice": ("train.lr: {float: [0.01, 0.1]}\ntrain.lr: {float: [0.1, 0.5]}", "'train.lr' is given twice"),
 }
 
@@ -416,6 +421,12 @@ def test_invalid_search_space_files_are_refused_naming_file_and_key(case, data_d
     line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--space", str(space), "--out", str(tmp_path / "o")])
     assert str(space) in line and message in line
     assert not (tmp_path / "o").exists()  # refused before a study or a folder exists
+
+
+def test_a_base_model_that_train_would_refuse_is_refused_before_any_trial(data_dir, tmp_path, capsys):
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--set", "model.kwargs={widths: [0, 0], depths: [1, 1]}",
+                                  "--out", str(tmp_path / "o")])
+    assert "widths must be a non-empty list of positive integers" in line and not (tmp_path / "o").exists()
 
 
 def test_a_study_name_clash_with_another_space_or_base_config_is_refused(data_dir, tmp_path, capsys):

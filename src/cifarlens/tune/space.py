@@ -26,12 +26,18 @@ import inspect
 import json
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cifarlens.config import RunConfig, dump_yaml, load_yaml, merge
+from cifarlens.config import ModelConfig, RunConfig, dump_yaml, load_yaml, merge
 from cifarlens.errors import CifarlensError
+
+# Config keys that may differ between workers of one study (so never tuned): where the data sits
+# on each machine, which device and how many loader workers it uses, and whether its CPU trains in
+# bf16; and where it logs (tracking records the trials, never changes them).
+MACHINE_KEYS = ("data.data_dir", "data.download", "data.workers", "train.device", "train.cpu_amp",
+                "track.loggers", "track.tracking_uri", "track.experiment")
 
 FORMS = ("float", "int", "choices")
 OPTIONS = ("log", "step", "when")
@@ -159,19 +165,25 @@ class SearchSpace:
 
     def check(self, base: RunConfig) -> None:
         """Check every entry's values against ``base`` (types, recipe checks, model options)."""
-        from cifarlens.data.augment import AUGMENT_LEVELS
+        from cifarlens.data.policies import check_settings
         from cifarlens.models import MODELS
         from cifarlens.recipes import resolve_train
 
         names = next((p.choices for p in self.params if p.key == "model.name"), ())
+        _build_model(base.model)  # the base config's model.kwargs, as train would refuse them
         for p in self.params:
             for value in p.representatives():
                 try:
                     cfg = apply_values(base, {p.key: value})
                     resolve_train(cfg.train)
-                    if cfg.data.augment is not None and cfg.data.augment not in AUGMENT_LEVELS:
-                        raise CifarlensError(f"unknown augmentation level {cfg.data.augment!r}; "
-                                             f"choose one of: {', '.join(AUGMENT_LEVELS)}")
+                    if cfg.train.time_budget or p.key in MACHINE_KEYS:
+                        raise CifarlensError("not a setting to tune: " + ("trials are compared after the same "
+                                             "epochs" if cfg.train.time_budget else "it describes this machine"))
+                    option = p.key.split(".", 2)[2] if p.key.startswith("model.kwargs.") else None
+                    for model in dict(p.when).get("model.name", names or (base.model.name,)) if option else ():
+                        if option in model_options(model):  # the values the model refuses (widths [0, 0, 0])
+                            _build_model(replace(cfg.model, name=model))
+                    check_settings(cfg.data)  # the augmentation level, policies, flip, loader
                     MODELS.get(cfg.model.name)
                     _check_dataset(cfg.data.dataset)
                     if cfg.data.val_fraction == 0:
@@ -192,6 +204,12 @@ class SearchSpace:
 
 def _flow(value: Any) -> str:
     return dump_yaml(value, default_flow_style=True, sort_keys=False, width=1000).strip()
+
+
+def _build_model(model: ModelConfig) -> None:
+    from cifarlens.models import create_model
+
+    create_model(model.name, 10, 3, **model.kwargs)
 
 
 def _check_dataset(name: str) -> None:

@@ -24,15 +24,10 @@ import optuna
 
 from cifarlens.config import RunConfig, to_dict
 from cifarlens.errors import CifarlensError
-from cifarlens.tune.space import SearchSpace
+from cifarlens.tune.space import MACHINE_KEYS, SearchSpace
 
 PRUNERS = ("median", "hyperband", "none")
 SPACE_ATTR, BASE_ATTR = "cifarlens.space", "cifarlens.base_config"
-# Config keys that may differ between workers of one study: where the data sits on each
-# machine, which device and how many loader workers it uses, and whether its CPU trains in bf16;
-# and where it logs (tracking records the trials, never changes them).
-MACHINE_KEYS = ("data.data_dir", "data.download", "data.workers", "train.device", "train.cpu_amp",
-                "track.loggers", "track.tracking_uri", "track.experiment")
 SQLITE_TIMEOUT_S = 60  # how long a writer waits for another process's SQLite lock
 CONNECT_TIMEOUT_S = 10  # database servers: fail quickly when unreachable
 HEARTBEAT_S, GRACE_S = 30, 120  # a RUNNING trial without a heartbeat for GRACE_S is failed
