@@ -429,6 +429,17 @@ def test_a_base_model_that_train_would_refuse_is_refused_before_any_trial(data_d
     assert "widths must be a non-empty list of positive integers" in line and not (tmp_path / "o").exists()
 
 
+def test_a_study_is_not_made_in_a_run_folder_or_a_file(data_dir, tmp_path, capsys):
+    """Its study.db and base.yaml went into the run, and every trial was then refused as inside it."""
+    run = tmp_path / "run"
+    assert main(["train", *base_args(data_dir, epochs=1), "--no-report", "--out", str(run)]) == 0
+    before = sorted(p.name for p in run.iterdir())
+    for out, words in ((run, "is the run folder"), (run / "sub", "is inside the run folder"),
+                       (run / "metrics.json", "is a file")):
+        assert words in run_cli_error(capsys, ["tune", *base_args(data_dir), "--out", str(out)])
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_a_study_name_clash_with_another_space_or_base_config_is_refused(data_dir, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     # resolved as the Tuner resolves its base (a model and recipe left unset are fixed for the study)

@@ -120,6 +120,7 @@ class Tuner:
         check_settings(self.base.data)
         resolve_device(self.base.train.device)
         self.space.check(self.base)
+        self._check_out()
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)  # the default storage file lives in it
         try:
@@ -154,6 +155,19 @@ class Tuner:
                  f"{self.base.train.epochs} epochs of {self.base.model.name} on {self.base.data.dataset}; "
                  f"sampling {', '.join(self.space.config_keys())}")
         return self
+
+    def _check_out(self) -> None:
+        """A folder of the study's own: not a file, not a run folder nor inside one (its trials/
+        would be refused there one by one, and its --force would delete the study)."""
+        from cifarlens.runs import RunDir
+
+        if self.out.exists() and not self.out.is_dir():
+            raise CifarlensError(f"--out {self.out} is a file; a study needs a folder")
+        here = self.out.resolve()
+        run = next((p for p in (here, *here.parents) if RunDir(p).is_run()), None)
+        if run is not None:
+            raise CifarlensError(f"--out {self.out} is {'the run folder' if run == here else 'inside the run folder'} "
+                                 f"{run}; a study needs a folder of its own")
 
     def _claim_out_dir(self) -> None:
         marker = self.out / "tune.json"
