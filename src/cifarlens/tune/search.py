@@ -121,6 +121,7 @@ class Tuner:
         resolve_device(self.base.train.device)
         self.space.check(self.base)
         self._check_out()
+        data = self._bundle(self.base).fingerprints  # read before the study exists: a data error leaves none
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)  # the default storage file lives in it
         try:
@@ -130,7 +131,7 @@ class Tuner:
                 self.out.rmdir()
             raise
         self._claim_out_dir()
-        self.study = open_study(self.storage, self.study_name, self.space, self.base)
+        self.study = open_study(self.storage, self.study_name, self.space, self.base, data)
         n_before = len(self.study.trials)
         if n_before == 0 and any((self.out / "trials").glob("[0-9]*")):
             raise CifarlensError(f"{self.out / 'trials'} holds trials of an earlier study {self.study_name}, "

@@ -27,7 +27,7 @@ from cifarlens.errors import CifarlensError
 from cifarlens.tune.space import MACHINE_KEYS, SearchSpace
 
 PRUNERS = ("median", "hyperband", "none")
-SPACE_ATTR, BASE_ATTR = "cifarlens.space", "cifarlens.base_config"
+SPACE_ATTR, BASE_ATTR, DATA_ATTR = "cifarlens.space", "cifarlens.base_config", "cifarlens.data_fingerprints"
 SQLITE_TIMEOUT_S = 60  # how long a writer waits for another process's SQLite lock
 CONNECT_TIMEOUT_S = 10  # database servers: fail quickly when unreachable
 HEARTBEAT_S, GRACE_S = 30, 120  # a RUNNING trial without a heartbeat for GRACE_S is failed
@@ -184,9 +184,11 @@ def base_identity(cfg: RunConfig) -> dict:
     return json.loads(json.dumps({k: v for k, v in flat.items() if k not in MACHINE_KEYS}))
 
 
-def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunConfig) -> optuna.Study:
+def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunConfig,
+               data: dict[str, str] | None = None) -> optuna.Study:
     """Create study ``name`` (maximising validation accuracy) or load it; a study created with
-    another search space or base config is refused."""
+    another search space or base config, or (``data``: the base config's data fingerprints) on
+    other images, is refused."""
     space_dict = json.loads(json.dumps(space.to_dict()))
     base = base_identity(base_cfg)
     with storage.lock():
@@ -209,6 +211,8 @@ def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunCon
                                      "use another --study name")
             study.set_user_attr(SPACE_ATTR, space_dict)
             study.set_user_attr(BASE_ATTR, base)
+            if data is not None:
+                study.set_user_attr(DATA_ATTR, data)
             return study
     if attrs[SPACE_ATTR] != space_dict:
         old, new = attrs[SPACE_ATTR], space_dict
@@ -222,6 +226,12 @@ def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunCon
         raise CifarlensError(f"study {name} in {storage.display} was created with a different base config "
                              f"(differs in: {', '.join(differs)}); use another --study name or the same "
                              "--config and flags")
+    if data is not None and attrs.get(DATA_ATTR, data) != data:  # data.data_dir may differ: not what it holds
+        raise CifarlensError(f"study {name} in {storage.display} was run on other images than "
+                             f"{base_cfg.data.data_dir} holds now; use another --study name (or --out) for this "
+                             "data, or point --data-dir at the data of its trials")
+    if data is not None and DATA_ATTR not in attrs:  # a study of an older cifarlens
+        study.set_user_attr(DATA_ATTR, data)
     return study
 
 
