@@ -720,3 +720,8 @@ def test_resuming_with_another_number_of_processes_says_so(tmp_path):
     log = (out / "train.log").read_text()
     assert (f"warning: {out} trained on 2 process(es) and goes on with 1: the global batch is the same, but the "
             "result will differ from an uninterrupted run (resume with --nproc 2 to match it)") in log
+    from cifarlens.resume import world_size_note
+    from cifarlens.runs import RunDir
+
+    (out / "environment.json").write_text(json.dumps(env | {"world_size": 1}))  # the other way round
+    assert world_size_note(RunDir(out), 2).endswith("(resume without --nproc to match it)")  # was "with without"

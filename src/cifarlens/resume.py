@@ -119,6 +119,6 @@ def world_size_note(run: RunDir, world_size: int) -> str | None:
         return None
     if not isinstance(started, int) or started == world_size:
         return None
-    how = f"--nproc {started}" if started > 1 else "without --nproc"
+    how = f"with --nproc {started}" if started > 1 else "without --nproc"
     return (f"{run.path} trained on {started} process(es) and goes on with {world_size}: the global batch is the same, "
-            f"but the result will differ from an uninterrupted run (resume with {how} to match it)")
+            f"but the result will differ from an uninterrupted run (resume {how} to match it)")
