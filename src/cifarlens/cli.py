@@ -27,7 +27,7 @@ LAUNCHED = "CIFARLENS_NPROC_LAUNCHER"  # set for the ranks that `train --nproc N
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run folder",
-                       description="Train a model. Precedence: recipe defaults < --config FILE < flags.")
+                       description="Train a model. Precedence: recipe defaults < --config FILE < flags < --set.")
     add_config_flags(p)
     p.add_argument("--out", help="run folder (default runs/DATASET-MODEL-TIME)")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
