@@ -224,7 +224,7 @@ def test_workers_on_several_machines_share_a_study_in_postgresql(postgres_url, d
     assert "different search space (differs in: train.lr)" in line
 
 
-def test_rerunning_continues_a_study_and_workers_extend_it(data_dir, tmp_path):
+def test_rerunning_continues_a_study_and_workers_extend_it(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     space = write_space(tmp_path / "space.yaml")
     args = ["tune", *base_args(data_dir, epochs=1), "--space", str(space), "--out", str(out), "--sampler-seed", "1"]
@@ -240,6 +240,10 @@ def test_rerunning_continues_a_study_and_workers_extend_it(data_dir, tmp_path):
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert (out / "worker-1.log").is_file()
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 4
+    capsys.readouterr()
+    assert main([*args, "--trials", "3"]) == 0  # a smaller N: nothing added, said so (was "4 of 3 trials finished")
+    out_text = capsys.readouterr().out
+    assert "4 trials finished (--trials 3 adds none)" in out_text and "each trial trains 1 epoch of" in out_text
 
 
 def test_a_dead_workers_running_trial_is_failed_and_replaced(data_dir, tmp_path):

@@ -151,9 +151,9 @@ class Tuner:
             f"search space of study {self.study_name} ({self.space.source})"))
         done = self._counts()
         running = f", {done['running']} running" if done["running"] else ""
-        self.log(f"study {self.study_name} in {self.storage.display}: {done['finished']} of {self.trials} trials "
-                 f"finished{running}; each trial trains "
-                 f"{self.base.train.epochs} epochs of {self.base.model.name} on {self.base.data.dataset}; "
+        epochs = self.base.train.epochs
+        self.log(f"study {self.study_name} in {self.storage.display}: {self._progress(done)}{running}; each trial "
+                 f"trains {epochs} epoch{'s' * (epochs != 1)} of {self.base.model.name} on {self.base.data.dataset}; "
                  f"sampling {', '.join(self.space.config_keys())}")
         return self
 
@@ -233,9 +233,15 @@ class Tuner:
             if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
                 raise CifarlensError(f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last: {self._last_error}")
         counts = self._counts()
-        self.log(f"study {self.study_name}: {counts['finished']} of {self.trials} trials finished"
+        self.log(f"study {self.study_name}: {self._progress(counts)}"
                  + (f", {counts['running']} still running in other workers" if counts["running"] else ""))
         return ran
+
+    def _progress(self, counts: dict) -> str:
+        """"3 of 5 trials finished"; a study past a smaller --trials: "5 trials finished (--trials 2 adds none)"."""
+        if counts["finished"] > self.trials:
+            return f"{counts['finished']} trials finished (--trials {self.trials} adds none)"
+        return f"{counts['finished']} of {self.trials} trials finished"
 
     # -- one trial -------------------------------------------------------------------------
     def _objective(self, trial: optuna.Trial, claim: FileLock) -> float:
