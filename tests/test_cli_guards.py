@@ -72,11 +72,12 @@ def test_settings_the_run_does_not_read_are_said_so(finished_run, tmp_path, caps
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
                  "--no-report", "--out", str(out), "--recipe", "modern", "--set", "train.milestones=[1]",
                  "--set", "train.muon_lr=0.1", "--set", "train.gamma=0.1", "--set", "train.momentum=0.8",
-                 *TINY]) == 0
+                 "--tracking-uri", str(tmp_path / "mlruns"), *TINY]) == 0
     log = (out / "train.log").read_text()
     assert "warning: train.milestones=[1.0] is not used (schedule onecycle; they are multistep's)" in log
     assert "warning: train.muon_lr=0.1 is not used (optimizer sgd; they are muon's)" in log
     assert "train.gamma" not in log and "train.momentum" not in log  # the recipe's value / a setting it reads
+    assert f"track.tracking_uri {tmp_path / 'mlruns'} is not used: it is MLflow's" in log
     assert "train.muon_lr=0.1 is not used" in capsys.readouterr().out
 
 

@@ -219,7 +219,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if not has_val:
             why_none = "data.val_fraction 0" if not cfg.data.val_fraction else "too few images for data.val_fraction"
             log(f"no validation split ({why_none}): no validation pass, the final weights are kept")
-        for warning in [*bundle.source.warnings, *unread_given(given, cfg.train)]:
+        for warning in [*bundle.source.warnings, *unread_given(given, cfg.train), *tracking.unused_settings(cfg.track)]:
             log(f"warning: {warning}")
         if init is not None:
             log(f"starting weights: {describe_init(init)}; input normalised with mean {info.mean}, std {info.std}")

@@ -73,6 +73,14 @@ def check_available(names: Iterable[str], track: TrackConfig | None = None) -> N
                                  f"{INSTALL}") from None
 
 
+def unused_settings(track: TrackConfig) -> list[str]:
+    """Warnings for MLflow's settings given without ``mlflow`` among the loggers (ignored, silently)."""
+    if "mlflow" in track.loggers or track.tracking_uri is None:
+        return []
+    return [f"track.tracking_uri {track.tracking_uri} is not used: it is MLflow's, and --logger mlflow is not "
+            "given (nothing is logged there)"]
+
+
 def check_reachable(names: Iterable[str], tracking_uri: str | None, timeout: float = 5.0) -> None:
     """An MLflow server (http/https URI) that does not answer is one error, before any run folder
     exists; MLflow itself retries a refused connection for minutes before it gives up."""
