@@ -448,6 +448,17 @@ def stopped_run(tmp_path):
     return out, data
 
 
+def test_the_hint_after_a_stop_follows_what_the_run_folder_holds(stopped_run):
+    """The --nproc launcher said "continue with --resume" for a run stopped before its first epoch
+    ended, which --resume then refused (no checkpoint)."""
+    from cifarlens.cli import _resume_hint
+
+    out, _ = stopped_run
+    assert _resume_hint(str(out), nproc=2) == f"; continue with: cifarlens train --resume {out} --nproc 2"
+    (out / "checkpoints" / "last.pt").unlink()
+    assert _resume_hint(str(out), nproc=2) == f"; no epoch had finished: start it again with --force (--out {out})"
+
+
 def test_resume_takes_a_moved_data_dir_and_refuses_an_edited_config(stopped_run, tmp_path, capsys):
     out, data = stopped_run
     (out / "report.html").write_text("<p>the run after epoch 1</p>")

@@ -128,8 +128,8 @@ def launch_torchrun(args) -> int:
         raise CifarlensError(f"a training process failed (exit code {', '.join(map(str, codes))}); "
                              "its message is above") from None
     except SignalException as err:  # torchrun stopped the ranks; their last checkpoint stands
-        print(f"cifarlens: stopped by signal {err.sigval.name}; continue with: cifarlens train --resume "
-              f"{args.resume if isinstance(args.resume, str) else args.out} --nproc {args.nproc}", file=sys.stderr)
+        hint = _resume_hint(args.resume if isinstance(args.resume, str) else args.out, nproc=args.nproc)
+        print(f"cifarlens: stopped by signal {err.sigval.name}{hint}", file=sys.stderr)  # (before any epoch: --force)
         return 128 + int(err.sigval)  # as a shell reports a process a signal ended: 143 for SIGTERM
     finally:
         os.environ.pop(LAUNCHED, None)
@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resume_hint(out) -> str:
-    """What an interrupted ``train`` can do next, from what its run folder holds."""
+def _resume_hint(out, nproc: int | None = None) -> str:
+    """What an interrupted ``train`` can do next, from what its run folder holds (``nproc``: the
+    launcher's --nproc; under torchrun, the ranks' number)."""
     from cifarlens.runs import RunDir
 
     if not isinstance(out, str):
@@ -211,7 +212,7 @@ def _resume_hint(out) -> str:
     if finished:  # stopped in its report, after the evaluation
         return f"; the run has finished and is evaluated: `cifarlens report {out}` writes its report"
     if run.last_checkpoint.is_file():
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # under torchrun: resume on as many processes
+        world = nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)  # resume on as many processes
         return f"; continue with: cifarlens train --resume {out}" + (f" --nproc {world}" if world > 1 else "")
     if (run.path / "run.json").is_file():
         return f"; no epoch had finished: start it again with --force (--out {out})"
