@@ -200,6 +200,36 @@ def test_a_loss_that_diverges_on_one_rank_stops_every_rank_alike(tmp_path):
     assert outcomes[0].startswith("TrainingExploded: the training loss became") and "at step 0 of" in outcomes[0]
 
 
+SYNC_BUFFERS = """
+import sys, torch, torch.distributed as dist
+from cifarlens.distributed import broadcast_buffers
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+bn = torch.nn.BatchNorm2d(3)
+bn.train()
+bn(torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(rank)))  # each rank's own statistics
+before = bn.running_mean.clone()
+broadcast_buffers(bn)
+gathered = [torch.zeros(3) for _ in range(2)]
+dist.all_gather(gathered, bn.running_mean)
+open(f"{sys.argv[1]}/rank{rank}.txt", "w").write(
+    f"{torch.equal(gathered[0], gathered[1])} {rank == 0 or not torch.equal(before, bn.running_mean)}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # two processes' start, ~10 s
+def test_every_rank_validates_with_rank_zeros_batchnorm_statistics(tmp_path):
+    """Rank 1 validated its shard with its own EMA's statistics, which no saved model holds, so a
+    resumed run's validation loss differed from an uninterrupted one's (the weights did not)."""
+    script = tmp_path / "sync.py"
+    script.write_text(SYNC_BUFFERS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["True True"] * 2
+
+
 def test_bad_distributed_settings_are_clear_errors(runs, capsys):
     root, data, _ = runs
     common = ["train", *FLAGS, "--data-dir", str(data.data_dir), "--out", str(root / "bad")]

@@ -102,6 +102,16 @@ def all_reduce_sum(*values: torch.Tensor | float) -> list[float]:
     return flat.tolist()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank; nothing for one process. Each rank's
+    last training step updated its own (DDP sends rank 0's at the start of each forward pass), and
+    an EMA of the weights averages them per rank, so validation on rank 1 used statistics that no
+    saved model holds, and a resumed run (rank 0's EMA everywhere) validated otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def on_rank0(world: "World", fn, what: str):
     """``fn()`` on rank 0 alone, its result there (None elsewhere); a :class:`CifarlensError` it
     raises stops every rank, the others with "rank 0 could not WHAT", not rank 0 alone (the

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarlens.device import cpu_bf16_pays, cpu_has_native_bf16, device_description, gpu_has_native_bf16, resolve_device  # noqa: F401
-from cifarlens.distributed import all_reduce_sum, first_divergence
+from cifarlens.distributed import all_reduce_sum, broadcast_buffers, first_divergence
 from cifarlens.epochs import epoch_steps, progressive_side
 from cifarlens.errors import CifarlensError
 from cifarlens.tta import tta_logits
@@ -324,6 +324,8 @@ def fit(
                                train_side=functools.partial(progressive_side, epoch=epoch, min_side=run_cfg.progressive_res,
                                                             epochs=run_cfg.progressive_epochs) if run_cfg.progressive_res else None)
         side = row.pop("train_side")
+        if val_loader is not None:  # every rank validates its shard with rank 0's statistics: the saved model's
+            broadcast_buffers(eval_model)
         val = None if val_loader is None else evaluate(eval_model, val_loader, precision, tta, cfg.tta_translate or 0)
         if val is not None and not math.isfinite(val["loss"]):  # weights blown up while the training loss looked fine
             raise TrainingDiverged(f"the validation loss became {val['loss']} after epoch {epoch + 1} (training loss "
