@@ -166,6 +166,41 @@ def test_resume_continues_the_same_mlflow_run_and_tensorboard_steps(data_dir, st
     assert [e.step for e in events.Scalars("test_accuracy")] == [3]
 
 
+def test_a_stop_between_the_checkpoint_and_the_logging_leaves_no_gap_or_duplicate(data_dir, store, tmp_path,
+                                                                                  monkeypatch):
+    """Epochs were logged before their checkpoint: a kill in between made --resume train and log the
+    epoch again, twice at one step in MLflow."""
+    from cifarlens.tracking import Trackers
+
+    cfg = merge(RunConfig(), {
+        "data": {"dataset": "fashion-mnist", "data_dir": str(data_dir), "download": False},
+        "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+        "train": {"batch_size": 32, "epochs": 3},
+        "track": {"loggers": "tensorboard, mlflow", "tracking_uri": store, "experiment": "gap"},
+    })
+    log_epoch = Trackers.log_epoch
+
+    def stopped_at_two(self, row):  # the process ends after checkpoint 2, before epoch 2 is logged
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+        log_epoch(self, row)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trackers, "log_epoch", stopped_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, report=False)
+    monkeypatch.setattr(Trackers, "log_epoch", log_epoch)
+    assert json.loads((out / "run.json").read_text())["epochs_done"] == 2
+    assert main(["train", "--resume", str(out), "--no-report"]) == 0
+    rows = history(out)
+    client, run = mlflow_run(out)
+    logged = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [(m.step, pytest.approx(m.value)) for m in logged] == [(i + 1, float(r["val_loss"])) for i, r in enumerate(rows)]
+    events = scalars(out)
+    assert [(e.step, pytest.approx(e.value, rel=1e-5)) for e in events.Scalars("val_loss")] == \
+        [(i + 1, float(r["val_loss"])) for i, r in enumerate(rows)]
+
+
 @pytest.mark.parametrize("logger", list_trackers())
 def test_a_missing_library_is_one_line_before_any_run_folder(data_dir, tmp_path, monkeypatch, capsys, logger):
     monkeypatch.setitem(sys.modules, logger, None)  # `import tensorboard` / `import mlflow` fails as if not installed

@@ -269,7 +269,6 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             for line in lines:
                 log(line)
         if world.is_main:
-            tracker.log_epoch(state.history[-1])  # before the checkpoint: a resumed run logs no gap
             run.write_history(state.history)
             save_checkpoint(run.last_checkpoint, {
                 "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -277,13 +276,17 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 "ema": ema.state_dict() if ema is not None else None, "state": vars(state),
                 "config": to_dict(cfg),
             })
+            checkpointed[0] = state.epoch
+            # after the checkpoint: a stop before it left no logged epoch that --resume trains again (a
+            # duplicate step in MLflow); one after it, an epoch that --resume logs (tracker.log_resumed)
+            tracker.log_epoch(state.history[-1])
         checkpointed[0] = state.epoch
         distributed.barrier()  # a checkpoint is complete before any rank goes on (resume reads it)
         if on_epoch_end is not None:
             on_epoch_end(state, eval_model)
 
     try:
-        tracker = (tracking.start(cfg, run, resume=resume, first_epoch=state.epoch + 1, log=log) if world.is_main
+        tracker = (tracking.start(cfg, run, resume=resume, history=state.history, log=log) if world.is_main
                    else tracking.Trackers())
     except BaseException as err:  # a store that refuses or hangs (Ctrl-C): nothing trained yet
         if world.is_main:

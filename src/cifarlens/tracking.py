@@ -41,6 +41,10 @@ class Tracker:
     def log_epoch(self, row: dict) -> None:
         """One history row (``epoch``, ``train_loss``, ..., ``seconds``), logged at step ``row["epoch"]``."""
 
+    def log_resumed(self, rows: list[dict]) -> None:
+        """A resumed run's history up to its checkpoint: the rows of it this logger lacks are logged
+        (a run logs an epoch after its checkpoint, so a stop in between left the last one out)."""
+
     def log_final(self, metrics: dict[str, float], files: list[Path], step: int) -> None:
         """Test metrics (``test_accuracy``, ...) at the last epoch's step, and the run's final files."""
 
@@ -173,6 +177,9 @@ class Trackers(Tracker):
     def log_epoch(self, row):
         self._each("log_epoch", row)
 
+    def log_resumed(self, rows):
+        self._each("log_resumed", rows)
+
     def log_final(self, metrics, files, step):
         self._each("log_final", metrics, files, step)
 
@@ -188,14 +195,17 @@ class Trackers(Tracker):
         self.close("finished")
 
 
-def start(cfg: RunConfig, run: RunDir, *, resume: bool, first_epoch: int,
+def start(cfg: RunConfig, run: RunDir, *, resume: bool, history: list[dict] = (),
           log: Callable[[str], None] = print) -> Trackers:
-    """The loggers ``cfg.track`` asks for, started for ``run``, training from ``first_epoch``;
-    a new run logs its params (a resumed one did, and MLflow refuses to change them).
-    A logger that cannot start (e.g. an unreachable server) raises; the caller decides what
-    becomes of the run folder."""
+    """The loggers ``cfg.track`` asks for, started for ``run``; a new run logs its params (a
+    resumed one did, and MLflow refuses to change them), a resumed one the ``history`` up to its
+    checkpoint that a logger lacks. A logger that cannot start (e.g. an unreachable server)
+    raises; the caller decides what becomes of the run folder."""
+    first_epoch = history[-1]["epoch"] + 1 if history else 1
     trackers = Trackers(create_trackers(cfg.track.loggers, run, cfg.track, first_epoch=first_epoch, log=log), log)
-    if not resume:
+    if resume:
+        trackers.log_resumed(list(history))
+    else:
         trackers.log_params(flatten(to_dict(cfg)))
     return trackers
 
@@ -214,9 +224,11 @@ class TensorBoardTracker(Tracker):
     def __init__(self, run: RunDir, track: TrackConfig, *, first_epoch: int = 1, log=print):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: a run stopped after its last checkpoint may have logged later epochs,
-        # which it trains again now; TensorBoard hides those older events from this step on
-        self.writer = SummaryWriter(str(run / TENSORBOARD_DIR), purge_step=first_epoch if first_epoch > 1 else None)
+        # purge_step: TensorBoard hides older events from this step on. A resumed run re-logs its last
+        # checkpointed epoch (a stop may have come before it was logged: log_resumed), and a run of an
+        # older cifarlens may have logged epochs after its checkpoint, which are trained again now
+        self.writer = SummaryWriter(str(run / TENSORBOARD_DIR), purge_step=first_epoch - 1 if first_epoch > 1 else None)
+        self.first_epoch = first_epoch
         log(f"tracking: TensorBoard events in {run / TENSORBOARD_DIR} (view: tensorboard --logdir {run.path})")
 
     def log_params(self, params):
@@ -228,6 +240,11 @@ class TensorBoardTracker(Tracker):
             if key in row:
                 self.writer.add_scalar(key, row[key], row["epoch"])
         self.writer.flush()  # on disk every epoch: a killed run keeps what it logged
+
+    def log_resumed(self, rows):
+        for row in rows:
+            if row["epoch"] >= self.first_epoch - 1:  # the last checkpointed epoch, purged above
+                self.log_epoch(row)
 
     def log_final(self, metrics, files, step):
         for key, value in metrics.items():
@@ -311,6 +328,12 @@ class MlflowTracker(Tracker):
 
     def log_epoch(self, row):
         self._metrics({k: row[k] for k in EPOCH_METRICS if k in row}, row["epoch"])
+
+    def log_resumed(self, rows):
+        logged = max((m.step for m in self.client.get_metric_history(self.run_id, "train_loss")), default=0)
+        for row in rows:
+            if row["epoch"] > logged:
+                self.log_epoch(row)
 
     def log_final(self, metrics, files, step):
         self._metrics(metrics, step)
