@@ -166,6 +166,30 @@ def test_resume_continues_the_same_mlflow_run_and_tensorboard_steps(data_dir, st
     assert [e.step for e in events.Scalars("test_accuracy")] == [3]
 
 
+def test_a_resume_whose_mlflow_store_is_gone_leaves_the_run_and_the_path_as_they_were(data_dir, tmp_path, capsys):
+    """It made an empty mlflow.db where the store had been and marked the run failed."""
+    db = tmp_path / "mlflow.db"
+    cfg = merge(RunConfig(), {
+        "data": {"dataset": "fashion-mnist", "data_dir": str(data_dir), "download": False},
+        "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+        "train": {"batch_size": 32, "epochs": 2},
+        "track": {"loggers": ["mlflow"], "tracking_uri": f"sqlite:///{db}"},
+    })
+
+    def stop(state, model):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, on_epoch_end=stop, report=False)
+    db.rename(tmp_path / "moved.db")
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "is gone; put it back to resume" in capsys.readouterr().err
+    assert not db.exists() and json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    (tmp_path / "moved.db").rename(db)
+    assert main(["train", "--resume", str(out), "--no-report"]) == 0
+
+
 def test_a_stop_between_the_checkpoint_and_the_logging_leaves_no_gap_or_duplicate(data_dir, store, tmp_path,
                                                                                   monkeypatch):
     """Epochs were logged before their checkpoint: a kill in between made --resume train and log the

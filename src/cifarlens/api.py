@@ -201,9 +201,6 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         moved = world_size_note(run, world.world_size)
         if moved:
             log(f"warning: {moved}")
-        if world.is_main:
-            run.write_meta(status="running")
-            remove_stale_outputs(run, report, log)
     else:
         log(f"run folder {run.path}: {describe_choice(cfg.model.name, why, 'model')} on {bundle.source.label(info)} "
             f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
@@ -288,13 +285,13 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     try:
         tracker = (tracking.start(cfg, run, resume=resume, history=state.history, log=log) if world.is_main
                    else tracking.Trackers())
-    except BaseException as err:  # a store that refuses or hangs (Ctrl-C): nothing trained yet
-        if world.is_main:
-            if resume:
-                run.write_meta(status="failed" if isinstance(err, CifarlensError) else "interrupted")
-            else:
-                run.discard()
+    except BaseException:  # a store that refuses or hangs (Ctrl-C): nothing trained yet, the run as it was
+        if world.is_main and not resume:
+            run.discard()
         raise
+    if resume and world.is_main:  # it trains on from here: its exports describe older weights
+        run.write_meta(status="running")
+        remove_stale_outputs(run, report, log)
     try:
         state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
                     on_improvement=save_best, on_epoch_end=end_epoch, log=log, train_model=train_model,

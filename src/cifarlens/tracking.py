@@ -289,6 +289,10 @@ class MlflowTracker(Tracker):
 
         saved = run.meta().get("tracking") or {}
         self.uri = saved.get("mlflow_tracking_uri") or absolute_uri(track.tracking_uri or mlflow.get_tracking_uri())
+        store = Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
+        if saved.get("mlflow_run_id") and store is not None and not store.is_file():  # MLflow would make an empty one
+            raise CifarlensError(f"MLflow at {self.uri}: the store that holds this run's MLflow run "
+                                 f"{saved['mlflow_run_id']} is gone; put it back to resume")
         try:
             self.client = MlflowClient(self.uri)
             self.run_id = saved.get("mlflow_run_id")
