@@ -478,10 +478,12 @@ def test_bench_seed_sets_the_first_seed(tmp_path, capsys):
     assert json.loads(summary_file.read_text())["seeds"] == [3]
     assert "1 seed(s): [3]" in capsys.readouterr().out
     config = tmp_path / "seed.yaml"  # the seed from a config file (or --set train.seed) too: it ran seed 0
-    config.write_text("train:\n  seed: 4\n")
+    config.write_text("train:\n  seed: 4\ntrack:\n  loggers: [tensorboard]\n")
     assert main(["bench", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
                  "--config", str(config), "--seeds", "1", "--targets", "0.5", "--json", str(summary_file), *TINY]) == 0
     assert json.loads(summary_file.read_text())["seeds"] == [4]
+    printed = capsys.readouterr().out  # its runs are temporary: TensorBoard logged into a deleted folder
+    assert "[bench] warning: track.loggers (tensorboard) are not used" in printed and "tracking:" not in printed
 
 
 def test_the_command_line_does_not_import_torchvision_until_a_backbone_is_built():

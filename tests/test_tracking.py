@@ -263,6 +263,10 @@ def test_an_unusable_mlflow_store_is_one_line_and_leaves_no_run_folder(data_dir,
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"cifarlens: error: MLflow at sqlite:///{bad}: ")
         assert not out.exists()
+    missing = tmp_path / "no" / "such" / "mlflow.db"  # MLflow made these folders, silently
+    assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri", f"sqlite:///{missing}")) == 2
+    assert f"the folder {missing.parent} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists() and not out.exists()
 
 
 def test_an_mlflow_server_that_does_not_answer_is_one_line_before_any_run_folder(data_dir, tmp_path, capsys):

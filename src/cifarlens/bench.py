@@ -109,6 +109,10 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print,
     for warning in unread_given(cfg.train, resolved):
         log(f"[bench] warning: {warning}")
     check_settings(cfg.data)  # before the data is read
+    if cfg.track.loggers:  # its runs live in temporary folders, deleted after each seed
+        log(f"[bench] warning: track.loggers ({', '.join(cfg.track.loggers)}) are not used: bench prints and "
+            "--json writes its figures; train logs a run")
+        cfg = replace(cfg, track=replace(cfg.track, loggers=[]))
     if resolved.compile or device.type == "cuda":
         # The first run of a process pays for what later runs find ready: CUDA's lazy start and
         # cuDNN's autotuning of each input shape (3.5 s of the first 10-s run on an H200) and

@@ -93,6 +93,9 @@ def check_reachable(names: Iterable[str], tracking_uri: str | None, timeout: flo
     import urllib.request
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    folder = Path(absolute_uri(uri).removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+    if "mlflow" in names and folder is not None and not folder.is_dir():  # MLflow would make the folders
+        raise CifarlensError(f"--tracking-uri {uri}: the folder {folder} does not exist; make it, or fix the path")
     if "mlflow" in names and uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql"):
         _check_database(uri, timeout)
     if "mlflow" not in names or not uri.startswith(("http://", "https://")):
