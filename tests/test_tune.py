@@ -557,10 +557,10 @@ def test_sigterm_while_waiting_for_the_other_workers_ends_them_too(data_dir, tmp
 
     def worker(tuner, index, threads):  # a real process that would run on for a minute
         started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # while this one waits for it
         return started[-1], tmp_path / "worker.log"
 
     monkeypatch.setattr(Tuner, "work", lambda self: None)  # this worker's trials are done: it waits
     monkeypatch.setattr(tune_cli, "_start_worker", worker)
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
     assert main(["tune", *base_args(data_dir), "--trials", "2", "--workers", "2", "--out", str(tmp_path / "o")]) == 143
     assert started and started[0].poll() is not None  # ended, and waited for
