@@ -330,6 +330,7 @@ def test_local_store_paths_are_made_absolute(tmp_path, monkeypatch):
     assert absolute_uri("databricks") == "databricks"
 
 
+@pytest.mark.slow  # a two-process torchrun, ~9 s: with the slow set, which CI runs too
 def test_data_parallel_runs_log_once_from_rank_zero(store, tmp_path):
     data = make_cifar10(tmp_path / "data", n_train_per_batch=40, n_test=50)
     out = tmp_path / "run"

@@ -482,6 +482,7 @@ def test_config_file_pretrained_is_not_overridden_by_absent_flag(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a two-process torchrun, ~8 s: with the slow set, which CI runs too
 def test_freezing_under_data_parallel_training(tmp_path, tiny_cifar, resnet18_file):
     """torchrun, 2 CPU processes: DDP is told about the frozen backbone's missing gradients."""
     import subprocess

@@ -194,6 +194,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # a PostgreSQL cluster and two workers, ~8 s: with the slow set, which CI runs too
 def test_workers_on_several_machines_share_a_study_in_postgresql(postgres_url, data_dir, tmp_path, capsys):
     # two "machines": the same command with one database URL, each with its own output folder
     space = write_space(tmp_path / "space.yaml")
