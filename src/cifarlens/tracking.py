@@ -170,7 +170,8 @@ class Trackers(Tracker):
             try:
                 getattr(tracker, method)(*args)
             except Exception as err:  # noqa: BLE001 - reported here, and the logger is not used again
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                cause = getattr(err, "orig", None) or err  # a database driver's own words, not SQLAlchemy's wrapper
+                first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
                 self.log(f"warning: {type(tracker).__name__} failed ({first}); training goes on without it")
                 self.trackers.remove(tracker)
 
