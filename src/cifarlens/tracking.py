@@ -170,8 +170,7 @@ class Trackers(Tracker):
             try:
                 getattr(tracker, method)(*args)
             except Exception as err:  # noqa: BLE001 - reported here, and the logger is not used again
-                cause = getattr(err, "orig", None) or err  # a database driver's own words, not SQLAlchemy's wrapper
-                first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+                first = _first_words(err)[:300]
                 self.log(f"warning: {type(tracker).__name__} failed ({first}); training goes on without it")
                 self.trackers.remove(tracker)
 
@@ -197,6 +196,21 @@ class Trackers(Tracker):
         files = [run / name for name in FINAL_FILES if (run / name).is_file()]
         self.log_final(metrics | {"train_seconds": float(train_seconds)}, files, step)
         self.close("finished")
+
+
+def _first_words(err: BaseException) -> str:
+    """The first line of the innermost error behind ``err``: a database driver's own words ("attempt
+    to write a readonly database"), not MLflow's or SQLAlchemy's wrapper ("(raised as a result of
+    Query-invoked autoflush; ...)")."""
+    chain, seen = [err], {id(err)}
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
+        chain.append(nxt)
+        seen.add(id(nxt))
+    for cause in reversed(chain):
+        lines = str(cause).strip().splitlines()
+        if lines:
+            return lines[0]
+    return type(err).__name__
 
 
 def start(cfg: RunConfig, run: RunDir, *, resume: bool, history: list[dict] = (),
