@@ -427,6 +427,16 @@ def test_a_base_model_that_train_would_refuse_is_refused_before_any_trial(data_d
     assert "widths must be a non-empty list of positive integers" in line and not (tmp_path / "o").exists()
 
 
+def test_continuing_a_study_kept_elsewhere_without_its_storage_names_it(data_dir, tmp_path, capsys):
+    """It said the trials/ folder held "an earlier study" and left an empty study.db behind."""
+    out, journal = tmp_path / "o", tmp_path / "study.log"
+    args = ["tune", *base_args(data_dir, epochs=1), "--trials", "1", "--out", str(out)]
+    assert main([*args, "--storage", f"journal:{journal}"]) == 0
+    line = run_cli_error(capsys, args)
+    assert f"holds a study kept in storage journal:{journal} (its tune.json): pass --storage journal:{journal}" in line
+    assert not (out / "study.db").exists()
+
+
 def test_a_study_is_not_made_in_a_run_folder_or_a_file(data_dir, tmp_path, capsys):
     """Its study.db and base.yaml went into the run, and every trial was then refused as inside it."""
     run = tmp_path / "run"

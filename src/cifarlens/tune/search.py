@@ -99,6 +99,7 @@ class Tuner:
         self.trials, self.timeout = trials, timeout
         self.space = space if space is not None else default_space(self.base)
         self.storage_url = storage or f"sqlite:///{(self.out / 'study.db').absolute()}"
+        self.storage_given = storage is not None
         self.study_name = study_name or default_study_name(self.base)
         self.pruner_name, self.pruner_startup, self.min_epochs = pruner, pruner_startup, min_epochs
         self.sampler_seed, self.worker_index = sampler_seed, worker_index
@@ -122,6 +123,12 @@ class Tuner:
         self.space.check(self.base)
         self._check_out()
         data = self._bundle(self.base).fingerprints  # read before the study exists: a data error leaves none
+        marker = self.out / "tune.json"
+        if not self.storage_given and marker.is_file():  # a study kept elsewhere, its --storage left out now
+            kept = json.loads(marker.read_text()).get("storage")
+            if kept and not (kept.startswith("sqlite:///") and kept.endswith("/study.db")):  # (the default, moved or not)
+                raise CifarlensError(f"{self.out} holds a study kept in storage {kept} (its tune.json): pass "
+                                     f"--storage {kept} to continue it, or use another --out")
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)  # the default storage file lives in it
         try:
