@@ -11,7 +11,6 @@ repeated from its own files.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import types
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from cifarlens.errors import CifarlensError
+from cifarlens.registry import did_you_mean
 
 
 # What DataConfig's None fields mean where no recipe sets them (a recipe's "data" dict may, e.g. the
@@ -213,8 +213,7 @@ def _overlay(section: Any, values: dict, section_name: str) -> Any:
     updates = {}
     for key, value in values.items():
         if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=2, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(f'{section_name}.{k}' for k in close)}?)" if close else ""
+            hint = did_you_mean(key, list(known), prefix=f"{section_name}.")
             raise CifarlensError(
                 f"unknown config key '{section_name}.{key}'{hint}; known keys: {', '.join(sorted(known))}"
             )

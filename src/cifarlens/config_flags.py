@@ -4,7 +4,6 @@ checks, and the config they describe (recipe defaults < --config FILE < flags < 
 from __future__ import annotations
 
 import argparse
-import difflib
 
 from cifarlens.errors import CifarlensError
 
@@ -95,8 +94,9 @@ def _augment_spec(text: str) -> tuple[str | None, list[str]]:
             raise argparse.ArgumentTypeError(f"two levels, {level!r} and {part!r}: give one level "
                                              f"({', '.join(augment_levels())}), then policies")
         else:
-            close = difflib.get_close_matches(part, augment_levels() + policy_names(), n=2, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            from cifarlens.registry import did_you_mean
+
+            hint = did_you_mean(part, augment_levels() + policy_names())
             raise argparse.ArgumentTypeError(
                 f"{part!r} is not an augmentation level ({', '.join(augment_levels())}) or policy "
                 f"({', '.join(policy_names())}){hint}")

@@ -45,9 +45,9 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-def unknown_name(kind: str, name: object, names: list[str]) -> str:
-    """"unknown model 'resnet2' (did you mean resnet20?); choose one of: ...": the closest names
-    by spelling, and those equal but for case and separators ("cifar-10" is cifar10)."""
+def did_you_mean(name: object, names: list[str], prefix: str = "") -> str:
+    """" (did you mean resnet20 or resnet32?)", or "": the names equal to ``name`` but for case and
+    separators ("cifar-10" is cifar10), else the closest by spelling; each shown after ``prefix``."""
     import difflib
 
     def plain(text: str) -> str:
@@ -55,5 +55,9 @@ def unknown_name(kind: str, name: object, names: list[str]) -> str:
 
     text = str(name)
     close = [n for n in names if plain(n) == plain(text)] or difflib.get_close_matches(text, names, n=2, cutoff=0.6)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    return f"unknown {kind} {name!r}{hint}; choose one of: {', '.join(names)}"
+    return f" (did you mean {' or '.join(prefix + n for n in close)}?)" if close else ""
+
+
+def unknown_name(kind: str, name: object, names: list[str]) -> str:
+    """"unknown model 'resnet2' (did you mean resnet20?); choose one of: ..."."""
+    return f"unknown {kind} {name!r}{did_you_mean(name, names)}; choose one of: {', '.join(names)}"

@@ -322,8 +322,7 @@ class MlflowTracker(Tracker):
                     tags={"cifarlens.run_dir": str(run.path.resolve())}).info.run_id
                 run.write_meta(tracking=saved | {"mlflow_tracking_uri": self.uri, "mlflow_run_id": self.run_id})
         except Exception as err:  # noqa: BLE001 - unreachable server, unreadable store, unknown run id, ...
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise CifarlensError(f"MLflow at {self.uri}: {first}") from None
+            raise CifarlensError(f"MLflow at {self.uri}: {_first_words(err)}") from None
         log(f"tracking: MLflow run {self.run_id} (experiment {track.experiment!r}) at {self.uri}")
 
     def _experiment_id(self, name: str) -> str:
