@@ -375,6 +375,44 @@ def test_corrupt_checkpoint_and_weights_are_refused(fashion_run, tmp_path):
     assert proc.returncode == 2 and "last.pt" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _flip_a_byte_in_the_largest_tensor(path: Path) -> None:
+    """One bit of a weight changed on disk, headers intact: torch.load and safetensors would load it."""
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".pt":
+        with zipfile.ZipFile(path) as archive:
+            entry = max(archive.infolist(), key=lambda e: e.file_size)
+        name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26:entry.header_offset + 30])
+        at = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
+    else:  # safetensors: the tensors' bytes come after the header
+        at = 8 + struct.unpack("<Q", data[:8])[0] + (len(data) - 8 - struct.unpack("<Q", data[:8])[0]) // 2
+    data[at] ^= 0x10
+    path.write_bytes(data)
+
+
+def test_weights_damaged_on_disk_are_refused_not_loaded(fashion_run, tmp_path):
+    import shutil
+
+    out, data = fashion_run
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    _flip_a_byte_in_the_largest_tensor(damaged / "model.safetensors")
+    proc = cli("predict", str(damaged), str(image))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "model.safetensors is damaged" in proc.stderr and "checksum" in proc.stderr
+    assert cli("predict", str(out), str(image)).returncode == 0  # the intact run still predicts
+
+    _flip_a_byte_in_the_largest_tensor(damaged / "checkpoints" / "last.pt")
+    interrupted(damaged)
+    proc = cli("train", "--resume", str(damaged))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "last.pt" in proc.stderr and "do not match their checksum" in proc.stderr
+
+
 def test_a_pickled_payload_in_a_checkpoint_is_never_executed(fashion_run, tmp_path):
     import shutil
 

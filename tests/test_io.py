@@ -150,3 +150,26 @@ def test_a_file_the_user_names_keeps_what_it_is(tmp_path):
     reader.join(timeout=10)
     assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe", "real.csv"]  # no temporary file left
+
+
+def test_weights_checksum_covers_every_dtype_and_files_without_one_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from cifarlens.checkpoint import tensors_digest
+    from cifarlens.errors import CifarlensError
+
+    tensors = {"w": torch.randn(3, 4), "steps": torch.tensor(7), "half": torch.randn(5).bfloat16(),
+               "mask": torch.tensor([True, False]), "empty": torch.zeros(0)}
+    save_weights(tensors, tmp_path / "ours.safetensors")
+    loaded = load_weights(tmp_path / "ours.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    changed = dict(tensors, steps=torch.tensor(8))
+    assert tensors_digest(changed) != tensors_digest(tensors)
+    assert tensors_digest({"a": torch.zeros(2, 3)}) != tensors_digest({"a": torch.zeros(3, 2)})  # shapes count too
+    save_file(changed, str(tmp_path / "foreign.safetensors"))  # another tool's file: no checksum, loads as it is
+    assert torch.equal(load_weights(tmp_path / "foreign.safetensors")["steps"], torch.tensor(8))
+    data = bytearray((tmp_path / "ours.safetensors").read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    (tmp_path / "ours.safetensors").write_bytes(data)
+    with pytest.raises(CifarlensError, match="is damaged"):
+        load_weights(tmp_path / "ours.safetensors")

@@ -3,18 +3,23 @@
 Checkpoints are written atomically and read with ``torch.load(weights_only=True)``,
 which only rebuilds tensors and plain containers: a hostile file cannot run code.
 Weights meant to be shared or served are safetensors, which hold nothing but tensors.
+Both are checked for bytes damaged on disk when read: a checkpoint by its zip entries' CRC-32s,
+which ``torch.load`` does not check, and a weights file by a SHA-256 of its tensors written into
+its metadata (safetensors keeps no checksum); either would otherwise load as wrong weights.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cifarlens.errors import CifarlensError
@@ -22,6 +27,7 @@ from cifarlens.io import atomic_write
 
 FORMAT = "cifarlens-checkpoint"
 VERSION = 1
+DIGEST_KEY = "tensors_sha256"  # in a weights file's metadata; files without it (older, or not ours) load unchecked
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -66,6 +72,9 @@ def torch_load_safely(path: Path, map_location="cpu"):
     advice to load the file unsafely; else the error's first line."""
     import warnings
 
+    member = _damaged_member(path)
+    if member is not None:
+        raise UnreadableFile(f"damaged: the bytes of its entry {member} do not match their checksum")
     with warnings.catch_warnings():  # a pickle of another protocol: the failure below says enough
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
@@ -82,6 +91,16 @@ def torch_load_safely(path: Path, map_location="cpu"):
             else:
                 raise UnreadableFile((lines[0] if lines else type(err).__name__)[:200]) from None
             raise UnreadableFile(f"the safe loader refused it: {detail.strip() or 'unsupported content'}"[:200]) from None
+
+
+def _damaged_member(path: Path) -> str | None:
+    """The first entry of a zip file (torch.save's format) whose bytes fail their CRC-32, else None
+    (also for a file that is no zip, or one zipfile cannot read: ``torch.load`` then says why)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except Exception:  # BadZipFile, OSError, EOFError, zlib.error...
+        return None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -106,7 +125,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 def save_weights(state_dict: dict, path: Path, metadata: dict | None = None) -> None:
     # safetensors wants contiguous tensors that share no storage
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    meta = {"format": "cifarlens-weights", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    meta = {"format": "cifarlens-weights", DIGEST_KEY: tensors_digest(tensors),
+            **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
     _written(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -115,9 +135,25 @@ def load_weights(path: Path, device="cpu") -> dict:
     if not path.is_file():
         raise CifarlensError(f"weights file {path} not found")
     try:
-        return load_file(str(path), device=str(device))
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get(DIGEST_KEY)
+        tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CifarlensError(f"{path} is corrupt or not a safetensors file ({err})") from None
+    if expected is not None and tensors_digest(tensors) != expected:
+        raise CifarlensError(f"{path} is damaged: its tensors do not match the checksum written with them; "
+                             "restore the file from a copy (or train the run again)")
+    return tensors
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def load_state_into(model: torch.nn.Module, state_dict: dict, source: Path) -> None:
