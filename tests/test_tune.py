@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,9 @@ def test_a_tiny_study_prunes_some_trials_and_completes_others(tiny_study):
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [int(r["number"]) for r in rows] == list(range(5))
     assert {r["state"] for r in rows} == {"COMPLETE", "PRUNED"}
+    for row in rows:  # a pruned trial's note says why
+        assert bool(re.fullmatch(r"val_acc [\d.]+% after epoch 1 is below the \w+ pruner's bar", row["note"])) \
+            == (row["state"] == "PRUNED"), row
     for name in ("best.yaml", "history.png", "importances.png", "summary.json", "space.yaml", "base.yaml"):
         assert (out / name).is_file(), name
 

@@ -287,8 +287,9 @@ class Tuner:
 
         try:
             train(cfg, run_dir, evaluate_test=False, report=False, bundle=bundle, on_epoch_end=on_epoch_end)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as err:
             RunDir(run_dir).write_meta(status="pruned")  # train() wrote "interrupted"
+            trial.set_user_attr("pruned_reason", str(err))  # trials.csv's note
             self._record(trial, seen.get("state"))
             self._failures_in_a_row = 0
             raise
