@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -737,3 +736,53 @@ def test_resuming_with_another_number_of_processes_says_so(tmp_path):
 
     (out / "environment.json").write_text(json.dumps(env | {"world_size": 1}))  # the other way round
     assert world_size_note(RunDir(out), 2).endswith("(resume without --nproc to match it)")  # was "with without"
+
+
+def test_activation_memory_per_image_is_what_autograd_keeps():
+    from torch import nn
+
+    from cifarlens.device import activation_bytes_per_image
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+    # the convolution keeps its input (1x10x10 floats), the ReLU its output (8x10x10): 400 + 3,200 bytes
+    assert activation_bytes_per_image(model, (1, 10, 10), torch.device("cpu")) == 3600
+    assert model.training  # its mode as it was
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    import cifarlens.device
+
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1", "--no-report",
+            "--out", str(out), "--model", "fastnet_cpu"]
+    assert cifarlens.device.available_memory() > 2**20  # the real figure, on Linux
+    # a machine with 8 MiB left: 90 training images of fastnet_cpu at 28x28 keep about 42 MiB for the backward pass
+    monkeypatch.setattr(cifarlens.device, "available_memory", lambda: 8 * 2**20)
+    assert main([*args, "--batch-size", "100000000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a training batch of 90 images needs at least" in err[0], err
+    assert "lower --batch-size (to at most 17 here)" in err[0]
+    assert not out.exists()  # refused before the run folder
+    assert main([*args, "--batch-size", "16"]) == 0  # over half of it: a warning
+    assert "GiB available: it may run out of memory (lower --batch-size)" in (out / "train.log").read_text()
+    assert main([*args, "--batch-size", "8", "--force"]) == 0
+    assert "run out of memory" not in (out / "train.log").read_text()
+
+
+def test_running_out_of_memory_mid_training_is_one_line_and_recorded(tmp_path, monkeypatch, capsys):
+    import cifarlens.api
+
+    def fit(*args, **kwargs):
+        torch.empty(2**50)  # what the CPU allocator raises when it cannot have the memory
+
+    monkeypatch.setattr(cifarlens.api, "fit", fit)
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
+                 "--no-report", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cifarlens: error: out of memory on cpu while training with batch size 32 (asking for "
+                   "4194304.0 GiB more): lower --batch-size"], err
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert "failed (0 epoch(s) finished): out of memory" in (out / "train.log").read_text()

@@ -18,7 +18,7 @@ from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_settings
 from cifarlens.ema import make_ema
-from cifarlens.device import retain_freed_memory
+from cifarlens.device import check_batch_memory, out_of_memory_error, retain_freed_memory
 from cifarlens.distributed import World
 from cifarlens.engine import (
     FitState,
@@ -145,10 +145,14 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     precision = Precision.for_device(device, cfg.train.amp, cfg.train.channels_last, cfg.train.cpu_amp)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    memory_warning = None
     if device.type == "cuda":  # training shapes are fixed: cuDNN times its kernels once and keeps the fastest
         torch.backends.cudnn.benchmark = True
     else:  # big tensors reuse freed memory instead of page-faulting fresh pages every step
         retain_freed_memory()
+        # every rank's share of the global batch is in this machine's memory: refused before the OOM killer acts
+        memory_warning = check_batch_memory(model, min(cfg.train.batch_size, len(bundle.train)),
+                                            (info.in_channels, info.image_size, info.image_size), device)
 
     tc = cfg.train
     train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data,
@@ -161,7 +165,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         model.data_init(plain(sample, torch.Generator(device).manual_seed(tc.seed)))
     state, plan = FitState(), None
     if tc.time_budget and not resume:  # epochs to fit the budget, timed before the run folder exists
-        plan = plan_budget(model, train_loader, val_loader, precision, tc, tta=tc.tta and info.hflip)
+        try:
+            plan = plan_budget(model, train_loader, val_loader, precision, tc, tta=tc.tta and info.hflip)
+        except (RuntimeError, MemoryError) as err:  # its timed steps are training steps: a GPU runs out here first
+            if out_of_memory_error(err, device, tc.batch_size) is None:
+                raise
+            raise out_of_memory_error(err, device, tc.batch_size) from None
         cfg, tc, state.setup_seconds = replace(cfg, train=plan.train), plan.train, plan.probe_s
         why["epochs"] = f"time budget {tc.time_budget:g} s"  # the loader starts each epoch afresh: no trace of timing
     # built before the run folder exists (or --force empties it): a setting they refuse leaves none behind
@@ -216,7 +225,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if not has_val:
             why_none = "data.val_fraction 0" if not cfg.data.val_fraction else "too few images for data.val_fraction"
             log(f"no validation split ({why_none}): no validation pass, the final weights are kept")
-        for warning in [*bundle.source.warnings, *unread_given(given, cfg.train), *tracking.unused_settings(cfg.track)]:
+        for warning in [*bundle.source.warnings, *unread_given(given, cfg.train), *tracking.unused_settings(cfg.track),
+                        *[memory_warning] * bool(memory_warning)]:
             log(f"warning: {warning}")
         if init is not None:
             log(f"starting weights: {describe_init(init)}; input normalised with mean {info.mean}, std {info.std}")
@@ -296,7 +306,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
                     on_improvement=save_best, on_epoch_end=end_epoch, log=log, train_model=train_model,
                     ema=ema, tta=tta)
-    except BaseException as err:
+    except BaseException as caught:
+        err = out_of_memory_error(caught, device, tc.batch_size) or caught
         if world.is_main:
             # diverged: the loss blew up (fix the hyperparameters); failed: another clear error;
             # interrupted: Ctrl-C, SIGTERM or a crash (resume it)
@@ -309,6 +320,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if tc.compile and isinstance(err, torch._dynamo.exc.TorchDynamoException):  # e.g. no C++ compiler on CPU
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise CifarlensError(f"torch.compile failed ({first}); train without --set train.compile=true") from err
+        if err is not caught:
+            raise err from None
         raise
     if not world.is_main:  # rank 0 alone finishes the run folder and evaluates on the test set
         return {}
