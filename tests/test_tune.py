@@ -481,6 +481,10 @@ def test_a_study_name_clash_with_another_space_or_base_config_is_refused(data_di
     line = run_cli_error(capsys, ["tune", *base_args(data_dir, epochs=3), "--storage", url, "--study", "mine",
                                   "--space", str(same), "--out", str(tmp_path / "o2")])
     assert "different base config (differs in: train.epochs)" in line
+    proc = subprocess.run([sys.executable, "-m", "cifarlens.cli", "tune", *base_args(data_dir, epochs=3), "--storage",
+                           url, "--study", "mine", "--space", str(same), "--out", str(tmp_path / "o3")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr  # no "Using an existing study" before it
     # where the data sits and which device trains may differ between machines
     moved = merge(cfg, {"data": {"data_dir": "/elsewhere"}, "train": {"device": "cpu", "cpu_amp": True}})
     assert base_identity(moved) == base_identity(cfg)

@@ -192,6 +192,10 @@ def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunCon
     space_dict = json.loads(json.dumps(space.to_dict()))
     base = base_identity(base_cfg)
     with storage.lock():
+        verbosity = optuna.logging.get_verbosity()
+        # not Optuna's "Using an existing study ..." line: a refusal below may follow it, and tune
+        # says itself what it continues
+        optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
         try:
             study = optuna.create_study(study_name=name, storage=storage.optuna, direction="maximize",
                                         load_if_exists=True)
@@ -201,6 +205,8 @@ def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunCon
             if not isinstance(err, sqlalchemy.exc.SQLAlchemyError):
                 raise
             raise CifarlensError(f"cannot use storage {storage.display}: {str(err).splitlines()[0]}") from None
+        finally:
+            optuna.logging.set_verbosity(verbosity)
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise CifarlensError(f"study {name} in {storage.display} minimises; cifarlens studies maximise "
                                  "validation accuracy; use another --study name")
