@@ -573,10 +573,17 @@ def test_nonsense_in_a_run_json_is_one_line_not_a_traceback_nor_a_silent_change(
         assert main(["evaluate", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "the run folder" not in err and len(err.splitlines()) == 1, err
-    for temperature in (0, -1, "x"):  # a temperature that is no temperature: the raw softmax, said so
+    (out / "run.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["predict", str(out), str(out / "curves.png"), "--json", "--no-calibration"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    # a temperature that is no temperature, or one no fit gives (1e-300 made every probability NaN, 1e308
+    # every one 1/K): the raw softmax, said so
+    for temperature, shown in ((0, "0"), (-1, "-1"), ("x", "'x'"), (1e-300, "1e-300"), (1e308, "1e\\+308")):
         (out / "run.json").write_text(json.dumps({**meta, "calibration": {"temperature": temperature}}))
-        with pytest.warns(UserWarning, match=f"temperature {temperature!r} is not a number > 0"):
-            assert main(["predict", str(out), str(out / "curves.png")]) == 0
+        with pytest.warns(UserWarning, match=f"temperature {shown} is not one a fit gives"):
+            assert main(["predict", str(out), str(out / "curves.png"), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == raw
 
 
 @pytest.mark.parametrize("text", ['{"accuracy": "high"}', "[1, 2]"])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cifarlens.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from cifarlens.checkpoint import load_checkpoint, load_state_into, load_weights
 from cifarlens.config import RunConfig
 from cifarlens.data.augment import normalize
@@ -43,9 +44,13 @@ def run_temperature(meta: dict) -> float | None:
     t = calibration.get("temperature") if isinstance(calibration, dict) else calibration
     if t is None:
         return None
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
-        warnings.warn(f"run.json's calibration temperature {t!r} is not a number > 0 (damaged or edited): the raw "
-                      "softmax is used; `cifarlens calibrate RUN` fits it again")
+    # a fit never leaves [0.05, 20]: beyond it run.json was damaged or edited (1e-300 turned every probability
+    # into NaN, 1e308 every one into 1/K, and their argmax into one class)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+        shown = f"{t:.3g}" if isinstance(t, float) else repr(t)
+        warnings.warn(f"run.json's calibration temperature {shown} is not one a fit gives (a number from "
+                      f"{MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}; damaged or edited): the raw softmax is used; "
+                      "`cifarlens calibrate RUN` fits it again")
         return None
     return float(t)
 
