@@ -148,7 +148,11 @@ def test_the_docs_onnxruntime_example_gives_predicts_probabilities(exported, tmp
     exif[0x0112] = 6  # orientation: turn 90 degrees to view
     images = {"rotated.jpg": lambda p: rotated.save(p, exif=exif, quality=95),
               "grey16.png": lambda p: Image.fromarray(rng.integers(0, 65536, (30, 30)).astype(np.uint16)).save(p),
-              "rgba.png": lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8)).save(p)}
+              "rgba.png": lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8)).save(p),
+              # a dark 16-bit PNG (values <= 255, still 16-bit) and a float TIFF in [0, 1]: the snippet read them
+              # as 8-bit values and as black
+              "dark16.png": lambda p: Image.fromarray(rng.integers(0, 256, (30, 30)).astype(np.uint16)).save(p),
+              "float.tiff": lambda p: Image.fromarray(rng.random((30, 30), dtype=np.float32)).save(p)}
     for name in ("lensnet", "resnet20"):
         run_dir, _, onnx_path, _, _ = exported(name)
         run = load_run(run_dir)
