@@ -672,3 +672,12 @@ def test_a_training_whose_output_reader_leaves_goes_on(fashion_run, tmp_path):
     proc.wait(timeout=300)
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     assert "epoch 3/3" in (out / "train.log").read_text()
+
+
+def test_an_output_path_the_system_cannot_create_is_one_line(fashion_run, tmp_path):
+    out, data = fashion_run
+    image = tmp_path / "x.png"
+    Image.fromarray(data.test_images[0, 0]).save(image)
+    proc = cli("predict", str(out), str(image), "--csv", "/proc/cifarlens-test.csv")  # /proc makes no new files
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "cifarlens: error: No such file or directory: /proc/cifarlens-test.csv"

@@ -12,9 +12,9 @@ import warnings
 from pathlib import Path
 
 # OS errors that come from the user's machine or paths, not from a bug (a read-only or full disk,
-# a file where a folder was meant): the CLI prints them in one line
+# a file where a folder was meant, a path that cannot hold a file, such as /proc/x): the CLI prints them in one line
 USER_OS_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
-                            errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
+                            errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT})
 
 
 def user_os_error(err: OSError) -> str | None:
