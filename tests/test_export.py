@@ -218,6 +218,14 @@ def test_export_cli_onnx_and_safetensors(lensnet, tmp_path, capsys):
 
     assert main(["export", str(run_dir), "--format", "safetensors"]) == 0
     assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "export" / "model.json").is_file()
+    assert main(["export", str(run_dir), "--format", "safetensors"]) == 0  # an earlier export's files: replaced
+    notes = tmp_path / "notes.json"  # the user's own file where the description would go
+    notes.write_text('{"mine": true}')
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "notes.safetensors")]) == 2
+    assert f"would replace {notes}, which is not an earlier export's description" in capsys.readouterr().err
+    assert notes.read_text() == '{"mine": true}' and not (tmp_path / "notes.safetensors").exists()
+    assert main(["export", str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "UP.SAFETENSORS")]) == 0
     assert main(["export", str(run_dir), "--format", "safetensors", "--opset", "17"]) == 2
     assert main(["export", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
     assert "not found" in capsys.readouterr().err

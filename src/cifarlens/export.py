@@ -305,14 +305,29 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
 
     run = load_run(run_dir, device="cpu", calibrated=calibrated)
     out = Path(out) if out is not None else run.path / "export" / "model.safetensors"
-    if out.suffix != ".safetensors":
+    if out.suffix.lower() != ".safetensors":
         raise CifarlensError(f"--out {out} should end in .safetensors")
     for path in (out, out.with_suffix(".json")):  # the weights and their description beside them
         refuse_runs_file(path, "--out", default=str(run.path / "export" / "model.safetensors"), source=run.path)
+    if not _earlier_description(out):  # e.g. the user's own notes.json beside --out notes.safetensors
+        raise CifarlensError(f"--out {out} would replace {out.with_suffix('.json')}, which is not an earlier "
+                             "export's description (written beside the weights); choose another --out")
     description = describe_run(run) | {"weights": out.name}
     save_weights(unwrap_model(run.model).state_dict(), out, description)
     atomic_write_json(out.with_suffix(".json"), description)
     return out
+
+
+def _earlier_description(out: Path) -> bool:
+    """Whether the JSON beside ``out`` is absent or one that exporting to ``out`` wrote before."""
+    sidecar = out.with_suffix(".json")
+    if not sidecar.exists():
+        return True
+    try:
+        description = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(description, dict) and description.get("weights") == out.name and "dataset" in description
 
 
 def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict]:
