@@ -453,6 +453,13 @@ def test_the_onnx_backend_without_calibration_leaves_the_calibrated_export_alone
     log.clear()
     create_app(run_dir, backend="onnx", calibrated=False, log=log.append)  # current now: not exported again
     assert not any("exporting" in line for line in log)
+    # `export --no-calibration` writes the same raw file, not over the calibrated one
+    from cifarlens.cli import main
+
+    raw.unlink()
+    assert main(["export", str(run_dir), "--format", "onnx", "--no-calibration"]) == 0
+    assert (run_dir / "model.onnx").read_bytes() == calibrated
+    assert onnx_metadata(raw)["calibration"]["calibrated"] is False
 
 
 

@@ -122,6 +122,16 @@ def describe_run(run) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def default_onnx_path(run) -> Path:
+    """``RUN_DIR/model.onnx``; for the raw logits of a calibrated run (``--no-calibration``)
+    ``model.uncalibrated.onnx``, so that neither replaces the other."""
+    from cifarlens.inference import run_temperature
+    from cifarlens.runs import RunDir
+
+    raw_of_calibrated = not run.calibrated and run_temperature(RunDir(run.path).meta()) is not None
+    return run.path / (UNCALIBRATED_ONNX_FILE if raw_of_calibrated else ONNX_FILE)
+
+
 def export_onnx(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -132,7 +142,7 @@ def export_onnx(
     log: Callable[[str], None] | None = None,
     calibrated: bool = True,
 ) -> tuple[Path, float]:
-    """Export a run's best weights to ONNX (default ``RUN_DIR/model.onnx``); return (path, max |diff|).
+    """Export a run's best weights to ONNX (default :func:`default_onnx_path`); return (path, max |diff|).
 
     The file is only written after onnxruntime's logits match PyTorch's within
     ``ONNX_TOLERANCE`` on a random batch and on real images (``images``, else the
@@ -151,8 +161,8 @@ def export_onnx(
         raise CifarlensError(f"opset {opset} cannot be written here: torch's exporter writes opset {DEFAULT_OPSET} "
                              f"natively, and this onnx knows opsets up to {onnx.defs.onnx_opset_version()}")
     run = load_run(run_dir, device="cpu", calibrated=calibrated)
-    out = Path(out) if out is not None else run.path / ONNX_FILE
-    refuse_runs_file(out, "--out", default=str(run.path / ONNX_FILE), source=run.path)
+    out = Path(out) if out is not None else default_onnx_path(run)
+    refuse_runs_file(out, "--out", default=str(default_onnx_path(run)), source=run.path)
     if out.suffix.lower() != ".onnx" and not out.is_dir():  # model.safetensors, last.pt: surely a slip
         raise CifarlensError(f"--out {out} should end in .onnx (or give --format safetensors)")
     if out.is_dir():

@@ -71,12 +71,9 @@ def onnx_backend(run: Run, log=print) -> OnnxBackend:
     """The run's ``model.onnx``, exported (and checked) first when missing or older than the weights.
     Served uncalibrated (``--no-calibration``), a calibrated run uses ``model.uncalibrated.onnx``
     instead, so that the calibrated file ``export`` wrote is never replaced."""
-    from cifarlens.export import ONNX_FILE, UNCALIBRATED_ONNX_FILE, export_onnx, onnx_is_current
-    from cifarlens.inference import run_temperature
-    from cifarlens.runs import RunDir
+    from cifarlens.export import default_onnx_path, export_onnx, onnx_is_current
 
-    raw_of_calibrated = not run.calibrated and run_temperature(RunDir(run.path).meta()) is not None
-    path = run.path / (UNCALIBRATED_ONNX_FILE if raw_of_calibrated else ONNX_FILE)
+    path = default_onnx_path(run)
     if not onnx_is_current(run.path, path, run.temperature):  # the temperature is part of the graph
         log(f"{path} is {'stale' if path.is_file() else 'missing'}; exporting it from {run.path}/model.safetensors")
         export_onnx(run.path, path, log=log, calibrated=run.calibrated)
