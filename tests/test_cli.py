@@ -147,6 +147,11 @@ def test_predict_cli_and_python_api(fashion_run, tmp_path, capsys):
     assert torch.allclose(from_files, from_tensor, atol=1e-5)
     assert torch.allclose(from_files.sum(1), torch.ones(6), atol=1e-5)
     assert [p.labels[0] for p in run.predict(paths)] == [r["top"][0]["label"] for r in result]
+    assert capsys.readouterr().err == ""
+    assert main(["predict", str(out), paths[0], "--json", "--topk", "20"]) == 0  # more than its 10 classes
+    printed = capsys.readouterr()
+    assert len(json.loads(printed.out)[0]["top"]) == 10
+    assert printed.err == "cifarlens: warning: --topk 20 is more than the run's 10 classes: all of them are shown\n"
 
 
 def test_compiled_training_learns_what_eager_training_learns_and_saves_plain_weights(tmp_path):

@@ -21,14 +21,14 @@ def add_commands(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--data-dir", help="where the dataset is now (default: the run's own data_dir)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     add_calibration_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("calibrate", help="fit a run's temperature on its validation split (train does it already)")
     p.add_argument("run_dir")
     p.add_argument("--data-dir", help="where the dataset is now (default: the run's own data_dir)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="top-k classes of image files")
@@ -38,7 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--csv", metavar="FILE", help="also write one row per image to FILE: image, label_1, prob_1, "
                    "..., label_K, prob_K, temperature (empty: uncalibrated), error (for a spreadsheet or pandas)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default: a few images need no GPU), auto, cuda or cuda:N")
     add_calibration_flag(p)
     p.set_defaults(func=cmd_predict)
 
@@ -104,6 +104,9 @@ def cmd_predict(args) -> int:
         refuse_runs_file(csv_path, "--csv", default="no table, the predictions printed")
     run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
     _warn_if_unfinished(run.path)
+    if args.topk > len(run.info.classes):
+        print(f"cifarlens: warning: --topk {args.topk} is more than the run's {len(run.info.classes)} classes: "
+              "all of them are shown", file=sys.stderr)
     results, failed = [], 0
     for start in range(0, len(paths), PREDICT_BATCH):
         chunk = paths[start : start + PREDICT_BATCH]

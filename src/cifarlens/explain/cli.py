@@ -38,7 +38,7 @@ def add_commands(sub) -> None:
                    help="score every method by deletion/insertion AUC against random maps (faithfulness.json)")
     p.add_argument("--out", help="output folder (default RUN_DIR/explain/METHOD)")
     p.add_argument("--data-dir", help="where the dataset is now (default: the run's own data_dir)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     p.set_defaults(func=cmd_explain)
 
 
