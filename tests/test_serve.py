@@ -689,3 +689,27 @@ def test_the_page_explains_the_class_chosen_when_class_names_are_numbers(browser
             browser.execute_script("document.getElementById('explain-note').textContent = ''")  # a new answer only
             Select(browser.find_element(By.ID, "target")).select_by_visible_text(name)
             wait.until(lambda d: f"\u201c{name}\u201d" in d.find_element(By.ID, "explain-note").text)
+
+
+def test_the_page_of_an_unfinished_run_says_what_its_weights_lack(browser, trained, tmp_path):
+    """It said "without a test evaluation" after `evaluate` had made one (predict's warning did not)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    copy = tmp_path / "halfway"
+    shutil.copytree(trained[0], copy)
+    meta = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps(meta | {"status": "interrupted", "epochs_done": 1}))
+    for lacks, note in ((False, "these are its weights so far."),
+                        (True, "these are its weights so far, without a test evaluation.")):
+        if lacks:
+            (copy / "metrics.json").unlink()
+        with LiveServer(create_app(copy)) as live:
+            assert httpx.get(live.url + "/api/model").json()["trained"]["note"] == \
+                f"halfway was interrupted after 1 epoch(s): {note[:-1]}"
+            browser.get(live.url + "/")
+            WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#method option"))
+            text = browser.find_element(By.ID, "backend-note").text
+            assert text.startswith(f"When the server started, run halfway was interrupted after 1 epoch(s): {note} "
+                                   "Predictions: torch backend."), text
+            assert str(tmp_path) not in text  # the server does not publish its file system

@@ -142,9 +142,7 @@ async function loadModel() {
     $("target").appendChild(opt);
   });
   const trained = model.trained || {};
-  const unfinished = trained.status && trained.status !== "finished" ? "This run had not finished when the " +
-    "server started (status " + trained.status + ", " + (trained.epochs_done ?? "?") + " epochs): its weights " +
-    "so far, without a test evaluation. " : "";
+  const unfinished = trained.note ? "When the server started, run " + trained.note + ". " : "";
   $("backend-note").textContent = unfinished + "Predictions: " + model.backend + " backend. Explanations: " +
     model.explain_backend + " model" + (model.backend !== model.explain_backend ?
     " (Grad-CAM needs gradients, which onnxruntime does not give)" : "") + ". " +

@@ -106,12 +106,15 @@ class Service:
         from cifarlens.export import describe_run
         from cifarlens.runs import RunDir
 
-        meta = RunDir(self.run.path).meta()
+        run_dir = RunDir(self.run.path)
+        meta, unfinished = run_dir.meta(), run_dir.unfinished_warning()
         described = describe_run(self.run)
         return {
             "run": self.run.path.name,  # the name only: the server does not publish its file system
             **{k: described[k] for k in ("model", "dataset", "test_metrics", "preprocessing")},
-            "trained": {k: meta[k] for k in ("status", "epochs_done", "best_epoch") if k in meta},
+            "trained": {k: meta[k] for k in ("status", "epochs_done", "best_epoch") if k in meta}
+            # what predict warns of, from the run folder's name only: "int was interrupted after 3 epoch(s): ..."
+            | ({"note": unfinished.replace(str(self.run.path), self.run.path.name, 1)} if unfinished else {}),
             "backend": self.backend.name,
             "explain_backend": "torch",  # Grad-CAM needs gradients, so always the PyTorch model
             "methods": self.methods,
