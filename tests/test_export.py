@@ -215,6 +215,13 @@ def test_export_cli_onnx_and_safetensors(lensnet, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "given image" in out and "max |logit diff|" in out and "tolerance 0.0001" in out
     assert (tmp_path / "m.onnx").is_file()
+    folder = tmp_path / "images"  # a folder of images, as predict takes one
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(data.test_images[i, 0]).save(folder / f"{i}.png")
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                 "--images", str(folder)]) == 0
+    assert "onnx check on 3 given image inputs" in capsys.readouterr().out
 
     assert main(["export", str(run_dir), "--format", "safetensors"]) == 0
     assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "export" / "model.json").is_file()

@@ -98,7 +98,7 @@ def cmd_predict(args) -> int:
 
     if args.topk < 1:
         raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
-    paths = _image_paths(args.images)
+    paths = image_paths(args.images)
     csv_path = check_output_file(args.csv, "--csv", paths) if args.csv is not None else None
     if csv_path is not None:  # e.g. RUN/predictions.csv, a run's own evaluation: not replaced
         refuse_runs_file(csv_path, "--csv", default="no table, the predictions printed")
@@ -152,7 +152,7 @@ def _warn_if_unfinished(run_dir) -> None:
             print(f"cifarlens: warning: {unfinished}", file=sys.stderr)
 
 
-def _image_paths(items: list[str]) -> list[str]:
+def image_paths(items: list[str]) -> list[str]:
     """The files given, with each folder replaced by the image files under it (warnings on stderr)."""
     from cifarlens.images import expand_folders
 

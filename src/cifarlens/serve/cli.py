@@ -33,11 +33,14 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="export a run's best weights to ONNX (checked against PyTorch) or safetensors")
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
-    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx, or RUN_DIR/export/model.safetensors "
-                                 "with model.json beside it)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 18, the exporter's own)")
+    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx; with --no-calibration of a calibrated "
+                                 "run RUN_DIR/model.uncalibrated.onnx; or RUN_DIR/export/model.safetensors with "
+                                 "model.json beside it)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18, the exporter's own, up to what this onnx "
+                                              "package writes)")
     p.add_argument("--images", nargs="+", metavar="IMAGE",
-                   help="images for the ONNX check (default: the first test images of the run's dataset)")
+                   help="images or folders of them for the ONNX check (default: the first test images of the "
+                        "run's dataset)")
     p.add_argument("--no-calibration", action="store_true",
                    help="export raw logits: leave the run's fitted temperature out of the ONNX graph")
     p.set_defaults(func=cmd_export)
@@ -100,8 +103,11 @@ def cmd_export(args) -> int:
     if unfinished:
         print(f"cifarlens: warning: {unfinished}", file=sys.stderr)
     if args.format == "onnx":
+        from cifarlens.run_cli import image_paths
+
         opset = export.DEFAULT_OPSET if args.opset is None else args.opset  # --opset 0 is refused, not 18
-        path, diff = export.export_onnx(args.run_dir, args.out, opset=opset, images=args.images, log=print,
+        images = image_paths(args.images) if args.images else None  # folders too, as predict takes them
+        path, diff = export.export_onnx(args.run_dir, args.out, opset=opset, images=images, log=print,
                                         calibrated=not args.no_calibration)
         cal = export.onnx_metadata(path).get("calibration") or {}
         print(f"{path}: onnxruntime matches PyTorch, max |logit diff| {diff:.2e} "
