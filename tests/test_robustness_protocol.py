@@ -295,3 +295,31 @@ def test_files_that_are_not_the_runs_test_set_say_so_and_write_json_without_nan(
 def test_an_empty_corruption_list_is_refused_before_the_evaluation(tiny_run, capsys):
     assert main(["robustness", str(tiny_run), "--corruptions", ",", "--device", "cpu"]) == 2
     assert "--corruptions expects comma-separated names" in capsys.readouterr().err
+
+
+def test_other_test_images_are_measured_apart_and_a_reference_of_other_images_is_refused(tiny_run, tmp_path, capsys):
+    """robustness --data-dir OTHER wrote RUN/robustness.json, which the report then showed as the run's own;
+    a CIFAR-100 run's result was taken as a CIFAR-10 run's mCE reference."""
+    from conftest import make_cifar10
+
+    flags = ["--corruptions", "contrast", "--severities", "1", "--images", "20", "--device", "cpu"]
+    assert main(["robustness", str(tiny_run), *flags]) == 0
+    own = (tiny_run / RESULT_FILE).read_bytes()
+    recorded = json.loads(own)["data"]
+    assert recorded["test_fingerprint"] == json.loads((tiny_run / "run.json").read_text())["data_fingerprint"]["test"]
+    other = make_cifar10(tmp_path / "other", n_train_per_batch=40, n_test=50, seed=1).data_dir
+    with pytest.warns(UserWarning, match="test images are not those"):
+        assert main(["robustness", str(tiny_run), *flags, "--data-dir", str(other)]) == 0
+    assert (tiny_run / RESULT_FILE).read_bytes() == own  # the run's own result stays
+    [apart] = (tiny_run / "other-data").glob(f"test-*/{RESULT_FILE}")
+    theirs = json.loads(apart.read_text())["data"]
+    assert apart.parent.name == f"test-{theirs['test_fingerprint']}" != f"test-{recorded['test_fingerprint']}"
+    capsys.readouterr()
+    assert main(["robustness", str(tiny_run), *flags, "--reference", str(apart)]) == 2
+    assert "was measured on other test images than these" in capsys.readouterr().err
+    foreign = tmp_path / "cifar100.json"  # another dataset's result
+    foreign.write_text(json.dumps(json.loads(own) | {"data": {**recorded, "classes": [f"c{i}" for i in range(100)]}}))
+    assert main(["robustness", str(tiny_run), *flags, "--reference", str(foreign)]) == 2
+    assert "was measured on another dataset (its 100 classes are not this run's 10)" in capsys.readouterr().err
+    assert main(["robustness", str(tiny_run), *flags, "--reference", str(tiny_run)]) == 0  # its own: mCE 100 %
+    assert "mCE 100.0%" in capsys.readouterr().out

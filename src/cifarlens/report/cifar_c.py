@@ -236,11 +236,45 @@ def _weakest_class(table: RobustnessTable) -> str:
             f"under corruption ({counts[i]} image{'s' * (counts[i] != 1)}; per-class accuracies in robustness.json)")
 
 
-def write_result(run_path: Path, table: RobustnessTable, errors: dict | None, reference: str | None) -> Path:
-    path = Path(run_path) / RESULT_FILE
+def write_result(folder: Path, table: RobustnessTable, errors: dict | None, reference: str | None,
+                 data: dict | None = None) -> Path:
+    """``folder``/robustness.json; ``data``: which test images were corrupted (:func:`test_data`)."""
+    path = Path(folder) / RESULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)  # other-data/test-<fingerprint>/ for other images
     atomic_write_json(path, _no_nan({"protocol": "CIFAR-10-C (Hendrycks & Dietterich 2019)", "table": table.as_dict(),
-                                     "reference": reference, "corruption_errors": errors}))
+                                     "reference": reference, "corruption_errors": errors, "data": data}))
     return path
+
+
+def test_data(classes: Sequence[str], fingerprint: str) -> dict:
+    """What a robustness.json records of the test images it corrupted: their classes and fingerprint."""
+    return {"classes": list(classes), "test_fingerprint": fingerprint}
+
+
+def saved_test_data(path: str | Path) -> dict | None:
+    """:func:`test_data` as a robustness.json (or a run folder's) recorded it; None for a result of an
+    older cifarlens, which did not."""
+    path = Path(path)
+    file = path / RESULT_FILE if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_reference_data(reference: str | Path, data: dict) -> None:
+    """Refuse an mCE reference measured on other test images (another dataset, or another test set)."""
+    theirs = saved_test_data(reference)
+    if theirs is None:
+        return
+    if theirs.get("classes") != data["classes"]:
+        raise CifarlensError(f"the reference {reference} was measured on another dataset (its {len(theirs.get('classes') or [])} "
+                             f"classes are not this run's {len(data['classes'])}); a reference needs the same test images")
+    if theirs.get("test_fingerprint") != data["test_fingerprint"]:
+        raise CifarlensError(f"the reference {reference} was measured on other test images than these (their "
+                             "fingerprints differ: other files, or the same decoded otherwise); a reference needs "
+                             "the same test images")
 
 
 def _no_nan(value):

@@ -28,7 +28,7 @@ def cmd_robustness(args) -> int:
     from cifarlens.api import load_run
     from cifarlens.errors import CifarlensError
     from cifarlens.report import cifar_c
-    from cifarlens.runs import RunDir
+    from cifarlens.runs import OTHER_DATA, RunDir
 
     severities = _int_list(args.severities, "--severities")
     if any(not 1 <= s <= cifar_c.MAX_SEVERITY for s in severities):
@@ -49,7 +49,14 @@ def cmd_robustness(args) -> int:
     reference = cifar_c.load_reference(args.reference) if args.reference else None  # before the long part
     with RunDir(args.run_dir).claimed():  # its robustness.json describes the weights it loads
         run = load_run(args.run_dir, device=args.device)
-        test = run.split("test", args.data_dir)
+        bundle = run.data(args.data_dir)
+        test, own = run.checked_split("test", args.data_dir, bundle)
+        data = cifar_c.test_data(run.info.classes, bundle.fingerprints["test"])
+        if args.reference:
+            cifar_c.check_reference_data(args.reference, data)
+        # other test images than the run's: their result apart, as evaluate keeps its figures (the report reads
+        # RUN/robustness.json as the run's own)
+        folder = run.path if own else run.path / OTHER_DATA / f"test-{data['test_fingerprint']}"
         common = dict(severities=severities, corruptions=names, max_images=args.images, seed=args.seed)
         if args.corruptions_dir:  # files the model cannot take: an error now
             source, cdir = cifar_c.official_files(run, args.corruptions_dir)
@@ -70,7 +77,7 @@ def cmd_robustness(args) -> int:
             table = cifar_c.evaluate_generated(run, test, **common)
         errors = cifar_c.corruption_errors(table, reference) if reference else None
         print(cifar_c.format_result(table, errors), end="")
-        path = cifar_c.write_result(run.path, table, errors, args.reference)
+        path = cifar_c.write_result(folder, table, errors, args.reference, data)
         print(f"written to {path}")
     return 0
 
