@@ -70,6 +70,9 @@ def test_corruption_errors_refuse_a_reference_measured_differently():
     b = table({"fog": [0.2, 0.3]}, 0.1, source="official files in /x")
     with pytest.raises(CifarlensError, match="evaluated differently"):
         corruption_errors(a, b)
+    from cifarlens.report.cifar_c import check_reference  # the severities in another order: the same protocol
+
+    check_reference(a, source=a.source, num_images=100, severities=[2, 1], seed=a.seed)
 
 
 @pytest.fixture(scope="module")

@@ -129,8 +129,8 @@ def check_reference(reference: RobustnessTable, *, source: str, num_images: int,
     """Raise unless ``reference`` was evaluated by the same protocol (source, number of images,
     severities, seed) and shares a corruption with ``corruptions`` (None: any); the CLI calls it
     before the long evaluation, :func:`corruption_errors` after it."""
-    if (reference.source, reference.num_images, list(reference.severities), reference.seed) != \
-            (source, num_images, [int(s) for s in severities], seed):
+    if (reference.source, reference.num_images, sorted(reference.severities), reference.seed) != \
+            (source, num_images, sorted(int(s) for s in severities), seed):  # (--severities 3,1 against 1,3: alike)
         raise CifarlensError(
             "the reference was evaluated differently (source, number of images, severities or seed: "
             f"{reference.source}, {reference.num_images}, {reference.severities}, {reference.seed} against "
