@@ -605,6 +605,25 @@ def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_p
     assert re.search(r"train\.lr\s+0\.1\s+0\.05", out)  # lensnet_light's default recipe (modern) has lr 0.1
     assert "identical" not in out
     assert "config: identical in all runs" in compare_runs([reported_run, reported_run])
+    assert "stale" not in out
+
+
+def test_compare_marks_test_metrics_older_than_the_weights_stale(reported_run, tmp_path, capsys):
+    """An evaluation before a --resume that trained on showed as the run's test accuracy."""
+    import os
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reported_run, resumed)  # (the copy's files get times in any order: within a second)
+    capsys.readouterr()
+    assert main(["compare", str(resumed)]) == 0
+    assert "stale" not in capsys.readouterr().out
+    later = (resumed / "metrics.json").stat().st_mtime + 60  # the weights written a minute after the evaluation
+    os.utime(resumed / "model.safetensors", (later, later))
+    assert main(["compare", str(resumed)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("resumed "))
+    assert re.search(r"\bstale\s+—\s+—\s*$", row) and "%" not in row, row
+    assert "stale: its metrics.json is older than its weights" in out
 
 
 def test_compare_says_whether_the_ece_is_calibrated(reported_run, tmp_path, capsys):

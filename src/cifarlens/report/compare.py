@@ -95,6 +95,9 @@ def run_summary(run_dir: str | Path) -> dict:
     cfg = rd.config()
     meta, env = rd.meta(), _json(rd / "environment.json")
     metrics = _json(rd / "metrics.json", numbers=("accuracy", "f1_macro"))
+    stale = bool(metrics) and _older_than_weights(rd, rd / "metrics.json")
+    if stale:  # evaluated before the run trained on (--resume): about other weights
+        metrics = {}
     model = meta.get("model") or {}
     train_size = (meta.get("split_sizes") or {}).get("train")
     epochs_done = meta.get("epochs_done")
@@ -113,12 +116,21 @@ def run_summary(run_dir: str | Path) -> dict:
         # a run that did not finish its epochs has no train_seconds: the epochs' own, so far
         "train_seconds": meta.get("train_seconds"), "seconds_so_far": seconds, "status": status,
         "device": env.get("device"), "device_name": env.get("device_name"),
-        "accuracy": metrics.get("accuracy"), "f1_macro": metrics.get("f1_macro"),
+        "accuracy": metrics.get("accuracy"), "f1_macro": metrics.get("f1_macro"), "metrics_stale": stale,
         **dict(zip(("ece", "ece_kind"), ece_of_run(metrics, rd / "predictions.csv"))),
         # runs written before cifarlens recorded "init" trained from scratch unless their config says otherwise
         "init": describe_init(meta.get("init") or _init_from_config(cfg)),
         "params": model.get("params"), "forward_flops": model.get("forward_flops"), "train_images": images,
     }
+
+
+def _older_than_weights(rd: RunDir, path: Path) -> bool:
+    """Whether ``path`` was written over a second before the weights it would describe (a second's
+    slack: ``cp -r`` of a run gives its files the copy's times, in any order)."""
+    from cifarlens.report.predictions import _weights_file
+
+    weights = _weights_file(rd)
+    return weights is not None and path.stat().st_mtime_ns < weights.stat().st_mtime_ns - 1_000_000_000
 
 
 def _init_from_config(cfg) -> dict:
@@ -175,7 +187,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
         rows.append([
             label, s["dataset"], s["model"], s["recipe"],
             epochs(s), train_time(s), device,
-            MISSING if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%",
+            "stale" if s["metrics_stale"] else MISSING if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%",
             num(s["f1_macro"], ".4f"),
             MISSING if s["ece"] is None else f"{100 * s['ece']:.2f}%" + (f" {s['ece_kind']}" if s["ece_kind"] else ""),
         ])
@@ -201,7 +213,9 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
     out.append("")
     out.append("test acc, f1_macro and ECE (15 bins) from the last test evaluation (metrics.json); ECE cal. = "
                "with the run's fitted temperature, uncal. = raw softmax (no temperature, or `evaluate "
-               f"--no-calibration`); {MISSING} where a run has not written them (run `cifarlens evaluate RUN_DIR`).")
+               f"--no-calibration`); {MISSING} where a run has not written them (run `cifarlens evaluate RUN_DIR`)"
+               + ("; stale: its metrics.json is older than its weights, which trained on after that evaluation "
+                  "(evaluate it again)." if any(s["metrics_stale"] for s in summaries) else "."))
     out.append("forward / image: FLOPs of one forward pass at the run's input (a multiply-add counts 2, counted "
                "by torch's FlopCounterMode); training compute ~ 3 x that x training images (backward ~ 2 forwards).")
     return "\n".join(out) + "\n"
