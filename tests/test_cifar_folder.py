@@ -79,6 +79,13 @@ def test_jpeg_copy_is_recorded_as_lossy(tmp_path):
     assert ds.source.label(ds.info) == "CIFAR-10 (JPEG copy)"
 
 
+def test_a_class_folder_linked_into_another_is_refused(tmp_path):
+    write_copy(tmp_path)
+    (tmp_path / "train" / "cat" / "dogs").symlink_to(tmp_path / "train" / "dog", target_is_directory=True)
+    with pytest.raises(CifarlensError, match="are one file, reached through a link"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
 def test_official_counts_give_no_warning(tmp_path):
     write_copy(tmp_path, n_train=2, n_test=1)
     _, _, val, source = read_folder_copy(tmp_path, CIFAR10_INFO, "CIFAR-10", train_per_class=2, test_per_class=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import socket
 import tarfile
 import time
@@ -658,6 +659,21 @@ def test_imagefolder_refuses_a_link_to_a_folder_above_the_class(tmp_path):
     (tmp_path / "train" / "a" / "up").symlink_to(tmp_path / "train", target_is_directory=True)
     with pytest.raises(CifarlensError, match=r"a folder above .*train/a: the images there would be counted again"):
         load_dataset("imagefolder", tmp_path)
+
+
+@pytest.mark.parametrize("link, target", [("train/a/bs", "train/b"),  # another class: two labels
+                                          ("test/a/train_a", "train/a"),  # another split: trained and tested on
+                                          ("train/a/same.png", "train/b/0.png")])  # one image file linked
+def test_one_image_file_reached_twice_through_a_link_is_refused(tmp_path, link, target):
+    """A link from one class folder to its sibling gave the sibling's images both labels, without a word."""
+    make_imagefolder(tmp_path, classes=("a", "b"), n_per_class=2, n_test_per_class=1, formats=("png",), junk=False)
+    if target.endswith(".png"):
+        target = str(next((tmp_path / "train" / "b").iterdir()).relative_to(tmp_path))
+    (tmp_path / link).symlink_to(tmp_path / target, target_is_directory=(tmp_path / target).is_dir())
+    with pytest.raises(CifarlensError, match=re.escape(f"in {tmp_path} are one file, reached through a link: its "
+                                                       "image would count twice (under two labels, or in two splits); "
+                                                       "remove the link")):
+        load_dataset("imagefolder", tmp_path, image_size=8)
 
 
 def test_imagefolder_names_a_folder_it_cannot_read(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -72,6 +72,20 @@ def list_images(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
             elif skipped is not None:
                 skipped.append(path)
     return sorted(found)
+
+
+def check_read_once(root: Path, files: Sequence[Path]) -> None:
+    """Refuse a dataset in which a link makes one image file two of its images (a class folder
+    linked into another class, or into another split): it would be counted twice, under two
+    labels, or both trained and tested on."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        real = os.path.realpath(path)
+        if real in seen:
+            first, again = (os.path.relpath(p, root) for p in (seen[real], path))
+            raise CifarlensError(f"{again} and {first} in {root} are one file, reached through a link: its image "
+                                 "would count twice (under two labels, or in two splits); remove the link")
+        seen[real] = path
 
 
 def skipped_warning(where: Path, skipped: list[Path]) -> str | None:

@@ -29,7 +29,8 @@ from PIL import Image, ImageOps
 
 from cifarlens.data.base import DataSource, DatasetInfo, Split, count_warning, relative_names
 from cifarlens.errors import CifarlensError
-from cifarlens.images import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, format_names, list_images, load_image, skipped_warning, to_mode
+from cifarlens.images import (IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, check_read_once, format_names, list_images, load_image,
+                              skipped_warning, to_mode)
 
 NATIVE_SIZE = 32
 
@@ -122,6 +123,7 @@ def read_folder_copy(data_dir: Path, info: DatasetInfo, title: str, *, train_per
     val, val_files = None, []
     if (data_dir / "val").is_dir():
         val, val_files = _read_split(data_dir / "val", info, title, need_all=False, skipped=skipped)
+    check_read_once(data_dir, [*train_files, *test_files, *val_files])
     # a val/ carved from the official training set: train + val together should match it
     train_labels = train.labels if val is None else torch.cat([train.labels, val.labels])
     warnings = [w for w in (count_warning("train/" + (" + val/" if val is not None else ""), train_labels, info,

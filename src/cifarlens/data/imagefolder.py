@@ -20,7 +20,8 @@ import torch
 from cifarlens.data.base import DATASETS, DataSource, DatasetInfo, LoadedDataset, Split, check_image_size, relative_names
 from cifarlens.data.stats import channel_stats
 from cifarlens.errors import CifarlensError
-from cifarlens.images import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, format_names, list_images, load_image, skipped_warning
+from cifarlens.images import (IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, check_read_once, format_names, list_images, load_image,
+                              skipped_warning)
 
 DEFAULT_IMAGE_SIZE = 32
 OTHER_SPLIT_NAMES = ("valid", "validation", "dev", "eval")  # other datasets' names for val/
@@ -103,6 +104,7 @@ def imagefolder(data_dir: Path, *, download: bool, image_size: int | None) -> Lo
         raise CifarlensError(f"{data_dir / 'train'} has only the class {classes[0]!r}; a classifier needs at least 2 classes")
     _, test_files = _list_split(data_dir / "test", classes, skipped)
     val_files = _list_split(data_dir / "val", classes, skipped)[1] if (data_dir / "val").is_dir() else None
+    check_read_once(data_dir, [p for p, _ in (*train_files, *test_files, *(val_files or ()))])
 
     train = _read_split(train_files, size, data_dir)
     mean, std = channel_stats(train.images)  # of the resized training images
