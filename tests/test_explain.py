@@ -533,6 +533,28 @@ def test_cli_mistakes_with_maps(cifar_run, capsys):
         assert r["explained"] == r["prediction"]  # no --target: the predicted class
 
 
+def test_cli_replaces_an_earlier_selection_and_keeps_other_images_apart(cifar_run, tmp_path, capsys):
+    """A smaller selection left the earlier panels beside its own (167 files for 2 listed); a split of
+    other images (--data-dir) wrote into the run's own explain/ folder, test_00007.png replacing the run's."""
+    import shutil
+
+    run_dir, data = cifar_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    out = run / "explain" / "gradcam"
+    assert main(["explain", str(run), "--indices", "0,1,2", "--save-maps"]) == 0
+    assert main(["explain", str(run), "--indices", "2,7"]) == 0
+    assert sorted(p.name for p in out.glob("test_*.png")) == ["test_00002.png", "test_00007.png"]
+    assert sorted(p.name for p in (out / "maps").glob("*.npy")) == ["test_00002.npy"]  # its map was not redone
+    own = (out / "test_00007.png").read_bytes()
+    other = make_cifar10(tmp_path / "other", n_train_per_batch=40, n_test=50, seed=3).data_dir
+    with pytest.warns(UserWarning, match="test images are not those"):
+        assert main(["explain", str(run), "--indices", "7", "--data-dir", str(other)]) == 0
+    assert (out / "test_00007.png").read_bytes() == own
+    [apart] = (run / "other-data").glob("test-*/explain/gradcam/test_00007.png")
+    assert apart.read_bytes() != own and str(apart.parent) in capsys.readouterr().out
+
+
 def test_cli_per_class(cifar_run, tmp_path, capsys):
     run_dir, data = cifar_run
     out = tmp_path / "pc"

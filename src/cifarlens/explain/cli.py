@@ -50,11 +50,12 @@ class Selection:
     what: str  # for messages, e.g. "5 most confident mistakes on test"
     sources: list[str] | None = None  # where each image came from: its file, or "test #12" (explanations.csv)
     unreadable: int = 0  # image files left out, each named on stderr
+    other_data: str | None = None  # "test-<fingerprint>": a split of other images than the run's (--data-dir)
 
 
 def cmd_explain(args) -> int:
     from cifarlens.api import load_run
-    from cifarlens.runs import RunDir
+    from cifarlens.runs import OTHER_DATA, RunDir
     from cifarlens.explain.cam import METHODS, default_layer, get_layer, resolve_class
 
     selectors = [f for f in ("mistakes", "per_class", "indices") if getattr(args, f) is not None]
@@ -85,7 +86,9 @@ def cmd_explain(args) -> int:
     if len(selection.images) == 0:
         print(f"nothing to explain: {selection.what}")
         return 0
-    out = Path(args.out) if args.out else run.path / "explain" / args.method
+    # other images than the run's: apart, as evaluate keeps their figures (a panel test_00181.png replaced the run's own)
+    base = run.path / OTHER_DATA / selection.other_data if selection.other_data else run.path
+    out = Path(args.out) if args.out else base / "explain" / args.method
     if out.exists() and not out.is_dir():
         raise CifarlensError(f"--out {out} is a file; explain writes a folder of figures")
     for folder in (out.resolve(), *out.resolve().parents[:3]):  # an image named curves.jpg would replace curves.png
@@ -163,7 +166,9 @@ def _files(run, items: list[str]) -> Selection:
 
 def _from_split(run, args) -> Selection:
     split = args.split or "test"
-    data = run.split(split, args.data_dir)
+    bundle = run.data(args.data_dir)
+    data, own = run.checked_split(split, args.data_dir, bundle)
+    other = None if own else f"{split}-{bundle.fingerprints['test' if split == 'test' else 'train']}"
     if len(data) == 0:
         raise CifarlensError(f"{run.path} has no {split} images" + (
             " (data.val_fraction 0); explain --split test" if split == "val" else ""))
@@ -178,7 +183,8 @@ def _from_split(run, args) -> Selection:
         what = f"the {len(index)} most confident mistake(s) on {split}"
     index = index.long().tolist()
     sources = [f"{split} #{i}" + (f" ({data.files[i]})" if data.files else "") for i in index]
-    return Selection(data.images[index], data.labels[index], [f"{split}_{i:05d}" for i in index], what, sources)
+    return Selection(data.images[index], data.labels[index], [f"{split}_{i:05d}" for i in index], what, sources,
+                     other_data=other)
 
 
 def _parse_indices(text: str, size: int) -> Tensor:
@@ -220,6 +226,7 @@ def write_explanations(out: Path, classes, selection: Selection, explanation, *,
 
     ex = explanation
     labels = selection.labels
+    _remove_earlier_panels(out, {f"{name}.png" for name in selection.names})
     captions = []
     for i, name in enumerate(selection.names):
         true = None if labels is None else int(labels[i])
@@ -248,6 +255,23 @@ def write_explanations(out: Path, classes, selection: Selection, explanation, *,
             atomic_write(out / "maps" / f"{name}.npy", lambda tmp, cam=cam: _save_npy(tmp, cam))
         written.append(f"maps/*.npy ({len(selection.names)} float32 arrays of {tuple(ex.maps.shape[1:])})")
     return written
+
+
+def _remove_earlier_panels(out: Path, keep: set[str]) -> None:
+    """Remove the per-image panels (and their maps) that an earlier explain into ``out`` listed in its
+    explanations.csv and this one does not write again: they piled up beside the new ones. Only plain
+    ``.png`` names in ``out`` itself, as explain writes them."""
+    import csv
+
+    try:
+        with (out / "explanations.csv").open(newline="") as f:
+            panels = [row["panel"] for row in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError, TypeError, csv.Error):  # none, or not ours: nothing to remove
+        return
+    for panel in set(panels) - keep:
+        if panel.endswith(".png") and Path(panel).name == panel and not panel.startswith("."):
+            for path in (out / panel, out / "maps" / f"{panel[:-4]}.npy"):
+                path.unlink(missing_ok=True)
 
 
 def _write_rows(path: Path, rows: list[list]) -> None:
