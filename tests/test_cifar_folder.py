@@ -292,3 +292,9 @@ def test_train_on_a_jpeg_copy_is_cifar10_in_the_run_and_report(tmp_path, capsys)
     capsys.readouterr()
     assert main(["compare", str(out), str(out)]) == 0
     assert "CIFAR-10 (JPEG copy)" in capsys.readouterr().out
+    webp = tmp_path / "webp"  # the note names the lossy format the copy holds
+    write_copy(webp, n_train=6, n_test=2, fmt="webp")
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(webp), "--epochs", "1", "--out",
+                 str(tmp_path / "run-webp"), *TINY]) == 0
+    page = (tmp_path / "run-webp" / "report.html").read_text()
+    assert "lossy compression (WEBP)" in re.search(r'<section id="literature">(.*?)</section>', page, re.DOTALL).group(1)

@@ -653,6 +653,7 @@ def test_hostile_class_names_are_escaped(tmp_path):
     assert "<script" not in page and hostile not in page
     assert esc(hostile) in section(page, "per-class") and "cat &amp; dog" in page
     assert "No published results are recorded for dataset" in section(page, "literature")
+    assert "official" not in section(page, "literature")  # an image folder has no official data to differ from
 
 
 # -- a real browser ------------------------------------------------------------------------------

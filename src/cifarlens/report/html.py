@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cifarlens.data.policies import describe_augmentation
+from cifarlens.images import LOSSY_EXTENSIONS, format_names
 from cifarlens.models.weights import describe_init
 from cifarlens.report.baselines import DATASETS, RECIPE_SOURCES, Baseline, baselines_for, citations
 from cifarlens.report.markup import duration, esc, flatten, flops_text, img, note, params_text, pct, table
@@ -268,6 +269,9 @@ def _robustness(d: ReportData) -> str:
             + table(header, rows, numeric=tuple(range(2, len(header)))) + per_class)
 
 
+LOSSY_FORMATS = format_names(LOSSY_EXTENSIONS)  # ("AVIF", "JPEG", "WEBP")
+
+
 def _literature(d: ReportData) -> str:
     b = d.budget
     run_acc = d.metrics["accuracy"] * 100
@@ -279,16 +283,18 @@ def _literature(d: ReportData) -> str:
     intro = (f"<p>This run: <b>{run_acc:.2f}%</b> test accuracy on {esc(d.dataset_label)} "
              f"({d.metrics['num_samples']:,} test images), {esc(d.model)}, recipe {esc(recipe)}, "
              f"augmentation {esc(augmentation)}, trained for {esc(budget)}.</p>")
-    if (d.meta.get("source") or {}).get("lossy"):
-        intro += note("This run's images went through lossy compression (JPEG), so they are not the official "
-                      "files the published rows used: expect its accuracy to differ somewhat from the same "
-                      "training on the official data.")
-    data_warnings = [str(w) for w in (d.meta.get("source") or {}).get("warnings") or []]
-    if data_warnings:  # e.g. a subset under the official names: not the split the published rows used
-        intro += note("What was read is not the official data as published: " + "; ".join(data_warnings))
-    if d.dataset not in DATASETS:
+    if d.dataset not in DATASETS:  # (an image folder: no published rows, so no official data to differ from)
         return intro + note(f"No published results are recorded for dataset {d.dataset!r}; "
                             f"cifarlens keeps them for {', '.join(DATASETS)} (see `cifarlens baselines`).")
+    source = d.meta.get("source") or {}
+    if source.get("lossy"):
+        formats = [f for f in source.get("formats") or [] if f in LOSSY_FORMATS] or ["JPEG"]
+        intro += note(f"This run's images went through lossy compression ({', '.join(formats)}), so they are not the "
+                      "official files the published rows used: expect its accuracy to differ somewhat from the "
+                      "same training on the official data.")
+    data_warnings = [str(w) for w in source.get("warnings") or []]
+    if data_warnings:  # e.g. a subset under the official names: not the split the published rows used
+        intro += note("What was read is not the official data as published: " + "; ".join(data_warnings))
     rows: list[Baseline | None] = list(baselines_for(d.dataset))
     position = sum(1 for r in rows if r is not None and r.accuracy > run_acc)
     rows.insert(position, None)  # None stands for this run
