@@ -644,7 +644,7 @@ def test_compare_says_whether_the_ece_is_calibrated(reported_run, tmp_path, caps
 def test_hostile_class_names_are_escaped(tmp_path):
     hostile = '<script>alert("x")<'
     data = make_imagefolder(tmp_path / "images", classes=(hostile, "cat & dog", "plain"), n_per_class=8,
-                            n_test_per_class=3, formats=("png",), sizes=((32, 32),), junk=False)
+                            n_test_per_class=3, formats=("png", "jpeg"), sizes=((32, 32),), junk=False)
     out = tmp_path / "run"
     assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data.data_dir), "--epochs", "1",
                  "--out", str(out), *TINY]) == 0
