@@ -652,6 +652,10 @@ def test_imagefolder_reads_every_jpeg_name_and_counts_what_it_skips(tmp_path):
     assert "3 file(s) under" in skipped and ".txt 1" in skipped and "no extension 1" in skipped
     assert "1 beside the class folders, in no class" in skipped and ".png" not in skipped.split("read:")[0]  # an image
     assert "valid/" in other and "rename it val/" in other
+    (tmp_path / "train" / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # a link whose file is gone
+    skipped = load_dataset("imagefolder", tmp_path, image_size=8).source.warnings[0]
+    assert "4 file(s) under" in skipped and f"1 link(s) to files that do not exist, e.g. {tmp_path}" in skipped
+    assert "2 beside" not in skipped  # not counted as an image beside the class folders
 
 
 def test_imagefolder_refuses_a_link_to_a_folder_above_the_class(tmp_path):

@@ -66,6 +66,8 @@ def list_images(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
         for f in files:
             path = Path(root) / f
             if f.startswith(".") or not os.path.isfile(path):
+                if skipped is not None and not f.startswith(".") and not os.path.exists(path):
+                    skipped.append(path)  # a link to a file that is gone: counted, not dropped without a word
                 continue
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(path)
@@ -92,14 +94,17 @@ def skipped_warning(where: Path, skipped: list[Path]) -> str | None:
     """"7 files under DIR are not read (not an image extension: .txt 4, .heic 3)", or None."""
     if not skipped:
         return None
-    loose = sum(path.suffix.lower() in IMAGE_EXTENSIONS for path in skipped)  # images a reader left: in no class
+    broken = [path for path in skipped if not os.path.exists(path)]  # links to files that are gone
+    files = [path for path in skipped if os.path.exists(path)]
+    loose = sum(path.suffix.lower() in IMAGE_EXTENSIONS for path in files)  # images a reader left: in no class
     counts: dict[str, int] = {}
-    for path in skipped:
+    for path in files:
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             counts[path.suffix.lower() or "no extension"] = counts.get(path.suffix.lower() or "no extension", 0) + 1
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
     reasons = ([f"{loose:,} beside the class folders, in no class"] if loose else []) + \
-        ([f"not an image extension: {kinds}; read: {', '.join(sorted(IMAGE_EXTENSIONS))}"] if counts else [])
+        ([f"not an image extension: {kinds}; read: {', '.join(sorted(IMAGE_EXTENSIONS))}"] if counts else []) + \
+        ([f"{len(broken):,} link(s) to files that do not exist, e.g. {broken[0]}"] if broken else [])
     return f"{len(skipped):,} file(s) under {where} are not read ({'; '.join(reasons)})"
 
 
