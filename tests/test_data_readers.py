@@ -226,6 +226,19 @@ def test_cifar_archive_path_traversal_refused(tmp_path):
     assert not (tmp_path.parent / "escaped.txt").exists()
 
 
+def test_an_incomplete_cifar_archive_is_named_and_leaves_no_folder(tmp_path):
+    """Its folder was put in place, and the folder's error said to extract the same archive again."""
+    make_cifar10(tmp_path / "full", n_train_per_batch=2, n_test=3)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for path in sorted((tmp_path / "full" / CIFAR10.folder).iterdir()):
+            if path.name != "data_batch_3":
+                tar.add(path, arcname=f"{CIFAR10.folder}/{path.name}")
+    with pytest.raises(CifarlensError, match=r"cifar-10-python.tar.gz is incomplete: it lacks "
+                                             r"cifar-10-batches-py/data_batch_3; delete it"):
+        load_dataset("cifar10", tmp_path, download=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz", "full"]
+
+
 def test_cifar_corrupt_archive(tmp_path):
     (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(CifarlensError, match="could not extract .*cifar-100-python.tar.gz"):

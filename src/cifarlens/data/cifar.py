@@ -289,6 +289,10 @@ def _extract(archive: Path, data_dir: Path, layout: CifarLayout) -> None:
         extracted = tmp / layout.folder
         if not extracted.is_dir():
             raise CifarlensError(f"archive {archive} does not contain {layout.folder}/; {fix}")
+        missing = [name for name in (layout.meta_file, *layout.train_files, layout.test_file)
+                   if not (extracted / name).is_file()]
+        if missing:  # not put in place: the folder's own error would say to extract this archive again
+            raise CifarlensError(f"archive {archive} is incomplete: it lacks {layout.folder}/{missing[0]}; {fix}")
         os.replace(extracted, data_dir / layout.folder)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]  # tarfile's messages run over several lines
