@@ -326,3 +326,9 @@ def test_other_test_images_are_measured_apart_and_a_reference_of_other_images_is
     assert "was measured on another dataset (its 100 classes are not this run's 10)" in capsys.readouterr().err
     assert main(["robustness", str(tiny_run), *flags, "--reference", str(tiny_run)]) == 0  # its own: mCE 100 %
     assert "mCE 100.0%" in capsys.readouterr().out
+    from cifarlens.api import load_run
+    from cifarlens.report import build_report_data
+    from cifarlens.report.html import _robustness
+
+    section = _robustness(build_report_data(load_run(tiny_run), gradcam=False))  # the saved result, one corruption
+    assert "One corruption of the CIFAR-10-C protocol" in section and "1 corruptions" not in section

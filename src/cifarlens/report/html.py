@@ -249,7 +249,8 @@ def _robustness(d: ReportData) -> str:
               if t.num_images < t.total_images else f"all {t.num_images:,} test images")
     official = t.source.startswith("official")
     how = (f"Images from the {esc(t.source)}." if official else
-           f"The {len(t.corruptions())} corruptions of the CIFAR-10-C protocol (Hendrycks &amp; Dietterich 2019) at its "
+           f"{'The ' + str(len(t.corruptions())) + ' corruptions' if len(t.corruptions()) > 1 else 'One corruption'} "
+           "of the CIFAR-10-C protocol (Hendrycks &amp; Dietterich 2019) at its "
            f"CIFAR severities, generated on the fly (seed {t.seed}) by cifarlens.corruptions; a few approximate the "
            "paper's generator (see docs/explain-and-report.md), so compare with published CIFAR-10-C numbers with "
            f"care. <code>cifarlens robustness {esc(d.run_path)}</code> runs all 5 severities on every test image, "
