@@ -220,7 +220,7 @@ def out_of_memory_error(err: BaseException, device: torch.device, batch: int) ->
     import re
 
     asked = re.search(r"ried to allocate ([\d.]+) ?(\w+)", str(err))  # CPU: "... 4503599627370496 bytes", CUDA: "20.00 MiB"
-    size = "" if asked is None else f" (asking for {int(asked[1]) / 2**30:.1f} GiB more)" if asked[2] == "bytes" \
+    size = "" if asked is None else f" (asking for {float(asked[1]) / 2**30:.1f} GiB more)" if asked[2] == "bytes" \
         else f" (asking for {asked[1]} {asked[2]} more)"
     return CifarlensError(f"out of memory on {device} while training with batch size {batch}{size}: "
                           "lower --batch-size")
