@@ -270,17 +270,17 @@ def test_a_dead_workers_running_trial_is_failed_and_replaced(data_dir, tmp_path)
 def test_a_worker_that_died_unwaited_counts_as_gone():
     """A worker process this one started stays a zombie until waited for; os.kill(pid, 0) still
     succeeds on it, so its trial was taken for running until the session ended."""
-    from cifarlens.tune.search import _alive
+    from cifarlens.tune.study import process_alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         deadline = time.monotonic() + 60
-        while _alive(child.pid):
+        while process_alive(child.pid):
             assert time.monotonic() < deadline, "a finished, unwaited child still counts as alive"
             time.sleep(0.05)
     finally:
         child.wait()
-    assert _alive(os.getppid())  # a live process is alive
+    assert process_alive(os.getppid())  # a live process is alive
 
 
 def test_a_storage_lost_mid_study_is_recognised_behind_optunas_own_errors():

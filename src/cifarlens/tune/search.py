@@ -53,9 +53,11 @@ from cifarlens.tune.study import (  # noqa: F401  (re-exported: they lived here)
     base_identity,
     default_study_name,
     make_pruner,
+    mark_interrupted,
     open_storage,
     open_study,
     pin_budget,
+    process_alive,
 )
 
 # Changing these needs the data read (and split) again; data.augment does not.
@@ -200,11 +202,11 @@ class Tuner:
             optuna.storages.fail_stale_trials(self.study)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = t.user_attrs.get("pid")
-            if t.user_attrs.get("host") == HOST and isinstance(pid, int) and not _alive(pid):
+            if t.user_attrs.get("host") == HOST and isinstance(pid, int) and not process_alive(pid):
                 with contextlib.suppress(ValueError, RuntimeError):  # another worker was faster
                     self.study.tell(t.number, state=TrialState.FAIL)
                     self.log(f"trial {t.number}: its worker (process {pid}) is gone; marked failed")
-                    _mark_killed(t.user_attrs.get("run_dir"))
+                    mark_interrupted(t.user_attrs.get("run_dir"))
 
     def _wants_more(self) -> bool:
         self._fail_dead_trials()
@@ -390,28 +392,3 @@ def run_tune(base_cfg: RunConfig, out_dir: str | Path, *, trials: int, **options
     tuner.work()
     return tuner.finish()
 
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this worker runs one trial at a time, and is between trials here
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a worker this process started stays a zombie until it is waited for: dead all the same
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):  # no /proc (macOS): os.kill's answer
-        return True
-
-
-def _mark_killed(run_dir: str | None) -> None:
-    """A dead worker's trial folder says "interrupted" (its run.json was left at "running")."""
-    from cifarlens.runs import RunDir
-
-    if run_dir and (Path(run_dir) / "run.json").is_file():
-        with contextlib.suppress(CifarlensError, OSError):
-            run = RunDir(run_dir)
-            if run.meta().get("status") == "running":
-                run.write_meta(status="interrupted")

@@ -266,3 +266,35 @@ def pin_budget(cfg: RunConfig) -> RunConfig:
 
 def default_study_name(cfg: RunConfig) -> str:
     return f"{cfg.data.dataset}-{cfg.model.name}"
+
+
+# ---------------------------------------------------------------------------
+# Workers that are gone
+# ---------------------------------------------------------------------------
+
+
+def process_alive(pid: int) -> bool:
+    """Whether the worker process ``pid`` on this machine still runs (this process, between trials: no)."""
+    if pid == os.getpid():
+        return False  # this worker runs one trial at a time, and is between trials here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a worker this process started stays a zombie until it is waited for: dead all the same
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (macOS): os.kill's answer
+        return True
+
+
+def mark_interrupted(run_dir: str | None) -> None:
+    """A dead worker's trial folder says "interrupted" (its run.json was left at "running")."""
+    from cifarlens.runs import RunDir
+
+    if run_dir and (Path(run_dir) / "run.json").is_file():
+        with contextlib.suppress(CifarlensError, OSError):
+            run = RunDir(run_dir)
+            if run.meta().get("status") == "running":
+                run.write_meta(status="interrupted")
