@@ -253,6 +253,44 @@ def test_lensnet_rejects_bad_config(kwargs, match):
         create_model("lensnet", 10, **kwargs)
 
 
+@pytest.mark.parametrize("kind", ["constant blue", "grey as RGB"])
+def test_fastnet_whitening_gives_no_constant_channel_on_images_that_never_vary_along_a_direction(kind, tmp_path):
+    """An image folder whose blue channel is always 0, or of grey images (read as RGB: three equal
+    channels), gave whitened channels that never vary; BatchNorm's eps 1e-12 turned their zero
+    variance into NaN (or a validation loss of 500,000) in the first epoch of the default model."""
+    import numpy as np
+    from PIL import Image
+
+    from cifarlens.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(64, 1, 32, 32, generator=g)
+    images = torch.cat([grey, grey, grey], 1) if kind == "grey as RGB" else \
+        torch.cat([torch.rand(64, 2, 32, 32, generator=g), torch.zeros(64, 1, 32, 32)], 1)
+    x = images - images.mean((0, 2, 3), keepdim=True)  # normalised as cifarlens does (a constant channel: std 1)
+    x = x / torch.where(x.std((0, 2, 3), keepdim=True) > 0, x.std((0, 2, 3), keepdim=True), torch.ones(()))
+    net = create_model("fastnet_cpu", 10)
+    net.data_init(x)
+    with torch.no_grad():
+        assert bool((net.whiten(x).var(dim=(0, 2, 3)) > 1e-6).all())  # every whitened channel varies
+    # the user's path: the default model trains on such a folder
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for label, channel in (("red", 0), ("green", 1)):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.zeros((32, 32, 3), np.uint8)
+                pixels[..., channel] = rng.integers(100, 255, (32, 32))
+                if kind == "grey as RGB":
+                    pixels[...] = pixels[..., channel:channel + 1] // (1 + channel)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "8",
+                 "--no-report", "--out", str(tmp_path / "run")]) == 0
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert float(history[1].split(",")[3]) < 10  # the validation loss
+
+
 def test_fastnet_whitening_caps_the_gain_of_faint_directions():
     """Patch whitening divides by sqrt(eigenvalue + whiten_eps): on images with almost no high
     frequencies (as JPEG leaves them), white noise must not come out of the first layer far

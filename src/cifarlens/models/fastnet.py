@@ -45,6 +45,8 @@ WHITEN_KERNEL = 2
 # clean accuracy (82.38 % vs 82.12 %, 4 epochs of fastnet_cpu + fast_cpu, 1 seed) and holds 76 %
 # under that noise (docs/explain-and-report.md, *The noise collapse*).
 WHITEN_EPS = 5e-2
+# an eigenvalue this small against the largest: a direction along which the images do not vary (see data_init)
+FLAT_DIRECTION = 1e-9
 
 
 class _BatchNorm(nn.BatchNorm2d):
@@ -133,8 +135,18 @@ class FastNet(ClassifierBase):
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * k * k)  # (P, C*k*k)
         patches = patches - patches.mean(dim=0)
         cov = patches.T @ patches / len(patches)  # (C*k*k, C*k*k)
-        eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).float()
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())  # ascending
+        filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]
+        # Directions the images never vary along (a channel that is constant, e.g. an image folder whose blue is
+        # always 0, or equal to another: grey images read as RGB) give feature maps that are constant, whose zero
+        # variance the blocks' BatchNorm (eps 1e-12, airbench's) turns into exploding gradients: NaN or a huge
+        # validation loss in the first epoch. They take the filters of the strongest directions instead (duplicate
+        # channels train as well). Natural images have no such direction: nothing changes for them.
+        flat = eigenvalues <= eigenvalues[-1] * FLAT_DIRECTION
+        if flat.any() and not flat.all():
+            strongest = (~flat).nonzero()[:, 0].flip(0)  # the others, strongest first, in turn
+            filters[flat] = filters[strongest[torch.arange(int(flat.sum())) % len(strongest)]]
+        filters = filters.float()
         filters = filters.reshape(-1, images.shape[1], k, k)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
         self.whiten.bias.zero_()
