@@ -200,7 +200,9 @@ def test_a_plan_on_pace_stays_and_one_off_pace_is_recut_to_end_inside_the_budget
     assert plan.replan(4, 5.0 + 100.0) == (None, [])  # nothing left to plan: the final line says how it went
     assert plan.estimate_s == 20.0 * 3 + 15.0
     assert plan.as_dict()["replanned"] == {"epochs": 4, "last_epoch_fraction": 0.75, "progressive_epochs": 0,
-                                           "progressive_res": 0}
+                                           "progressive_res": 0, "estimate_s": 75.0}
+    # run.json keeps the plan's own estimate beside the plan's epochs (it held the re-plan's, 75 s, beside 4 epochs)
+    assert plan.as_dict()["epochs"] == 4 and plan.as_dict()["estimate_s"] == 20.0 * 4
 
 
 def test_a_faster_machine_gets_back_up_to_the_planned_epochs_whole():

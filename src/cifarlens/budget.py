@@ -91,10 +91,12 @@ class BudgetPlan:
     most_epochs: int = 0  # a re-plan may lengthen the run up to this many epochs (MAX_STRETCH x the recipe's)
     now: TrainConfig | None = None  # the plan after the re-plans so far (replan); None: train
     warned: bool = False  # replan() has warned of an overrun (it warns once)
+    planned_s: float = 0.0  # the plan's own estimate, before any re-plan (estimate_s: the latest)
 
     def __post_init__(self):
         self.now = self.now or self.train
         self.most_epochs = max(self.most_epochs, self.train.epochs)
+        self.planned_s = self.planned_s or sum(self.epoch_s)
 
     @property
     def estimate_s(self) -> float:  # estimated time of the epochs
@@ -154,9 +156,11 @@ class BudgetPlan:
         replanned = {key: getattr(self.now, key) for key in REPLANNED} if self.now != self.train else None
         if replanned and milestones:
             replanned["milestones"] = milestones
+        if replanned:  # the epochs done as they went, then the new plan's
+            replanned["estimate_s"] = round(self.estimate_s, 1)
         return {"seconds": self.train.time_budget, "epochs": self.train.epochs,
                 "last_epoch_fraction": self.train.last_epoch_fraction,
-                "estimate_s": round(self.estimate_s, 1), "timing_s": round(self.probe_s, 2),
+                "estimate_s": round(self.planned_s, 1), "timing_s": round(self.probe_s, 2),
                 "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
                 "val_pass_s": round(self.eval_s, 2),
                 "replanned": replanned}
