@@ -7,7 +7,7 @@ docs/explain-and-report.md comes from it:
 
 Plain, fixed definitions (not cifarlens.corruptions) so that the figures stay comparable.
 """
-import json, sys, torch
+import argparse, json, torch
 from cifarlens.api import load_run
 import io
 import numpy as np
@@ -36,8 +36,11 @@ def jpeg(x, q):
         buf = io.BytesIO(); Image.fromarray(a).save(buf, format="JPEG", quality=q); buf.seek(0)
         out.append(np.asarray(Image.open(buf).convert("RGB")))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trained run folders")
+args = parser.parse_args()
 torch.set_num_threads(2)
-for path in sys.argv[1:]:
+for path in args.runs:
     run = load_run(path, device="cpu")
     test = run.data().test
     idx = subset_indices(len(test), 2000, 0)

@@ -152,6 +152,9 @@ def test_predict_cli_and_python_api(fashion_run, tmp_path, capsys):
     printed = capsys.readouterr()
     assert len(json.loads(printed.out)[0]["top"]) == 10
     assert printed.err == "cifarlens: warning: --topk 20 is more than the run's 10 classes: all of them are shown\n"
+    assert main(["predict", str(out), paths[0], "--json"]) == 0  # the default: 5
+    printed = capsys.readouterr()
+    assert len(json.loads(printed.out)[0]["top"]) == 5 and printed.err == ""
 
 
 def test_compiled_training_learns_what_eager_training_learns_and_saves_plain_weights(tmp_path):

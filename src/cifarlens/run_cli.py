@@ -34,7 +34,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", help="image files, or folders of them (read in sorted order, any depth)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, help="classes shown per image (default 5, or all of fewer)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--csv", metavar="FILE", help="also write one row per image to FILE: image, label_1, prob_1, "
                    "..., label_K, prob_K, temperature (empty: uncalibrated), error (for a spreadsheet or pandas)")
@@ -96,6 +96,7 @@ def cmd_predict(args) -> int:
     from cifarlens.api import load_run
     from cifarlens.runs import refuse_runs_file
 
+    given, args.topk = args.topk is not None, 5 if args.topk is None else args.topk
     if args.topk < 1:
         raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
     paths = image_paths(args.images)
@@ -104,7 +105,7 @@ def cmd_predict(args) -> int:
         refuse_runs_file(csv_path, "--csv", default="no table, the predictions printed")
     run = load_run(args.run_dir, device=args.device, calibrated=not args.no_calibration)
     _warn_if_unfinished(run.path)
-    if args.topk > len(run.info.classes):
+    if given and args.topk > len(run.info.classes):  # (the default 5 of a 3-class run: all 3, said by nothing)
         print(f"cifarlens: warning: --topk {args.topk} is more than the run's {len(run.info.classes)} classes: "
               "all of them are shown", file=sys.stderr)
     results, failed = [], 0
