@@ -61,6 +61,7 @@ def runs(tmp_path_factory):
     return root, data, proc
 
 
+@pytest.mark.slow  # the two trainings of the runs fixture, ~15 s; CI runs it with the slow set
 def test_two_processes_see_every_sample_once_per_epoch_and_agree_with_one(runs):
     root, _, _ = runs
     one, two = history(root / "one"), history(root / "two")
@@ -74,6 +75,7 @@ def test_two_processes_see_every_sample_once_per_epoch_and_agree_with_one(runs):
     assert env["world_size"] == 2 and json.loads((root / "one" / "environment.json").read_text())["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(runs):
     root, _, proc = runs
     log = (root / "two" / "train.log").read_text().splitlines()
@@ -230,8 +232,8 @@ def test_every_rank_validates_with_rank_zeros_batchnorm_statistics(tmp_path):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["True True"] * 2
 
 
-def test_bad_distributed_settings_are_clear_errors(runs, capsys):
-    root, data, _ = runs
+def test_bad_distributed_settings_are_clear_errors(tmp_path, capsys):
+    root, data = tmp_path, make_cifar10(tmp_path / "data", n_train_per_batch=20, n_test=20)
     common = ["train", *FLAGS, "--data-dir", str(data.data_dir), "--out", str(root / "bad")]
     assert main([*common, "--batch-size", "63", "--nproc", "2"]) == 2
     assert "divisible by the 2 processes" in capsys.readouterr().err

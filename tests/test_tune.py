@@ -148,6 +148,7 @@ def test_best_yaml_retrains_to_the_same_validation_accuracy(tiny_study, tmp_path
     assert meta["best_val_loss"] == best.user_attrs["val_loss"]
 
 
+@pytest.mark.slow  # two worker processes, ~7 s; CI runs it with the slow set
 def test_two_worker_processes_finish_one_study_between_them(data_dir, tmp_path):
     out = tmp_path / "out"
     space = write_space(tmp_path / "space.yaml")
