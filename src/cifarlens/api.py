@@ -168,9 +168,10 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         try:
             plan = plan_budget(model, train_loader, val_loader, precision, tc, tta=tc.tta and info.hflip)
         except (RuntimeError, MemoryError) as err:  # its timed steps are training steps: a GPU runs out here first
-            if out_of_memory_error(err, device, tc.batch_size) is None:
+            oom = out_of_memory_error(err, device, tc.batch_size)
+            if oom is None:
                 raise
-            raise out_of_memory_error(err, device, tc.batch_size) from None
+            raise oom from None
         cfg, tc, state.setup_seconds = replace(cfg, train=plan.train), plan.train, plan.probe_s
         why["epochs"] = f"time budget {tc.time_budget:g} s"  # the loader starts each epoch afresh: no trace of timing
     # built before the run folder exists (or --force empties it): a setting they refuse leaves none behind

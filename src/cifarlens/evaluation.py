@@ -19,7 +19,7 @@ from cifarlens.engine import FitState, Precision, predict_logits
 from cifarlens.errors import CifarlensError, user_os_error
 from cifarlens.inference import load_run
 from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
-from cifarlens.runs import OTHER_DATA, SPLIT_FILES, RunDir, claims_run
+from cifarlens.runs import SPLIT_FILES, RunDir, claims_run
 
 # fewer validation images than this give an unreliable temperature (a warning says so)
 FEW_CALIBRATION_IMAGES = 100
@@ -102,7 +102,7 @@ def evaluate_run(
     folder = None
     if not own:  # other test images (another test set of the same classes): its figures apart, the run's kept
         digest = bundle.fingerprints["test" if split == "test" else "train"]
-        folder = run.path / OTHER_DATA / f"{split}-{digest}"
+        folder = run.other_data(split, bundle.fingerprints)
         result |= {"data_dir": str(Path(data_dir or loaded.config.data.data_dir).resolve()), "fingerprint": digest}
         result["written_to"] = str(folder)
     try:

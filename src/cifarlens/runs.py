@@ -67,6 +67,11 @@ class RunDir:
     def split_file(self, pattern: str, split: str) -> Path:
         return self.path / pattern.format(split_suffix(split))
 
+    def other_data(self, split: str, fingerprints: dict[str, str]) -> Path:
+        """Where results on other images than the run's own go (evaluate, robustness, explain):
+        ``OTHER_DATA/<split>-<fingerprint>`` of those images (the training images' for "train"/"val")."""
+        return self.path / OTHER_DATA / f"{split}-{fingerprints['test' if split == 'test' else 'train']}"
+
     def is_run(self) -> bool:
         return (self.path / "config.yaml").is_file() and (self.path / "run.json").is_file()
 

@@ -50,12 +50,12 @@ class Selection:
     what: str  # for messages, e.g. "5 most confident mistakes on test"
     sources: list[str] | None = None  # where each image came from: its file, or "test #12" (explanations.csv)
     unreadable: int = 0  # image files left out, each named on stderr
-    other_data: str | None = None  # "test-<fingerprint>": a split of other images than the run's (--data-dir)
+    other_data: Path | None = None  # where results on a split of other images than the run's go (--data-dir)
 
 
 def cmd_explain(args) -> int:
     from cifarlens.api import load_run
-    from cifarlens.runs import OTHER_DATA, RunDir
+    from cifarlens.runs import RunDir
     from cifarlens.explain.cam import METHODS, default_layer, get_layer, resolve_class
 
     selectors = [f for f in ("mistakes", "per_class", "indices") if getattr(args, f) is not None]
@@ -87,7 +87,7 @@ def cmd_explain(args) -> int:
         print(f"nothing to explain: {selection.what}")
         return 0
     # other images than the run's: apart, as evaluate keeps their figures (a panel test_00181.png replaced the run's own)
-    base = run.path / OTHER_DATA / selection.other_data if selection.other_data else run.path
+    base = selection.other_data or run.path
     out = Path(args.out) if args.out else base / "explain" / args.method
     if out.exists() and not out.is_dir():
         raise CifarlensError(f"--out {out} is a file; explain writes a folder of figures")
@@ -165,10 +165,12 @@ def _files(run, items: list[str]) -> Selection:
 
 
 def _from_split(run, args) -> Selection:
+    from cifarlens.runs import RunDir
+
     split = args.split or "test"
     bundle = run.data(args.data_dir)
     data, own = run.checked_split(split, args.data_dir, bundle)
-    other = None if own else f"{split}-{bundle.fingerprints['test' if split == 'test' else 'train']}"
+    other = None if own else RunDir(run.path).other_data(split, bundle.fingerprints)
     if len(data) == 0:
         raise CifarlensError(f"{run.path} has no {split} images" + (
             " (data.val_fraction 0); explain --split test" if split == "val" else ""))

@@ -28,7 +28,7 @@ def cmd_robustness(args) -> int:
     from cifarlens.api import load_run
     from cifarlens.errors import CifarlensError
     from cifarlens.report import cifar_c
-    from cifarlens.runs import OTHER_DATA, RunDir
+    from cifarlens.runs import RunDir
 
     severities = _int_list(args.severities, "--severities")
     if any(not 1 <= s <= cifar_c.MAX_SEVERITY for s in severities):
@@ -56,7 +56,7 @@ def cmd_robustness(args) -> int:
             cifar_c.check_reference_data(args.reference, data)
         # other test images than the run's: their result apart, as evaluate keeps its figures (the report reads
         # RUN/robustness.json as the run's own)
-        folder = run.path if own else run.path / OTHER_DATA / f"test-{data['test_fingerprint']}"
+        folder = run.path if own else RunDir(run.path).other_data("test", bundle.fingerprints)
         common = dict(severities=severities, corruptions=names, max_images=args.images, seed=args.seed)
         if args.corruptions_dir:  # files the model cannot take: an error now
             source, cdir = cifar_c.official_files(run, args.corruptions_dir)
