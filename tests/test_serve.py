@@ -265,7 +265,8 @@ def hostile_requests(good_png: bytes):
         ("chunked, over the cap", dict(content=chunked_upload(3 * LIMIT), headers=multipart), 413,
          "upload too large"),
         ("wrong field name", dict(files={"image": ("a.png", good_png, "image/png")}), 422, "field 'file'"),
-        ("file as a text field", dict(data={"file": "a.png"}, files={"x": ("x", b"1")}), 422, "field 'file'"),
+        ("file as a text field", dict(data={"file": "a.png"}, files={"x": ("x", b"1")}), 422,
+         "'file' holds text, not a file"),
         ("raw image body", dict(content=good_png, headers={"content-type": "image/png"}), 415, "multipart/form-data"),
         ("json body", dict(json={"file": "a.png"}), 415, "multipart/form-data"),
         ("multipart without boundary", dict(content=b"--", headers={"content-type": "multipart/form-data"}), 400,
@@ -315,6 +316,9 @@ def test_hostile_inputs_get_json_errors_and_the_server_keeps_serving(client, tra
     for path, method, status in [("/nope", "GET", 404), ("/api/predict", "GET", 405), ("/api/health", "POST", 405)]:
         r = client.request(method, path)
         assert r.status_code == status and r.json()["status"] == status
+    for path in ("/", "/api/health"):  # uptime monitors and curl -I ask with HEAD (it was 405)
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
     assert sent >= 20
     again = client.post("/api/predict", files=upload(good))
     assert again.status_code == 200 and again.json()["top"] == expected

@@ -126,7 +126,9 @@ def create_app(
 
     from cifarlens.serve.page import PAGE, favicon_png
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    # HEAD as well as GET on the page and the health check: uptime monitors and `curl -I` ask with HEAD
+    # (Starlette's own routes answer it; FastAPI's GET routes answered 405)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         # the CSP makes "no external network" a browser-enforced fact, not just a habit
         return HTMLResponse(PAGE, headers={"Content-Security-Policy": (
@@ -137,7 +139,7 @@ def create_app(
     def favicon() -> Response:  # browsers ask for it on every page: a 404 would sit in their console
         return Response(favicon_png(), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
-    @app.get("/api/health")
+    @app.api_route("/api/health", methods=["GET", "HEAD"])
     def health() -> dict:
         return {"status": "ok", "model": service.model_name, "backend": chosen.name,
                 "warmed_up": service.warm_up_seconds is not None}
@@ -206,6 +208,10 @@ def _add_error_handlers(app: FastAPI) -> None:
                 return error_response(415, f"expected multipart/form-data with the image in the field 'file', "
                                            f"got content type {ctype[:60]!r}", detail=errors)
             if any(e["loc"][-1:] == ["file"] for e in errors):
+                if isinstance((await request.form()).get("file"), str):  # a part without a filename is text
+                    return error_response(422, "the form field 'file' holds text, not a file: send the image as "
+                                               "a file part, with a filename (curl -F file=@image.png)",
+                                          detail=errors)
                 return error_response(422, "no image in the form field 'file': send the image as multipart/"
                                            "form-data in a field named 'file'", detail=errors)
         message = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'request'}: {e['msg']}" for e in errors)
