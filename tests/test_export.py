@@ -239,6 +239,11 @@ def test_export_cli_onnx_and_safetensors(lensnet, tmp_path, capsys):
     assert notes.read_text() == '{"mine": true}' and not (tmp_path / "notes.safetensors").exists()
     assert main(["export", str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "UP.SAFETENSORS")]) == 0
     assert main(["export", str(run_dir), "--format", "safetensors", "--opset", "17"]) == 2
+    capsys.readouterr()
+    for fmt, name in (("onnx", "m.onnx"), ("safetensors", "m.safetensors")):  # a typo in the folder: not made
+        assert main(["export", str(run_dir), "--format", fmt, "--out", str(tmp_path / "typo" / name)]) == 2
+        assert f"no folder {tmp_path / 'typo'}" in capsys.readouterr().err
+        assert not (tmp_path / "typo").exists()
     assert main(["export", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
     assert "not found" in capsys.readouterr().err
 
