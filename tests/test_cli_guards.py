@@ -97,6 +97,17 @@ def test_a_run_folder_is_never_made_inside_another(finished_run, capsys):
     assert f"run folder {out} already exists" in capsys.readouterr().err
 
 
+def test_a_dangling_link_as_out_is_named(tmp_path, capsys):
+    """--out LINK whose target does not exist said only "File exists: LINK" (mkdir's error)."""
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "elsewhere" / "run")
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--no-download",
+                 "--epochs", "1", "--out", str(link)]) == 2
+    assert f"--out {link} is a link to {tmp_path / 'elsewhere' / 'run'}, which does not exist" in \
+        capsys.readouterr().err
+    assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
 def test_a_start_that_fails_leaves_nothing_that_blocks_the_same_command(tmp_path, monkeypatch, capsys):
     """A full disk as the run folder was made left checkpoints/ behind, and the same command, even
     with --force, was refused: 'a non-empty folder that is not a cifarlens run'."""

@@ -131,6 +131,9 @@ class RunDir:
         reads its data, and again when it creates the folder); True: an old run ``--force`` replaces."""
         if self.path.exists() and not self.path.is_dir():
             raise CifarlensError(f"--out {self.path} is a file, not a folder; choose another --out")
+        if self.path.is_symlink() and not self.path.exists():  # mkdir said "File exists"
+            raise CifarlensError(f"--out {self.path} is a link to {os.readlink(self.path)}, which does not exist; "
+                                 "make that folder or choose another --out")
         above = next((p for p in self.path.resolve().parents if RunDir(p).is_run()), None)
         if above is not None:  # that run's --force would delete it with its own files
             raise CifarlensError(f"--out {self.path} is inside the run folder {above}; choose another --out")
