@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 (held as surrogates) printed under a
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):  # UTF-8 locale: escaped,
+            stream.reconfigure(errors="backslashreplace")  # not a UnicodeEncodeError (C locales pass its bytes on)
     previous = signal.signal(signal.SIGTERM, Terminated.raise_it)  # main() runs in the main thread, as the CLI does
     python_format, warnings.formatwarning = warnings.formatwarning, format_warning
     try:

@@ -18,7 +18,7 @@ from cifarlens.data.pipeline import DataBundle, make_loader
 from cifarlens.engine import FitState, Precision, predict_logits
 from cifarlens.errors import CifarlensError, user_os_error
 from cifarlens.inference import load_run
-from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text
+from cifarlens.io import TEXT, atomic_write, atomic_write_json, atomic_write_text
 from cifarlens.runs import SPLIT_FILES, RunDir, claims_run
 
 # fewer validation images than this give an unreliable temperature (a warning says so)
@@ -134,7 +134,7 @@ def write_evaluation(run: RunDir, split: str, result: dict, logits: Tensor, labe
     raw = (raw_logits if raw_logits is not None else logits).softmax(dim=1).gather(1, prediction[:, None])[:, 0]
 
     def write_predictions(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
+        with tmp.open("w", newline="", **TEXT) as f:
             writer = csv.writer(f)
             named = files is not None and len(files) == len(labels)  # the folder datasets: which file it was
             writer.writerow(["index", *["file"] * named, "label", "prediction", "confidence", "confidence_uncalibrated"])

@@ -61,8 +61,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+# Text files are UTF-8 whatever the locale; a file name that is not UTF-8 (a zip made on Windows,
+# Latin-1 bytes: Python's str holds them as surrogates) is written with backslash escapes, e.g.
+# "test/a/\udcff.png", where strict UTF-8 raised at the end of a training.
+TEXT = dict(encoding="utf-8", errors="backslashreplace")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text, **TEXT))
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -93,7 +99,7 @@ def write_output_text(path: Path, text: str) -> None:
     or a named pipe (a rename would replace the device itself)."""
     path = Path(path)
     if path.exists() and not path.resolve().is_file():
-        with path.open("w") as f:
+        with path.open("w", **TEXT) as f:
             f.write(text)
         return
     atomic_write_text(path.resolve(), text)

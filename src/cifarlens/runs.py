@@ -31,7 +31,7 @@ from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict
 from cifarlens.data.base import MAX_IMAGE_SIZE, DataSource, DatasetInfo
 from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.errors import CifarlensError
-from cifarlens.io import atomic_write, atomic_write_json, atomic_write_text, stdout_to_devnull
+from cifarlens.io import TEXT, atomic_write, atomic_write_json, atomic_write_text, stdout_to_devnull
 
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
@@ -320,7 +320,7 @@ class RunDir:
 
     def write_history(self, history: list[dict]) -> None:
         def write(tmp: Path) -> None:
-            with tmp.open("w", newline="") as f:
+            with tmp.open("w", newline="", **TEXT) as f:
                 writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(history)
@@ -344,7 +344,7 @@ class RunDir:
     def note(self, line: str) -> None:
         """``line`` in train.log only (what the command line shows otherwise, e.g. the error that
         stopped the run)."""
-        with (self.path / "train.log").open("a") as f:
+        with (self.path / "train.log").open("a", **TEXT) as f:
             f.write(line + "\n")
 
 

@@ -266,7 +266,7 @@ def _remove_earlier_panels(out: Path, keep: set[str]) -> None:
     import csv
 
     try:
-        with (out / "explanations.csv").open(newline="") as f:
+        with (out / "explanations.csv").open(newline="", encoding="utf-8") as f:
             panels = [row["panel"] for row in csv.DictReader(f)]
     except (OSError, ValueError, KeyError, TypeError, csv.Error):  # none, or not ours: nothing to remove
         return
@@ -279,7 +279,9 @@ def _remove_earlier_panels(out: Path, keep: set[str]) -> None:
 def _write_rows(path: Path, rows: list[list]) -> None:
     import csv
 
-    with path.open("w", newline="") as f:
+    from cifarlens.io import TEXT
+
+    with path.open("w", newline="", **TEXT) as f:
         writer = csv.writer(f)
         writer.writerow(["panel", "source", "label", "prediction", "confidence", "explained", "empty_map"])
         writer.writerows(rows)

@@ -47,7 +47,7 @@ def ece_from_predictions(path: Path, n_bins: int = 15) -> float | None:
     """ECE from predictions.csv (label, prediction, confidence per image); None when absent."""
     if not path.is_file():
         return None
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"label", "prediction", "confidence"} <= set(rows[0]):
         return None
@@ -74,7 +74,7 @@ def _history_totals(history: Path) -> tuple[int | None, float | None, int | None
     """The images the epochs of history.csv trained on, their seconds and their number; None for
     a column it lacks (runs from before it) or a file that cannot be read."""
     try:
-        with history.open(newline="") as f:
+        with history.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error):
         return None, None, None

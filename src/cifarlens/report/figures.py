@@ -58,7 +58,7 @@ def read_history(path: Path) -> list[dict]:
         except ValueError:
             return None
 
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 

@@ -64,7 +64,7 @@ def saved_predictions(rd, labels: Tensor, classes, run_temperature: float | None
         return None
     try:
         metrics = json.loads(metrics_file.read_text())
-        with predictions_file.open(newline="") as f:
+        with predictions_file.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         index = {name: i for i, name in enumerate(classes)}
         true = torch.tensor([index[r["label"]] for r in rows], dtype=torch.int64)

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cifarlens.io import atomic_write
+from cifarlens.io import TEXT, atomic_write
 from cifarlens.plots import DPI  # (imported before pyplot: it selects Agg)
 from cifarlens.tune.space import SearchSpace
 
@@ -42,7 +42,7 @@ def write_trials_csv(trials, space: SearchSpace, path: Path) -> None:
     names = [p.name for p in space.params]
 
     def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
+        with tmp.open("w", newline="", **TEXT) as f:
             writer = csv.writer(f)
             writer.writerow([*TRIAL_COLUMNS, *names])
             for t in trials:
