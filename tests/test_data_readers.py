@@ -87,6 +87,52 @@ def test_the_extracted_folder_itself_is_read(tmp_path, dataset, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+@pytest.mark.parametrize("missing", ["test_batch", "batches.meta", "data_batch_2"])
+def test_the_extracted_folder_itself_lacking_a_file_is_named_not_downloaded_into(tmp_path, missing, monkeypatch):
+    """Without test_batch or batches.meta it was not recognised: a download would have nested the
+    official files inside the user's folder and trained on them."""
+    monkeypatch.setattr(cifar, "_download", lambda *a: pytest.fail("a download was attempted"))
+    make_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
+    (tmp_path / CIFAR10.folder / missing).unlink()
+    with pytest.raises(CifarlensError, match=rf"CIFAR-10 folder .*cifar-10-batches-py is incomplete: {missing} is "
+                                             r"missing; delete the folder and put cifar-10-python.tar.gz into"):
+        load_dataset("cifar10", tmp_path / CIFAR10.folder, download=True)
+
+
+def test_what_sits_where_the_archive_is_extracted_is_named(tmp_path):
+    """Beside a good archive: an empty folder was 'incomplete, put the archive there' (it was there),
+    a file of that name made the archive's extraction fail with 'delete it' (the archive)."""
+    data = make_cifar_archive(tmp_path, "cifar10", n_train_per_batch=2, n_test=3)
+    folder = tmp_path / CIFAR10.folder
+    folder.write_text("in the way")
+    with pytest.raises(CifarlensError, match=rf"{folder} is a file where the extracted CIFAR-10 folder goes; move it"):
+        load_dataset("cifar10", tmp_path, download=False)
+    folder.unlink()
+    folder.mkdir()  # empty: the archive is extracted into its place
+    assert_split(load_dataset("cifar10", tmp_path, download=False).test, data.test_images, data.test_labels)
+    (folder / "data_batch_4").unlink()
+    (folder / "data_batch_4").mkdir()
+    with pytest.raises(CifarlensError, match=rf"incomplete: data_batch_4 is not a file; delete the folder, and "
+                                             rf"{tmp_path / 'cifar-10-python.tar.gz'} beside it is extracted again"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_official_files_whose_training_labels_name_one_class_are_refused(tmp_path):
+    """They trained a 10-class model on one class (chance accuracy); image folders refuse one class."""
+    from cifarlens.config import DataConfig
+    from cifarlens.data.pipeline import prepare_data
+
+    make_cifar10(tmp_path, n_train_per_batch=4, n_test=10)
+    for name in CIFAR10.train_files:
+        path = tmp_path / CIFAR10.folder / name
+        batch = pickle.loads(path.read_bytes(), encoding="bytes")  # our own test file (py2 style)
+        batch[b"labels"] = [3] * len(batch[b"labels"])
+        path.write_bytes(pickle.dumps(batch))
+    with pytest.raises(CifarlensError, match=r"the training split of .* has one class only \(cat\); a classifier "
+                                             r"needs at least 2 classes"):
+        prepare_data(DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=False), seed=0)
+
+
 def test_official_files_with_other_counts_are_named_in_a_warning(tmp_path):
     """A subset saved under the official file names is not the official split: the run's log says so."""
     from cifarlens.data.base import count_warning

@@ -103,6 +103,11 @@ class CifarLayout:
     train_per_class: int  # images per class in the official split
     test_per_class: int
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The extracted folder's files: meta, training batches, test batch."""
+        return (self.meta_file, *self.train_files, self.test_file)
+
 
 CIFAR10 = CifarLayout(
     info=CIFAR10_INFO,
@@ -248,12 +253,14 @@ def _read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray
 
 
 def _read_folder(folder: Path, layout: CifarLayout) -> tuple[tuple[str, ...], Split, Split]:
-    for name in (layout.meta_file, *layout.train_files, layout.test_file):
+    for name in layout.files:
         if not (folder / name).is_file():
-            raise CifarlensError(
-                f"{layout.title} folder {folder} is incomplete: {name} is missing; delete the folder and put "
-                f"{layout.archive} into {folder.parent} (from {HOMEPAGE}) to extract it again"
-            )
+            archive = folder.parent / layout.archive
+            fix = (f"delete the folder, and {archive} beside it is extracted again" if archive.is_file() else
+                   f"delete the folder and put {layout.archive} into {folder.parent} (from {HOMEPAGE}) to extract "
+                   "it again")
+            what = "is not a file" if (folder / name).exists() else "is missing"
+            raise CifarlensError(f"{layout.title} folder {folder} is incomplete: {name} {what}; {fix}")
     classes = _read_names(folder / layout.meta_file, layout)
     parts = [_read_batch(folder / name, layout) for name in layout.train_files]
     train = Split(
@@ -289,8 +296,7 @@ def _extract(archive: Path, data_dir: Path, layout: CifarLayout) -> None:
         extracted = tmp / layout.folder
         if not extracted.is_dir():
             raise CifarlensError(f"archive {archive} does not contain {layout.folder}/; {fix}")
-        missing = [name for name in (layout.meta_file, *layout.train_files, layout.test_file)
-                   if not (extracted / name).is_file()]
+        missing = [name for name in layout.files if not (extracted / name).is_file()]
         if missing:  # not put in place: the folder's own error would say to extract this archive again
             raise CifarlensError(f"archive {archive} is incomplete: it lacks {layout.folder}/{missing[0]}; {fix}")
         os.replace(extracted, data_dir / layout.folder)
@@ -338,8 +344,10 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
     check_image_size(image_size)
     data_dir = Path(data_dir)
     folder = data_dir / layout.folder
-    if not folder.is_dir() and (data_dir / layout.meta_file).is_file() and (data_dir / layout.test_file).is_file():
-        folder = data_dir  # the extracted cifar-10-batches-py/ itself (a download would nest a copy inside it)
+    if not folder.exists() and any((data_dir / name).exists() for name in layout.files):
+        # the extracted cifar-10-batches-py/ itself, whole or not (its own error names what it lacks): a download
+        # would nest the official files inside it and train on them, not on the user's
+        folder = data_dir
     archive = data_dir / layout.archive
     if data_dir.exists() and not data_dir.is_dir():
         raise CifarlensError(f"data dir {data_dir} is a file; pass the folder that holds {layout.folder}/ or {layout.archive}")
@@ -350,6 +358,10 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
                                                     test_per_class=layout.test_per_class)
         info = layout.info
     else:
+        if folder.is_dir() and archive.is_file() and not any(folder.iterdir()):
+            folder.rmdir()  # an empty folder where the archive beside it goes: extracted as if it were not there
+        if folder.exists() and not folder.is_dir():
+            raise CifarlensError(f"{folder} is a file where the extracted {layout.title} folder goes; move it away")
         if not folder.is_dir():
             if not archive.is_file():
                 _refuse_partial_copy(data_dir, layout)  # never download over what looks like the user's copy

@@ -65,6 +65,10 @@ def prepare_data(cfg: DataConfig, seed: int, world: World = SINGLE) -> DataBundl
     ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
     if len(ds.test) == 0:
         raise CifarlensError(f"the test split of {cfg.data_dir} has no images: a run could not be evaluated")
+    present = torch.unique(torch.cat([ds.train.labels, *([ds.val.labels] if ds.val is not None else [])]))
+    if len(present) < 2:  # the official files' labels can say anything (image folders refuse this as they are read)
+        only = f"one class only ({ds.info.classes[int(present[0])]})" if len(present) else "no images"
+        raise CifarlensError(f"the training split of {cfg.data_dir} has {only}; a classifier needs at least 2 classes")
     prints = fingerprints(ds.train, ds.val, ds.test)
     if ds.val is not None:  # the source ships its own validation split (imagefolder val/)
         n, m = len(ds.train), len(ds.val)
