@@ -673,10 +673,12 @@ def test_imagefolder_resize_and_val(tmp_path):
 def test_imagefolder_all_formats_known():
     from torchvision.datasets.folder import IMG_EXTENSIONS as TV_EXTENSIONS
 
-    from cifarlens.images import IMAGE_EXTENSIONS
+    from cifarlens.images import IMAGE_EXTENSIONS, format_names
 
     assert set(TV_EXTENSIONS) | {".gif"} <= IMAGE_EXTENSIONS
     assert len(IMAGE_FORMATS) >= 9
+    # what a run records: one name a format, whatever the spelling (TIF and TIFF were two)
+    assert format_names({".tif", ".TIFF", ".jpg", ".JPEG", ".jfif", ".png"}) == ("JPEG", "PNG", "TIFF")
 
 
 def test_imagefolder_follows_linked_subfolders_once_and_survives_a_loop(tmp_path):
@@ -765,6 +767,10 @@ def test_imagefolder_class_names_in_either_unicode_form_and_not_text(tmp_path):
     (tmp_path / "ok" / "test" / nfc).rename(tmp_path / "ok" / "test" / nfd)  # as copied from a Mac
     ds = load_dataset("imagefolder", tmp_path / "ok")
     assert ds.info.classes == ("b", nfc) and sorted(ds.test.labels.tolist()) == [0, 1]
+    # the classes' order is their names' (NFC), not their bytes': "caff" before "café" in either form (NFD's
+    # "cafe" + accent sorted first, so a copy from a Mac numbered them the other way round)
+    make_imagefolder(tmp_path / "mac", classes=(nfd, "caff"), n_per_class=2, n_test_per_class=1, junk=False)
+    assert load_dataset("imagefolder", tmp_path / "mac").info.classes == ("caff", nfc)
     bad = tmp_path / "bad"
     make_imagefolder(bad, classes=("a", "b"), n_per_class=2, n_test_per_class=1, junk=False)
     os.rename(bytes(bad / "train" / "a"), bytes(bad / "train") + b"/caf\xe9")  # Latin-1 bytes, not UTF-8

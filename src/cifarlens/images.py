@@ -36,7 +36,8 @@ LOSSY_EXTENSIONS = JPEG_EXTENSIONS | frozenset({".webp", ".avif"})  # WebP and A
 
 def format_names(suffixes) -> tuple[str, ...]:
     """("JPEG", "PNG") for the file suffixes {".jpg", ".png", ".jpeg"}: what a run records as its data's formats."""
-    return tuple(sorted({"JPEG" if s.lower() in JPEG_EXTENSIONS else s.lstrip(".").upper() for s in suffixes}))
+    return tuple(sorted({"JPEG" if s.lower() in JPEG_EXTENSIONS else "TIFF" if s.lower() == ".tif" else
+                         s.lstrip(".").upper() for s in suffixes}))
 
 
 def list_images(folder: Path, skipped: list[Path] | None = None) -> list[Path]:

@@ -29,7 +29,9 @@ LAYOUT_HINT = "expected DIR/train/<class>/<image> and DIR/test/<class>/<image> (
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
-    return sorted((d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    """In the order of their class names (NFC), so a copy whose names are decomposed (NFD, from a Mac)
+    numbers its classes as the composed original did ("café" against "caff")."""
+    return sorted((d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")), key=class_name)
 
 
 def class_name(folder: Path) -> str:
