@@ -298,7 +298,8 @@ def test_the_augment_flag_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         parse("--augment", "standard+magic")
     assert "'magic' is not an augmentation level" in capsys.readouterr().err
-    for spec, message in (("flip+strong", "two levels, 'flip' and 'strong'"), ("cutout+cutout", "'cutout' is named twice")):
+    for spec, message in (("flip+strong", "two levels, 'flip' and 'strong'"), ("cutout+cutout", "'cutout' is named twice"),
+                          ("", "no level or policy named in ''"), (" + ", "no level or policy named")):  # "" was taken
         with pytest.raises(SystemExit):
             parse("--augment", spec)
         assert message in capsys.readouterr().err

@@ -81,8 +81,11 @@ def policy_names():
 
 def _augment_spec(text: str) -> tuple[str | None, list[str]]:
     """``--augment standard+cutout+autoaugment`` -> ("standard", ["cutout", "autoaugment"]);
-    without a level, None (the dataset's default level)."""
+    without a level, None: the level stays what it was (a --config file's, else the dataset's default)."""
     level, policies = None, []
+    if not text.strip("+ "):  # --augment "" or "$AUG" unset: said, not taken as "no policy"
+        raise argparse.ArgumentTypeError(f"no level or policy named in {text!r}; give e.g. standard or "
+                                          "standard+cutout (leave the flag out for the defaults)")
     for part in filter(None, (p.strip() for p in text.split("+"))):
         if part in augment_levels() and level is None:
             level = part
