@@ -44,6 +44,30 @@ __all__ = ["plot_confusion_matrix", "plot_training_curves", "row_normalize", "sa
 
 ANNOTATE_MAX_CLASSES = 20  # above this, numbers in cells are unreadable
 DPI = 150
+# Fonts that draw Chinese, Japanese and Korean class names, which matplotlib's own DejaVu Sans draws as
+# boxes: the first one installed is added as the fallback for the glyphs the default font lacks.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans SC",
+             "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "Microsoft YaHei",
+             "SimHei", "PingFang SC", "Hiragino Sans GB", "Hiragino Sans", "Yu Gothic", "Meiryo", "MS Gothic",
+             "Malgun Gothic", "Apple SD Gothic Neo", "Arial Unicode MS")
+
+
+def add_glyph_fallback() -> str | None:
+    """Add the first installed font of :data:`CJK_FONTS` behind matplotlib's default family (matplotlib
+    >= 3.6 takes a glyph from the next family of the list that has it); the font added, or None. A
+    family the user chose (matplotlibrc, rcParams) is left as it is."""
+    from matplotlib import font_manager
+
+    if list(matplotlib.rcParams["font.family"]) != ["sans-serif"]:
+        return None
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    fallback = next((name for name in CJK_FONTS if name in installed), None)
+    if fallback is not None:
+        matplotlib.rcParams["font.family"] = ["sans-serif", fallback]
+    return fallback
+
+
+add_glyph_fallback()
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
