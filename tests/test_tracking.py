@@ -261,8 +261,9 @@ def test_an_unusable_mlflow_store_is_one_line_and_leaves_no_run_folder(data_dir,
     for _ in range(2):
         assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri", f"sqlite:///{bad}")) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith(f"cifarlens: error: MLflow at sqlite:///{bad}: ")
-        assert not out.exists()
+        assert err == (f"cifarlens: error: --tracking-uri sqlite:///{bad}: {bad} is not an SQLite database (file is not "
+                       "a database); choose another file")  # before MLflow opens it
+        assert not out.exists() and bad.read_text() == "this is not SQLite"
     missing = tmp_path / "no" / "such" / "mlflow.db"  # MLflow made these folders, silently
     assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri", f"sqlite:///{missing}")) == 2
     assert f"the folder {missing.parent} does not exist" in capsys.readouterr().err

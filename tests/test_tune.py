@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -563,6 +564,75 @@ def test_sigterm_ends_tune_with_143_as_train_does(data_dir, tmp_path, monkeypatc
     monkeypatch.setattr(Tuner, "work", stopped)
     assert main(["tune", *base_args(data_dir), "--trials", "1", "--out", str(tmp_path / "o")]) == 143
     assert capsys.readouterr().err.startswith("cifarlens: terminated; run the same command again to continue study")
+
+
+def test_sigterm_during_a_trial_ends_tune_with_143(data_dir, tmp_path, monkeypatch, capsys):
+    """The trial's Terminated was re-raised as a plain KeyboardInterrupt: 130, "interrupted"."""
+    import cifarlens.api as api
+    from cifarlens.errors import Terminated
+
+    def terminated(*args, **kwargs):  # SIGTERM during the trial's training
+        raise Terminated()
+
+    monkeypatch.setattr(api, "train", terminated)
+    assert main(["tune", *base_args(data_dir), "--trials", "2", "--out", str(tmp_path / "o")]) == 143
+    assert "cifarlens: terminated; run the same command again" in capsys.readouterr().err
+
+
+def test_a_store_of_the_other_library_or_none_is_refused_untouched(data_dir, tmp_path, capsys):
+    """Optuna and MLflow add their tables to any SQLite file they are given, then fail on the mix
+    (a 60-line traceback); an MLflow database that is a folder was retried for two minutes."""
+    import hashlib
+    import sqlite3
+
+    def make(path, tables):
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            for table in tables:
+                db.execute(f"CREATE TABLE {table} (x INTEGER)")
+            db.commit()
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    mlflow_db, optuna_db, notes = tmp_path / "mlflow.db", tmp_path / "o1" / "study.db", tmp_path / "notes.db"
+    optuna_db.parent.mkdir()
+    files = {mlflow_db: make(mlflow_db, ["experiments", "runs", "metrics", "alembic_version"]),
+             optuna_db: make(optuna_db, ["studies", "trials", "version_info"]),
+             notes: make(notes, ["studies"])}
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--storage", f"sqlite:///{mlflow_db}",
+                                  "--out", str(tmp_path / "o2"), "--trials", "1"])
+    assert f"{mlflow_db} holds MLflow's tables (alembic_version, experiments, metrics, runs, ...), not Optuna's" in line
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--out", str(tmp_path / "o3"), "--trials", "1",
+                                  "--storage", f"sqlite:///{notes}"])
+    assert "holds another program's tables (studies, ...), not Optuna's" in line
+    line = run_cli_error(capsys, ["train", *base_args(data_dir), "--out", str(tmp_path / "run"), "--logger", "mlflow",
+                                  "--tracking-uri", f"sqlite:///{optuna_db}"])
+    assert "holds an Optuna study's tables (studies, trials, version_info, ...), not MLflow's" in line
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in files} == files
+    for uri, words in ((f"sqlite:///{tmp_path}", "is a folder, not a file"),
+                       ("sqlite:////proc/mlflow.db", "cannot create /proc/mlflow.db")):
+        line = run_cli_error(capsys, ["train", *base_args(data_dir), "--out", str(tmp_path / "run"),
+                                      "--logger", "mlflow", "--tracking-uri", uri])
+        assert words in line, line
+    # tune checks the trials' tracking before the first trial (each trial failed on it in turn)
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--out", str(tmp_path / "o4"), "--trials", "3",
+                                  "--set", "track.loggers=[mlflow]", "--set", f"track.tracking_uri=sqlite:///{tmp_path}"])
+    assert "is a folder, not a file" in line and not (tmp_path / "o4" / "trials").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_study_leaves_no_tune_json_to_refuse_the_corrected_command(data_dir, tmp_path, capsys):
+    """tune.json, written before the study was opened, named the refused study: 'holds study mini, not good'."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(study_name="mini", storage=storage)  # minimises: refused
+    out = tmp_path / "out"
+    args = ["tune", *base_args(data_dir), "--out", str(out), "--trials", "1", "--storage", storage]
+    assert "minimises" in run_cli_error(capsys, [*args, "--study", "mini"])
+    assert not (out / "tune.json").exists()
+    assert main([*args, "--study", "good", "--sampler-seed", "-5"]) == 2
+    assert "--sampler-seed must be >= 0, got -5" in capsys.readouterr().err
+    assert main([*args, "--study", "good", "--timeout", "nan"]) == 2
+    assert "--timeout must be > 0 seconds, got nan" in capsys.readouterr().err
+    assert main([*args, "--study", "good"]) == 0
+    assert json.loads((out / "tune.json").read_text())["study"] == "good"
 
 
 def test_sigterm_while_waiting_for_the_other_workers_ends_them_too(data_dir, tmp_path, monkeypatch, capsys):

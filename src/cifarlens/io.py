@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -103,6 +104,48 @@ def write_output_text(path: Path, text: str) -> None:
             f.write(text)
         return
     atomic_write_text(path.resolve(), text)
+
+
+# tables that tell an SQLite file's store (Optuna's schema since 1.x, MLflow's since 1.0)
+OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})
+MLFLOW_TABLES = frozenset({"experiments", "runs", "metrics"})
+
+
+def check_sqlite_store(path: Path, shown: str, *, needs: frozenset[str], kind: str,
+                       other: dict[str, frozenset[str]]) -> None:
+    """One-line errors before a library opens the SQLite file ``path`` as its store: a folder, a
+    folder it cannot write in, or a file that is not an SQLite database or holds another store's
+    tables (``needs`` are this store's; ``other``: {what: tables} of the usual mix-ups). Optuna
+    and MLflow both add their tables to any SQLite file they are given, then fail on the
+    mix. An empty file (or a database without tables) is new: fine; a missing one must be one this
+    process could make (a file beside it is made and removed; an MLflow run resumed must still find its
+    store gone)."""
+    import sqlite3
+
+    from cifarlens.errors import CifarlensError
+
+    if path.is_dir():
+        raise CifarlensError(f"{shown}: {path} is a folder, not a file")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not os.access(folder, os.W_OK | os.X_OK):  # SQLite writes a journal beside the file
+        raise CifarlensError(f"{shown}: the folder {folder} is not writable")
+    if not path.exists():
+        try:  # a file of another name: the store's own name may be opened meanwhile by another worker
+            _create_temp(folder, path.name).unlink()
+        except OSError as err:  # /proc, a read-only file system (root passes os.access)
+            raise CifarlensError(f"{shown}: cannot create {path} ({err.strerror})") from None
+        return
+    if path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:  # "file is not a database"
+        raise CifarlensError(f"{shown}: {path} is not an SQLite database ({err}); choose another file") from None
+    if tables and not needs <= tables:
+        what = next((name for name, marks in other.items() if marks <= tables), "another program's")
+        raise CifarlensError(f"{shown}: {path} holds {what} tables ({', '.join(sorted(tables)[:4])}, ...), not "
+                             f"{kind}'s; choose another file")
 
 
 def stdout_to_devnull() -> None:

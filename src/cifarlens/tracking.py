@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 
 from cifarlens.config import RunConfig, TrackConfig, to_dict
 from cifarlens.errors import CifarlensError
+from cifarlens.io import MLFLOW_TABLES, OPTUNA_TABLES, check_sqlite_store
 from cifarlens.registry import Registry
 from cifarlens.runs import RunDir
 
@@ -96,6 +97,9 @@ def check_reachable(names: Iterable[str], tracking_uri: str | None, timeout: flo
     folder = Path(absolute_uri(uri).removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
     if "mlflow" in names and folder is not None and not folder.is_dir():  # MLflow would make the folders
         raise CifarlensError(f"--tracking-uri {uri}: the folder {folder} does not exist; make it, or fix the path")
+    if "mlflow" in names and folder is not None:  # a folder, a read-only place: MLflow retried for two minutes
+        check_sqlite_store(Path(absolute_uri(uri).removeprefix("sqlite:///")), f"--tracking-uri {uri}",
+                           needs=MLFLOW_TABLES, kind="MLflow", other={"an Optuna study's": OPTUNA_TABLES})
     if "mlflow" in names and uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql"):
         _check_database(uri, timeout)
     if "mlflow" not in names or not uri.startswith(("http://", "https://")):

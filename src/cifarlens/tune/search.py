@@ -77,8 +77,10 @@ class Tuner:
                  sampler_seed: int | None = None, worker_index: int = 0, log: Callable[[str], None] | None = None):
         if trials < 1:
             raise CifarlensError(f"--trials must be >= 1, got {trials}")
-        if timeout is not None and timeout <= 0:
+        if timeout is not None and not timeout > 0:  # nan: never timed out
             raise CifarlensError(f"--timeout must be > 0 seconds, got {timeout}")
+        if sampler_seed is not None and sampler_seed < 0:  # numpy's SeedSequence raised, once study.db was made
+            raise CifarlensError(f"--sampler-seed must be >= 0, got {sampler_seed}")
         if pruner_startup < 0 or min_epochs < 1:
             raise CifarlensError("--pruner-startup must be >= 0 and --min-epochs >= 1")
         if pruner not in PRUNERS:
@@ -110,7 +112,7 @@ class Tuner:
         self.study: optuna.Study | None = None
         self._bundles: dict[tuple, Any] = {}
         self._failures_in_a_row, self._last_error = 0, ""
-        self._interrupted = False
+        self._interrupted: KeyboardInterrupt | None = None
         self._verbosity = optuna.logging.get_verbosity()  # restored after an interrupted trial
 
     # -- opening ---------------------------------------------------------------------------
@@ -119,9 +121,13 @@ class Tuner:
         from cifarlens.engine import resolve_device
         from cifarlens.recipes import resolve_train
 
+        from cifarlens import tracking
+
         resolve_train(self.base.train)  # a bad base config fails here, not in every trial
         check_settings(self.base.data)
         resolve_device(self.base.train.device)
+        tracking.check_available(self.base.track.loggers, self.base.track)  # each trial failed on these in turn
+        tracking.check_reachable(self.base.track.loggers, self.base.track.tracking_uri)
         self.space.check(self.base)
         self._check_out()
         data = self._bundle(self.base).fingerprints  # read before the study exists: a data error leaves none
@@ -141,6 +147,9 @@ class Tuner:
             raise
         self._claim_out_dir()
         self.study = open_study(self.storage, self.study_name, self.space, self.base, data)
+        if not (self.out / "tune.json").is_file():  # once the study is accepted: a refused one left a marker that
+            atomic_write_json(self.out / "tune.json", {"study": self.study_name,  # refused the corrected command
+                                                       "storage": self.storage.display})
         n_before = len(self.study.trials)
         if n_before == 0 and any((self.out / "trials").glob("[0-9]*")):
             raise CifarlensError(f"{self.out / 'trials'} holds trials of an earlier study {self.study_name}, "
@@ -180,13 +189,12 @@ class Tuner:
                                  f"{run}; a study needs a folder of its own")
 
     def _claim_out_dir(self) -> None:
+        """A folder holds one study: its tune.json names it (written once the study is opened)."""
         marker = self.out / "tune.json"
         if marker.is_file():
             owner = json.loads(marker.read_text()).get("study")
             if owner != self.study_name:
                 raise CifarlensError(f"{self.out} holds study {owner}, not {self.study_name}; use another --out")
-        else:
-            atomic_write_json(marker, {"study": self.study_name, "storage": self.storage.display})
 
     # -- claiming trials -------------------------------------------------------------------
     def _counts(self) -> dict:
@@ -238,7 +246,7 @@ class Tuner:
                 claim.release()
             if self._interrupted:
                 optuna.logging.set_verbosity(self._verbosity)
-                raise KeyboardInterrupt
+                raise self._interrupted
             if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
                 raise CifarlensError(f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last: {self._last_error}")
         counts = self._counts()
@@ -302,11 +310,11 @@ class Tuner:
             raise optuna.TrialPruned(f"training diverged: {str(err).split(';')[0]}") from None
         except CifarlensError as err:
             return self._failed(trial, err)
-        except KeyboardInterrupt:
-            # a FAIL without Optuna's traceback; work() re-raises once the trial is recorded, and
-            # Optuna's warning for a NaN value ("The value nan is not acceptable", which reads like a
-            # diverged loss) is silenced until then
-            self._interrupted = True
+        except KeyboardInterrupt as err:
+            # a FAIL without Optuna's traceback; work() re-raises it (Ctrl-C, or SIGTERM's Terminated:
+            # exit status 130 or 143) once the trial is recorded, and Optuna's warning for a NaN value ("The
+            # value nan is not acceptable", which reads like a diverged loss) is silenced until then
+            self._interrupted = err
             trial.set_user_attr("error", "interrupted")
             self.log(f"trial {trial.number} interrupted: recorded as failed; a continued study runs a new trial in its place")
             optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -24,6 +24,7 @@ import optuna
 
 from cifarlens.config import RunConfig, to_dict
 from cifarlens.errors import CifarlensError
+from cifarlens.io import MLFLOW_TABLES, OPTUNA_TABLES, check_sqlite_store
 from cifarlens.tune.space import MACHINE_KEYS, SearchSpace
 
 PRUNERS = ("median", "hyperband", "none")
@@ -108,6 +109,8 @@ def open_storage(url: str) -> Storage:
                                  "cannot share and which is lost at exit; give a file: sqlite:///FILE.db")
         path = Path(parsed.database)
         _require_folder(path, display)
+        check_sqlite_store(path, f"storage {display}", needs=OPTUNA_TABLES, kind="Optuna",
+                           other={"MLflow's": MLFLOW_TABLES})
         with contextlib.suppress(OSError):  # made as open() makes files (0666 less the umask): SQLite's own is 0644
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
