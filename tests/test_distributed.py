@@ -243,6 +243,24 @@ def test_bad_distributed_settings_are_clear_errors(tmp_path, capsys):
     assert not (root / "bad").exists()
 
 
+def test_torchruns_variables_left_in_the_shell_are_one_line(tmp_path):
+    """WORLD_SIZE=2 without torchrun ended in init_process_group's traceback (MASTER_ADDR expected);
+    WORLD_SIZE=abc printed its error, then a traceback from the module's exit path."""
+    import os
+
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=20, n_test=20)
+    for world, words in (("2", "WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT not: this is not a torchrun "
+                                "process"), ("abc", "RANK / WORLD_SIZE / LOCAL_RANK must be integers")):
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+        proc = subprocess.run([sys.executable, "-m", "cifarlens.cli", "train", *FLAGS, "--data-dir", str(data.data_dir),
+                               "--out", str(tmp_path / "run")], env=env | {"WORLD_SIZE": world, "RANK": "0"},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"cifarlens: error: {words}"), proc.stderr
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")  # before the CPU runs fixture
 def test_gpu_data_parallel_with_sync_batchnorm(runs, tmp_path):

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         # a torchrun worker (``--nproc``), done with the process group and its files: leave before the
         # interpreter's finalization, where gloo's worker threads can abort the process (SIGABRT,
         # "terminate called without an active exception"; pytorch/pytorch#179291): 2 of 13 finished

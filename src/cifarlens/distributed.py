@@ -82,6 +82,10 @@ def init(device_name: str) -> tuple[World, torch.device, bool]:
         torch.cuda.set_device(device)
     if dist.is_initialized():
         return current_world(), device, False
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:  # WORLD_SIZE left in the shell, not torchrun: init_process_group's ValueError, as a traceback
+        raise CifarlensError(f"WORLD_SIZE={world.world_size} is set but {' and '.join(missing)} not: this is not a "
+                             "torchrun process; unset WORLD_SIZE and RANK, or train on several processes with --nproc")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return current_world(), device, True
 
