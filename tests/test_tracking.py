@@ -242,6 +242,8 @@ def test_unknown_loggers_and_wrong_types_are_clear_errors(data_dir, tmp_path, ca
     assert capsys.readouterr().err.strip() == \
         "cifarlens: error: unknown logger 'wandb'; choose one of: " + ", ".join(list_trackers())
     assert not out.exists()
+    assert main(args(data_dir, out, "--epochs", "1", "--logger", ",")) == 2  # it logged nothing, silently
+    assert "--logger names no logger; give " in capsys.readouterr().err and not out.exists()
     with pytest.raises(CifarlensError, match="track.loggers"):
         merge(RunConfig(), {"track": {"loggers": 3}})
     with pytest.raises(CifarlensError, match="track.wandb"):

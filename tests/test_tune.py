@@ -433,11 +433,14 @@ def test_a_base_model_that_train_would_refuse_is_refused_before_any_trial(data_d
     assert "widths must be a non-empty list of positive integers" in line and not (tmp_path / "o").exists()
 
 
-def test_continuing_a_study_kept_elsewhere_without_its_storage_names_it(data_dir, tmp_path, capsys):
-    """It said the trials/ folder held "an earlier study" and left an empty study.db behind."""
+def test_continuing_a_study_kept_elsewhere_without_its_storage_names_it(data_dir, tmp_path, capsys, monkeypatch):
+    """It said the trials/ folder held "an earlier study" and left an empty study.db behind. A relative
+    storage path is kept absolute, so the hint holds from any folder."""
     out, journal = tmp_path / "o", tmp_path / "study.log"
     args = ["tune", *base_args(data_dir, epochs=1), "--trials", "1", "--out", str(out)]
-    assert main([*args, "--storage", f"journal:{journal}"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--storage", "journal:study.log"]) == 0
+    monkeypatch.chdir(out)
     line = run_cli_error(capsys, args)
     assert f"holds a study kept in storage journal:{journal} (its tune.json): pass --storage journal:{journal}" in line
     assert not (out / "study.db").exists()
@@ -478,7 +481,7 @@ def test_a_study_name_clash_with_another_space_or_base_config_is_refused(data_di
     line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--storage", url, "--study", "mine",
                                   "--space", str(other), "--out", str(tmp_path / "o1")])
     assert "study mine in" in line and "different search space (differs in: train.lr)" in line
-    assert "use another --study name or the same --space" in line
+    assert "use another --out (or --study name in a shared --storage), or the same --space" in line
     same = write_space(tmp_path / "same.yaml")
     line = run_cli_error(capsys, ["tune", *base_args(data_dir, epochs=3), "--storage", url, "--study", "mine",
                                   "--space", str(same), "--out", str(tmp_path / "o2")])

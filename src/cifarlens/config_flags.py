@@ -129,6 +129,8 @@ def config_from_args(args, *, resolve: bool = True):
         value = getattr(args, flag, None)
         if flag == "logger" and value is not None:  # --logger a --logger b,c -> [a, b, c]
             value = [name.strip() for part in value for name in part.split(",") if name.strip()]
+            if not value:  # --logger , or --logger "$LOGGERS" unset: nothing would be logged, silently
+                raise CifarlensError(f"--logger names no logger; give {' or '.join(loggers())}, or leave it out")
         if flag == "augment" and value is not None:  # LEVEL+POLICY+...: the policies, and the level if named
             value, policies = value
             overrides.setdefault("data", {})["policies"] = policies

@@ -80,10 +80,15 @@ DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", 
 def open_storage(url: str) -> Storage:
     """Open (creating if needed) the storage at ``url``: ``sqlite:///FILE``, ``journal:FILE`` or
     a SQLAlchemy database URL (``postgresql://USER:PASS@HOST/DB``, ``mysql+pymysql://...``).
-    Any failure is one :class:`CifarlensError` line, within about ``CONNECT_TIMEOUT_S``."""
+    Any failure is one :class:`CifarlensError` line, within about ``CONNECT_TIMEOUT_S``. A file's
+    relative path is made absolute (tune.json keeps it, and its hint must hold from any folder)."""
     import sqlalchemy.exc
     from sqlalchemy.engine import make_url
 
+    for scheme in ("journal:", "sqlite:///"):
+        name = url.removeprefix(scheme)
+        if url.startswith(scheme) and name not in ("", ":memory:") and not name.startswith(("/", "file:")):
+            url = scheme + str(Path(name).absolute())
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         _require_folder(path, url)
@@ -212,12 +217,12 @@ def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunCon
             optuna.logging.set_verbosity(verbosity)
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise CifarlensError(f"study {name} in {storage.display} minimises; cifarlens studies maximise "
-                                 "validation accuracy; use another --study name")
+                                 "validation accuracy; use another --study name, or another --storage")
         attrs = study.user_attrs
         if SPACE_ATTR not in attrs:
             if study.trials:
                 raise CifarlensError(f"study {name} in {storage.display} was not created by cifarlens tune; "
-                                     "use another --study name")
+                                     "use another --out (or --study name in a shared --storage)")
             study.set_user_attr(SPACE_ATTR, space_dict)
             study.set_user_attr(BASE_ATTR, base)
             if data is not None:
@@ -227,14 +232,15 @@ def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunCon
         old, new = attrs[SPACE_ATTR], space_dict
         differs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise CifarlensError(f"study {name} in {storage.display} was created with a different search space "
-                             f"(differs in: {', '.join(differs)}); use another --study name or the same --space")
+                             f"(differs in: {', '.join(differs)}); use another --out (or --study name in a shared "
+                             "--storage), or the same --space")
     # (a study stored by an older cifarlens may hold machine keys that it did not yet ignore)
     old = {k: v for k, v in (attrs.get(BASE_ATTR) or {}).items() if k not in MACHINE_KEYS}
     if old != base:
         differs = sorted(k for k in set(old) | set(base) if old.get(k) != base.get(k))
         raise CifarlensError(f"study {name} in {storage.display} was created with a different base config "
-                             f"(differs in: {', '.join(differs)}); use another --study name or the same "
-                             "--config and flags")
+                             f"(differs in: {', '.join(differs)}); use another --out (or --study name in a shared "
+                             "--storage), or the same --config and flags")
     if data is not None and attrs.get(DATA_ATTR, data) != data:  # data.data_dir may differ: not what it holds
         raise CifarlensError(f"study {name} in {storage.display} was run on other images than "
                              f"{base_cfg.data.data_dir} holds now; use another --study name (or --out) for this "
