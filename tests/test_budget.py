@@ -312,6 +312,10 @@ def test_a_run_that_falls_behind_its_budget_cuts_its_last_epoch_and_the_schedule
     assert main(["train", "--resume", str(tmp_path / "cut"), "--no-report"]) == 0
     resumed = list(csv.DictReader((tmp_path / "cut" / "history.csv").open()))
     assert [row["train_samples"] for row in resumed] == [row["train_samples"] for row in rows]
+    # the re-plan is in run.json and the closing line as uninterrupted (the resumed run had neither)
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["time_budget"]["replanned"]["epochs"] == 2
+    assert "time budget 0.1 s: trained 2 epochs, the last on 5% of its batches, in" in \
+        (tmp_path / "cut" / "train.log").read_text()
     a, b = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the cut last epoch and its schedule, as uninterrupted
 

@@ -276,6 +276,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                                      f"{', '.join(f'{m:g}' for m in state.replanned['milestones'])}")
             for line in lines:
                 log(line)
+            if new is not None and world.is_main:  # in run.json now: a resumed run (no plan of its own) keeps it
+                run.write_meta(time_budget=plan.as_dict(state.replanned.get("milestones")))
         if world.is_main:
             run.write_history(state.history)
             save_checkpoint(run.last_checkpoint, {
@@ -327,8 +329,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if not world.is_main:  # rank 0 alone finishes the run folder and evaluates on the test set
         return {}
     train_seconds = state.seconds
-    if plan is not None:
-        planned = plan.now  # after the re-plans
+    if tc.time_budget:  # a resumed run has no plan of its own: the checkpoint's re-plan, else the first plan
+        planned = plan.now if plan is not None else replace(tc, **state.replanned)  # after the re-plans
         trained = planned if state.epoch == planned.epochs else replace(tc, epochs=state.epoch, last_epoch_fraction=1.0)
         log(f"time budget {tc.time_budget:g} s: trained {epochs_text(trained)}{',' * (trained.last_epoch_fraction < 1)} "
             f"in {train_seconds:.0f} s "
