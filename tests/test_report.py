@@ -606,6 +606,15 @@ def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_p
     assert "identical" not in out
     assert "config: identical in all runs" in compare_runs([reported_run, reported_run])
     assert "stale" not in out
+    # what a run planned in the end: a time budget's re-plan (config.yaml keeps the first plan); early stops said
+    meta = json.loads((other / "run.json").read_text())
+    meta["time_budget"] = {"seconds": 60, "epochs": 11, "replanned": {"epochs": 2, "last_epoch_fraction": 0.85}}
+    meta["stopped_early"] = True
+    (other / "run.json").write_text(json.dumps(meta))
+    cfg["train"]["epochs"] = 11  # the first plan's, as config.yaml keeps it
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    row = next(line for line in compare_runs([reported_run, other]).splitlines() if line.startswith("run-lr "))
+    assert "2/2 stopped early" in row, row
 
 
 def test_compare_marks_test_metrics_older_than_the_weights_stale(reported_run, tmp_path, capsys):

@@ -234,6 +234,7 @@ def build_report_data(
     from cifarlens.config import to_dict
     from cifarlens.report import figures as F
     from cifarlens.calibration import reliability_bins_from_confidence
+    from cifarlens.report.compare import planned_epochs
     from cifarlens.report.html import Budget, ReportData
     from cifarlens.report.predictions import compute_predictions, saved_predictions
     from cifarlens.runs import RunDir
@@ -277,7 +278,7 @@ def build_report_data(
             config=to_dict(saved_cfg),  # as the run saved it, not with the --data-dir override
             environment=environment,
             meta=meta,
-            budget=Budget(epochs_done=_epochs_done(rd, meta), epochs_planned=saved_cfg.train.epochs,
+            budget=Budget(epochs_done=_epochs_done(rd, meta), epochs_planned=planned_epochs(saved_cfg, meta),
                           train_seconds=meta.get("train_seconds"), device=str(environment.get("device", "?")),
                           device_name=str(environment.get("device_name") or ""), status=str(meta.get("status", "")),
                           best_epoch=meta.get("best_epoch")),

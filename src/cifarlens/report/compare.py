@@ -112,7 +112,8 @@ def run_summary(run_dir: str | Path) -> dict:
     return {
         "path": str(rd.path), "name": rd.path.name, "config": to_dict(cfg),
         "dataset": (meta.get("source") or {}).get("label") or cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,
-        "epochs_done": epochs_done, "epochs_planned": cfg.train.epochs,
+        "epochs_done": epochs_done, "epochs_planned": planned_epochs(cfg, meta),
+        "stopped_early": bool(meta.get("stopped_early")),
         # a run that did not finish its epochs has no train_seconds: the epochs' own, so far
         "train_seconds": meta.get("train_seconds"), "seconds_so_far": seconds, "status": status,
         "device": env.get("device"), "device_name": env.get("device_name"),
@@ -122,6 +123,13 @@ def run_summary(run_dir: str | Path) -> dict:
         "init": describe_init(meta.get("init") or _init_from_config(cfg)),
         "params": model.get("params"), "forward_flops": model.get("forward_flops"), "train_images": images,
     }
+
+
+def planned_epochs(cfg, meta: dict) -> int:
+    """The epochs a run planned in the end: a time budget's last re-plan (run.json), else config.yaml's
+    (which keeps the first plan)."""
+    replanned = (meta.get("time_budget") or {}).get("replanned") or {}
+    return replanned.get("epochs") or cfg.train.epochs
 
 
 def _older_than_weights(rd: RunDir, path: Path) -> bool:
@@ -177,6 +185,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
 
     def epochs(s: dict) -> str:
         done = f"{num(s['epochs_done'], 'd')}/{num(s['epochs_planned'], 'd')}"
+        done += " stopped early" if s.get("stopped_early") else ""
         return done if s["status"] in (None, "finished") else f"{done} {s['status']}"
 
     rows = []
