@@ -199,7 +199,7 @@ def test_a_loss_that_diverges_on_one_rank_stops_every_rank_alike(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert outcomes[0] == outcomes[1], outcomes  # the same error, naming rank 1's step and loss
-    assert outcomes[0].startswith("TrainingExploded: the training loss became") and "at step 0 of" in outcomes[0]
+    assert outcomes[0].startswith("TrainingExploded: the training loss became") and "at step 1 of" in outcomes[0]
 
 
 SYNC_BUFFERS = """

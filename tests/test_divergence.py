@@ -25,8 +25,8 @@ def test_a_huge_lr_stops_the_run_as_diverged_with_one_line(tmp_path, capsys):
                  "--out", str(run), "--recipe", "reference", "--lr", "1e4", "--epochs", "3", *TINY])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
-    # checked every step on a CPU: stopped at step 1, the first step after the first update
-    assert "the training loss became " in err and " at step 1 of epoch 1/3, over the divergence limit 28.0" in err
+    # checked every step on a CPU: stopped at step 2 (counted from 1), the first step after the first update
+    assert "the training loss became " in err and " at step 2 of epoch 1/3, over the divergence limit 28.0" in err
     assert "--lr" in err
     assert json.loads((run / "run.json").read_text())["status"] == "diverged"
     assert "history.csv" not in [p.name for p in run.iterdir()]  # no epoch was completed
@@ -47,7 +47,7 @@ def test_the_report_of_a_diverged_run_shows_its_status(tmp_path):
                 p.mul_(1e6)
 
     run = tmp_path / "run"
-    with pytest.raises(TrainingExploded, match="at step 0 of epoch 2/3, over the divergence limit 28.0") as stopped:
+    with pytest.raises(TrainingExploded, match="at step 1 of epoch 2/3, over the divergence limit 28.0") as stopped:
         train(cfg, run, on_epoch_end=blow_up, report=False)
     loss = float(str(stopped.value).split("became ")[1].split(" ")[0])
     assert math.isfinite(loss) and loss > exploded_loss_limit(10)

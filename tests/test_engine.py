@@ -98,7 +98,7 @@ def test_nan_loss_stops_with_an_error(check_every):
     split = Split(images, torch.zeros(12, dtype=torch.int64))
     loader = TensorLoader(split, 4, lambda x, g: torch.log(x.float() - 1), device=torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(engine.TrainingDiverged, match="became nan at step 1 of"):
+    with pytest.raises(engine.TrainingDiverged, match="became nan at step 2 of"):
         engine.train_one_epoch(model, loader, optimizer, None, Precision(torch.device("cpu")), check_every=check_every)
 
 
@@ -137,7 +137,7 @@ def test_an_exploding_loss_stops_at_the_first_check_after_it(check_every):
                                desc="epoch 1/3")
     message = str(stopped.value)
     assert "\n" not in message and isinstance(stopped.value, engine.TrainingDiverged)
-    loss = float(re.search(r"became (\S+) at step 1 of epoch 1/3, over the divergence limit 16\.0 ", message)[1])
+    loss = float(re.search(r"became (\S+) at step 2 of epoch 1/3, over the divergence limit 16\.0 ", message)[1])
     assert math.isfinite(loss) and loss > engine.exploded_loss_limit(3) and "--lr" in message
     # step 1 exploded; the check after step k runs when (k + 1) % check_every == 0, or at the epoch's end
     assert loader.taken == {None: 2, 3: 3, 1000: 8}[check_every]

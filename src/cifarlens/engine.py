@@ -103,10 +103,10 @@ def _raise_if_diverged(bad_step: Tensor, bad_loss: Tensor, desc: str, num_classe
     loss, fix = bad_loss.item(), DIVERGED_FIX
     if math.isfinite(loss):
         raise TrainingExploded(
-            f"the training loss became {loss:.4g} at step {int(bad_step)} of {desc}, over the divergence limit "
+            f"the training loss became {loss:.4g} at step {int(bad_step) + 1} of {desc}, over the divergence limit "
             f"{exploded_loss_limit(num_classes):.1f} (= {EXPLODED_FACTOR:g} ln({num_classes} classes) + "
             f"{EXPLODED_MARGIN:g}, far worse than guessing); {fix}")
-    raise TrainingDiverged(f"the training loss became {loss} at step {int(bad_step)} of {desc}; {fix}")
+    raise TrainingDiverged(f"the training loss became {loss} at step {int(bad_step) + 1} of {desc}; {fix}")
 
 
 def train_one_epoch(
@@ -355,6 +355,7 @@ def fit(
             state.stopped_early = True
         on_epoch_end(state)
         if state.stopped_early:
-            log(f"early stopping: validation loss has not improved for {state.bad_epochs} epochs")
+            log(f"early stopping: validation loss has not improved for {state.bad_epochs} "
+                f"epoch{'s' * (state.bad_epochs != 1)}")
             break
     return state

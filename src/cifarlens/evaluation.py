@@ -61,8 +61,8 @@ def calibrate_run(
              f"the temperature stopped at its limit {fit.temperature:g}"
              if fit.temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE) else None)
     if doubt:
-        say(f"warning: calibration: {doubt}, an unreliable fit (--no-calibration gives the raw probabilities, "
-            "--set train.calibrate=false skips the fit)")
+        say(f"warning: calibration: {doubt}, an unreliable fit (evaluate, predict and serve --no-calibration give "
+            "the raw probabilities; train --set train.calibrate=false skips the fit)")
     return fit
 
 

@@ -275,7 +275,8 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.muon_lr < math.inf, "train.muon_lr must be >= 0 and finite (0 = train.lr)"),
         (0 <= cfg.muon_momentum < 1, "train.muon_momentum must be in [0, 1) (0 = train.momentum)"),
         (cfg.muon_ns_steps >= 1, "train.muon_ns_steps must be >= 1 (Newton-Schulz iterations per Muon update)"),
-        (0 <= cfg.time_budget < math.inf, "train.time_budget must be >= 0 seconds (0 = off, the recipe's epochs)"),
+        (0 <= cfg.time_budget < math.inf, "train.time_budget must be a finite number of seconds >= 0 (0 = off, the "
+                                          "recipe's epochs)"),
         (cfg.whiten_bias_epochs >= 0, "train.whiten_bias_epochs must be >= 0 (0 = the bias always trains)"),
         (cfg.progressive_res == 0 or cfg.progressive_res >= 8,
          "train.progressive_res must be 0 (off) or a width of at least 8 pixels, e.g. 24 for 32x32 images"),
