@@ -382,6 +382,10 @@ def test_corrupt_checkpoint_and_weights_are_refused(fashion_run, tmp_path):
     interrupted(broken)  # a finished run is not resumed at all
     proc = cli("train", "--resume", str(broken))
     assert proc.returncode == 2 and "last.pt" in proc.stderr and "Traceback" not in proc.stderr
+    whole = (out / "checkpoints" / "last.pt").read_bytes()  # cut short, as by a full disk or a copy that stopped
+    (broken / "checkpoints" / "last.pt").write_bytes(whole[:-100])
+    proc = cli("train", "--resume", str(broken))  # torch said "[Errno 22] Invalid argument", or a sentence cut short
+    assert proc.returncode == 2 and "(truncated: its zip archive ends before its directory" in proc.stderr, proc.stderr
 
 
 def _flip_a_byte_in_the_largest_tensor(path: Path) -> None:

@@ -25,6 +25,7 @@ def test_yaml_overlay_and_round_trip(tmp_path):
     ({"train": {"epochs": "ten"}}, "train.epochs' must be int"),
     ({"train": {"amp": "yes"}}, "must be bool"),
     ({"data": {"val_fraction": "half"}}, "must be float"),
+    ({"train": {"time_budget": "10m"}}, r"must be float, got '10m' \(in seconds, e.g. 600; the --time-budget flag"),
 ])
 def test_bad_values_are_rejected(values, match):
     with pytest.raises(CifarlensError, match=match):
@@ -34,6 +35,8 @@ def test_bad_values_are_rejected(values, match):
 def test_missing_and_invalid_yaml(tmp_path):
     with pytest.raises(CifarlensError, match="not found"):
         load_yaml(tmp_path / "nope.yaml")
+    with pytest.raises(CifarlensError, match="is a folder; give a YAML file"):  # it said "not found"
+        load_yaml(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(CifarlensError, match="not valid YAML"):

@@ -72,9 +72,9 @@ def torch_load_safely(path: Path, map_location="cpu"):
     advice to load the file unsafely; else the error's first line."""
     import warnings
 
-    member = _damaged_member(path)
-    if member is not None:
-        raise UnreadableFile(f"damaged: the bytes of its entry {member} do not match their checksum")
+    problem = _zip_problem(path)
+    if problem is not None:
+        raise UnreadableFile(problem)
     with warnings.catch_warnings():  # a pickle of another protocol: the failure below says enough
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
@@ -88,18 +88,32 @@ def torch_load_safely(path: Path, map_location="cpu"):
                 detail = next((line for line in lines if not line.startswith(_TORCH_BOILERPLATE)), "")
             elif isinstance(err, KeyError) or len(text) < 12:  # the unpickler lost in bytes that are no pickle: "101"
                 raise UnreadableFile(f"not a PyTorch file: {type(err).__name__} {text}".strip()[:200]) from None
-            else:
-                raise UnreadableFile((lines[0] if lines else type(err).__name__)[:200]) from None
+            else:  # "PytorchStreamReader failed reading zip archive: failed finding central directory. This is ..."
+                raise UnreadableFile(_first_sentence(lines[0]) if lines else type(err).__name__) from None
             raise UnreadableFile(f"the safe loader refused it: {detail.strip() or 'unsupported content'}"[:200]) from None
 
 
-def _damaged_member(path: Path) -> str | None:
-    """The first entry of a zip file (torch.save's format) whose bytes fail their CRC-32, else None
-    (also for a file that is no zip, or one zipfile cannot read: ``torch.load`` then says why)."""
+def _first_sentence(line: str, limit: int = 200) -> str:
+    """The line's first sentence, or its first ``limit`` characters and an ellipsis (torch's messages
+    go on with advice, and were cut mid-word)."""
+    first = line.split(". ", 1)[0].rstrip(".")
+    return first if len(first) <= limit else first[: limit - 3].rstrip() + "..."
+
+
+def _zip_problem(path: Path) -> str | None:
+    """What is wrong with a zip file (torch.save's format): an entry whose bytes fail their CRC-32, or
+    a file cut short (a zip's directory is at its end); None for an intact zip and for a file that is
+    no zip at all (``torch.load`` then says why)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except Exception:  # BadZipFile, OSError, EOFError, zlib.error...
+            member = archive.testzip()
+        return None if member is None else f"damaged: the bytes of its entry {member} do not match their checksum"
+    except zipfile.BadZipFile:
+        with path.open("rb") as f:
+            starts_as_zip = f.read(4) == b"PK\x03\x04"
+        return "truncated: its zip archive ends before its directory (cut short, e.g. by a full disk)" \
+            if starts_as_zip else None
+    except Exception:  # OSError, EOFError, zlib.error...
         return None
 
 

@@ -204,7 +204,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     else:  # pragma: no cover - only our own annotations reach here
         raise TypeError(f"unsupported annotation {hint!r} for {key}")
     name = getattr(hint, "__name__", str(hint))
-    quote = " (YAML read it as a number: quote it, e.g. '1e3')" if hint is str and isinstance(value, (int, float)) else ""
+    quote = " (YAML read it as a number: quote it, e.g. '1e3')" if hint is str and isinstance(value, (int, float)) else \
+        " (in seconds, e.g. 600; the --time-budget flag reads 10m)" if key.endswith("time_budget") else ""
     raise CifarlensError(f"config key {key!r} must be {name}, got {value!r}{quote}")
 
 
@@ -283,6 +284,8 @@ def dump_yaml(values, **options) -> str:
 def load_yaml(path: str | Path, what: str = "config file") -> dict:
     """The YAML file at ``path`` ({} when empty); a missing or malformed file is one error naming ``what``."""
     path = Path(path)
+    if path.is_dir():
+        raise CifarlensError(f"{what} {path} is a folder; give a YAML file")
     if not path.is_file():
         raise CifarlensError(f"{what} {path} not found")
     try:
