@@ -97,6 +97,10 @@ def test_the_extracted_folder_itself_lacking_a_file_is_named_not_downloaded_into
     with pytest.raises(CifarlensError, match=rf"CIFAR-10 folder .*cifar-10-batches-py is incomplete: {missing} is "
                                              r"missing; delete the folder and put cifar-10-python.tar.gz into"):
         load_dataset("cifar10", tmp_path / CIFAR10.folder, download=True)
+    make_cifar100(tmp_path / "c100", n_train=100, n_test=20)  # its files "train" and "test", a copy's folders' names
+    (tmp_path / "c100" / CIFAR100.folder / "test").unlink()
+    with pytest.raises(CifarlensError, match=r"CIFAR-100 folder .*cifar-100-python is incomplete: test is missing"):
+        load_dataset("cifar100", tmp_path / "c100" / CIFAR100.folder, download=True)
 
 
 def test_what_sits_where_the_archive_is_extracted_is_named(tmp_path):

@@ -344,9 +344,10 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
     check_image_size(image_size)
     data_dir = Path(data_dir)
     folder = data_dir / layout.folder
-    if not folder.exists() and any((data_dir / name).exists() for name in layout.files):
+    if not folder.exists() and any((data_dir / name).is_file() for name in layout.files):
         # the extracted cifar-10-batches-py/ itself, whole or not (its own error names what it lacks): a download
-        # would nest the official files inside it and train on them, not on the user's
+        # would nest the official files inside it and train on them, not on the user's (files: CIFAR-100's "train"
+        # and "test" are an image-folder copy's folders)
         folder = data_dir
     archive = data_dir / layout.archive
     if data_dir.exists() and not data_dir.is_dir():
