@@ -244,6 +244,8 @@ def test_export_cli_onnx_and_safetensors(lensnet, tmp_path, capsys):
         assert main(["export", str(run_dir), "--format", fmt, "--out", str(tmp_path / "typo" / name)]) == 2
         assert f"no folder {tmp_path / 'typo'}" in capsys.readouterr().err
         assert not (tmp_path / "typo").exists()
+    shutil.rmtree(run_dir / "export")  # the run's own export/ is made for any file named in it
+    assert main(["export", str(run_dir), "--format", "safetensors", "--out", str(run_dir / "export" / "b.safetensors")]) == 0
     assert main(["export", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
     assert "not found" in capsys.readouterr().err
 

@@ -167,7 +167,7 @@ def export_onnx(
         raise CifarlensError(f"--out {out} should end in .onnx (or give --format safetensors)")
     if out.is_dir():
         raise CifarlensError(f"{out} is a folder; give the file to write, e.g. {out / ONNX_FILE}")
-    _check_folder(out, given=out != default_onnx_path(run))
+    _check_folder(out, run)
     model = unwrap_model(run.model).eval()
     if run.calibrated:
         model = _Scaled(model, run.temperature).eval()
@@ -318,9 +318,9 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
     out = Path(out) if out is not None else run.path / "export" / "model.safetensors"
     if out.suffix.lower() != ".safetensors":
         raise CifarlensError(f"--out {out} should end in .safetensors")
-    _check_folder(out, given=out != run.path / "export" / "model.safetensors")
     for path in (out, out.with_suffix(".json")):  # the weights and their description beside them
         refuse_runs_file(path, "--out", default=str(run.path / "export" / "model.safetensors"), source=run.path)
+    _check_folder(out, run)
     if not _earlier_description(out):  # e.g. the user's own notes.json beside --out notes.safetensors
         raise CifarlensError(f"--out {out} would replace {out.with_suffix('.json')}, which is not an earlier "
                              "export's description (written beside the weights); choose another --out")
@@ -330,10 +330,10 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
     return out
 
 
-def _check_folder(out: Path, given: bool) -> None:
+def _check_folder(out: Path, run) -> None:
     """A file the user named goes into a folder that exists, as ``predict --csv``'s does (a typo in
-    the folder's name is an error, not a new folder); the default's folder (RUN/export) is made."""
-    if given and not out.parent.is_dir():
+    the folder's name is an error, not a new folder); the run's own export/ is made."""
+    if not out.parent.is_dir() and out.parent.absolute() != (run.path / "export").absolute():
         raise CifarlensError(f"--out {out}: no folder {out.parent}")
 
 
