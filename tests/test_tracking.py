@@ -266,6 +266,9 @@ def test_an_unusable_mlflow_store_is_one_line_and_leaves_no_run_folder(data_dir,
         assert err == (f"cifarlens: error: --tracking-uri sqlite:///{bad}: {bad} is not an SQLite database (file is not "
                        "a database); choose another file")  # before MLflow opens it
         assert not out.exists() and bad.read_text() == "this is not SQLite"
+    assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri", "bogus://x")) == 2
+    assert "MLflow at bogus://x: unknown store type 'bogus'; use http(s)://" in capsys.readouterr().err  # was "'bogus'"
+    assert not out.exists()
     missing = tmp_path / "no" / "such" / "mlflow.db"  # MLflow made these folders, silently
     assert main(args(data_dir, out, "--epochs", "1", "--logger", "mlflow", "--tracking-uri", f"sqlite:///{missing}")) == 2
     assert f"the folder {missing.parent} does not exist" in capsys.readouterr().err

@@ -326,6 +326,9 @@ class MlflowTracker(Tracker):
                     tags={"cifarlens.run_dir": str(run.path.resolve())}).info.run_id
                 run.write_meta(tracking=saved | {"mlflow_tracking_uri": self.uri, "mlflow_run_id": self.run_id})
         except Exception as err:  # noqa: BLE001 - unreachable server, unreadable store, unknown run id, ...
+            if "unsupported URI" in str(err):  # no such scheme in MLflow's registry: the innermost error said "'bogus'"
+                raise CifarlensError(f"MLflow at {self.uri}: unknown store type {self.uri.split(':', 1)[0]!r}; use "
+                                     "http(s)://HOST:PORT, sqlite:///FILE.db, postgresql://... or mysql://...") from None
             raise CifarlensError(f"MLflow at {self.uri}: {_first_words(err)}") from None
         log(f"tracking: MLflow run {self.run_id} (experiment {track.experiment!r}) at {self.uri}")
 
