@@ -241,6 +241,16 @@ def test_bad_distributed_settings_are_clear_errors(tmp_path, capsys):
     assert "SyncBatchNorm runs on GPUs only" in capsys.readouterr().err
     assert main([*common, "--nproc", "0"]) == 2
     assert not (root / "bad").exists()
+    capsys.readouterr()
+    # run-folder mistakes: one line from the launcher, before torchrun (each rank printed its own, then torchrun's)
+    (root / "notes").mkdir()
+    (root / "notes" / "mine.txt").write_text("mine")
+    for args, words in ((["train", *FLAGS, "--data-dir", str(data.data_dir), "--out", str(root / "notes")],
+                         "is a non-empty folder that is not a cifarlens run"),
+                        (["train", "--resume", str(root / "nothing")], "nothing")):
+        assert main([*args, "--nproc", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "torchrun" not in err[0], err
 
 
 def test_torchruns_variables_left_in_the_shell_are_one_line(tmp_path):

@@ -95,7 +95,14 @@ def launch_torchrun(args) -> int:
         raise CifarlensError(f"--nproc must be >= 1, got {args.nproc}")
     if "WORLD_SIZE" in os.environ:
         raise CifarlensError("--nproc starts torchrun itself; under torchrun, drop --nproc")
-    if not args.resume:  # the mistakes every rank would make, caught before starting them
+    from cifarlens.runs import RunDir
+
+    if args.resume:  # the mistakes every rank would make, caught before starting them (each rank printed its own)
+        from cifarlens.resume import resumed_config
+
+        resumed_config(RunDir(args.out if args.resume is True else args.resume), "cpu", None, None, lock=False)
+    else:
+        RunDir(args.out).check_new(force=args.force)
         from cifarlens.distributed import World, check_batch_size
         from cifarlens.engine import resolve_device
         from cifarlens.recipes import resolve_train
