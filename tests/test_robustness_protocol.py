@@ -63,6 +63,24 @@ def test_repeated_severities_and_corruptions_count_once(tiny_run, capsys):
     capsys.readouterr()
 
 
+def test_a_result_that_measured_more_is_kept_not_replaced(tiny_run, tmp_path, capsys):
+    """A quick check of one corruption replaced a result of all of them, without a word."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    base = ["robustness", str(run), "--images", "20", "--device", "cpu", "--severities", "3"]
+    assert main([*base, "--corruptions", "contrast,fog"]) == 0
+    wide = (run / RESULT_FILE).read_text()
+    capsys.readouterr()
+    assert main([*base, "--corruptions", "fog"]) == 0
+    assert "measured 1 cell(s) more (contrast at severity 3), which this one does not: kept as " \
+           "robustness.previous.json" in capsys.readouterr().out
+    assert (run / "robustness.previous.json").read_text() == wide
+    assert main([*base, "--corruptions", "fog"]) == 0  # the same again: replaced, nothing kept
+    assert "kept as" not in capsys.readouterr().out and (run / "robustness.previous.json").read_text() == wide
+
+
 def test_corruption_errors_refuse_a_reference_measured_differently():
     from cifarlens.errors import CifarlensError
 

@@ -37,6 +37,7 @@ from cifarlens.io import TEXT, atomic_write, atomic_write_json, atomic_write_tex
 RUN_FILES = (
     "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
     "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx", SIGNATURES_FILE, "robustness.json",
+    "robustness.previous.json",
 )
 # evaluate's results on other images than the run's own (another test set): OTHER_DATA/test-<fingerprint>/
 OTHER_DATA = "other-data"

@@ -77,7 +77,7 @@ def cmd_robustness(args) -> int:
             table = cifar_c.evaluate_generated(run, test, **common)
         errors = cifar_c.corruption_errors(table, reference) if reference else None
         print(cifar_c.format_result(table, errors), end="")
-        path = cifar_c.write_result(folder, table, errors, args.reference, data)
+        path = cifar_c.write_result(folder, table, errors, args.reference, data, log=print)
         print(f"written to {path}")
     return 0
 
