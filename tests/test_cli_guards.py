@@ -579,7 +579,9 @@ def test_nonsense_in_a_run_json_is_one_line_not_a_traceback_nor_a_silent_change(
     meta = json.loads((out / "run.json").read_text())
     for key, value, message in (("mean", "abc", "mean ['a', 'b', 'c'] is not 1 number(s)"),
                                 ("std", [-0.3], "std [-0.3] is not 1 number(s) > 0"),
-                                ("image_size", 0, "image_size 0 is not a width in pixels")):
+                                ("image_size", 0, "image_size 0 is not a width in pixels"),
+                                ("classes", [*meta["dataset"]["classes"][:-1], meta["dataset"]["classes"][0]],
+                                 f"its classes name {meta['dataset']['classes'][0]!r} twice")):  # was accepted
         (out / "run.json").write_text(json.dumps({**meta, "dataset": {**meta["dataset"], key: value}}))
         assert main(["evaluate", str(out)]) == 2
         err = capsys.readouterr().err.strip()

@@ -259,6 +259,9 @@ class RunDir:
                     or (key == "std" and not all(v > 0 for v in stats))]
         if type(info.image_size) is not int or not 1 <= info.image_size <= MAX_IMAGE_SIZE:
             problems.append(f"image_size {info.image_size!r} is not a width in pixels")
+        twice = sorted({str(c) for c in info.classes if info.classes.count(c) > 1})
+        if twice or not all(isinstance(c, str) and c for c in info.classes):  # a prediction would name two classes alike
+            problems.append(f"its classes name {twice[0]!r} twice" if twice else "a class name is not a non-empty text")
         if problems:
             raise CifarlensError(f"{self.path / 'run.json'}'s \"dataset\" record is damaged ({'; '.join(problems)}); "
                                  "restore the file")
