@@ -43,7 +43,7 @@ from cifarlens.data.base import (
     download_file,
     resize_uint8,
 )
-from cifarlens.data.cifar_folder import class_key, is_folder_copy, read_folder_copy
+from cifarlens.data.cifar_folder import is_folder_copy, read_folder_copy, refuse_partial_copy
 from cifarlens.errors import CifarlensError
 
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -321,23 +321,6 @@ def _download(data_dir: Path, layout: CifarLayout) -> Path:
     )
 
 
-def _refuse_partial_copy(data_dir: Path, layout: CifarLayout) -> None:
-    """One-line errors for a folder that looks like an image-folder copy but is not one: ``train/``
-    without ``test/``, or a split folder itself (class folders directly inside). Downloading the
-    official files into it instead would train on other data than the user's."""
-    if not data_dir.is_dir():
-        return
-    if (data_dir / "train").is_dir() and not (data_dir / "test").is_dir():
-        raise CifarlensError(f"{data_dir} has train/ but no test/: an image-folder copy of {layout.title} needs "
-                             f"both (train/<class>/, test/<class>/); add test/, or pass the folder that has both")
-    names = {class_key(c) for c in layout.info.classes}
-    inside = [d for d in data_dir.iterdir() if d.is_dir() and class_key(d.name) in names]
-    if len(inside) >= 2:
-        raise CifarlensError(f"{data_dir} holds class folders ({', '.join(sorted(d.name for d in inside)[:3])}, ...): "
-                             f"it looks like one split of an image-folder copy; pass the folder above it, which "
-                             f"holds train/ and test/")
-
-
 def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_size: int | None) -> LoadedDataset:
     """Read one CIFAR variant from data_dir (its extracted folder, or that folder itself, else the
     archive, else an image-folder copy, else download)."""
@@ -365,7 +348,7 @@ def read_cifar(layout: CifarLayout, data_dir: Path, *, download: bool, image_siz
             raise CifarlensError(f"{folder} is a file where the extracted {layout.title} folder goes; move it away")
         if not folder.is_dir():
             if not archive.is_file():
-                _refuse_partial_copy(data_dir, layout)  # never download over what looks like the user's copy
+                refuse_partial_copy(data_dir, layout.info, layout.title)  # never download over the user's copy
                 if not download:
                     raise CifarlensError(
                         f"{layout.title} not found: put {layout.archive} or the extracted {layout.folder}/ into "

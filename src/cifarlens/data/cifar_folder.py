@@ -137,3 +137,20 @@ def read_folder_copy(data_dir: Path, info: DatasetInfo, title: str, *, train_per
         warnings=tuple(f"{title} copy {data_dir}: {w}" for w in warnings),
     )
     return train, test, val, source
+
+
+def refuse_partial_copy(data_dir: Path, info: DatasetInfo, title: str) -> None:
+    """One-line errors for a folder that looks like an image-folder copy but is not one: ``train/``
+    without ``test/``, or a split folder itself (class folders directly inside). Downloading the
+    official files into it instead would train on other data than the user's."""
+    if not data_dir.is_dir():
+        return
+    if (data_dir / "train").is_dir() and not (data_dir / "test").is_dir():
+        raise CifarlensError(f"{data_dir} has train/ but no test/: an image-folder copy of {title} needs "
+                             f"both (train/<class>/, test/<class>/); add test/, or pass the folder that has both")
+    names = {class_key(c) for c in info.classes}
+    inside = [d for d in data_dir.iterdir() if d.is_dir() and class_key(d.name) in names]
+    if len(inside) >= 2:
+        raise CifarlensError(f"{data_dir} holds class folders ({', '.join(sorted(d.name for d in inside)[:3])}, ...): "
+                             f"it looks like one split of an image-folder copy; pass the folder above it, which "
+                             f"holds train/ and test/")
