@@ -137,6 +137,30 @@ def test_calibrate_command_refits_an_existing_run(calibrated_run, capsys):
     assert after["temperature"] == pytest.approx(before["temperature"], rel=1e-6)  # same weights, same data
 
 
+def test_a_fit_on_few_images_that_stops_at_a_limit_says_both(calibrated_run, tmp_path, monkeypatch):
+    """Only the few images were named; the temperature pinned at 20 went unsaid (and train has no
+    --no-calibration, which the warning offered it)."""
+    import shutil
+
+    import cifarlens.evaluation as evaluation
+
+    out = tmp_path / "run"
+    shutil.copytree(calibrated_run[0], out)
+    real = evaluation.fit_temperature
+
+    def pinned(logits, labels):
+        from dataclasses import replace
+
+        return replace(real(logits, labels), temperature=MAX_TEMPERATURE)
+
+    monkeypatch.setattr(evaluation, "fit_temperature", pinned)
+    lines = []
+    evaluation.calibrate_run(out, device="cpu", log=lines.append)
+    (warning,) = [line for line in lines if line.startswith("warning:")]
+    assert f"validation images and the temperature stopped at its limit {MAX_TEMPERATURE:g}" in warning
+    assert "evaluate, predict and serve --no-calibration" in warning
+
+
 def test_calibrate_says_when_the_runs_onnx_holds_another_temperature(calibrated_run, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -57,9 +57,10 @@ def calibrate_run(
     run.write_meta(calibration={**fit.as_dict(), "fitted_on": "val"})
     say(f"calibration: temperature {fit.temperature:.3f} fitted on {fit.images} validation images "
         f"(NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}, ECE {fit.ece_before:.2%} -> {fit.ece_after:.2%})")
-    doubt = (f"only {fit.images} validation images" if fit.images < FEW_CALIBRATION_IMAGES else
-             f"the temperature stopped at its limit {fit.temperature:g}"
-             if fit.temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE) else None)
+    doubts = [f"only {fit.images} validation images"] * (fit.images < FEW_CALIBRATION_IMAGES) + \
+        [f"the temperature stopped at its limit {fit.temperature:g}"] * (fit.temperature in (MIN_TEMPERATURE,
+                                                                                              MAX_TEMPERATURE))
+    doubt = " and ".join(doubts)  # both: a tiny split often pins the temperature at its limit too
     if doubt:
         say(f"warning: calibration: {doubt}, an unreliable fit (evaluate, predict and serve --no-calibration give "
             "the raw probabilities; train --set train.calibrate=false skips the fit)")
