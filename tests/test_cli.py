@@ -158,6 +158,41 @@ def test_predict_cli_and_python_api(fashion_run, tmp_path, capsys):
     assert len(json.loads(printed.out)[0]["top"]) == 5 and printed.err == ""
 
 
+def test_the_python_api_takes_what_a_notebook_has_and_refuses_what_it_would_misread(fashion_run, tmp_path):
+    """int64 or 0-255 float tensors, or normalised ones, gave confident nonsense; tensors of other sizes
+    went unresized; numpy images were refused with the array in the message; predict_proba read one
+    path as its characters; all images were one batch (4 GB for 10,000 CIFAR images)."""
+    import cifarlens.inference as inference
+
+    out, data = fashion_run
+    run = cifarlens.load_run(out)
+    grey = data.test_images[:6]  # (6, 1, 28, 28) uint8
+    expected = run.predict_proba(torch.from_numpy(grey))
+    path = tmp_path / "a.png"
+    Image.fromarray(grey[0, 0]).save(path)
+    pil = Image.open(path)
+    same = [torch.from_numpy(grey).float() / 255, torch.from_numpy(grey[0])]  # float in [0, 1]; one (C, H, W)
+    torch.testing.assert_close(run.predict_proba(same[0]), expected)
+    for one in (same[1], str(path), path, pil, grey[0, 0], grey[0].transpose(1, 2, 0), path.read_bytes(),
+                bytearray(path.read_bytes())):  # each alone: a batch of one
+        torch.testing.assert_close(run.predict_proba(one), expected[:1], msg=str(type(one)))
+    assert [p.labels for p in run.predict(iter([pil, grey[0, 0]]))] == [run.predict(pil)[0].labels] * 2
+    assert run.predict([]) == [] and run.predict_proba([]).shape == (0, 10)
+    for bad, words in ((torch.from_numpy(grey).long(), "uint8 (0-255) or float in [0, 1]; got torch.int64"),
+                       (torch.from_numpy(grey).float(), "holds pixels / 255, in [0, 1], not normalised; got values in"),
+                       (torch.full((1, 1, 28, 28), float("nan")), "got values in [nan, nan]"),
+                       (torch.zeros(2, 28, 28, 1, dtype=torch.uint8), "is (B, 1, 28, 28) (B, C, H, W); got (2, 28, 28, 1)"),
+                       (torch.zeros(1, 1, 32, 32, dtype=torch.uint8), "got (1, 1, 32, 32) (a tensor is not resized"),
+                       (np.zeros((2, 28, 28, 3), np.uint8), "a numpy image must be uint8 (H, W) or (H, W, C)"),
+                       (3.5, "got float"), (tmp_path, "is a folder, not an image")):
+        with pytest.raises(cifarlens.CifarlensError, match=re.escape(words)):
+            run.predict_proba(bad)
+    many = torch.from_numpy(np.repeat(grey, 50, axis=0))  # 300 images: two chunks, the same figures
+    assert len(many) > inference.PREDICT_CHUNK
+    torch.testing.assert_close(run.predict_proba(many), expected.repeat_interleave(50, dim=0))
+    assert pil.tell() == 0 and len(run.predict([pil] * 3)) == 3
+
+
 def test_compiled_training_learns_what_eager_training_learns_and_saves_plain_weights(tmp_path):
     data = make_fashion_mnist(tmp_path / "data", n_train=200, n_test=50)
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"

@@ -388,8 +388,8 @@ def test_batch_of_one_and_target_as_int():
 # ---------------------------------------------------------------------------
 
 
-def fake_run(tmp_path: Path) -> Run:
-    info = DatasetInfo("synthetic", CIFAR10_CLASSES, 3, 32, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
+def fake_run(tmp_path: Path, size: int = 32) -> Run:
+    info = DatasetInfo("synthetic", CIFAR10_CLASSES, 3, size, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
     return Run(tmp_path, RunConfig(), info, tiny_model(), torch.device("cpu"))  # no TTA, no temperature
 
 
@@ -598,7 +598,7 @@ def test_cli_image_files_and_indices(cifar_run, tmp_path, capsys):
 def test_cli_warns_in_one_line_for_a_2x2_layer(tmp_path, capsys):
     from cifarlens.explain.cli import _explain_all
 
-    run = fake_run(tmp_path)
+    run = fake_run(tmp_path, size=8)
     images = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
     ex = _explain_all(run, images, "gradcam", None, "stages.1")  # 8x8 input: 2x2 after the last pool
     assert ex.layer_size == (2, 2)

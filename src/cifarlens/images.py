@@ -23,7 +23,7 @@ from cifarlens.errors import CifarlensError
 # unlike PIL's warning filter). PIL itself refuses images over 2 x MAX_IMAGE_PIXELS.
 MAX_PIXELS = 40_000_000
 
-ImageSource = Union[str, Path, bytes, Image.Image]
+ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 # the files the folder readers take as images: torchvision.datasets.folder.IMAGE_EXTENSIONS plus GIF,
 # the other names of JPEG files (.jpe, .jfif: web downloads), AVIF, APNG, Netpbm and TGA, all of which
@@ -160,14 +160,35 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im.convert("RGB" if channels == 3 else "L")
 
 
-def load_image(source: ImageSource, channels: int, size: int, name: str | None = None) -> torch.Tensor:
-    """A path, bytes or PIL image -> uint8 tensor (channels, size, size).
+def _from_array(a: np.ndarray) -> Image.Image:
+    """A uint8 numpy image, (H, W) or (H, W, C) with C 1, 3 or 4 (``np.asarray(pil_image)``), as a PIL image."""
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise CifarlensError(f"a numpy image must be uint8 (H, W) or (H, W, C) with C 1, 3 or 4, as np.asarray(a PIL "
+                             f"image) gives; got {a.dtype} {tuple(a.shape)} (a batch: a list of images, or a "
+                             "(B, C, H, W) tensor)")
+    return Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else np.ascontiguousarray(a))
 
-    First frame of animations, EXIF orientation applied, resized (bilinear, antialiased
-    when shrinking; aspect ratio not kept). Raises CifarlensError naming ``name`` (or the
-    path) when the image cannot be decoded or is too large.
+
+def load_image(source: ImageSource, channels: int, size: int, name: str | None = None) -> torch.Tensor:
+    """A path, bytes (or bytearray), a file object, a PIL image or a uint8 numpy array (H, W) or
+    (H, W, C), as ``np.asarray(pil_image)`` gives -> uint8 tensor (channels, size, size).
+
+    First frame of animations (a PIL image's own frame is left as it was), EXIF orientation
+    applied, resized (bilinear, antialiased when shrinking; aspect ratio not kept). Raises
+    CifarlensError naming ``name`` (or the path) when the image cannot be decoded or is too large.
     """
+    if isinstance(source, (bytearray, memoryview)):
+        source = bytes(source)
+    if isinstance(source, np.ndarray):
+        source = _from_array(source)
+    if not isinstance(source, (str, os.PathLike, bytes, Image.Image)) and not hasattr(source, "read"):
+        raise CifarlensError(f"an image is a path, bytes, a file object, a PIL image or a uint8 numpy array (H, W) "
+                             f"or (H, W, C); got {type(source).__name__}")
     name = name or ("upload" if isinstance(source, bytes) else str(source))
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        raise CifarlensError(f"{name} is a folder, not an image (cifarlens predict takes folders; in Python, list its "
+                             "images)")
+    frame = source.tell() if isinstance(source, Image.Image) else None
     try:
         if isinstance(source, Image.Image):
             im = source
@@ -198,6 +219,9 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
     except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
         reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the upload", str(err))  # no memory addresses
         raise CifarlensError(f"cannot read image {name} ({type(err).__name__}: {reason}); is it an image file?") from None
+    finally:
+        if frame:  # the caller's animation, back at its frame
+            source.seek(frame)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)
