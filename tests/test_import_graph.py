@@ -76,3 +76,16 @@ def test_no_import_circle_in_cifarlens():
     graph = import_graph()
     assert "cifarlens.engine" in graph and "cifarlens.device" in graph["cifarlens.engine"]
     assert cycles(graph) == []
+
+
+def test_the_package_gives_its_api_and_its_modules_on_first_use():
+    """cifarlens.export.load_exported(...), as the docs write it, failed after a bare `import cifarlens`."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cifarlens; assert 'cifarlens.export' not in sys.modules; "
+            "assert callable(cifarlens.export.load_exported) and callable(cifarlens.load_run); "
+            "assert {'export', 'load_run', 'train', 'tune'} <= set(dir(cifarlens)); "
+            "assert not hasattr(cifarlens, 'nothing')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

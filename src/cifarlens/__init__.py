@@ -15,8 +15,17 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # cifarlens.export.load_exported(...) after import cifarlens
     raise AttributeError(f"module 'cifarlens' has no attribute {name!r}")
+
+
+def __dir__():  # what a notebook's tab completion offers: the API and the modules
+    import pkgutil
+
+    return sorted({*globals(), *_EXPORTS, *(m.name for m in pkgutil.iter_modules(__path__))})
