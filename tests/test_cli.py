@@ -191,6 +191,20 @@ def test_the_python_api_takes_what_a_notebook_has_and_refuses_what_it_would_misr
     assert len(many) > inference.PREDICT_CHUNK
     torch.testing.assert_close(run.predict_proba(many), expected.repeat_interleave(50, dim=0))
     assert pil.tell() == 0 and len(run.predict([pil] * 3)) == 3
+    assert run.status == "finished" and repr(run).startswith(f"Run({str(out)!r}, model=")
+
+
+def test_a_run_folder_given_from_python_as_tilde_is_the_home_folders(fashion_run, tmp_path, monkeypatch):
+    """cifarlens.train(cfg, "~/runs/x") made a folder named "~" in the working folder (a shell expands ~, Python
+    does not), and load_run("~/...") said it was not found."""
+    import shutil
+
+    out, _ = fashion_run
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(out, tmp_path / "runs" / "r")
+    monkeypatch.chdir(tmp_path)
+    assert cifarlens.load_run("~/runs/r").path == tmp_path / "runs" / "r"
+    assert not (tmp_path / "~").exists()
 
 
 def test_compiled_training_learns_what_eager_training_learns_and_saves_plain_weights(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -267,6 +268,15 @@ def test_safetensors_export_rebuilds_the_same_model(name, runs, tmp_path):
     x = run.preprocess(torch.from_numpy(data.test_images[:4]))
     with torch.no_grad():
         assert torch.equal(model(x), run.model(x))
+    # a folder, a typo, a damaged description: one CifarlensError each (a missing .json was named, or a raw
+    # JSONDecodeError / KeyError came out)
+    for target, text, words in ((tmp_path, None, "is a folder"), (tmp_path / "typo.safetensors", None, "not found"),
+                                (path, "{not json", "is not the description `cifarlens export` writes"),
+                                (path, "[]", "is not the description"), (path, '{"model": {}}', "is not the description")):
+        if text is not None:
+            path.with_suffix(".json").write_text(text)
+        with pytest.raises(CifarlensError, match=re.escape(words)):
+            export.load_exported(target)
 
 
 @pytest.mark.parametrize("opset", [7, 17, 99])

@@ -354,14 +354,22 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict]:
     from cifarlens.checkpoint import load_state_into, load_weights
     from cifarlens.models import create_model
 
-    path = Path(path)
+    path = Path(path).expanduser()
+    if not path.is_file():  # (a folder, or a typo: it named the missing .json beside it)
+        raise CifarlensError(f"{path} is {'a folder' if path.is_dir() else 'not found'}; give the .safetensors file "
+                             "that `cifarlens export --format safetensors` wrote")
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         raise CifarlensError(f"{sidecar} not found; it is written next to the weights by `cifarlens export`")
-    description = json.loads(sidecar.read_text())
-    ds = description["dataset"]
-    model = create_model(description["model"]["name"], num_classes=len(ds["classes"]),
-                         in_channels=ds["in_channels"], **description["model"]["kwargs"])
+    try:
+        description = json.loads(sidecar.read_text())
+        ds = description["dataset"]
+        name, kwargs, classes, channels = (description["model"]["name"], description["model"]["kwargs"],
+                                           ds["classes"], ds["in_channels"])
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not an export's description
+        raise CifarlensError(f"{sidecar} is not the description `cifarlens export` writes ({type(err).__name__}: "
+                             f"{str(err)[:100]}); export the run again") from None
+    model = create_model(name, num_classes=len(classes), in_channels=channels, **kwargs)
     load_state_into(model, load_weights(path), path)
     return model.eval(), description
 

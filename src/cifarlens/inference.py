@@ -97,6 +97,16 @@ class Run:
         return self.info.classes
 
     @property
+    def status(self) -> str:
+        """The run's status in run.json: "finished", or "running", "interrupted", "failed", "diverged"
+        (its weights are then the best so far; :meth:`RunDir.unfinished_warning` says what it lacks)."""
+        return str(RunDir(self.path).meta().get("status", "finished"))
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}, model={self.config.model.name!r}, {len(self.classes)} classes, "
+                f"{self.info.image_size}px, status={self.status!r}, temperature={self.temperature})")
+
+    @property
     def tta(self) -> bool:
         """Whether this run's predictions average the image and its mirror image (as its metrics did)."""
         return bool(self.config.train.tta) and self.info.hflip

@@ -52,7 +52,7 @@ def split_suffix(split: str) -> str:
 
 class RunDir:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # "~/runs/x" from Python (a shell expands it for the CLI): not a "~" folder
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
