@@ -806,3 +806,20 @@ def test_running_out_of_memory_mid_training_is_one_line_and_recorded(tmp_path, m
                    "4194304.0 GiB more): lower --batch-size"], err
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert "failed (0 epoch(s) finished): out of memory" in (out / "train.log").read_text()
+
+
+def test_data_given_from_python_for_another_dataset_is_refused(tmp_path):
+    """train(cfg, out, bundle=...) trained on the bundle and recorded cfg.data's dataset: evaluate then
+    read other data than the run had trained on."""
+    from cifarlens.data.pipeline import prepare_data
+    from cifarlens.errors import CifarlensError
+
+    fashion = make_fashion_mnist(tmp_path / "fashion", n_train=100, n_test=20)
+    cifar = make_cifar10(tmp_path / "cifar", n_train_per_batch=4, n_test=10)
+    cfg = merge(RunConfig(), {"data": {"dataset": "cifar10", "data_dir": str(cifar.data_dir), "download": False}})
+    bundle = prepare_data(merge(RunConfig(), {"data": {"dataset": "fashion-mnist", "data_dir": str(fashion.data_dir),
+                                                       "download": False}}).data, seed=0)
+    with pytest.raises(CifarlensError, match="the data given \\(bundle=\\) is fashion-mnist, but cfg.data.dataset is "
+                                             "cifar10"):
+        train(cfg, tmp_path / "run", bundle=bundle, report=False)
+    assert not (tmp_path / "run").exists()

@@ -115,6 +115,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         distributed.on_rank0(world, lambda: run.check_new(force=force), "use the run folder")
     if bundle is None:
         bundle = prepare_data(cfg.data, cfg.train.seed, world)  # errors here leave no run folder behind
+    elif bundle.info.name != cfg.data.dataset:  # a run would record cfg.data's dataset and train on another
+        raise CifarlensError(f"the data given (bundle=) is {bundle.info.name}, but cfg.data.dataset is "
+                             f"{cfg.data.dataset}; read the bundle for cfg.data, or leave bundle out")
     if resume:  # the data the run started on: it goes on training, validating and testing on the same images
         check_resumed_data(run, cfg, bundle, log=log, write=world.is_main)
     info = bundle.info
