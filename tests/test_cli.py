@@ -192,6 +192,8 @@ def test_the_python_api_takes_what_a_notebook_has_and_refuses_what_it_would_misr
     torch.testing.assert_close(run.predict_proba(many), expected.repeat_interleave(50, dim=0))
     assert pil.tell() == 0 and len(run.predict([pil] * 3)) == 3
     assert run.status == "finished" and repr(run).startswith(f"Run({str(out)!r}, model=")
+    with pytest.raises(cifarlens.CifarlensError, match="unknown split 'training'; choose train, val or test"):
+        run.split("training")  # an AttributeError; "info" gave the DatasetInfo
 
 
 def test_a_run_folder_given_from_python_as_tilde_is_the_home_folders(fashion_run, tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ from cifarlens.explain import (
     list_methods,
     overlay,
     register_method,
+    resolve_class,
 )
 from cifarlens.models import create_model, list_models
 from conftest import CIFAR10_CLASSES, make_cifar10
@@ -402,6 +403,9 @@ def test_explain_run_takes_class_names_files_and_uint8(tmp_path):
     direct = explain(run.model, run.preprocess(images), target=3)
     torch.testing.assert_close(ex.maps, direct.maps)
     assert explain_run(run, images, target=["dog", 1]).targets.tolist() == [5, 1]
+    import numpy as np  # numpy's integers (np.argmax gives one) and a name in the other Unicode form
+    assert explain_run(run, images, target=np.int64(5)).targets.tolist() == [5, 5]
+    assert resolve_class("cafe\u0301", ("caf\u00e9", "b")) == 0
     path = tmp_path / "a.png"
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(path)
     single = explain_run(run, str(path), target="cat")  # one path, not a list

@@ -141,6 +141,8 @@ class Run:
     def checked_split(self, name: str, data_dir: str | None = None, bundle: DataBundle | None = None
                       ) -> tuple[Split, bool]:
         """:meth:`split`, and whether its images are the run's own (False: others, with a warning)."""
+        if name not in ("train", "val", "test"):  # getattr gave the DataBundle's other fields, or an AttributeError
+            raise CifarlensError(f"unknown split {name!r}; choose train, val or test")
         bundle = self.data(data_dir, bundle)
         own = check_same_data(RunDir(self.path).meta(), bundle, name, self.path)
         return getattr(bundle, name), own

@@ -41,7 +41,9 @@ method and :func:`explain` itself.
 from __future__ import annotations
 
 import difflib
+import numbers
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,7 +297,7 @@ def resolve_class(target, classes: Sequence[str]):
     """A class name, index, sequence of them, or None -> index / list of indices / None."""
     if target is None:
         return None
-    if isinstance(target, (str, int)) and not isinstance(target, bool):
+    if isinstance(target, (str, numbers.Integral)) and not isinstance(target, bool):  # numpy's int64 too
         return _class_index(target, classes)
     if isinstance(target, Tensor):
         return target
@@ -304,6 +306,7 @@ def resolve_class(target, classes: Sequence[str]):
 
 def _class_index(target, classes: Sequence[str]) -> int:
     if isinstance(target, str):
+        target = unicodedata.normalize("NFC", target)  # class names are NFC (a folder's name from a Mac is NFD)
         if target in classes:
             return list(classes).index(target)
         number = re.fullmatch(r"\s*-?[0-9]+\s*", target)  # ASCII digits: "²".isdigit() is true, int("²") fails
@@ -316,9 +319,9 @@ def _class_index(target, classes: Sequence[str]) -> int:
         hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
         listed = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
         raise CifarlensError(f"unknown class {target!r}; {hint}classes: {listed}")
-    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < len(classes):
+    if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not 0 <= target < len(classes):
         raise CifarlensError(f"class index {target!r} out of range: the model has {len(classes)} classes")
-    return target
+    return int(target)
 
 
 def explain_run(run, images, *, method: str = "gradcam", target=None, layer: str | None = None) -> Explanation:
