@@ -73,9 +73,12 @@ def train(
     world, device, started = distributed.init(cfg.train.device)
     run = RunDir(out)
     try:
-        return _train(cfg, run, world, device, resume=resume, force=force, on_epoch_end=on_epoch_end,
-                      evaluate_test=evaluate_test, bundle=bundle, report=report,
-                      choices=choices or {}, data_dir=data_dir)
+        # the global RNGs are seeded for the run (initialisation, each epoch's dropout) and given back as they
+        # were: a notebook's own random draws after train() were the same in every session
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            return _train(cfg, run, world, device, resume=resume, force=force, on_epoch_end=on_epoch_end,
+                          evaluate_test=evaluate_test, bundle=bundle, report=report,
+                          choices=choices or {}, data_dir=data_dir)
     finally:
         run.unlock()
         distributed.shutdown(started)
