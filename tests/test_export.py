@@ -327,6 +327,34 @@ def test_an_opset_the_exporter_cannot_convert_to_names_the_model_not_a_temp_file
     assert f"not writing {out}" in message and ".tmp" not in message and not out.exists()
 
 
+def test_ctrl_c_inside_torch_export_is_an_interruption_not_a_failed_export(exported, tmp_path, monkeypatch):
+    """Caught by torch.export in a lazy import, a Ctrl-C came out as "ONNX export failed (TorchExportError: ...
+    \x1b[96mThis is step 1/3\x1b[0m", exit 2."""
+    run_dir = exported("lensnet")[0]
+
+    def export_hit_by_ctrl_c(*args, **kwargs):
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise AttributeError("partially initialized module 'torch._inductor'")
+        except AttributeError as err:
+            raise RuntimeError("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m") from err
+
+    monkeypatch.setattr(torch.onnx, "export", export_hit_by_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_onnx(run_dir, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m")
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(CifarlensError, match=r"failed \(RuntimeError: Failed to export the model with torch.export. "
+                                             r"This is step 1/3\)$"):
+        export.export_onnx(run_dir, tmp_path / "m.onnx")
+
+
 def test_an_opset_the_converter_cannot_reach_is_one_line_without_its_traceback(tmp_path, capsys):
     """FastNet's GELU has no adapter to opset 26: onnxscript logged its whole traceback first, and
     the error named the hidden temporary file."""

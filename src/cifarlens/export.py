@@ -192,8 +192,10 @@ def export_onnx(
                                   verbose=False, opset_version=opset, input_names=[INPUT_NAME],
                                   output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes)
         except Exception as err:  # the exporter raises many types; the user needs one line and the model name
+            _reraise_interrupt(err)
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(err).strip()).splitlines()  # without torch's colour codes
             raise CifarlensError(f"ONNX export of {run.config.model.name} failed ({type(err).__name__}: "
-                                 f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''})") from err
+                                 f"{first[0][:300] if first else ''})") from err
         try:
             session = onnx_session(tmp)
         except CifarlensError as err:  # e.g. an op the exporter could not convert to this opset
@@ -328,6 +330,17 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
     save_weights(unwrap_model(run.model).state_dict(), out, description)
     atomic_write_json(out.with_suffix(".json"), description)
     return out
+
+
+def _reraise_interrupt(err: BaseException) -> None:
+    """A Ctrl-C that torch.export caught in a lazy import and wrapped (KeyboardInterrupt -> a half-imported
+    module's AttributeError -> TorchExportError) is the interruption it was, not a failed export."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            raise err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
 
 
 def _check_folder(out: Path, run) -> None:
