@@ -445,6 +445,10 @@ def test_report_reuses_the_runs_evaluation_only_while_it_is_current(reported_run
     rows = (copy / "predictions.csv").read_text().splitlines()
     assert len(rows) == 1 + len(fresh.labels)
 
+    # cp -r wrote the weights a few milliseconds after the evaluation: still the run's own (it was recomputed)
+    soon = (copy / "metrics.json").stat().st_mtime + 0.05
+    os.utime(copy / "model.safetensors", (soon, soon))
+    assert "the run's own evaluation" in build_report_data(run, robustness=False, gradcam=False).metrics_source
     # weights newer than the evaluation (e.g. a resumed run): recomputed
     later = (copy / "metrics.json").stat().st_mtime + 10
     os.utime(copy / "model.safetensors", (later, later))

@@ -155,11 +155,11 @@ def _saved_robustness(run):
     """(table, note) from ``cifarlens robustness`` (RUN/robustness.json) when it is about the current
     weights, else None: the full protocol, or the official files, instead of a budgeted subset."""
     from cifarlens.report.cifar_c import RESULT_FILE, load_reference
-    from cifarlens.report.predictions import _weights_file
+    from cifarlens.report.predictions import _weights_file, older_than
     from cifarlens.runs import RunDir
 
     path, weights = run.path / RESULT_FILE, _weights_file(RunDir(run.path))
-    if weights is None or not path.is_file() or path.stat().st_mtime_ns < weights.stat().st_mtime_ns:
+    if weights is None or not path.is_file() or older_than(path, weights):
         return None
     try:
         table = load_reference(path)

@@ -135,10 +135,10 @@ def planned_epochs(cfg, meta: dict) -> int:
 def _older_than_weights(rd: RunDir, path: Path) -> bool:
     """Whether ``path`` was written over a second before the weights it would describe (a second's
     slack: ``cp -r`` of a run gives its files the copy's times, in any order)."""
-    from cifarlens.report.predictions import _weights_file
+    from cifarlens.report.predictions import _weights_file, older_than
 
     weights = _weights_file(rd)
-    return weights is not None and path.stat().st_mtime_ns < weights.stat().st_mtime_ns - 1_000_000_000
+    return weights is not None and older_than(path, weights)
 
 
 def _init_from_config(cfg) -> dict:

@@ -42,6 +42,16 @@ class TestPredictions:
         return self.prediction == self.labels
 
 
+MTIME_SLACK_NS = 1_000_000_000  # cp -r gives a copy's files the copy's times, in any order, within a second
+
+
+def older_than(path: Path, weights: Path) -> bool:
+    """Whether ``path`` was written before ``weights`` (so describes other weights), by more than a
+    second: the report, compare and the robustness result all judge it so (the report judged it to the
+    nanosecond, and recomputed a copied run's results for minutes)."""
+    return path.stat().st_mtime_ns < weights.stat().st_mtime_ns - MTIME_SLACK_NS
+
+
 def _weights_file(rd) -> Path | None:
     """The file load_run reads the weights from (model.safetensors, else checkpoints/last.pt)."""
     for path in (rd.weights, rd.last_checkpoint):
@@ -59,8 +69,7 @@ def saved_predictions(rd, labels: Tensor, classes, run_temperature: float | None
     if weights is None or not metrics_file.is_file() or not predictions_file.is_file():
         return None
     # written after the weights they evaluate: an older file describes other weights (e.g. before a resume)
-    stamp = weights.stat().st_mtime_ns
-    if min(metrics_file.stat().st_mtime_ns, predictions_file.stat().st_mtime_ns) < stamp:
+    if older_than(metrics_file, weights) or older_than(predictions_file, weights):
         return None
     try:
         metrics = json.loads(metrics_file.read_text())
