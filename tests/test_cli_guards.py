@@ -499,6 +499,7 @@ def test_resume_takes_a_moved_data_dir_and_refuses_an_edited_config(stopped_run,
     data.data_dir.rename(moved)
     assert main(["train", "--resume", str(out), "--data-dir", str(moved)]) == 0
     assert f"data_dir: {moved}" in (out / "config.yaml").read_text()
+    assert json.loads((out / "run.json").read_text())["source"]["path"] == str(moved)  # what the report names
     assert (out / "config.yaml").read_text().splitlines()[0] == config.splitlines()[0]  # its notes kept
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     assert not (out / "report.html").exists()  # it described the run after epoch 1

@@ -52,8 +52,11 @@ def check_resumed_data(run: RunDir, cfg: RunConfig, bundle: DataBundle, *, log: 
                              "started on (see the warning): a resumed run goes on with its own data; point "
                              "--data-dir at it, or train a new run")
     if write and run.config().data.data_dir != cfg.data.data_dir:
-        log(f"the run's data is now read from {cfg.data.data_dir} (config.yaml updated)")
+        log(f"the run's data is now read from {cfg.data.data_dir} (config.yaml and run.json updated)")
         run.update_config(replace(run.config(), data=replace(run.config().data, data_dir=cfg.data.data_dir)))
+        source = run.meta().get("source")
+        if isinstance(source, dict) and source.get("path") != bundle.source.path:  # what the report names
+            run.write_meta(source={**source, "path": bundle.source.path})
 
 
 def remove_stale_outputs(run: RunDir, report: bool, log: Callable[[str], None]) -> None:
