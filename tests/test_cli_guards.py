@@ -94,7 +94,8 @@ def test_a_run_folder_is_never_made_inside_another(finished_run, capsys):
     assert f"is inside the run folder {out}" in capsys.readouterr().err
     assert main(["train", "--dataset", "cifar10", "--data-dir", str(out / "nowhere"), "--no-download",
                  "--epochs", "1", "--out", str(out)]) == 2  # an existing run without --force: likewise
-    assert f"run folder {out} already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err  # a finished one: not "use --resume", which refuses it
+    assert f"run folder {out} already exists (a finished run); --force to overwrite it" in err and "--resume" not in err
 
 
 def test_a_dangling_link_as_out_is_named(tmp_path, capsys):

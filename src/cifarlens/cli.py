@@ -195,7 +195,8 @@ COMMAND_MODULES: tuple[str, ...] = ("cifarlens.serve.cli", "cifarlens.report.cli
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="cifarlens", description=__doc__.split(":")[0])
+    parser = argparse.ArgumentParser(prog="cifarlens", description="Train, evaluate, explain and serve image "
+                                     "classifiers on CIFAR-10/100, Fashion-MNIST and image folders.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     for module in COMMAND_MODULES:
@@ -232,8 +233,12 @@ PATH_FLAGS = ("resume", "out", "data_dir", "config", "weights", "csv", "json", "
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports torch and the registries: about a second, before anything is done
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C right after the command: it printed a traceback
+        print("cifarlens: interrupted", file=sys.stderr)
+        return 130
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 (held as surrogates) printed under a
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):  # UTF-8 locale: escaped,

@@ -144,9 +144,11 @@ class RunDir:
                     f"--out {self.path} is a non-empty folder that is not a cifarlens run; choose another --out"
                 )
             if not force:
+                finished = self.meta().get("status") == "finished" if (self.path / "run.json").is_file() else False
                 raise CifarlensError(
-                    f"run folder {self.path} already exists; use --resume to continue it, "
-                    "--force to overwrite it, or another --out"
+                    f"run folder {self.path} already exists" + (" (a finished run)" if finished else "")
+                    + "; " + ("" if finished else "use --resume to continue it, ")  # --resume refuses finished runs
+                    + "--force to overwrite it, or another --out"
                 )
             return True
         return False

@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="what predicts: torch, or onnx (onnxruntime on RUN_DIR/model.onnx, exported first "
                         "when missing or stale); explanations always use the PyTorch model")
