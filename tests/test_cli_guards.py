@@ -837,3 +837,23 @@ def test_training_gives_the_callers_random_state_back(tmp_path):
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
                  "--no-report", "--out", str(tmp_path / "run"), *TINY]) == 0
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_export_made_while_the_run_trained_is_removed_when_it_ends(tmp_path):
+    """It stayed beside the finished run's weights: the epoch it was made at, uncalibrated."""
+    from cifarlens.export import export_safetensors
+
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    cfg = merge(RunConfig(), {"data": {"dataset": "fashion-mnist", "data_dir": str(data.data_dir), "download": False},
+                              "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+                              "train": {"epochs": 2, "batch_size": 32}})
+    out = tmp_path / "run"
+
+    def export_meanwhile(state, model):  # as `cifarlens export RUN` from another terminal
+        if state.epoch == 1:
+            export_safetensors(out)
+            assert (out / "export" / "model.safetensors").is_file()
+
+    train(cfg, out, on_epoch_end=export_meanwhile, report=False)
+    assert not (out / "export").exists()
+    assert "removed export, exported while the run trained" in (out / "train.log").read_text()

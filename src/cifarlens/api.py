@@ -334,6 +334,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         raise
     if not world.is_main:  # rank 0 alone finishes the run folder and evaluates on the test set
         return {}
+    remove_stale_outputs(run, report, log, when="while the run trained")  # `export` or `report` of it meanwhile
     train_seconds = state.seconds
     if tc.time_budget:  # a resumed run has no plan of its own: the checkpoint's re-plan, else the first plan
         planned = plan.now if plan is not None else replace(tc, **state.replanned)  # after the re-plans

@@ -59,20 +59,22 @@ def check_resumed_data(run: RunDir, cfg: RunConfig, bundle: DataBundle, *, log: 
             run.write_meta(source={**source, "path": bundle.source.path})
 
 
-def remove_stale_outputs(run: RunDir, report: bool, log: Callable[[str], None]) -> None:
-    """What describes the run's weights as they were before it went on: report.html, and the
-    exports in their default places (model.onnx, export/), which predict no more as the run does."""
+def remove_stale_outputs(run: RunDir, report: bool, log: Callable[[str], None], when: str = "before the run went on"
+                         ) -> None:
+    """What describes the run's weights as they were before it went on (or ``when`` they were
+    made: while it trained): report.html, and the exports in their default places (model.onnx,
+    export/), which predict no more as the run does."""
     import shutil
 
     if (run / "report.html").is_file():  # `cifarlens report` of it
         (run / "report.html").unlink()
-        log("removed report.html, written before the run went on; " + (
+        log(f"removed report.html, written {when}; " + (
             "a new one is written at the end" if report else f"`cifarlens report {run.path}` writes a new one"))
     stale = [name for name in ("model.onnx", "model.uncalibrated.onnx", "export") if (run / name).exists()]
     for name in stale:
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
     if stale:
-        log(f"removed {', '.join(stale)}, exported before the run went on (`cifarlens export {run.path} --format onnx` "
+        log(f"removed {', '.join(stale)}, exported {when} (`cifarlens export {run.path} --format onnx` "
             "exports the new weights; serve --backend onnx does it itself)")
 
 
