@@ -597,6 +597,9 @@ def test_cli_image_files_and_indices(cifar_run, tmp_path, capsys):
     assert main(["explain", str(run_dir), "--indices", "0,7", "--split", "test", "--method", "eigencam",
                  "--out", str(out2)]) == 0
     assert {"test_00000.png", "test_00007.png", "gallery.png", "class_average.png"} <= {p.name for p in out2.glob("*")}
+    # image files after a split's selection in the same folder: its class averages went (they stayed, stale)
+    assert main(["explain", str(run_dir), *paths, "--out", str(out2)]) == 0
+    assert sorted(p.name for p in out2.glob("*.png")) == ["gallery.png", "img0.png", "img1.png"]
 
 
 def test_cli_warns_in_one_line_for_a_2x2_layer(tmp_path, capsys):

@@ -246,6 +246,8 @@ def write_explanations(out: Path, classes, selection: Selection, explanation, *,
         plot_class_averages(averages, counts, classes, out / "class_average.png",
                             title=f"average {ex.method} map per explained class ({selection.what})")
         written.append("class_average.png")
+    else:  # image files have no labels: an earlier selection's averages stayed beside this one's gallery
+        (out / "class_average.png").unlink(missing_ok=True)
     rows = [[f"{name}.png", (selection.sources or selection.names)[i], "" if labels is None else classes[int(labels[i])],
              classes[int(ex.predictions[i])], f"{float(ex.confidence[i]):.6f}", classes[int(ex.targets[i])],
              int(bool(ex.empty[i]))] for i, name in enumerate(selection.names)]
