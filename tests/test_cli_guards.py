@@ -857,3 +857,23 @@ def test_an_export_made_while_the_run_trained_is_removed_when_it_ends(tmp_path):
     train(cfg, out, on_epoch_end=export_meanwhile, report=False)
     assert not (out / "export").exists()
     assert "removed export, exported while the run trained" in (out / "train.log").read_text()
+
+
+def test_a_stop_just_after_the_checkpoint_was_renamed_records_its_epoch(tmp_path, monkeypatch, capsys):
+    """run.json said one epoch fewer than last.pt held (and --resume went on from last.pt's)."""
+    import os as os_module
+
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    real = os_module.replace
+
+    def replace_then_ctrl_c(src, dst):
+        real(src, dst)
+        if str(dst).endswith("last.pt"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os_module, "replace", replace_then_ctrl_c)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "3",
+                 "--no-report", "--out", str(out), *TINY]) == 130
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "interrupted" and meta["epochs_done"] == 1

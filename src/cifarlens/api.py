@@ -84,6 +84,15 @@ def train(
         distributed.shutdown(started)
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when there is none: an atomic write replaces the inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, resume: bool, force: bool,
            on_epoch_end, evaluate_test: bool, bundle: DataBundle | None, report: bool | None,
            choices: dict[str, str], data_dir: str | None = None) -> dict:
@@ -286,12 +295,18 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 run.write_meta(time_budget=plan.as_dict(state.replanned.get("milestones")))
         if world.is_main:
             run.write_history(state.history)
-            save_checkpoint(run.last_checkpoint, {
-                "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "state": vars(state),
-                "config": to_dict(cfg),
-            })
+            before = _file_id(run.last_checkpoint)
+            try:
+                save_checkpoint(run.last_checkpoint, {
+                    "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "state": vars(state),
+                    "config": to_dict(cfg),
+                })
+            except BaseException:  # a Ctrl-C just after the rename: the file on disk holds this epoch, as resume says
+                if _file_id(run.last_checkpoint) != before:
+                    checkpointed[0] = state.epoch
+                raise
             checkpointed[0] = state.epoch
             # after the checkpoint: a stop before it left no logged epoch that --resume trains again (a
             # duplicate step in MLflow); one after it, an epoch that --resume logs (tracker.log_resumed)
