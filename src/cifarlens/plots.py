@@ -52,22 +52,32 @@ CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto S
              "Malgun Gothic", "Apple SD Gothic Neo", "Arial Unicode MS")
 
 
-def add_glyph_fallback() -> str | None:
-    """Add the first installed font of :data:`CJK_FONTS` behind matplotlib's default family (matplotlib
-    >= 3.6 takes a glyph from the next family of the list that has it); the font added, or None. A
-    family the user chose (matplotlibrc, rcParams) is left as it is."""
+def glyph_fallback() -> str | None:
+    """The first installed font of :data:`CJK_FONTS`, to put behind matplotlib's default family
+    (matplotlib >= 3.6 takes a glyph from the next family of the list that has it); None when there
+    is none, or when the user chose a family (matplotlibrc, rcParams): theirs stands."""
     from matplotlib import font_manager
 
     if list(matplotlib.rcParams["font.family"]) != ["sans-serif"]:
         return None
     installed = {font.name for font in font_manager.fontManager.ttflist}
-    fallback = next((name for name in CJK_FONTS if name in installed), None)
-    if fallback is not None:
-        matplotlib.rcParams["font.family"] = ["sans-serif", fallback]
-    return fallback
+    return next((name for name in CJK_FONTS if name in installed), None)
 
 
-add_glyph_fallback()
+def with_glyph_fallback(plot):
+    """Decorator of the functions that draw text into figures: :func:`glyph_fallback` behind the default
+    family while they run (matplotlib's settings are the caller's again after: nothing global changes)."""
+    import functools
+
+    @functools.wraps(plot)
+    def drawn(*args, **kwargs):
+        fallback = glyph_fallback()
+        if fallback is None:
+            return plot(*args, **kwargs)
+        with matplotlib.rc_context({"font.family": ["sans-serif", fallback]}):
+            return plot(*args, **kwargs)
+
+    return drawn
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
@@ -91,6 +101,7 @@ def _panel_size(num_classes: int) -> float:
     return float(min(max(5.0, 0.45 * num_classes), 14.0))
 
 
+@with_glyph_fallback
 def plot_confusion_matrix(
     cm: Tensor | np.ndarray | Sequence[Sequence[int]],
     class_names: Sequence[str],
@@ -164,6 +175,7 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return xs, ys
 
 
+@with_glyph_fallback
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Loss, accuracy and learning rate per epoch in three panels, saved as PNG.
 

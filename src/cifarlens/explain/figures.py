@@ -44,6 +44,20 @@ def _cam_hw(cam, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.nan_to_num(c.numpy().astype(np.float64)), 0.0, 1.0)
 
 
+def with_glyph_fallback(plot):
+    """:func:`cifarlens.plots.with_glyph_fallback` (class names in any script), imported when a figure is drawn:
+    this module's overlays (the web app's) need no matplotlib settings."""
+    import functools
+
+    @functools.wraps(plot)
+    def drawn(*args, **kwargs):
+        from cifarlens.plots import with_glyph_fallback as fallback
+
+        return fallback(plot)(*args, **kwargs)
+
+    return drawn
+
+
 def heatmap_rgb(cam) -> np.ndarray:
     """(H, W) map in [0, 1] -> float (H, W, 3) colours of the CAM colormap."""
     from matplotlib import colormaps
@@ -87,6 +101,7 @@ def _show_image(ax, img_hwc: np.ndarray) -> None:
     ax.set_yticks([])
 
 
+@with_glyph_fallback
 def plot_explanation(image, cam, path: str | os.PathLike, *, title: str = "", empty: bool = False,
                      alpha: float = 0.5) -> Path:
     """Original | heatmap | overlay for one image, saved as PNG; ``empty`` shows "no evidence"."""
@@ -116,6 +131,7 @@ def plot_explanation(image, cam, path: str | os.PathLike, *, title: str = "", em
     return save_figure(fig, path)
 
 
+@with_glyph_fallback
 def plot_gallery(images, maps, captions: Sequence[str], path: str | os.PathLike, *, empty=None,
                  title: str = "", columns: int = 8, alpha: float = 0.5) -> Path:
     """A grid of overlays (N images (N, C, H, W) uint8, maps (N, H, W)) with a caption under each."""
@@ -160,6 +176,7 @@ def class_average_maps(maps: Tensor, classes: Tensor, num_classes: int, empty: T
     return sums / counts.clamp(min=1)[:, None, None], counts
 
 
+@with_glyph_fallback
 def plot_class_averages(averages: Tensor, counts: Tensor, class_names: Sequence[str], path: str | os.PathLike,
                         *, title: str = "") -> Path:
     """One panel per class with its average map, all on one colour scale (so classes compare)."""

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cifarlens.calibration import ReliabilityBins
+from cifarlens.plots import with_glyph_fallback
 from cifarlens.report.robustness import RobustnessTable
 
 DPI = 110  # figures are shown at about page width; the house DPI (150) makes the HTML heavy
@@ -62,6 +63,7 @@ def read_history(path: Path) -> list[dict]:
         return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+@with_glyph_fallback
 def reliability_diagram(bins: ReliabilityBins, subtitle: str = "") -> bytes:
     """Accuracy per confidence bin against the diagonal, with the bin counts below."""
     fig = _figure(6.0, 6.0)
@@ -89,6 +91,7 @@ def reliability_diagram(bins: ReliabilityBins, subtitle: str = "") -> bytes:
     return figure_png(fig)
 
 
+@with_glyph_fallback
 def robustness_plot(table: RobustnessTable) -> bytes:
     """Accuracy against severity, one line per corruption, with clean accuracy dashed."""
     fig = _figure(7.0, 4.0)
@@ -109,6 +112,7 @@ def robustness_plot(table: RobustnessTable) -> bytes:
     return figure_png(fig)
 
 
+@with_glyph_fallback
 def robustness_class_heatmap(table: RobustnessTable) -> bytes | None:
     """Accuracy per class (rows) under each corruption (columns, mean over severities), clean first."""
     names = table.corruptions()
