@@ -171,6 +171,7 @@ def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(
     run = load_run(tiny_run)
     data = build_report_data(run, gradcam=False)
     assert data.robustness.num_images == 30 and "cifarlens robustness" in data.robustness_note
+    assert f"Against the reference {reference}: mCE 100.0%, relative mCE" in data.robustness_note  # it was left out
     assert data.robustness_classes_png is not None
     later = (tiny_run / RESULT_FILE).stat().st_mtime + 10
     os.utime(tiny_run / "model.safetensors", (later, later))

@@ -22,6 +22,7 @@ images until what is left of the budget is spent
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -166,7 +167,17 @@ def _saved_robustness(run):
     except Exception:  # damaged or from another version: measure again
         return None
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
-    return table, f"From cifarlens robustness ({path.name}, {when}), not recomputed for this report."
+    note = f"From cifarlens robustness ({path.name}, {when}), not recomputed for this report."
+    try:  # with --reference it measured the corruption errors too: the page left them out
+        saved = json.loads(path.read_text())
+        errors, reference = saved.get("corruption_errors") or {}, saved.get("reference")
+        if isinstance(errors.get("mce"), (int, float)) and math.isfinite(errors["mce"]):
+            note += (f" Against the reference {reference}: mCE {errors['mce']:.1%}, relative mCE "
+                     f"{errors['relative_mce']:.1%} over {len(errors.get('corruptions') or [])} corruption(s) "
+                     "(100 % = as robust as the reference; lower is better).")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return table, note
 
 
 def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_images: int | None,
