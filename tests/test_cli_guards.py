@@ -274,6 +274,7 @@ def test_a_run_folder_in_use_is_refused_to_force_and_resume(tmp_path, capsys):
             assert main(command) == 2
             err = capsys.readouterr().err
             assert f"run folder {out} is in use by another cifarlens process" in err, err
+            assert "these are its weights so far" not in err, err  # evaluate and calibrate warned, then refused
         assert (out / "config.yaml").read_bytes() == config and proc.poll() is None  # the running one goes on
         assert not {"metrics.json", "report.html", "robustness.json"} & {p.name for p in out.iterdir()}
         assert "calibration" not in json.loads((out / "run.json").read_text())

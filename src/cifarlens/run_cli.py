@@ -46,7 +46,7 @@ def add_commands(sub) -> None:
 def cmd_evaluate(args) -> int:
     from cifarlens.api import evaluate_run
 
-    _warn_if_unfinished(args.run_dir)
+    _warn_if_unfinished(args.run_dir, claims=True)
     result = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir, device=args.device,
                           calibrated=not args.no_calibration, must_write=False)
     line = f"{args.split}: accuracy {result['accuracy']:.2%}  f1_macro {result['f1_macro']:.4f}"
@@ -71,7 +71,7 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from cifarlens.api import calibrate_run
 
-    _warn_if_unfinished(args.run_dir)
+    _warn_if_unfinished(args.run_dir, claims=True)
     fit = calibrate_run(args.run_dir, data_dir=args.data_dir, device=args.device, log=print, require_images=True)
     print(f"recorded in {args.run_dir}/run.json; evaluate, predict, serve and export use it "
           f"(re-evaluate the test split with: cifarlens evaluate {args.run_dir})")
@@ -143,11 +143,13 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _warn_if_unfinished(run_dir) -> None:
+def _warn_if_unfinished(run_dir, claims: bool = False) -> None:
+    """The run's unfinished_warning on stderr; for a command that ``claims`` the folder (evaluate,
+    calibrate), not while another process holds it: the claim's refusal is the answer then."""
     from cifarlens.runs import RunDir
 
     run = RunDir(run_dir)
-    if run.is_run():  # else the command's own error says what is wrong
+    if run.is_run() and not (claims and run.in_use()):  # else the command's own error says what is wrong
         unfinished = run.unfinished_warning()
         if unfinished:
             print(f"cifarlens: warning: {unfinished}", file=sys.stderr)
