@@ -194,6 +194,9 @@ def test_the_python_api_takes_what_a_notebook_has_and_refuses_what_it_would_misr
     assert run.status == "finished" and repr(run).startswith(f"Run({str(out)!r}, model=")
     with pytest.raises(cifarlens.CifarlensError, match="unknown split 'training'; choose train, val or test"):
         run.split("training")  # an AttributeError; "info" gave the DatasetInfo
+    for kwargs in ({"device": None}, {"calibrated": "no"}):  # a TypeError from deep inside; "no" calibrated
+        with pytest.raises(cifarlens.CifarlensError, match="load_run\\(run_dir: a path, device: a str"):
+            cifarlens.load_run(out, **kwargs)
 
 
 def test_a_run_folder_given_from_python_as_tilde_is_the_home_folders(fashion_run, tmp_path, monkeypatch):

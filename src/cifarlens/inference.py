@@ -294,6 +294,10 @@ def last_weights(checkpoint: dict) -> dict:
 def load_run(run_dir: str | Path, device: str = "cpu", *, calibrated: bool = True) -> Run:
     """Load a run folder's best weights (safetensors) into its model, in eval mode; with
     ``calibrated`` (default) its probabilities use the run's temperature when it has one."""
+    if not isinstance(run_dir, (str, Path)) or not isinstance(device, (str, torch.device)) or \
+            not isinstance(calibrated, bool):  # None, 3, "no" (which was true): a TypeError from deep inside, or wrong
+        raise CifarlensError(f"load_run(run_dir: a path, device: a str such as 'cpu', calibrated: a bool); got "
+                             f"{type(run_dir).__name__}, {device!r}, {calibrated!r}")
     run = RunDir(run_dir)
     run.require_run()
     cfg, info = run.config(), run.info()
