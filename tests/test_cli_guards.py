@@ -399,6 +399,10 @@ def test_predict_takes_one_image_alone_and_refuses_a_topk_below_1(ema_run, capsy
     image.save(path)
     assert main(["predict", str(ema_run[0]), str(path), "--topk", "-1"]) == 2
     assert "topk must be a whole number >= 1" in capsys.readouterr().err
+    assert main(["predict", str(path), str(ema_run[0])]) == 2  # swapped: the run's files were warned of as images
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cifarlens: error: {path} is a file; a run is the folder that"), err
+    path.unlink()
 
 
 def test_an_image_named_like_a_summary_figure_keeps_its_own_panel(ema_run, tmp_path, capsys):

@@ -94,11 +94,12 @@ def calibration_words(info: dict) -> str:
 
 def cmd_predict(args) -> int:
     from cifarlens.api import load_run
-    from cifarlens.runs import refuse_runs_file
+    from cifarlens.runs import RunDir, refuse_runs_file
 
     given, args.topk = args.topk is not None, 5 if args.topk is None else args.topk
     if args.topk < 1:
         raise CifarlensError(f"topk must be a whole number >= 1, got {args.topk}")
+    RunDir(args.run_dir).require_run()  # first: `predict IMAGE RUN` (swapped) warned of the run's files as images
     paths = image_paths(args.images)
     csv_path = check_output_file(args.csv, "--csv", paths) if args.csv is not None else None
     if csv_path is not None:  # e.g. RUN/predictions.csv, a run's own evaluation: not replaced
