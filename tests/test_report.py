@@ -593,6 +593,20 @@ def test_the_report_takes_a_loaded_run_and_never_imports_the_api():
         write_report("runs/some-run")
 
 
+@pytest.mark.parametrize("option, value, words", [
+    ("severities", [0], "severities must be a list of integers in 1..5"), ("severities", 3, "got 3"),
+    ("max_robustness_images", -1, "max_robustness_images must be an integer >= 0"),
+    ("gallery_size", -3, "gallery_size must be an integer >= 0"), ("budget_s", -5, "budget_s must be a number"),
+])
+def test_write_report_options_outside_their_range_are_one_error(reported_run, option, value, words):
+    """A bare ValueError or TypeError from deep inside, or taken (a negative subset, gallery or budget)."""
+    from cifarlens.errors import CifarlensError
+    from cifarlens.report import write_report
+
+    with pytest.raises(CifarlensError, match=re.escape(words)):
+        write_report(load_run(reported_run), **{option: value})
+
+
 def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_path, capsys):
     other = tmp_path / "run-lr"
     shutil.copytree(reported_run, other)

@@ -227,6 +227,24 @@ def _loaded(run):
     return run
 
 
+def _check_options(max_images, severities, gallery_size, budget_s) -> None:
+    """write_report's numbers, one CifarlensError each (a bare ValueError or TypeError came from deep
+    inside, and negative ones were taken)."""
+    from cifarlens.report.cifar_c import MAX_SEVERITY
+
+    ok_severities = severities is None or (isinstance(severities, (list, tuple)) and severities and all(
+        isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SEVERITY for s in severities))
+    for ok, what in ((max_images is None or (isinstance(max_images, int) and max_images >= 0),
+                      f"max_robustness_images must be an integer >= 0 (0: every test image), got {max_images!r}"),
+                     (ok_severities, f"severities must be a list of integers in 1..{MAX_SEVERITY}, got {severities!r}"),
+                     (isinstance(gallery_size, int) and gallery_size >= 0,
+                      f"gallery_size must be an integer >= 0, got {gallery_size!r}"),
+                     (budget_s is None or (isinstance(budget_s, (int, float)) and budget_s > 0),
+                      f"budget_s must be a number of seconds > 0 (None: no budget), got {budget_s!r}")):
+        if not ok:
+            raise CifarlensError(what)
+
+
 def build_report_data(
     run,
     *,
@@ -241,6 +259,7 @@ def build_report_data(
     log: Callable[[str], None] | None = None,
 ):
     """Everything the page shows, computed; see :func:`write_report`."""
+    _check_options(max_robustness_images, severities, gallery_size, budget_s)
     from cifarlens import metrics as M
     from cifarlens.config import to_dict
     from cifarlens.report import figures as F
