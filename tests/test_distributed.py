@@ -253,6 +253,7 @@ def test_bad_distributed_settings_are_clear_errors(tmp_path, capsys):
         assert len(err) == 1 and words in err[0] and "torchrun" not in err[0], err
 
 
+@pytest.mark.slow  # two CLI processes (each imports torch): CI's slow set runs it
 def test_torchruns_variables_left_in_the_shell_are_one_line(tmp_path):
     """WORLD_SIZE=2 without torchrun ended in init_process_group's traceback (MASTER_ADDR expected);
     WORLD_SIZE=abc printed its error, then a traceback from the module's exit path."""
