@@ -153,8 +153,12 @@ class Run:
         float in [0, 1] -> normalised float batch. Anything else is a CifarlensError saying what is expected
         (a float tensor of 0-255 values, or one already normalised, gave confident nonsense)."""
         images = _items(images)
+        return self._normalized(self._checked(images) if isinstance(images, Tensor) else images)
+
+    def _normalized(self, images: list | Tensor) -> Tensor:
+        """:meth:`preprocess` of a list of images, or of a tensor already :meth:`_checked`."""
         if isinstance(images, Tensor):
-            batch = self._checked(images)
+            batch = images
         elif images:
             batch = torch.stack([load_image(img, self.info.in_channels, self.info.image_size) for img in images])
         else:
@@ -184,7 +188,7 @@ class Run:
         images = _items(images)
         if isinstance(images, Tensor):
             images = self._checked(images)
-        parts = [self.logits_of(self.preprocess(images[i:i + PREDICT_CHUNK]))
+        parts = [self.logits_of(self._normalized(images[i:i + PREDICT_CHUNK]))  # checked once, above
                  for i in range(0, len(images), PREDICT_CHUNK)]
         return torch.cat(parts) if parts else torch.zeros((0, len(self.classes)))
 
