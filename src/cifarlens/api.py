@@ -15,6 +15,7 @@ from cifarlens.budget import REPLANNED, epochs_text, plan_budget
 from cifarlens.checkpoint import save_checkpoint, save_weights
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
 from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
+from cifarlens.data.pruning import ONE_PROCESS as PRUNING_ONE_PROCESS, EasyPruning
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_settings
 from cifarlens.ema import make_ema
@@ -173,6 +174,10 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data,
                                world=world)
     val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world) if has_val else None
+    if tc.prune_easy:
+        if world.distributed:
+            raise CifarlensError(PRUNING_ONE_PROCESS)
+        train_loader.pruning = EasyPruning(len(bundle.train), tc.prune_easy, device)
     if hasattr(model, "data_init") and not resume and init is None:  # e.g. FastNet's patch whitening
         sample = bundle.train.images[:5000].to(device)
         # fit to the images' own patch statistics: the level's crop and flip, no policies (no cut-out squares)
@@ -221,7 +226,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 raise
 
     if resume:
-        state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema)
+        state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema, train_loader.pruning)
         log(f"resuming {run.path} after epoch {state.epoch}/{replace(tc, **state.replanned).epochs}")
         moved = world_size_note(run, world.world_size)
         if moved:
@@ -301,6 +306,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                     "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "state": vars(state),
+                    "pruning": train_loader.pruning.state_dict() if train_loader.pruning is not None else None,
                     "config": to_dict(cfg),
                 })
             except BaseException:  # a Ctrl-C just after the rename: the file on disk holds this epoch, as resume says

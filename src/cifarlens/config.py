@@ -109,6 +109,9 @@ class TrainConfig:
     muon_renorm: bool | None = None  # optimizer muon: filters rescaled to norm sqrt(out) before each step
     muon_ns_steps: int | None = None  # optimizer muon: Newton-Schulz iterations per update (the post: 5, airbench: 3)
     whiten_bias_epochs: int | None = None  # FastNet's whitening bias trains for this many epochs only; 0 = always
+    # the middle epochs leave out this fraction of the easier half of the images (lowest last loss),
+    # the rest of that half weighted up (InfoBatch, cifarlens.data.pruning); 0 = off
+    prune_easy: float | None = None
     # progressive resizing: the first epoch trains on images scaled down to this width (pixels), the
     # width grows linearly to full over progressive_epochs epochs (see engine.progressive_side); 0 = off
     progressive_res: int | None = None

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from cifarlens.device import cpu_bf16_pays, cpu_has_native_bf16, device_description, gpu_has_native_bf16, resolve_device  # noqa: F401
 from cifarlens.distributed import all_reduce_sum, broadcast_buffers, first_divergence
-from cifarlens.epochs import epoch_steps, progressive_side
+from cifarlens.epochs import epoch_steps, progressive_side, pruned_epoch
 from cifarlens.errors import CifarlensError
 from cifarlens.tta import tta_logits
 
@@ -123,6 +123,7 @@ def train_one_epoch(
     check_every: int | None = None,  # steps between loss checks; default: 1 on a CPU, 50 elsewhere
     train_side: Callable[[int], int] | None = None,  # full image width -> width to train at (progressive_side)
     steps: int | None = None,  # stop after this many batches (a partial last epoch, epoch_steps); None: all
+    pruning=None,  # the loader's EasyPruning (train.prune_easy): per-image losses recorded and weighted
 ) -> dict:
     """One pass over ``loader``. Returns mean loss and accuracy over the epoch's samples
     (of every rank under data-parallel training) and how many samples that was.
@@ -156,7 +157,12 @@ def train_one_epoch(
                                    antialias=True, align_corners=False)
         with precision.autocast():
             logits = model(precision.prepare(images))
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+            if pruning is None:
+                loss = objective = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+            else:  # each image's loss is its score; the kept easy ones weigh more (cifarlens.data.pruning)
+                losses = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="none")
+                pruning.record(losses)
+                loss, objective = losses.mean(), (losses * pruning.batch_weights()).mean()
         num_classes = logits.shape[-1]  # a shape: known on the host, no read
         # two tests, because NaN > limit is False; comparing with a Python float reads nothing back
         diverged = ~torch.isfinite(loss) | (loss > exploded_loss_limit(num_classes))
@@ -166,7 +172,7 @@ def train_one_epoch(
         if (step + 1) % check_every == 0:
             _raise_if_diverged(*first_divergence(bad_step, bad_loss), desc, num_classes)  # all ranks alike
         optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
+        precision.scaler.scale(objective).backward()
         if grad_clip > 0:
             precision.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -317,10 +323,14 @@ def fit(
         set_epoch_seed(train_loader, cfg.seed, epoch)
         set_backbone_frozen(model, epoch < (cfg.freeze_epochs or 0), epoch, log)
         stop_whiten_bias(model, epoch, cfg.whiten_bias_epochs or 0, log)
+        pruning = getattr(train_loader, "pruning", None)
+        if pruning is not None:
+            pruning.active = pruned_epoch(run_cfg, epoch)
         row = {"epoch": epoch + 1}
         row |= train_one_epoch(train_model, train_loader, optimizer, scheduler, precision,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, ema=ema,
                                desc=f"epoch {epoch + 1}/{run_cfg.epochs}", steps=epoch_steps(run_cfg, epoch, len(train_loader)),
+                               pruning=pruning,
                                train_side=functools.partial(progressive_side, epoch=epoch, min_side=run_cfg.progressive_res,
                                                             epochs=run_cfg.progressive_epochs) if run_cfg.progressive_res else None)
         side = row.pop("train_side")
@@ -349,7 +359,8 @@ def fit(
         log(
             f"epoch {epoch + 1}/{run_cfg.epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
             f"{shown}  lr {row['lr']:.3g}  {row['seconds']:.1f}s" + (f"  trained at {side} px wide" if side else "")
-            + ("  *best*" if improved and val is not None else "")
+            + (f"  on {row['train_samples']:,} of {len(pruning.scores):,} images" if pruning is not None and pruning.active
+               else "") + ("  *best*" if improved and val is not None else "")
         )
         if cfg.early_stopping and state.bad_epochs >= cfg.early_stopping:
             state.stopped_early = True

@@ -23,7 +23,7 @@ RECIPES: Registry[dict] = Registry("recipe")
 # it says otherwise: the speed-record techniques of the fast recipes (cifarlens/config.py's
 # TrainConfig describes each).
 OFF = dict(tta_translate=0, muon_lr=0.0, muon_momentum=0.0, muon_renorm=False, muon_ns_steps=NS_STEPS,
-           whiten_bias_epochs=0, progressive_res=0, progressive_epochs=0)
+           whiten_bias_epochs=0, progressive_res=0, progressive_epochs=0, prune_easy=0.0)
 
 # The seed project's recipe: Adam, cross-entropy, ReduceLROnPlateau on validation loss.
 RECIPES.register("reference")(
@@ -278,6 +278,8 @@ def resolve_train(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.time_budget < math.inf, "train.time_budget must be a finite number of seconds >= 0 (0 = off, the "
                                           "recipe's epochs)"),
         (cfg.whiten_bias_epochs >= 0, "train.whiten_bias_epochs must be >= 0 (0 = the bias always trains)"),
+        (0 <= cfg.prune_easy < 1, "train.prune_easy must be in [0, 1): the share of the easier half of the images "
+                                  "left out of the middle epochs (0 = off; InfoBatch's is 0.5)"),
         (cfg.progressive_res == 0 or cfg.progressive_res >= 8,
          "train.progressive_res must be 0 (off) or a width of at least 8 pixels, e.g. 24 for 32x32 images"),
         (cfg.progressive_epochs >= 0 and (cfg.progressive_epochs > 0 or cfg.progressive_res == 0),

@@ -91,8 +91,8 @@ def edited_keys(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def restore(run: RunDir, cfg: RunConfig, model, optimizer, scheduler, precision: Precision, device, ema
-             ) -> FitState:
+def restore(run: RunDir, cfg: RunConfig, model, optimizer, scheduler, precision: Precision, device, ema,
+            pruning=None) -> FitState:
     ckpt = load_checkpoint(run.last_checkpoint, map_location=device)
     edited = edited_keys(ckpt.get("config") or {}, to_dict(cfg))
     if edited:
@@ -107,6 +107,8 @@ def restore(run: RunDir, cfg: RunConfig, model, optimizer, scheduler, precision:
         scheduler.load_state_dict(ckpt["scheduler"])
         if precision.scaler.is_enabled() and ckpt["scaler"]:  # {} from a run without fp16 (CPU, bf16 GPU)
             precision.scaler.load_state_dict(ckpt["scaler"])
+        if pruning is not None:  # the images' last losses: which are left out next (train.prune_easy)
+            pruning.load_state_dict(ckpt["pruning"])
         return FitState(**ckpt["state"])
     except (KeyError, TypeError, ValueError) as err:
         raise CifarlensError(f"{run.last_checkpoint} is incomplete ({err}); start the run again with --force") from None

@@ -126,7 +126,7 @@ class PlateauSchedule(torch.optim.lr_scheduler.ReduceLROnPlateau):
 
 def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Optimizer steps in all of ``cfg``'s epochs (a partial last epoch counts its batches)."""
-    return (cfg.epochs - 1) * steps_per_epoch + epoch_steps(cfg, cfg.epochs - 1, steps_per_epoch)
+    return sum(epoch_steps(cfg, epoch, steps_per_epoch) for epoch in range(cfg.epochs))
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):

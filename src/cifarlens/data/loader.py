@@ -56,6 +56,7 @@ class TensorLoader:
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.pruning = None  # an EasyPruning (train.prune_easy): the kept images first in a pruned epoch
         self.flip_base = None  # (N,) bool: each image's epoch-0 flip, when the transform alternates flips
         if getattr(transform, "alternating_flip", False):
             coin = torch.Generator(device=device).manual_seed(epoch_seed(seed, 0, stream=3))
@@ -75,6 +76,8 @@ class TensorLoader:
             order = torch.randperm(n, device=self.device, generator=generator)
         else:
             order = torch.arange(n, device=self.device)
+        if self.pruning is not None:
+            order = self.pruning.order(order, generator)
         if self.world_size > 1:  # same permutation on every rank, its own augmentation draws
             generator = torch.Generator(device=self.device).manual_seed(
                 epoch_seed(self.seed, self.epoch, stream=2) + self.rank)
@@ -87,6 +90,8 @@ class TensorLoader:
                 flip = alternating_flips(self.flip_base[index], self.epoch)
                 images = self.transform(self.images[index], generator, flip)
             labels = self.labels[index]
+            if self.pruning is not None:
+                self.pruning.batch = index
             if self.mix is None:
                 yield images, labels
             else:
