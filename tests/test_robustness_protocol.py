@@ -148,6 +148,7 @@ def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(
 
     from cifarlens.api import load_run
     from cifarlens.report import build_report_data
+    from cifarlens.report.html import render_report
 
     flags = ["--corruptions", "gaussian_noise,defocus_blur,contrast", "--severities", "1,5", "--images", "30",
              "--device", "cpu"]
@@ -172,6 +173,10 @@ def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(
     data = build_report_data(run, gradcam=False)
     assert data.robustness.num_images == 30 and "cifarlens robustness" in data.robustness_note
     assert f"Against the reference {reference}: mCE 100.0%, relative mCE" in data.robustness_note  # it was left out
+    assert data.robustness_errors["contrast"][0] == pytest.approx(1.0)  # each corruption's CE, a table column
+    assert set(data.robustness_errors) == {"gaussian_noise", "defocus_blur", "contrast"}
+    page = render_report(data)
+    assert "<th>relative CE</th>" in page and "100.0%" in page.split("Robustness to common corruptions")[-1]
     assert data.robustness_classes_png is not None
     later = (tiny_run / RESULT_FILE).stat().st_mtime + 10
     os.utime(tiny_run / "model.safetensors", (later, later))

@@ -153,8 +153,9 @@ def _curves_png(rd, meta: dict) -> bytes | None:
 
 
 def _saved_robustness(run):
-    """(table, note) from ``cifarlens robustness`` (RUN/robustness.json) when it is about the current
-    weights, else None: the full protocol, or the official files, instead of a budgeted subset."""
+    """(table, note, corruption errors or None) from ``cifarlens robustness`` (RUN/robustness.json)
+    when it is about the current weights, else None: the full protocol, or the official files,
+    instead of a budgeted subset; the errors when it was measured against a --reference."""
     from cifarlens.report.cifar_c import RESULT_FILE, load_reference
     from cifarlens.report.predictions import _weights_file, older_than
     from cifarlens.runs import RunDir
@@ -168,34 +169,44 @@ def _saved_robustness(run):
         return None
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
     note = f"From cifarlens robustness ({path.name}, {when}), not recomputed for this report."
-    try:  # with --reference it measured the corruption errors too: the page left them out
+    errors = None
+    try:  # with --reference it measured the corruption errors too: the table's CE columns
         saved = json.loads(path.read_text())
         errors, reference = saved.get("corruption_errors") or {}, saved.get("reference")
         if isinstance(errors.get("mce"), (int, float)) and math.isfinite(errors["mce"]):
             note += (f" Against the reference {reference}: mCE {errors['mce']:.1%}, relative mCE "
                      f"{errors['relative_mce']:.1%} over {len(errors.get('corruptions') or [])} corruption(s) "
-                     "(100 % = as robust as the reference; lower is better).")
+                     "(100 % = as robust as the reference; lower is better; CE per corruption in the table).")
+        errors = {name: (float(e["ce"]), float(e["relative_ce"])) for name, e in errors["per_corruption"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        pass
-    return table, note
+        errors = None
+    return table, note, errors or None
 
 
 def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_images: int | None,
                 severities: Sequence[int] | None, notes: list[str]):
-    """(RobustnessTable | None, note for the page). With ``budget_s``, what the report has left of
-    it goes to :func:`cifarlens.report.robustness.robustness_within`: the full grid, severity 3
-    alone for slow models, or nothing, on a subset grown until the time is spent."""
+    """(RobustnessTable | None, note for the page, corruption errors or None): ``cifarlens
+    robustness``'s saved result when it is about these weights, else measured for the report."""
+    if len(test) == 0:
+        return None, "The test split is empty.", None
+    saved = _saved_robustness(run)
+    if saved is not None:
+        notes.append("read from robustness.json")
+        return saved
+    return (*_measured_robustness(run, test, preds, clock, budget_s=budget_s, max_images=max_images,
+                                  severities=severities, notes=notes), None)
+
+
+def _measured_robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_images: int | None,
+                         severities: Sequence[int] | None, notes: list[str]):
+    """(RobustnessTable | None, note). With ``budget_s``, what the report has left of it goes to
+    :func:`cifarlens.report.robustness.robustness_within`: the full grid, severity 3 alone for slow
+    models, or nothing, on a subset grown until the time is spent."""
     from cifarlens.report.cifar_c import grid_text
     from cifarlens.report.robustness import BUDGET_GRIDS, DEFAULT_MAX_IMAGES, DEFAULT_SEVERITIES
     from cifarlens.report.robustness import robustness as robustness_table
     from cifarlens.report.robustness import robustness_within
 
-    if len(test) == 0:
-        return None, "The test split is empty."
-    saved = _saved_robustness(run)
-    if saved is not None:
-        notes.append("read from robustness.json")
-        return saved
     max_images = DEFAULT_MAX_IMAGES if max_images is None else (max_images or None)  # 0: every image
     grid = tuple(severities or DEFAULT_SEVERITIES)
     if budget_s is None:
@@ -331,8 +342,9 @@ def build_report_data(
         data.gallery_note = "Skipped (--no-gradcam)."
     if robustness:
         with clock.part("robustness") as notes:
-            table, data.robustness_note = _robustness(run, test, preds, clock, budget_s=budget_s, notes=notes,
-                                                      max_images=max_robustness_images, severities=severities)
+            table, data.robustness_note, data.robustness_errors = _robustness(
+                run, test, preds, clock, budget_s=budget_s, notes=notes, max_images=max_robustness_images,
+                severities=severities)
             if table is not None:
                 data.robustness, data.robustness_png = table, F.robustness_plot(table)
                 data.robustness_classes_png = F.robustness_class_heatmap(table)

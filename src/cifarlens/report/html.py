@@ -8,6 +8,7 @@ offline in any browser and can be mailed as one attachment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from cifarlens.data.policies import describe_augmentation
@@ -88,6 +89,7 @@ class ReportData:
     robustness_png: bytes | None = None
     robustness_note: str = ""  # why it is missing, or how its subset was chosen
     robustness_classes_png: bytes | None = None  # classes x corruptions heatmap
+    robustness_errors: dict | None = None  # corruption -> (CE, relative CE) against robustness --reference
     metrics_source: str = "computed in this report from the run's best weights"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the report
     calibration_before: ReliabilityBins | None = None  # before temperature scaling (calibrated runs)
@@ -239,12 +241,15 @@ def _robustness(d: ReportData) -> str:
     t = d.robustness
     if t is None:
         return note(d.robustness_note or "Robustness was not computed.")
-    header = ["corruption", "parameter"] + [f"severity {s}" for s in t.severities] + ["mean"]
+    errors = d.robustness_errors or {}
+    header = (["corruption", "parameter"] + [f"severity {s}" for s in t.severities] + ["mean"]
+              + ["CE", "relative CE"] * bool(errors))
     rows = []
     for name in t.corruptions():
         own = [r for r in t.rows if r["corruption"] == name]
+        ce = [pct(x, 1) if math.isfinite(x) else "n/a" for x in errors.get(name, (math.nan, math.nan))] if errors else []
         rows.append([name.replace("_", " "), _parameters(own)] + [pct(r["accuracy"]) for r in own]
-                    + [pct(t.mean_accuracy(name))])
+                    + [pct(t.mean_accuracy(name))] + ce)
     subset = (f"a seeded random subset of {t.num_images:,} of the {t.total_images:,} test images"
               if t.num_images < t.total_images else f"all {t.num_images:,} test images")
     official = t.source.startswith("official")
