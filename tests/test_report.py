@@ -4,6 +4,7 @@ and the page opened in a real headless browser (Debian's chromium)."""
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
@@ -633,6 +634,33 @@ def test_compare_shows_budget_metrics_and_config_differences(reported_run, tmp_p
     (other / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     row = next(line for line in compare_runs([reported_run, other]).splitlines() if line.startswith("run-lr "))
     assert "2/2 stopped early" in row, row
+
+
+def test_compare_counts_epochs_trained_on_smaller_images_at_their_cost(reported_run, tmp_path):
+    """Progressive resizing's epochs at 24 of 32 px cost (24/32)^2 of a full one; compare counted them whole."""
+    from cifarlens.report.compare import run_summary
+
+    rows = list(csv.DictReader((reported_run / "history.csv").open()))
+    assert [int(row["train_px"]) for row in rows] == [28, 28]  # what training writes: Fashion-MNIST's width
+    other = tmp_path / "run-small"
+    shutil.copytree(reported_run, other)
+    for row, px in zip(rows, (14, 28)):
+        row["train_px"] = px
+    with (other / "history.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    samples = [int(row["train_samples"]) for row in rows]
+    summary = run_summary(other)
+    assert summary["train_images"] == sum(samples)
+    assert summary["train_images_full_size"] == pytest.approx(samples[0] / 4 + samples[1])
+    for row in rows:  # a run from before the column: every image at full size
+        del row["train_px"]
+    with (other / "history.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert run_summary(other)["train_images_full_size"] == sum(samples)
 
 
 def test_compare_marks_test_metrics_older_than_the_weights_stale(reported_run, tmp_path, capsys):

@@ -141,7 +141,7 @@ def train_one_epoch(
     total_correct = torch.zeros((), device=precision.device)
     bad_step = torch.full((), -1, device=precision.device)  # the first step with a diverged loss
     bad_loss = torch.zeros((), device=precision.device)  # and that loss
-    seen, lr, num_classes, side = 0, optimizer.param_groups[0]["lr"], 2, None
+    seen, lr, num_classes, side, width = 0, optimizer.param_groups[0]["lr"], 2, None, 0
     if steps is not None and steps < len(loader):
         loader, total = itertools.islice(loader, steps), steps
     else:
@@ -155,6 +155,7 @@ def train_one_epoch(
             side, (h, w) = side_now, images.shape[-2:]  # scaled down whole (progressive resizing), aspect kept
             images = F.interpolate(images, size=(max(1, round(h * side / w)), side), mode="bilinear",
                                    antialias=True, align_corners=False)
+        width = images.shape[-1]  # as trained (a shape: no read)
         with precision.autocast():
             logits = model(precision.prepare(images))
             if pruning is None:
@@ -190,7 +191,8 @@ def train_one_epoch(
     _raise_if_diverged(*first_divergence(bad_step, bad_loss), desc, num_classes)
     total_loss, total_correct, seen = all_reduce_sum(total_loss, total_correct, seen)
     return {"train_loss": total_loss / max(seen, 1), "train_acc": total_correct / max(seen, 1),
-            "lr": lr, "train_samples": int(seen), "train_side": side}  # lr of the epoch's last step; side: width trained at
+            "lr": lr, "train_samples": int(seen), "train_side": side,  # lr of the epoch's last step; side: scaled width
+            "train_px": width}  # the width trained at, scaled or not (compare's compute estimate)
 
 
 def forward_tta(model: nn.Module, x: Tensor, tta: bool, translate: int = 0) -> Tensor:

@@ -43,7 +43,8 @@ RUN_FILES = (
 OTHER_DATA = "other-data"
 RUN_DIRS = ("checkpoints", "explain", "export", "tensorboard", OTHER_DATA)  # folders a run writes; --force removes them
 SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_samples")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_samples",
+                   "train_px")
 
 
 def split_suffix(split: str) -> str:

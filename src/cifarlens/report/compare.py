@@ -70,14 +70,16 @@ def ece_of_run(metrics: dict, predictions: Path) -> tuple[float | None, str | No
     return ece_from_predictions(predictions), None
 
 
-def _history_totals(history: Path) -> tuple[int | None, float | None, int | None]:
-    """The images the epochs of history.csv trained on, their seconds and their number; None for
-    a column it lacks (runs from before it) or a file that cannot be read."""
+def _history_totals(history: Path, side: int | None = None) -> tuple[int | None, float | None, int | None, float | None]:
+    """The images the epochs of history.csv trained on, their seconds, their number, and the images
+    in full-size equivalents (each epoch's scaled by (width trained at / ``side``)^2: progressive
+    resizing's small epochs cost less); None for a column it lacks (runs from before it) or a file
+    that cannot be read."""
     try:
         with history.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error):
-        return None, None, None
+        return None, None, None, None
 
     def total(key: str, kind):
         try:
@@ -85,7 +87,13 @@ def _history_totals(history: Path) -> tuple[int | None, float | None, int | None
         except (TypeError, ValueError):
             return None
 
-    return total("train_samples", int), total("seconds", float), len(rows)
+    images, scaled = total("train_samples", int), None
+    if images is not None and side and all(row.get("train_px") for row in rows):
+        try:
+            scaled = sum(int(row["train_samples"]) * (int(row["train_px"]) / side) ** 2 for row in rows)
+        except (TypeError, ValueError):
+            scaled = None
+    return images, total("seconds", float), len(rows), scaled if scaled is not None else images
 
 
 def run_summary(run_dir: str | Path) -> dict:
@@ -101,14 +109,16 @@ def run_summary(run_dir: str | Path) -> dict:
     model = meta.get("model") or {}
     train_size = (meta.get("split_sizes") or {}).get("train")
     epochs_done = meta.get("epochs_done")
-    images, seconds, logged = _history_totals(rd / "history.csv")  # a partial last epoch (time budgets) counts its batches
+    side = (meta.get("dataset") or {}).get("image_size")
+    # a partial last epoch (time budgets) counts its batches, a pruned epoch its images
+    images, seconds, logged, full_size = _history_totals(rd / "history.csv", side if isinstance(side, int) else None)
     status = meta.get("status")
     if status == "running":  # epochs_done is written when a run stops: so far, its history's
         epochs_done = logged
         if rd.in_use() is False:  # no process holds its lock: killed (SIGKILL, a power cut), resumable
             status = "killed?"
     if images is None and epochs_done is not None and train_size is not None:  # runs from before the column
-        images = epochs_done * train_size
+        images = full_size = epochs_done * train_size
     return {
         "path": str(rd.path), "name": rd.path.name, "config": to_dict(cfg),
         "dataset": (meta.get("source") or {}).get("label") or cfg.data.dataset, "model": cfg.model.name, "recipe": cfg.train.recipe,
@@ -122,6 +132,7 @@ def run_summary(run_dir: str | Path) -> dict:
         # runs written before cifarlens recorded "init" trained from scratch unless their config says otherwise
         "init": describe_init(meta.get("init") or _init_from_config(cfg)),
         "params": model.get("params"), "forward_flops": model.get("forward_flops"), "train_images": images,
+        "train_images_full_size": full_size,
     }
 
 
@@ -206,7 +217,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
     out.append("starting weights and compute:")
     compute = [[label, s["init"], params_text(s["params"]), flops_text(s["forward_flops"]),
                 MISSING if s["train_images"] is None else f"{s['train_images']:,}",
-                flops_text(training_flops(s["forward_flops"], s["train_images"])), train_time(s)]
+                flops_text(training_flops(s["forward_flops"], s["train_images_full_size"])), train_time(s)]
                for label, s in zip(labels, summaries)]
     out.append(text_table(["run", "initial weights", "params", "forward / image", "training images",
                            "training compute (3x fwd)", "train time"], compute, right=(2, 3, 4, 5)))
@@ -226,5 +237,6 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
                + ("; stale: its metrics.json is older than its weights, which trained on after that evaluation "
                   "(evaluate it again)." if any(s["metrics_stale"] for s in summaries) else "."))
     out.append("forward / image: FLOPs of one forward pass at the run's input (a multiply-add counts 2, counted "
-               "by torch's FlopCounterMode); training compute ~ 3 x that x training images (backward ~ 2 forwards).")
+               "by torch's FlopCounterMode); training compute ~ 3 x that x training images (backward ~ 2 forwards), "
+               "an epoch trained on images scaled down (progressive resizing) counted at (its width / full)^2.")
     return "\n".join(out) + "\n"
