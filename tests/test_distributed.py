@@ -125,6 +125,22 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(runs, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a two-process run, ~15 s; CI runs it with the slow set
+def test_two_processes_share_the_scores_of_pruned_epochs(runs, tmp_path):
+    """train.prune_easy: each rank must score every image of the global batches, not only its
+    own slice, or the ranks leave out different images (and half the scores stay 0)."""
+    _, data, _ = runs
+    out = tmp_path / "pruned"
+    proc = cli("train", *FLAGS, "--data-dir", str(data.data_dir), "--epochs", "3", "--set", "train.prune_easy=0.5",
+               "--out", str(out), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 14 global batches of 64 a whole epoch, round(14 * 0.75) = 10 in the pruned one, as one process
+    assert [int(r["train_samples"]) for r in history(out)] == [14 * 64, 10 * 64, 14 * 64]
+    assert "on 640 of 900 images" in (out / "train.log").read_text()
+    scores = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["pruning"]["scores"]
+    assert int((scores > 0).sum()) >= 14 * 64  # every image trained on has a score (4 of 900 may be in no batch)
+
+
 def test_distributed_sits_below_the_engine():
     """The engine imports distributed; distributed (and the device resolution both use) never
     imports the engine, not even lazily when a process joins its world."""

@@ -15,7 +15,7 @@ from cifarlens.budget import REPLANNED, epochs_text, plan_budget
 from cifarlens.checkpoint import save_checkpoint, save_weights
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
 from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
-from cifarlens.data.pruning import ONE_PROCESS as PRUNING_ONE_PROCESS, EasyPruning
+from cifarlens.data.pruning import EasyPruning
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_settings
 from cifarlens.ema import make_ema
@@ -175,8 +175,6 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                                world=world)
     val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world) if has_val else None
     if tc.prune_easy:
-        if world.distributed:
-            raise CifarlensError(PRUNING_ONE_PROCESS)
         train_loader.pruning = EasyPruning(len(bundle.train), tc.prune_easy, device)
     if hasattr(model, "data_init") and not resume and init is None:  # e.g. FastNet's patch whitening
         sample = bundle.train.images[:5000].to(device)

@@ -110,10 +110,6 @@ def launch_torchrun(args) -> int:
         tc = resolve_train(config_from_args(args).train)
         if tc.time_budget:
             raise CifarlensError("train.time_budget times single-process steps: drop --nproc, or give --epochs instead")
-        if tc.prune_easy and args.nproc > 1:
-            from cifarlens.data.pruning import ONE_PROCESS
-
-            raise CifarlensError(ONE_PROCESS)
         check_batch_size(tc.batch_size, World(0, args.nproc))
         if tc.sync_bn and resolve_device(tc.device).type != "cuda":
             raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")

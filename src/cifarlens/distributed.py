@@ -106,6 +106,21 @@ def all_reduce_sum(*values: torch.Tensor | float) -> list[float]:
     return flat.tolist()
 
 
+def gather_slices(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's ``values`` (rank r holds ``sizes[r]`` of them, 1-D) concatenated in rank order,
+    on every rank; ``values`` itself for one process. Padded to the largest size for the collective
+    (a last global batch splits unevenly), which needs no host read."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    width = max(sizes)
+    padded = torch.zeros(width, dtype=values.dtype, device=device)
+    padded[: len(values)] = values.to(device)
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes)]).to(values.device)
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank; nothing for one process. Each rank's
     last training step updated its own (DDP sends rank 0's at the start of each forward pass), and

@@ -82,8 +82,8 @@ class TensorLoader:
             generator = torch.Generator(device=self.device).manual_seed(
                 epoch_seed(self.seed, self.epoch, stream=2) + self.rank)
         for i in range(len(self)):
-            index = order[i * self.global_batch : (i + 1) * self.global_batch]
-            index = index[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            whole = order[i * self.global_batch : (i + 1) * self.global_batch]
+            index = whole[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             if self.flip_base is None:
                 images = self.transform(self.images[index], generator)
             else:
@@ -92,6 +92,9 @@ class TensorLoader:
             labels = self.labels[index]
             if self.pruning is not None:
                 self.pruning.batch = index
+                if self.world_size > 1:  # every rank's slice size, for the losses' all-gather
+                    sizes = [len(whole[r * self.batch_size : (r + 1) * self.batch_size]) for r in range(self.world_size)]
+                    self.pruning.global_batch = (whole, sizes)
             if self.mix is None:
                 yield images, labels
             else:

@@ -13,7 +13,9 @@ InfoBatch's annealing trains on everything at the end) see every image.
 The loader (:class:`cifarlens.data.loader.TensorLoader`) puts the kept images first in its
 permutation and the training loop stops after the pruned epoch's batches; the loop records each
 batch's per-image losses (:meth:`EasyPruning.record`). Scores live on the training device: no
-host reads in a step.
+host reads in a step. Under data-parallel training every process records the losses of the whole
+global batch (one all-gather of a batch's losses per step), so all hold the same scores and
+leave out the same images.
 """
 
 from __future__ import annotations
@@ -21,10 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-# each process of a data-parallel run would score only its own share of the images
-ONE_PROCESS = ("train.prune_easy works in one process only for now: train without --nproc, or with "
-               "--set train.prune_easy=0")
+from cifarlens.distributed import gather_slices
 
 
 class EasyPruning:
@@ -37,7 +36,10 @@ class EasyPruning:
         self.scores = torch.zeros(n, device=device)  # the last training loss of each image
         self.weights = torch.ones(n, device=device)  # each image's loss weight in the current epoch
         self.active = False  # whether the current epoch is pruned (set by the training loop)
-        self.batch: Tensor | None = None  # the indices of the batch being trained (set by the loader)
+        # set by the loader: the indices of this process's batch being trained, and of the global
+        # batch it is a slice of with the slices' sizes (data-parallel training; None for one process)
+        self.batch: Tensor | None = None
+        self.global_batch: tuple[Tensor, list[int]] | None = None
 
     def order(self, order: Tensor, generator: torch.Generator) -> Tensor:
         """``order`` (a permutation of the images) with the kept images first, in their order,
@@ -46,7 +48,7 @@ class EasyPruning:
         if not self.active:
             return order
         n = len(self.scores)
-        easy = self.scores.argsort()[: n // 2]
+        easy = self.scores.argsort(stable=True)[: n // 2]  # stable: every process picks the same half
         drop = int(self.fraction * len(easy))
         if drop == 0:
             return order
@@ -61,8 +63,14 @@ class EasyPruning:
         return self.weights[self.batch]
 
     def record(self, losses: Tensor) -> None:
-        """The per-image training losses of the current batch become those images' scores."""
-        self.scores[self.batch] = losses.detach().float()
+        """The per-image training losses of the current batch become those images' scores (of the
+        whole global batch, every process's, under data-parallel training)."""
+        losses = losses.detach().float()
+        if self.global_batch is None:
+            self.scores[self.batch] = losses
+        else:
+            index, sizes = self.global_batch
+            self.scores[index] = gather_slices(losses, sizes)
 
     def state_dict(self) -> dict:
         return {"scores": self.scores.cpu()}
