@@ -12,7 +12,7 @@ from cifarlens.engine import FitState, Precision, fit
 from cifarlens.epochs import epoch_steps, pruned_epoch
 from cifarlens.errors import CifarlensError
 from cifarlens.recipes import resolve_train
-from cifarlens.schedules import build_optimizer, build_scheduler, param_groups, schedule_steps
+from cifarlens.schedules import build_optimizer, build_scheduler, epochs_before, param_groups, schedule_steps
 
 CPU = torch.device("cpu")
 
@@ -36,10 +36,10 @@ def test_a_pruned_epoch_puts_the_kept_images_first_and_weighs_up_the_kept_easy_o
     batches = []
     for _ in data:
         batches.append(pruning.batch.clone())
-    order = torch.cat(batches)
-    assert sorted(order.tolist()) == list(range(64))  # a permutation of every image
-    kept, left_out = order[:48], order[48:]
-    assert set(left_out.tolist()) < set(range(32, 64))  # 16 = half of the easier half, all from it
+    kept = torch.cat(batches)
+    assert len(batches) == 6 and len(set(kept.tolist())) == 48  # 6 whole batches of the images kept
+    left_out = set(range(64)) - set(kept.tolist())
+    assert len(left_out) == 16 and left_out < set(range(32, 64))  # 16 = half of the easier half, all from it
     assert set(range(32)) <= set(kept.tolist())  # the harder half always trains
     weights = pruning.weights
     assert torch.equal(weights[:32], torch.ones(32))  # hard images: weight 1
@@ -56,9 +56,22 @@ def test_the_first_and_last_epochs_see_every_image_and_the_schedule_counts_the_p
     cfg = train_cfg(epochs=5, prune_easy=0.5)
     assert [pruned_epoch(cfg, e) for e in range(5)] == [False, True, True, True, False]
     assert [epoch_steps(cfg, e, 100) for e in range(5)] == [100, 75, 75, 75, 100]
+    assert [epoch_steps(cfg, e, 3) for e in range(5)] == [3, 2, 2, 2, 3]  # rounded down: whole batches of kept images
     assert schedule_steps(cfg, 100) == 425
     off = train_cfg(epochs=5)
     assert off.prune_easy == 0.0 and schedule_steps(off, 100) == 500
+
+
+def test_multistep_milestones_and_the_warm_up_fall_where_their_epochs_begin():
+    """Milestones in epochs were turned into steps as if every epoch were whole: with pruned epochs
+    he2016's drop at epoch 91 of 182 came in epoch 122, the one at 137 never."""
+    cfg = train_cfg(epochs=4, prune_easy=0.5, schedule="multistep", milestones=[2, 3.5], warmup_epochs=1.5)
+    scheduler = build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), cfg, 100)
+    assert scheduler.milestones == (175, 300)  # 100 + 75; 100 + 75 + 75 + half of the last epoch's 100
+    assert scheduler.warmup_steps == 138  # 100 + half of 75, rounded to even
+    assert [epochs_before(cfg, step, 100) for step in (0, 100, 175, 250, 300)] == [0, 1, 2, 3, 3.5]
+    plain = train_cfg(epochs=4, schedule="multistep", milestones=[2, 3.5])
+    assert build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), plain, 100).milestones == (200, 350)
 
 
 class Recorder(nn.Module):
@@ -88,6 +101,34 @@ def test_fit_leaves_out_the_easiest_seen_images_in_the_middle_epochs_only():
     easy_half = scores_after[0].argsort()[:32]
     assert changed[scores_after[0].argsort()[32:]].all()  # the harder half all trained
     assert int((~changed[easy_half]).sum()) == 16  # and half the easier half was left out
+
+
+def test_a_training_split_smaller_than_a_batch_leaves_its_images_out_too():
+    """One batch an epoch: the pruned epoch trained every image, the easy ones weighted up (biased)."""
+    data = loader(n=15, batch_size=256)
+    data.pruning = pruning = EasyPruning(15, 0.5, CPU)
+    pruning.scores.copy_(torch.arange(15.0))
+    pruning.active = True
+    batches = [labels for _, labels in data]
+    assert len(batches) == 1 and len(batches[0]) == 12  # 3 of the 7 easier images left out
+    assert int((pruning.batch_weights() > 1).sum()) == 4  # the 4 easy ones kept, weighted 7 / 4
+
+
+def test_pruning_unread_with_two_epochs_or_the_per_image_loader_refused(tmp_path, capsys):
+    from cifarlens.cli import main
+    from conftest import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=12, n_test_per_class=2, junk=False)
+    common = ["train", "--dataset", "imagefolder", "--data-dir", str(data.data_dir), "--model", "lensnet_light",
+              "--set", "model.kwargs={widths: [4, 8], depths: [1, 1]}", "--batch-size", "8", "--no-report",
+              "--set", "train.prune_easy=0.5"]
+    assert main([*common, "--epochs", "2", "--out", str(tmp_path / "two")]) == 0
+    assert "train.prune_easy=0.5 is not used (2 epoch(s): the first and the last see every image)" in \
+        capsys.readouterr().out
+    assert main([*common, "--epochs", "3", "--set", "data.loader=perimage", "--out", str(tmp_path / "per")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("train.prune_easy needs the batched loader (data.loader=batched)") and len(err.splitlines()) == 1
+    assert not (tmp_path / "per").exists()
 
 
 @pytest.mark.parametrize("value", [1.0, -0.1, 1.5])

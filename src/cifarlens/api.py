@@ -34,7 +34,9 @@ from cifarlens.models import check_input_size, model_info, unwrap_model
 from cifarlens.models.registry import forward_flops
 from cifarlens.models.weights import describe_init, input_info, load_initial_weights
 from cifarlens.recipes import describe_choice, resolve_choices, resolve_train, unread_given
-from cifarlens.schedules import StepSchedule, build_optimizer, build_scheduler, param_groups, schedule_steps
+from cifarlens.schedules import (
+    StepSchedule, build_optimizer, build_scheduler, epochs_before, param_groups, schedule_steps,
+)
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, finish_training, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
 from cifarlens.resume import check_resumed_data, remove_stale_outputs, restore, resumed_config, world_size_note
@@ -174,8 +176,11 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     train_loader = make_loader(bundle.train, info, tc.batch_size, device, seed=tc.seed, train_cfg=cfg.data,
                                world=world)
     val_loader = make_loader(bundle.val, info, EVAL_BATCH_SIZE, device, world=world) if has_val else None
+    pruning = None
     if tc.prune_easy:
-        train_loader.pruning = EasyPruning(len(bundle.train), tc.prune_easy, device)
+        if not hasattr(train_loader, "pruning"):
+            raise CifarlensError("train.prune_easy needs the batched loader (data.loader=batched)")
+        pruning = train_loader.pruning = EasyPruning(len(bundle.train), tc.prune_easy, device)
     if hasattr(model, "data_init") and not resume and init is None:  # e.g. FastNet's patch whitening
         sample = bundle.train.images[:5000].to(device)
         # fit to the images' own patch statistics: the level's crop and flip, no policies (no cut-out squares)
@@ -224,7 +229,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 raise
 
     if resume:
-        state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema, train_loader.pruning)
+        state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema, pruning)
         log(f"resuming {run.path} after epoch {state.epoch}/{replace(tc, **state.replanned).epochs}")
         moved = world_size_note(run, world.world_size)
         if moved:
@@ -289,7 +294,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 if isinstance(scheduler, StepSchedule):
                     scheduler.retarget(schedule_steps(new, len(train_loader)))
                     if scheduler.milestones:  # they moved with the steps left: recorded in epochs, as configured
-                        state.replanned["milestones"] = [round(m / len(train_loader), 3) for m in scheduler.milestones]
+                        state.replanned["milestones"] = [round(epochs_before(new, m, len(train_loader)), 3)
+                                                         for m in scheduler.milestones]
                         lines.append(f"the learning rate now drops after epochs "
                                      f"{', '.join(f'{m:g}' for m in state.replanned['milestones'])}")
             for line in lines:
@@ -304,7 +310,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                     "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "state": vars(state),
-                    "pruning": train_loader.pruning.state_dict() if train_loader.pruning is not None else None,
+                    "pruning": pruning.state_dict() if pruning is not None else None,
                     "config": to_dict(cfg),
                 })
             except BaseException:  # a Ctrl-C just after the rename: the file on disk holds this epoch, as resume says

@@ -4,6 +4,8 @@ training loop (engine), the schedule (recipes) and the time budget's estimates (
 
 from __future__ import annotations
 
+import math
+
 
 def pruned_epoch(cfg, epoch: int) -> bool:
     """Whether epoch ``epoch`` (0-based) leaves out some easy images (``train.prune_easy``,
@@ -11,14 +13,21 @@ def pruned_epoch(cfg, epoch: int) -> bool:
     return bool(getattr(cfg, "prune_easy", 0)) and 0 < epoch < cfg.epochs - 1
 
 
+def whole_epoch_steps(cfg, epoch: int, steps_per_epoch: int) -> int:
+    """Optimizer steps in a whole epoch ``epoch``: every batch, but in a pruned epoch
+    (:func:`pruned_epoch`) 1 - prune_easy / 2 of them, rounded down (at least one), so that they
+    hold only images kept (:mod:`cifarlens.data.pruning`)."""
+    if pruned_epoch(cfg, epoch):
+        return max(1, math.floor(steps_per_epoch * (1 - cfg.prune_easy / 2)))
+    return steps_per_epoch
+
+
 def epoch_steps(cfg, epoch: int, steps_per_epoch: int) -> int:
-    """Optimizer steps in epoch ``epoch`` (0-based) of ``cfg`` (a TrainConfig): every batch, but in
-    a pruned epoch (:func:`pruned_epoch`) those of the images kept, and in the last epoch only
-    ``cfg.last_epoch_fraction`` of them (at least one)."""
+    """Optimizer steps in epoch ``epoch`` (0-based) of ``cfg`` (a TrainConfig): those of
+    :func:`whole_epoch_steps`, but in the last epoch only ``cfg.last_epoch_fraction`` of its batches
+    (at least one)."""
     if epoch < cfg.epochs - 1:
-        if pruned_epoch(cfg, epoch):
-            return max(1, round(steps_per_epoch * (1 - cfg.prune_easy / 2)))
-        return steps_per_epoch
+        return whole_epoch_steps(cfg, epoch, steps_per_epoch)
     return max(1, min(steps_per_epoch, round(cfg.last_epoch_fraction * steps_per_epoch)))
 
 

@@ -167,6 +167,8 @@ def unread_settings(train: dict) -> dict[str, str]:
                                 f"optimizer {optimizer}; they are muon's")
     if not train["tta"]:
         unread["tta_translate"] = "train.tta is off"
+    if train.get("prune_easy") and train["epochs"] <= 2:
+        unread["prune_easy"] = f"{train['epochs']} epoch(s): the first and the last see every image"
     if not train["progressive_res"]:
         unread["progressive_epochs"] = "train.progressive_res is 0"
     elif not train["progressive_epochs"]:

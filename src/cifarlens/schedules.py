@@ -10,7 +10,7 @@ import math
 import torch
 
 from cifarlens.config import TrainConfig
-from cifarlens.epochs import epoch_steps
+from cifarlens.epochs import epoch_steps, whole_epoch_steps
 from cifarlens.optim import MuonSGD, muon_groups
 
 OPTIMIZERS = ("adam", "sgd", "muon")  # muon: Muon on convolution filters, Nesterov SGD on the rest
@@ -124,6 +124,23 @@ class PlateauSchedule(torch.optim.lr_scheduler.ReduceLROnPlateau):
     per_step = False
 
 
+def steps_before(cfg: TrainConfig, epochs: float, steps_per_epoch: int) -> int:
+    """The optimizer steps before ``epochs`` (a fraction of one: that share of its steps) of
+    ``cfg``'s epochs, where multistep milestones and the warm-up's end fall: a pruned epoch
+    (train.prune_easy) counts its fewer batches."""
+    whole = int(epochs)
+    done = sum(whole_epoch_steps(cfg, epoch, steps_per_epoch) for epoch in range(whole))
+    return done + round((epochs - whole) * whole_epoch_steps(cfg, whole, steps_per_epoch))
+
+
+def epochs_before(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The epochs (with a fraction) before optimizer step ``step``: :func:`steps_before`'s inverse."""
+    epoch = 0
+    while step >= (n := whole_epoch_steps(cfg, epoch, steps_per_epoch)) and epoch < cfg.epochs - 1:
+        step, epoch = step - n, epoch + 1
+    return epoch + step / n
+
+
 def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Optimizer steps in all of ``cfg``'s epochs (a partial last epoch counts its batches)."""
     return sum(epoch_steps(cfg, epoch, steps_per_epoch) for epoch in range(cfg.epochs))
@@ -134,7 +151,7 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
         return PlateauSchedule(optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     total = schedule_steps(cfg, steps_per_epoch)
     # at most half the run: a one-epoch run of modern (1 epoch of warm-up) ended at its peak lr, never decaying
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total // 2)
-    milestones = tuple(int(round(m * steps_per_epoch)) for m in cfg.milestones or ())
+    warmup = min(steps_before(cfg, cfg.warmup_epochs, steps_per_epoch), total // 2)
+    milestones = tuple(steps_before(cfg, m, steps_per_epoch) for m in cfg.milestones or ())
     return StepSchedule(optimizer, total, warmup, cfg.schedule, milestones, cfg.gamma)
 

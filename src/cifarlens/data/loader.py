@@ -56,7 +56,7 @@ class TensorLoader:
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.pruning = None  # an EasyPruning (train.prune_easy): the kept images first in a pruned epoch
+        self.pruning = None  # an EasyPruning (train.prune_easy): a pruned epoch's permutation lacks some images
         self.flip_base = None  # (N,) bool: each image's epoch-0 flip, when the transform alternates flips
         if getattr(transform, "alternating_flip", False):
             coin = torch.Generator(device=device).manual_seed(epoch_seed(seed, 0, stream=3))
@@ -81,7 +81,10 @@ class TensorLoader:
         if self.world_size > 1:  # same permutation on every rank, its own augmentation draws
             generator = torch.Generator(device=self.device).manual_seed(
                 epoch_seed(self.seed, self.epoch, stream=2) + self.rank)
-        for i in range(len(self)):
+        batches = len(self)
+        if len(order) < n:  # a pruned epoch: the batches its images fill (whole ones, as drop_last asks)
+            batches = min(batches, len(order) // self.global_batch if self.drop_last else -(-len(order) // self.global_batch))
+        for i in range(batches):
             whole = order[i * self.global_batch : (i + 1) * self.global_batch]
             index = whole[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             if self.flip_base is None:

@@ -10,8 +10,8 @@ same, known number of batches, which the learning-rate schedule and a time budge
 (:func:`cifarlens.epochs.epoch_steps`). The first epoch (no scores yet) and the last one (as
 InfoBatch's annealing trains on everything at the end) see every image.
 
-The loader (:class:`cifarlens.data.loader.TensorLoader`) puts the kept images first in its
-permutation and the training loop stops after the pruned epoch's batches; the loop records each
+The loader (:class:`cifarlens.data.loader.TensorLoader`) leaves them out of its permutation and
+the training loop stops after the pruned epoch's batches (whole ones: only kept images); it records each
 batch's per-image losses (:meth:`EasyPruning.record`). Scores live on the training device: no
 host reads in a step. Under data-parallel training every process records the losses of the whole
 global batch (one all-gather of a batch's losses per step), so all hold the same scores and
@@ -42,8 +42,8 @@ class EasyPruning:
         self.global_batch: tuple[Tensor, list[int]] | None = None
 
     def order(self, order: Tensor, generator: torch.Generator) -> Tensor:
-        """``order`` (a permutation of the images) with the kept images first, in their order,
-        and the left-out ones after them; sets the loss weights of the kept easy images."""
+        """``order`` (a permutation of the images) without the images left out, in their order;
+        sets the loss weights of the kept easy images."""
         self.weights.fill_(1.0)
         if not self.active:
             return order
@@ -56,8 +56,7 @@ class EasyPruning:
         self.weights[easy] = len(easy) / (len(easy) - drop)
         keep = torch.ones(n, dtype=torch.bool, device=order.device)
         keep[left_out] = False
-        kept = keep[order]
-        return torch.cat([order[kept], order[~kept]])
+        return order[keep[order]]
 
     def batch_weights(self) -> Tensor:
         return self.weights[self.batch]
