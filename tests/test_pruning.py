@@ -129,6 +129,9 @@ def test_pruning_unread_with_two_epochs_or_the_per_image_loader_refused(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.endswith("train.prune_easy needs the batched loader (data.loader=batched)") and len(err.splitlines()) == 1
     assert not (tmp_path / "per").exists()
+    # and the per-image loader trains to its checkpoint without it (the checkpoint read the loader's pruning)
+    assert main([*common[:-2], "--epochs", "1", "--set", "data.loader=perimage", "--out", str(tmp_path / "p1")]) == 0
+    assert (tmp_path / "p1" / "checkpoints" / "last.pt").is_file()
 
 
 @pytest.mark.parametrize("value", [1.0, -0.1, 1.5])
