@@ -826,6 +826,34 @@ def test_imagefolder_decompression_bomb(tmp_path, monkeypatch, max_pixels):
         load_dataset("imagefolder", tmp_path)
 
 
+def test_formats_an_upload_could_abuse_are_not_decoded(tmp_path, monkeypatch):
+    """An EPS upload ran Ghostscript on the server (Pillow renders EPS with it); an ICO holding a
+    13000 x 13000 PNG decoded it inside Image.open, before the pixel guard. Neither is opened now."""
+    import io
+    import os
+
+    from cifarlens.images import load_image
+
+    marker = tmp_path / "gs-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\n[ \"$1\" = --version ] && echo 10.0.0\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n"
+    with pytest.raises(CifarlensError, match=r"cannot read image upload: not an image in a format cifarlens reads "
+                                             r"\(AVIF, BMP, GIF, JPEG, PNG, PPM, TGA, TIFF, WEBP\)"):
+        load_image(eps, 3, 32)
+    assert not marker.exists()  # no interpreter ran
+    ico = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(ico, format="ICO")
+    with pytest.raises(CifarlensError, match="not an image in a format cifarlens reads"):
+        load_image(ico.getvalue(), 3, 32)
+    png = io.BytesIO()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(png, format="PNG")
+    assert load_image(png.getvalue(), 3, 32)[0].float().mean() == 255  # what it reads, it still reads
+
+
 # ---------------------------------------------------------------------------
 # channel_stats
 # ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ same way in training and at inference.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -32,6 +33,18 @@ JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 IMAGE_EXTENSIONS = JPEG_EXTENSIONS | frozenset(
     {".apng", ".avif", ".bmp", ".gif", ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tga", ".tif", ".tiff", ".webp"})
 LOSSY_EXTENSIONS = JPEG_EXTENSIONS | frozenset({".webp", ".avif"})  # WebP and AVIF may be lossless: lossy to be safe
+
+
+@functools.cache
+def decoded_formats() -> tuple[str, ...]:
+    """The Pillow formats :func:`load_image` opens: those of IMAGE_EXTENSIONS (JPEG, PNG, GIF, BMP,
+    TIFF, WebP, AVIF, Netpbm, TGA), the folder readers' images. Not every format Pillow knows:
+    an EPS file is rendered by running Ghostscript on it (an uploaded file handed to an
+    interpreter), and an ICO or ICNS file decodes its embedded PNG inside ``Image.open``, before
+    the pixel-count guard below could refuse a bomb (a 657 KB ICO held 13000 x 13000 pixels)."""
+    Image.init()
+    known = Image.registered_extensions()
+    return tuple(sorted({known[ext] for ext in IMAGE_EXTENSIONS if ext in known}))
 
 
 def format_names(suffixes) -> tuple[str, ...]:
@@ -193,7 +206,7 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
         if isinstance(source, Image.Image):
             im = source
         else:
-            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=decoded_formats())
         limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
         if im.width * im.height > limit:
             raise ImageTooLarge(
@@ -215,7 +228,8 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
                             "against decompression bombs); shrink it first, e.g. to 4000 pixels on its long side"
                             ) from None
     except UnidentifiedImageError:
-        raise CifarlensError(f"cannot read image {name}: not a recognised image format") from None
+        raise CifarlensError(f"cannot read image {name}: not an image in a format cifarlens reads "
+                             f"({', '.join(decoded_formats())})") from None
     except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
         reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the upload", str(err))  # no memory addresses
         raise CifarlensError(f"cannot read image {name} ({type(err).__name__}: {reason}); is it an image file?") from None
