@@ -521,9 +521,14 @@ def test_an_export_of_a_stopped_run_says_so_and_a_resume_removes_it(stopped_run,
     described = json.loads((out / "export" / "model.json").read_text())
     assert described["run_status"] == {"status": "interrupted", "epochs_done": 1}
     assert main(["export", str(out), "--format", "onnx"]) == 0 and (out / "model.onnx").is_file()
+    assert main(["calibrate", str(out)]) == 0  # a temperature for epoch 1's weights, which load_run then kept using
+    early = json.loads((out / "run.json").read_text())["calibration"]["temperature"]
     assert main(["train", "--resume", str(out), "--no-report"]) == 0
     assert not (out / "model.onnx").exists() and not (out / "export").exists()
-    assert "removed model.onnx, export, exported before the run went on" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "removed model.onnx, export, exported before the run went on" in log
+    assert "dropped the calibration temperature fitted before the run went on; a new one is fitted at the end" in log
+    assert json.loads((out / "run.json").read_text())["calibration"]["temperature"] != early  # fitted again
 
 
 def test_a_resumed_run_of_an_older_cifarlens_completes_its_config_yaml(stopped_run, recwarn):

@@ -11,6 +11,7 @@ from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.data.pipeline import DataBundle
 from cifarlens.engine import FitState, Precision
 from cifarlens.errors import CifarlensError
+from cifarlens.io import atomic_write_json
 from cifarlens.inference import check_same_data
 from cifarlens.models import unwrap_model
 from cifarlens.runs import RunDir
@@ -62,9 +63,18 @@ def check_resumed_data(run: RunDir, cfg: RunConfig, bundle: DataBundle, *, log: 
 def remove_stale_outputs(run: RunDir, report: bool, log: Callable[[str], None], when: str = "before the run went on"
                          ) -> None:
     """What describes the run's weights as they were before it went on (or ``when`` they were
-    made: while it trained): report.html, and the exports in their default places (model.onnx,
-    export/), which predict no more as the run does."""
+    made: while it trained): report.html, the exports in their default places (model.onnx,
+    export/), which predict no more as the run does, and a temperature fitted on those weights
+    (``cifarlens calibrate`` of it), which load_run would apply to the new ones."""
     import shutil
+
+    meta = run.meta()
+    if meta.get("calibration"):
+        meta.pop("calibration")
+        atomic_write_json(run / "run.json", meta)
+        log(f"dropped the calibration temperature fitted {when}; " + (
+            "a new one is fitted at the end" if run.config().train.calibrate else
+            f"`cifarlens calibrate {run.path}` fits one to the new weights"))
 
     if (run / "report.html").is_file():  # `cifarlens report` of it
         (run / "report.html").unlink()
