@@ -177,6 +177,16 @@ def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(
     assert set(data.robustness_errors) == {"gaussian_noise", "defocus_blur", "contrast"}
     page = render_report(data)
     assert "<th>relative CE</th>" in page and "100.0%" in page.split("Robustness to common corruptions")[-1]
+    # no relative mCE (a reference whose accuracy no corruption lowered): the mCE note was dropped whole
+    saved = json.loads((tiny_run / RESULT_FILE).read_text())
+    saved["corruption_errors"]["relative_mce"] = None
+    saved["corruption_errors"]["per_corruption"]["contrast"]["relative_ce"] = None
+    stamp = (tiny_run / RESULT_FILE).stat().st_mtime
+    (tiny_run / RESULT_FILE).write_text(json.dumps(saved))
+    os.utime(tiny_run / RESULT_FILE, (stamp, stamp))
+    data = build_report_data(run, gradcam=False)
+    assert "mCE 100.0%, relative mCE n/a over 3 corruption(s)" in data.robustness_note
+    assert math.isnan(data.robustness_errors["contrast"][1]) and "n/a" in render_report(data)
     assert data.robustness_classes_png is not None
     later = (tiny_run / RESULT_FILE).stat().st_mtime + 10
     os.utime(tiny_run / "model.safetensors", (later, later))

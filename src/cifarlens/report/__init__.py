@@ -173,11 +173,16 @@ def _saved_robustness(run):
     try:  # with --reference it measured the corruption errors too: the table's CE columns
         saved = json.loads(path.read_text())
         errors, reference = saved.get("corruption_errors") or {}, saved.get("reference")
-        if isinstance(errors.get("mce"), (int, float)) and math.isfinite(errors["mce"]):
+        def share(x) -> float:  # JSON has null where the reference's error gave nothing to divide by
+            return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+        if math.isfinite(share(errors.get("mce"))):
+            relative = share(errors.get("relative_mce"))
             note += (f" Against the reference {reference}: mCE {errors['mce']:.1%}, relative mCE "
-                     f"{errors['relative_mce']:.1%} over {len(errors.get('corruptions') or [])} corruption(s) "
+                     f"{f'{relative:.1%}' if math.isfinite(relative) else 'n/a'} over "
+                     f"{len(errors.get('corruptions') or [])} corruption(s) "
                      "(100 % = as robust as the reference; lower is better; CE per corruption in the table).")
-        errors = {name: (float(e["ce"]), float(e["relative_ce"])) for name, e in errors["per_corruption"].items()}
+        errors = {name: (share(e.get("ce")), share(e.get("relative_ce"))) for name, e in errors["per_corruption"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         errors = None
     return table, note, errors or None
