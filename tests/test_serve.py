@@ -653,7 +653,9 @@ def test_serve_flags_outside_their_range_are_one_line_errors(trained, capsys):
     run_dir, _ = trained
     for flags, message in ((["--max-upload-mb", "inf"], "--max-upload-mb must be in (0, 1024]"),
                            (["--max-upload-mb", "nan"], "--max-upload-mb must be in (0, 1024]"),
-                           (["--topk", "0"], "--topk must be at least 1"),
+                           (["--topk", "0"], "--topk must be from 1 to 1000"),
+                           (["--topk", "1500"], "--topk must be from 1 to 1000"),  # every upload of the page got 422
+                           (["--max-upload-mb", "1e-9"], "--max-upload-mb must be at least 1 KiB"),
                            (["--host", "192.0.2.1"], "is --host an address of this machine?")):
         assert main(["serve", str(run_dir), *flags]) == 2
         err = capsys.readouterr().err

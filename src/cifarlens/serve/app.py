@@ -46,7 +46,7 @@ from cifarlens.errors import CifarlensError
 from cifarlens.serve.backends import BACKENDS
 # The layers below, re-exported: ``cifarlens.serve.app`` was one module and is still imported as one.
 from cifarlens.serve.service import (  # noqa: F401
-    DEFAULT_MAX_CONCURRENCY, Backend, OnnxBackend, Service, TorchBackend, onnx_backend, top_k,
+    DEFAULT_MAX_CONCURRENCY, MAX_TOPK, Backend, OnnxBackend, Service, TorchBackend, onnx_backend, top_k,
 )
 from cifarlens.serve.upload import (  # noqa: F401
     DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_PATHS, ApiError, UploadLimit, decode_upload,
@@ -111,6 +111,8 @@ def create_app(
     for name, value in (("max_upload_bytes", max_upload_bytes), ("topk", topk), ("max_concurrency", max_concurrency)):
         if value < 1:
             raise CifarlensError(f"{name} must be at least 1, got {value}")
+    if topk > MAX_TOPK:  # the page sends it with every upload, which the API then refused (422)
+        raise CifarlensError(f"topk must be at most {MAX_TOPK}, got {topk}")
     run = load_run(run_dir, device=device, calibrated=calibrated)  # the run's temperature, unless told not to
     chosen: Backend = onnx_backend(run, log) if backend == "onnx" else TorchBackend(run)
     service = Service(run, chosen, topk, max_upload_bytes, max_concurrency)
@@ -150,7 +152,7 @@ def create_app(
 
     @app.post("/api/predict", response_model=PredictResponse)
     async def predict(request: Request, file: UploadFile = File(..., description="the image"),
-                      topk: int = Form(service.topk, ge=1, le=1000, description="how many classes")) -> dict:
+                      topk: int = Form(service.topk, ge=1, le=MAX_TOPK, description="how many classes")) -> dict:
         await _one_file(request)
         data = await file.read()
         return await run_in_threadpool(service.predict, data, file.filename, topk)

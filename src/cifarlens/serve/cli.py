@@ -50,14 +50,16 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from cifarlens.runs import RunDir
-    from cifarlens.serve.app import create_app
+    from cifarlens.serve.app import MAX_TOPK, create_app
 
     if not 0 <= args.port <= 65535:
         raise CifarlensError(f"--port must be in 0..65535, got {args.port}")
     if not 0 < args.max_upload_mb <= MAX_UPLOAD_MB:  # nan and inf too: every upload is bounded
         raise CifarlensError(f"--max-upload-mb must be in (0, {MAX_UPLOAD_MB}], got {args.max_upload_mb}")
-    if args.topk < 1:
-        raise CifarlensError(f"--topk must be at least 1, got {args.topk}")
+    if int(args.max_upload_mb * 2**20) < 1024:  # "max_upload_bytes must be at least 1, got 0" for 1e-9
+        raise CifarlensError(f"--max-upload-mb must be at least 1 KiB (0.001), got {args.max_upload_mb:g}")
+    if not 1 <= args.topk <= MAX_TOPK:
+        raise CifarlensError(f"--topk must be from 1 to {MAX_TOPK}, got {args.topk}")
     # Bind before handing over to uvicorn, so a busy port is a one-line error, not a log and exit(1),
     # and before the model is loaded and warmed up, so that it comes at once
     try:

@@ -20,6 +20,7 @@ from cifarlens.serve.upload import ApiError, decode_upload
 from cifarlens.tta import tta_logits
 
 DEFAULT_MAX_CONCURRENCY = 4
+MAX_TOPK = 1000  # the most classes one answer lists (the API's topk field, serve --topk)
 
 
 class Backend(Protocol):

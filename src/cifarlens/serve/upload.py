@@ -99,7 +99,7 @@ class UploadLimit:
     async def _reject(self, receive, send, declared: int | None) -> None:
         size = f"{declared:,} bytes" if declared is not None else f"more than {self.max_bytes:,} bytes"
         body = json.dumps({"error": f"upload too large: {size}; the limit is {self.max_bytes:,} bytes "
-                                    f"({self.max_bytes / 2**20:.1f} MiB)", "status": 413}).encode()
+                                    f"({self.max_bytes / 2**20:.3g} MiB)", "status": 413}).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})
