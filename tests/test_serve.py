@@ -678,6 +678,45 @@ def numeric_classes_run(tmp_path_factory):
     return root / "run"
 
 
+def test_a_slow_answer_about_an_earlier_image_is_not_shown_beside_the_next(browser, server, trained, tmp_path):
+    """The first image's late prediction drew its bars beside the second image, whose explanation
+    then ran on the new image: two images' answers mixed on one page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, data = trained
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    first.write_bytes(encode(rgb(data, 0), "png"))
+    second.write_bytes(encode(255 - rgb(data, 1), "png"))
+    wait = WebDriverWait(browser, 60)
+    browser.get(server.url + "/")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#method option"))
+    browser.execute_script("""
+        const real = window.fetch; window.lateDone = 0;
+        window.fetch = async (path, options) => {  // every answer about first.png comes 1.5 s late
+          const file = options && options.body && options.body.get ? options.body.get('file') : null;
+          const response = await real(path, options);
+          if (file && file.name === 'first.png') {
+            await new Promise((ok) => setTimeout(ok, 1500)); window.lateDone++;
+          }
+          return response;
+        };""")
+    browser.find_element(By.ID, "file").send_keys(str(first))
+    browser.find_element(By.ID, "file").send_keys(str(second))
+    wait.until(lambda d: d.execute_script("return window.lateDone") >= 1 and
+               "gradcam" in d.find_element(By.ID, "explain-note").text)
+    time.sleep(0.5)  # anything the late answer would still draw
+    expected = httpx.post(server.url + "/api/predict", files={"file": ("second.png", second.read_bytes(), "image/png")},
+                          data={"topk": "5"}).json()["top"]
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#bars .label")]
+    probs = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#bars .prob")]
+    assert labels == [t["label"] for t in expected]
+    assert probs == [f"{100 * t['prob']:.1f}%" for t in expected]
+    assert "second.png" in browser.find_element(By.ID, "preview-note").text
+    assert browser.find_element(By.ID, "error").text == ""
+    assert browser.execute_script("return window.lateDone") == 1  # the first image's explanation never asked
+
+
 def test_the_page_explains_the_class_chosen_when_class_names_are_numbers(browser, numeric_classes_run, tmp_path):
     """The page sent the chosen class's index ("1" for cat), which the API read as the class named "1"."""
     from selenium.webdriver.common.by import By

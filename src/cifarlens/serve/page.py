@@ -117,9 +117,9 @@ async function call(path, options) {
   return [response, ms];
 }
 
-function form(fields) {
+function form(file, fields) {
   const data = new FormData();
-  data.append("file", current);
+  data.append("file", file);
   for (const [k, v] of Object.entries(fields)) data.append(k, v);
   return data;
 }
@@ -166,15 +166,19 @@ function drawBars(top, explained) {
     const prob = document.createElement("span"); prob.className = "prob";
     prob.textContent = (100 * t.prob).toFixed(1) + "%";
     row.append(label, track, prob);
-    row.addEventListener("click", () => { $("target").value = String(t.index); explain(); });
+    row.addEventListener("click", () => { $("target").value = String(t.index); explain().catch((e) => showError(e.message)); });
     bars.appendChild(row);
   }
 }
 
-let lastTop = [];
+let lastTop = [], explainSeq = 0;
+// Each answer is shown only while it is still about the image chosen (and, for explanations, the
+// last one asked for): a slow answer about an earlier image drew its bars beside the new one.
 async function predict() {
-  const [response, ms] = await call("/api/predict", { method: "POST", body: form({ topk: model ? model.topk : 5 }) });
+  const file = current;
+  const [response, ms] = await call("/api/predict", { method: "POST", body: form(file, { topk: model ? model.topk : 5 }) });
   const result = await response.json();
+  if (file !== current) return;
   lastTop = result.top;
   drawBars(result.top, null);
   $("latency").textContent = "predict: " + result.latency_ms.toFixed(1) + " ms on the server, " +
@@ -183,11 +187,13 @@ async function predict() {
 
 async function explain() {
   if (!current) return;
+  const file = current, seq = ++explainSeq;
   const fields = { method: $("method").value };
   // the class by name: a name always means itself, where an index "1" would mean a class named "1"
   if ($("target").value !== "") fields.target = model.dataset.classes[Number($("target").value)];
-  const [response, ms] = await call("/api/explain", { method: "POST", body: form(fields) });
+  const [response, ms] = await call("/api/explain", { method: "POST", body: form(file, fields) });
   const blob = await response.blob();
+  if (file !== current || seq !== explainSeq) return;
   if (overlayUrl) URL.revokeObjectURL(overlayUrl);
   overlayUrl = URL.createObjectURL(blob);
   $("overlay").src = overlayUrl;
@@ -212,7 +218,8 @@ async function use(file) {
   $("target").value = "";
   $("bars").replaceChildren(); $("overlay").removeAttribute("src");
   $("latency").textContent = ""; $("explain-note").textContent = "";
-  try { await predict(); await explain(); } catch (e) { showError(e.message); }
+  try { await predict(); if (file === current) await explain(); }
+  catch (e) { if (file === current) showError(e.message); }
 }
 
 $("preview").addEventListener("error", () => {
