@@ -187,6 +187,8 @@ def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(
     data = build_report_data(run, gradcam=False)
     assert "mCE 100.0%, relative mCE n/a over 3 corruption(s)" in data.robustness_note
     assert math.isnan(data.robustness_errors["contrast"][1]) and "n/a" in render_report(data)
+    asked = build_report_data(run, gradcam=False, robustness=True, max_robustness_images=20)  # it was ignored
+    assert asked.robustness.num_images == 20 and "cifarlens robustness" not in asked.robustness_note
     assert data.robustness_classes_png is not None
     later = (tiny_run / RESULT_FILE).stat().st_mtime + 10
     os.utime(tiny_run / "model.safetensors", (later, later))

@@ -194,7 +194,8 @@ def _robustness(run, test, preds, clock: _Clock, *, budget_s: float | None, max_
     robustness``'s saved result when it is about these weights, else measured for the report."""
     if len(test) == 0:
         return None, "The test split is empty.", None
-    saved = _saved_robustness(run)
+    # a subset or severities asked for are measured, not replaced by a saved result of other ones
+    saved = _saved_robustness(run) if max_images is None and severities is None else None
     if saved is not None:
         notes.append("read from robustness.json")
         return saved
