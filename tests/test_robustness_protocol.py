@@ -79,6 +79,17 @@ def test_a_result_that_measured_more_is_kept_not_replaced(tiny_run, tmp_path, ca
     assert (run / "robustness.previous.json").read_text() == wide
     assert main([*base, "--corruptions", "fog"]) == 0  # the same again: replaced, nothing kept
     assert "kept as" not in capsys.readouterr().out and (run / "robustness.previous.json").read_text() == wide
+    # a third check of another corruption: the fog result goes to previous, and the wide one it pushes
+    # out measured contrast, which fog did not: kept too (it was overwritten)
+    fog = (run / RESULT_FILE).read_text()
+    assert main([*base, "--corruptions", "contrast"]) == 0
+    assert "kept as robustness.previous.2.json" in capsys.readouterr().out
+    assert (run / "robustness.previous.json").read_text() == fog
+    assert (run / "robustness.previous.2.json").read_text() == wide
+    from cifarlens.runs import RunDir
+
+    RunDir(run)._remove_run_files()  # what --force removes: the numbered ones too
+    assert not list(run.glob("robustness.previous*"))
 
 
 def test_corruption_errors_refuse_a_reference_measured_differently():

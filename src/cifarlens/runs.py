@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import functools
 import json
 import math
@@ -39,6 +40,7 @@ RUN_FILES = (
     "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx", SIGNATURES_FILE, "robustness.json",
     "robustness.previous.json",
 )
+OLDER_ROBUSTNESS = "robustness.previous.*.json"  # earlier robustness results kept (cifar_c.write_result)
 # evaluate's results on other images than the run's own (another test set): OTHER_DATA/test-<fingerprint>/
 OTHER_DATA = "other-data"
 RUN_DIRS = ("checkpoints", "explain", "export", "tensorboard", OTHER_DATA)  # folders a run writes; --force removes them
@@ -114,7 +116,8 @@ class RunDir:
         if rel.parts and rel.parts[0] == "..":
             return
         own = {*RUN_FILES, *(pattern.format(split_suffix(s)) for pattern in SPLIT_FILES for s in ("test", "val"))}
-        if (len(rel.parts) == 1 and rel.name in own - {"model.onnx", "model.uncalibrated.onnx"}) or \
+        if (len(rel.parts) == 1 and (rel.name in own - {"model.onnx", "model.uncalibrated.onnx"}
+                                     or fnmatch.fnmatch(rel.name, OLDER_ROBUSTNESS))) or \
                 (len(rel.parts) > 1 and rel.parts[0] in set(RUN_DIRS) - {"export"}):
             default = default or f"{self.path / 'model.onnx'}, or a file under {self.path / 'export'}"
             raise CifarlensError(f"{flag} {path} is one of the run's own files; choose another file (default: "
@@ -168,6 +171,8 @@ class RunDir:
         for name in RUN_FILES:
             if name not in last:
                 (self.path / name).unlink(missing_ok=True)
+        for older in self.path.glob(OLDER_ROBUSTNESS):  # robustness.previous.2.json, ...
+            older.unlink(missing_ok=True)
         for split in ("test", "val"):
             for pattern in SPLIT_FILES:
                 self.split_file(pattern, split).unlink(missing_ok=True)
