@@ -109,6 +109,29 @@ def test_a_dangling_link_as_out_is_named(tmp_path, capsys):
     assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
 
 
+def test_an_out_inside_the_image_folder_or_another_programs_folder_is_refused(tmp_path, capsys):
+    """--out DATA/train/myrun trained, and the run's figures became a class 'myrun' for every later
+    reading; a folder of another program holding a config.yaml and a run.json was taken for a run,
+    and --force deleted its checkpoints/ and tensorboard/."""
+    data = make_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=6, n_test_per_class=2, junk=False)
+    common = ["train", "--dataset", "imagefolder", "--data-dir", str(data.data_dir), "--epochs", "1", "--no-report",
+              *TINY]
+    for inside in (data.data_dir / "train" / "myrun", data.data_dir / "run"):
+        assert main([*common, "--out", str(inside)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is inside the image folder" in err and len(err.splitlines()) == 1, err
+        assert not inside.exists()
+    other = tmp_path / "proj"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "epoch_99.ckpt").write_text("w")
+    (other / "config.yaml").write_text("lr: 0.1\n")
+    (other / "run.json").write_text('{"name": "x"}')
+    assert main([*common, "--out", str(other), "--force"]) == 2
+    assert "is a non-empty folder that is not a cifarlens run (its run.json is not one cifarlens writes)" in \
+        capsys.readouterr().err
+    assert (other / "checkpoints" / "epoch_99.ckpt").read_text() == "w"
+
+
 def test_a_start_that_fails_leaves_nothing_that_blocks_the_same_command(tmp_path, monkeypatch, capsys):
     """A full disk as the run folder was made left checkpoints/ behind, and the same command, even
     with --force, was refused: 'a non-empty folder that is not a cifarlens run'."""

@@ -133,6 +133,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     elif bundle.info.name != cfg.data.dataset:  # a run would record cfg.data's dataset and train on another
         raise CifarlensError(f"the data given (bundle=) is {bundle.info.name}, but cfg.data.dataset is "
                              f"{cfg.data.dataset}; read the bundle for cfg.data, or leave bundle out")
+    if not resume and bundle.source.kind != "official files" and bundle.source.path:
+        data_dir = Path(bundle.source.path).resolve()
+        if data_dir in (run.path.resolve(), *run.path.resolve().parents):
+            # its figures would be read as images (a class named after the run) by every later reading
+            raise CifarlensError(f"--out {run.path} is inside the image folder {bundle.source.path}, whose images "
+                                 "its files would join; choose another --out")
     if resume:  # the data the run started on: it goes on training, validating and testing on the same images
         check_resumed_data(run, cfg, bundle, log=log, write=world.is_main)
     info = bundle.info

@@ -143,9 +143,10 @@ class RunDir:
         if above is not None:  # that run's --force would delete it with its own files
             raise CifarlensError(f"--out {self.path} is inside the run folder {above}; choose another --out")
         if self.path.is_dir() and any(p for p in self.path.iterdir() if not self._leftover(p)):
-            if not self.is_run():
+            if not self.is_run() or not self._written_by_cifarlens():  # --force would delete another program's files
                 raise CifarlensError(
-                    f"--out {self.path} is a non-empty folder that is not a cifarlens run; choose another --out"
+                    f"--out {self.path} is a non-empty folder that is not a cifarlens run"
+                    + (" (its run.json is not one cifarlens writes)" if self.is_run() else "") + "; choose another --out"
                 )
             if not force:
                 finished = self.meta().get("status") == "finished" if (self.path / "run.json").is_file() else False
@@ -156,6 +157,16 @@ class RunDir:
                 )
             return True
         return False
+
+    def _written_by_cifarlens(self) -> bool:
+        """Whether run.json is a cifarlens run's (a JSON object with its status and dataset), not just
+        a file of that name: another program's folder with a config.yaml and a run.json was taken
+        for a run, and ``--force`` deleted its checkpoints/ and tensorboard/."""
+        try:
+            meta = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and "status" in meta and isinstance(meta.get("dataset"), dict)
 
     def _leftover(self, path: Path) -> bool:
         """What a start that failed (a full disk) or a killed write leaves: an empty checkpoints/,
