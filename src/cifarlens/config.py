@@ -300,7 +300,28 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict:
     except UnicodeDecodeError as err:  # e.g. UTF-16, as PowerShell's > writes
         raise CifarlensError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
                              ) from None
+    _check_expanded_size(values, f"{what} {path}")
     return values or {}
+
+
+MAX_YAML_ITEMS = 100_000  # values in a config once its aliases are expanded (a 550-byte file held 10^8)
+
+
+def _check_expanded_size(value, where: str) -> None:
+    """Refuse YAML whose aliases (``*a``) expand to more than MAX_YAML_ITEMS values: the nested
+    references of an "alias bomb" cost nothing to load, but hundreds of MB and seconds to check
+    and print (an error message of 358 MB), and more for every level."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_YAML_ITEMS:
+            raise CifarlensError(f"{where} holds more than {MAX_YAML_ITEMS:,} values once its aliases (*name) are "
+                                 "expanded; write the values out")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_assignment(text: str) -> dict:
@@ -313,6 +334,7 @@ def parse_assignment(text: str) -> dict:
         value = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError:
         raise CifarlensError(f"--set {text!r}: value is not valid YAML") from None
+    _check_expanded_size(value, f"--set {key.strip()}")
     return {section: {name: value}}
 
 
