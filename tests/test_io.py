@@ -173,3 +173,13 @@ def test_weights_checksum_covers_every_dtype_and_files_without_one_still_load(tm
     (tmp_path / "ours.safetensors").write_bytes(data)
     with pytest.raises(CifarlensError, match="is damaged"):
         load_weights(tmp_path / "ours.safetensors")
+
+
+def test_a_file_name_of_up_to_255_bytes_is_written(tmp_path):
+    """The temporary beside it added 18 characters: a valid name of 238-255 failed "File name too long"."""
+    from cifarlens.io import atomic_write_text
+
+    for name in ("c" * 251 + ".csv", "é" * 120 + ".csv"):  # 255 bytes, and 244 in two-byte characters
+        atomic_write_text(tmp_path / name, "ok")
+        assert (tmp_path / name).read_text() == "ok"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

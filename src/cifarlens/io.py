@@ -19,8 +19,11 @@ def _create_temp(folder: Path, name: str) -> Path:
     it with 0666 lets the kernel apply the umask, as ``open()`` does; reading the umask
     instead (``os.umask`` sets it to read it) would race with other threads creating files.
     """
+    # the name cut to fit the 255 bytes a file name may have with the 18 added: a valid name of
+    # 240-255 characters failed with "File name too long"
+    short = name.encode("utf-8")[:200].decode("utf-8", "ignore")
     while True:
-        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        tmp = folder / f".{short}.{secrets.token_hex(6)}.tmp"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
