@@ -580,6 +580,9 @@ def test_cli_faithfulness_compares_every_method_with_random(cifar_run, tmp_path,
         assert 0.0 <= r["deletion_auc"] <= 1.0 and 0.0 <= r["insertion_auc"] <= 1.0
         assert r["score"] == pytest.approx(r["insertion_auc"] - r["deletion_auc"], abs=1e-6)
     assert "(random maps)" in stdout and "gradcam++" in stdout and "faithfulness.json" in stdout
+    # another selection without --faithfulness: the scores of images 0-2 stayed beside its panels
+    assert main(["explain", str(run_dir), "--indices", "5", "--out", str(out)]) == 0
+    assert not (out / "faithfulness.json").exists()
 
 
 def test_cli_image_files_and_indices(cifar_run, tmp_path, capsys):

@@ -101,6 +101,8 @@ def cmd_explain(args) -> int:
     written = write_explanations(out, run.classes, selection, explanation, save_maps=args.save_maps)
     if args.faithfulness:
         written.append(_write_faithfulness(out, run, selection, target, layer, explanation))
+    else:  # an earlier selection's scores stayed beside this one's panels, as if about them
+        (out / "faithfulness.json").unlink(missing_ok=True)
     h, w = explanation.layer_size
     print(f"{args.method} at layer {explanation.layer} ({h}x{w} maps) for {selection.what}; "
           f"{int(explanation.empty.sum())} empty; written to {out}:")
