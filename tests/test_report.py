@@ -380,6 +380,21 @@ def test_gallery_shows_no_evidence_for_empty_maps_and_degrades_without_explain(r
     assert data.gallery is None and "not available" in section(render_report(data), "gradcam")
 
 
+def test_the_calibration_section_gives_advice_that_works(reported_run):
+    """A run without a validation split was told to `cifarlens calibrate` it, which then refused."""
+    from dataclasses import replace
+
+    from cifarlens.report import build_report_data
+    from cifarlens.report.html import render_report
+
+    data = build_report_data(load_run(reported_run, calibrated=False), robustness=False, gradcam=False)
+    assert data.temperature is None and data.calibration_before is None
+    assert f"fit one with cifarlens calibrate {reported_run}" in section(render_report(data), "calibration")
+    no_val = replace(data, meta={**data.meta, "split_sizes": {**data.meta["split_sizes"], "val": 0}})
+    shown = section(render_report(no_val), "calibration")
+    assert "the run has no validation split to fit one on" in shown and "cifarlens calibrate" not in shown
+
+
 def test_report_of_a_missing_run_is_a_clean_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err

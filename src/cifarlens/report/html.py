@@ -186,8 +186,11 @@ def _calibration(d: ReportData) -> str:
              "confidence p.</p>")
     bins_table = table(["confidence bin", "images", "accuracy", "mean confidence"], rows, numeric=(1, 2, 3))
     if d.calibration_before is None:
-        how = (note("The run has no fitted temperature: these are its raw softmax probabilities "
-                    f"(fit one with cifarlens calibrate {d.run_path}).") if d.temperature is None else "")
+        no_val = not (d.meta.get("split_sizes") or {}).get("val", 1)  # data.val_fraction 0: nothing to fit it on
+        fit = ("the run has no validation split to fit one on" if no_val else
+               f"fit one with cifarlens calibrate {d.run_path}")
+        how = (note(f"The run has no fitted temperature: these are its raw softmax probabilities ({fit}).")
+               if d.temperature is None else "")
         return (intro + how + f'<div class="cols"><div>{img(d.reliability_png, "reliability diagram")}</div>'
                 f"<div>{bins_table}</div></div>")
     b, cal = d.calibration_before, d.metrics.get("calibration") or {}
