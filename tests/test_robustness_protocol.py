@@ -213,7 +213,7 @@ def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(
     (["--severities", ","], "comma-separated integers"),
     (["--corruptions", "rain"], "unknown corruption 'rain'"),
     (["--images", "0"], "--images must be >= 1"),
-    (["--reference", "/nonexistent"], "no robustness.json"),
+    (["--reference", "/nonexistent"], "--reference /nonexistent does not exist"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_run, capsys, flags, message):
     assert main(["robustness", str(tiny_run), "--device", "cpu", *flags]) == 2

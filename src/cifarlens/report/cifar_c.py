@@ -182,6 +182,9 @@ def _percent(x: float, width: int = 0) -> str:
 def load_reference(path: str | Path) -> RobustnessTable:
     """A reference table: a run folder's robustness.json, or such a JSON file itself."""
     path = Path(path)
+    if not path.exists():
+        raise CifarlensError(f"--reference {path} does not exist (a run folder measured by `cifarlens robustness`, "
+                             f"or its {RESULT_FILE})")
     file = path / RESULT_FILE if path.is_dir() else path
     if not file.is_file():
         raise CifarlensError(f"no {RESULT_FILE} in {path}: run `cifarlens robustness {path}` first, with the same "
