@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -136,6 +137,9 @@ def test_official_files_give_the_clean_accuracy_when_they_hold_the_clean_images(
     assert all(rows[("fog", s)]["accuracy"] == pytest.approx(clean) for s in range(1, 6))  # untouched images
     assert rows[("contrast", 5)]["accuracy"] == pytest.approx(max(rows[("contrast", 5)]["per_class"]) / 10, abs=0.2)
     assert len(rows[("fog", 1)]["per_class"]) == 10 and result["classes"] == list(run.classes)
+    # the protocol's 13 others are named as left out (only "over 2 corruptions" hinted at it)
+    assert len(result["unavailable"]) == 13 and result["unavailable"]["frost"] == f"no frost.npy in {tmp_path / 'c10c'}"
+    assert re.search(r"frost +left out: no frost.npy in", out), out
 
 
 def test_a_truncated_or_foreign_npy_is_a_one_line_error(tiny_run, tmp_path, capsys):

@@ -33,7 +33,7 @@ from cifarlens.report.robustness import (
     MAX_SEVERITY,
     RobustnessTable,
     cell_row,
-    list_corruptions,  # noqa: F401 (the CLI lists them)
+    list_corruptions,
     per_class,
     robustness,
     subset_indices,
@@ -120,10 +120,13 @@ def evaluate_files(run, corruptions_dir, *, severities: Sequence[int] = ALL_SEVE
             right = run.predict_proba(clean_split.images[index]).argmax(dim=1) == clean_split.labels[index]
             clean_hits += torch.bincount(clean_split.labels[index][right], minlength=k)
         clean = int(clean_hits.sum()) / max(len(truth), 1)
-    return RobustnessTable(clean_accuracy=clean, num_images=len(used), total_images=len(labels),
-                           severities=[int(s) for s in severities], rows=rows, seed=seed, classes=list(run.classes),
-                           class_counts=counts.tolist(), clean_per_class=per_class(clean_hits, counts)
-                           if not math.isnan(clean) else [], source=source)
+    table = RobustnessTable(clean_accuracy=clean, num_images=len(used), total_images=len(labels),
+                            severities=[int(s) for s in severities], rows=rows, seed=seed, classes=list(run.classes),
+                            class_counts=counts.tolist(), clean_per_class=per_class(clean_hits, counts)
+                            if not math.isnan(clean) else [], source=source)
+    if corruptions is None:  # all the folder has: the protocol's others are named as left out, not passed over
+        table.unavailable = {n: f"no {n}.npy in {corruptions_dir}" for n in list_corruptions() if n not in present}
+    return table
 
 
 def _summed_errors(table: RobustnessTable, name: str) -> tuple[float, float]:
