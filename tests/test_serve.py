@@ -559,6 +559,21 @@ def console_errors(browser) -> list[str]:
     return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
+def test_the_api_page_renders_every_route_offline(browser, server):
+    """/docs showed "Unable to render this definition": swagger-ui-bundle's Swagger UI 4.15 cannot
+    read the OpenAPI 3.1 schema FastAPI writes."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/docs")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {e.text.replace("\u200b", "") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/api/predict", "/api/explain", "/api/health", "/api/model"} <= paths, paths
+    assert "Unable to render" not in browser.page_source
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(u.startswith(server.url) or u.startswith("data:") for u in resources), resources
+
+
 def test_a_fresh_page_shows_hints_not_broken_images_and_logs_no_error(browser, server):
     """Before the first upload: no broken-image placeholder, a hint instead; no 404 (favicon) or
     script error in the console."""

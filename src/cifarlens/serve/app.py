@@ -73,13 +73,16 @@ def error_response(status: int, message: str, headers: dict | None = None, **ext
 
 
 def _add_offline_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs from the swagger-ui-bundle package, so the docs work offline
-    (FastAPI's default page loads its script and style from a CDN)."""
+    """Swagger UI at /docs from the swagger-ui-py package's copy of Swagger UI 5, so the docs work
+    offline (FastAPI's default page loads its script and style from a CDN). Not swagger-ui-bundle:
+    its Swagger UI 4.15 cannot read the OpenAPI 3.1 schema FastAPI writes ("Unable to render this
+    definition")."""
+    from importlib.resources import files
+
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
 
-    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    app.mount("/docs-assets", StaticFiles(directory=str(files("swagger_ui") / "static")), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
