@@ -904,3 +904,17 @@ def test_images_too_large_for_memory_are_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(CifarlensError, match="not enough memory to hold the imagefolder images at 4000x4000: choose "
                                              "a smaller data.image_size"):
         load_dataset("imagefolder", tmp_path, download=False, image_size=4000)
+
+
+def test_a_lab_image_is_read_by_a_greyscale_model_too():
+    """ValueError: conversion from LAB to L not supported, for a LAB TIFF on a 1-channel (Fashion-MNIST) run."""
+    import io
+
+    from cifarlens.images import load_image
+
+    lab = Image.new("RGB", (8, 8), (200, 30, 30)).convert("LAB")
+    buffer = io.BytesIO()
+    lab.save(buffer, format="TIFF")
+    grey = load_image(buffer.getvalue(), 1, 8)
+    expected = np.asarray(Image.new("RGB", (8, 8), (200, 30, 30)).convert("L"))
+    assert grey.shape == (1, 8, 8) and abs(int(grey[0, 0, 0]) - int(expected[0, 0])) <= 3

@@ -170,6 +170,8 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
         im = Image.fromarray(np.clip(np.rint(a, out=a), 0, 255, out=a).astype(np.uint8))
     elif im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")  # Pillow asks palette transparency to go through RGBA
+    if channels == 1 and im.mode in ("LAB", "HSV", "YCbCr", "CMYK"):  # Pillow has no direct way to grey from LAB
+        im = im.convert("RGB")
     return im.convert("RGB" if channels == 3 else "L")
 
 
