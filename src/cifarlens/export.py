@@ -309,8 +309,9 @@ def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, ca
     """Write the run's best weights to ``out`` (default RUN_DIR/export/model.safetensors) plus ``out.json``.
 
     The safetensors header and the JSON sidecar carry the same description (model
-    name and options, classes, mean/std, image size, test metrics), so either file
-    alone is enough to rebuild the model with ``load_exported``.
+    name and options, classes, mean/std, image size, test metrics): tools that read only
+    the weights file find it in its header; ``load_exported`` reads the sidecar, so keep
+    the two together.
     """
     from cifarlens.api import load_run
     from cifarlens.checkpoint import save_weights
