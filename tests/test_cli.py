@@ -564,6 +564,8 @@ def test_bench_reports_mean_and_std_over_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy (best-on-validation weights):" in out and "±" in out
     assert "time to 100.00% test accuracy" in out
+    # train's "results in /tmp/.../run" names a folder that is gone once the seed ends: said before it
+    assert out.count("training in a temporary run folder") == 2 and "deleted when the seed ends" in out
     summary = json.loads(summary_file.read_text())
     assert summary["seeds"] == [0, 1] and len(summary["test_acc"]) == 2
     assert summary["test_acc"][0] != summary["test_acc"][1] or summary["train_seconds"][0] > 0

@@ -79,6 +79,8 @@ def bench_one(cfg: RunConfig, seed: int, targets: list[float], log=print) -> See
         train_images = sum(row["train_samples"] for row in state.history)  # a partial last epoch counts its part
 
     with tempfile.TemporaryDirectory() as tmp:
+        # train's "run folder ..." and "results in ..." lines name it: said here that it goes
+        log(f"[bench seed {seed}] training in a temporary run folder, {tmp}/run, deleted when the seed ends")
         result = train(cfg, f"{tmp}/run", on_epoch_end=on_epoch_end, bundle=bundle, report=False)
         history_seconds = result["train_seconds"]
     return SeedResult(seed, result["accuracy"], history_seconds, train_images / max(history_seconds, 1e-9),
