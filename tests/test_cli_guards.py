@@ -535,6 +535,21 @@ def test_resume_takes_a_moved_data_dir_and_refuses_an_edited_config(stopped_run,
     assert "removed report.html" in (out / "train.log").read_text()
 
 
+def test_the_same_train_again_suggests_resume_only_where_there_is_a_checkpoint(stopped_run, capsys):
+    """A run killed before its first checkpoint was told "use --resume", which then said there was
+    no checkpoints/last.pt to resume from."""
+    out, data = stopped_run
+    again = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--no-download", "--epochs", "1",
+             "--out", str(out)]
+    assert main(again) == 2
+    assert f"run folder {out} already exists; use --resume to continue it, --force" in capsys.readouterr().err
+    (out / "checkpoints" / "last.pt").unlink()
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert f"run folder {out} already exists (stopped before its first checkpoint); --force" in err
+    assert "--resume" not in err
+
+
 def test_an_export_of_a_stopped_run_says_so_and_a_resume_removes_it(stopped_run, capsys):
     """An export of epoch 1's weights said nothing, recorded nothing, and stayed beside the
     finished run's weights after the resume."""

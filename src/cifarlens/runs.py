@@ -150,9 +150,12 @@ class RunDir:
                 )
             if not force:
                 finished = self.meta().get("status") == "finished" if (self.path / "run.json").is_file() else False
+                # --resume refuses finished runs, and runs stopped before their first checkpoint
+                resumable = not finished and self.last_checkpoint.is_file()
                 raise CifarlensError(
                     f"run folder {self.path} already exists" + (" (a finished run)" if finished else "")
-                    + "; " + ("" if finished else "use --resume to continue it, ")  # --resume refuses finished runs
+                    + ("" if finished or resumable else " (stopped before its first checkpoint)")
+                    + "; " + ("use --resume to continue it, " if resumable else "")
                     + "--force to overwrite it, or another --out"
                 )
             return True
