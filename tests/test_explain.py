@@ -709,3 +709,18 @@ def test_cli_val_split_of_a_run_without_one_is_a_one_line_error(cifar_run, tmp_p
         assert main(["explain", str(tmp_path / "noval"), "--split", "val", *flags]) == 2
         err = capsys.readouterr().err
         assert err.strip().endswith("has no val images (data.val_fraction 0); explain --split test"), err
+
+
+def test_an_interrupted_explain_is_not_described_as_a_run_folder(cifar_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in explain --out DIR said "nothing was written" (train's hint about a run folder), after
+    it had written panels there."""
+    import cifarlens.explain.cli as explain_cli
+
+    run_dir, _ = cifar_run
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(explain_cli, "_explain_all", stop)
+    assert main(["explain", str(run_dir), "--indices", "0", "--out", str(tmp_path / "x")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "cifarlens: interrupted"

@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         code = 143 if isinstance(err, Terminated) else 130
         if os.environ.get("RANK", "0") != "0" or os.environ.get(LAUNCHED):
             return code  # one line for the run: rank 0's, or the --nproc launcher's (with --nproc)
-        hint = _resume_hint(getattr(args, "out", None) or getattr(args, "resume", None))
+        # what the run folder holds says what a stopped train can do; another command's --out is no run
+        # folder ("nothing was written" after explain had written 6 files)
+        hint = _resume_hint(getattr(args, "out", None) or getattr(args, "resume", None)) \
+            if getattr(args, "func", None) is cmd_train else ""
         print(f"cifarlens: {'terminated' if isinstance(err, Terminated) else 'interrupted'}{hint}", file=sys.stderr)
         return code
     finally:
