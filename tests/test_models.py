@@ -277,7 +277,7 @@ def test_fastnet_whitening_gives_no_constant_channel_on_images_that_never_vary_a
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("test", 4)):
         for label, channel in (("red", 0), ("green", 1)):
-            folder = tmp_path / split / label
+            folder = tmp_path / "images" / split / label
             folder.mkdir(parents=True)
             for i in range(n):
                 pixels = np.zeros((32, 32, 3), np.uint8)
@@ -285,8 +285,8 @@ def test_fastnet_whitening_gives_no_constant_channel_on_images_that_never_vary_a
                 if kind == "grey as RGB":
                     pixels[...] = pixels[..., channel:channel + 1] // (1 + channel)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
-    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "8",
-                 "--no-report", "--out", str(tmp_path / "run")]) == 0
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--epochs", "1",
+                 "--batch-size", "8", "--no-report", "--out", str(tmp_path / "run")]) == 0
     history = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert float(history[1].split(",")[3]) < 10  # the validation loss
 
