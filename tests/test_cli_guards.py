@@ -925,3 +925,15 @@ def test_a_stop_just_after_the_checkpoint_was_renamed_records_its_epoch(tmp_path
                  "--no-report", "--out", str(out), *TINY]) == 130
     meta = json.loads((out / "run.json").read_text())
     assert meta["status"] == "interrupted" and meta["epochs_done"] == 1
+
+
+def test_a_run_that_diverged_in_its_first_epoch_is_not_said_to_have_weights(stopped_run, capsys):
+    """evaluate warned "diverged after 0 epoch(s): these are its weights so far", then said it had none."""
+    out, _ = stopped_run
+    meta = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**meta, "status": "diverged", "epochs_done": 0}))
+    (out / "model.safetensors").unlink()
+    (out / "checkpoints" / "last.pt").unlink()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no trained weights yet" in err and "weights so far" not in err and len(err.splitlines()) == 1, err

@@ -336,6 +336,8 @@ class RunDir:
         done = meta.get("epochs_done")
         lacks = [what for what, there in (("a test evaluation", (self.path / "metrics.json").is_file()),
                                            ("a fitted temperature", bool(meta.get("calibration")))) if not there]
+        if not self.weights.is_file() and not self.last_checkpoint.is_file():  # the command's own error follows
+            return None
         return (f"{self.path} {what}" + (f" after {done} epoch(s)" if done is not None else "")
                 + ": these are its weights so far" + (f", without {' or '.join(lacks)}" if lacks else ""))
 
