@@ -290,7 +290,8 @@ def test_a_failing_torch_compile_is_one_clear_error(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("model, recipe, extra", [
-    ("lensnet", "modern", {}), ("lensnet", "reference", {}),
+    pytest.param("lensnet", "modern", {}, marks=pytest.mark.slow),  # ~6 s each; CI runs them with the slow set
+    pytest.param("lensnet", "reference", {}, marks=pytest.mark.slow),
     ("fastnet", "fast", {"epochs": 4, "prune_easy": 0.5}),  # the resumed third epoch leaves out images by their scores
 ])
 def test_resume_after_interruption_ends_where_an_uninterrupted_run_would(tmp_path, model, recipe, extra):
@@ -427,6 +428,7 @@ def test_bad_flag_values_are_refused_by_the_parser(args, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # ~7 s; CI runs it with the slow set (the in-process truncated-checkpoint test stays)
 def test_corrupt_checkpoint_and_weights_are_refused(fashion_run, tmp_path):
     import shutil
 
@@ -463,6 +465,7 @@ def _flip_a_byte_in_the_largest_tensor(path: Path) -> None:
     path.write_bytes(data)
 
 
+@pytest.mark.slow  # ~9 s; CI runs it with the slow set (the default suite's 7-minute budget)
 def test_weights_damaged_on_disk_are_refused_not_loaded(fashion_run, tmp_path):
     import shutil
 
@@ -529,7 +532,8 @@ def test_config_file_and_flags_take_precedence(tmp_path):
     assert saved["train"]["schedule"] == "plateau"
 
 
-@pytest.mark.parametrize("dataset, fixture", [("cifar10", "cifar10_dir"), ("cifar100", "cifar100_dir"),
+@pytest.mark.parametrize("dataset, fixture", [("cifar10", "cifar10_dir"),
+                                              pytest.param("cifar100", "cifar100_dir", marks=pytest.mark.slow),  # ~6 s
                                               ("imagefolder", "imagefolder_dir")])
 def test_train_on_every_dataset(dataset, fixture, request, tmp_path):
     data_dir = request.getfixturevalue(fixture)
@@ -737,6 +741,7 @@ def test_bench_checks_where_its_json_goes_before_training(tmp_path, capsys):
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.slow  # a CLI process, ~7 s; CI runs it with the slow set
 def test_a_training_whose_output_reader_leaves_goes_on(fashion_run, tmp_path):
     """`cifarlens train ... | head -1` stopped the run (BrokenPipeError at its next log line)."""
     _, data = fashion_run

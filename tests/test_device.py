@@ -42,6 +42,7 @@ def _glibc() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+@pytest.mark.slow  # two processes, ~6 s; CI runs it with the slow set (the default suite's 7-minute budget)
 @pytest.mark.skipif(not _glibc(), reason="sets glibc's malloc; elsewhere it does nothing")
 def test_kept_memory_is_reused_without_page_faults_and_the_variable_turns_it_off():
     kept, faults = _churn()

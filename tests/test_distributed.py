@@ -204,6 +204,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow  # two processes, ~5 s; CI runs it with the slow set
 def test_a_loss_that_diverges_on_one_rank_stops_every_rank_alike(tmp_path):
     """Rank 0 once went on into its backward pass, whose gradient all-reduce waited for rank 1,
     which had stopped; torchrun then ended rank 0, and the run was recorded as interrupted."""

@@ -88,6 +88,7 @@ def test_tensorboard_logs_each_epoch_the_test_metrics_and_the_config(data_dir, t
     assert "tracking: TensorBoard events in" in (out / "train.log").read_text()
 
 
+@pytest.mark.slow  # a CLI process, ~5 s; CI runs it with the slow set
 def test_mlflow_default_store_in_the_working_directory(data_dir, tmp_path, monkeypatch):
     """No --tracking-uri: MLflow's own default where the command runs, as `mlflow ui` there expects."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -231,6 +231,7 @@ def test_workers_on_several_machines_share_a_study_in_postgresql(postgres_url, d
     assert "different search space (differs in: train.lr)" in line
 
 
+@pytest.mark.slow  # ~10 s of trials; CI runs it with the slow set (the default suite's 7-minute budget)
 def test_rerunning_continues_a_study_and_workers_extend_it(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     space = write_space(tmp_path / "space.yaml")
@@ -472,6 +473,7 @@ def test_a_study_continued_on_other_images_is_refused_and_on_a_copy_goes_on(data
     assert "not found" in missing and not (tmp_path / "o2").exists()  # the data is read before the study exists
 
 
+@pytest.mark.slow  # ~5 s; CI runs it with the slow set
 def test_a_study_name_clash_with_another_space_or_base_config_is_refused(data_dir, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     # resolved as the Tuner resolves its base (a model and recipe left unset are fixed for the study)
