@@ -161,6 +161,7 @@ def test_a_fit_on_few_images_that_stops_at_a_limit_says_both(calibrated_run, tmp
     assert "evaluate, predict and serve --no-calibration" in warning
 
 
+@pytest.mark.slow  # ~5 s; CI runs it with the slow set
 def test_calibrate_says_when_the_runs_onnx_holds_another_temperature(calibrated_run, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

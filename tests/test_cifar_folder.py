@@ -271,6 +271,7 @@ def test_resize_applies_to_every_split_of_a_copy(tmp_path):
     assert all(len(s.files) == len(s) for s in (ds.train, ds.val, ds.test))  # the file names stay
 
 
+@pytest.mark.slow  # ~6 s; CI runs it with the slow set (the default suite's 7-minute budget)
 def test_train_on_a_jpeg_copy_is_cifar10_in_the_run_and_report(tmp_path, capsys):
     """The user's path: --dataset cifar10 on a JPEG folder gives a run that knows it is CIFAR-10 (JPEG copy)."""
     data = tmp_path / "copy"

@@ -380,6 +380,7 @@ def test_existing_run_folder_is_not_overwritten_without_force(fashion_run, tmp_p
     assert (other / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.slow  # ~5 s; CI runs it with the slow set
 def test_force_overwrites_a_run(tmp_path):
     data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
     out = tmp_path / "run"

@@ -467,6 +467,7 @@ def test_the_onnx_backend_without_calibration_leaves_the_calibrated_export_alone
 
 
 
+@pytest.mark.slow  # a uvicorn process, ~7 s; CI runs it with the slow set (the page tests use a live server too)
 def test_serve_command(onnx_server):
     """The real ``cifarlens serve`` in a subprocess: binds 127.0.0.1, reuses a current model.onnx, stops on Ctrl+C."""
     port = free_port()

@@ -408,6 +408,7 @@ def test_cli_grey_data_uses_the_mean_imagenet_statistics(tmp_path, resnet18_file
     assert dataset["std"] == pytest.approx([sum(IMAGENET_STD) / 3])
 
 
+@pytest.mark.slow  # ~5 s; CI runs it with the slow set
 def test_a_start_from_a_cifarlens_run_normalises_as_that_run_did(tmp_path):
     """Its inputs were normalised with the source run's statistics (here: those of other images);
     the new run used its own data's (and a pretrained backbone's, ImageNet's)."""
