@@ -162,14 +162,14 @@ class RunDir:
         return False
 
     def _written_by_cifarlens(self) -> bool:
-        """Whether run.json is a cifarlens run's (a JSON object with its status and dataset), not just
+        """Whether run.json is a cifarlens run's (a JSON object with its status or dataset), not just
         a file of that name: another program's folder with a config.yaml and a run.json was taken
         for a run, and ``--force`` deleted its checkpoints/ and tensorboard/."""
         try:
             meta = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        return isinstance(meta, dict) and "status" in meta and isinstance(meta.get("dataset"), dict)
+        return isinstance(meta, dict) and ("status" in meta or isinstance(meta.get("dataset"), dict))
 
     def _leftover(self, path: Path) -> bool:
         """What a start that failed (a full disk) or a killed write leaves: an empty checkpoints/,
