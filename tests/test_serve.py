@@ -316,7 +316,8 @@ def test_hostile_inputs_get_json_errors_and_the_server_keeps_serving(client, tra
     for path, method, status in [("/nope", "GET", 404), ("/api/predict", "GET", 405), ("/api/health", "POST", 405)]:
         r = client.request(method, path)
         assert r.status_code == status and r.json()["status"] == status
-    for path in ("/", "/api/health"):  # uptime monitors and curl -I ask with HEAD (it was 405)
+    for path in ("/", "/api/health", "/api/model", "/docs", "/favicon.ico"):  # uptime monitors and curl -I ask
+        # with HEAD (it was 405)
         r = client.head(path)
         assert r.status_code == 200 and r.content == b"", (path, r.status_code)
     assert sent >= 20

@@ -84,7 +84,7 @@ def _add_offline_docs(app: FastAPI) -> None:
 
     app.mount("/docs-assets", StaticFiles(directory=str(files("swagger_ui") / "static")), name="docs-assets")
 
-    @app.get("/docs", include_in_schema=False)
+    @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
     def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="cifarlens API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
@@ -140,7 +140,7 @@ def create_app(
             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
             "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'")})
 
-    @app.get("/favicon.ico", include_in_schema=False)
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
     def favicon() -> Response:  # browsers ask for it on every page: a 404 would sit in their console
         return Response(favicon_png(), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
@@ -149,7 +149,7 @@ def create_app(
         return {"status": "ok", "model": service.model_name, "backend": chosen.name,
                 "warmed_up": service.warm_up_seconds is not None}
 
-    @app.get("/api/model")
+    @app.api_route("/api/model", methods=["GET", "HEAD"])
     def model() -> dict:
         return service.description
 
