@@ -16,6 +16,7 @@ from conftest import train_tiny_cifar10
 from cifarlens.cli import main
 from cifarlens.report.cifar_c import RESULT_FILE, corruption_errors, grid_text
 from cifarlens.report.robustness import RobustnessTable
+from cifarlens.runfiles import remove_run_files
 
 
 def table(errors: dict[str, list[float]], clean_error: float, **kw) -> RobustnessTable:
@@ -87,9 +88,7 @@ def test_a_result_that_measured_more_is_kept_not_replaced(tiny_run, tmp_path, ca
     assert "kept as robustness.previous.2.json" in capsys.readouterr().out
     assert (run / "robustness.previous.json").read_text() == fog
     assert (run / "robustness.previous.2.json").read_text() == wide
-    from cifarlens.runs import RunDir
-
-    RunDir(run)._remove_run_files()  # what --force removes: the numbered ones too
+    remove_run_files(run)  # what --force removes: the numbered ones too
     assert not list(run.glob("robustness.previous*"))
 
 

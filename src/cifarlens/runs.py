@@ -1,4 +1,4 @@
-"""Run folders: what a training run writes, and the guard that keeps it safe.
+"""Run folders: what a training run writes, and how the other commands read it.
 
 A run folder holds everything needed to repeat, evaluate and serve the run::
 
@@ -22,35 +22,17 @@ import functools
 import json
 import math
 import os
-import re
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cifarlens import folderlock
+from cifarlens import folderlock, runfiles
 from cifarlens.config import DataConfig, RunConfig, absolute_data_dir, from_dict, load_yaml, save_yaml, to_dict
 from cifarlens.data.base import MAX_IMAGE_SIZE, DataSource, DatasetInfo
-from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.errors import CifarlensError
 from cifarlens.io import TEXT, atomic_write, atomic_write_json, atomic_write_text, stdout_to_devnull
-
-# Files a run writes; --force removes exactly these (never anything else in the folder).
-RUN_FILES = (
-    "config.yaml", "run.json", "environment.json", "history.csv", "train.log", "model.safetensors",
-    "curves.png", "report.html", "model.onnx", "model.uncalibrated.onnx", SIGNATURES_FILE, "robustness.json",
-    "robustness.previous.json",
+from cifarlens.runfiles import (
+    HISTORY_COLUMNS, OLDER_ROBUSTNESS, OTHER_DATA, RUN_DIRS, RUN_FILES, SPLIT_FILES, is_run_folder, split_suffix,
 )
-OLDER_ROBUSTNESS = "robustness.previous.*.json"  # earlier robustness results kept (cifar_c.write_result)
-# evaluate's results on other images than the run's own (another test set): OTHER_DATA/test-<fingerprint>/
-OTHER_DATA = "other-data"
-RUN_DIRS = ("checkpoints", "explain", "export", "tensorboard", OTHER_DATA)  # folders a run writes; --force removes them
-SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_samples",
-                   "train_px")
-
-
-def split_suffix(split: str) -> str:
-    return "" if split == "test" else f"_{split}"
 
 
 class RunDir:
@@ -77,7 +59,7 @@ class RunDir:
         return self.path / OTHER_DATA / f"{split}-{fingerprints['test' if split == 'test' else 'train']}"
 
     def is_run(self) -> bool:
-        return (self.path / "config.yaml").is_file() and (self.path / "run.json").is_file()
+        return is_run_folder(self.path)
 
     # -- creating -------------------------------------------------------------------------
     def lock(self) -> None:
@@ -127,82 +109,20 @@ class RunDir:
         """Make a fresh run folder; refuse to touch an existing one unless ``force``."""
         if self.check_new(force=force):
             self.lock()  # before anything is removed
-            self._remove_run_files()
+            runfiles.remove_run_files(self.path)
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.lock()
 
     def check_new(self, *, force: bool) -> bool:
         """What :meth:`create` refuses, checked without touching anything (a run checks it before it
         reads its data, and again when it creates the folder); True: an old run ``--force`` replaces."""
-        if self.path.exists() and not self.path.is_dir():
-            raise CifarlensError(f"--out {self.path} is a file, not a folder; choose another --out")
-        if self.path.is_symlink() and not self.path.exists():  # mkdir said "File exists"
-            raise CifarlensError(f"--out {self.path} is a link to {os.readlink(self.path)}, which does not exist; "
-                                 "make that folder or choose another --out")
-        above = next((p for p in self.path.resolve().parents if RunDir(p).is_run()), None)
-        if above is not None:  # that run's --force would delete it with its own files
-            raise CifarlensError(f"--out {self.path} is inside the run folder {above}; choose another --out")
-        if self.path.is_dir() and any(p for p in self.path.iterdir() if not self._leftover(p)):
-            if not self.is_run() or not self._written_by_cifarlens():  # --force would delete another program's files
-                raise CifarlensError(
-                    f"--out {self.path} is a non-empty folder that is not a cifarlens run"
-                    + (" (its run.json is not one cifarlens writes)" if self.is_run() else "") + "; choose another --out"
-                )
-            if not force:
-                finished = self.meta().get("status") == "finished" if (self.path / "run.json").is_file() else False
-                # --resume refuses finished runs, and runs stopped before their first checkpoint
-                resumable = not finished and self.last_checkpoint.is_file()
-                raise CifarlensError(
-                    f"run folder {self.path} already exists" + (" (a finished run)" if finished else "")
-                    + ("" if finished or resumable else " (stopped before its first checkpoint)")
-                    + "; " + ("use --resume to continue it, " if resumable else "")
-                    + "--force to overwrite it, or another --out"
-                )
-            return True
-        return False
-
-    def _written_by_cifarlens(self) -> bool:
-        """Whether run.json is a cifarlens run's (a JSON object with its status or dataset), not just
-        a file of that name: another program's folder with a config.yaml and a run.json was taken
-        for a run, and ``--force`` deleted its checkpoints/ and tensorboard/."""
-        try:
-            meta = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return isinstance(meta, dict) and ("status" in meta or isinstance(meta.get("dataset"), dict))
-
-    def _leftover(self, path: Path) -> bool:
-        """What a start that failed (a full disk) or a killed write leaves: an empty checkpoints/,
-        a hidden temporary file. Neither makes a folder another program's."""
-        if path.name == "checkpoints" and path.is_dir():
-            return not any(path.iterdir())
-        return re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", path.name) is not None and path.is_file()
-
-    def _remove_run_files(self) -> None:
-        # config.yaml and run.json last: a removal that fails half-way leaves a run folder, which
-        # the next --force may remove, not a folder refused as another program's
-        last = ("config.yaml", "run.json")
-        for name in RUN_FILES:
-            if name not in last:
-                (self.path / name).unlink(missing_ok=True)
-        for older in self.path.glob(OLDER_ROBUSTNESS):  # robustness.previous.2.json, ...
-            older.unlink(missing_ok=True)
-        for split in ("test", "val"):
-            for pattern in SPLIT_FILES:
-                self.split_file(pattern, split).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(self.path / name, ignore_errors=True)
-        for tmp in self.path.glob(".*.tmp"):  # a write killed half-way (atomic_write's temporaries, only)
-            if re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", tmp.name):
-                tmp.unlink(missing_ok=True)
-        for name in last:
-            (self.path / name).unlink(missing_ok=True)
+        return runfiles.check_new(self.path, force=force)
 
     def discard(self) -> None:
         """Remove a run folder just made, before anything was trained into it (a logger that could
         not start): nothing is lost, and the same command can run again without --force. The folder
         itself goes only when nothing else is left in it."""
-        self._remove_run_files()
+        runfiles.remove_run_files(self.path)
         self.unlock()
         with contextlib.suppress(OSError):
             self.path.rmdir()
