@@ -209,3 +209,21 @@ def test_onnx_export_puts_the_temperature_in_the_graph(calibrated_run, tmp_path)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     raw_path, _ = export_onnx(out, tmp_path / "raw.onnx", images=[], calibrated=False)
     assert onnx_metadata(raw_path)["calibration"]["calibrated"] is False
+
+
+def test_safetensors_export_without_calibration_leaves_the_calibrated_export(calibrated_run, tmp_path):
+    """--no-calibration of a calibrated run wrote export/model.safetensors and model.json again, without
+    the temperature: the calibrated export's description was lost (ONNX already kept the two apart)."""
+    import shutil
+
+    from cifarlens.cli import main
+    from cifarlens.export import load_exported
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run[0], run)  # the fixture is shared: a copy to write exports into
+    assert main(["export", str(run), "--format", "safetensors"]) == 0
+    assert main(["export", str(run), "--format", "safetensors", "--no-calibration"]) == 0
+    _, calibrated = load_exported(run / "export" / "model.safetensors")
+    _, raw = load_exported(run / "export" / "model.uncalibrated.safetensors")
+    assert calibrated["calibration"]["calibrated"] is True and raw["calibration"]["calibrated"] is False
+    assert (run / "export" / "model.uncalibrated.json").is_file()

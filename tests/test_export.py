@@ -210,6 +210,29 @@ def test_new_weights_make_the_onnx_file_stale(exported, tmp_path):
     assert not export.onnx_is_current(copy)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_weights_replaced_during_an_export_are_an_error_not_an_older_file(lensnet, tmp_path, monkeypatch, capsys, fmt):
+    """A training that went on during an export replaced the weights: the export wrote the older ones
+    (after the training's end had removed the exports it made stale), and described them by the new
+    weights' digest, so serve --backend onnx took the file for current."""
+    copy = tmp_path / "run"
+    shutil.copytree(lensnet[0], copy, ignore=shutil.ignore_patterns("model.onnx", "export"))  # others' exports
+    describe = export.describe_run
+
+    def training_goes_on(run, digest=None):
+        state = load_weights(copy / "model.safetensors")
+        save_weights({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, copy / "model.safetensors")
+        return describe(run, digest)
+
+    monkeypatch.setattr(export, "describe_run", training_goes_on)
+    assert main(["export", str(copy), "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert f"the weights of {copy} changed while they were exported (is it still training?); not writing" in err
+    assert not (copy / "model.onnx").exists() and not (copy / "export").exists()
+    monkeypatch.undo()
+    assert main(["export", str(copy), "--format", fmt]) == 0  # the same export once the weights stay
+
+
 def test_export_cli_onnx_and_safetensors(lensnet, tmp_path, capsys):
     run_dir, data = lensnet
     image = tmp_path / "x.png"

@@ -16,7 +16,6 @@ description (``calibration``); the weights themselves are the raw model's.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -29,6 +28,10 @@ import torch
 from cifarlens.errors import CifarlensError
 from cifarlens.images import ImageSource
 from cifarlens.io import atomic_write, atomic_write_json
+from cifarlens.onnxfile import (  # noqa: F401 (reading an export: imported from here too)
+    INPUT_NAME, ONNX_FILE, OUTPUT_NAME, add_metadata, onnx_is_current, onnx_metadata, onnx_session, run_onnx,
+    weights_digest,
+)
 from cifarlens.runs import RunDir, info_to_dict, refuse_runs_file
 
 # The torch.export-based exporter (torch >= 2.9's default; needs onnxscript) emits opset 18
@@ -38,26 +41,10 @@ DEFAULT_OPSET = 18
 # Max |logit(onnx) - logit(torch)|, relative to the largest |logit| when that is above 1:
 # float32 kernels differ in summation order (measured ~1e-6 on our models).
 ONNX_TOLERANCE = 1e-4
-ONNX_FILE = "model.onnx"
 UNCALIBRATED_ONNX_FILE = "model.uncalibrated.onnx"  # serve --backend onnx --no-calibration of a calibrated run
-METADATA_KEY = "cifarlens"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 CHECK_BATCH = 8  # images per verification batch
 PREPROCESSING = ("decode with cifarlens.images.load_image (RGB or L, first frame, EXIF), resize to "
                  "image_size x image_size (bilinear), scale to [0, 1], then (x - mean) / std per channel")
-
-
-def weights_digest(run_dir: str | Path) -> str:
-    """sha256 of the weights a run serves, so an ONNX file can tell whether it is stale."""
-    run = RunDir(run_dir)
-    source = run.weights if run.weights.is_file() else run.last_checkpoint
-    if not source.is_file():
-        raise CifarlensError(f"{run.path} has no trained weights yet (model.safetensors); train it first")
-    h = hashlib.sha256()
-    with source.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Scaled(torch.nn.Module):
@@ -84,8 +71,26 @@ def _quiet_converter():
         logger.setLevel(level)
 
 
-def describe_run(run) -> dict:
-    """What a consumer of exported weights needs: model name/options, classes, preprocessing, calibration."""
+def _load(run_dir: str | Path, calibrated: bool):
+    """(load_run of ``run_dir`` on the CPU, the sha256 of its weights): the digest is taken first, so a
+    training that replaces the weights meanwhile is caught by :func:`_check_unchanged`."""
+    from cifarlens.api import load_run
+
+    digest = weights_digest(run_dir) if RunDir(run_dir).is_run() else None  # else load_run says what is wrong
+    return load_run(run_dir, device="cpu", calibrated=calibrated), digest
+
+
+def _check_unchanged(run, digest: str | None, out: Path) -> None:
+    """An export is of the weights it describes: the weights replaced while it ran (a training of the
+    run going on, then its end removing the exports it made stale) are an error, not an older file."""
+    if digest is None or weights_digest(run.path) != digest:
+        raise CifarlensError(f"the weights of {run.path} changed while they were exported (is it still training?); "
+                             f"not writing {out}: export again when the run has finished")
+
+
+def describe_run(run, digest: str | None = None) -> dict:
+    """What a consumer of exported weights needs: model name/options, classes, preprocessing, calibration;
+    ``digest``: the weights' sha256 when taken before they were loaded (:func:`_load`)."""
     from cifarlens import __version__
     from cifarlens.models import model_info
 
@@ -111,7 +116,7 @@ def describe_run(run) -> dict:
         # the graph and the weights give one view per image: predict, evaluate and the metrics average
         # these views' outputs (serve --backend onnx does it around the graph)
         "tta": {"flip": run.tta, "translate_px": run.tta_translate},
-        "weights_sha256": weights_digest(run.path),
+        "weights_sha256": digest or weights_digest(run.path),
         # "finished", or the weights of a run still training / stopped ("interrupted" after epochs_done)
         "run_status": {key: meta.get(key) for meta in (RunDir(run.path).meta(),) for key in ("status", "epochs_done")},
     }
@@ -125,11 +130,15 @@ def describe_run(run) -> dict:
 def default_onnx_path(run) -> Path:
     """``RUN_DIR/model.onnx``; for the raw logits of a calibrated run (``--no-calibration``)
     ``model.uncalibrated.onnx``, so that neither replaces the other."""
+    return run.path / (UNCALIBRATED_ONNX_FILE if _raw_of_calibrated(run) else ONNX_FILE)
+
+
+def _raw_of_calibrated(run) -> bool:
+    """Whether ``run`` was loaded without the temperature its run folder has (``--no-calibration``)."""
     from cifarlens.inference import run_temperature
     from cifarlens.runs import RunDir
 
-    raw_of_calibrated = not run.calibrated and run_temperature(RunDir(run.path).meta()) is not None
-    return run.path / (UNCALIBRATED_ONNX_FILE if raw_of_calibrated else ONNX_FILE)
+    return not run.calibrated and run_temperature(RunDir(run.path).meta()) is not None
 
 
 def export_onnx(
@@ -151,7 +160,6 @@ def export_onnx(
     while, so pass ``images`` there). Raises CifarlensError otherwise. With ``calibrated`` (default)
     and a fitted temperature, the output is the logits divided by it.
     """
-    from cifarlens.api import load_run
     from cifarlens.models import unwrap_model
 
     import onnx
@@ -160,7 +168,7 @@ def export_onnx(
     if not DEFAULT_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise CifarlensError(f"opset {opset} cannot be written here: torch's exporter writes opset {DEFAULT_OPSET} "
                              f"natively, and this onnx knows opsets up to {onnx.defs.onnx_opset_version()}")
-    run = load_run(run_dir, device="cpu", calibrated=calibrated)
+    run, digest = _load(run_dir, calibrated)
     out = Path(out) if out is not None else default_onnx_path(run)
     refuse_runs_file(out, "--out", default=str(default_onnx_path(run)), source=run.path)
     if out.suffix.lower() != ".onnx" and not out.is_dir():  # model.safetensors, last.pt: surely a slip
@@ -179,7 +187,7 @@ def export_onnx(
     real, real_source = _real_images(run, images)
     batches = {"random normal": torch.randn(CHECK_BATCH, c, s, s, generator=gen),
                real_source: run.preprocess(real).cpu()}
-    description = describe_run(run) | {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
+    description = describe_run(run, digest) | {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
                                        "output_is": "logits divided by the temperature" if run.calibrated else "logits",
                                        "batch_dynamic": batch_dynamic}
 
@@ -218,7 +226,8 @@ def export_onnx(
                 raise CifarlensError(f"the ONNX model's logits differ from PyTorch's by {diff:.3g} on {what} "
                                      f"inputs (tolerance {tol:.1e}); not writing {out}")
             worst, tol_used = max(worst, diff), max(tol_used, tol)
-        _add_metadata(tmp, description | {"max_abs_diff": worst, "tolerance": tol_used})
+        add_metadata(tmp, description | {"max_abs_diff": worst, "tolerance": tol_used})
+        _check_unchanged(run, digest, out)
 
     atomic_write(out, write)
     log(f"wrote {out} (opset {opset}, {'dynamic' if batch_dynamic else 'fixed'} batch)")
@@ -243,91 +252,37 @@ def _real_images(run, images: Sequence[ImageSource] | None) -> tuple[torch.Tenso
     return torch.randint(0, 256, (CHECK_BATCH, c, s, s), dtype=torch.uint8, generator=gen), "random-pixel image"
 
 
-def onnx_session(path: str | Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise CifarlensError(f"{path} is not a loadable ONNX model ({str(err).strip()[:300]})") from None
-
-
-def run_onnx(session, x: np.ndarray) -> np.ndarray:
-    """Logits (B, K) for a normalised float batch (B, C, H, W); a fixed-batch model goes one image at a time."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    batch_dim = session.get_inputs()[0].shape[0]
-    if isinstance(batch_dim, int) and batch_dim != len(x):
-        return np.concatenate([session.run(None, {INPUT_NAME: x[i:i + 1]})[0] for i in range(len(x))])
-    return session.run(None, {INPUT_NAME: x})[0]
-
-
-def _add_metadata(path: Path, description: dict) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(description)
-    onnx.save(model, str(path))
-
-
-def onnx_metadata(path: str | Path) -> dict:
-    """The ``describe_run`` record stored in an exported ONNX file ({} when absent)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf DecodeError and friends
-        raise CifarlensError(f"{path} is not an ONNX file ({type(err).__name__})") from None
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    return {}
-
-
-def onnx_is_current(run_dir: str | Path, path: str | Path | None = None, temperature: float | None = None) -> bool:
-    """Whether ``path`` (default RUN_DIR/model.onnx) exists and was exported from the run's current
-    weights with ``temperature`` (None: uncalibrated) in its graph."""
-    path = Path(path) if path is not None else Path(run_dir) / ONNX_FILE
-    if not path.is_file():
-        return False
-    try:
-        meta = onnx_metadata(path)
-        return (meta.get("weights_sha256") == weights_digest(run_dir)
-                and (meta.get("calibration") or {}).get("temperature") == temperature)
-    except CifarlensError:
-        return False
-
-
 # ---------------------------------------------------------------------------
 # safetensors
 # ---------------------------------------------------------------------------
 
 
 def export_safetensors(run_dir: str | Path, out: str | Path | None = None, *, calibrated: bool = True) -> Path:
-    """Write the run's best weights to ``out`` (default RUN_DIR/export/model.safetensors) plus ``out.json``.
+    """Write the run's best weights to ``out`` plus ``out.json`` (default RUN_DIR/export/model.safetensors;
+    ``model.uncalibrated.safetensors`` for a calibrated run exported with ``calibrated=False``, so that
+    neither export replaces the other, as with ONNX).
 
     The safetensors header and the JSON sidecar carry the same description (model
-    name and options, classes, mean/std, image size, test metrics): tools that read only
+    name and options, classes, mean/std, image size, test metrics, the temperature): tools that read only
     the weights file find it in its header; ``load_exported`` reads the sidecar, so keep
     the two together.
     """
-    from cifarlens.api import load_run
     from cifarlens.checkpoint import save_weights
     from cifarlens.models import unwrap_model
 
-    run = load_run(run_dir, device="cpu", calibrated=calibrated)
-    out = Path(out) if out is not None else run.path / "export" / "model.safetensors"
+    run, digest = _load(run_dir, calibrated)
+    default = run.path / "export" / f"model{'.uncalibrated' if _raw_of_calibrated(run) else ''}.safetensors"
+    out = Path(out) if out is not None else default
     if out.suffix.lower() != ".safetensors":
         raise CifarlensError(f"--out {out} should end in .safetensors")
     for path in (out, out.with_suffix(".json")):  # the weights and their description beside them
-        refuse_runs_file(path, "--out", default=str(run.path / "export" / "model.safetensors"), source=run.path)
+        refuse_runs_file(path, "--out", default=str(default), source=run.path)
     _check_folder(out, run)
     if not _earlier_description(out):  # e.g. the user's own notes.json beside --out notes.safetensors
         raise CifarlensError(f"--out {out} would replace {out.with_suffix('.json')}, which is not an earlier "
                              "export's description (written beside the weights); choose another --out")
-    description = describe_run(run) | {"weights": out.name}
+    description = describe_run(run, digest) | {"weights": out.name}
+    _check_unchanged(run, digest, out)
     save_weights(unwrap_model(run.model).state_dict(), out, description)
     atomic_write_json(out.with_suffix(".json"), description)
     return out

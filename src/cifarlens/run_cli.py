@@ -77,7 +77,7 @@ def cmd_calibrate(args) -> int:
           f"(re-evaluate the test split with: cifarlens evaluate {args.run_dir})")
     from pathlib import Path
 
-    from cifarlens.export import ONNX_FILE, onnx_is_current
+    from cifarlens.onnxfile import ONNX_FILE, onnx_is_current
 
     if (Path(args.run_dir) / ONNX_FILE).is_file() and not onnx_is_current(args.run_dir, temperature=fit.temperature):
         print(f"note: {Path(args.run_dir) / ONNX_FILE} holds the temperature before (it is in its graph): "

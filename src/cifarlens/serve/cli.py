@@ -35,7 +35,8 @@ def add_commands(sub) -> None:
     p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx; with --no-calibration of a calibrated "
                                  "run RUN_DIR/model.uncalibrated.onnx; or RUN_DIR/export/model.safetensors with "
-                                 "model.json beside it)")
+                                 "model.json beside it, model.uncalibrated.safetensors with --no-calibration of a "
+                                 "calibrated run)")
     p.add_argument("--opset", type=int, help="ONNX opset (default 18, the exporter's own, up to what this onnx "
                                               "package writes)")
     p.add_argument("--images", nargs="+", metavar="IMAGE",

@@ -46,7 +46,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, run: Run, path: str | Path):
-        from cifarlens.export import onnx_session
+        from cifarlens.onnxfile import onnx_session
 
         self.run, self.path = run, Path(path)
         self.session = onnx_session(self.path)  # InferenceSession.run is thread-safe
@@ -57,7 +57,7 @@ class OnnxBackend:
                                  f"export it again: cifarlens export {run.path} --format onnx")
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        from cifarlens.export import run_onnx
+        from cifarlens.onnxfile import run_onnx
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # (B, K), divided by the run's temperature inside the graph
             return torch.from_numpy(run_onnx(self.session, x.numpy())).float()
