@@ -561,10 +561,15 @@ def test_an_export_of_a_stopped_run_says_so_and_a_resume_removes_it(stopped_run,
     assert main(["export", str(out), "--format", "onnx"]) == 0 and (out / "model.onnx").is_file()
     assert main(["calibrate", str(out)]) == 0  # a temperature for epoch 1's weights, which load_run then kept using
     early = json.loads((out / "run.json").read_text())["calibration"]["temperature"]
+    # a SIGKILL during a checkpoint left its temporary file until --force; the user's own .tmp stays
+    (out / "checkpoints" / ".last.pt.0123456789ab.tmp").write_bytes(b"half a checkpoint")
+    (out / ".draft.tmp").write_text("mine")
     assert main(["train", "--resume", str(out), "--no-report"]) == 0
     assert not (out / "model.onnx").exists() and not (out / "export").exists()
+    assert not (out / "checkpoints" / ".last.pt.0123456789ab.tmp").exists() and (out / ".draft.tmp").is_file()
     log = (out / "train.log").read_text()
     assert "removed model.onnx, export, exported before the run went on" in log
+    assert "removed 1 temporary file(s) of writes killed half-way: checkpoints/.last.pt.0123456789ab.tmp" in log
     assert "dropped the calibration temperature fitted before the run went on; a new one is fitted at the end" in log
     assert json.loads((out / "run.json").read_text())["calibration"]["temperature"] != early  # fitted again
 

@@ -39,7 +39,8 @@ from cifarlens.schedules import (
 )
 from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, finish_training, write_evaluation  # noqa: F401
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
-from cifarlens.resume import check_resumed_data, remove_stale_outputs, restore, resumed_config, world_size_note
+from cifarlens.resume import (check_resumed_data, go_on, remove_stale_outputs, restore, resumed_config,
+                              world_size_note)
 from cifarlens.environment import environment_record
 from cifarlens.runs import RunDir, info_to_dict, source_to_dict
 
@@ -340,8 +341,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             run.discard()
         raise
     if resume and world.is_main:  # it trains on from here: its exports describe older weights
-        run.write_meta(status="running")
-        remove_stale_outputs(run, report, log)
+        go_on(run, report, log)
     try:
         state = fit(model, train_loader, val_loader, optimizer, scheduler, precision, tc, state,
                     on_improvement=save_best, on_epoch_end=end_epoch, log=log, train_model=train_model,

@@ -14,6 +14,7 @@ from cifarlens.errors import CifarlensError
 from cifarlens.io import atomic_write_json
 from cifarlens.inference import check_same_data
 from cifarlens.models import unwrap_model
+from cifarlens.runfiles import remove_temporaries
 from cifarlens.runs import RunDir
 
 
@@ -58,6 +59,19 @@ def check_resumed_data(run: RunDir, cfg: RunConfig, bundle: DataBundle, *, log: 
         source = run.meta().get("source")
         if isinstance(source, dict) and source.get("path") != bundle.source.path:  # what the report names
             run.write_meta(source={**source, "path": bundle.source.path})
+
+
+def go_on(run: RunDir, report: bool, log: Callable[[str], None]) -> None:
+    """What a resumed run does before it trains on: its status, its outputs made from the weights it
+    had (:func:`remove_stale_outputs`), and the temporary files of writes killed half-way (a SIGKILL
+    during a checkpoint left a ``.last.pt.<hex>.tmp`` of the checkpoint's size until ``--force``).
+    The run folder is claimed by now, so no other process of cifarlens writes there."""
+    run.write_meta(status="running")
+    remove_stale_outputs(run, report, log)
+    killed = remove_temporaries(run.path)
+    if killed:
+        log(f"removed {len(killed)} temporary file(s) of writes killed half-way: "
+            f"{', '.join(str(p.relative_to(run.path)) for p in killed[:3])}{', ...' if len(killed) > 3 else ''}")
 
 
 def remove_stale_outputs(run: RunDir, report: bool, log: Callable[[str], None], when: str = "before the run went on"
