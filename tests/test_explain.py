@@ -559,6 +559,31 @@ def test_cli_replaces_an_earlier_selection_and_keeps_other_images_apart(cifar_ru
     assert apart.read_bytes() != own and str(apart.parent) in capsys.readouterr().out
 
 
+def test_an_explain_stopped_half_way_leaves_no_panel_the_next_one_keeps(cifar_run, tmp_path, monkeypatch):
+    """The panels were written before explanations.csv: a Ctrl-C between them left panels no list
+    named, and the next explain into the folder kept them beside its own."""
+    import shutil
+
+    import cifarlens.explain.figures as figures
+
+    run = tmp_path / "run"
+    shutil.copytree(cifar_run[0], run)
+    out = run / "explain" / "gradcam"
+    plot, drawn = figures.plot_explanation, []
+
+    def stop_at_the_second(*args, **kwargs):
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(plot(*args, **kwargs))
+
+    monkeypatch.setattr(figures, "plot_explanation", stop_at_the_second)
+    assert main(["explain", str(run), "--indices", "3,4,5"]) == 130  # "cifarlens: interrupted"
+    monkeypatch.undo()
+    assert [p.name for p in out.glob("test_*.png")] == ["test_00003.png"]
+    assert main(["explain", str(run), "--indices", "8"]) == 0
+    assert [p.name for p in out.glob("test_*.png")] == ["test_00008.png"]
+
+
 def test_cli_per_class(cifar_run, tmp_path, capsys):
     run_dir, data = cifar_run
     out = tmp_path / "pc"

@@ -231,6 +231,12 @@ def write_explanations(out: Path, classes, selection: Selection, explanation, *,
     ex = explanation
     labels = selection.labels
     _remove_earlier_panels(out, {f"{name}.png" for name in selection.names})
+    # the list before the panels: an explain stopped half-way (Ctrl-C) leaves no panel the list does not
+    # name, so the next explain into ``out`` removes them all (some it names may not be written yet)
+    rows = [[f"{name}.png", (selection.sources or selection.names)[i], "" if labels is None else classes[int(labels[i])],
+             classes[int(ex.predictions[i])], f"{float(ex.confidence[i]):.6f}", classes[int(ex.targets[i])],
+             int(bool(ex.empty[i]))] for i, name in enumerate(selection.names)]
+    atomic_write(out / "explanations.csv", lambda tmp: _write_rows(tmp, rows))
     captions = []
     for i, name in enumerate(selection.names):
         true = None if labels is None else int(labels[i])
@@ -250,10 +256,6 @@ def write_explanations(out: Path, classes, selection: Selection, explanation, *,
         written.append("class_average.png")
     else:  # image files have no labels: an earlier selection's averages stayed beside this one's gallery
         (out / "class_average.png").unlink(missing_ok=True)
-    rows = [[f"{name}.png", (selection.sources or selection.names)[i], "" if labels is None else classes[int(labels[i])],
-             classes[int(ex.predictions[i])], f"{float(ex.confidence[i]):.6f}", classes[int(ex.targets[i])],
-             int(bool(ex.empty[i]))] for i, name in enumerate(selection.names)]
-    atomic_write(out / "explanations.csv", lambda tmp: _write_rows(tmp, rows))
     written.append("explanations.csv (each panel: its image's source, label, prediction, the class explained)")
     if save_maps:
         for i, name in enumerate(selection.names):
