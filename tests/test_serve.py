@@ -662,6 +662,9 @@ def test_several_images_in_one_request_and_a_non_ascii_digit_target_are_422(clie
     for path in ("/api/predict", "/api/explain"):
         r = client.post(path, files=[("file", ("a.png", good, "image/png")), ("file", ("b.png", other, "image/png"))])
         assert r.status_code == 422 and "one image per request" in r.json()["error"], r.text
+        # a second image under another field was ignored silently: the answer was about one of the two
+        r = client.post(path, files=[("file", ("a.png", good, "image/png")), ("image2", ("b.png", other, "image/png"))])
+        assert r.status_code == 422 and "a file in 'image2' too" in r.json()["error"], r.text
     r = client.post("/api/explain", files=upload(good), data={"target": "\u00b2"})
     assert r.status_code == 422 and "unknown class" in r.json()["error"], r.text
 

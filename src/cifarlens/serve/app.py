@@ -180,10 +180,16 @@ def create_app(
 
 
 async def _one_file(request: Request) -> None:
-    """422 for a form with several ``file`` parts: answering for one of them would be half an answer
-    (FastAPI keeps the last). The form is parsed once; this reads FastAPI's parsed copy."""
-    if len((await request.form()).getlist("file")) > 1:
+    """422 for a form with several ``file`` parts, or a file under another field as well: answering
+    for one of them would be half an answer (FastAPI keeps the last ``file`` and ignores the other
+    fields). The form is parsed once; this reads FastAPI's parsed copy."""
+    form = await request.form()
+    if len(form.getlist("file")) > 1:
         raise ApiError(422, "one image per request: the form has several 'file' fields")
+    others = sorted({key for key, value in form.multi_items() if key != "file" and not isinstance(value, str)})
+    if others:
+        raise ApiError(422, "one image per request, in the field 'file': the form has a file in "
+                            f"{', '.join(repr(key[:40]) for key in others[:3])}{', ...' if len(others) > 3 else ''} too")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
