@@ -4,6 +4,7 @@
     python benchmarks/cpu_step.py --trace 400 [--threads T]
     python benchmarks/cpu_step.py --layers [--sides 32] [--batch 256]
     python benchmarks/cpu_step.py --precisions [--sides 32,24]
+    python benchmarks/cpu_step.py --whiten-bias [--sides 32,24]
 
 Prints, for random CIFAR-shaped batches (the data does not change the cost): the time of one
 forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs; any
@@ -19,6 +20,9 @@ epoch after them. A shared cloud CPU can swing by 2x within a minute (docs/bench
 
 ``--precisions`` times the step in bf16 autocast and in fp32, alternately, to see whether bf16
 pays on a new CPU (cifarlens.device.cpu_bf16_pays decides what training uses).
+
+``--whiten-bias`` times the step with the whitening layer's bias training and frozen, alternately
+(``train.whiten_bias_epochs``: frozen, the backward stops above the first convolution's input).
 
 ``--layers`` times each 3x3 convolution of fastnet alone, in the training's precision: oneDNN's
 forward, input gradient and weight gradient against the same products over the image patches
@@ -60,11 +64,13 @@ def fresh_model() -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def make_step(batch: int, side: int, compiled: bool = False, bf16: bool | None = None):
+def make_step(batch: int, side: int, compiled: bool = False, bf16: bool | None = None, whiten_bias: bool = True):
     """One forward + backward + SGD step of a fresh fastnet on a fixed random batch, as a closure;
-    under bf16 autocast where training uses it (cifarlens.device.cpu_bf16_pays), or as ``bf16`` says."""
+    under bf16 autocast where training uses it (cifarlens.device.cpu_bf16_pays), or as ``bf16`` says;
+    ``whiten_bias`` False: the whitening layer's bias frozen, as after train.whiten_bias_epochs."""
     bf16 = cpu_bf16_pays() if bf16 is None else bf16
     model = fresh_model()
+    model.whiten.bias.requires_grad_(whiten_bias)
     forward = torch.compile(model) if compiled else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
     x = torch.randn(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
@@ -179,6 +185,18 @@ def optimizer_step_ms() -> dict[str, float]:
     return out
 
 
+def whiten_bias(batch: int, sides: list[int], rounds: int = 3) -> None:
+    """The step with the whitening bias training and frozen, alternately, at each width."""
+    for side in sides:
+        times = {"bias training": [], "bias frozen": []}
+        for _ in range(rounds):
+            for name in times:
+                times[name].append(median_ms(make_step(batch, side, whiten_bias=name == "bias training")))
+        text = ", ".join(f"{name} {' / '.join(f'{t:.0f}' for t in ms)} ms" for name, ms in times.items())
+        ratio = statistics.median(times["bias frozen"]) / statistics.median(times["bias training"])
+        print(f"fastnet train step at {side}x{side}: {text} (frozen / training: {ratio:.3f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -189,6 +207,8 @@ def main() -> None:
                         help="instead: time STEPS consecutive 32-px steps and show how steady the machine is")
     parser.add_argument("--precisions", action="store_true",
                         help="instead: the step in bf16 autocast and in fp32, alternately, at each of --sides")
+    parser.add_argument("--whiten-bias", action="store_true",
+                        help="instead: the step with the whitening bias training and frozen, alternately")
     parser.add_argument("--layers", action="store_true",
                         help="instead: time each 3x3 convolution alone, oneDNN against im2col "
                              "(at the first of --sides)")
@@ -207,6 +227,9 @@ def main() -> None:
     sides = [int(s) for s in args.sides.split(",")]
     if args.precisions:
         precisions(args.batch, sides)
+        return
+    if args.whiten_bias:
+        whiten_bias(args.batch, sides)
         return
     if args.layers:
         layers(args.batch, sides[0])

@@ -17,6 +17,7 @@ from cifarlens.budget import (
     BudgetPlan,
     epoch_sides,
     estimate_seconds,
+    first_sides,
     parse_duration,
     plan_budget,
     run_length,
@@ -83,6 +84,31 @@ def test_the_estimate_adds_each_epochs_steps_at_its_width_and_its_validation_pas
     assert estimate_seconds(cfg, 32, 10, {24: 1.0, 28: 2.0, 32: 3.0}, 0.5) == 10 * (1 + 2 + 3 + 3) + 4 * 0.5
     partial = stretch(recipe_cfg(), 4.3)  # widths 24, 28, 32, 32, 32; the last epoch 3 of 10 steps
     assert estimate_seconds(partial, 32, 10, {24: 1.0, 28: 2.0, 32: 3.0}, 0.5) == 10 * (1 + 2 + 3 + 3) + 3 * 3 + 5 * 0.5
+
+
+def test_the_first_epochs_are_estimated_at_their_own_step_while_the_whitening_bias_trains():
+    """A whitening bias that stops after epoch 1 makes the later steps ~6 % cheaper (no gradient below the
+    first convolution); timed as the first steps, the plan left 8 % of a 10-minute budget unused."""
+    cfg = stretch(recipe_cfg(whiten_bias_epochs=1), 4)  # widths 24, 28, 32, 32
+    later = {24: 1.0, 28: 2.0, 32: 3.0}
+    assert estimate_seconds(cfg, 32, 10, later, 0.0, {24: 1.5}) == 10 * (1.5 + 2 + 3 + 3)
+    assert estimate_seconds(replace(cfg, whiten_bias_epochs=0), 32, 10, later, 0.0, {24: 1.5}) == 10 * (1 + 2 + 3 + 3)
+    assert first_sides(recipe_cfg(whiten_bias_epochs=1), 32) == [24]  # epoch 1 starts the ramp, however stretched
+    assert first_sides(recipe_cfg(whiten_bias_epochs=3), 32) == [24, 28, 32]
+
+
+def test_a_plan_times_the_steps_with_and_without_the_whitening_bias_on_a_copy():
+    from cifarlens.models import create_model
+
+    model, loader = create_model("fastnet", 10, 3, widths=[4, 8, 8]), synthetic_loader()
+    cfg = recipe_cfg(epochs=2, progressive_epochs=1, optimizer="sgd", whiten_bias_epochs=1)
+    plan = plan_budget(model, loader, None, Precision(CPU), replace(cfg, time_budget=1e6))
+    assert set(plan.first_step_s) == {24} and set(plan.step_s) == {24, 28, 32}
+    assert plan.first_step_s[24] >= plan.step_s[24] and model.whiten.bias.requires_grad  # the run's model untouched
+    assert "ms at 24 px (" in plan.describe() and "while the whitening bias trains)" in plan.describe()
+    assert plan.as_dict()["first_epochs_step_ms"] == {"24": round(plan.first_step_s[24] * 1000, 1)}
+    assert plan_budget(model, loader, None, Precision(CPU), replace(cfg, whiten_bias_epochs=0, time_budget=1e6)
+                       ).first_step_s == {}
 
 
 def test_a_smaller_width_is_never_estimated_dearer_than_a_larger_one():

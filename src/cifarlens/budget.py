@@ -44,6 +44,7 @@ from cifarlens.ema import WeightEMA
 from cifarlens.engine import Precision, evaluate, train_one_epoch
 from cifarlens.epochs import epoch_steps, progressive_side
 from cifarlens.errors import CifarlensError
+from cifarlens.models import unwrap_model
 from cifarlens.schedules import build_optimizer, param_groups
 
 TIMED_STEPS = 4  # per image width, after one untimed step (oneDNN / cuDNN set themselves up on a new shape)
@@ -92,6 +93,9 @@ class BudgetPlan:
     now: TrainConfig | None = None  # the plan after the re-plans so far (replan); None: train
     warned: bool = False  # replan() has warned of an overrun (it warns once)
     planned_s: float = 0.0  # the plan's own estimate, before any re-plan (estimate_s: the latest)
+    # image width -> seconds per step in the first train.whiten_bias_epochs epochs, where the whitening
+    # bias still trains (FastNet; a step without its gradient is ~6 % cheaper); {}: as step_s
+    first_step_s: dict[int, float] | None = None
 
     def __post_init__(self):
         self.now = self.now or self.train
@@ -103,7 +107,7 @@ class BudgetPlan:
         return sum(self.epoch_s)
 
     def _estimates(self, cfg: TrainConfig) -> list[float]:
-        return epoch_seconds(cfg, self.full_side, self.steps_per_epoch, self.step_s, self.eval_s)
+        return epoch_seconds(cfg, self.full_side, self.steps_per_epoch, self.step_s, self.eval_s, self.first_step_s)
 
     def replan(self, epochs_done: int, seconds: float) -> tuple[TrainConfig | None, list[str]]:
         """After ``epochs_done`` epochs and ``seconds`` of training (timing included), before the
@@ -162,12 +166,17 @@ class BudgetPlan:
                 "last_epoch_fraction": self.train.last_epoch_fraction,
                 "estimate_s": round(self.planned_s, 1), "timing_s": round(self.probe_s, 2),
                 "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
+                **({"first_epochs_step_ms": {str(s): round(t * 1000, 1) for s, t in self.first_step_s.items()}}
+                   if self.first_step_s else {}),
                 "val_pass_s": round(self.eval_s, 2),
                 "replanned": replanned}
 
     def describe(self) -> str:
         t = self.train
-        steps = ", ".join(f"{self.step_s[s] * 1000:.0f} ms at {s} px" for s in sorted(self.step_s))
+        first = self.first_step_s or {}
+        steps = ", ".join(f"{self.step_s[s] * 1000:.0f} ms at {s} px"
+                          + (f" ({first[s] * 1000:.0f} ms while the whitening bias trains)" if s in first else "")
+                          for s in sorted(self.step_s))
         ramp = f" ({t.progressive_epochs} of them growing from {t.progressive_res} px)" if t.progressive_res else ""
         return (f"time budget {t.time_budget:g} s: {epochs_text(t, ramp)}, "
                 f"estimated {self.estimate_s:.0f} s "
@@ -199,14 +208,18 @@ def epoch_sides(cfg: TrainConfig, full: int) -> list[int]:
 
 
 def epoch_seconds(cfg: TrainConfig, full: int, steps_per_epoch: int, step_s: dict[int, float],
-                  eval_s: float) -> list[float]:
-    return [epoch_steps(cfg, e, steps_per_epoch) * step_s[side] + eval_s
+                  eval_s: float, first_step_s: dict[int, float] | None = None) -> list[float]:
+    """Each epoch's estimated seconds; ``first_step_s``: the step times of the first
+    ``cfg.whiten_bias_epochs`` epochs where they differ (BudgetPlan.first_step_s)."""
+    first = first_step_s or {}
+    return [epoch_steps(cfg, e, steps_per_epoch) * (first.get(side) if e < cfg.whiten_bias_epochs and side in first
+                                                    else step_s[side]) + eval_s
             for e, side in enumerate(epoch_sides(cfg, full))]
 
 
 def estimate_seconds(cfg: TrainConfig, full: int, steps_per_epoch: int, step_s: dict[int, float],
-                     eval_s: float) -> float:
-    return sum(epoch_seconds(cfg, full, steps_per_epoch, step_s, eval_s))
+                     eval_s: float, first_step_s: dict[int, float] | None = None) -> float:
+    return sum(epoch_seconds(cfg, full, steps_per_epoch, step_s, eval_s, first_step_s))
 
 
 def possible_sides(cfg: TrainConfig, full: int) -> list[int]:
@@ -217,6 +230,17 @@ def possible_sides(cfg: TrainConfig, full: int) -> list[int]:
     most = math.ceil(cfg.progressive_epochs * MAX_STRETCH * cfg.epochs / run_length(cfg))
     return sorted({full} | {progressive_side(full, e, cfg.progressive_res, r)
                             for r in range(1, most + 1) for e in range(r)})
+
+
+def first_sides(cfg: TrainConfig, full: int) -> list[int]:
+    """Every width the first ``cfg.whiten_bias_epochs`` epochs of a stretched ``cfg`` can train at
+    (24 px alone for fast_cpu_10min's ramp and one such epoch). Not the full width of a ramp stretched
+    away (a run cut to about one epoch): those steps are estimated as the later ones, ~5 % short."""
+    if not cfg.progressive_res:
+        return [full]
+    most = math.ceil(cfg.progressive_epochs * MAX_STRETCH * cfg.epochs / run_length(cfg))
+    return sorted({progressive_side(full, e, cfg.progressive_res, r)
+                   for r in range(1, most + 1) for e in range(cfg.whiten_bias_epochs)})
 
 
 def longest_fitting(cfg: TrainConfig, seconds: float, estimate) -> TrainConfig | None:
@@ -258,15 +282,22 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
     batches = itertools.chain([first], batches)
     sides = possible_sides(cfg, full_side)
     probe = copy.deepcopy(model)
+    # a whitening bias that stops training after the first epochs: the later steps are timed without
+    # its gradient (the backward then stops above the first convolution's input), the first ones with it
+    bias = getattr(getattr(unwrap_model(probe), "whiten", None), "bias", None)
+    early = first_sides(cfg, full_side) if cfg.whiten_bias_epochs and bias is not None and bias.requires_grad else []
+    timed = [(side, False) for side in sides] + [(side, True) for side in early]
     precision = Precision(precision.device, precision.dtype, precision.channels_last)  # its own fp16 loss scale
     optimizer = build_optimizer(param_groups(probe, cfg), cfg)
     for group in optimizer.param_groups:  # the same work at lr 0: no warm-up here, and nothing to diverge
         group["lr"] = 0.0
     ema = WeightEMA(probe, cfg.ema_decay) if cfg.ema_decay else None
     sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
-    times: dict[int, list[float]] = {side: [] for side in sides}
+    times: dict[tuple[int, bool], list[float]] = {key: [] for key in timed}
     for i in range(TIMED_STEPS + 1):  # the widths in turn: a slow spell of a shared CPU slows them all alike
-        for side in sides:
+        for side, first in timed:
+            if early:
+                bias.requires_grad_(first)
             began = time.perf_counter()  # the batch's augmentation included, as in training
             batch = next(batches, None)
             if batch is None:  # a dataset of a few batches: start it again
@@ -276,8 +307,9 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
                             grad_clip=cfg.grad_clip, ema=ema, desc="timing", train_side=lambda full, s=side: s)
             sync()
             if i:
-                times[side].append(time.perf_counter() - began)
-    step_s = smaller_costs_no_more({side: statistics.median(t) for side, t in times.items()})
+                times[side, first].append(time.perf_counter() - began)
+    step_s = smaller_costs_no_more({side: statistics.median(times[side, False]) for side in sides})
+    first_step_s = {side: max(statistics.median(times[side, True]), step_s[side]) for side in early}
     eval_s = 0.0
     if val_loader is not None:
         some = list(itertools.islice(iter(val_loader), EVAL_BATCHES + 1))
@@ -292,7 +324,7 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
     del probe, optimizer, ema
     probe_s = time.perf_counter() - start
     def estimate(c: TrainConfig) -> float:
-        return estimate_seconds(c, full_side, steps_per_epoch, step_s, eval_s)
+        return estimate_seconds(c, full_side, steps_per_epoch, step_s, eval_s, first_step_s)
 
     chosen = longest_fitting(cfg, (budget - probe_s) * (1 - PLAN_MARGIN), estimate)
     if chosen is None:
@@ -302,5 +334,6 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
             f"epoch takes about {one:.0f} s on this machine; give at least "
             f"{math.ceil((one + probe_s) / (1 - PLAN_MARGIN))} s "
             "(--time-budget), or train a smaller model")
-    epoch_s = epoch_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s)
-    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s, steps_per_epoch, full_side, MAX_STRETCH * cfg.epochs)
+    epoch_s = epoch_seconds(chosen, full_side, steps_per_epoch, step_s, eval_s, first_step_s)
+    return BudgetPlan(chosen, probe_s, step_s, eval_s, epoch_s, steps_per_epoch, full_side, MAX_STRETCH * cfg.epochs,
+                      first_step_s=first_step_s)
