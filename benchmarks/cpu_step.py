@@ -96,17 +96,29 @@ def train_step_ms(batch: int, side: int, compiled: bool = False) -> tuple[float,
     return ms, (after.ru_minflt - before.ru_minflt) / steps, 1000 * (after.ru_stime - before.ru_stime) / steps
 
 
-def precisions(batch: int, sides: list[int], rounds: int = 3) -> None:
-    """The step in bf16 autocast and in fp32, alternately (``rounds`` times each, so that a drift
-    of the machine hits both), at each width: whether bf16 pays on this CPU."""
+def alternately(batch: int, sides: list[int], variants: dict[str, dict], rounds: int = 3) -> None:
+    """The step of each of ``variants`` (name -> make_step's keywords), alternately (``rounds`` times
+    each, so that a drift of the machine hits all alike), at each width; the ratio of the last to the
+    first."""
+    first, last = list(variants)[0], list(variants)[-1]
     for side in sides:
-        times = {"bf16": [], "fp32": []}
+        times = {name: [] for name in variants}
         for _ in range(rounds):
-            for name in times:
-                times[name].append(median_ms(make_step(batch, side, bf16=name == "bf16")))
+            for name, kwargs in variants.items():
+                times[name].append(median_ms(make_step(batch, side, **kwargs)))
         text = ", ".join(f"{name} {' / '.join(f'{t:.0f}' for t in ms)} ms" for name, ms in times.items())
-        ratio = statistics.median(times["fp32"]) / statistics.median(times["bf16"])
-        print(f"fastnet train step at {side}x{side}: {text} (fp32 / bf16: {ratio:.2f}x)")
+        ratio = statistics.median(times[last]) / statistics.median(times[first])
+        print(f"fastnet train step at {side}x{side}: {text} ({last} / {first}: {ratio:.3f}x)")
+
+
+def precisions(batch: int, sides: list[int]) -> None:
+    """The step in bf16 autocast and in fp32: whether bf16 pays on this CPU."""
+    alternately(batch, sides, {"bf16": {"bf16": True}, "fp32": {"bf16": False}})
+
+
+def whiten_bias(batch: int, sides: list[int]) -> None:
+    """The step with the whitening bias training and frozen (train.whiten_bias_epochs)."""
+    alternately(batch, sides, {"bias training": {"whiten_bias": True}, "bias frozen": {"whiten_bias": False}})
 
 
 def trace(batch: int, steps: int, window: int = 25, probe: int = 4, epoch: int = 176) -> None:
@@ -183,18 +195,6 @@ def optimizer_step_ms() -> dict[str, float]:
         finally:
             optim.cpu_bf16_pays = native
     return out
-
-
-def whiten_bias(batch: int, sides: list[int], rounds: int = 3) -> None:
-    """The step with the whitening bias training and frozen, alternately, at each width."""
-    for side in sides:
-        times = {"bias training": [], "bias frozen": []}
-        for _ in range(rounds):
-            for name in times:
-                times[name].append(median_ms(make_step(batch, side, whiten_bias=name == "bias training")))
-        text = ", ".join(f"{name} {' / '.join(f'{t:.0f}' for t in ms)} ms" for name, ms in times.items())
-        ratio = statistics.median(times["bias frozen"]) / statistics.median(times["bias training"])
-        print(f"fastnet train step at {side}x{side}: {text} (frozen / training: {ratio:.3f}x)")
 
 
 def main() -> None:
