@@ -21,6 +21,7 @@ from cifarlens.api import train
 from cifarlens.cli import main
 from cifarlens.config import RunConfig, merge
 from cifarlens.engine import TrainingDiverged
+from cifarlens.errors import CifarlensError
 from conftest import TINY, make_cifar10, make_fashion_mnist, make_imagefolder
 
 
@@ -485,6 +486,27 @@ def stopped_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, out, on_epoch_end=stop, report=False)
     return out, data
+
+
+def test_a_run_folder_moved_during_training_stops_the_run_instead_of_splitting_it(tmp_path):
+    """Moving the run folder away during training made the next write (atomic_write makes parents)
+    start a second folder at the old place, holding the rest of the run."""
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    cfg = merge(RunConfig(), {"data": {"dataset": "fashion-mnist", "data_dir": str(data.data_dir), "download": False},
+                              "model": {"name": "lensnet_light", "kwargs": {"widths": [8, 16], "depths": [1, 1]}},
+                              "train": {"batch_size": 32, "epochs": 3}})
+
+    def move(state, model):
+        if state.epoch == 1:
+            out.rename(moved)
+
+    with pytest.raises(CifarlensError, match=f"the run folder {out} was moved or deleted while the run trained"):
+        train(cfg, out, on_epoch_end=move, report=False)
+    assert not out.exists(), sorted(p.name for p in out.rglob('*'))  # no second, partial run
+    assert (moved / "checkpoints" / "last.pt").is_file()
+    assert main(["train", "--resume", str(moved), "--no-report"]) == 0  # it goes on where it is now
+    assert json.loads((moved / "run.json").read_text())["status"] == "finished"
 
 
 def test_the_hint_after_a_stop_follows_what_the_run_folder_holds(stopped_run):

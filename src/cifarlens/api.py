@@ -12,7 +12,7 @@ from torch import nn
 
 from cifarlens import distributed, tracking
 from cifarlens.budget import REPLANNED, epochs_text, plan_budget
-from cifarlens.checkpoint import save_checkpoint, save_weights
+from cifarlens.checkpoint import save_checkpoint
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
 from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
 from cifarlens.data.pruning import EasyPruning
@@ -287,9 +287,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     def save_best(state: FitState) -> None:
         if not world.is_main:
             return
-        save_weights(unwrap_model(eval_model).state_dict(), run.weights,  # mean/std: for a --weights start from it
-                     {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name,
-                      "mean": list(info.mean), "std": list(info.std)})
+        run.save_weights(unwrap_model(eval_model).state_dict(),  # mean/std: for a --weights start from it
+                         {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "model": cfg.model.name,
+                          "mean": list(info.mean), "std": list(info.std)})
 
     checkpointed = [state.epoch]  # the last epoch whose checkpoint is written: what a stop records
 

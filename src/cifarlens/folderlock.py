@@ -80,3 +80,16 @@ def held_elsewhere(folder: Path) -> bool | None:
         return None
     finally:
         os.close(fd)
+
+
+def moved(key: str | None) -> bool:
+    """Whether the folder claimed under ``key`` is no longer where it was claimed (moved, renamed or
+    deleted while this process holds it); False where nothing was claimed."""
+    if key is None or key not in _CLAIMED:
+        return False
+    held = os.fstat(_CLAIMED[key][0])
+    try:
+        now = os.stat(key)
+    except OSError:
+        return True
+    return (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)

@@ -261,12 +261,30 @@ class RunDir:
         return (f"{self.path} {what}" + (f" after {done} epoch(s)" if done is not None else "")
                 + ": these are its weights so far" + (f", without {' or '.join(lacks)}" if lacks else ""))
 
+    def check_in_place(self) -> None:
+        """A one-line error when the run folder this process claimed (:meth:`lock`) was moved or
+        deleted meanwhile: the run's next write would make a new folder at the old place and split
+        the run in two (every write of a training goes through here: the log, run.json, history.csv)."""
+        if folderlock.moved(getattr(self, "_lock_key", None)):
+            raise CifarlensError(f"the run folder {self.path} was moved or deleted while the run trained; stopped, "
+                                 "rather than start a second, partial run there (a moved folder holds the run up to "
+                                 "its last checkpoint: --resume it where it is now)")
+
     def write_meta(self, **values) -> None:
+        self.check_in_place()
         meta = self.meta() if (self.path / "run.json").is_file() else {}
         meta.update(values)
         atomic_write_json(self.path / "run.json", meta)
 
+    def save_weights(self, state_dict: dict, metadata: dict) -> None:
+        """model.safetensors (the weights evaluate, predict and serve load), from a training of it."""
+        from cifarlens.checkpoint import save_weights
+
+        self.check_in_place()
+        save_weights(state_dict, self.weights, metadata)
+
     def write_history(self, history: list[dict]) -> None:
+        self.check_in_place()
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="", **TEXT) as f:
                 writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
@@ -292,6 +310,7 @@ class RunDir:
     def note(self, line: str) -> None:
         """``line`` in train.log only (what the command line shows otherwise, e.g. the error that
         stopped the run)."""
+        self.check_in_place()
         with (self.path / "train.log").open("a", **TEXT) as f:
             f.write(line + "\n")
 
