@@ -276,6 +276,29 @@ def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path):
     assert meta["status"] == "interrupted" and meta["epochs_done"] >= 1
 
 
+def test_a_run_folder_another_train_is_making_is_said_to_be_in_use(tmp_path, capsys):
+    """Two trains started on one new --out: the second saw the first's folder before its run.json and
+    called it "a non-empty folder that is not a cifarlens run"."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "train.log").write_text("run folder ...\n")  # what the first has written so far
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        data = make_fashion_mnist(tmp_path / "data", n_train=40, n_test=10)
+        assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--out", str(out),
+                     *TINY]) == 2
+        assert f"run folder {out} is in use by another cifarlens process" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--out", str(out),
+                 *TINY]) == 2  # released: what the folder holds decides again
+    assert "is a non-empty folder that is not a cifarlens run" in capsys.readouterr().err
+
+
 def test_a_run_folder_in_use_is_refused_to_force_and_resume(tmp_path, capsys):
     """A second train --force, or a --resume, beside a running training would mix two runs' files."""
     data = make_fashion_mnist(tmp_path / "data", n_train=400, n_test=40)

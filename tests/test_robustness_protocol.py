@@ -139,6 +139,8 @@ def test_official_files_give_the_clean_accuracy_when_they_hold_the_clean_images(
     # the protocol's 13 others are named as left out (only "over 2 corruptions" hinted at it)
     assert len(result["unavailable"]) == 13 and result["unavailable"]["frost"] == f"no frost.npy in {tmp_path / 'c10c'}"
     assert re.search(r"frost +left out: no frost.npy in", out), out
+    # names longer than the measured ones ran into their note ("elastic_transformleft out")
+    assert re.search(r"elastic_transform +left out: no elastic_transform.npy in", out), out
 
 
 def test_a_truncated_or_foreign_npy_is_a_one_line_error(tiny_run, tmp_path, capsys):

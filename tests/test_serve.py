@@ -778,3 +778,18 @@ def test_the_page_of_an_unfinished_run_says_what_its_weights_lack(browser, train
             assert text.startswith(f"When the server started, run halfway was interrupted after 1 epoch(s): {note} "
                                    "Predictions: torch backend."), text
             assert str(tmp_path) not in text  # the server does not publish its file system
+
+
+def test_a_class_name_longer_than_200_characters_can_be_explained_by_name():
+    """The page sends class names as the target; one over 200 characters (an image folder's class may
+    have 255 bytes) was 'unknown class' although the model has it."""
+    from types import SimpleNamespace
+
+    from cifarlens.serve.upload import ApiError
+    from cifarlens.serve.service import Service
+
+    long = "a" * 220
+    service = SimpleNamespace(run=SimpleNamespace(classes=("cat", long)))
+    assert Service.resolve_target(service, long) == 1 and Service.resolve_target(service, "cat") == 0
+    with pytest.raises(ApiError, match="unknown class: a name of 5,000 characters"):
+        Service.resolve_target(service, "x" * 5000)

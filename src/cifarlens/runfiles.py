@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from cifarlens import folderlock
 from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.errors import CifarlensError
 
@@ -57,6 +58,9 @@ def check_new(path: Path, *, force: bool) -> bool:
         raise CifarlensError(f"--out {path} is inside the run folder {above}; choose another --out")
     if not path.is_dir() or all(_leftover(p) for p in path.iterdir()):
         return False
+    if folderlock.held_elsewhere(path):  # another train is making its run there (no run.json yet), or training
+        raise CifarlensError(f"run folder {path} is in use by another cifarlens process (a training of it is "
+                             "starting or running); choose another --out, or wait for it to end")
     meta = _cifarlens_meta(path) if is_run_folder(path) else None
     if meta is None:  # --force would delete another program's files
         raise CifarlensError(f"--out {path} is a non-empty folder that is not a cifarlens run"

@@ -262,6 +262,9 @@ def write_explanations(out: Path, classes, selection: Selection, explanation, *,
             cam = ex.maps[i].numpy().astype(np.float32)  # (H, W) at input resolution, in [0, 1]
             atomic_write(out / "maps" / f"{name}.npy", lambda tmp, cam=cam: _save_npy(tmp, cam))
         written.append(f"maps/*.npy ({len(selection.names)} float32 arrays of {tuple(ex.maps.shape[1:])})")
+    else:  # an earlier --save-maps's map under a panel's name is another image's (or class's) map now
+        for name in selection.names:
+            (out / "maps" / f"{name}.npy").unlink(missing_ok=True)
     return written
 
 

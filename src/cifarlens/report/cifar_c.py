@@ -201,7 +201,7 @@ def load_reference(path: str | Path) -> RobustnessTable:
 def format_result(table: RobustnessTable, errors: dict | None = None) -> str:
     """The table as text: accuracy per corruption and severity, the means, and the CEs."""
     sev = table.severities
-    width = max(len(n) for n in table.corruptions()) + 2
+    width = max(len(n) for n in [*table.corruptions(), *table.unavailable]) + 2  # the names left out too
     head = f"{'corruption':<{width}}" + "".join(f"{'s' + str(s):>8}" for s in sev) + f"{'mean':>8}"
     if errors:
         head += f"{'CE':>8}{'rel. CE':>9}"
