@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import TINY, make_cifar10, save_image, synthetic_images
 
 from cifarlens.cli import main
@@ -159,6 +160,25 @@ def test_wrong_image_size_names_the_file(tmp_path):
         load_dataset("cifar10", tmp_path, download=False)
 
 
+@pytest.mark.parametrize("fmt", ["EPS", "ICO"])
+def test_a_copy_opens_only_the_formats_every_reader_opens(tmp_path, monkeypatch, fmt):
+    """The copy's reader opened any format Pillow knows: an EPS file named .png ran Ghostscript (a
+    32x32 one would have been trained on), an ICO named .png was read as an image."""
+    import os
+
+    write_copy(tmp_path)
+    marker = tmp_path / "gs-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\n[ \"$1\" = --version ] && echo 10.0.0\nexit 0\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    Image.new("RGB", (32, 32)).save(tmp_path / "train" / "cat" / "evil.png", format=fmt)
+    with pytest.raises(CifarlensError, match=r"train/cat/evil\.png.*not an image in a format cifarlens reads"):
+        load_dataset("cifar10", tmp_path, download=False)
+    assert not marker.exists()  # no interpreter ran
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_unreadable_image_names_the_file(tmp_path, damage):
     write_copy(tmp_path, fmt="jpeg")
@@ -175,18 +195,22 @@ def test_missing_data_mentions_the_copy_layout(tmp_path):
         load_dataset("cifar10", tmp_path, download=False)
 
 
-@pytest.mark.parametrize("layout", ["no test/", "a split folder"])
+@pytest.mark.parametrize("layout", ["no test/", "a split folder", "a CIFAR-100 split folder"])
 def test_a_partial_copy_is_refused_and_nothing_is_downloaded_into_it(tmp_path, layout, monkeypatch):
-    """Downloading would put the official files into the user's folder and train on them instead."""
+    """Downloading would put the official files into the user's folder and train on them instead.
+    (CIFAR-100 has a class "train": its split folder was said to have "train/ but no test/".)"""
     import cifarlens.data.cifar as cifar
 
     monkeypatch.setattr(cifar, "_download", lambda *a: pytest.fail("a download was attempted"))
-    write_copy(tmp_path / "copy", n_train=1, n_test=0)
+    c100 = layout == "a CIFAR-100 split folder"
+    write_copy(tmp_path / "copy", classes=CIFAR100_INFO.classes if c100 else C10, n_train=1, n_test=0)
     data_dir = tmp_path / "copy" if layout == "no test/" else tmp_path / "copy" / "train"
     before = tree_state(tmp_path)
-    message = r"has train/ but no test/" if layout == "no test/" else r"holds class folders \(airplane, automobile, bird, ...\)"
+    message = (r"has train/ but no test/" if layout == "no test/" else
+               r"holds class folders \(apple, aquarium_fish, baby, ...\)" if c100 else
+               r"holds class folders \(airplane, automobile, bird, ...\)")
     with pytest.raises(CifarlensError, match=message):
-        load_dataset("cifar10", data_dir, download=True)
+        load_dataset("cifar100" if c100 else "cifar10", data_dir, download=True)
     assert tree_state(tmp_path) == before
 
 

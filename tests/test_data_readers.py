@@ -918,3 +918,16 @@ def test_a_lab_image_is_read_by_a_greyscale_model_too():
     grey = load_image(buffer.getvalue(), 1, 8)
     expected = np.asarray(Image.new("RGB", (8, 8), (200, 30, 30)).convert("L"))
     assert grey.shape == (1, 8, 8) and abs(int(grey[0, 0, 0]) - int(expected[0, 0])) <= 3
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "cifar100", "imagefolder"])
+def test_a_data_dir_below_a_file_or_a_data_file_itself_is_a_one_line_error(tmp_path, name):
+    """--data-dir FILE/sub (downloading on) and Fashion-MNIST's --data-dir IDX_FILE said only
+    "Not a directory: ..." (the Python API raised NotADirectoryError)."""
+    file = tmp_path / "train-images-idx3-ubyte.gz"
+    file.write_bytes(b"\x1f\x8b")
+    with pytest.raises(CifarlensError, match=rf"data dir {file / 'sub'}: {file} is a file, not a folder"):
+        load_dataset(name, file / "sub")
+    if name == "fashion-mnist":
+        with pytest.raises(CifarlensError, match=rf"data dir {file} is a file; pass the folder that holds the four"):
+            load_dataset(name, file)

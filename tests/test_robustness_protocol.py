@@ -157,6 +157,11 @@ def test_a_truncated_or_foreign_npy_is_a_one_line_error(tiny_run, tmp_path, caps
     assert "fog.npy" in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert main(["robustness", str(tiny_run), "--corruptions-dir", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     assert "no such CIFAR-C folder" in capsys.readouterr().err
+    # labels of another dataset within the run's range (CIFAR-10-C's 0..9 for a CIFAR-100 run) were scored
+    few = tmp_path / "few"
+    write_official(few, test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy() % 4, {"fog": lambda x, s: x})
+    assert main(["robustness", str(tiny_run), "--corruptions-dir", str(few), "--device", "cpu"]) == 2
+    assert f"{few}'s labels name 4 classes, the run has 10: files made for another dataset" in capsys.readouterr().err
 
 
 def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(tiny_run, tmp_path, capsys):
@@ -316,14 +321,14 @@ def test_official_files_refuse_a_run_that_takes_other_images(tmp_path):
     from cifarlens.report.cifar_c import official_files
 
     folder = tmp_path / "c10c"
-    write_official(folder, np.zeros((4, 32, 32, 3), np.uint8), np.arange(4), {"fog": lambda x, s: x})
+    write_official(folder, np.zeros((10, 32, 32, 3), np.uint8), np.arange(10), {"fog": lambda x, s: x})
     run = SimpleNamespace(path=tmp_path / "fm", classes=[str(k) for k in range(10)],
                           info=SimpleNamespace(in_channels=1, image_size=28))
     with pytest.raises(CifarlensError, match=r"takes 1 x 28 x 28 images; the CIFAR-C files hold 3 x 32 x 32"):
         official_files(run, folder)
     run.info = SimpleNamespace(in_channels=3, image_size=32)
     source, cdir = official_files(run, folder)
-    assert source == f"official files in {folder}" and cdir.per_severity == 4
+    assert source == f"official files in {folder}" and cdir.per_severity == 10
 
 
 def test_files_that_are_not_the_runs_test_set_say_so_and_write_json_without_nan(tiny_run, tmp_path, capsys):

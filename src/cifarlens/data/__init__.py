@@ -32,8 +32,12 @@ def load_dataset(
     """
     reader = DATASETS.get(name)
     check_image_size(image_size)
+    data_dir = Path(data_dir).expanduser()
+    above = next((p for p in data_dir.parents if p.exists() and not p.is_dir()), None)
+    if above is not None:  # "a.py/sub": a download's mkdir said only "Not a directory"
+        raise CifarlensError(f"data dir {data_dir}: {above} is a file, not a folder; pass the data's folder")
     try:
-        return reader(Path(data_dir).expanduser(), download=download, image_size=image_size)
+        return reader(data_dir, download=download, image_size=image_size)
     except (MemoryError, RuntimeError) as err:  # every image is held in memory, as uint8
         if not isinstance(err, MemoryError) and "allocate" not in str(err):
             raise

@@ -29,8 +29,8 @@ from PIL import Image, ImageOps
 
 from cifarlens.data.base import DataSource, DatasetInfo, Split, count_warning, relative_names
 from cifarlens.errors import CifarlensError
-from cifarlens.images import (IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, check_read_once, format_names, list_images, load_image,
-                              skipped_warning, to_mode)
+from cifarlens.images import (IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, check_read_once, decoded_formats, format_names,
+                              list_images, load_image, skipped_warning, to_mode)
 
 NATIVE_SIZE = 32
 
@@ -83,12 +83,14 @@ def _decode(path: Path, title: str) -> torch.Tensor:
     resizing and EXIF steps, which a 32x32 copy never needs: ~1.4x faster on 60k files.
     """
     try:
-        with Image.open(path) as opened:
-            im = ImageOps.exif_transpose(opened)  # as load_image (predict, the web app) turns it
-            if im.size != (NATIVE_SIZE, NATIVE_SIZE):
+        # only the formats load_image opens (an EPS file ran Ghostscript; an ICO decoded a huge PNG inside it),
+        # and the size from the header, before any pixel is decoded
+        with Image.open(path, formats=decoded_formats()) as opened:
+            if opened.size != (NATIVE_SIZE, NATIVE_SIZE):
                 raise CifarlensError(
-                    f"{path} is {im.size[0]}x{im.size[1]} pixels, but {title} images are 32x32; a resized copy "
-                    "is not the dataset (read it with --dataset imagefolder instead)")
+                    f"{path} is {opened.size[0]}x{opened.size[1]} pixels, but {title} images are 32x32; a resized "
+                    "copy is not the dataset (read it with --dataset imagefolder instead)")
+            im = ImageOps.exif_transpose(opened)  # as load_image (predict, the web app) turns it
             array = np.asarray(to_mode(im, 3), dtype=np.uint8)  # (32, 32, 3)
     except CifarlensError:
         raise
@@ -145,12 +147,12 @@ def refuse_partial_copy(data_dir: Path, info: DatasetInfo, title: str) -> None:
     official files into it instead would train on other data than the user's."""
     if not data_dir.is_dir():
         return
-    if (data_dir / "train").is_dir() and not (data_dir / "test").is_dir():
-        raise CifarlensError(f"{data_dir} has train/ but no test/: an image-folder copy of {title} needs "
-                             f"both (train/<class>/, test/<class>/); add test/, or pass the folder that has both")
     names = {class_key(c) for c in info.classes}
     inside = [d for d in data_dir.iterdir() if d.is_dir() and class_key(d.name) in names]
-    if len(inside) >= 2:
+    if (data_dir / "train").is_dir() and not (data_dir / "test").is_dir() and len(inside) < 2:
+        raise CifarlensError(f"{data_dir} has train/ but no test/: an image-folder copy of {title} needs "
+                             f"both (train/<class>/, test/<class>/); add test/, or pass the folder that has both")
+    if len(inside) >= 2:  # (before train/ alone: "train" is a CIFAR-100 class, so its split folders hold a train/)
         raise CifarlensError(f"{data_dir} holds class folders ({', '.join(sorted(d.name for d in inside)[:3])}, ...): "
                              f"it looks like one split of an image-folder copy; pass the folder above it, which "
                              f"holds train/ and test/")

@@ -173,6 +173,9 @@ def fashion_mnist(data_dir: Path, *, download: bool, image_size: int | None) -> 
     """Fashion-MNIST: 60,000 train / 10,000 test grayscale 28x28 images, 10 classes."""
     check_image_size(image_size)
     data_dir = Path(data_dir)
+    if data_dir.is_file():  # e.g. one of the four IDX files
+        raise CifarlensError(f"data dir {data_dir} is a file; pass the folder that holds the four Fashion-MNIST "
+                             "files (train-images-idx3-ubyte.gz, ...)")
     files, folder, missing = _find_files(data_dir)
     if files is None and download and len(missing) < len(FILES) and folder != data_dir / DOWNLOAD_DIR:
         # some of the user's own files: a download would put the official ones beside them and train on those

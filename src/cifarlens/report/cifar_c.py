@@ -75,7 +75,13 @@ def official_files(run, corruptions_dir):
             f"{channels} x {size} x {size} RGB ones made from the CIFAR test set: use a run trained on CIFAR, or "
             "leave out --corruptions-dir to corrupt the run's own test images")
     # labels beyond the run's classes: a clear error
-    return f"official files in {corruptions_dir}", CorruptionsDir(corruptions_dir, num_classes=len(run.classes))
+    cdir = CorruptionsDir(corruptions_dir, num_classes=len(run.classes))
+    used = int(torch.unique(cdir.labels).numel())
+    if used * 2 < len(run.classes):  # CIFAR-10-C's labels 0..9 scored as a CIFAR-100 run's apple..bottle
+        raise CifarlensError(f"{corruptions_dir}'s labels name {used} classes, the run has {len(run.classes)}: files "
+                             "made for another dataset (CIFAR-10-C for a CIFAR-100 run?); use the files made from "
+                             "the run's own test set, or leave out --corruptions-dir")
+    return f"official files in {corruptions_dir}", cdir
 
 
 def evaluate_files(run, corruptions_dir, *, severities: Sequence[int] = ALL_SEVERITIES,
