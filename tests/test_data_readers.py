@@ -931,3 +931,18 @@ def test_a_data_dir_below_a_file_or_a_data_file_itself_is_a_one_line_error(tmp_p
     if name == "fashion-mnist":
         with pytest.raises(CifarlensError, match=rf"data dir {file} is a file; pass the folder that holds the four"):
             load_dataset(name, file)
+
+
+def test_an_empty_image_is_refused_and_in_memory_images_are_named_plainly():
+    """A 0x0 image was resized to a blank one and got a prediction; a PIL image that could not be
+    converted was named by its repr (a memory address) and asked "is it an image file?"."""
+    from cifarlens.images import load_image
+
+    for empty, name in ((Image.new("RGB", (0, 0)), "(a PIL image, mode RGB, 0x0)"),
+                        (np.zeros((0, 5), np.uint8), "(a numpy array, uint8 (0, 5))")):
+        with pytest.raises(CifarlensError, match=re.escape(f"cannot read image {name}: it is ") + r"\d+x\d+ pixels, an "
+                                                 "empty image"):
+            load_image(empty, 3, 32)
+    with pytest.raises(CifarlensError, match=r"cannot read image \(a PIL image, mode La, 40x20\) \(ValueError") as err:
+        load_image(Image.new("La", (40, 20)), 1, 32)
+    assert "0x" not in str(err.value).split("40x20")[1] and "is it an image file" not in str(err.value)

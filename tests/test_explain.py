@@ -585,6 +585,36 @@ def test_an_explain_stopped_half_way_leaves_no_panel_the_next_one_keeps(cifar_ru
     assert [p.name for p in out.glob("test_*.png")] == ["test_00008.png"]
 
 
+def test_explain_never_replaces_a_file_of_the_users_in_its_folder(cifar_run, tmp_path, capsys):
+    """--out FOLDER replaced the user's files there without a word: the very image explained (dog.png
+    became its own panel), another dog.png, their gallery.png."""
+    from PIL import Image
+
+    run_dir, data = cifar_run
+    out = tmp_path / "photos"
+    out.mkdir()
+    dog = out / "dog.png"
+    Image.fromarray(data.test_images[0].transpose(1, 2, 0)).save(dog)
+    before = dog.read_bytes()
+    assert main(["explain", str(run_dir), str(dog), "--out", str(out)]) == 2
+    assert "explain would write dog.png over" in capsys.readouterr().err and dog.read_bytes() == before
+    other = tmp_path / "elsewhere" / "dog.png"
+    other.parent.mkdir()
+    other.write_bytes(before)
+    assert main(["explain", str(run_dir), str(other), "--out", str(out)]) == 2
+    assert f"--out {out} holds dog.png, which explain would replace" in capsys.readouterr().err
+    assert dog.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["dog.png"]
+    fresh = tmp_path / "fresh"
+    assert main(["explain", str(run_dir), str(other), "--out", str(fresh)]) == 0
+    assert main(["explain", str(run_dir), "--indices", "1", "--out", str(fresh)]) == 0  # its own files: replaced
+    (fresh / "gallery.png").unlink()
+    (tmp_path / "gallery.png").write_bytes(before)
+    (tmp_path / "gallery.png").rename(fresh / "gallery.png")  # the user's, once explain's is gone
+    (fresh / "explanations.csv").unlink()
+    assert main(["explain", str(run_dir), "--indices", "2", "--out", str(fresh)]) == 2
+    assert "holds gallery.png, which explain would replace" in capsys.readouterr().err
+
+
 def test_cli_per_class(cifar_run, tmp_path, capsys):
     run_dir, data = cifar_run
     out = tmp_path / "pc"

@@ -195,11 +195,14 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
     if isinstance(source, (bytearray, memoryview)):
         source = bytes(source)
     if isinstance(source, np.ndarray):
+        name = name or f"(a numpy array, {source.dtype} {tuple(source.shape)})"
         source = _from_array(source)
     if not isinstance(source, (str, os.PathLike, bytes, Image.Image)) and not hasattr(source, "read"):
         raise CifarlensError(f"an image is a path, bytes, a file object, a PIL image or a uint8 numpy array (H, W) "
                              f"or (H, W, C); got {type(source).__name__}")
-    name = name or ("upload" if isinstance(source, bytes) else str(source))
+    name = name or ("upload" if isinstance(source, bytes) else
+                    f"(a PIL image, mode {source.mode}, {source.width}x{source.height})" if isinstance(source, Image.Image)
+                    else str(source))
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         raise CifarlensError(f"{name} is a folder, not an image (cifarlens predict takes folders; in Python, list its "
                              "images)")
@@ -210,6 +213,8 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
         else:
             im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=decoded_formats())
         limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
+        if not im.width or not im.height:  # resized, it would be a blank image with a prediction of its own
+            raise CifarlensError(f"cannot read image {name}: it is {im.width}x{im.height} pixels, an empty image")
         if im.width * im.height > limit:
             raise ImageTooLarge(
                 f"refusing to decode {name}: {im.width}x{im.height} pixels is over the limit of {limit:,} "
@@ -234,7 +239,8 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
                              f"({', '.join(decoded_formats())})") from None
     except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
         reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the upload", str(err))  # no memory addresses
-        raise CifarlensError(f"cannot read image {name} ({type(err).__name__}: {reason}); is it an image file?") from None
+        hint = "" if isinstance(source, Image.Image) else "; is it an image file?"
+        raise CifarlensError(f"cannot read image {name} ({type(err).__name__}: {reason}){hint}") from None
     finally:
         if frame:  # the caller's animation, back at its frame
             source.seek(frame)

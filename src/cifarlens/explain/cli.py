@@ -14,6 +14,8 @@ from cifarlens.errors import CifarlensError
 
 BATCH = 64  # images per explain() call: bounds memory on big models
 GALLERY_MAX = 64  # overlays in gallery.png; per-image PNGs are written for all
+# what explain writes (or removes) in its folder besides the panels and their maps
+SUMMARIES = ("gallery.png", "class_average.png", "explanations.csv", "faithfulness.json")
 
 
 def add_commands(sub) -> None:
@@ -97,6 +99,7 @@ def cmd_explain(args) -> int:
                                  f"{folder}; explain writes a folder of figures of its own (default: "
                                  f"{run.path / 'explain' / args.method}, or any folder outside a run)")
 
+    _refuse_replacing(out, selection)
     explanation = _explain_all(run, selection.images, args.method, target, layer)
     written = write_explanations(out, run.classes, selection, explanation, save_maps=args.save_maps)
     if args.faithfulness:
@@ -268,21 +271,47 @@ def write_explanations(out: Path, classes, selection: Selection, explanation, *,
     return written
 
 
-def _remove_earlier_panels(out: Path, keep: set[str]) -> None:
-    """Remove the per-image panels (and their maps) that an earlier explain into ``out`` listed in its
-    explanations.csv and this one does not write again: they piled up beside the new ones. Only plain
-    ``.png`` names in ``out`` itself, as explain writes them."""
+def _listed_panels(out: Path) -> list[str] | None:
+    """The panels an earlier explain into ``out`` listed in its explanations.csv (plain ``.png`` names
+    in ``out`` itself, as explain writes them); None where there is no such list."""
     import csv
 
     try:
         with (out / "explanations.csv").open(newline="", encoding="utf-8") as f:
             panels = [row["panel"] for row in csv.DictReader(f)]
-    except (OSError, ValueError, KeyError, TypeError, csv.Error):  # none, or not ours: nothing to remove
+    except (OSError, ValueError, KeyError, TypeError, csv.Error):  # none, or not ours
+        return None
+    return [p for p in panels if isinstance(p, str) and p.endswith(".png") and Path(p).name == p
+            and not p.startswith(".")]
+
+
+def _refuse_replacing(out: Path, selection: Selection) -> None:
+    """A one-line error, before any work, when explain would replace or remove a file in ``out`` that no
+    earlier explain there wrote: the user's own dog.png (or the very image explained, its panel's
+    namesake), a gallery.png of theirs. An earlier explain's files (listed in its explanations.csv,
+    and the summaries beside it) are replaced as ever."""
+    if not out.is_dir():
         return
-    for panel in set(panels) - keep:
-        if panel.endswith(".png") and Path(panel).name == panel and not panel.startswith("."):
-            for path in (out / panel, out / "maps" / f"{panel[:-4]}.npy"):
-                path.unlink(missing_ok=True)
+    listed = _listed_panels(out)
+    ours = set() if listed is None else {*listed, *(f"maps/{p[:-4]}.npy" for p in listed), *SUMMARIES}
+    planned = [*(f"{n}.png" for n in selection.names), *(f"maps/{n}.npy" for n in selection.names), *SUMMARIES]
+    inputs = {Path(p).resolve() for p in selection.sources or [] if Path(p).exists()}
+    for name in planned:
+        path = out / name
+        if path.resolve() in inputs:
+            raise CifarlensError(f"--out {out}: explain would write {name} over {path}, one of the images it "
+                                 "explains; choose another --out")
+        if (path.exists() or path.is_symlink()) and name not in ours:
+            raise CifarlensError(f"--out {out} holds {name}, which explain would replace and no earlier explain there "
+                                 "wrote; choose a new or empty folder for --out")
+
+
+def _remove_earlier_panels(out: Path, keep: set[str]) -> None:
+    """Remove the per-image panels (and their maps) that an earlier explain into ``out`` listed in its
+    explanations.csv and this one does not write again: they piled up beside the new ones."""
+    for panel in set(_listed_panels(out) or []) - keep:
+        for path in (out / panel, out / "maps" / f"{panel[:-4]}.npy"):
+            path.unlink(missing_ok=True)
 
 
 def _write_rows(path: Path, rows: list[list]) -> None:
