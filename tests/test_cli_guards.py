@@ -987,3 +987,23 @@ def test_a_run_that_diverged_in_its_first_epoch_is_not_said_to_have_weights(stop
     assert main(["evaluate", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no trained weights yet" in err and "weights so far" not in err and len(err.splitlines()) == 1, err
+
+
+def test_the_python_api_names_a_wrong_argument_type_in_one_line(finished_run, tmp_path):
+    """A notebook's mistakes gave tracebacks from deep inside: train({...}, out) an AttributeError,
+    evaluate_run(load_run(...)) a TypeError (it now takes the loaded run), load_exported(None) one."""
+    import cifarlens
+    from cifarlens.export import load_exported
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)  # evaluate_run writes its figures: into a copy
+    for cfg in ({"train": {"epochs": 1}}, "config.yaml", None):
+        with pytest.raises(CifarlensError, match=f"train\\(cfg, out\\): cfg is a RunConfig .*; got {type(cfg).__name__}"):
+            cifarlens.train(cfg, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    run = cifarlens.load_run(out)
+    assert cifarlens.evaluate_run(run, device="cpu")["accuracy"] == cifarlens.evaluate_run(out, device="cpu")["accuracy"]
+    with pytest.raises(CifarlensError, match="a run folder is a path .* or a loaded run; got int"):
+        cifarlens.evaluate_run(3)
+    with pytest.raises(CifarlensError, match="load_exported\\(path\\): the .safetensors file's path; got NoneType"):
+        load_exported(None)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cifarlens import distributed, tracking
-from cifarlens.budget import REPLANNED, epochs_text, plan_budget
+from cifarlens.budget import REPLANNED, budget_outcome, epochs_text, plan_budget
 from cifarlens.checkpoint import save_checkpoint
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
 from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
@@ -74,6 +74,9 @@ def train(
     its shard with DistributedDataParallel; only rank 0 writes the run folder and returns
     the test metrics (the other ranks return ``{}``).
     """
+    if not isinstance(cfg, RunConfig):  # a dict or a YAML path: an AttributeError from deep inside
+        raise CifarlensError(f"train(cfg, out): cfg is a RunConfig (cifarlens.config: merge(RunConfig(), {{...}}), "
+                             f"or from_dict / load_yaml of a file); got {type(cfg).__name__}")
     world, device, started = distributed.init(cfg.train.device)
     run = RunDir(out)
     try:
@@ -367,12 +370,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         return {}
     remove_stale_outputs(run, report, log, when="while the run trained")  # `export` or `report` of it meanwhile
     train_seconds = state.seconds
-    if tc.time_budget:  # a resumed run has no plan of its own: the checkpoint's re-plan, else the first plan
-        planned = plan.now if plan is not None else replace(tc, **state.replanned)  # after the re-plans
-        trained = planned if state.epoch == planned.epochs else replace(tc, epochs=state.epoch, last_epoch_fraction=1.0)
-        log(f"time budget {tc.time_budget:g} s: trained {epochs_text(trained)}{',' * (trained.last_epoch_fraction < 1)} "
-            f"in {train_seconds:.0f} s "
-            f"({train_seconds / tc.time_budget - 1:+.1%})")
+    if tc.time_budget:
+        log(budget_outcome(tc, plan, state.replanned, state.epoch, train_seconds))
     # "finished" once evaluated: a run stopped before that is resumed, and only evaluates
     run.write_meta(epochs_done=state.epoch, best_epoch=state.best_epoch,
                    best_val_loss=state.best_val_loss if has_val else None, stopped_early=state.stopped_early,

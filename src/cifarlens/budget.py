@@ -184,6 +184,15 @@ class BudgetPlan:
                 + (f"; a validation pass {self.eval_s:.1f} s" if self.eval_s else "") + ")")
 
 
+def budget_outcome(cfg: TrainConfig, plan: BudgetPlan | None, replanned: dict, epochs_done: int, seconds: float) -> str:
+    """The log's line on how a budgeted run compared with its budget. ``plan``: None for a resumed run,
+    which has no plan of its own (then the checkpoint's re-plan, ``replanned``, else the first plan)."""
+    planned = plan.now if plan is not None else replace(cfg, **replanned)  # after the re-plans
+    trained = planned if epochs_done == planned.epochs else replace(cfg, epochs=epochs_done, last_epoch_fraction=1.0)
+    return (f"time budget {cfg.time_budget:g} s: trained {epochs_text(trained)}{',' * (trained.last_epoch_fraction < 1)} "
+            f"in {seconds:.0f} s ({seconds / cfg.time_budget - 1:+.1%})")
+
+
 def run_length(cfg: TrainConfig) -> float:
     """The epochs ``cfg`` trains, the last one counted by its share of batches (4.5: four and a half)."""
     return cfg.epochs - 1 + cfg.last_epoch_fraction

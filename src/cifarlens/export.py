@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -323,6 +324,8 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict]:
     from cifarlens.checkpoint import load_state_into, load_weights
     from cifarlens.models import create_model
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise CifarlensError(f"load_exported(path): the .safetensors file's path; got {type(path).__name__}")
     path = Path(path).expanduser()
     if not path.is_file():  # (a folder, or a typo: it named the missing .json beside it)
         raise CifarlensError(f"{path} is {'a folder' if path.is_dir() else 'not found'}; give the .safetensors file "

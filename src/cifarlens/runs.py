@@ -37,6 +37,9 @@ from cifarlens.runfiles import (
 
 class RunDir:
     def __init__(self, path: str | Path):
+        path = getattr(path, "path", path)  # a loaded run (cifarlens.load_run) or a RunDir: its folder
+        if not isinstance(path, (str, os.PathLike)):  # None, a dict: a TypeError from deep inside
+            raise CifarlensError(f"a run folder is a path (str or pathlib.Path) or a loaded run; got {type(path).__name__}")
         self.path = Path(path).expanduser()  # "~/runs/x" from Python (a shell expands it for the CLI): not a "~" folder
 
     def __truediv__(self, name: str) -> Path:
