@@ -631,13 +631,44 @@ def test_a_refused_study_leaves_no_tune_json_to_refuse_the_corrected_command(dat
     out = tmp_path / "out"
     args = ["tune", *base_args(data_dir), "--out", str(out), "--trials", "1", "--storage", storage]
     assert "minimises" in run_cli_error(capsys, [*args, "--study", "mini"])
-    assert not (out / "tune.json").exists()
+    assert not out.exists()  # (an empty --out was left behind)
+    optuna.create_study(study_name="multi", storage=storage, directions=["maximize", "minimize"])  # was a traceback
+    assert "has 2 objectives; cifarlens studies have one" in run_cli_error(capsys, [*args, "--study", "multi"])
+    assert not out.exists()
+    # a tracking URI naming the study's own database: every trial failed on it, after the check had passed
+    own = tmp_path / "own"  # its default storage, own/study.db, does not exist before tune makes it
+    own.mkdir()
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--out", str(own), "--trials", "1", "--set",
+                                  "track.loggers=[mlflow]", "--set", f"track.tracking_uri=sqlite:///{own / 'study.db'}"])
+    assert "holds an Optuna study's tables" in line and not (own / "trials").exists()
+    assert not (own / "tune.json").exists()
     assert main([*args, "--study", "good", "--sampler-seed", "-5"]) == 2
     assert "--sampler-seed must be >= 0, got -5" in capsys.readouterr().err
     assert main([*args, "--study", "good", "--timeout", "nan"]) == 2
     assert "--timeout must be > 0 seconds, got nan" in capsys.readouterr().err
     assert main([*args, "--study", "good"]) == 0
     assert json.loads((out / "tune.json").read_text())["study"] == "good"
+
+
+def test_a_storage_optuna_cannot_commit_to_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    """A read-only study database (Optuna wraps SQLite's "attempt to write a readonly database" in its
+    StorageInternalError) was a traceback. Read-only files cannot be made here as root: the commit
+    failure is raised as Optuna raises it."""
+    import sqlalchemy.exc
+
+    def read_only(*args, **kwargs):
+        try:
+            raise sqlalchemy.exc.OperationalError("INSERT INTO studies", {}, Exception("attempt to write a readonly "
+                                                                                      "database"))
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from err
+
+    monkeypatch.setattr(optuna, "create_study", read_only)
+    out = tmp_path / "out"
+    line = run_cli_error(capsys, ["tune", *base_args(data_dir), "--out", str(out), "--trials", "1",
+                                  "--storage", f"sqlite:///{tmp_path / 'ro.db'}"])
+    assert line.endswith(": attempt to write a readonly database") and "cannot use storage" in line
+    assert not out.exists()
 
 
 def test_sigterm_while_waiting_for_the_other_workers_ends_them_too(data_dir, tmp_path, monkeypatch, capsys):

@@ -139,14 +139,16 @@ class Tuner:
                                      f"--storage {kept} to continue it, or use another --out")
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)  # the default storage file lives in it
-        try:
+        try:  # a refused storage or study leaves no empty --out behind
             self.storage = open_storage(self.storage_url)
+            self._claim_out_dir()
+            self.study = open_study(self.storage, self.study_name, self.space, self.base, data)
+            # again, now that the study's database exists: a tracking URI naming it failed every trial
+            tracking.check_reachable(self.base.track.loggers, self.base.track.tracking_uri)
         except CifarlensError:
             if created and not any(self.out.iterdir()):
                 self.out.rmdir()
             raise
-        self._claim_out_dir()
-        self.study = open_study(self.storage, self.study_name, self.space, self.base, data)
         if not (self.out / "tune.json").is_file():  # once the study is accepted: a refused one left a marker that
             atomic_write_json(self.out / "tune.json", {"study": self.study_name,  # refused the corrected command
                                                        "storage": self.storage.display})

@@ -210,11 +210,17 @@ def open_study(storage: Storage, name: str, space: SearchSpace, base_cfg: RunCon
         except Exception as err:  # SQLAlchemy/driver errors surface here for servers that went away
             import sqlalchemy.exc
 
-            if not isinstance(err, sqlalchemy.exc.SQLAlchemyError):
+            # Optuna wraps a failed commit (a read-only database file) in its StorageInternalError
+            cause = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) else err
+            if not isinstance(cause, sqlalchemy.exc.SQLAlchemyError):
                 raise
-            raise CifarlensError(f"cannot use storage {storage.display}: {str(err).splitlines()[0]}") from None
+            why = str(getattr(cause, "orig", None) or cause).splitlines()[0]  # "attempt to write a readonly database"
+            raise CifarlensError(f"cannot use storage {storage.display}: {why}") from None
         finally:
             optuna.logging.set_verbosity(verbosity)
+        if len(study.directions) > 1:  # study.direction raised a RuntimeError
+            raise CifarlensError(f"study {name} in {storage.display} has {len(study.directions)} objectives; cifarlens "
+                                 "studies have one (validation accuracy); use another --study name, or another --storage")
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise CifarlensError(f"study {name} in {storage.display} minimises; cifarlens studies maximise "
                                  "validation accuracy; use another --study name, or another --storage")
