@@ -65,6 +65,27 @@ def test_a_bad_setting_with_force_leaves_the_finished_run_as_it_was(finished_run
     assert after == before
 
 
+def test_a_config_resolved_once_is_not_warned_about_again_and_bench_checks_every_seed(finished_run, capsys):
+    """bench and tune resolve a config and train() resolves it again: fast_cpu_10min cut to 1 epoch
+    then warned "train.progressive_epochs=0 is not used". bench --seed S --seeds N checked S alone,
+    and the seed out of range failed after the first had trained, losing its figures."""
+    from dataclasses import replace
+
+    from cifarlens.recipes import resolve_train, unread_given
+
+    once = resolve_train(merge(RunConfig(), {"train": {"recipe": "fast_cpu_10min", "epochs": 1}}).train)
+    assert once.progressive_epochs == 0 and unread_given(once, resolve_train(once)) == []
+    assert unread_given(replace(once, progressive_res=0, progressive_epochs=3), resolve_train(replace(
+        once, progressive_res=0, progressive_epochs=3))) == ["train.progressive_epochs=3 is not used (train."
+                                                            "progressive_res is 0)"]  # one given: still said
+    _, data = finished_run
+    assert main(["bench", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1", *TINY,
+                 "--seed", str(2**63 - 1), "--seeds", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "train.seed must be a whole number from 0 to 2**63 - 1, got 9223372036854775808" in captured.err
+    assert "[bench seed" not in captured.out  # before any seed trained
+
+
 def test_settings_the_run_does_not_read_are_said_so(finished_run, tmp_path, capsys):
     """--set train.milestones=[1] under a one-cycle schedule changed nothing, silently."""
     _, data = finished_run

@@ -365,3 +365,15 @@ def test_an_empty_tracking_uri_or_experiment_is_one_line_before_any_run_folder(d
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("cifarlens: error: ") and message in err[-1]
         assert not out.exists()
+
+
+def test_a_tracking_uri_from_the_environment_is_named_as_such(tmp_path, monkeypatch):
+    """A store in a missing folder set by $MLFLOW_TRACKING_URI was blamed on --tracking-uri, not given."""
+    from cifarlens.errors import CifarlensError
+    from cifarlens.tracking import check_reachable
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'nope' / 'x.db'}")
+    with pytest.raises(CifarlensError, match=r"^\$MLFLOW_TRACKING_URI sqlite:///.*: the folder .*nope does not exist"):
+        check_reachable(["mlflow"], None)
+    with pytest.raises(CifarlensError, match=r"^--tracking-uri sqlite:///"):
+        check_reachable(["mlflow"], f"sqlite:///{tmp_path / 'gone' / 'y.db'}")

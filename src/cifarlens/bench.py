@@ -108,6 +108,7 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print,
         log(f"[bench] {key}: {describe_choice(chosen[key], why, key) if key in chosen else reason}")
     start = time.perf_counter()
     resolved = resolve_train(cfg.train)
+    resolve_train(replace(cfg.train, seed=max(seeds)))  # the last seed in range too, before the first one trains
     for warning in unread_given(cfg.train, resolved):
         log(f"[bench] warning: {warning}")
     check_settings(cfg.data)  # before the data is read

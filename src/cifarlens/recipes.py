@@ -181,9 +181,11 @@ def unread_given(given: TrainConfig, resolved: TrainConfig) -> list[str]:
     the recipe's that ``resolved`` does not read: ``--set train.milestones=[30,60]`` under a
     one-cycle schedule changed nothing, silently."""
     recipe = RECIPES.get(resolved.recipe)
+    # an "off" value (0, [], false) unread says nothing wrong: a config resolved once and given again (bench,
+    # tune's trials, best.yaml) holds progressive_epochs 0 beside progressive_res 0 for a ramp cut to none
     return [f"train.{key}={getattr(given, key)} is not used ({why})"
             for key, why in unread_settings(vars(resolved)).items()
-            if getattr(given, key) is not None and getattr(given, key) != recipe.get(key)]
+            if getattr(given, key) not in (None, 0, False, []) and getattr(given, key) != recipe.get(key)]
 
 
 def resolve_choices(cfg: RunConfig, device_type: str) -> tuple[RunConfig, dict[str, str]]:

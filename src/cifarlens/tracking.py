@@ -94,11 +94,12 @@ def check_reachable(names: Iterable[str], tracking_uri: str | None, timeout: flo
     import urllib.request
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    given = f"--tracking-uri {uri}" if tracking_uri else f"$MLFLOW_TRACKING_URI {uri}"  # where the user set it
     folder = Path(absolute_uri(uri).removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
     if "mlflow" in names and folder is not None and not folder.is_dir():  # MLflow would make the folders
-        raise CifarlensError(f"--tracking-uri {uri}: the folder {folder} does not exist; make it, or fix the path")
+        raise CifarlensError(f"{given}: the folder {folder} does not exist; make it, or fix the path")
     if "mlflow" in names and folder is not None:  # a folder, a read-only place: MLflow retried for two minutes
-        check_sqlite_store(Path(absolute_uri(uri).removeprefix("sqlite:///")), f"--tracking-uri {uri}",
+        check_sqlite_store(Path(absolute_uri(uri).removeprefix("sqlite:///")), given,
                            needs=MLFLOW_TABLES, kind="MLflow", other={"an Optuna study's": OPTUNA_TABLES})
     if "mlflow" in names and uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql"):
         _check_database(uri, timeout)
@@ -306,8 +307,14 @@ class MlflowTracker(Tracker):
     package = "mlflow"
 
     def __init__(self, run: RunDir, track: TrackConfig, *, first_epoch: int = 1, log=print):
+        import logging
+
         import mlflow
         from mlflow.tracking import MlflowClient
+
+        # its database layer logs every SQLAlchemy error with a traceback, also those cifarlens turns into
+        # one line (a read-only store): the error itself still reaches this class
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
         saved = run.meta().get("tracking") or {}
         self.uri = saved.get("mlflow_tracking_uri") or absolute_uri(track.tracking_uri or mlflow.get_tracking_uri())
