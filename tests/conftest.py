@@ -451,3 +451,17 @@ def fast_epoch_parts(device, batches: int, batch_size: int, widths: Sequence[int
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     return model, loader, optimizer, scheduler, make_ema(model, cfg.ema_decay), cfg
+
+
+def fake_ghostscript(tmp_path: Path, monkeypatch) -> Path:
+    """A ``gs`` first on PATH that records its arguments (Pillow renders EPS by running Ghostscript);
+    the file it writes to: it exists only when something ran Ghostscript."""
+    import os
+
+    marker = tmp_path / "gs-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\n[ \"$1\" = --version ] && echo 10.0.0\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    return marker

@@ -164,15 +164,10 @@ def test_wrong_image_size_names_the_file(tmp_path):
 def test_a_copy_opens_only_the_formats_every_reader_opens(tmp_path, monkeypatch, fmt):
     """The copy's reader opened any format Pillow knows: an EPS file named .png ran Ghostscript (a
     32x32 one would have been trained on), an ICO named .png was read as an image."""
-    import os
+    from conftest import fake_ghostscript
 
     write_copy(tmp_path)
-    marker = tmp_path / "gs-ran"
-    gs = tmp_path / "bin" / "gs"
-    gs.parent.mkdir()
-    gs.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\n[ \"$1\" = --version ] && echo 10.0.0\nexit 0\n")
-    gs.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    marker = fake_ghostscript(tmp_path, monkeypatch)
     Image.new("RGB", (32, 32)).save(tmp_path / "train" / "cat" / "evil.png", format=fmt)
     with pytest.raises(CifarlensError, match=r"train/cat/evil\.png.*not an image in a format cifarlens reads"):
         load_dataset("cifar10", tmp_path, download=False)

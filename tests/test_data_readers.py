@@ -830,16 +830,11 @@ def test_formats_an_upload_could_abuse_are_not_decoded(tmp_path, monkeypatch):
     """An EPS upload ran Ghostscript on the server (Pillow renders EPS with it); an ICO holding a
     13000 x 13000 PNG decoded it inside Image.open, before the pixel guard. Neither is opened now."""
     import io
-    import os
 
     from cifarlens.images import load_image
+    from conftest import fake_ghostscript
 
-    marker = tmp_path / "gs-ran"
-    gs = tmp_path / "bin" / "gs"
-    gs.parent.mkdir()
-    gs.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\n[ \"$1\" = --version ] && echo 10.0.0\nexit 1\n")
-    gs.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    marker = fake_ghostscript(tmp_path, monkeypatch)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n"
     with pytest.raises(CifarlensError, match=r"cannot read image upload: not an image in a format cifarlens reads "
                                              r"\(AVIF, BMP, GIF, JPEG, PNG, PPM, TGA, TIFF, WEBP\)"):
