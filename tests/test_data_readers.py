@@ -234,9 +234,15 @@ def test_cifar_archive_is_extracted(tmp_path, dataset):
     data = make_cifar_archive(tmp_path, dataset, **kwargs)
     layout = CIFAR10 if dataset == "cifar10" else CIFAR100
     assert not (tmp_path / layout.folder).exists()
+    # what a SIGKILL during an earlier extraction left (50 MB for CIFAR-10), and one that may be running now
+    killed, running = tmp_path / f".{layout.folder}-extract-killed0", tmp_path / f".{layout.folder}-extract-now01"
+    for folder in (killed, running):
+        (folder / layout.folder).mkdir(parents=True)
+    os.utime(killed, (time.time() - 2 * cifar.STALE_EXTRACT_S,) * 2)
     ds = load_dataset(dataset, tmp_path, download=False)
     assert (tmp_path / layout.folder / layout.test_file).is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp extraction dir removed
+    # the temp extraction dir removed, and the killed one's; not one that may be another process's
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [running.name]
     assert_split(ds.train, data.train_images, data.train_labels)
     assert_split(ds.test, data.test_images, data.test_labels)
 

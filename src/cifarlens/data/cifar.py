@@ -25,6 +25,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +48,8 @@ from cifarlens.data.cifar_folder import is_folder_copy, read_folder_copy, refuse
 from cifarlens.errors import CifarlensError
 
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+# a temporary extraction folder this old is a killed extraction's, not one running (they take seconds)
+STALE_EXTRACT_S = 3600
 
 # mean/std: per-channel mean and population std over all 50,000 training images scaled to
 # [0, 1] (what cifarlens.data.stats.channel_stats computes). The CIFAR-10 std is the true
@@ -289,6 +292,9 @@ def _extract(archive: Path, data_dir: Path, layout: CifarLayout) -> None:
     """Extract the official archive into data_dir/<folder>, via a temporary folder so an
     interrupted extraction never leaves a half-written folder that looks complete."""
     fix = f"delete it and put the official {layout.archive} there (from {HOMEPAGE})"
+    for stale in data_dir.glob(f".{layout.folder}-extract-*"):  # a killed extraction's (50 MB); not one running now
+        if stale.is_dir() and time.time() - stale.stat().st_mtime > STALE_EXTRACT_S:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{layout.folder}-extract-", dir=data_dir))
     try:
         with tarfile.open(archive, "r:*") as tar:
