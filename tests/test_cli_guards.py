@@ -1028,3 +1028,19 @@ def test_the_python_api_names_a_wrong_argument_type_in_one_line(finished_run, tm
         cifarlens.evaluate_run(3)
     with pytest.raises(CifarlensError, match="load_exported\\(path\\): the .safetensors file's path; got NoneType"):
         load_exported(None)
+
+
+def test_a_run_on_official_files_whose_folder_moved_says_to_pass_data_dir(tmp_path, capsys):
+    """evaluate said "CIFAR-10 not found: ... or, for a new run, leave out --no-download": a train flag,
+    not --data-dir, which is what it takes."""
+    data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--no-download", "--epochs",
+                 "1", "--no-report", "--out", str(out), *TINY]) == 0
+    moved = tmp_path / "moved"
+    data.data_dir.rename(moved)
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    assert f"the data of {out} is not in {data.data_dir} any more (moved or deleted?); pass --data-dir" in \
+        capsys.readouterr().err
+    assert main(["evaluate", str(out), "--data-dir", str(moved)]) == 0

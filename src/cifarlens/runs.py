@@ -221,11 +221,12 @@ class RunDir:
             data = replace(absolute_data_dir(data, data_dir), download=False)
             if not os.path.isdir(data.data_dir):
                 raise CifarlensError(f"no folder {data.data_dir} (given as the data's folder, --data-dir)")
-        if (self.meta().get("source") or {}).get("kind", "official files") != "official files":
+        copy = (self.meta().get("source") or {}).get("kind", "official files") != "official files"
+        if copy:
             data = replace(data, download=False)
-            if not os.path.isdir(data.data_dir):
-                raise CifarlensError(f"the data of {self.path} is not in {data.data_dir} any more (moved or "
-                                     "deleted?); pass --data-dir where it is now")
+        if (copy or not data.download) and not os.path.isdir(data.data_dir):  # (official files may be downloaded again)
+            raise CifarlensError(f"the data of {self.path} is not in {data.data_dir} any more (moved or "
+                                 "deleted?); pass --data-dir where it is now")
         return data
 
     def data_label(self) -> str:
