@@ -318,3 +318,18 @@ def test_train_on_a_jpeg_copy_is_cifar10_in_the_run_and_report(tmp_path, capsys)
                  str(tmp_path / "run-webp"), *TINY]) == 0
     page = (tmp_path / "run-webp" / "report.html").read_text()
     assert "lossy compression (WEBP)" in re.search(r'<section id="literature">(.*?)</section>', page, re.DOTALL).group(1)
+
+
+def test_a_run_pointed_at_other_classes_names_its_dataset_not_a_train_flag(tmp_path, capsys):
+    """evaluate --data-dir with other class folders said "use --dataset imagefolder", which evaluate
+    does not take."""
+    write_copy(tmp_path / "copy")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "copy"), "--epochs", "1", "--no-report",
+                 "--out", str(out), *TINY]) == 0
+    write_copy(tmp_path / "other", names=["kitten", *C10[1:]])
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data-dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "folder 'kitten' is not a CIFAR-10 class" in err and "--dataset" not in err
+    assert f"{out} was trained on cifar10: point --data-dir at that dataset" in err

@@ -125,7 +125,16 @@ class Run:
         cfg = self.config.data if data_dir is None else replace(self.config.data, data_dir=data_dir)
         if bundle is None:
             cfg = RunDir(self.path).data_settings(self.config.data, data_dir)
-            bundle = prepare_data(cfg, self.config.train.seed)
+            try:
+                bundle = prepare_data(cfg, self.config.train.seed)
+            except CifarlensError as err:  # the reader speaks to `train`: not its --dataset, which no run command takes
+                from cifarlens.data.cifar_folder import OTHER_DATA_HINT
+
+                if OTHER_DATA_HINT not in str(err):
+                    raise
+                raise CifarlensError(str(err).replace(OTHER_DATA_HINT, f"; {self.path} was trained on "
+                                                      f"{self.config.data.dataset}: point --data-dir at that dataset")
+                                     ) from None
         if tuple(bundle.info.classes) != tuple(self.classes):
             raise CifarlensError(
                 f"the data in {cfg.data_dir} has classes {list(bundle.info.classes)[:5]}..., but the run was "

@@ -35,6 +35,10 @@ from cifarlens.images import (IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, check_read_onc
 NATIVE_SIZE = 32
 
 
+# how train reads other images; a command on a run (evaluate, explain) says instead which data it needs
+OTHER_DATA_HINT = " (use --dataset imagefolder for other data)"
+
+
 def is_folder_copy(data_dir: Path) -> bool:
     """Whether ``data_dir`` is laid out as an image-folder copy (has ``train/`` and ``test/``)."""
     return (data_dir / "train").is_dir() and (data_dir / "test").is_dir()
@@ -61,8 +65,8 @@ def _class_folders(split_dir: Path, info: DatasetInfo, title: str, *, need_all: 
             label = by_name.get(class_key(d.name))
         if label is None:
             raise CifarlensError(f"{split_dir}: folder {d.name!r} is not a {title} class, so this is not a {title} "
-                                 f"copy; expected the {info.num_classes} official class folders: {expected} "
-                                 "(use --dataset imagefolder for other data)")
+                                 f"copy; expected the {info.num_classes} official class folders: {expected}"
+                                 + OTHER_DATA_HINT)
         if label in found:
             raise CifarlensError(f"{split_dir}: folders {found[label].name!r} and {d.name!r} are both class "
                                  f"{info.classes[label]!r}; keep one")
