@@ -314,6 +314,9 @@ def test_exceptions_propagate_not_printed(capsys):
         explain(tiny_model(), batch(1), target=[0, 1])
     with pytest.raises(CifarlensError, match="normalised float images"):
         explain(tiny_model(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    # greyscale images for an RGB model: torch's error named a weight's shape
+    with pytest.raises(CifarlensError, match=r"the model takes 3-channel images; got 1 channel\(s\) \(1, 1, 32, 32\)"):
+        explain(tiny_model(), torch.zeros(1, 1, 32, 32))
     assert capsys.readouterr() == ("", "")
 
 

@@ -227,6 +227,10 @@ def explain(
     spec = METHODS.get(method)
     model = unwrap_model(model)
     images = _check_images(images)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # the model's input layer
+    if first is not None and images.shape[1] != first.in_channels:  # torch's error named a layer's weight shape
+        raise CifarlensError(f"the model takes {first.in_channels}-channel images; got {images.shape[1]} channel(s) "
+                             f"{tuple(images.shape)}")
     try:
         device = next(model.parameters()).device
     except StopIteration:
