@@ -65,7 +65,8 @@ def go_on(run: RunDir, report: bool, log: Callable[[str], None]) -> None:
     """What a resumed run does before it trains on: its status, its outputs made from the weights it
     had (:func:`remove_stale_outputs`), and the temporary files of writes killed half-way (a SIGKILL
     during a checkpoint left a ``.last.pt.<hex>.tmp`` of the checkpoint's size until ``--force``).
-    The run folder is claimed by now, so no other process of cifarlens writes there."""
+    The run folder is claimed by now; only an ``export`` (which does not claim it) could be writing there
+    at that moment: it then fails, and its file, made from the weights before, would be removed as stale."""
     run.write_meta(status="running")
     remove_stale_outputs(run, report, log)
     killed = remove_temporaries(run.path)
