@@ -5,10 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
 from typing import Callable, Iterable
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_write`'s temporaries (".<name>.<12 hex digits>.tmp"),
+    which only a write killed half-way leaves behind."""
+    return re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", name) is not None
 
 
 def _create_temp(folder: Path, name: str) -> Path:
@@ -23,7 +30,7 @@ def _create_temp(folder: Path, name: str) -> Path:
     # 240-255 characters failed with "File name too long"
     short = name.encode("utf-8")[:200].decode("utf-8", "ignore")
     while True:
-        tmp = folder / f".{short}.{secrets.token_hex(6)}.tmp"
+        tmp = folder / f".{short}.{secrets.token_hex(6)}.tmp"  # (is_temporary knows it by this form)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp

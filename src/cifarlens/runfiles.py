@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 from cifarlens import folderlock
 from cifarlens.data.fingerprint import SIGNATURES_FILE
 from cifarlens.errors import CifarlensError
+from cifarlens.io import is_temporary
 
 # Files a run writes; --force removes exactly these (never anything else in the folder).
 RUN_FILES = (
@@ -31,8 +31,6 @@ RUN_DIRS = ("checkpoints", "explain", "export", "tensorboard", OTHER_DATA)  # fo
 SPLIT_FILES = ("metrics{}.json", "predictions{}.csv", "classification_report{}.txt", "confusion_matrix{}.png")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_samples",
                    "train_px")
-# io.atomic_write's temporary files: ".<name>.<12 hex digits>.tmp", left by a write killed half-way
-TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
 def split_suffix(split: str) -> str:
@@ -96,7 +94,7 @@ def _leftover(path: Path) -> bool:
     hidden temporary file. Neither makes a folder another program's."""
     if path.name == "checkpoints" and path.is_dir():
         return not any(path.iterdir())
-    return TEMPORARY.fullmatch(path.name) is not None and path.is_file()
+    return is_temporary(path.name) and path.is_file()
 
 
 def remove_run_files(path: Path) -> None:
@@ -123,7 +121,7 @@ def remove_temporaries(path: Path) -> list[Path]:
     """Remove the temporary files of writes killed half-way (io.atomic_write's, only) from the run
     folder ``path`` and its checkpoints/; the ones removed."""
     found = [tmp for folder in (path, path / "checkpoints") for tmp in folder.glob(".*.tmp")
-             if TEMPORARY.fullmatch(tmp.name) and tmp.is_file()]
+             if is_temporary(tmp.name) and tmp.is_file()]
     for tmp in found:
         tmp.unlink(missing_ok=True)
     return found
