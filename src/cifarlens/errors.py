@@ -29,6 +29,20 @@ class CifarlensError(Exception):
     """An error caused by the user's input, with a message meant for them."""
 
 
+class NotThisDataset(CifarlensError):
+    """Data that is not the named dataset (other class folders where CIFAR-10's are expected).
+    ``problem`` says what was found; ``hint`` how to read it, which depends on who asks: ``train``
+    offers ``--dataset imagefolder``, a command on a run names the run's dataset instead
+    (:meth:`with_hint`)."""
+
+    def __init__(self, problem: str, hint: str):
+        super().__init__(f"{problem} ({hint})")
+        self.problem, self.hint = problem, hint
+
+    def with_hint(self, hint: str) -> "NotThisDataset":
+        return NotThisDataset(self.problem, hint)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a job scheduler's time limit) while the CLI runs: handled as Ctrl-C is,
     so a training run is marked interrupted and can be resumed."""

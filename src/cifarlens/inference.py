@@ -26,7 +26,7 @@ from cifarlens.data.base import DatasetInfo, Split
 from cifarlens.data.fingerprint import SIGNATURE_TOLERANCE, SIGNATURES_FILE, changed_positions, load_signatures
 from cifarlens.data.pipeline import DataBundle, prepare_data
 from cifarlens.engine import forward_tta, resolve_device
-from cifarlens.errors import CifarlensError
+from cifarlens.errors import CifarlensError, NotThisDataset
 from cifarlens.images import ImageSource, load_image
 from cifarlens.models import create_model
 from cifarlens.models.registry import check_options
@@ -127,14 +127,9 @@ class Run:
             cfg = RunDir(self.path).data_settings(self.config.data, data_dir)
             try:
                 bundle = prepare_data(cfg, self.config.train.seed)
-            except CifarlensError as err:  # the reader speaks to `train`: not its --dataset, which no run command takes
-                from cifarlens.data.cifar_folder import OTHER_DATA_HINT
-
-                if OTHER_DATA_HINT not in str(err):
-                    raise
-                raise CifarlensError(str(err).replace(OTHER_DATA_HINT, f"; {self.path} was trained on "
-                                                      f"{self.config.data.dataset}: point --data-dir at that dataset")
-                                     ) from None
+            except NotThisDataset as err:  # the reader speaks to `train`: not its --dataset, which no run command takes
+                raise err.with_hint(f"{self.path} was trained on {self.config.data.dataset}: point --data-dir at "
+                                    "that dataset") from None
         if tuple(bundle.info.classes) != tuple(self.classes):
             raise CifarlensError(
                 f"the data in {cfg.data_dir} has classes {list(bundle.info.classes)[:5]}..., but the run was "

@@ -28,15 +28,14 @@ import torch
 from PIL import Image, ImageOps
 
 from cifarlens.data.base import DataSource, DatasetInfo, Split, count_warning, relative_names
-from cifarlens.errors import CifarlensError
+from cifarlens.errors import CifarlensError, NotThisDataset
 from cifarlens.images import (IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, check_read_once, decoded_formats, format_names,
                               list_images, load_image, skipped_warning, to_mode)
 
 NATIVE_SIZE = 32
 
-
 # how train reads other images; a command on a run (evaluate, explain) says instead which data it needs
-OTHER_DATA_HINT = " (use --dataset imagefolder for other data)"
+OTHER_DATA_HINT = "use --dataset imagefolder for other data"
 
 
 def is_folder_copy(data_dir: Path) -> bool:
@@ -64,9 +63,9 @@ def _class_folders(split_dir: Path, info: DatasetInfo, title: str, *, need_all: 
         else:
             label = by_name.get(class_key(d.name))
         if label is None:
-            raise CifarlensError(f"{split_dir}: folder {d.name!r} is not a {title} class, so this is not a {title} "
-                                 f"copy; expected the {info.num_classes} official class folders: {expected}"
-                                 + OTHER_DATA_HINT)
+            raise NotThisDataset(f"{split_dir}: folder {d.name!r} is not a {title} class, so this is not a {title} "
+                                 f"copy; expected the {info.num_classes} official class folders: {expected}",
+                                 OTHER_DATA_HINT)
         if label in found:
             raise CifarlensError(f"{split_dir}: folders {found[label].name!r} and {d.name!r} are both class "
                                  f"{info.classes[label]!r}; keep one")
