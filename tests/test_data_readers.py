@@ -842,17 +842,44 @@ def test_formats_an_upload_could_abuse_are_not_decoded(tmp_path, monkeypatch):
 
     marker = fake_ghostscript(tmp_path, monkeypatch)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n"
-    with pytest.raises(CifarlensError, match=r"cannot read image upload: not an image in a format cifarlens reads "
-                                             r"\(AVIF, BMP, GIF, JPEG, PNG, PPM, TGA, TIFF, WEBP\)"):
+    with pytest.raises(CifarlensError, match=r"cannot read image upload: it is a PostScript/EPS file, not an image in "
+                                             r"a format cifarlens reads \(AVIF, BMP, GIF, JPEG, PNG, PPM, TGA, TIFF, "
+                                             r"WEBP\); convert it to PNG or JPEG first"):
         load_image(eps, 3, 32)
     assert not marker.exists()  # no interpreter ran
     ico = io.BytesIO()
     Image.new("RGB", (32, 32)).save(ico, format="ICO")
-    with pytest.raises(CifarlensError, match="not an image in a format cifarlens reads"):
-        load_image(ico.getvalue(), 3, 32)
+    with pytest.raises(CifarlensError, match="it is an ICO icon file, not an image in a format cifarlens reads"):
+        load_image(ico, 3, 32)  # a file object, as the server's and users' code pass
+    path = tmp_path / "favicon.png"
+    path.write_bytes(ico.getvalue())
+    with pytest.raises(CifarlensError, match=r"favicon\.png: it is an ICO icon file"):
+        load_image(path, 3, 32)
     png = io.BytesIO()
     Image.new("RGB", (40, 20), (255, 0, 0)).save(png, format="PNG")
     assert load_image(png.getvalue(), 3, 32)[0].float().mean() == 255  # what it reads, it still reads
+
+
+@pytest.mark.parametrize("head, named", [
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "a HEIC/HEIF file"),  # an iPhone photo
+    (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "an XML (SVG?) file"),
+    (b"\n<svg width='32' height='32'></svg>", "an SVG file"),
+    (b"%PDF-1.7\n", "a PDF file"),
+    (b"just some text, not an image", None),
+])
+def test_an_unread_format_is_named_when_it_is_known(head, named):
+    """Files of a format cifarlens does not read say what they are (a user with a .heic photo
+    learns to convert it); anything else keeps the list of what is read."""
+    from cifarlens.images import load_image
+
+    with pytest.raises(CifarlensError) as err:
+        load_image(head, 3, 32)
+    message = str(err.value)
+    assert "not an image in a format cifarlens reads (AVIF, BMP" in message
+    if named:
+        assert f"cannot read image upload: it is {named}, not an image" in message and "convert it to PNG" in message
+    else:
+        assert "it is" not in message and "convert" not in message
 
 
 # ---------------------------------------------------------------------------

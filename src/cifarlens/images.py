@@ -47,6 +47,40 @@ def decoded_formats() -> tuple[str, ...]:
     return tuple(sorted({known[ext] for ext in IMAGE_EXTENSIONS if ext in known}))
 
 
+# the first bytes of formats Pillow (or nobody) decodes here, to name them in the error: a user with
+# an .ico, .heic or .svg file learns what it is and that converting it helps
+_SIGNATURES = ((b"\x00\x00\x01\x00", "an ICO icon"), (b"\x00\x00\x02\x00", "a CUR cursor"), (b"icns", "an ICNS icon"),
+               (b"%!PS", "a PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "an EPS"), (b"%PDF", "a PDF"),
+               (b"8BPS", "a Photoshop PSD"), (b"<svg", "an SVG"), (b"<?xml", "an XML (SVG?)"), (b"DDS ", "a DDS"),
+               (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000"), (b"\xff\x4f\xff\x51", "a JPEG 2000"))
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def sniffed_format(head: bytes) -> str | None:
+    """"an ICO icon" for a file starting with ICO's signature, and so on for the formats
+    :func:`decoded_formats` leaves out and a few Pillow does not know (HEIC, SVG, PDF); None
+    for anything else."""
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "a HEIC/HEIF"
+    return next((what for magic, what in _SIGNATURES if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(magic)), None)
+
+
+def _head(source, n: int = 16) -> bytes:
+    """The first ``n`` bytes of a path, bytes or seekable file object (b"" when they cannot be read);
+    leaves a file object anywhere, as a failed ``Image.open`` does."""
+    try:
+        if isinstance(source, bytes):
+            return source[:n]
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return f.read(n)
+        source.seek(0)  # where Image.open reads from
+        head = source.read(n)
+        return head if isinstance(head, bytes) else b""
+    except (OSError, ValueError, AttributeError):
+        return b""
+
+
 def format_names(suffixes) -> tuple[str, ...]:
     """("JPEG", "PNG") for the file suffixes {".jpg", ".png", ".jpeg"}: what a run records as its data's formats."""
     return tuple(sorted({"JPEG" if s.lower() in JPEG_EXTENSIONS else "TIFF" if s.lower() == ".tif" else
@@ -235,8 +269,12 @@ def load_image(source: ImageSource, channels: int, size: int, name: str | None =
                             "against decompression bombs); shrink it first, e.g. to 4000 pixels on its long side"
                             ) from None
     except UnidentifiedImageError:
-        raise CifarlensError(f"cannot read image {name}: not an image in a format cifarlens reads "
-                             f"({', '.join(decoded_formats())})") from None
+        what = sniffed_format(_head(source))
+        reads = ", ".join(decoded_formats())
+        if what:
+            raise CifarlensError(f"cannot read image {name}: it is {what} file, not an image in a format cifarlens "
+                                 f"reads ({reads}); convert it to PNG or JPEG first") from None
+        raise CifarlensError(f"cannot read image {name}: not an image in a format cifarlens reads ({reads})") from None
     except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
         reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the upload", str(err))  # no memory addresses
         hint = "" if isinstance(source, Image.Image) else "; is it an image file?"
