@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from cifarlens import distributed, tracking
-from cifarlens.budget import REPLANNED, budget_outcome, epochs_text, plan_budget
+from cifarlens.budget import REPLANNED, budget_outcome, plan_budget
 from cifarlens.checkpoint import save_checkpoint
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
-from cifarlens.data.fingerprint import SIGNATURES_FILE, save_signatures
 from cifarlens.data.pruning import EasyPruning
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
 from cifarlens.data.policies import check_settings
@@ -29,11 +28,9 @@ from cifarlens.engine import (
 )
 from cifarlens.epochs import progressive_side
 from cifarlens.errors import CifarlensError
-from cifarlens.io import atomic_write_json
-from cifarlens.models import check_input_size, model_info, unwrap_model
-from cifarlens.models.registry import forward_flops
-from cifarlens.models.weights import describe_init, input_info, load_initial_weights
-from cifarlens.recipes import describe_choice, resolve_choices, resolve_train, unread_given
+from cifarlens.models import check_input_size, unwrap_model
+from cifarlens.models.weights import input_info, load_initial_weights
+from cifarlens.recipes import resolve_choices, resolve_train, unread_given
 from cifarlens.schedules import (
     StepSchedule, build_optimizer, build_scheduler, epochs_before, param_groups, schedule_steps,
 )
@@ -41,8 +38,8 @@ from cifarlens.evaluation import EVAL_BATCH_SIZE, calibrate_run, evaluate_run, f
 from cifarlens.inference import Prediction, Run, build_model, check_same_data, load_run  # noqa: F401 (re-exported)
 from cifarlens.resume import (check_resumed_data, go_on, remove_stale_outputs, restore, resumed_config,
                               world_size_note)
-from cifarlens.environment import environment_record
-from cifarlens.runs import RunDir, info_to_dict, source_to_dict
+from cifarlens.newrun import log_new_run, record_new_run
+from cifarlens.runs import RunDir
 
 
 def train(
@@ -217,26 +214,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if not resume:
         distributed.on_rank0(world, lambda: run.create(force=force), "create the run folder")
         if world.is_main:
-            try:
-                # "data" has its reason only; "epochs" has one when a time budget chose them
-                chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe, "epochs": str(tc.epochs)}
-                run.write_config(cfg, notes={key: describe_choice(chosen[key], why, key) if key in chosen else reason
-                                             for key, reason in why.items()})
-                flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size,
-                                      **cfg.model.kwargs)
-                run.write_meta(dataset=info_to_dict(info), source=source_to_dict(bundle.source, info),
-                               model={"name": cfg.model.name, **model_info(model), "forward_flops": flops},
-                               init=init or {"source": "scratch"},
-                               split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
-                               data_fingerprint=bundle.fingerprints,
-                               chosen=why, **({"time_budget": plan.as_dict()} if plan is not None else {}),
-                               report=report, status="running")
-                atomic_write_json(run / "environment.json",
-                                  environment_record(device, cfg.train.seed) | {"world_size": world.world_size})
-                save_signatures(run / SIGNATURES_FILE, {key: bundle.signatures(key) for key in ("train", "test")})
-            except BaseException:  # e.g. a full disk: no half-made run folder blocks the same command again
-                run.discard()
-                raise
+            record_new_run(run, cfg, why, bundle, info, model, init, plan, report, device, world.world_size)
 
     if resume:
         state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema, pruning)
@@ -245,31 +223,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if moved:
             log(f"warning: {moved}")
     else:
-        log(f"run folder {run.path}: {describe_choice(cfg.model.name, why, 'model')} on {bundle.source.label(info)} "
-            f"({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test), "
-            f"recipe {describe_choice(tc.recipe, why, 'recipe')}, {epochs_text(tc)}, "
-            f"device {device}"
-            + (f", {world.world_size} processes" if world.distributed else ""))
-        if "data" in why:
-            log(f"data settings of the recipe: {why['data']}")
-        if bundle.shipped_val:
-            log(f"validation split: the data's own val/ ({len(bundle.val)} images); data.val_fraction is not used")
-        if plan is not None:
-            log(plan.describe())
-        if not has_val:
-            why_none = "data.val_fraction 0" if not cfg.data.val_fraction else "too few images for data.val_fraction"
-            log(f"no validation split ({why_none}): no validation pass, the final weights are kept")
-        for warning in [*bundle.source.warnings, *unread_given(given, cfg.train), *tracking.unused_settings(cfg.track),
-                        *[memory_warning] * bool(memory_warning)]:
-            log(f"warning: {warning}")
-        if init is not None:
-            log(f"starting weights: {describe_init(init)}; input normalised with mean {info.mean}, std {info.std}")
-        frozen = tc.freeze_epochs if hasattr(unwrap_model(model), "freeze_backbone") else 0
-        if frozen and init is None:
-            log(f"warning: train.freeze_epochs {frozen} with a model from scratch: its first epochs train the head on "
-                "random features (freezing is for a pretrained or --weights start; --set train.freeze_epochs=0)")
-        elif frozen >= tc.epochs:
-            log(f"warning: train.freeze_epochs {frozen} of {tc.epochs} epochs: the backbone never trains (a linear probe)")
+        log_new_run(log, run, cfg, why, bundle, info, model, init, plan,
+                    [*bundle.source.warnings, *unread_given(given, cfg.train), *tracking.unused_settings(cfg.track),
+                     *[memory_warning] * bool(memory_warning)], device, world.world_size)
     train_model = model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
