@@ -87,18 +87,26 @@ def test_a_config_resolved_once_is_not_warned_about_again_and_bench_checks_every
 
 
 def test_settings_the_run_does_not_read_are_said_so(finished_run, tmp_path, capsys):
-    """--set train.milestones=[1] under a one-cycle schedule changed nothing, silently."""
+    """--set train.milestones=[1] under a one-cycle schedule changed nothing, silently; so did
+    --set data.cutout_size=8 without Cutout."""
     _, data = finished_run
     out = tmp_path / "run"
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
                  "--no-report", "--out", str(out), "--recipe", "modern", "--set", "train.milestones=[1]",
                  "--set", "train.muon_lr=0.1", "--set", "train.gamma=0.1", "--set", "train.momentum=0.8",
+                 "--set", "data.cutout_size=8", "--set", "data.workers=4", "--set", "data.cutmix_prob=0.5",
+                 "--augment", "noise", "--set", "data.noise_std=0.2",
                  "--tracking-uri", str(tmp_path / "mlruns"), *TINY]) == 0
     log = (out / "train.log").read_text()
     assert "warning: train.milestones=[1.0] is not used (schedule onecycle; they are multistep's)" in log
     assert "warning: train.muon_lr=0.1 is not used (optimizer sgd; they are muon's)" in log
     assert "train.gamma" not in log and "train.momentum" not in log  # the recipe's value / a setting it reads
     assert f"track.tracking_uri {tmp_path / 'mlruns'} is not used: it is MLflow's" in log
+    # policy settings without their policy (cutmix_prob 0.5 is its default: nothing changed, nothing said)
+    assert "warning: data.cutout_size=8 is not used (no cutout in data.policies; add it with --augment LEVEL+cutout)" \
+        in log
+    assert "warning: data.workers=4 is not used (the batched loader" in log
+    assert "noise_std" not in log.split("warning:", 1)[1] and "cutmix" not in log  # noise is on
     assert "train.muon_lr=0.1 is not used" in capsys.readouterr().out
 
 

@@ -16,7 +16,7 @@ from cifarlens.checkpoint import save_checkpoint
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
 from cifarlens.data.pruning import EasyPruning
 from cifarlens.data.pipeline import DataBundle, make_loader, prepare_data, train_transform
-from cifarlens.data.policies import check_settings
+from cifarlens.data.policies import check_settings, unused_policy_settings
 from cifarlens.ema import make_ema
 from cifarlens.device import check_batch_memory, out_of_memory_error, retain_freed_memory
 from cifarlens.distributed import World
@@ -224,7 +224,8 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
             log(f"warning: {moved}")
     else:
         log_new_run(log, run, cfg, why, bundle, info, model, init, plan,
-                    [*bundle.source.warnings, *unread_given(given, cfg.train), *tracking.unused_settings(cfg.track),
+                    [*bundle.source.warnings, *unread_given(given, cfg.train), *unused_policy_settings(cfg.data),
+                     *tracking.unused_settings(cfg.track),
                      *[memory_warning] * bool(memory_warning)], device, world.world_size)
     train_model = model
     if world.distributed:

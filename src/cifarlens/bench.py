@@ -28,7 +28,7 @@ import torch
 
 from cifarlens.config import RunConfig
 from cifarlens.data.pipeline import make_loader, prepare_data
-from cifarlens.data.policies import check_settings
+from cifarlens.data.policies import check_settings, unused_policy_settings
 from cifarlens.engine import Precision, device_description, evaluate, resolve_device
 from cifarlens.io import write_output_text
 from cifarlens.models.weights import input_info
@@ -109,7 +109,7 @@ def run_bench(cfg: RunConfig, seeds: list[int], targets: list[float], log=print,
     start = time.perf_counter()
     resolved = resolve_train(cfg.train)
     resolve_train(replace(cfg.train, seed=max(seeds)))  # the last seed in range too, before the first one trains
-    for warning in unread_given(cfg.train, resolved):
+    for warning in [*unread_given(cfg.train, resolved), *unused_policy_settings(cfg.data)]:
         log(f"[bench] warning: {warning}")
     check_settings(cfg.data)  # before the data is read
     if cfg.track.loggers:  # its runs live in temporary folders, deleted after each seed

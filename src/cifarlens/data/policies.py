@@ -175,25 +175,30 @@ class Policy(NamedTuple):
     stage: str  # "image", "tensor" or "mix" (see the module docstring)
     build: Callable[[DataConfig, DatasetInfo], object]
     describe: Callable[[DataConfig], str]  # for the run's report, e.g. "Cutout 16x16"
+    settings: tuple[str, ...] = ()  # the DataConfig fields it reads ("cutout_size"): unused without it
 
 
 POLICIES: Registry[Policy] = Registry("augmentation policy")
 POLICIES.register("cutout")(Policy("tensor", lambda cfg, info: Cutout(cfg.cutout_size),
-                                   lambda cfg: f"Cutout {cfg.cutout_size}x{cfg.cutout_size}"))
+                                   lambda cfg: f"Cutout {cfg.cutout_size}x{cfg.cutout_size}", ("cutout_size",)))
 POLICIES.register("erasing")(Policy("tensor", lambda cfg, info: RandomErasing(info.mean, info.std, cfg.erasing_prob),
-                                    lambda cfg: f"RandomErasing p={cfg.erasing_prob:g}"))
+                                    lambda cfg: f"RandomErasing p={cfg.erasing_prob:g}", ("erasing_prob",)))
 POLICIES.register("noise")(Policy("tensor", lambda cfg, info: GaussianNoise(info.mean, info.std, cfg.noise_std, cfg.noise_prob),
-                                  lambda cfg: f"Gaussian noise std U(0, {cfg.noise_std:g}) p={cfg.noise_prob:g}"))
+                                  lambda cfg: f"Gaussian noise std U(0, {cfg.noise_std:g}) p={cfg.noise_prob:g}",
+                                  ("noise_std", "noise_prob")))
 POLICIES.register("autoaugment")(Policy("image", lambda cfg, info: AutoAugment(),
                                         lambda cfg: "AutoAugment (CIFAR-10 policy)"))
 POLICIES.register("randaugment")(Policy("image", lambda cfg, info: RandAugment(cfg.randaugment_n, cfg.randaugment_m),
-                                        lambda cfg: f"RandAugment N={cfg.randaugment_n} M={cfg.randaugment_m}"))
+                                        lambda cfg: f"RandAugment N={cfg.randaugment_n} M={cfg.randaugment_m}",
+                                        ("randaugment_n", "randaugment_m")))
 POLICIES.register("trivialaugment")(Policy("image", lambda cfg, info: TrivialAugmentWide(),
                                            lambda cfg: "TrivialAugmentWide"))
 POLICIES.register("mixup")(Policy("mix", lambda cfg, info: None,
-                                  lambda cfg: f"MixUp alpha={cfg.mixup_alpha:g} p={cfg.mixup_prob:g}"))
+                                  lambda cfg: f"MixUp alpha={cfg.mixup_alpha:g} p={cfg.mixup_prob:g}",
+                                  ("mixup_alpha", "mixup_prob")))
 POLICIES.register("cutmix")(Policy("mix", lambda cfg, info: None,
-                                   lambda cfg: f"CutMix alpha={cfg.cutmix_alpha:g} p={cfg.cutmix_prob:g}"))
+                                   lambda cfg: f"CutMix alpha={cfg.cutmix_alpha:g} p={cfg.cutmix_prob:g}",
+                                   ("cutmix_alpha", "cutmix_prob")))
 
 
 def list_policies() -> list[str]:
@@ -249,6 +254,21 @@ def check_settings(cfg: DataConfig, image_size: int | None = None) -> None:
             raise CifarlensError(unknown_name(kind, value, names))
     if cfg.val_fraction is not None and not 0 <= cfg.val_fraction < 1:
         raise CifarlensError(f"data.val_fraction must be in [0, 1) (0 = no validation split), got {cfg.val_fraction}")
+
+
+def unused_policy_settings(cfg: DataConfig) -> list[str]:
+    """Warnings for the policy settings set away from their default whose policy is not on
+    (``--set data.cutout_size=8`` without ``+cutout`` changed nothing, silently), and for
+    ``data.workers`` beside the batched loader, which has no workers."""
+    defaults = DataConfig()
+    unused = [f"data.{key}={getattr(cfg, key)} is not used (no {name} in data.policies; add it with "
+              f"--augment LEVEL+{name})"
+              for name in POLICIES.names() if name not in cfg.policies
+              for key in POLICIES.get(name).settings if getattr(cfg, key) != getattr(defaults, key)]
+    if cfg.loader == "batched" and cfg.workers != defaults.workers:
+        unused.append(f"data.workers={cfg.workers} is not used (the batched loader augments on the training "
+                      "device, in this process; workers belong to data.loader=perimage)")
+    return unused
 
 
 def build_policies(cfg: DataConfig, info: DatasetInfo) -> tuple[tuple, tuple, MixCut | None]:
