@@ -167,7 +167,7 @@ def test_a_start_that_fails_leaves_nothing_that_blocks_the_same_command(tmp_path
     with --force, was refused: 'a non-empty folder that is not a cifarlens run'."""
     import errno
 
-    import cifarlens.api
+    import cifarlens.newrun
 
     data = make_fashion_mnist(tmp_path / "data", n_train=100, n_test=20)
     out = tmp_path / "run"
@@ -178,7 +178,7 @@ def test_a_start_that_fails_leaves_nothing_that_blocks_the_same_command(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "environment.json"))
 
     with monkeypatch.context() as m:
-        m.setattr(cifarlens.api, "environment_record", full)
+        m.setattr(cifarlens.newrun, "environment_record", full)
         assert main(args) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert not out.exists() or list(out.iterdir()) == []
@@ -564,7 +564,7 @@ def test_a_run_folder_moved_during_training_stops_the_run_instead_of_splitting_i
 def test_the_hint_after_a_stop_follows_what_the_run_folder_holds(stopped_run):
     """The --nproc launcher said "continue with --resume" for a run stopped before its first epoch
     ended, which --resume then refused (no checkpoint)."""
-    from cifarlens.cli import _resume_hint
+    from cifarlens.launcher import resume_hint as _resume_hint
 
     out, _ = stopped_run
     assert _resume_hint(str(out), nproc=2) == f"; continue with: cifarlens train --resume {out} --nproc 2"

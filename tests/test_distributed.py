@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
@@ -123,6 +124,87 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(runs, tmp_
     assert history(full) == history(cut)
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rank_pids(launcher: int) -> dict[int, int]:
+    """rank -> process id of the ranks a `train --nproc` launcher started (its children, by RANK)."""
+    ranks = {}
+    for child in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = [e[5:] for e in env if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0])] = int(child)
+    return ranks
+
+
+def _start_and_wait_for_an_epoch(args: list[str], out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", "train", *args, "--out", str(out), "--nproc", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            (out / "history.csv").is_file() and len(history(out)) >= 1 and len(_rank_pids(proc.pid)) == 2):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    return proc
+
+
+@pytest.mark.slow  # three two-process runs, ~40 s; CI runs it with the slow set
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl: Linux")
+def test_a_lost_launcher_or_rank_stops_the_run_resumably_in_one_line(runs, tmp_path):
+    """The launcher killed by SIGKILL left both ranks training on unseen, the run folder locked;
+    rank 1 killed (as the OOM killer does) gave rank 0's 30-line gloo traceback and no way on."""
+    _, data, _ = runs
+    args = [*FLAGS, "--data-dir", str(data.data_dir), "--epochs", "200"]
+    proc = _start_and_wait_for_an_epoch(args, tmp_path / "orphans")
+    ranks = _rank_pids(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ranks.values()):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())  # (zombies are reaped by init)
+    assert json.loads((tmp_path / "orphans" / "run.json").read_text())["status"] == "interrupted"
+
+    out = tmp_path / "lost"
+    proc = _start_and_wait_for_an_epoch(args, out)
+    os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+    stderr = proc.communicate(timeout=60)[1]
+    lines = [line for line in stderr.splitlines() if not line.startswith(("cifarlens: torchrun", "run folder", "epoch "))]
+    assert proc.returncode == 2 and len(lines) == 1, stderr[-3000:]
+    assert (lines[0].startswith("cifarlens: error: a training process was lost (killed, or out of memory?)")
+            or lines[0].startswith("cifarlens: error: a training process was ended by SIGKILL")), lines
+    assert lines[0].endswith(f"; continue with: cifarlens train --resume {out} --nproc 2")
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow  # two-process runs, ~20 s; CI runs it with the slow set
+def test_what_every_rank_says_is_said_once_and_an_empty_validation_shard_is_fine(tmp_path):
+    """A missing --weights file was printed by each rank, then by torchrun's log, then by the
+    launcher; a validation split of 1 image on 2 processes crashed rank 0 (torch.cat of nothing)."""
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=20, n_test=20)
+    common = [*FLAGS, "--data-dir", str(data.data_dir), "--epochs", "1"]
+    proc = cli("train", *common, "--weights", str(tmp_path / "nofile.pt"), "--out", str(tmp_path / "w"), "--nproc", "2")
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("cifarlens: torchrun")]
+    assert proc.returncode == 2 and lines == [f"cifarlens: error: weights file {tmp_path / 'nofile.pt'} not found"], \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "w").exists()
+    # an image folder whose own val/ holds one image: none on rank 1
+    from PIL import Image
+
+    folders = tmp_path / "folders"
+    for split, n in (("train", 8), ("val", 1), ("test", 2)):
+        for c, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200)))[: 1 if split == "val" else 2]:
+            (folders / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), colour).save(folders / split / c / f"{i}.png")
+    proc = cli("train", "--dataset", "imagefolder", "--data-dir", str(folders), "--model", "lensnet_light",
+               "--set", "model.kwargs={widths: [8, 16], depths: [1, 1]}", "--batch-size", "8", "--epochs", "1",
+               "--no-report", "--out", str(tmp_path / "v"), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "v" / "run.json").read_text())["split_sizes"]["val"] == 1
 
 
 @pytest.mark.slow  # a two-process run, ~15 s; CI runs it with the slow set

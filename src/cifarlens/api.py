@@ -307,11 +307,12 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                     on_improvement=save_best, on_epoch_end=end_epoch, log=log, train_model=train_model,
                     ema=ema, tta=tta)
     except BaseException as caught:
-        err = out_of_memory_error(caught, device, tc.batch_size) or caught
+        err = out_of_memory_error(caught, device, tc.batch_size) or distributed.lost_peer(caught, world) or caught
         if world.is_main:
             # diverged: the loss blew up (fix the hyperparameters); failed: another clear error;
-            # interrupted: Ctrl-C, SIGTERM or a crash (resume it)
+            # interrupted: Ctrl-C, SIGTERM, a crash or another rank gone (resume it)
             status = ("diverged" if isinstance(err, TrainingDiverged) else
+                      "interrupted" if isinstance(err, distributed.PeerLost) else
                       "failed" if isinstance(err, CifarlensError) else "interrupted")
             # (fit counts an epoch before its checkpoint is written: a stop in between goes on from the one before)
             run.write_meta(status=status, epochs_done=checkpointed[0])

@@ -21,9 +21,7 @@ from cifarlens.config_flags import (
 )
 from cifarlens.errors import CifarlensError, Terminated, format_warning, user_os_error
 from cifarlens.io import stdout_to_devnull
-
-LAUNCHED = "CIFARLENS_NPROC_LAUNCHER"  # set for the ranks that `train --nproc N` starts under torchrun
-
+from cifarlens.launcher import LAUNCHED, die_with_launcher, launch_torchrun, leave_error, resume_hint
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run folder",
@@ -82,64 +80,6 @@ def cmd_train(args) -> int:
     if args.nproc is not None:
         return launch_torchrun(args)
     train(cfg, args.out, force=args.force, report=not args.no_report, choices=why)
-    return 0
-
-
-def launch_torchrun(args) -> int:
-    """``--nproc N``: run this same command under torchrun on N local processes, and wait."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    if args.nproc < 1:
-        raise CifarlensError(f"--nproc must be >= 1, got {args.nproc}")
-    if "WORLD_SIZE" in os.environ:
-        raise CifarlensError("--nproc starts torchrun itself; under torchrun, drop --nproc")
-    from cifarlens.runs import RunDir
-
-    if args.resume:  # the mistakes every rank would make, caught before starting them (each rank printed its own)
-        from cifarlens.resume import resumed_config
-
-        resumed_config(RunDir(args.out if args.resume is True else args.resume), "cpu", None, None, lock=False)
-    else:
-        RunDir(args.out).check_new(force=args.force)
-        from cifarlens.distributed import World, check_batch_size
-        from cifarlens.engine import resolve_device
-        from cifarlens.recipes import resolve_train
-
-        tc = resolve_train(config_from_args(args).train)
-        if tc.time_budget:
-            raise CifarlensError("train.time_budget times single-process steps: drop --nproc, or give --epochs instead")
-        check_batch_size(tc.batch_size, World(0, args.nproc))
-        if tc.sync_bn and resolve_device(tc.device).type != "cuda":
-            raise CifarlensError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
-    argv, skip = [], False
-    for arg in args.argv:  # the same flags without --nproc, with the run folder fixed for every rank
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            argv.append(arg)
-    if not args.resume and "--out" not in argv and not any(a.startswith("--out=") for a in argv):
-        argv += ["--out", args.out]
-    # torchrun would pin every process to 1 thread; share the cores between them instead
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    launch = ["--standalone", f"--nproc_per_node={args.nproc}", "-m", "cifarlens.cli", *argv]
-    print("cifarlens: torchrun " + " ".join(launch), file=sys.stderr, flush=True)
-    os.environ[LAUNCHED] = "1"  # the ranks leave the "interrupted; continue with ..." line to this process
-    try:
-        run(get_args_parser().parse_args(launch))
-    except ChildFailedError as err:
-        codes = sorted({f.exitcode for f in err.failures.values()})
-        raise CifarlensError(f"a training process failed (exit code {', '.join(map(str, codes))}); "
-                             "its message is above") from None
-    except SignalException as err:  # torchrun stopped the ranks; their last checkpoint stands
-        hint = _resume_hint(args.resume if isinstance(args.resume, str) else args.out, nproc=args.nproc)
-        print(f"cifarlens: stopped by signal {err.sigval.name}{hint}", file=sys.stderr)  # (before any epoch: --force)
-        return 128 + int(err.sigval)  # as a shell reports a process a signal ended: 143 for SIGTERM
-    finally:
-        os.environ.pop(LAUNCHED, None)
     return 0
 
 
@@ -208,25 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resume_hint(out, nproc: int | None = None) -> str:
-    """What an interrupted ``train`` can do next, from what its run folder holds (``nproc``: the
-    launcher's --nproc; under torchrun, the ranks' number)."""
-    from cifarlens.runs import RunDir
-
-    if not isinstance(out, str):
-        return ""
-    run = RunDir(out)
-    finished = run.is_run() and run.meta().get("status") == "finished"
-    if finished:  # stopped in its report, after the evaluation
-        return f"; the run has finished and is evaluated: `cifarlens report {out}` writes its report"
-    if run.last_checkpoint.is_file():
-        world = nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)  # resume on as many processes
-        return f"; continue with: cifarlens train --resume {out}" + (f" --nproc {world}" if world > 1 else "")
-    if (run.path / "run.json").is_file():
-        return f"; no epoch had finished: start it again with --force (--out {out})"
-    return "; nothing was written"
-
-
 # the flags, of any command, that name a file or folder (an empty one is refused)
 PATH_FLAGS = ("resume", "out", "data_dir", "config", "weights", "csv", "json", "reference", "corruptions_dir",
               "space", "storage", "tracking_uri")
@@ -244,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):  # UTF-8 locale: escaped,
             stream.reconfigure(errors="backslashreplace")  # not a UnicodeEncodeError (C locales pass its bytes on)
     previous = signal.signal(signal.SIGTERM, Terminated.raise_it)  # main() runs in the main thread, as the CLI does
+    # a closed terminal (SIGHUP) stops a training as kill does, its run marked interrupted; not under
+    # nohup, which ignores SIGHUP for the process it starts
+    hangup = getattr(signal, "SIGHUP", None)
+    hung_up = signal.signal(hangup, Terminated.raise_it) if hangup and signal.getsignal(hangup) is signal.SIG_DFL \
+        else None
+    die_with_launcher()  # a rank of `train --nproc N`: stopped if its launcher dies
     python_format, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         for name in PATH_FLAGS:  # e.g. --resume "$RUN" with RUN unset: not the current folder, nor "none given"
@@ -251,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise CifarlensError(f"--{name.replace('_', '-')} is empty; give a path")
         return args.func(args)
     except CifarlensError as err:
-        print(f"cifarlens: error: {err}", file=sys.stderr)
+        if not leave_error(str(err)):  # a rank of `train --nproc N` leaves it to the launcher, which prints it once
+            print(f"cifarlens: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `cifarlens list | head`: the reader left; say nothing more
         stdout_to_devnull()
@@ -260,20 +188,23 @@ def main(argv: list[str] | None = None) -> int:
         text = user_os_error(err)
         if text is None:
             raise
-        print(f"cifarlens: error: {text}", file=sys.stderr)
+        if not leave_error(text):
+            print(f"cifarlens: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        code = 143 if isinstance(err, Terminated) else 130
+        code = 128 + err.signum if isinstance(err, Terminated) else 130  # 143 for SIGTERM, 129 for SIGHUP
         if os.environ.get("RANK", "0") != "0" or os.environ.get(LAUNCHED):
             return code  # one line for the run: rank 0's, or the --nproc launcher's (with --nproc)
         # what the run folder holds says what a stopped train can do; another command's --out is no run
         # folder ("nothing was written" after explain had written 6 files)
-        hint = _resume_hint(getattr(args, "out", None) or getattr(args, "resume", None)) \
+        hint = resume_hint(getattr(args, "out", None) or getattr(args, "resume", None)) \
             if getattr(args, "func", None) is cmd_train else ""
         print(f"cifarlens: {'terminated' if isinstance(err, Terminated) else 'interrupted'}{hint}", file=sys.stderr)
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if hung_up is not None:
+            signal.signal(hangup, hung_up)
         warnings.formatwarning = python_format
 
 

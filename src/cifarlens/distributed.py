@@ -163,6 +163,23 @@ def first_divergence(bad_step: torch.Tensor, bad_loss: torch.Tensor) -> tuple[to
     return bad_step, bad_loss
 
 
+class PeerLost(CifarlensError):
+    """A collective failed because another rank is gone: killed, or out of memory. The run stops
+    as an interrupted one does (resumable from its last checkpoint)."""
+
+
+# what gloo and NCCL say when the other end of a collective has gone
+_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_peer(err: BaseException, world: "World") -> PeerLost | None:
+    """A :class:`PeerLost` for ``err`` when it is a collective's failure of that kind, else None
+    (rank 0 printed gloo's 30-line traceback when rank 1 was killed)."""
+    if not world.distributed or not isinstance(err, RuntimeError) or not any(s in str(err) for s in _GONE):
+        return None
+    return PeerLost("a training process was lost (killed, or out of memory?), and the run stopped with it")
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

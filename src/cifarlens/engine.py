@@ -217,6 +217,8 @@ def predict_logits(model: nn.Module, loader, precision: Precision, tta: bool = F
             all_labels.append(labels)
     finally:
         model.train(was_training)
+    if not all_logits:  # an empty shard: a validation split with fewer images than processes
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
 
 
@@ -225,7 +227,8 @@ def evaluate(model: nn.Module, loader, precision: Precision, tta: bool = False, 
     (over every rank's shard under data-parallel training)."""
     logits, labels = predict_logits(model, loader, precision, tta, translate)
     loss_sum = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
-    loss_sum, correct, n = all_reduce_sum(loss_sum, (logits.argmax(1) == labels).sum(), len(labels))
+    correct = (logits.argmax(1) == labels).sum() if len(labels) else 0
+    loss_sum, correct, n = all_reduce_sum(loss_sum, correct, len(labels))
     return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
 
 

@@ -8,6 +8,7 @@ traceback; programming errors are left to propagate as usual.
 
 import errno
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -44,12 +45,16 @@ class NotThisDataset(CifarlensError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler's time limit) while the CLI runs: handled as Ctrl-C is,
-    so a training run is marked interrupted and can be resumed."""
+    """SIGTERM (``kill``, a job scheduler's time limit) or SIGHUP (a closed terminal) while the
+    CLI runs: handled as Ctrl-C is, so a training run is marked interrupted and can be resumed."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = int(signum)
 
     @staticmethod
-    def raise_it(signum, frame):  # the SIGTERM handler
-        raise Terminated()
+    def raise_it(signum, frame):  # the SIGTERM (and SIGHUP) handler
+        raise Terminated(signum)
 
 
 _PACKAGE = str(Path(__file__).resolve().parent)
