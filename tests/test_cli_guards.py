@@ -287,7 +287,12 @@ def test_a_validation_loss_that_is_not_finite_stops_the_run_as_diverged(tmp_path
     assert last.startswith("diverged (1 epoch(s) finished): the validation loss became nan after epoch 2"), last
 
 
-def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path):
+@pytest.mark.parametrize("sig, code, said", [
+    (signal.SIGTERM, 143, "terminated"),
+    # a closed terminal: the run was left "running", train.log without a last line
+    pytest.param(signal.SIGHUP, 129, "terminated", marks=pytest.mark.slow),
+])
+def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path, sig, code, said):
     data = make_fashion_mnist(tmp_path / "data", n_train=400, n_test=40)
     out = tmp_path / "run"
     args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "200",
@@ -297,12 +302,13 @@ def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path):
     while not (out / "history.csv").is_file() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert (out / "history.csv").is_file(), "no epoch finished"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 143 and "Traceback" not in err
-    assert f"terminated; continue with: cifarlens train --resume {out}" in err
+    assert proc.returncode == code and "Traceback" not in err
+    assert f"{said}; continue with: cifarlens train --resume {out}" in err
     meta = json.loads((out / "run.json").read_text())
     assert meta["status"] == "interrupted" and meta["epochs_done"] >= 1
+    assert (out / "train.log").read_text().splitlines()[-1].startswith("interrupted (")
 
 
 def test_a_run_folder_another_train_is_making_is_said_to_be_in_use(tmp_path, capsys):
