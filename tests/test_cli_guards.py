@@ -1058,3 +1058,24 @@ def test_a_run_on_official_files_whose_folder_moved_says_to_pass_data_dir(tmp_pa
     assert f"the data of {out} is not in {data.data_dir} any more (moved or deleted?); pass --data-dir" in \
         capsys.readouterr().err
     assert main(["evaluate", str(out), "--data-dir", str(moved)]) == 0
+
+
+def test_a_run_whose_config_carves_another_validation_split_is_refused(finished_run, tmp_path, capsys):
+    """config.yaml's train.seed edited after training: calibrate refitted the temperature, and
+    evaluate --split val measured (and wrote over the run's val files), on a split made mostly of
+    images the run trained on."""
+    import shutil
+
+    source, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    assert main(["evaluate", str(run), "--split", "val"]) == 0  # as trained: fine
+    config = run / "config.yaml"
+    assert "\n  seed: 0\n" in config.read_text()
+    config.write_text(config.read_text().replace("\n  seed: 0\n", "\n  seed: 5\n"))
+    capsys.readouterr()
+    for command in (["evaluate", str(run), "--split", "val"], ["calibrate", str(run)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"the validation split is not the one {run} was trained with" in err and "train.seed" in err, err
+    assert main(["evaluate", str(run)]) == 0  # the test split does not depend on it

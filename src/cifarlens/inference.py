@@ -251,6 +251,11 @@ def check_same_data(meta: dict, bundle: DataBundle, split: str, run_path: Path) 
     the figures are then about those images."""
     recorded, now = meta.get("data_fingerprint") or {}, bundle.fingerprints
     key = "test" if split == "test" else "train"
+    if key == "train" and recorded.get("train") == now.get("train") and meta.get("val_split") \
+            and meta["val_split"] != bundle.val_digest():  # the same images, split otherwise
+        raise CifarlensError(f"the validation split is not the one {run_path} was trained with: its config.yaml's "
+                             "train.seed or data.val_fraction differs from the training's (run.json's split_sizes: "
+                             f"{meta.get('split_sizes')}); restore them, or train a new run")
     if not recorded.get(key) or not now.get(key) or recorded[key] == now[key]:
         return True
     sizes = meta.get("split_sizes") or {}

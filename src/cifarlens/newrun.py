@@ -42,7 +42,7 @@ def record_new_run(run: RunDir, cfg: RunConfig, why: dict[str, str], bundle: Dat
                        model={"name": cfg.model.name, **model_info(model), "forward_flops": flops},
                        init=init or {"source": "scratch"},
                        split_sizes={"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
-                       data_fingerprint=bundle.fingerprints,
+                       data_fingerprint=bundle.fingerprints, val_split=bundle.val_digest(),
                        chosen=why, **({"time_budget": plan.as_dict()} if plan is not None else {}),
                        report=report, status="running")
         atomic_write_json(run / "environment.json",

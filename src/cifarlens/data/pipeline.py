@@ -38,6 +38,14 @@ class DataBundle:
     shipped_val: bool = False  # the validation split is the data's own val/ (data.val_fraction unused)
     _signatures: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
+    def val_digest(self) -> str:
+        """Which of the training images the validation split holds, as a short digest: recorded in
+        run.json, so a command on the run notices a split carved otherwise (its config.yaml's
+        train.seed or data.val_fraction edited since)."""
+        import hashlib
+
+        return hashlib.sha256(np.asarray(self.val_positions, dtype=np.int64).tobytes()).hexdigest()[:16]
+
     def signatures(self, key: str) -> np.ndarray:
         """data.fingerprint.image_signatures of the training images (train and val, in the order
         read) or of the test images (``key`` "test"). Computed on first use (about 1 s for CIFAR-10's
