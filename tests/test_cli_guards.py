@@ -50,6 +50,13 @@ def finished_run(tmp_path_factory):
     (["--set", "model.kwargs={num_classes: 5}"], "model.kwargs cannot set num_classes: it comes from the dataset"),
     (["--set", "train.tta=true", "--set", "train.tta_translate=40"],
      "train.tta_translate 40 is not smaller than the 28-pixel images"),
+    # trained silently at full size throughout
+    (["--set", "train.progressive_res=1000", "--set", "train.progressive_epochs=1"],
+     "train.progressive_res 1000 is not smaller than the 28-pixel images"),
+    (["--set", "train.epochs="], "--set 'train.epochs=' has no value"),  # $EPOCHS unset: the recipe's, silently
+    (["--set", "data.flip=no"], "must be str, got False (YAML read it as a boolean: quote it"),  # "as a number"
+    (["--set", "model.kwargs={1: 2}"], "config key 'model.kwargs' takes names as keys, got 1"),  # TypeError
+    (["--set", "train.milestones={[1]: 2}"], "a key cannot be a list or a mapping (line 1)"),  # TypeError
 ])
 def test_a_bad_setting_with_force_leaves_the_finished_run_as_it_was(finished_run, tmp_path, capsys, flags, message):
     """These settings used to fail after --force had emptied the folder (the optimizer, the schedule
@@ -92,13 +99,14 @@ def test_settings_the_run_does_not_read_are_said_so(finished_run, tmp_path, caps
     _, data = finished_run
     out = tmp_path / "run"
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "1",
-                 "--no-report", "--out", str(out), "--recipe", "modern", "--set", "train.milestones=[1]",
+                 "--no-report", "--out", str(out), "--recipe", "modern", "--set", "train.milestones=[1, .nan]",
+                 "--set", "train.warmup_epochs=1e300",  # (nan: a ValueError; 1e300 counted its epochs forever)
                  "--set", "train.muon_lr=0.1", "--set", "train.gamma=0.1", "--set", "train.momentum=0.8",
                  "--set", "data.cutout_size=8", "--set", "data.workers=4", "--set", "data.cutmix_prob=0.5",
                  "--augment", "noise", "--set", "data.noise_std=0.2",
                  "--tracking-uri", str(tmp_path / "mlruns"), *TINY]) == 0
     log = (out / "train.log").read_text()
-    assert "warning: train.milestones=[1.0] is not used (schedule onecycle; they are multistep's)" in log
+    assert "warning: train.milestones=[1.0, nan] is not used (schedule onecycle; they are multistep's)" in log
     assert "warning: train.muon_lr=0.1 is not used (optimizer sgd; they are muon's)" in log
     assert "train.gamma" not in log and "train.momentum" not in log  # the recipe's value / a setting it reads
     assert f"track.tracking_uri {tmp_path / 'mlruns'} is not used: it is MLflow's" in log

@@ -164,6 +164,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     first = progressive_side(info.image_size, 0, cfg.train.progressive_res, cfg.train.progressive_epochs)
     check_input_size(model, info.in_channels, {info.image_size, first}, cfg.model.name)  # before the run folder
     check_settings(cfg.data, info.image_size)  # crop padding and Cutout against the images' side
+    if given.progressive_res and cfg.train.progressive_res >= info.image_size:  # a recipe's ramp is skipped so
+        raise CifarlensError(f"train.progressive_res {cfg.train.progressive_res} is not smaller than the "
+                             f"{info.image_size}-pixel images, so nothing would grow (e.g. 24 for 32 pixels; 0 = off)")
     if cfg.train.tta and cfg.train.tta_translate >= info.image_size:  # it failed after the first epoch
         raise CifarlensError(f"train.tta_translate {cfg.train.tta_translate} is not smaller than the "
                              f"{info.image_size}-pixel images (1 or 2 is usual for 32 pixels)")

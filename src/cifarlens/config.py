@@ -197,6 +197,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return value
     elif hint is dict or origin is dict:
         if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):  # model.kwargs: keyword arguments
+                raise CifarlensError(f"config key {key!r} takes names as keys, got {next(k for k in value if not isinstance(k, str))!r}")
             return dict(value)
     elif origin is list:  # list[str]; "a,b" is read as [a, b], as the CLI reads its flags
         (item,) = typing.get_args(hint)
@@ -207,7 +209,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     else:  # pragma: no cover - only our own annotations reach here
         raise TypeError(f"unsupported annotation {hint!r} for {key}")
     name = getattr(hint, "__name__", str(hint))
-    quote = " (YAML read it as a number: quote it, e.g. '1e3')" if hint is str and isinstance(value, (int, float)) else \
+    quote = " (YAML read it as a boolean: quote it, e.g. 'no')" if hint is str and isinstance(value, bool) else \
+        " (YAML read it as a number: quote it, e.g. '1e3')" if hint is str and isinstance(value, (int, float)) else \
         " (in seconds, e.g. 600; the --time-budget flag reads 10m)" if key.endswith("time_budget") else ""
     raise CifarlensError(f"config key {key!r} must be {name}, got {value!r}{quote}")
 
@@ -260,6 +263,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": its keys may be overridden
                 continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # `{[1]: 2}`: Python's dict would raise a TypeError
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key cannot be a list or a mapping (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
@@ -330,8 +339,12 @@ def parse_assignment(text: str) -> dict:
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
         raise CifarlensError(f"--set expects SECTION.KEY=VALUE (e.g. train.weight_decay=5e-4), got {text!r}")
+    if not raw.strip():  # `--set train.epochs=$EPOCHS` with EPOCHS unset: null, the recipe's value, silently
+        raise CifarlensError(f"--set {text!r} has no value; give one (null: the recipe's default)")
     try:
         value = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.constructor.ConstructorError as err:
+        raise CifarlensError(f"--set {text!r}: {err.problem}") from None
     except yaml.YAMLError:
         raise CifarlensError(f"--set {text!r}: value is not valid YAML") from None
     _check_expanded_size(value, f"--set {key.strip()}")

@@ -151,7 +151,10 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
         return PlateauSchedule(optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     total = schedule_steps(cfg, steps_per_epoch)
     # at most half the run: a one-epoch run of modern (1 epoch of warm-up) ended at its peak lr, never decaying
-    warmup = min(steps_before(cfg, cfg.warmup_epochs, steps_per_epoch), total // 2)
-    milestones = tuple(steps_before(cfg, m, steps_per_epoch) for m in cfg.milestones or ())
+    # (a warm-up given in more epochs than the run has, 1e300, counted them all: capped first)
+    warmup = min(steps_before(cfg, min(cfg.warmup_epochs, cfg.epochs), steps_per_epoch), total // 2)
+    # milestones are multistep's alone (checked there; another schedule's, even nan or inf, are unread)
+    milestones = tuple(steps_before(cfg, m, steps_per_epoch) for m in cfg.milestones or ()) \
+        if cfg.schedule == "multistep" else ()
     return StepSchedule(optimizer, total, warmup, cfg.schedule, milestones, cfg.gamma)
 
