@@ -1087,3 +1087,26 @@ def test_a_run_whose_config_carves_another_validation_split_is_refused(finished_
         err = capsys.readouterr().err
         assert f"the validation split is not the one {run} was trained with" in err and "train.seed" in err, err
     assert main(["evaluate", str(run)]) == 0  # the test split does not depend on it
+
+
+def test_a_recipe_given_beside_a_config_file_that_sets_its_values_is_warned_about(finished_run, tmp_path):
+    """`train --config RUN/config.yaml --recipe reference` trained the saved run's fast_cpu settings
+    (lr 0.8, sgd, onecycle) under the name reference, without a word."""
+    from cifarlens.cli import build_parser
+    from cifarlens.config_flags import config_from_args
+
+    out, _ = finished_run
+    saved = out / "config.yaml"
+    args = build_parser().parse_args(["train", "--config", str(saved), "--recipe", "reference"])
+    with pytest.warns(UserWarning, match=rf"--recipe reference: {re.escape(str(saved))} sets \d+ of its settings "
+                                         r"otherwise \(.*train\.lr.*\), and the file's win"):
+        cfg = config_from_args(args, resolve=False)
+    assert cfg.train.recipe == "reference" and cfg.train.lr != 1e-3  # the precedence, as documented
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train:\n  epochs: 3\n  lr: 0.01\n")  # a file of no other recipe: its values, nothing said
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_from_args(build_parser().parse_args(["train", "--config", str(plain), "--recipe", "reference"]),
+                         resolve=False)

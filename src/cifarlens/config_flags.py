@@ -123,7 +123,10 @@ def config_from_args(args, *, resolve: bool = True):
 
     cfg = RunConfig()
     if args.config:
-        cfg = merge(cfg, load_yaml(args.config))
+        values = load_yaml(args.config)
+        cfg = merge(cfg, values)
+        if getattr(args, "recipe", None) and isinstance(values.get("train"), dict):
+            _warn_file_beats_recipe(args.config, args.recipe, values["train"])
     overrides: dict = {}
     for flag, (section, key) in FLAG_KEYS.items():
         value = getattr(args, flag, None)
@@ -154,6 +157,26 @@ def config_from_args(args, *, resolve: bool = True):
         raise CifarlensError(f"--epochs {args.epochs} and train.time_budget {cfg.train.time_budget:g} s (from --config or "
                              "--set) both set the training's length: drop --epochs, or --set train.time_budget=0")
     return resolve_choices_for(cfg)[0] if resolve else cfg
+
+
+def _warn_file_beats_recipe(path, recipe: str, train: dict) -> None:
+    """--recipe NAME beside a config file of another recipe that sets NAME's settings otherwise (a
+    run's saved config.yaml sets them all): the file's win, by the precedence, so the run trained
+    the file's recipe under the new name, without a word."""
+    import warnings
+
+    from cifarlens.recipes import RECIPES
+
+    if recipe not in RECIPES or train.get("recipe") in (None, recipe):  # unknown: refused later, with the names
+        return
+    defaults = RECIPES.get(recipe)
+    differ = sorted(f"train.{key}" for key, value in train.items()
+                    if key in defaults and key != "recipe" and value is not None and value != defaults[key])
+    if differ:
+        warnings.warn(f"--recipe {recipe}: {path} sets {len(differ)} of its settings otherwise "
+                      f"({', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}), and the file's win (recipe < "
+                      "--config < flags < --set); delete them from the file to train the recipe as it is",
+                      stacklevel=2)
 
 
 def resolve_choices_for(cfg):
