@@ -190,6 +190,7 @@ def test_training_with_calibration_off_records_none(tmp_path):
     assert not load_run(out).calibrated
 
 
+@pytest.mark.slow  # ~8 s of ONNX export; CI runs it with the slow set (test_export covers export by default)
 def test_onnx_export_puts_the_temperature_in_the_graph(calibrated_run, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

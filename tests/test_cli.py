@@ -229,6 +229,7 @@ def test_compiled_training_learns_what_eager_training_learns_and_saves_plain_wei
     assert load_run(compiled).predict(torch.from_numpy(data.test_images[:4]))[0].labels
 
 
+@pytest.mark.slow  # ~5 s of compiling; CI runs it with the slow set (test_compiled_training covers compile by default)
 def test_compiled_progressive_resizing_compiles_every_width_statically_in_the_bench_warm_up(tmp_path, capsys):
     """torch.compile's default turns a width that changes between epochs into symbolic sizes and
     recompiles: on an H200, fast_cpu_10min compiled had not finished its 8 epochs after 3.5 minutes
