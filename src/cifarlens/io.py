@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -130,8 +131,6 @@ def check_sqlite_store(path: Path, shown: str, *, needs: frozenset[str], kind: s
     mix. An empty file (or a database without tables) is new: fine; a missing one must be one this
     process could make (a file beside it is made and removed; an MLflow run resumed must still find its
     store gone)."""
-    import sqlite3
-
     from cifarlens.errors import CifarlensError
 
     if path.is_dir():
@@ -147,15 +146,31 @@ def check_sqlite_store(path: Path, shown: str, *, needs: frozenset[str], kind: s
         return
     if path.stat().st_size == 0:
         return
-    try:
-        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as err:  # "file is not a database"
-        raise CifarlensError(f"{shown}: {path} is not an SQLite database ({err}); choose another file") from None
+    tables = _tables(path, shown)
+    if tables and not needs <= tables and time.time() - path.stat().st_mtime < 10:
+        # another worker's library may be making them this moment (two workers started together
+        # on a new study): what a just-written file holds is read again before it is refused
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not needs <= tables:
+            time.sleep(0.2)
+            tables = _tables(path, shown)
     if tables and not needs <= tables:
         what = next((name for name, marks in other.items() if marks <= tables), "another program's")
         raise CifarlensError(f"{shown}: {path} holds {what} tables ({', '.join(sorted(tables)[:4])}, ...), not "
                              f"{kind}'s; choose another file")
+
+
+def _tables(path: Path, shown: str) -> set[str]:
+    """The names of the tables in the SQLite file ``path``."""
+    import sqlite3
+
+    from cifarlens.errors import CifarlensError
+
+    try:
+        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+            return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:  # "file is not a database"
+        raise CifarlensError(f"{shown}: {path} is not an SQLite database ({err}); choose another file") from None
 
 
 def stdout_to_devnull() -> None:
