@@ -74,6 +74,7 @@ def test_two_processes_see_every_sample_once_per_epoch_and_agree_with_one(runs):
     assert acc["two"] >= acc["one"] - ACCURACY_TOLERANCE, acc
     env = json.loads((root / "two" / "environment.json").read_text())
     assert env["world_size"] == 2 and json.loads((root / "one" / "environment.json").read_text())["world_size"] == 1
+    assert env["command"][-2:] == ["--nproc", "2"]  # the command as given (the ranks' lacks --nproc)
 
 
 @pytest.mark.slow

@@ -12,13 +12,28 @@ import torch
 
 from cifarlens.device import device_description
 
+# the command of `train --nproc N` (JSON), which its ranks record: theirs lacks --nproc
+LAUNCH_COMMAND = "CIFARLENS_NPROC_COMMAND"
+
+
+def _command() -> list[str]:
+    """This process's command line, or the launcher's for a rank ``train --nproc N`` started."""
+    import json
+    import os
+
+    try:
+        command = json.loads(os.environ.get(LAUNCH_COMMAND) or "null")
+    except ValueError:
+        command = None
+    return command if isinstance(command, list) and "RANK" in os.environ else list(sys.argv)
+
 
 def environment_record(device: torch.device, seed: int) -> dict:
     import numpy
 
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
+        "command": _command(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

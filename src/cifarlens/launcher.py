@@ -10,6 +10,7 @@ on unseen and holding the run folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from cifarlens.config_flags import config_from_args
+from cifarlens.environment import LAUNCH_COMMAND
 from cifarlens.errors import CifarlensError
 
 LAUNCHED = "CIFARLENS_NPROC_LAUNCHER"  # the launcher's process id, for the ranks `train --nproc N` starts
@@ -154,6 +156,7 @@ def launch_torchrun(args) -> int:
     errors = Path(tempfile.mkdtemp(prefix="cifarlens-nproc-"))
     # the ranks leave the "interrupted; continue with ..." line, and their errors, to this process
     os.environ[LAUNCHED], os.environ[ERRORS_DIR] = str(os.getpid()), str(errors)
+    os.environ[LAUNCH_COMMAND] = json.dumps(sys.argv)  # what environment.json records: the command as given
     elastic = logging.getLogger("torch.distributed.elastic")
     level = elastic.level
     elastic.setLevel(logging.CRITICAL)  # its "failed (exitcode: 2)" lines: said below, in one
@@ -172,5 +175,6 @@ def launch_torchrun(args) -> int:
         elastic.setLevel(level)
         os.environ.pop(LAUNCHED, None)
         os.environ.pop(ERRORS_DIR, None)
+        os.environ.pop(LAUNCH_COMMAND, None)
         shutil.rmtree(errors, ignore_errors=True)
     return 0
