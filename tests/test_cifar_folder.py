@@ -209,6 +209,7 @@ def test_a_partial_copy_is_refused_and_nothing_is_downloaded_into_it(tmp_path, l
     assert tree_state(tmp_path) == before
 
 
+@pytest.mark.slow  # ~5-7 s; CI runs it with the slow set (the default suite passed 7 minutes)
 def test_a_run_on_a_copy_checks_its_data_before_using_it(tmp_path, monkeypatch, capsys):
     """evaluate, calibrate and explain read the run's data again: never a download in place of a
     moved copy, never a validation split carved from changed training images (it would hold

@@ -342,6 +342,7 @@ def test_a_run_folder_another_train_is_making_is_said_to_be_in_use(tmp_path, cap
     assert "is a non-empty folder that is not a cifarlens run" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~5-7 s; CI runs it with the slow set (the default suite passed 7 minutes)
 def test_a_run_folder_in_use_is_refused_to_force_and_resume(tmp_path, capsys):
     """A second train --force, or a --resume, beside a running training would mix two runs' files."""
     data = make_fashion_mnist(tmp_path / "data", n_train=400, n_test=40)

@@ -164,6 +164,7 @@ def test_a_truncated_or_foreign_npy_is_a_one_line_error(tiny_run, tmp_path, caps
     assert f"{few}'s labels name 4 classes, the run has 10: files made for another dataset" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~5-7 s; CI runs it with the slow set (the default suite passed 7 minutes)
 def test_generated_protocol_with_a_reference_gives_mce_and_the_report_reuses_it(tiny_run, tmp_path, capsys):
     import shutil
 

@@ -515,6 +515,7 @@ def test_freezing_under_data_parallel_training(tmp_path, tiny_cifar, resnet18_fi
     assert "2 processes" in log and "backbone frozen" in log and "backbone unfrozen" in log
 
 
+@pytest.mark.slow  # ~5-7 s; CI runs it with the slow set (the default suite passed 7 minutes)
 def test_resume_inside_the_frozen_epochs_ends_where_an_uninterrupted_run_would(tmp_path, tiny_cifar, resnet18_file):
     import csv
 
