@@ -108,7 +108,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         except CifarlensError as err:  # e.g. the folder locked by an evaluate: every rank stops, not rank 0 alone
             failed = err
         if (distributed.all_reduce_sum(failed is not None)[0] if world.distributed else failed is not None):
-            raise failed or CifarlensError("rank 0 could not resume the run (see its message)")
+            raise failed or distributed.rank0_failed("resume the run")
     report = report is not False  # None: yes, for a new run
     tracking.check_available(cfg.track.loggers, cfg.track)  # a missing library stops here, before any run folder exists
     if world.is_main:

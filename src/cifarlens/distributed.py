@@ -131,6 +131,15 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def rank0_failed(what: str) -> CifarlensError:
+    """The error of the ranks other than 0 when rank 0 failed at ``what`` and said why itself (the
+    ``--nproc`` launcher prints rank 0's message, not these: see :data:`RANK0_FAILED`)."""
+    return CifarlensError(f"rank 0 could not {what} {RANK0_FAILED}")
+
+
+RANK0_FAILED = "(see its message)"  # how :func:`rank0_failed`'s messages end
+
+
 def on_rank0(world: "World", fn, what: str):
     """``fn()`` on rank 0 alone, its result there (None elsewhere); a :class:`CifarlensError` it
     raises stops every rank, the others with "rank 0 could not WHAT", not rank 0 alone (the
@@ -142,7 +151,7 @@ def on_rank0(world: "World", fn, what: str):
         except CifarlensError as err:
             failed = err
     if all_reduce_sum(failed is not None)[0]:
-        raise failed or CifarlensError(f"rank 0 could not {what} (see its message)")
+        raise failed or rank0_failed(what)
     return result
 
 

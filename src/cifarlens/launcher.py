@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 
 from cifarlens.config_flags import config_from_args
+from cifarlens.distributed import RANK0_FAILED
 from cifarlens.environment import LAUNCH_COMMAND
 from cifarlens.errors import CifarlensError
 
 LAUNCHED = "CIFARLENS_NPROC_LAUNCHER"  # the launcher's process id, for the ranks `train --nproc N` starts
 ERRORS_DIR = "CIFARLENS_NPROC_ERRORS"  # where those ranks leave their one-line errors for it
-DERIVED = "(see its message)"  # the end of a rank's error that only says another rank failed first
 
 
 def resume_hint(out, nproc: int | None = None) -> str:
@@ -92,7 +92,7 @@ def _ranks_message(folder: Path) -> str | None:
             messages[int(path.stem[4:])] = path.read_text(encoding="utf-8")
         except (OSError, ValueError):
             continue
-    own = sorted(rank for rank, text in messages.items() if not text.endswith(DERIVED))
+    own = sorted(rank for rank, text in messages.items() if not text.endswith(RANK0_FAILED))
     if not own:
         return None
     return messages[own[0]] if own[0] == 0 else f"rank {own[0]}: {messages[own[0]]}"
