@@ -7,13 +7,13 @@ import torch.nn.functional as F
 
 from cifarlens.models import create_model
 from cifarlens.models import small_conv
-from cifarlens.models.small_conv import SmallMapConv2d, im2col_pays
+from cifarlens.models.small_conv import SmallMapConv2d, im2col_dtypes
 
 
 @pytest.fixture
 def forced(monkeypatch):
-    """The path on, whatever this CPU, and a count of the convolutions that took it."""
-    monkeypatch.setattr(small_conv, "im2col_pays", lambda: True)
+    """The path on for both precisions, whatever this CPU, and a count of the convolutions that took it."""
+    monkeypatch.setattr(small_conv, "im2col_dtypes", lambda: frozenset(small_conv.PLANS))
     calls = []
     apply = small_conv._Im2colConv3x3.apply
 
@@ -43,7 +43,7 @@ def test_outputs_and_gradients_are_those_of_a_plain_convolution(forced, side):
     x = torch.randn(5, 24, side, side).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(5, 32, side, side)
     mine, ref = _run(conv, x, grad), _run(plain, x, grad)
-    assert forced == [((5, 24, side, side), side <= small_conv.SMALL_SIDE)]  # it did take the path
+    assert forced == [((5, 24, side, side), side <= small_conv.PLANS[torch.bfloat16].whole_side)]  # it did take the path
     for a, b in zip(mine, ref):  # bf16 products either way; only the order of the sums differs
         assert a.shape == b.shape
         assert (a - b).norm() <= 1e-2 * b.norm()
@@ -56,9 +56,11 @@ def test_outputs_and_gradients_are_those_of_a_plain_convolution(forced, side):
 def test_the_path_is_only_taken_in_bf16_training_on_small_maps(forced):
     conv = SmallMapConv2d(8, 8)
     small = torch.randn(2, 8, 3, 3)
-    conv(small)  # fp32, no autocast
+    conv(small)  # fp32, no autocast: fp32's plan wants 128 filters or more
+    with torch.autocast("cpu", torch.float16):
+        conv(small)  # another autocast dtype: no plan
     with torch.autocast("cpu", torch.bfloat16):
-        conv(torch.randn(2, 8, 8, 8))  # larger than WEIGHT_SIDE
+        conv(torch.randn(2, 8, 8, 8))  # larger than bf16's weight_side
         with torch.no_grad():
             conv(small)
         conv.eval()
@@ -88,7 +90,7 @@ def test_fastnet_trains_the_same_with_and_without_the_path(forced, monkeypatch):
 
     loss_on, on = grads()
     assert sorted(whole for _, whole in forced) == [False, False, True]  # 7x7, 7x7 and 3x3 maps at 32 px
-    monkeypatch.setattr(small_conv, "im2col_pays", lambda: False)
+    monkeypatch.setattr(small_conv, "im2col_dtypes", frozenset)
     loss_off, off = grads()
     assert len(forced) == 3  # no more calls
     assert torch.allclose(loss_on, loss_off, rtol=1e-3)
@@ -98,16 +100,49 @@ def test_fastnet_trains_the_same_with_and_without_the_path(forced, monkeypatch):
 
 
 def test_the_environment_decides_first(monkeypatch):
-    im2col_pays.cache_clear()
+    im2col_dtypes.cache_clear()
     try:
         monkeypatch.setenv("CIFARLENS_IM2COL", "0")
-        assert not im2col_pays()
-        im2col_pays.cache_clear()
+        assert im2col_dtypes() == frozenset()
+        im2col_dtypes.cache_clear()
         monkeypatch.setenv("CIFARLENS_IM2COL", "1")
-        assert im2col_pays()
-        im2col_pays.cache_clear()
+        assert im2col_dtypes() == {torch.bfloat16, torch.float32}
+        im2col_dtypes.cache_clear()
         monkeypatch.delenv("CIFARLENS_IM2COL")
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # oneDNN held below AMX
-        assert not im2col_pays()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        assert im2col_dtypes() == frozenset()
+        im2col_dtypes.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # an AVX2-only CPU
+        assert im2col_dtypes() == {torch.float32}
     finally:
-        im2col_pays.cache_clear()
+        im2col_dtypes.cache_clear()
+
+
+@pytest.mark.parametrize("side", [2, 7])
+def test_fp32_weight_gradient_as_a_product_is_the_plain_ones(forced, side):
+    """fp32 (an AVX2 CPU's precision): only the weight gradient takes the path, on maps up to 7x7
+    with 128 filters or more; outputs and gradients equal nn.Conv2d's to fp32 rounding."""
+    torch.manual_seed(side)
+    conv = SmallMapConv2d(16, 128)
+    plain = torch.nn.Conv2d(16, 128, 3, padding="same", bias=False)
+    plain.weight = conv.weight
+    x = torch.randn(3, 16, side, side).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 128, side, side)
+    results = []
+    for module in (conv, plain):
+        xi = x.clone().requires_grad_(True)
+        module.zero_grad()
+        out = module(xi)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, module.weight.grad.clone()))
+    assert forced == [((3, 16, side, side), False)]  # the weight gradient alone, in fp32
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_fp32_plan_leaves_larger_maps_and_narrow_layers_to_onednn(forced):
+    SmallMapConv2d(16, 128)(torch.randn(2, 16, 8, 8))  # past 7x7
+    SmallMapConv2d(16, 64)(torch.randn(2, 16, 7, 7))  # fewer than 128 filters
+    assert forced == []

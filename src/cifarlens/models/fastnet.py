@@ -16,7 +16,8 @@ written from those descriptions:
   linear head whose logits are scaled down.
 
 Its 3x3 convolutions are :class:`~cifarlens.models.small_conv.SmallMapConv2d`: ``nn.Conv2d``,
-trained through im2col matrix products on small maps where that is faster (CPUs with AMX).
+trained through im2col matrix products on small maps where that is faster (CPUs with AMX, or
+AVX2 only).
 
 ``data_init(images)`` must be called with a sample of normalised training images
 before training (``cifarlens.api.train`` does it for any model that has it).

@@ -1,22 +1,29 @@
-"""A 3x3 convolution that trains faster on small feature maps on CPUs with AMX.
+"""A 3x3 convolution that trains faster on small feature maps on some CPUs.
 
 On a CPU with AMX (Intel Xeon, 4th generation on), oneDNN's convolution kernels handle the
 last blocks of FastNet badly: at 32 px the 256 -> 256 convolution on 3x3 maps runs its
 weight gradient at ~60 GFLOP/s and the ones on 7x7 maps at ~165, where a plain bf16 matrix
 product of the same size runs at ~430 (docs/benchmarks.md, *An im2col path for AMX*). So in
-training, under bf16 autocast, on such a CPU, :class:`SmallMapConv2d` computes
+training, under bf16 autocast, on such a CPU, :class:`SmallMapConv2d` computes (PLANS[bf16])
 
-- on maps of at most 3x3 (SMALL_SIDE): the whole convolution (forward, input and weight
-  gradients) as matrix products over the image patches (im2col);
-- on maps of at most 7x7 (WEIGHT_SIDE): the forward pass and the input gradient with oneDNN
-  as usual, the weight gradient as one matrix product over the patches;
-- anywhere else (larger maps, evaluation, fp32, a GPU, no AMX, torch.compile): ``nn.Conv2d``.
+- on maps of at most 3x3: the whole convolution (forward, input and weight gradients) as
+  matrix products over the image patches (im2col);
+- on maps of at most 7x7: the forward pass and the input gradient with oneDNN as usual, the
+  weight gradient as one matrix product over the patches;
+- anywhere else (larger maps, evaluation, a GPU, torch.compile): ``nn.Conv2d``.
 
 A full-width fastnet step then took 14-25 % less time on the one AMX machine measured (a 2-core
 Intel Xeon VM); on larger maps building the patch matrix costs more than it saves, and with
 oneDNN held below AMX the path was no faster at 24 px, hence the gate.
 
-The arithmetic is the same (bf16 products, fp32 accumulation), only its order differs; the
+On an AVX2-only CPU, in fp32, oneDNN's forward and input gradient run near the arithmetic's
+peak but its weight gradient does not, so there (PLANS[fp32]) the weight gradient alone is a
+product over the patches, on maps up to 7x7 and for layers of 128 filters or more (FastNet's
+256 -> 256 convolutions; the 64 -> 256 one on 11x11 to 15x15 maps won at some sides and lost at
+others): a step 4-6 % shorter at 32 px, level at 24 px (docs/benchmarks.md, *The issue's AVX2
+machine*).
+
+The arithmetic is the same (the same products, fp32 accumulation), only its order differs; the
 module is an ``nn.Conv2d`` with the same parameters, so weights, exports and CAM hooks do not
 see it. ``CIFARLENS_IM2COL=0`` (or ``1``) in the environment turns the path off (or on where
 it would not be chosen), to compare the two.
@@ -26,27 +33,44 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_SIDE = 3  # the whole convolution as matrix products on maps up to this side
-WEIGHT_SIDE = 7  # the weight gradient as a matrix product on maps up to this side
+
+class Plan(NamedTuple):
+    """Where the path runs, for one precision: the whole convolution on maps up to ``whole_side``,
+    the weight gradient alone on maps up to ``weight_side`` with at least ``min_out`` filters."""
+    whole_side: int
+    weight_side: int
+    min_out: int
+
+
+# Per compute dtype, as measured (docs/benchmarks.md): bf16 products on a CPU with AMX (*An im2col
+# path for AMX*); fp32 on an AVX2-only CPU, where oneDNN's weight gradient of the 256 -> 256
+# convolutions on 7x7 maps ran at ~125 GFLOP/s against ~150 for the product (*The issue's AVX2 machine*).
+PLANS = {torch.bfloat16: Plan(whole_side=3, weight_side=7, min_out=1),
+         torch.float32: Plan(whole_side=0, weight_side=7, min_out=128)}
 
 
 @functools.cache
-def im2col_pays() -> bool:
-    """Whether this process trains on a CPU whose oneDNN uses AMX (where the path was measured to
-    pay), unless ``CIFARLENS_IM2COL`` says otherwise. Asked once per process."""
+def im2col_dtypes() -> frozenset[torch.dtype]:
+    """The compute dtypes whose plan this process takes: bf16 on a CPU whose oneDNN uses AMX, fp32
+    on an AVX2-only CPU (where the path was measured to pay), both or neither if ``CIFARLENS_IM2COL``
+    is 1 or 0. Asked once per process."""
     forced = os.environ.get("CIFARLENS_IM2COL", "").strip()
     if forced in ("0", "1"):
-        return forced == "1"
+        return frozenset(PLANS) if forced == "1" else frozenset()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX2":
+        return frozenset({torch.float32})
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN held below AMX: no AMX products
     if capped and capped not in ("ALL", "DEFAULT") and "AMX" not in capped:
-        return False
+        return frozenset()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(amx())
+    return frozenset({torch.bfloat16}) if capability == "AVX512" and amx() else frozenset()
 
 
 def _patches(x: torch.Tensor) -> torch.Tensor:
@@ -108,10 +132,15 @@ class SmallMapConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding="same", bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        side = max(x.shape[-2:])
-        if (side > WEIGHT_SIDE or not self.training or not torch.is_grad_enabled() or x.device.type != "cpu"
-                or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
-                or torch.compiler.is_compiling() or not im2col_pays()):
+        if (not self.training or not torch.is_grad_enabled() or x.device.type != "cpu"
+                or torch.compiler.is_compiling()):
             return super().forward(x)
-        with torch.autocast("cpu", enabled=False):  # the products in bf16, as autocast would run the conv
-            return _Im2colConv3x3.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), side <= SMALL_SIDE)
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        dtype = torch.bfloat16 if bf16 else x.dtype
+        plan = PLANS.get(dtype) if dtype in im2col_dtypes() else None
+        side = max(x.shape[-2:])
+        if plan is None or side > plan.weight_side or self.out_channels < plan.min_out \
+                or (torch.is_autocast_enabled("cpu") and not bf16):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):  # the products in the dtype autocast would run the conv in
+            return _Im2colConv3x3.apply(x.to(dtype), self.weight.to(dtype), side <= plan.whole_side)
