@@ -25,10 +25,21 @@ def forced(monkeypatch):
     return calls
 
 
-def _run(conv, x, grad):
+def _pair(batch, in_ch, out_ch, side):
+    """A SmallMapConv2d, an nn.Conv2d sharing its weight, an input and an output gradient."""
+    torch.manual_seed(side)
+    conv = SmallMapConv2d(in_ch, out_ch)
+    plain = torch.nn.Conv2d(in_ch, out_ch, 3, padding="same", bias=False)
+    plain.weight = conv.weight
+    x = torch.randn(batch, in_ch, side, side).contiguous(memory_format=torch.channels_last)
+    return conv, plain, x, torch.randn(batch, out_ch, side, side)
+
+
+def _run(conv, x, grad, dtype=torch.bfloat16):
+    """Output, input gradient and weight gradient, under autocast to ``dtype`` (fp32: none)."""
     x = x.clone().requires_grad_(True)
     conv.zero_grad()
-    with torch.autocast("cpu", torch.bfloat16):
+    with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
         out = conv(x)
     out.backward(grad)
     return out.float(), x.grad.float(), conv.weight.grad.clone()
@@ -36,12 +47,7 @@ def _run(conv, x, grad):
 
 @pytest.mark.parametrize("side", [1, 2, 3, 5, 7])
 def test_outputs_and_gradients_are_those_of_a_plain_convolution(forced, side):
-    torch.manual_seed(side)
-    conv = SmallMapConv2d(24, 32)
-    plain = torch.nn.Conv2d(24, 32, 3, padding="same", bias=False)
-    plain.weight = conv.weight
-    x = torch.randn(5, 24, side, side).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(5, 32, side, side)
+    conv, plain, x, grad = _pair(5, 24, 32, side)
     mine, ref = _run(conv, x, grad), _run(plain, x, grad)
     assert forced == [((5, 24, side, side), side <= small_conv.PLANS[torch.bfloat16].whole_side)]  # it did take the path
     for a, b in zip(mine, ref):  # bf16 products either way; only the order of the sums differs
@@ -123,19 +129,8 @@ def test_the_environment_decides_first(monkeypatch):
 def test_fp32_weight_gradient_as_a_product_is_the_plain_ones(forced, side):
     """fp32 (an AVX2 CPU's precision): only the weight gradient takes the path, on maps up to 7x7
     with 128 filters or more; outputs and gradients equal nn.Conv2d's to fp32 rounding."""
-    torch.manual_seed(side)
-    conv = SmallMapConv2d(16, 128)
-    plain = torch.nn.Conv2d(16, 128, 3, padding="same", bias=False)
-    plain.weight = conv.weight
-    x = torch.randn(3, 16, side, side).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(3, 128, side, side)
-    results = []
-    for module in (conv, plain):
-        xi = x.clone().requires_grad_(True)
-        module.zero_grad()
-        out = module(xi)
-        out.backward(grad)
-        results.append((out.detach(), xi.grad, module.weight.grad.clone()))
+    conv, plain, x, grad = _pair(3, 16, 128, side)
+    results = [_run(module, x, grad, torch.float32) for module in (conv, plain)]
     assert forced == [((3, 16, side, side), False)]  # the weight gradient alone, in fp32
     for a, b in zip(*results):
         assert a.dtype == b.dtype == torch.float32
