@@ -305,7 +305,10 @@ def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path, sig, code, s
     out = tmp_path / "run"
     args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data.data_dir), "--epochs", "200",
             "--no-report", "--out", str(out), *TINY]
-    proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", *args], stderr=subprocess.PIPE, text=True)
+    # the signal's default disposition in the child, as in a terminal: under nohup (or a CI runner that
+    # ignores SIGHUP) the child would inherit SIG_IGN, and train ignores SIGHUP then, by design
+    proc = subprocess.Popen([sys.executable, "-m", "cifarlens.cli", *args], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "history.csv").is_file() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
