@@ -135,12 +135,11 @@ class SmallMapConv2d(nn.Conv2d):
         if (not self.training or not torch.is_grad_enabled() or x.device.type != "cpu"
                 or torch.compiler.is_compiling()):
             return super().forward(x)
-        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        dtype = torch.bfloat16 if bf16 else x.dtype
-        plan = PLANS.get(dtype) if dtype in im2col_dtypes() else None
+        # the dtype the convolution computes in: autocast's (fp16 has no plan), else the input's
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        plan = PLANS[dtype] if dtype in im2col_dtypes() else None
         side = max(x.shape[-2:])
-        if plan is None or side > plan.weight_side or self.out_channels < plan.min_out \
-                or (torch.is_autocast_enabled("cpu") and not bf16):
+        if plan is None or side > plan.weight_side or self.out_channels < plan.min_out:
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):  # the products in the dtype autocast would run the conv in
             return _Im2colConv3x3.apply(x.to(dtype), self.weight.to(dtype), side <= plan.whole_side)
