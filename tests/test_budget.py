@@ -192,7 +192,11 @@ def test_a_budget_run_records_its_plan_and_trains_exactly_as_a_run_given_those_e
     meta = json.loads((budget_run / "run.json").read_text())
     saved = yaml.safe_load((budget_run / "config.yaml").read_text())["train"]
     plan = meta["time_budget"]
-    assert plan["epochs"] == saved["epochs"] == meta["epochs_done"] == 8 and saved["progressive_epochs"] == 4
+    assert plan["epochs"] == meta["epochs_done"] == 8 and plan["progressive_epochs"] == 4
+    # config.yaml: the settings as given, the budget beside the epochs it was fitted from (a run from it plans again)
+    assert (saved["epochs"], saved["progressive_epochs"], saved["time_budget"]) == (2, 1, 1e5)
+    assert "# epochs: 8 epochs, fitted from train.epochs 2 below (time budget 100000 s)" in \
+        (budget_run / "config.yaml").read_text()
     assert meta["chosen"]["epochs"] == "time budget 100000 s" and set(plan["step_ms"]) == {"24", "28", "32"}
     log = (budget_run / "train.log").read_text()
     assert "time budget 100000 s: 8 epochs (4 of them growing from 24 px)" in log
@@ -203,6 +207,31 @@ def test_a_budget_run_records_its_plan_and_trains_exactly_as_a_run_given_those_e
     train(tiny_fastnet_cfg(data, epochs=8, progressive_epochs=4), plain_run, report=False)
     a, b = load_file(budget_run / "model.safetensors"), load_file(plain_run / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the timing left no trace
+
+
+def test_a_run_from_a_budget_runs_config_plans_afresh_and_a_resumed_one_goes_on_with_its_plan(tmp_path):
+    data = make_cifar10(tmp_path / "data", n_train_per_batch=24, n_test=20).data_dir
+    first = tmp_path / "first"
+    train(tiny_fastnet_cfg(data, time_budget=1e5), first, report=False)  # 2 epochs stretched to 8 (MAX_STRETCH)
+    # its config.yaml again: the same 2 epochs to fit, so the same 8 (the plan itself would have given 32)
+    assert main(["train", "--config", str(first / "config.yaml"), "--out", str(tmp_path / "again"),
+                 "--no-report"]) == 0
+    again = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert again["time_budget"]["epochs"] == again["epochs_done"] == 8
+    assert again["time_budget"]["progressive_epochs"] == 4
+
+    def stop_after_three(state, model):
+        if state.epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # interrupted mid-ramp: --resume goes on with the plan, not config.yaml's 2
+        train(tiny_fastnet_cfg(data, time_budget=1e5), tmp_path / "cut", report=False, on_epoch_end=stop_after_three)
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-report"]) == 0
+    rows = list(csv.DictReader((tmp_path / "cut" / "history.csv").open()))
+    assert [row["epoch"] for row in rows] == [str(e) for e in range(1, 9)]
+    assert "time budget 100000 s: trained 8 epochs in" in (tmp_path / "cut" / "train.log").read_text()
+    a, b = load_file(first / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the ramp and schedule as uninterrupted
 
 
 def four_epochs_plan(length: float = 4.0) -> BudgetPlan:
@@ -324,7 +353,7 @@ def test_a_run_that_falls_behind_its_budget_cuts_its_last_epoch_and_the_schedule
     assert [int(row["train_samples"]) for row in rows] == [96, 32]  # then one batch, the least there is
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")  # what --resume would go on from
     assert ckpt["state"]["replanned"] == {"epochs": 2, "last_epoch_fraction": 0.05, "progressive_epochs": 0,
-                                          "progressive_res": 0}
+                                          "progressive_res": 0, "milestones": []}
     assert ckpt["scheduler"]["total_steps"] == 3 + 1 and ckpt["scheduler"]["retargeted"][0] == 3
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["time_budget"]["replanned"]["epochs"] == 2 and meta["epochs_done"] == 2
@@ -340,7 +369,8 @@ def test_a_run_that_falls_behind_its_budget_cuts_its_last_epoch_and_the_schedule
     assert [row["train_samples"] for row in resumed] == [row["train_samples"] for row in rows]
     # the re-plan is in run.json and the closing line as uninterrupted (the resumed run had neither)
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["time_budget"]["replanned"]["epochs"] == 2
-    assert "time budget 0.1 s: trained 2 epochs, the last on 5% of its batches, in" in \
+    # (its budget as config.yaml gives it: the 0.1 s above is this test's, set inside the plan)
+    assert "time budget 100000 s: trained 2 epochs, the last on 5% of its batches, in" in \
         (tmp_path / "cut" / "train.log").read_text()
     a, b = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the cut last epoch and its schedule, as uninterrupted
@@ -362,7 +392,8 @@ def test_a_replanned_multistep_run_records_where_its_lr_now_drops(tmp_path, monk
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     replanned = meta["time_budget"]["replanned"]
-    assert saved["epochs"] == 4 and saved["milestones"] == [3.0]  # the plan: 4 epochs, the drop at 3 of them
+    assert saved["epochs"] == 1 and saved["milestones"] == [0.75]  # as given
+    assert meta["time_budget"]["epochs"] == 4 and meta["time_budget"]["milestones"] == [3.0]  # the plan: the drop at 3
     # cut to 2 epochs (7 steps each), the last on one step, after the first: the drop, 14 steps ahead of
     # the 7 taken, moves into the one step left (it was rounded onto the end, where it never came)
     assert replanned["epochs"] == 2 and replanned["milestones"] == [1.0]  # from step 7 of steps 0-7

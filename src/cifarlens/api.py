@@ -197,6 +197,9 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         plain = train_transform(info, replace(cfg.data, policies=[]))
         model.data_init(plain(sample, torch.Generator(device).manual_seed(tc.seed)))
     state, plan = FitState(), None
+    # config.yaml and the checkpoint's config: the settings as given, a time budget's recipe epochs among
+    # them (so --config of it plans again, for its own machine); the plan is in run.json and state.replanned
+    saved = cfg
     if tc.time_budget and not resume:  # epochs to fit the budget, timed before the run folder exists
         try:
             plan = plan_budget(model, train_loader, val_loader, precision, tc, tta=tc.tta and info.hflip)
@@ -206,6 +209,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 raise
             raise oom from None
         cfg, tc, state.setup_seconds = replace(cfg, train=plan.train), plan.train, plan.probe_s
+        state.replanned = {key: getattr(tc, key) for key in REPLANNED}  # in every checkpoint: --resume goes on with it
         why["epochs"] = f"time budget {tc.time_budget:g} s"  # the loader starts each epoch afresh: no trace of timing
     # built before the run folder exists (or --force empties it): a setting they refuse leaves none behind
     if tc.sync_bn and world.distributed:
@@ -217,7 +221,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
     if not resume:
         distributed.on_rank0(world, lambda: run.create(force=force), "create the run folder")
         if world.is_main:
-            record_new_run(run, cfg, why, bundle, info, model, init, plan, report, device, world.world_size)
+            record_new_run(run, saved, why, bundle, info, model, init, plan, report, device, world.world_size)
 
     if resume:
         state = restore(run, cfg, model, optimizer, scheduler, precision, device, ema, pruning)
@@ -281,7 +285,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                     "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "state": vars(state),
                     "pruning": pruning.state_dict() if pruning is not None else None,
-                    "config": to_dict(cfg),
+                    "config": to_dict(saved),  # as config.yaml: a resumed run checks that file against it
                 })
             except BaseException:  # a Ctrl-C just after the rename: the file on disk holds this epoch, as resume says
                 if _file_id(run.last_checkpoint) != before:

@@ -10,7 +10,9 @@ epoch (``train.last_epoch_fraction``: the last epoch trains on that share of its
 the schedule ends with them). Whole epochs alone left 16-27 % of a 10-minute budget unused on
 the slower machines (fifth to seventh sessions). The recipe's schedule is stretched or shrunk
 to that length: the progressive-resizing ramp and multistep milestones keep their share of the
-run, warm-up keeps its length. config.yaml holds the epochs chosen, ``--resume`` continues them.
+run, warm-up keeps its length. config.yaml keeps the recipe's epochs beside the budget, so a run
+started again from it (``--config``) plans afresh for its own machine, as the first one did; the
+plan is in run.json (``time_budget``) and in the checkpoint, which ``--resume`` continues.
 
 The budget covers what ``cifarlens bench`` counts as training time (the epochs with their
 validation passes) plus the timing itself; reading the data, the final evaluation and the
@@ -77,7 +79,8 @@ def epochs_text(cfg: TrainConfig, detail: str = "") -> str:
     return text if cfg.last_epoch_fraction >= 1 else f"{text}, the last on {cfg.last_epoch_fraction:.0%} of its batches"
 
 
-REPLANNED = ("epochs", "last_epoch_fraction", "progressive_epochs", "progressive_res")  # what a re-plan may change
+# what a plan sets and a re-plan may change: the checkpoint's FitState.replanned holds them, config.yaml the recipe's
+REPLANNED = ("epochs", "last_epoch_fraction", "progressive_epochs", "progressive_res", "milestones")
 
 
 @dataclass
@@ -157,13 +160,17 @@ class BudgetPlan:
 
     def as_dict(self, milestones: list[float] | None = None) -> dict:
         """run.json's "time_budget"; ``milestones``: where a multistep lr drops after the re-plans."""
-        replanned = {key: getattr(self.now, key) for key in REPLANNED} if self.now != self.train else None
+        replanned = ({key: getattr(self.now, key) for key in REPLANNED if key != "milestones" or self.now.milestones}
+                     if self.now != self.train else None)
         if replanned and milestones:
             replanned["milestones"] = milestones
         if replanned:  # the epochs done as they went, then the new plan's
             replanned["estimate_s"] = round(self.estimate_s, 1)
-        return {"seconds": self.train.time_budget, "epochs": self.train.epochs,
-                "last_epoch_fraction": self.train.last_epoch_fraction,
+        planned = self.train
+        return {"seconds": planned.time_budget, "epochs": planned.epochs,
+                "last_epoch_fraction": planned.last_epoch_fraction,
+                "progressive_epochs": planned.progressive_epochs, "progressive_res": planned.progressive_res,
+                **({"milestones": planned.milestones} if planned.milestones else {}),
                 "estimate_s": round(self.planned_s, 1), "timing_s": round(self.probe_s, 2),
                 "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
                 **({"first_epochs_step_ms": {str(s): round(t * 1000, 1) for s, t in self.first_step_s.items()}}

@@ -33,8 +33,11 @@ def record_new_run(run: RunDir, cfg: RunConfig, why: dict[str, str], bundle: Dat
     (status "running"), environment.json and the data's signatures. On any failure (a full disk,
     Ctrl-C) the half-made folder is removed, so the same command can be given again."""
     try:
-        # "data" has its reason only; "epochs" has one when a time budget chose them
-        chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe, "epochs": str(cfg.train.epochs)}
+        # "data" has its reason only; "epochs" has one when a time budget chose them (config.yaml keeps the
+        # recipe's: the note says what the budget made of them)
+        epochs = (f"{epochs_text(plan.train)}, fitted from train.epochs {cfg.train.epochs} below" if plan is not None
+                  else str(cfg.train.epochs))
+        chosen = {"model": cfg.model.name, "recipe": cfg.train.recipe, "epochs": epochs}
         run.write_config(cfg, notes={key: describe_choice(chosen[key], why, key) if key in chosen else reason
                                      for key, reason in why.items()})
         flops = forward_flops(cfg.model.name, info.num_classes, info.in_channels, info.image_size, **cfg.model.kwargs)

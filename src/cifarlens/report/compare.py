@@ -137,10 +137,10 @@ def run_summary(run_dir: str | Path) -> dict:
 
 
 def planned_epochs(cfg, meta: dict) -> int:
-    """The epochs a run planned in the end: a time budget's last re-plan (run.json), else config.yaml's
-    (which keeps the first plan)."""
-    replanned = (meta.get("time_budget") or {}).get("replanned") or {}
-    return replanned.get("epochs") or cfg.train.epochs
+    """The epochs a run planned in the end: a time budget's last re-plan, else its plan (run.json),
+    else config.yaml's (a time budget's recipe epochs there; runs before 2026-12 kept the plan in it)."""
+    budget = meta.get("time_budget") or {}
+    return (budget.get("replanned") or {}).get("epochs") or budget.get("epochs") or cfg.train.epochs
 
 
 def _older_than_weights(rd: RunDir, path: Path) -> bool:
