@@ -5,6 +5,7 @@
     python benchmarks/cpu_step.py --layers [--sides 32] [--batch 256]
     python benchmarks/cpu_step.py --precisions [--sides 32,24]
     python benchmarks/cpu_step.py --whiten-bias [--sides 32,24]
+    python benchmarks/cpu_step.py --widths 64/256/256,64/192/192 [--sides 32,24]
 
 Prints, for random CIFAR-shaped batches (the data does not change the cost): the time of one
 forward + backward + SGD step at 32x32 and at 24x24 (progressive resizing's first epochs; any
@@ -23,6 +24,9 @@ pays on a new CPU (cifarlens.device.cpu_bf16_pays decides what training uses).
 
 ``--whiten-bias`` times the step with the whitening layer's bias training and frozen, alternately
 (``train.whiten_bias_epochs``: frozen, the backward stops above the first convolution's input).
+
+``--widths`` times the step of fastnet at each of the given widths (``model.kwargs.widths``),
+alternately: what a narrower network saves on this CPU, to weigh against the epochs it buys.
 
 ``--layers`` times each 3x3 convolution of fastnet alone, in the training's precision: oneDNN's
 forward, input gradient and weight gradient against the same products over the image patches
@@ -57,19 +61,21 @@ def median_ms(fn, steps: int = STEPS, warmup: int = WARMUP) -> float:
     return 1000 * statistics.median(times)
 
 
-def fresh_model() -> torch.nn.Module:
+def fresh_model(widths: tuple[int, ...] = (64, 256, 256)) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = create_model("fastnet", 10, 3)
+    model = create_model("fastnet", 10, 3, widths=widths)
     model.data_init(torch.randn(512, 3, 32, 32))
     return model.to(memory_format=torch.channels_last)
 
 
-def make_step(batch: int, side: int, compiled: bool = False, bf16: bool | None = None, whiten_bias: bool = True):
+def make_step(batch: int, side: int, compiled: bool = False, bf16: bool | None = None, whiten_bias: bool = True,
+              widths: tuple[int, ...] = (64, 256, 256)):
     """One forward + backward + SGD step of a fresh fastnet on a fixed random batch, as a closure;
     under bf16 autocast where training uses it (cifarlens.device.cpu_bf16_pays), or as ``bf16`` says;
-    ``whiten_bias`` False: the whitening layer's bias frozen, as after train.whiten_bias_epochs."""
+    ``whiten_bias`` False: the whitening layer's bias frozen, as after train.whiten_bias_epochs;
+    ``widths``: fastnet's (model.kwargs.widths)."""
     bf16 = cpu_bf16_pays() if bf16 is None else bf16
-    model = fresh_model()
+    model = fresh_model(widths)
     model.whiten.bias.requires_grad_(whiten_bias)
     forward = torch.compile(model) if compiled else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
@@ -119,6 +125,11 @@ def precisions(batch: int, sides: list[int]) -> None:
 def whiten_bias(batch: int, sides: list[int]) -> None:
     """The step with the whitening bias training and frozen (train.whiten_bias_epochs)."""
     alternately(batch, sides, {"bias training": {"whiten_bias": True}, "bias frozen": {"whiten_bias": False}})
+
+
+def widths(batch: int, sides: list[int], choices: list[tuple[int, ...]]) -> None:
+    """The step at each of fastnet's ``choices`` of widths: what a narrower network saves."""
+    alternately(batch, sides, {"/".join(map(str, w)): {"widths": w} for w in choices})
 
 
 def trace(batch: int, steps: int, window: int = 25, probe: int = 4, epoch: int = 176) -> None:
@@ -209,6 +220,9 @@ def main() -> None:
                         help="instead: the step in bf16 autocast and in fp32, alternately, at each of --sides")
     parser.add_argument("--whiten-bias", action="store_true",
                         help="instead: the step with the whitening bias training and frozen, alternately")
+    parser.add_argument("--widths", metavar="A/B/C,...",
+                        help="instead: the step at each of these fastnet widths (e.g. 64/256/256,64/192/192), "
+                             "alternately, at each of --sides")
     parser.add_argument("--layers", action="store_true",
                         help="instead: time each 3x3 convolution alone, oneDNN against im2col "
                              "(at the first of --sides)")
@@ -230,6 +244,13 @@ def main() -> None:
         return
     if args.whiten_bias:
         whiten_bias(args.batch, sides)
+        return
+    if args.widths:
+        try:
+            choices = [tuple(int(w) for w in choice.split("/")) for choice in args.widths.split(",")]
+        except ValueError:
+            parser.error(f"--widths takes widths like 64/256/256,64/192/192; got {args.widths!r}")
+        widths(args.batch, sides, choices)
         return
     if args.layers:
         layers(args.batch, sides[0])
