@@ -648,6 +648,19 @@ def test_a_misspelt_name_is_answered_with_the_closest_ones(args, hint, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_wrong_key_or_value_in_a_config_file_names_the_file(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    for text, hint in (("train:\n  optimzer: muon\n", "unknown config key 'train.optimzer' (did you mean "
+                                                         "train.optimizer?)"),
+                       ("train:\n  epochs: three\n", "config key 'train.epochs' must be int, got 'three'"),
+                       ("false\n", "a config must be a mapping with sections data/model/train/track"),  # was {}
+                       ("[]\n", "a config must be a mapping with sections data/model/train/track")):
+        config.write_text(text)
+        assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-download"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"cifarlens: error: {config}: {hint}")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argv, hint", [
     (["bench", "--set", "data.loader=perimag"], "(did you mean perimage?)"),
     (["tune", "--trials", "1", "--set", "data.flip=alternatin"], "(did you mean alternating?)"),

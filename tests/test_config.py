@@ -51,6 +51,28 @@ def test_set_assignments():
         parse_assignment("weight_decay")
 
 
+def test_one_model_option_can_be_set_keeping_the_others(tmp_path):
+    from cifarlens.cli import build_parser
+    from cifarlens.config_flags import config_from_args
+
+    config = tmp_path / "mine.yaml"
+    config.write_text("model:\n  name: fastnet\n  kwargs: {widths: [64, 256, 256], whiten_eps: 0.01}\n")
+
+    def cfg(*sets):
+        args = build_parser().parse_args(["train", "--config", str(config), *[a for s in sets for a in ("--set", s)]])
+        return config_from_args(args, resolve=False)
+
+    assert cfg("model.kwargs.widths=[64,192,192]").model.kwargs == {"widths": [64, 192, 192], "whiten_eps": 0.01}
+    assert cfg("model.kwargs.widths=[32,64,128]", "model.kwargs.bn_momentum=0.5").model.kwargs == {
+        "widths": [32, 64, 128], "whiten_eps": 0.01, "bn_momentum": 0.5}
+    assert cfg("model.kwargs={widths: [32, 64, 128]}").model.kwargs == {"widths": [32, 64, 128]}  # the whole mapping
+    for wrong in ("train.epochs.x=1", "model.kwargs.a.b=1", "model.kwargs.=1"):
+        with pytest.raises(CifarlensError, match=r"only a mapping setting takes a key after its name"):
+            cfg(wrong)
+    with pytest.raises(CifarlensError, match=r"unknown config section|unknown config key|trian"):
+        cfg("trian.epochs.x=1")
+
+
 def test_recipes_fill_only_what_is_unset():
     cfg = resolve_train(merge(RunConfig(), {"train": {"recipe": "reference", "lr": 0.01}}).train)
     ref = RECIPES.get("reference")

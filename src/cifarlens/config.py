@@ -293,8 +293,9 @@ def dump_yaml(values, **options) -> str:
     return yaml.dump(values, Dumper=_Dumper, **options)
 
 
-def load_yaml(path: str | Path, what: str = "config file") -> dict:
-    """The YAML file at ``path`` ({} when empty); a missing or malformed file is one error naming ``what``."""
+def load_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The YAML file at ``path`` ({} when empty; a file of ``false`` or ``[]`` gives that, for the
+    caller to refuse); a missing or malformed file is one error naming ``what``."""
     path = Path(path)
     if path.is_dir():
         raise CifarlensError(f"{what} {path} is a folder; give a YAML file")
@@ -310,7 +311,7 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict:
         raise CifarlensError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
                              ) from None
     _check_expanded_size(values, f"{what} {path}")
-    return values or {}
+    return {} if values is None else values
 
 
 MAX_YAML_ITEMS = 100_000  # values in a config once its aliases are expanded (a 550-byte file held 10^8)
@@ -333,8 +334,10 @@ def _check_expanded_size(value, where: str) -> None:
             stack.extend(item)
 
 
-def parse_assignment(text: str) -> dict:
-    """``"train.weight_decay=5e-4"`` -> ``{"train": {"weight_decay": 0.0005}}`` (value parsed as YAML)."""
+def parse_assignment(text: str, cfg: RunConfig | None = None) -> dict:
+    """``"train.weight_decay=5e-4"`` -> ``{"train": {"weight_decay": 0.0005}}`` (value parsed as YAML).
+    A key inside a mapping setting, ``"model.kwargs.widths=[32,64,128]"``, sets that key alone in
+    ``cfg``'s mapping (the others kept), where ``model.kwargs={...}`` replaces the whole mapping."""
     key, sep, raw = text.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
@@ -348,6 +351,13 @@ def parse_assignment(text: str) -> dict:
     except yaml.YAMLError:
         raise CifarlensError(f"--set {text!r}: value is not valid YAML") from None
     _check_expanded_size(value, f"--set {key.strip()}")
+    head, inner, sub = name.partition(".")
+    if inner and cfg is not None and hasattr(cfg, section):  # an unknown section: merge names the known ones
+        mapping = getattr(getattr(cfg, section), head, None)
+        if not isinstance(mapping, dict) or not sub or "." in sub:
+            raise CifarlensError(f"--set {key.strip()}: only a mapping setting takes a key after its name, one "
+                                 "level deep (model.kwargs.widths=[32,64,128])")
+        return {section: {head: {**mapping, sub: value}}}
     return {section: {name: value}}
 
 

@@ -41,7 +41,8 @@ def add_config_flags(p) -> None:
     p.add_argument("--seed", type=int, help="default 0 (data split, initialisation, augmentation)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="set any config value, e.g. --set train.weight_decay=1e-4 (repeatable)")
+                   help="set any config value, e.g. --set train.weight_decay=1e-4, or one model option, "
+                        "--set model.kwargs.widths=[32,64,128] (repeatable)")
 
 
 def one_of(kind: str, names: list[str]):
@@ -124,7 +125,10 @@ def config_from_args(args, *, resolve: bool = True):
     cfg = RunConfig()
     if args.config:
         values = load_yaml(args.config)
-        cfg = merge(cfg, values)
+        try:
+            cfg = merge(cfg, values)
+        except CifarlensError as err:  # which file holds the wrong key or value: --set gives others
+            raise CifarlensError(f"{args.config}: {err}") from None
         if getattr(args, "recipe", None) and isinstance(values.get("train"), dict):
             _warn_file_beats_recipe(args.config, args.recipe, values["train"])
     overrides: dict = {}
@@ -152,7 +156,7 @@ def config_from_args(args, *, resolve: bool = True):
         overrides.setdefault("train", {})["time_budget"] = seconds
     cfg = merge(cfg, overrides)
     for assignment in args.set:
-        cfg = merge(cfg, parse_assignment(assignment))
+        cfg = merge(cfg, parse_assignment(assignment, cfg))
     if getattr(args, "epochs", None) is not None and cfg.train.time_budget and getattr(args, "time_budget", None) is None:
         raise CifarlensError(f"--epochs {args.epochs} and train.time_budget {cfg.train.time_budget:g} s (from --config or "
                              "--set) both set the training's length: drop --epochs, or --set train.time_budget=0")
