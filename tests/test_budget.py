@@ -411,7 +411,7 @@ def test_budget_mistakes_are_refused_before_any_run_folder_exists(tmp_path, caps
         (["--time-budget", "10m", "--epochs", "3"], "--time-budget chooses the number of epochs: drop --epochs"),
         (["--time-budget", "soon"], "'soon' is not a duration"),
         (["--time-budget", "0"], "--time-budget must be longer than 0 seconds"),
-        (["--time-budget", "0.01s"], "too short for one epoch here"),
+        (["--time-budget", "0.01s"], "the time budget of 0.01 s is too short for one epoch here"),  # was "0 s"
         (["--time-budget", "1h", "--set", "train.compile=true"], "drop train.compile, or give --epochs instead"),
         (["--set", "train.time_budget=inf"], "train.time_budget must be a finite number of seconds >= 0"),  # ">= 0"
     ]

@@ -346,7 +346,7 @@ def plan_budget(model: torch.nn.Module, train_loader, val_loader, precision: Pre
     if chosen is None:
         one = estimate(stretch(cfg, 1))
         raise CifarlensError(
-            f"the time budget of {budget:.0f} s is too short for one epoch here: timing took {probe_s:.1f} s and an "
+            f"the time budget of {budget:g} s is too short for one epoch here: timing took {probe_s:.1f} s and an "
             f"epoch takes about {one:.0f} s on this machine; give at least "
             f"{math.ceil((one + probe_s) / (1 - PLAN_MARGIN))} s "
             "(--time-budget), or train a smaller model")
