@@ -353,7 +353,7 @@ def test_a_run_that_falls_behind_its_budget_cuts_its_last_epoch_and_the_schedule
     assert [int(row["train_samples"]) for row in rows] == [96, 32]  # then one batch, the least there is
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")  # what --resume would go on from
     assert ckpt["state"]["replanned"] == {"epochs": 2, "last_epoch_fraction": 0.05, "progressive_epochs": 0,
-                                          "progressive_res": 0, "milestones": []}
+                                          "progressive_res": 0}  # no milestones: none to move
     assert ckpt["scheduler"]["total_steps"] == 3 + 1 and ckpt["scheduler"]["retargeted"][0] == 3
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["time_budget"]["replanned"]["epochs"] == 2 and meta["epochs_done"] == 2

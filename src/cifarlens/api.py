@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cifarlens import distributed, tracking
-from cifarlens.budget import REPLANNED, budget_outcome, plan_budget
+from cifarlens.budget import budget_outcome, plan_budget, plan_settings
 from cifarlens.checkpoint import save_checkpoint
 from cifarlens.config import RunConfig, absolute_data_dir, to_dict, with_data_defaults
 from cifarlens.data.pruning import EasyPruning
@@ -209,7 +209,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
                 raise
             raise oom from None
         cfg, tc, state.setup_seconds = replace(cfg, train=plan.train), plan.train, plan.probe_s
-        state.replanned = {key: getattr(tc, key) for key in REPLANNED}  # in every checkpoint: --resume goes on with it
+        state.replanned = plan_settings(tc)  # in every checkpoint: --resume goes on with it
         why["epochs"] = f"time budget {tc.time_budget:g} s"  # the loader starts each epoch afresh: no trace of timing
     # built before the run folder exists (or --force empties it): a setting they refuse leaves none behind
     if tc.sync_bn and world.distributed:
@@ -264,7 +264,7 @@ def _train(cfg: RunConfig, run: RunDir, world: World, device: torch.device, *, r
         if plan is not None:  # before the checkpoint, which saves the re-plan with the schedule
             new, lines = plan.replan(state.epoch, state.seconds)
             if new is not None:
-                state.replanned = {key: getattr(new, key) for key in REPLANNED}
+                state.replanned = plan_settings(new)
                 if isinstance(scheduler, StepSchedule):
                     scheduler.retarget(schedule_steps(new, len(train_loader)))
                     if scheduler.milestones:  # they moved with the steps left: recorded in epochs, as configured

@@ -83,6 +83,11 @@ def epochs_text(cfg: TrainConfig, detail: str = "") -> str:
 REPLANNED = ("epochs", "last_epoch_fraction", "progressive_epochs", "progressive_res", "milestones")
 
 
+def plan_settings(cfg: TrainConfig) -> dict:
+    """The REPLANNED settings of ``cfg`` (milestones left out when there are none): what a plan chose."""
+    return {key: getattr(cfg, key) for key in REPLANNED if key != "milestones" or cfg.milestones}
+
+
 @dataclass
 class BudgetPlan:
     train: TrainConfig  # the config with the epochs (and ramp, milestones) chosen
@@ -160,17 +165,12 @@ class BudgetPlan:
 
     def as_dict(self, milestones: list[float] | None = None) -> dict:
         """run.json's "time_budget"; ``milestones``: where a multistep lr drops after the re-plans."""
-        replanned = ({key: getattr(self.now, key) for key in REPLANNED if key != "milestones" or self.now.milestones}
-                     if self.now != self.train else None)
+        replanned = plan_settings(self.now) if self.now != self.train else None
         if replanned and milestones:
             replanned["milestones"] = milestones
         if replanned:  # the epochs done as they went, then the new plan's
             replanned["estimate_s"] = round(self.estimate_s, 1)
-        planned = self.train
-        return {"seconds": planned.time_budget, "epochs": planned.epochs,
-                "last_epoch_fraction": planned.last_epoch_fraction,
-                "progressive_epochs": planned.progressive_epochs, "progressive_res": planned.progressive_res,
-                **({"milestones": planned.milestones} if planned.milestones else {}),
+        return {"seconds": self.train.time_budget, **plan_settings(self.train),
                 "estimate_s": round(self.planned_s, 1), "timing_s": round(self.probe_s, 2),
                 "step_ms": {str(s): round(t * 1000, 1) for s, t in self.step_s.items()},
                 **({"first_epochs_step_ms": {str(s): round(t * 1000, 1) for s, t in self.first_step_s.items()}}
